@@ -1,0 +1,121 @@
+"""Prompt templates: how a question, a probe and a self-verification question are worded per model.
+
+Two families ship: :data:`TESTBED` (the raw format the testbed model was trained on) and
+:data:`CHAT` (instruct models with a chat template, such as Qwen2.5-Coder-Instruct).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from env.generators.base import PromptMode
+from env.testbed import task as _task
+from features.errors import ConfigError
+
+__all__ = ["PromptTemplate", "TESTBED", "CHAT", "TEMPLATES", "get_template"]
+
+#: ``apply_chat(messages) -> str`` renders chat messages with the model's chat template and the
+#: assistant generation prompt.
+ApplyChat = Callable[[list[dict[str, str]]], str]
+
+
+@dataclass(frozen=True, slots=True)
+class PromptTemplate:
+    """How to word prompts for one model family.
+
+    Attributes:
+        name: template name (``testbed`` or ``chat``).
+        chat: whether prompts go through the model's chat template.
+        system: system message (chat only).
+        cot: the question prompt in ``cot`` mode, with ``{question}``.
+        draft: the question prompt in Chain-of-Draft mode, with ``{question}``.
+        probe_suffix: appended to a chain to force an answer; the answer follows, closed by ``}``.
+        wait_text: appended by budget forcing to suppress an ending.
+        judge: the self-verification prompt, with ``{question}`` and ``{solution}``.
+        judge_yes: first tokens that mean "yes".
+        judge_no: first tokens that mean "no".
+    """
+
+    name: str
+    chat: bool
+    system: str | None
+    cot: str
+    draft: str
+    probe_suffix: str
+    wait_text: str
+    judge: str
+    judge_yes: tuple[str, ...] = ("yes", " yes", "Yes", " Yes", "YES")
+    judge_no: tuple[str, ...] = ("no", " no", "No", " No", "NO")
+
+    def question_prompt(self, question: str, mode: PromptMode, apply_chat: ApplyChat | None) -> str:
+        """The full prompt text for a question in a mode."""
+        if mode == "cot":
+            body = self.cot.format(question=question)
+        elif mode == "draft":
+            body = self.draft.format(question=question)
+        else:
+            raise ConfigError(f"prompt mode must be 'cot' or 'draft', got {mode!r}")
+        return self._wrap(body, apply_chat)
+
+    def judge_prompt(self, question: str, solution: str, apply_chat: ApplyChat | None) -> str:
+        """The self-verification prompt for a (possibly partial) solution."""
+        body = self.judge.format(question=question, solution=solution.rstrip())
+        return self._wrap(body, apply_chat)
+
+    def _wrap(self, body: str, apply_chat: ApplyChat | None) -> str:
+        if not self.chat:
+            return body
+        if apply_chat is None:
+            raise ConfigError(
+                f"template {self.name!r} needs the model's chat template, but the generator has "
+                "none: use the 'testbed' template for raw models"
+            )
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        messages.append({"role": "user", "content": body})
+        return apply_chat(messages)
+
+
+TESTBED = PromptTemplate(
+    name="testbed",
+    chat=False,
+    system=None,
+    cot="Question: {question}\nSolution:\n",
+    draft="Question: {question}\nDraft:\n",
+    probe_suffix=_task.PROBE_SUFFIX,
+    wait_text=_task.WAIT_TEXT,
+    judge="Question: {question}\nCheck:\n{solution}\nCorrect?",
+)
+
+CHAT = PromptTemplate(
+    name="chat",
+    chat=True,
+    system="You are a helpful assistant that solves math problems.",
+    cot=(
+        "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+    ),
+    # Chain-of-Draft (Xu et al., 2025): terse drafts instead of full sentences.
+    draft=(
+        "{question}\nThink step by step, but only keep a minimum draft for each thinking step, "
+        "with 5 words at most. Put your final answer within \\boxed{{}}."
+    ),
+    probe_suffix="\n\n... I now know the final answer.\n\nFinal answer: \\boxed{",
+    wait_text="\nWait,",
+    judge=(
+        "Here is a math question and a solution that may be incomplete.\n\n"
+        "Question: {question}\n\nSolution so far:\n{solution}\n\n"
+        "Is the solution correct so far? Answer with yes or no only."
+    ),
+)
+
+TEMPLATES: dict[str, PromptTemplate] = {t.name: t for t in (TESTBED, CHAT)}
+
+
+def get_template(name: str) -> PromptTemplate:
+    """Look up a template by name."""
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown prompt template {name!r}; choose one of {sorted(TEMPLATES)}"
+        ) from None
