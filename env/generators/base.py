@@ -45,6 +45,7 @@ __all__ = [
     "Generator",
     "validate_k",
     "validate_question",
+    "token_stats",
 ]
 
 #: Why a chunk ended. ``length``: the chunk reached ``k`` tokens (the chain may go on);
@@ -192,6 +193,31 @@ FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int32]
 
 
+def token_stats(top_logprobs: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Per-token confidence and entropy from top-``m`` log-probabilities of shape ``[n, m]``.
+
+    Confidence is DeepConf's ``-mean`` of the top-``m`` log-probabilities (higher = more
+    confident); entropy is that of the top-``m`` probabilities renormalised to sum to one.
+    Missing entries (``-inf``) are ignored; rows with none give ``nan``.
+    """
+    lp = np.asarray(top_logprobs, dtype=np.float32)
+    if lp.ndim != 2 or lp.shape[1] == 0:
+        n = lp.shape[0] if lp.ndim >= 1 else 0
+        nan = np.full(n, np.nan, dtype=np.float32)
+        return nan, nan.copy()
+    finite = np.isfinite(lp)
+    cnt = finite.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = -np.where(finite, lp, 0.0).sum(axis=1) / cnt
+        p = np.where(finite, np.exp(np.where(finite, lp, 0.0)), 0.0)
+        z = p.sum(axis=1, keepdims=True)
+        q = p / z
+        ent = -np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0).sum(axis=1)
+    conf = np.where(cnt > 0, conf, np.nan)
+    ent = np.where(cnt > 0, ent, np.nan)
+    return conf.astype(np.float32), ent.astype(np.float32)
+
+
 @dataclass(slots=True)
 class Chunk:
     """One piece of a chain: at most ``k`` tokens sampled in one step.
@@ -206,6 +232,9 @@ class Chunk:
         finish_reason: why the chunk ended (see :data:`FinishReason`).
         usage: tokens this chunk cost.
         n_injected: how many leading tokens ponder appended itself rather than sampled.
+        confidence: per-token confidence, ``-mean(top_logprobs)`` (DeepConf), shape ``[n]``;
+            filled from ``top_logprobs`` when not given (a replayed bank stores it instead).
+        entropy: per-token entropy of the renormalised top-``m`` distribution, shape ``[n]``.
     """
 
     token_ids: IntArray
@@ -216,6 +245,16 @@ class Chunk:
     finish_reason: FinishReason
     usage: TokenUsage
     n_injected: int = 0
+    confidence: FloatArray | None = None
+    entropy: FloatArray | None = None
+
+    def __post_init__(self) -> None:
+        if self.confidence is None or self.entropy is None:
+            conf, ent = token_stats(self.top_logprobs)
+            if self.confidence is None:
+                self.confidence = conf
+            if self.entropy is None:
+                self.entropy = ent
 
     def __len__(self) -> int:
         return int(self.token_ids.shape[0])

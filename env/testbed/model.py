@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
 from env.testbed.task import EOS, training_text
+from features.errors import ModelError
 
-__all__ = ["build_tokenizer", "model_config", "TESTBED_DIR"]
+__all__ = ["build_tokenizer", "model_config", "TESTBED_DIR", "testbed_model_path"]
 
 #: Where the trained testbed model ships.
 TESTBED_DIR = Path(__file__).resolve().parents[2] / "models" / "testbed"
+
+
+def testbed_model_path() -> Path:
+    """The testbed model folder: ``$PONDER_TESTBED_MODEL`` if set, else ``models/testbed``.
+
+    Raises:
+        ModelError: if the folder has no trained model in it.
+    """
+    path = Path(os.environ.get("PONDER_TESTBED_MODEL") or TESTBED_DIR)
+    if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
+        raise ModelError(
+            f"no testbed model at {path}: train it with `ponder testbed train` "
+            "(or point PONDER_TESTBED_MODEL at a model folder)"
+        )
+    return path
 
 
 def build_tokenizer(vocab_size: int = 384, n_docs: int = 20000, seed: int = 0):  # type: ignore[no-untyped-def]

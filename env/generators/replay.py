@@ -1,0 +1,258 @@
+"""Replay of a recorded trace bank behind the :class:`~env.generators.base.Generator` protocol.
+
+Replaying is exact and fast: every chunk, probe and verifier score comes back as recorded, with
+the recorded token accounting. Which recorded chains a question's ``start`` hands out is a seeded
+random choice, so the same seed gives the same episode.
+
+The counterfactual limit: replay covers only what was recorded.
+
+- ``extend`` must use the bank's chunk size; a chain continues only as far as it was recorded
+  (its natural end, the token cap, or the recorded budget-forced extension after ``Wait,``).
+- ``start`` and ``branch(at=0)`` hand out further recorded chains, at most ``K`` per question
+  in an episode; a branch from the middle of a chain was never sampled and is refused.
+- ``probe`` and ``judge`` return the values recorded at the chain's current chunk boundary;
+  before the first chunk there is no recorded probe (the answer is ``None``, at no cost).
+- A forced final answer (budget forcing at ``max_tokens``) is the recorded probe at that
+  boundary (the probe suffix is the answer-forcing suffix).
+
+Asking for more than the bank holds raises :class:`~features.errors.BudgetExhausted`, which the
+environment treats as the budget edge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from env.bank import ChainTrace, QuestionTrace, TraceBank
+from env.generators.base import (
+    BudgetForcing,
+    Chain,
+    Chunk,
+    JudgeResult,
+    ProbeResult,
+    PromptMode,
+    Question,
+    SamplingConfig,
+    TipConfig,
+    TokenUsage,
+    validate_k,
+    validate_question,
+)
+from features.errors import BudgetExhausted, ConfigError
+
+__all__ = ["ReplayGenerator"]
+
+
+class ReplayGenerator:
+    """The Generator protocol over a :class:`~env.bank.TraceBank`.
+
+    Args:
+        bank: a bank or its folder.
+        seed: seeds which recorded chains each question hands out; :meth:`reset` reseeds.
+    """
+
+    def __init__(self, bank: TraceBank | str | Path, *, seed: int = 0) -> None:
+        self.bank = bank if isinstance(bank, TraceBank) else TraceBank(bank)
+        m = self.bank.manifest
+        self.chunk_tokens = m.chunk_tokens
+        self.sampling = SamplingConfig(
+            temperature=float(m.sampling.get("temperature", 0.7)),
+            top_p=float(m.sampling.get("top_p", 1.0)),
+            top_logprobs=1,
+            max_chain_tokens=m.max_tokens,
+        )
+        self.template_name = m.template
+        self.reset(seed)
+
+    @property
+    def model_name(self) -> str:
+        return str(self.bank.manifest.model.get("name", "replay"))
+
+    def reset(self, seed: int) -> None:
+        """Start a new episode: forget which chains were handed out; reseed the choice."""
+        self._seed = int(seed)
+        self._orders: dict[str, list[int]] = {}
+        self._next_id = 0
+
+    # -- helpers -------------------------------------------------------------------------
+    def _trace(self, question: Question) -> QuestionTrace:
+        if question.qid not in self.bank:
+            raise BudgetExhausted(
+                f"question {question.qid!r} is not recorded in the bank at {self.bank.path}"
+            )
+        return self.bank[question.qid]
+
+    def _order(self, qid: str, k: int) -> list[int]:
+        if qid not in self._orders:
+            h = hashlib.sha256(f"{self._seed}:{qid}".encode()).digest()
+            rng = np.random.default_rng(int.from_bytes(h[:8], "little"))
+            self._orders[qid] = [int(i) for i in rng.permutation(k)]
+        return self._orders[qid]
+
+    def _new_chains(self, question: Question, n: int, mode: PromptMode, budget: BudgetForcing | None) -> list[Chain]:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"number of chains must be a positive integer, got {n!r}")
+        if mode != self.bank.manifest.mode:
+            raise ConfigError(f"the bank was recorded in {self.bank.manifest.mode!r} mode, not {mode!r}")
+        trace = self._trace(question)
+        order = self._order(question.qid, trace.k)
+        if n > len(order):
+            raise BudgetExhausted(
+                f"the bank holds {trace.k} chains for {question.qid!r}; "
+                f"{trace.k - len(order)} are in use and {n} more were asked for"
+            )
+        out = []
+        for _ in range(n):
+            idx = order.pop(0)
+            out.append(
+                Chain(
+                    chain_id=self._next_id,
+                    question=question,
+                    mode=mode,
+                    prompt_ids=[],
+                    budget=budget,
+                    handle=idx,
+                )
+            )
+            self._next_id += 1
+        return out
+
+    # -- the protocol ----------------------------------------------------------------------
+    def start(
+        self,
+        question: Question,
+        n: int = 1,
+        *,
+        mode: PromptMode = "cot",
+        budget: BudgetForcing | None = None,
+    ) -> list[Chain]:
+        validate_question(question)
+        return self._new_chains(question, n, mode, budget)
+
+    def _rows_for(self, chain: Chain) -> ChainTrace:
+        trace = self._trace(chain.question)
+        assert chain.handle is not None
+        return trace.chains[chain.handle]
+
+    def extend(self, chains: Sequence[Chain], k: int, *, tip: TipConfig | None = None) -> list[Chunk]:
+        k = validate_k(k)
+        if k != self.chunk_tokens:
+            raise ConfigError(
+                f"the bank at {self.bank.path} was recorded in chunks of {self.chunk_tokens} tokens; "
+                f"extend with k={self.chunk_tokens}, not {k}"
+            )
+        if tip is not None and tip.penalty > 0:
+            raise ConfigError("replay cannot apply TIP: the bank was recorded without it")
+        out = []
+        for chain in chains:
+            if chain.finished:
+                continue
+            ct = self._rows_for(chain)
+            i = len(chain.chunks)
+            if i >= ct.n_chunks:
+                raise BudgetExhausted(
+                    f"chain {ct.chain} of {chain.question.qid!r} is recorded for {ct.n_chunks} chunks "
+                    f"({ct.n_main} sampled, {ct.n_chunks - ct.n_main} budget-forced); asked for more"
+                )
+            if ct.rows["ext"][i] and not self._wants_more(chain):
+                chain.finished = True
+                continue
+            chunk = self._chunk(ct, i)
+            chain.chunks.append(chunk)
+            chain.finish_reason = chunk.finish_reason
+            if chunk.finish_reason in ("cap", "forced"):
+                chain.finished = True
+            elif i == ct.n_main - 1 and ct.finish_reason == "stop":
+                chain.finished = not self._wants_more(chain)
+            elif i == ct.n_main - 1 or i + 1 >= ct.n_chunks:
+                # the recording ended here (token cap, or the end of a budget-forced extension)
+                chain.finished = not self._wants_more(chain)
+                if chain.finished and chunk.finish_reason == "length":
+                    chain.finish_reason = "cap"
+            out.append(chunk)
+        return out
+
+    @staticmethod
+    def _wants_more(chain: Chain) -> bool:
+        return chain.budget is not None and chain.num_tokens < chain.budget.min_tokens
+
+    def _chunk(self, ct: ChainTrace, i: int) -> Chunk:
+        r = ct.rows
+        n = int(r["n_tokens"][i])
+        inj = int(r["n_injected"][i])
+        top1 = np.asarray(r["top1_logprob"][i], dtype=np.float32).reshape(n, 1)
+        return Chunk(
+            token_ids=np.asarray(r["token_ids"][i], dtype=np.int32),
+            text=r["text"][i],
+            logprobs=np.asarray(r["logprob"][i], dtype=np.float32),
+            top_logprobs=top1,
+            top_token_ids=np.full((n, 1), -1, dtype=np.int32),
+            finish_reason=r["finish_reason"][i],
+            usage=TokenUsage(
+                generated=n - inj,
+                injected=inj,
+                prefill=int(r["prefill"][i]),
+                cached=int(r["cached"][i]),
+            ),
+            n_injected=inj,
+            confidence=np.asarray(r["confidence"][i], dtype=np.float32),
+            entropy=np.asarray(r["entropy"][i], dtype=np.float32),
+        )
+
+    def branch(self, chain: Chain, n: int = 1, *, at: int | None = None) -> list[Chain]:
+        if at not in (0, None) or (at is None and chain.num_tokens > 0):
+            raise BudgetExhausted(
+                "replay covers only recorded branches: new chains from the prompt (at=0) are "
+                f"recorded, a branch at token {chain.num_tokens if at is None else at} of a chain is not"
+            )
+        return self._new_chains(chain.question, n, chain.mode, chain.budget)
+
+    def probe(self, chains: Sequence[Chain], *, max_tokens: int = 16) -> list[ProbeResult]:
+        out = []
+        for chain in chains:
+            i = len(chain.chunks) - 1
+            if i < 0:
+                out.append(ProbeResult(chain.chain_id, 0, "", None, np.zeros(0, np.float32), TokenUsage()))
+                continue
+            r = self._rows_for(chain).rows
+            out.append(
+                ProbeResult(
+                    chain_id=chain.chain_id,
+                    at_tokens=chain.num_tokens,
+                    text=r["probe_text"][i],
+                    answer=r["probe_answer"][i],
+                    logprobs=np.zeros(0, np.float32),
+                    usage=TokenUsage(
+                        probe=int(r["probe_tokens"][i]),
+                        prefill=int(r["probe_prefill"][i]),
+                        cached=int(r["probe_cached"][i]),
+                    ),
+                )
+            )
+        return out
+
+    def judge(self, chains: Sequence[Chain]) -> list[JudgeResult]:
+        if not self.bank.manifest.judge:
+            raise BudgetExhausted(f"the bank at {self.bank.path} was recorded without verifier scores")
+        out = []
+        for chain in chains:
+            i = len(chain.chunks) - 1
+            if i < 0:
+                out.append(JudgeResult(chain.chain_id, 0, 0.5, TokenUsage()))
+                continue
+            r = self._rows_for(chain).rows
+            out.append(
+                JudgeResult(
+                    chain_id=chain.chain_id,
+                    at_tokens=chain.num_tokens,
+                    p_yes=float(r["judge_p_yes"][i]),
+                    usage=TokenUsage(
+                        judge=1, prefill=int(r["judge_prefill"][i]), cached=int(r["judge_cached"][i])
+                    ),
+                )
+            )
+        return out

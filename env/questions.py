@@ -1,0 +1,101 @@
+"""Question sets shipped in ``data/``: GSM8K, MATH-500 and the testbed's synthetic arithmetic.
+
+Every loader returns :class:`env.generators.base.Question` records with stable ids, a gold
+answer and, where one can be had, a difficulty level:
+
+- GSM8K has no official levels; its difficulty is the number of calculation steps in the
+  reference solution (the ``<<...>>`` annotations), capped at 6: a common proxy.
+- MATH-500 carries MATH's level 1-5.
+- The testbed's levels are its own knob (:data:`env.testbed.task.LEVELS`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+from env.generators.base import Question
+from features.errors import ConfigError
+
+__all__ = ["DATA_DIR", "load_gsm8k", "load_math500", "load_testbed", "load_questions", "gsm8k_steps"]
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+_CALC = re.compile(r"<<[^>]*>>")
+
+
+def gsm8k_steps(answer_field: str) -> int:
+    """Number of calculation steps in a GSM8K reference solution (at least 1)."""
+    return max(1, len(_CALC.findall(answer_field)))
+
+
+def _read_jsonl(path: Path) -> list[dict[str, object]]:
+    if not path.exists():
+        raise ConfigError(f"question file {path} is missing: it ships in the repository's data/ folder")
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _subset(items: list[Question], n: int | None, seed: int | None) -> list[Question]:
+    if n is not None and n < 0:
+        raise ConfigError(f"number of questions must be >= 0, got {n}")
+    if seed is not None:
+        items = list(items)
+        random.Random(seed).shuffle(items)
+    return items if n is None else items[:n]
+
+
+def load_gsm8k(split: str = "test", n: int | None = None, *, seed: int | None = None) -> list[Question]:
+    """GSM8K questions (``split`` is ``train`` or ``test``), optionally a seeded random subset."""
+    if split not in ("train", "test"):
+        raise ConfigError(f"GSM8K split must be 'train' or 'test', got {split!r}")
+    from features.answers import gsm8k_gold
+
+    rows = _read_jsonl(DATA_DIR / "gsm8k" / f"{split}.jsonl")
+    items = [
+        Question(
+            qid=f"gsm8k/{split}/{i}",
+            text=str(r["question"]),
+            gold=gsm8k_gold(str(r["answer"])),
+            dataset="gsm8k",
+            difficulty=min(6, gsm8k_steps(str(r["answer"]))),
+        )
+        for i, r in enumerate(rows)
+    ]
+    return _subset(items, n, seed)
+
+
+def load_math500(n: int | None = None, *, seed: int | None = None) -> list[Question]:
+    """MATH-500 questions with MATH's level as difficulty."""
+    rows = _read_jsonl(DATA_DIR / "math" / "math500_test.jsonl")
+    items = [
+        Question(
+            qid=f"math500/{r.get('unique_id', i)}",
+            text=str(r["problem"]),
+            gold=str(r["answer"]),
+            dataset="math500",
+            difficulty=int(str(r["level"])) if "level" in r else None,
+        )
+        for i, r in enumerate(rows)
+    ]
+    return _subset(items, n, seed)
+
+
+def load_testbed(split: str = "test", per_level: int = 25, *, seed: int = 0) -> list[Question]:
+    """The testbed's synthetic questions, ``per_level`` at each difficulty level."""
+    from env.testbed.task import make_questions
+
+    return [q for q, _ in make_questions(per_level, seed=seed, split=split)]
+
+
+def load_questions(dataset: str, split: str = "test", n: int | None = None, *, seed: int | None = None) -> list[Question]:
+    """Load by name: ``gsm8k``, ``math500`` or ``arith`` (the testbed task)."""
+    if dataset == "gsm8k":
+        return load_gsm8k(split, n, seed=seed)
+    if dataset == "math500":
+        return load_math500(n, seed=seed)
+    if dataset == "arith":
+        per_level = 25 if n is None else max(1, -(-n // 8))
+        return load_testbed(split, per_level, seed=seed or 0)[: n if n is not None else None]
+    raise ConfigError(f"unknown dataset {dataset!r}; choose gsm8k, math500 or arith")
