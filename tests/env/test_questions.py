@@ -1,0 +1,48 @@
+"""Question loaders: ids, gold answers, difficulty, seeded subsets, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from env.questions import gsm8k_steps, load_gsm8k, load_math500, load_questions, load_testbed
+from features.answers import answers_equal
+from features.errors import ConfigError
+
+
+def test_gsm8k_gold_and_difficulty() -> None:
+    qs = load_gsm8k("test", 5)
+    assert [q.qid for q in qs] == [f"gsm8k/test/{i}" for i in range(5)]
+    assert qs[0].gold == "18" and qs[0].difficulty == 2  # Janet's ducks: two calculations
+    assert all(1 <= (q.difficulty or 0) <= 6 for q in load_gsm8k("train", 200))
+
+
+def test_seeded_subsets_are_stable_and_split_disjoint() -> None:
+    a = load_gsm8k("train", 50, seed=1)
+    assert [q.qid for q in a] == [q.qid for q in load_gsm8k("train", 50, seed=1)]
+    assert [q.qid for q in a] != [q.qid for q in load_gsm8k("train", 50, seed=2)]
+    test_ids = {q.qid for q in load_gsm8k("test", 50, seed=1)}
+    assert not test_ids & {q.qid for q in a}
+
+
+def test_math500_levels() -> None:
+    qs = load_math500(20)
+    assert all(q.difficulty in (1, 2, 3, 4, 5) for q in qs)
+    assert all(q.gold for q in qs)
+
+
+def test_testbed_questions_cover_levels() -> None:
+    qs = load_testbed("test", 2)
+    assert sorted({q.difficulty for q in qs}) == list(range(1, 9))
+    assert all(answers_equal(q.gold, q.gold) for q in qs)
+    assert load_questions("arith", "test", 16)[0].dataset == "arith"
+
+
+def test_steps_and_errors() -> None:
+    assert gsm8k_steps("a <<1+1=2>> b <<2*3=6>>\n#### 6") == 2
+    assert gsm8k_steps("no calculator annotations\n#### 6") == 1
+    with pytest.raises(ConfigError, match="split"):
+        load_gsm8k("dev")
+    with pytest.raises(ConfigError, match="unknown dataset"):
+        load_questions("squad")
+    with pytest.raises(ConfigError, match=">= 0"):
+        load_gsm8k("test", -1)
