@@ -66,6 +66,7 @@ class Command:
 GROUPS: dict[str, str] = {
     "testbed": "the small arithmetic reasoning model that ponder trains and ships",
     "model": "real pretrained models (assembled from pinned packages, never downloaded at run time)",
+    "bank": "trace banks: chains recorded once, replayed exactly",
 }
 
 #: Every command, in the order ``ponder --help`` lists them.
@@ -73,8 +74,14 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "demo",
         "controller.demo:main",
-        "answer a few questions with the controller and show the trace",
+        "walk testbed questions through continue / branch / probe / verify / budget forcing / TIP",
     ),
+    Command(
+        "record",
+        "env.record:main",
+        "record a trace bank: K chains per question with probes and verifier scores (resumable)",
+    ),
+    Command("bank info", "env.bank_cli:main", "summarise a trace bank by difficulty"),
     Command("testbed train", "env.testbed.train:main", "train the testbed model (CPU, resumable)"),
     Command(
         "testbed evaluate",

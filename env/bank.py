@@ -287,6 +287,13 @@ class TraceBank:
         self.manifest = BankManifest.load(self.path / "manifest.json")
         self._questions = self._load_questions()
         self._cache: dict[str, QuestionTrace] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-list which questions are recorded (a bank being recorded grows)."""
+        self._recorded = [q for i, q in enumerate(self.manifest.questions) if self.chunk_file(i).exists()]
+        self._recorded_set = frozenset(self._recorded)
+        self._index = {q: i for i, q in enumerate(self.manifest.questions)}
 
     def _load_questions(self) -> dict[str, Question]:
         import pyarrow.parquet as pq
@@ -310,8 +317,8 @@ class TraceBank:
 
     @property
     def recorded(self) -> list[str]:
-        """Ids of the questions whose chunks are recorded, in recording order."""
-        return [q for i, q in enumerate(self.manifest.questions) if self.chunk_file(i).exists()]
+        """Ids of the questions whose chunks are recorded, in recording order (see :meth:`refresh`)."""
+        return list(self._recorded)
 
     @property
     def questions(self) -> list[Question]:
@@ -319,22 +326,21 @@ class TraceBank:
         return [self._questions[q] for q in self.recorded]
 
     def __len__(self) -> int:
-        return len(self.recorded)
+        return len(self._recorded)
 
     def __iter__(self) -> Iterator[QuestionTrace]:
-        for qid in self.recorded:
+        for qid in self._recorded:
             yield self[qid]
 
     def __contains__(self, qid: object) -> bool:
-        return qid in self._questions and qid in set(self.recorded)
+        return qid in self._recorded_set
 
     def __getitem__(self, qid: str) -> QuestionTrace:
         if qid in self._cache:
             return self._cache[qid]
-        try:
-            index = self.manifest.questions.index(qid)
-        except ValueError:
-            raise BankError(f"question {qid!r} is not in the bank at {self.path}") from None
+        index = self._index.get(qid)
+        if index is None:
+            raise BankError(f"question {qid!r} is not in the bank at {self.path}")
         path = self.chunk_file(index)
         if not path.exists():
             raise BankError(f"question {qid!r} is not recorded yet in {self.path} (no {path.name}); resume `ponder record`")

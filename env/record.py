@@ -82,8 +82,8 @@ class RecordArgs:
     """stop after the question in progress once this many minutes have passed (0: no limit)"""
     kv_cache_gib: float = 2.0
     """vLLM CPU KV cache size"""
-    dtype: str = "auto"
-    """vLLM weight dtype (auto, bfloat16, float32)"""
+    dtype: str = ""
+    """vLLM weight dtype (auto, bfloat16, float32; default: float32 on CPU, auto on GPU)"""
     max_model_len: int = 2048
     """vLLM context length"""
 
@@ -240,7 +240,7 @@ def _make_generator(args: RecordArgs):  # type: ignore[no-untyped-def]
 
     path = Path(args.model) if args.model else testbed_model_path()
     sha = model_sha256(path)
-    llm = build_engine(path, seed=args.seed, kv_cache_gib=args.kv_cache_gib, dtype=args.dtype,
+    llm = build_engine(path, seed=args.seed, kv_cache_gib=args.kv_cache_gib, dtype=args.dtype or None,
                        max_model_len=args.max_model_len)
     template = args.template
     if not template:

@@ -66,6 +66,7 @@ class ReplayGenerator:
             max_chain_tokens=m.max_tokens,
         )
         self.template_name = m.template
+        self._chunks: dict[tuple[str, int, int], Chunk] = {}
         self.reset(seed)
 
     @property
@@ -161,7 +162,10 @@ class ReplayGenerator:
             if ct.rows["ext"][i] and not self._wants_more(chain):
                 chain.finished = True
                 continue
-            chunk = self._chunk(ct, i)
+            key = (chain.question.qid, ct.chain, i)
+            chunk = self._chunks.get(key)
+            if chunk is None:  # chunks are shared between episodes: treat them as read-only
+                chunk = self._chunks[key] = self._chunk(ct, i)
             chain.chunks.append(chunk)
             chain.finish_reason = chunk.finish_reason
             if chunk.finish_reason in ("cap", "forced"):

@@ -229,9 +229,14 @@ def judge_text(question_text: str, solution: str) -> str:
     return f"Question: {question_text}\nCheck:\n{solution.rstrip()}\nCorrect?"
 
 
+_LEVEL_WEIGHTS = (4, 4, 3, 3, 2, 2, 1, 1)
+
+
 def training_text(rng: random.Random, level: int | None = None) -> str:
     """One training document (ends with EOS): a cot solution, a draft solution, or a verdict."""
-    lvl = level if level is not None else rng.choice(sorted(LEVELS))
+    # Easy levels are drawn more often: their skills (copying operands, digit arithmetic) are what
+    # the harder levels compose, and a small model learns them first.
+    lvl = level if level is not None else rng.choices(sorted(LEVELS), weights=_LEVEL_WEIGHTS)[0]
     p = make_problem(lvl, rng)
     r = rng.random()
     if r < 0.62:
