@@ -370,6 +370,10 @@ class Generator(Protocol):
 
     sampling: SamplingConfig
 
+    def reset(self, seed: int) -> None:
+        """Start afresh: restart chain ids and reseed, so the same calls give the same results."""
+        ...
+
     def start(
         self,
         question: Question,

@@ -203,6 +203,12 @@ class FakeBackend:
         self._blocks: set[bytes] = set()
         self._seen: dict[bytes, int] = {}
 
+    def reset(self, seed: int) -> None:
+        """Forget the simulated prefix cache and visit history; reseed the made-up logprobs."""
+        self.seed = int(seed)
+        self._blocks.clear()
+        self._seen.clear()
+
     # -- vocabulary ---------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:

@@ -1,0 +1,672 @@
+"""The live generator: the whole :class:`~env.generators.base.Generator` protocol on any Backend.
+
+:class:`LiveGenerator` turns the operations a compute controller needs (chains, chunked
+extension, branching, answer-forcing probes, s1 budget forcing, TIP, self-verification) into
+batches of raw token-level completions for a :class:`~env.generators.backend.Backend`: the
+in-process vLLM engine (:class:`env.generators.vllm.VLLMBackend`), a vLLM OpenAI-compatible
+server, or a scripted fake. Every operation makes ONE backend call for all the chains it is given.
+
+Contexts are always token ids (``prompt_ids + chain.token_ids``), so a chain continues exactly
+where it stopped and every shared prefix (the prompt, a branch's parent) hits the prefix cache.
+
+Budget forcing (s1) acts on the *next* :meth:`LiveGenerator.extend`, never in the same call:
+
+* a chain with a budget that ends before ``budget.min_tokens`` is not finished; its chunk has
+  ``finish_reason == "stop"`` and the next extend injects the wait text (``n_injected`` leading
+  tokens with ``nan`` logprobs) and samples on;
+* a chain with a budget that reaches ``budget.max_tokens`` (or the chain cap) is not finished
+  either; the next extend injects the template's answer-forcing suffix and greedily reads up to
+  ``budget.answer_tokens`` tokens, closed by ``}``: that chunk has ``finish_reason == "forced"``
+  and finishes the chain.
+
+So every chunk holds at most ``k`` *sampled* tokens, injected ones lead, and ``extend`` returns
+exactly one chunk per unfinished chain it was given, in order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+
+from env.generators.backend import Backend, Completion, CompletionRequest, TipRequest
+from env.generators.base import (
+    BudgetForcing,
+    Chain,
+    Chunk,
+    FinishReason,
+    FloatArray,
+    IntArray,
+    JudgeResult,
+    ProbeResult,
+    PromptMode,
+    Question,
+    SamplingConfig,
+    TipConfig,
+    TokenUsage,
+    validate_k,
+    validate_question,
+)
+from env.generators.prompts import TESTBED, PromptTemplate, get_template
+from features.errors import ConfigError, GeneratorError, PonderError
+
+__all__ = ["LiveGenerator", "read_probe_answer", "since_last_switch", "switch_token_ids"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_DEFAULT_WAIT = BudgetForcing().wait_text
+_JUDGE_TOP = 20
+
+
+def switch_token_ids(
+    words: Sequence[str], encode: Callable[[str], list[int]], decode: Callable[[Sequence[int]], str]
+) -> tuple[int, ...]:
+    """The token ids that open the switch ``words``: the first non-blank token of each word.
+
+    A word like ``" Hmm"`` may encode as ``[" ", "Hmm"]``; penalising the bare space would hurt
+    every sentence, so blank leading tokens are skipped.
+    """
+    out: set[int] = set()
+    for w in words:
+        for t in encode(w):
+            if decode([t]).strip():
+                out.add(int(t))
+                break
+    return tuple(sorted(out))
+
+
+def since_last_switch(tokens: IntArray, switch_ids: Sequence[int]) -> int:
+    """Tokens after the last switch token in ``tokens`` (all of them if there is none)."""
+    n = int(tokens.shape[0])
+    if n == 0 or not switch_ids:
+        return n
+    hits = np.flatnonzero(np.isin(tokens, np.asarray(switch_ids, dtype=tokens.dtype)))
+    return n if hits.size == 0 else n - int(hits[-1]) - 1
+
+
+def read_probe_answer(text: str, finished_by_stop: bool) -> str | None:
+    """The answer in a probe completion such as ``"42}"``.
+
+    Uses ``features.answers.read_probe`` when that module is there; otherwise the text before
+    the first ``}`` (or the whole text when the model ended without one), ``None`` when empty
+    or when the completion ran out of tokens before closing the answer.
+    """
+    try:
+        from features.answers import read_probe
+    except ImportError:
+        pass
+    else:
+        try:
+            ans = read_probe(text)
+        except PonderError:
+            return None
+        return None if ans is None else str(ans)
+    i = text.find("}")
+    if i >= 0:
+        body = text[:i].strip()
+    elif finished_by_stop:
+        body = text.strip()
+    else:
+        return None
+    return body or None
+
+
+@dataclass(slots=True)
+class _Plan:
+    """One chain's request in an extend batch."""
+
+    chain: Chain
+    kind: Literal["sample", "force", "cap"]
+    injected: list[int]
+    injected_text: str
+    room: int
+    request: CompletionRequest | None
+
+
+class LiveGenerator:
+    """A :class:`~env.generators.base.Generator` over a :class:`~env.generators.backend.Backend`.
+
+    Args:
+        backend: the engine.
+        template: prompt template, or its name (``testbed`` / ``chat``).
+        sampling: how chains are sampled (temperature, top-p, top-k logprobs, chain cap).
+
+    Chain ids are unique per generator instance and increase. ``extend`` returns one chunk per
+    unfinished chain given (see the module docstring for budget forcing).
+    """
+
+    sampling: SamplingConfig
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        template: PromptTemplate | str = TESTBED,
+        sampling: SamplingConfig | None = None,
+    ) -> None:
+        self.backend = backend
+        self.template = get_template(template) if isinstance(template, str) else template
+        if not isinstance(self.template, PromptTemplate):
+            raise ConfigError(f"template must be a PromptTemplate or a name, got {template!r}")
+        self.sampling = sampling if sampling is not None else SamplingConfig()
+        self._ids = itertools.count()
+        self._tip_ids: dict[tuple[str, ...], tuple[int, ...]] = {}
+        self._encoded: dict[str, list[int]] = {}
+        self._pieces: dict[int, str] = {}
+
+    def reset(self, seed: int) -> None:
+        """Make what follows reproducible: restart chain ids and reset the backend with ``seed``.
+
+        Backends that can (in-process vLLM, the fake) clear their prefix cache and reseed their
+        sampler, so the same calls after the same ``reset(seed)`` give the same tokens whatever ran
+        before. The recorder resets before every question. A server backend cannot be reseeded
+        (vLLM's CPU engine rejects per-request seeds): its ``reset`` only restarts chain ids.
+        """
+        self._ids = itertools.count()
+        fn = getattr(self.backend, "reset", None)
+        if callable(fn):
+            fn(int(seed))
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        return str(getattr(self.backend, "model_name", type(self.backend).__name__))
+
+    def _guard(self, op: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run a backend call; wrap unexpected failures in :class:`GeneratorError`."""
+        try:
+            return fn(*args)
+        except PonderError:
+            raise
+        except Exception as e:
+            raise GeneratorError(
+                f"{op} failed on model {self.model_name!r}: {type(e).__name__}: {e}"
+            ) from e
+
+    def _encode(self, text: str) -> list[int]:
+        ids = self._encoded.get(text)
+        if ids is None:
+            ids = [int(t) for t in self._guard("encode", self.backend.encode, text)]
+            self._encoded[text] = ids
+        return ids
+
+    def _piece(self, token_id: int) -> str:
+        p = self._pieces.get(token_id)
+        if p is None:
+            p = self._guard("decode", self.backend.decode, [token_id])
+            self._pieces[token_id] = p
+        return p
+
+    def _apply_chat(self, messages: list[dict[str, str]]) -> str:
+        out = self._guard("apply_chat", self.backend.apply_chat, messages)
+        if out is None:
+            raise ConfigError(
+                f"template {self.template.name!r} needs a chat template, but model "
+                f"{self.model_name!r} has none: use the 'testbed' template for raw models"
+            )
+        return out
+
+    def _chat(self) -> Callable[[list[dict[str, str]]], str] | None:
+        return self._apply_chat if self.template.chat else None
+
+    def _complete(self, op: str, requests: list[CompletionRequest]) -> list[Completion]:
+        if not requests:
+            return []
+        outs = self._guard(op, self.backend.complete, requests)
+        if len(outs) != len(requests):
+            raise GeneratorError(
+                f"{op}: the backend returned {len(outs)} completions for {len(requests)} requests"
+            )
+        return outs
+
+    @staticmethod
+    def _tokens(chain: Chain) -> IntArray:
+        parts = [np.asarray(chain.prefix_ids, dtype=np.int32)]
+        parts += [c.token_ids.astype(np.int32, copy=False) for c in chain.chunks]
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _max_len(self) -> int | None:
+        v = getattr(self.backend, "max_model_len", None)
+        return int(v) if v else None
+
+    def _cap(self, chain: Chain) -> int:
+        cap = self.sampling.max_chain_tokens
+        if chain.budget is not None:
+            cap = min(cap, chain.budget.max_tokens)
+        return cap
+
+    def _wait_text(self, budget: BudgetForcing) -> str:
+        # The template's wording unless the budget names its own.
+        return budget.wait_text if budget.wait_text != _DEFAULT_WAIT else self.template.wait_text
+
+    def _eos_trim(self, comp: Completion) -> Completion:
+        """Defensively drop a trailing EOS a backend may have left in."""
+        n = int(comp.token_ids.shape[0])
+        eos = getattr(self.backend, "eos_token_id", None)
+        if (
+            comp.finish_reason == "stop"
+            and n
+            and eos is not None
+            and int(comp.token_ids[-1]) == eos
+        ):
+            comp.token_ids = comp.token_ids[:-1]
+            comp.logprobs = comp.logprobs[:-1]
+            comp.top_logprobs = comp.top_logprobs[:-1]
+            comp.top_token_ids = comp.top_token_ids[:-1]
+        return comp
+
+    def _tip_request(self, tip: TipConfig | None, tokens: IntArray) -> TipRequest | None:
+        if tip is None or tip.penalty == 0 or tip.window == 0:
+            return None
+        ids = self._tip_ids.get(tip.words)
+        if ids is None:
+            ids = self._guard(
+                "TIP switch tokens", switch_token_ids, tip.words, self._encode, self.backend.decode
+            )
+            self._tip_ids[tip.words] = ids
+        if not ids:
+            return None
+        return TipRequest(
+            token_ids=ids,
+            penalty=float(tip.penalty),
+            window=int(tip.window),
+            since_switch=since_last_switch(tokens, ids),
+        )
+
+    # -- Generator protocol -----------------------------------------------------------------
+
+    def start(
+        self,
+        question: Question,
+        n: int = 1,
+        *,
+        mode: PromptMode = "cot",
+        budget: BudgetForcing | None = None,
+    ) -> list[Chain]:
+        """Create ``n`` new chains for ``question`` (the prompt is rendered and encoded once)."""
+        validate_question(question)
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise ConfigError(f"number of chains n must be a positive integer, got {n!r}")
+        if budget is not None and not isinstance(budget, BudgetForcing):
+            raise ConfigError(f"budget must be a BudgetForcing, got {type(budget).__name__}")
+        text = self.template.question_prompt(question.text, mode, self._chat())
+        prompt_ids = list(self._guard("encode prompt", self.backend.encode, text))
+        max_len = self._max_len()
+        if max_len is not None and len(prompt_ids) >= max_len:
+            raise ConfigError(
+                f"question {question.qid!r} takes {len(prompt_ids)} prompt tokens, the model's "
+                f"context holds {max_len}: shorten it or raise max_model_len"
+            )
+        return [
+            Chain(
+                chain_id=next(self._ids),
+                question=question,
+                mode=mode,
+                prompt_ids=list(prompt_ids),
+                budget=budget,
+            )
+            for _ in range(int(n))
+        ]
+
+    def _plan(self, chain: Chain, k: int, tip: TipConfig | None) -> _Plan:
+        tokens = self._tokens(chain)
+        n = int(tokens.shape[0])
+        ctx_len = len(chain.prompt_ids) + n
+        max_len = self._max_len()
+        window = (max_len - ctx_len) if max_len is not None else None
+        cap = self._cap(chain)
+        budget = chain.budget
+        m = self.sampling.top_logprobs
+
+        def force() -> _Plan:
+            assert budget is not None
+            suffix = self._encode(self.template.probe_suffix)
+            room = budget.answer_tokens
+            if window is not None:
+                room = min(room, window - len(suffix))
+            if room < 1:
+                return _Plan(chain, "cap", [], "", 0, None)
+            req = CompletionRequest(
+                prompt_ids=tuple(chain.prompt_ids) + tuple(tokens.tolist()) + tuple(suffix),
+                max_tokens=room,
+                temperature=0.0,
+                top_p=1.0,
+                top_logprobs=m,
+                stop=("}",),
+            )
+            return _Plan(chain, "force", suffix, self.template.probe_suffix, room, req)
+
+        if budget is not None and n >= cap:
+            return force()
+        injected: list[int] = []
+        injected_text = ""
+        last = chain.chunks[-1] if chain.chunks else None
+        if budget is not None and last is not None and last.finish_reason == "stop":
+            injected_text = self._wait_text(budget)
+            injected = self._encode(injected_text)
+        room = min(k, cap - n - len(injected))
+        if window is not None:
+            room = min(room, window - len(injected))
+        if room < 1:
+            return force() if budget is not None else _Plan(chain, "cap", [], "", 0, None)
+        ctx = np.concatenate([tokens, np.asarray(injected, dtype=np.int32)]) if injected else tokens
+        req = CompletionRequest(
+            prompt_ids=tuple(chain.prompt_ids) + tuple(ctx.tolist()),
+            max_tokens=room,
+            temperature=self.sampling.temperature,
+            top_p=self.sampling.top_p,
+            top_logprobs=m,
+            tip=self._tip_request(tip, ctx),
+        )
+        return _Plan(chain, "sample", injected, injected_text, room, req)
+
+    def extend(
+        self, chains: Sequence[Chain], k: int, *, tip: TipConfig | None = None
+    ) -> list[Chunk]:
+        """Continue every unfinished chain by at most ``k`` sampled tokens, in one backend call.
+
+        Returns one chunk per unfinished chain given, in order (a chain with no room left gets
+        an empty ``cap`` chunk). Injected tokens (budget forcing) come first in a chunk and are
+        not counted against ``k``.
+        """
+        k = validate_k(k)
+        if tip is not None and not isinstance(tip, TipConfig):
+            raise ConfigError(f"tip must be a TipConfig, got {type(tip).__name__}")
+        plans = [self._plan(c, k, tip) for c in chains if not c.finished]
+        reqs = [p.request for p in plans if p.request is not None]
+        outs = iter(self._complete("extend", reqs))
+        chunks: list[Chunk] = []
+        for p in plans:
+            if p.request is None:
+                chunk = self._empty_chunk()
+            else:
+                comp = self._eos_trim(next(outs))
+                if p.kind == "force":
+                    chunk = self._forced_chunk(p, comp)
+                else:
+                    chunk = self._sampled_chunk(p, comp)
+            self._append(p.chain, chunk)
+            chunks.append(chunk)
+        return chunks
+
+    def _top(self, comp: Completion) -> tuple[FloatArray, IntArray]:
+        """Top-logprob arrays of exactly ``sampling.top_logprobs`` columns."""
+        m = self.sampling.top_logprobs
+        n = int(comp.token_ids.shape[0])
+        if n == 0:
+            return np.zeros((0, m), np.float32), np.zeros((0, m), np.int32)
+        lp = np.asarray(comp.top_logprobs, dtype=np.float32).reshape(n, -1)
+        ids = np.asarray(comp.top_token_ids, dtype=np.int32).reshape(n, -1)
+        have = lp.shape[1]
+        if have >= m:
+            return lp[:, :m], ids[:, :m]
+        pad_lp = np.full((n, m - have), -np.inf, dtype=np.float32)
+        pad_id = np.full((n, m - have), -1, dtype=np.int32)
+        return np.concatenate([lp, pad_lp], axis=1), np.concatenate([ids, pad_id], axis=1)
+
+    def _arrays(
+        self,
+        lead: Sequence[int],
+        comp_ids: IntArray,
+        comp_lp: FloatArray,
+        top: tuple[FloatArray, IntArray],
+        trail: Sequence[int] = (),
+    ) -> tuple[IntArray, FloatArray, FloatArray, IntArray]:
+        m = self.sampling.top_logprobs
+        a, b = len(lead), len(trail)
+        ids = np.concatenate(
+            [
+                np.asarray(lead, dtype=np.int32),
+                comp_ids.astype(np.int32),
+                np.asarray(trail, dtype=np.int32),
+            ]
+        )
+        lp = np.concatenate(
+            [
+                np.full(a, np.nan, np.float32),
+                comp_lp.astype(np.float32),
+                np.full(b, np.nan, np.float32),
+            ]
+        )
+        top_lp = np.concatenate(
+            [np.full((a, m), -np.inf, np.float32), top[0], np.full((b, m), -np.inf, np.float32)]
+        )
+        top_id = np.concatenate(
+            [np.full((a, m), -1, np.int32), top[1], np.full((b, m), -1, np.int32)]
+        )
+        return ids, lp, top_lp, top_id
+
+    def _usage(
+        self, comp: Completion, generated: int, injected: int, prefilled_injected: int
+    ) -> TokenUsage:
+        cached = int(comp.cached_tokens)
+        return TokenUsage(
+            generated=generated,
+            # Injected tokens are prompt tokens too; count them once, as injected.
+            prefill=max(0, int(comp.prompt_tokens) - cached - prefilled_injected),
+            cached=cached,
+            injected=injected,
+        )
+
+    def _sampled_chunk(self, p: _Plan, comp: Completion) -> Chunk:
+        chain = p.chain
+        n_new = int(comp.token_ids.shape[0])
+        ids, lp, top_lp, top_id = self._arrays(
+            p.injected, comp.token_ids, comp.logprobs, self._top(comp)
+        )
+        total = chain.num_tokens + len(ids)
+        budget = chain.budget
+        reason: FinishReason = "length"
+        if comp.finish_reason == "stop":
+            reason = "stop"
+            # Below the budget's minimum, an ending is suppressed: the next extend says "Wait,".
+            chain.finished = not (budget is not None and total < budget.min_tokens)
+        elif budget is None:
+            max_len = self._max_len()
+            full_ctx = max_len is not None and len(chain.prompt_ids) + total >= max_len
+            if total >= self._cap(chain) or full_ctx:
+                reason, chain.finished = "cap", True
+        return Chunk(
+            token_ids=ids,
+            text=p.injected_text + comp.text,
+            logprobs=lp,
+            top_logprobs=top_lp,
+            top_token_ids=top_id,
+            finish_reason=reason,
+            usage=self._usage(comp, n_new, len(p.injected), len(p.injected)),
+            n_injected=len(p.injected),
+        )
+
+    def _forced_chunk(self, p: _Plan, comp: Completion) -> Chunk:
+        ans_ids = comp.token_ids
+        n_ans = int(ans_ids.shape[0])
+        full = self._guard("decode", self.backend.decode, ans_ids.tolist()) if n_ans else ""
+        trail: list[int] = []
+        if "}" in full:
+            # Keep the answer up to the token that closes it ("}" may be merged, as in "}.").
+            j = next(
+                j
+                for j in range(1, n_ans + 1)
+                if "}" in self._guard("decode", self.backend.decode, ans_ids[:j].tolist())
+            )
+            keep = j
+            text = self._guard("decode", self.backend.decode, ans_ids[:keep].tolist())
+        else:
+            keep = n_ans
+            trail = self._encode("}")
+            text = comp.text + "}"
+        top = self._top(comp)
+        ids, lp, top_lp, top_id = self._arrays(
+            p.injected, ans_ids[:keep], comp.logprobs[:keep], (top[0][:keep], top[1][:keep]), trail
+        )
+        p.chain.finished = True
+        return Chunk(
+            token_ids=ids,
+            text=p.injected_text + text,
+            logprobs=lp,
+            top_logprobs=top_lp,
+            top_token_ids=top_id,
+            finish_reason="forced",
+            usage=self._usage(comp, keep, len(p.injected) + len(trail), len(p.injected)),
+            n_injected=len(p.injected),
+        )
+
+    def _empty_chunk(self) -> Chunk:
+        m = self.sampling.top_logprobs
+        return Chunk(
+            token_ids=np.zeros(0, np.int32),
+            text="",
+            logprobs=np.zeros(0, np.float32),
+            top_logprobs=np.zeros((0, m), np.float32),
+            top_token_ids=np.zeros((0, m), np.int32),
+            finish_reason="cap",
+            usage=TokenUsage(),
+        )
+
+    @staticmethod
+    def _append(chain: Chain, chunk: Chunk) -> None:
+        chain.chunks.append(chunk)
+        chain.finish_reason = chunk.finish_reason
+        if chunk.finish_reason == "cap":
+            chain.finished = True
+
+    def branch(self, chain: Chain, n: int = 1, *, at: int | None = None) -> list[Chain]:
+        """``n`` new chains sharing ``chain``'s first ``at`` generated tokens (default: all).
+
+        ``at == 0`` starts fresh from the prompt. Nothing is generated; the first extend of a
+        branch is served from the prefix cache up to its branch point.
+        """
+        if not isinstance(chain, Chain):
+            raise ConfigError(f"branch needs a Chain, got {type(chain).__name__}")
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise ConfigError(f"number of branches n must be a positive integer, got {n!r}")
+        length = chain.num_tokens
+        if at is None:
+            at = length
+        if isinstance(at, bool) or not isinstance(at, int | np.integer) or not 0 <= at <= length:
+            raise ConfigError(
+                f"branch point at={at!r} is outside chain {chain.chain_id} (0..{length} tokens)"
+            )
+        at = int(at)
+        tokens = self._tokens(chain)[:at].tolist()
+        if at == length:
+            text = chain.text
+        elif at == 0:
+            text = ""
+        else:
+            text = self._guard("decode", self.backend.decode, tokens)
+        return [
+            Chain(
+                chain_id=next(self._ids),
+                question=chain.question,
+                mode=chain.mode,
+                prompt_ids=list(chain.prompt_ids),
+                parent=chain.chain_id,
+                branch_point=at,
+                budget=chain.budget,
+                prefix_ids=list(tokens),
+                prefix_text=text,
+            )
+            for _ in range(int(n))
+        ]
+
+    def probe(self, chains: Sequence[Chain], *, max_tokens: int = 16) -> list[ProbeResult]:
+        """Answer-forcing probe: chain + probe suffix, greedy up to ``max_tokens``, stop ``}``.
+
+        One backend call for all chains; the chains are left untouched.
+        """
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ConfigError(f"probe max_tokens must be a positive integer, got {max_tokens!r}")
+        suffix = tuple(self._encode(self.template.probe_suffix))
+        max_len = self._max_len()
+        reqs = []
+        for c in chains:
+            ctx = tuple(c.prompt_ids) + tuple(self._tokens(c).tolist()) + suffix
+            room = max_tokens if max_len is None else min(max_tokens, max_len - len(ctx))
+            if room < 1:
+                raise GeneratorError(
+                    f"probe: chain {c.chain_id} fills the model's context ({len(ctx)} of "
+                    f"{max_len} tokens with the probe suffix); probe it earlier"
+                )
+            reqs.append(
+                CompletionRequest(
+                    prompt_ids=ctx, max_tokens=room, temperature=0.0, top_logprobs=0, stop=("}",)
+                )
+            )
+        outs = self._complete("probe", reqs)
+        results = []
+        for c, comp in zip(chains, outs, strict=True):
+            comp = self._eos_trim(comp)
+            n = int(comp.token_ids.shape[0])
+            full = self._guard("decode", self.backend.decode, comp.token_ids.tolist()) if n else ""
+            i = full.find("}")
+            text = full[: i + 1] if i >= 0 else comp.text
+            answer = read_probe_answer(text, comp.finish_reason == "stop")
+            cached = int(comp.cached_tokens)
+            results.append(
+                ProbeResult(
+                    chain_id=c.chain_id,
+                    at_tokens=c.num_tokens,
+                    text=text,
+                    answer=answer,
+                    logprobs=np.asarray(comp.logprobs, dtype=np.float32),
+                    usage=TokenUsage(
+                        probe=n, prefill=max(0, int(comp.prompt_tokens) - cached), cached=cached
+                    ),
+                )
+            )
+        return results
+
+    def judge(self, chains: Sequence[Chain]) -> list[JudgeResult]:
+        """Self-verification: P(yes) of the model's one-token verdict on each chain so far."""
+        reqs = []
+        for c in chains:
+            prompt = self.template.judge_prompt(c.question.text, c.text, self._chat())
+            ids = tuple(self._guard("encode judge prompt", self.backend.encode, prompt))
+            max_len = self._max_len()
+            if max_len is not None and len(ids) >= max_len:
+                raise GeneratorError(
+                    f"judge: the verification prompt of chain {c.chain_id} takes {len(ids)} "
+                    f"tokens, the model's context holds {max_len}; judge it earlier"
+                )
+            reqs.append(
+                CompletionRequest(
+                    prompt_ids=ids, max_tokens=1, temperature=0.0, top_logprobs=_JUDGE_TOP
+                )
+            )
+        outs = self._complete("judge", reqs)
+        results = []
+        for c, comp in zip(chains, outs, strict=True):
+            yes = no = 0.0
+            if comp.top_logprobs.shape[0] and comp.top_logprobs.ndim == 2:
+                for lp, tid in zip(
+                    comp.top_logprobs[0].tolist(), comp.top_token_ids[0].tolist(), strict=True
+                ):
+                    if tid < 0 or not math.isfinite(lp):
+                        continue
+                    word = self._piece(int(tid)).strip().lower()
+                    if word == "yes":
+                        yes += math.exp(lp)
+                    elif word == "no":
+                        no += math.exp(lp)
+            p_yes = yes / (yes + no) if yes + no > 0 else 0.5
+            cached = int(comp.cached_tokens)
+            results.append(
+                JudgeResult(
+                    chain_id=c.chain_id,
+                    at_tokens=c.num_tokens,
+                    p_yes=float(min(1.0, max(0.0, p_yes))),
+                    usage=TokenUsage(
+                        judge=1, prefill=max(0, int(comp.prompt_tokens) - cached), cached=cached
+                    ),
+                )
+            )
+        return results
