@@ -60,11 +60,18 @@ def main() -> None:
             if bank.manifest.judge:
                 gen.judge(active)
     dt = time.perf_counter() - t0
-    table = Table(title=f"replay throughput: {args.bank.name} ({len(qs)} questions, K={bank.manifest.chains})")
+    table = Table(
+        title=f"replay throughput: {args.bank.name} ({len(qs)} questions, K={bank.manifest.chains})"
+    )
     for col in ("episodes", "chunks", "probes", "seconds", "chunks/s", "episodes/s"):
         table.add_column(col, justify="right")
     table.add_row(
-        str(args.episodes), str(t_chunks), str(t_probes), f"{dt:.2f}", f"{t_chunks / dt:,.0f}", f"{args.episodes / dt:,.1f}"
+        str(args.episodes),
+        str(t_chunks),
+        str(t_probes),
+        f"{dt:.2f}",
+        f"{t_chunks / dt:,.0f}",
+        f"{args.episodes / dt:,.1f}",
     )
     Console().print(table)
 

@@ -14,6 +14,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 __all__ = ["DemoArgs", "demo", "main"]
 
 
@@ -47,7 +49,9 @@ def demo(args: DemoArgs) -> None:
     path = args.model or testbed_model_path()
     console.print(f"[bold]ponder demo[/bold]: testbed model {path} on vLLM (CPU)")
     gen = VLLMGenerator(build_engine(path, seed=args.seed), template="testbed")
-    items = [q for q, _ in make_questions(1, seed=args.seed, levels=list(args.levels), split="demo")]
+    items = [
+        q for q, _ in make_questions(1, seed=args.seed, levels=list(args.levels), split="demo")
+    ]
     totals: dict[str, TokenUsage] = {}
 
     def add(name: str, u: TokenUsage) -> None:
@@ -63,7 +67,11 @@ def demo(args: DemoArgs) -> None:
             add("continue", chunk.usage)
             add("probe", probe.usage)
             add("verify", verdict.usage)
-            conf = float(chunk.confidence.mean()) if len(chunk) else float("nan")
+            conf = (
+                float(np.nanmean(chunk.confidence))
+                if chunk.confidence is not None and len(chunk)
+                else float("nan")
+            )
             console.print(
                 f"[cyan]continue[/cyan] +{len(chunk)} tok (conf {conf:.2f})  "
                 f"[magenta]probe[/magenta] -> {probe.answer!s:>8}  "
@@ -71,7 +79,9 @@ def demo(args: DemoArgs) -> None:
             )
         answer = extract_answer(chain.text)
         ok = q.gold is not None and answers_equal(answer, q.gold)
-        console.print(f"[green]stop[/green] single chain answers {answer} ({'right' if ok else 'wrong'})")
+        console.print(
+            f"[green]stop[/green] single chain answers {answer} ({'right' if ok else 'wrong'})"
+        )
 
         more = gen.branch(chain, args.chains - 1, at=0)
         while any(not c.finished for c in more):
@@ -81,9 +91,17 @@ def demo(args: DemoArgs) -> None:
         top = Counter(a for a in answers if a is not None).most_common(1)
         vote = top[0][0] if top else None
         ok = q.gold is not None and answers_equal(vote, q.gold)
-        console.print(f"[blue]branch[/blue] x{args.chains - 1}: answers {answers} -> vote {vote} ({'right' if ok else 'wrong'})")
+        console.print(
+            f"[blue]branch[/blue] x{args.chains - 1}: answers {answers} -> vote {vote} ({'right' if ok else 'wrong'})"
+        )
 
-        forced = gen.start(q, 1, budget=BudgetForcing(min_tokens=chain.num_tokens + 40, max_tokens=chain.num_tokens + 80))[0]
+        forced = gen.start(
+            q,
+            1,
+            budget=BudgetForcing(
+                min_tokens=chain.num_tokens + 40, max_tokens=chain.num_tokens + 80
+            ),
+        )[0]
         while not forced.finished:
             for ch in gen.extend([forced], args.chunk):
                 add("budget forcing", ch.usage)
@@ -106,7 +124,13 @@ def demo(args: DemoArgs) -> None:
     for col in ("operation", "generated", "injected", "prefill", "cached", "probe", "judge"):
         table.add_column(col, justify="right")
     for name, u in totals.items():
-        table.add_row(name, *(str(getattr(u, f)) for f in ("generated", "injected", "prefill", "cached", "probe", "judge")))
+        table.add_row(
+            name,
+            *(
+                str(getattr(u, f))
+                for f in ("generated", "injected", "prefill", "cached", "probe", "judge")
+            ),
+        )
     console.print(table)
 
 

@@ -56,6 +56,7 @@ correct            bool            the chain's final answer equals gold (same on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -155,11 +156,15 @@ class BankManifest:
     def load(cls, path: Path) -> BankManifest:
         """Read and validate ``manifest.json``."""
         if not path.exists():
-            raise BankError(f"{path} is missing: this folder is not a trace bank (record one with `ponder record`)")
+            raise BankError(
+                f"{path} is missing: this folder is not a trace bank (record one with `ponder record`)"
+            )
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
-            raise BankError(f"{path} is not valid JSON ({e}); restore it from version control or re-record") from e
+            raise BankError(
+                f"{path} is not valid JSON ({e}); restore it from version control or re-record"
+            ) from e
         version = raw.get("schema_version")
         if version != SCHEMA_VERSION:
             raise BankError(
@@ -169,14 +174,31 @@ class BankManifest:
         names = {f.name for f in dataclasses.fields(cls)}
         missing = names - set(raw) - {"created", "ponder_version", "schema_version"}
         if missing:
-            raise BankError(f"{path} lacks fields {sorted(missing)}: the manifest is damaged; re-record")
+            raise BankError(
+                f"{path} lacks fields {sorted(missing)}: the manifest is damaged; re-record"
+            )
         return cls(**{k: v for k, v in raw.items() if k in names})
 
     def compatible(self, other: BankManifest) -> list[str]:
         """Fields that differ in ways that make two recordings incompatible."""
-        keys = ("dataset", "template", "mode", "sampling", "chains", "chunk_tokens", "max_tokens",
-                "extension_chunks", "probe_tokens", "judge", "seed")
-        diffs = [f"{k}: {getattr(self, k)!r} vs {getattr(other, k)!r}" for k in keys if getattr(self, k) != getattr(other, k)]
+        keys = (
+            "dataset",
+            "template",
+            "mode",
+            "sampling",
+            "chains",
+            "chunk_tokens",
+            "max_tokens",
+            "extension_chunks",
+            "probe_tokens",
+            "judge",
+            "seed",
+        )
+        diffs = [
+            f"{k}: {getattr(self, k)!r} vs {getattr(other, k)!r}"
+            for k in keys
+            if getattr(self, k) != getattr(other, k)
+        ]
         if self.model.get("sha256") != other.model.get("sha256"):
             diffs.append(f"model sha256: {self.model.get('sha256')} vs {other.model.get('sha256')}")
         return diffs
@@ -208,8 +230,14 @@ def model_sha256(path: str | Path) -> str:
     p = Path(path)
     if not p.exists():
         raise BankError(f"model {p} does not exist")
-    files = [p] if p.is_file() else sorted(
-        f for f in p.iterdir() if f.name == "config.json" or f.suffix in (".safetensors", ".gguf", ".bin")
+    files = (
+        [p]
+        if p.is_file()
+        else sorted(
+            f
+            for f in p.iterdir()
+            if f.name == "config.json" or f.suffix in (".safetensors", ".gguf", ".bin")
+        )
     )
     if not files:
         raise BankError(f"model folder {p} has no config.json or weight files")
@@ -230,10 +258,8 @@ def model_sha256(path: str | Path) -> str:
                 h.update(block)
     digest = h.hexdigest()
     if cache is not None:
-        try:
+        with contextlib.suppress(OSError):  # a read-only model folder just goes uncached
             cache.write_text(json.dumps({"stamp": stamp, "sha256": digest}))
-        except OSError:
-            pass
     return digest
 
 
@@ -257,11 +283,15 @@ class ChainTrace:
 
     @property
     def main_tokens(self) -> int:
-        return int(sum(n for n, e in zip(self.rows["n_tokens"], self.rows["ext"], strict=True) if not e))
+        return int(
+            sum(n for n, e in zip(self.rows["n_tokens"], self.rows["ext"], strict=True) if not e)
+        )
 
     @property
     def finish_reason(self) -> str:
-        reasons = [r for r, e in zip(self.rows["finish_reason"], self.rows["ext"], strict=True) if not e]
+        reasons = [
+            r for r, e in zip(self.rows["finish_reason"], self.rows["ext"], strict=True) if not e
+        ]
         return reasons[-1] if reasons else "length"
 
 
@@ -291,7 +321,9 @@ class TraceBank:
 
     def refresh(self) -> None:
         """Re-list which questions are recorded (a bank being recorded grows)."""
-        self._recorded = [q for i, q in enumerate(self.manifest.questions) if self.chunk_file(i).exists()]
+        self._recorded = [
+            q for i, q in enumerate(self.manifest.questions) if self.chunk_file(i).exists()
+        ]
         self._recorded_set = frozenset(self._recorded)
         self._index = {q: i for i, q in enumerate(self.manifest.questions)}
 
@@ -302,9 +334,13 @@ class TraceBank:
         try:
             t = pq.read_table(qpath).to_pydict()
         except FileNotFoundError:
-            raise BankError(f"{qpath} is missing: the bank is incomplete; re-run `ponder record` to finish it") from None
+            raise BankError(
+                f"{qpath} is missing: the bank is incomplete; re-run `ponder record` to finish it"
+            ) from None
         except Exception as e:  # pyarrow raises several types for damaged files
-            raise BankError(f"{qpath} is corrupt ({e}); delete it and re-run `ponder record` on this folder") from e
+            raise BankError(
+                f"{qpath} is corrupt ({e}); delete it and re-run `ponder record` on this folder"
+            ) from e
         return {
             qid: Question(qid=qid, text=text, gold=gold, dataset=ds, difficulty=diff)
             for qid, text, gold, ds, diff in zip(
@@ -343,7 +379,9 @@ class TraceBank:
             raise BankError(f"question {qid!r} is not in the bank at {self.path}")
         path = self.chunk_file(index)
         if not path.exists():
-            raise BankError(f"question {qid!r} is not recorded yet in {self.path} (no {path.name}); resume `ponder record`")
+            raise BankError(
+                f"question {qid!r} is not recorded yet in {self.path} (no {path.name}); resume `ponder record`"
+            )
         trace = read_question_file(path, self._questions[qid])
         self._cache[qid] = trace
         return trace
@@ -361,10 +399,14 @@ def read_question_file(path: Path, question: Question) -> QuestionTrace:
             f"move it away and re-run `ponder record` on this bank to re-record that question"
         ) from e
     if table.schema.names != CHUNK_SCHEMA.names:
-        raise BankError(f"{path} has columns {table.schema.names}, expected schema version {SCHEMA_VERSION}")
+        raise BankError(
+            f"{path} has columns {table.schema.names}, expected schema version {SCHEMA_VERSION}"
+        )
     d = table.to_pydict()
     if any(q != question.qid for q in d["qid"]):
-        raise BankError(f"{path} holds chunks of another question than {question.qid!r}: the bank is inconsistent")
+        raise BankError(
+            f"{path} holds chunks of another question than {question.qid!r}: the bank is inconsistent"
+        )
     chains: dict[int, dict[str, list[Any]]] = {}
     for i in range(table.num_rows):
         c = d["chain"][i]
@@ -376,14 +418,20 @@ def read_question_file(path: Path, question: Question) -> QuestionTrace:
         rows = chains[c]
         order = sorted(range(len(rows["chunk"])), key=lambda j: rows["chunk"][j])
         rows = {k: [v[j] for j in order] for k, v in rows.items()}
-        out.append(ChainTrace(chain=c, answer=rows["answer"][0], correct=bool(rows["correct"][0]), rows=rows))
+        out.append(
+            ChainTrace(
+                chain=c, answer=rows["answer"][0], correct=bool(rows["correct"][0]), rows=rows
+            )
+        )
     return QuestionTrace(question=question, chains=out)
 
 
 class BankWriter:
     """Creates or resumes a bank folder; writes one question at a time, atomically."""
 
-    def __init__(self, path: str | Path, manifest: BankManifest, questions: Sequence[Question]) -> None:
+    def __init__(
+        self, path: str | Path, manifest: BankManifest, questions: Sequence[Question]
+    ) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -404,7 +452,9 @@ class BankWriter:
                     "or grow it only by appending questions"
                 )
             if len(manifest.questions) > len(old.questions):
-                atomic_write_bytes(mpath, dataclasses.replace(old, questions=manifest.questions).to_json().encode())
+                atomic_write_bytes(
+                    mpath, dataclasses.replace(old, questions=manifest.questions).to_json().encode()
+                )
             else:
                 self.manifest = old
         else:
@@ -472,7 +522,11 @@ def summarize(bank: TraceBank) -> dict[str, dict[str, float]]:
         groups.setdefault("all", []).append(qt)
     out: dict[str, dict[str, float]] = {}
     for key, qts in groups.items():
-        pass1, maj, passk, toks, chains = [], [], [], [], 0
+        pass1: list[float] = []
+        maj: list[float] = []
+        passk: list[float] = []
+        toks: list[int] = []
+        chains = 0
         for qt in qts:
             corr = [c.correct for c in qt.chains]
             pass1.append(float(np.mean(corr)))
@@ -481,7 +535,9 @@ def summarize(bank: TraceBank) -> dict[str, dict[str, float]]:
             if votes:
                 top = max(votes.values())
                 leaders = sorted(a for a, v in votes.items() if v == top)
-                lead_correct = [next(c.correct for c in qt.chains if c.answer == a) for a in leaders]
+                lead_correct = [
+                    next(c.correct for c in qt.chains if c.answer == a) for a in leaders
+                ]
                 maj.append(float(np.mean(lead_correct)))  # ties split evenly
             else:
                 maj.append(0.0)
@@ -497,4 +553,3 @@ def summarize(bank: TraceBank) -> dict[str, dict[str, float]]:
             "pass@k": float(np.mean(passk)),
         }
     return out
-

@@ -40,7 +40,16 @@ def info(args: BankInfoArgs) -> dict[str, dict[str, float]]:
         title=f"{args.path}: {m.model.get('name')} on {m.dataset} "
         f"({len(bank)}/{len(m.questions)} questions, K={k}, chunk {m.chunk_tokens}, cap {m.max_tokens})"
     )
-    cols = ("difficulty", "questions", "chains", "tokens", "tokens/chain", "pass@1", f"maj@{k}", f"pass@{k}")
+    cols = (
+        "difficulty",
+        "questions",
+        "chains",
+        "tokens",
+        "tokens/chain",
+        "pass@1",
+        f"maj@{k}",
+        f"pass@{k}",
+    )
     for col in cols:
         table.add_column(col, justify="right")
     keys = sorted(

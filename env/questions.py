@@ -19,7 +19,14 @@ from pathlib import Path
 from env.generators.base import Question
 from features.errors import ConfigError
 
-__all__ = ["DATA_DIR", "load_gsm8k", "load_math500", "load_testbed", "load_questions", "gsm8k_steps"]
+__all__ = [
+    "DATA_DIR",
+    "load_gsm8k",
+    "load_math500",
+    "load_testbed",
+    "load_questions",
+    "gsm8k_steps",
+]
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 _CALC = re.compile(r"<<[^>]*>>")
@@ -32,7 +39,9 @@ def gsm8k_steps(answer_field: str) -> int:
 
 def _read_jsonl(path: Path) -> list[dict[str, object]]:
     if not path.exists():
-        raise ConfigError(f"question file {path} is missing: it ships in the repository's data/ folder")
+        raise ConfigError(
+            f"question file {path} is missing: it ships in the repository's data/ folder"
+        )
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -46,7 +55,9 @@ def _subset(items: list[Question], n: int | None, seed: int | None) -> list[Ques
     return items if n is None else items[:n]
 
 
-def load_gsm8k(split: str = "test", n: int | None = None, *, seed: int | None = None) -> list[Question]:
+def load_gsm8k(
+    split: str = "test", n: int | None = None, *, seed: int | None = None
+) -> list[Question]:
     """GSM8K questions (``split`` is ``train`` or ``test``), optionally a seeded random subset."""
     if split not in ("train", "test"):
         raise ConfigError(f"GSM8K split must be 'train' or 'test', got {split!r}")
@@ -89,7 +100,9 @@ def load_testbed(split: str = "test", per_level: int = 25, *, seed: int = 0) -> 
     return [q for q, _ in make_questions(per_level, seed=seed, split=split)]
 
 
-def load_questions(dataset: str, split: str = "test", n: int | None = None, *, seed: int | None = None) -> list[Question]:
+def load_questions(
+    dataset: str, split: str = "test", n: int | None = None, *, seed: int | None = None
+) -> list[Question]:
     """Load by name: ``gsm8k``, ``math500`` or ``arith`` (the testbed task)."""
     if dataset == "gsm8k":
         return load_gsm8k(split, n, seed=seed)

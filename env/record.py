@@ -20,14 +20,22 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from env.bank import BankManifest, BankWriter, model_sha256
-from env.generators.base import Chain, Chunk, Generator, JudgeResult, ProbeResult, PromptMode, Question
+from env.generators.base import (
+    Chain,
+    Chunk,
+    Generator,
+    JudgeResult,
+    ProbeResult,
+    PromptMode,
+    Question,
+)
 from features.errors import ConfigError
 
 __all__ = ["RecordArgs", "record", "record_question", "question_seed"]
@@ -101,7 +109,9 @@ class _ChainRecord:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _chunk_row(chain: Chain, chain_index: int, index: int, start: int, chunk: Chunk, ext: bool) -> dict[str, Any]:
+def _chunk_row(
+    chain: Chain, chain_index: int, index: int, start: int, chunk: Chunk, ext: bool
+) -> dict[str, Any]:
     top1 = chunk.top_logprobs[:, 0] if chunk.top_logprobs.shape[1] else np.full(len(chunk), np.nan)
     return {
         "qid": chain.question.qid,
@@ -123,7 +133,9 @@ def _chunk_row(chain: Chain, chain_index: int, index: int, start: int, chunk: Ch
     }
 
 
-def _boundary(row: dict[str, Any], probe: ProbeResult | None, judge: JudgeResult | None, gold: str | None) -> None:
+def _boundary(
+    row: dict[str, Any], probe: ProbeResult | None, judge: JudgeResult | None, gold: str | None
+) -> None:
     from features.answers import answers_equal, normalize_answer
 
     if probe is not None:
@@ -137,10 +149,20 @@ def _boundary(row: dict[str, Any], probe: ProbeResult | None, judge: JudgeResult
             probe_cached=probe.usage.cached,
         )
     else:
-        row.update(probe_text="", probe_answer=None, probe_correct=False, probe_tokens=0,
-                   probe_prefill=0, probe_cached=0)
+        row.update(
+            probe_text="",
+            probe_answer=None,
+            probe_correct=False,
+            probe_tokens=0,
+            probe_prefill=0,
+            probe_cached=0,
+        )
     if judge is not None:
-        row.update(judge_p_yes=float(judge.p_yes), judge_prefill=judge.usage.prefill, judge_cached=judge.usage.cached)
+        row.update(
+            judge_p_yes=float(judge.p_yes),
+            judge_prefill=judge.usage.prefill,
+            judge_cached=judge.usage.cached,
+        )
     else:
         row.update(judge_p_yes=math.nan, judge_prefill=0, judge_cached=0)
 
@@ -196,7 +218,9 @@ def record_question(
             c = rec.chain
             if c.finish_reason == "stop" and c.num_tokens < max_tokens:
                 target = c.num_tokens + extension_chunks * chunk_tokens
-                c.budget = BudgetForcing(min_tokens=target, max_tokens=max(target, max_tokens) + chunk_tokens)
+                c.budget = BudgetForcing(
+                    min_tokens=target, max_tokens=max(target, max_tokens) + chunk_tokens
+                )
                 c.finished = False
                 reopen.append(c)
         for _ in range(extension_chunks):
@@ -229,7 +253,11 @@ def _make_generator(args: RecordArgs):  # type: ignore[no-untyped-def]
     if args.model == "fake":
         from env.generators.fake import FakeGenerator
 
-        return FakeGenerator(sampling=sampling, seed=args.seed), {"name": "fake", "path": "", "sha256": "fake"}
+        return FakeGenerator(sampling=sampling, seed=args.seed), {
+            "name": "fake",
+            "path": "",
+            "sha256": "fake",
+        }
     if args.url:
         from env.generators.openai import OpenAIGenerator
 
@@ -240,25 +268,32 @@ def _make_generator(args: RecordArgs):  # type: ignore[no-untyped-def]
 
     path = Path(args.model) if args.model else testbed_model_path()
     sha = model_sha256(path)
-    llm = build_engine(path, seed=args.seed, kv_cache_gib=args.kv_cache_gib, dtype=args.dtype or None,
-                       max_model_len=args.max_model_len)
+    llm = build_engine(
+        path,
+        seed=args.seed,
+        kv_cache_gib=args.kv_cache_gib,
+        dtype=args.dtype or None,
+        max_model_len=args.max_model_len,
+    )
     template = args.template
     if not template:
         template = "chat" if getattr(llm.get_tokenizer(), "chat_template", None) else "testbed"
-    gen = VLLMGenerator(llm, template=template, sampling=sampling)
+    vgen = VLLMGenerator(llm, template=template, sampling=sampling)
     name = path.name
     meta = path / "ponder_model.json"
     if meta.exists():
         import json
 
         name = json.loads(meta.read_text()).get("name", name)
-    return gen, {"name": name, "path": str(path), "sha256": sha}
+    return vgen, {"name": name, "path": str(path), "sha256": sha}
 
 
 def _questions(args: RecordArgs) -> list[Question]:
     from env.questions import load_questions
 
-    per_split = [load_questions(args.dataset, s, args.n, seed=args.question_seed) for s in args.splits]
+    per_split = [
+        load_questions(args.dataset, s, args.n, seed=args.question_seed) for s in args.splits
+    ]
     out: list[Question] = []
     for i in range(max(len(p) for p in per_split)):
         out.extend(p[i] for p in per_split if i < len(p))
@@ -280,7 +315,11 @@ def record(args: RecordArgs) -> Path:
         questions=[q.qid for q in questions],
         template=str(template),
         mode=args.mode,
-        sampling={"temperature": args.temperature, "top_p": args.top_p, "top_logprobs": args.top_logprobs},
+        sampling={
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "top_logprobs": args.top_logprobs,
+        },
         chains=args.chains,
         chunk_tokens=args.chunk_tokens,
         max_tokens=args.max_tokens,
@@ -288,25 +327,39 @@ def record(args: RecordArgs) -> Path:
         probe_tokens=args.probe_tokens,
         judge=args.judge,
         seed=args.seed,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     writer = BankWriter(args.out, manifest, questions)
     todo = [(i, q) for i, q in enumerate(questions) if not writer.done(i)]
     t0 = time.time()
     tokens = 0
-    bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"record {args.out}", unit="q")
+    bar = tqdm(
+        total=len(questions),
+        initial=len(questions) - len(todo),
+        desc=f"record {args.out}",
+        unit="q",
+    )
     for i, q in todo:
         cols = record_question(
-            gen, q, chains=args.chains, chunk_tokens=args.chunk_tokens, max_tokens=args.max_tokens,
-            extension_chunks=args.extension_chunks, probe_tokens=args.probe_tokens, judge=args.judge,
-            mode=args.mode, seed=question_seed(args.seed, q.qid),
+            gen,
+            q,
+            chains=args.chains,
+            chunk_tokens=args.chunk_tokens,
+            max_tokens=args.max_tokens,
+            extension_chunks=args.extension_chunks,
+            probe_tokens=args.probe_tokens,
+            judge=args.judge,
+            mode=args.mode,
+            seed=question_seed(args.seed, q.qid),
         )
         writer.write(i, cols)
         tokens += int(sum(cols["n_tokens"])) + int(sum(cols["probe_tokens"]))
         bar.update(1)
         bar.set_postfix(tok_s=f"{tokens / max(1e-9, time.time() - t0):.1f}")
         if args.limit_minutes > 0 and time.time() - t0 > args.limit_minutes * 60:
-            log.warning("time limit reached after %d questions; rerun the same command to resume", bar.n)
+            log.warning(
+                "time limit reached after %d questions; rerun the same command to resume", bar.n
+            )
             break
     bar.close()
     return Path(args.out)

@@ -385,7 +385,9 @@ class Generator(Protocol):
         """Create ``n`` new chains for ``question`` (nothing is generated yet)."""
         ...
 
-    def extend(self, chains: Sequence[Chain], k: int, *, tip: TipConfig | None = None) -> list[Chunk]:
+    def extend(
+        self, chains: Sequence[Chain], k: int, *, tip: TipConfig | None = None
+    ) -> list[Chunk]:
         """Continue every unfinished chain by at most ``k`` tokens; return the new chunks.
 
         Finished chains are skipped (and get no chunk), unless budget forcing reopens them.

@@ -91,9 +91,7 @@ CHAT = PromptTemplate(
     name="chat",
     chat=True,
     system="You are a helpful assistant that solves math problems.",
-    cot=(
-        "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
-    ),
+    cot=("{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."),
     # Chain-of-Draft (Xu et al., 2025): terse drafts instead of full sentences.
     draft=(
         "{question}\nThink step by step, but only keep a minimum draft for each thinking step, "

@@ -94,11 +94,15 @@ class ReplayGenerator:
             self._orders[qid] = [int(i) for i in rng.permutation(k)]
         return self._orders[qid]
 
-    def _new_chains(self, question: Question, n: int, mode: PromptMode, budget: BudgetForcing | None) -> list[Chain]:
+    def _new_chains(
+        self, question: Question, n: int, mode: PromptMode, budget: BudgetForcing | None
+    ) -> list[Chain]:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"number of chains must be a positive integer, got {n!r}")
         if mode != self.bank.manifest.mode:
-            raise ConfigError(f"the bank was recorded in {self.bank.manifest.mode!r} mode, not {mode!r}")
+            raise ConfigError(
+                f"the bank was recorded in {self.bank.manifest.mode!r} mode, not {mode!r}"
+            )
         trace = self._trace(question)
         order = self._order(question.qid, trace.k)
         if n > len(order):
@@ -139,7 +143,9 @@ class ReplayGenerator:
         assert chain.handle is not None
         return trace.chains[chain.handle]
 
-    def extend(self, chains: Sequence[Chain], k: int, *, tip: TipConfig | None = None) -> list[Chunk]:
+    def extend(
+        self, chains: Sequence[Chain], k: int, *, tip: TipConfig | None = None
+    ) -> list[Chunk]:
         k = validate_k(k)
         if k != self.chunk_tokens:
             raise ConfigError(
@@ -220,7 +226,9 @@ class ReplayGenerator:
         for chain in chains:
             i = len(chain.chunks) - 1
             if i < 0:
-                out.append(ProbeResult(chain.chain_id, 0, "", None, np.zeros(0, np.float32), TokenUsage()))
+                out.append(
+                    ProbeResult(chain.chain_id, 0, "", None, np.zeros(0, np.float32), TokenUsage())
+                )
                 continue
             r = self._rows_for(chain).rows
             out.append(
@@ -241,7 +249,9 @@ class ReplayGenerator:
 
     def judge(self, chains: Sequence[Chain]) -> list[JudgeResult]:
         if not self.bank.manifest.judge:
-            raise BudgetExhausted(f"the bank at {self.bank.path} was recorded without verifier scores")
+            raise BudgetExhausted(
+                f"the bank at {self.bank.path} was recorded without verifier scores"
+            )
         out = []
         for chain in chains:
             i = len(chain.chunks) - 1
@@ -255,7 +265,9 @@ class ReplayGenerator:
                     at_tokens=chain.num_tokens,
                     p_yes=float(r["judge_p_yes"][i]),
                     usage=TokenUsage(
-                        judge=1, prefill=int(r["judge_prefill"][i]), cached=int(r["judge_cached"][i])
+                        judge=1,
+                        prefill=int(r["judge_prefill"][i]),
+                        cached=int(r["judge_cached"][i]),
                     ),
                 )
             )

@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from env.generators.base import PromptMode
 from env.testbed.model import testbed_model_path
 from env.testbed.task import LEVELS, make_questions, prompt_text
 
@@ -79,20 +80,29 @@ def evaluate(args: EvalArgs) -> dict[str, object]:
     tok = llm.get_tokenizer()
     items = make_questions(args.per_level, seed=args.seed, split="eval")
     sp = SamplingParams(n=args.samples, temperature=args.temperature, max_tokens=args.max_tokens)
-    modes = ["cot", "draft"] if args.draft else ["cot"]
+    modes: list[PromptMode] = ["cot", "draft"] if args.draft else ["cot"]
     rows: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     label_rows: dict[str, list[object]] = {
         k: []
         for k in (
-            "qid", "level", "sample", "question", "solution", "step", "end", "local_ok",
-            "prefix_ok", "final_correct",
+            "qid",
+            "level",
+            "sample",
+            "question",
+            "solution",
+            "step",
+            "end",
+            "local_ok",
+            "prefix_ok",
+            "final_correct",
         )
     }
     t0 = time.time()
     n_tokens = 0
     for mode in modes:
         prompts = [
-            TokensPrompt(prompt_token_ids=tok(prompt_text(q.text, mode))["input_ids"]) for q, _ in items
+            TokensPrompt(prompt_token_ids=tok(prompt_text(q.text, mode))["input_ids"])
+            for q, _ in items
         ]
         outs = llm.generate(prompts, sp, use_tqdm=True)
         for (q, prob), out in zip(items, outs, strict=True):
@@ -118,9 +128,16 @@ def evaluate(args: EvalArgs) -> dict[str, object]:
             for j, (o, ok) in enumerate(zip(out.outputs, correct, strict=True)):
                 for lab in label_steps(prob, o.text):
                     for key, val in (
-                        ("qid", q.qid), ("level", prob.level), ("sample", j), ("question", q.text),
-                        ("solution", o.text), ("step", lab.index), ("end", lab.end),
-                        ("local_ok", lab.local_ok), ("prefix_ok", lab.prefix_ok), ("final_correct", ok),
+                        ("qid", q.qid),
+                        ("level", prob.level),
+                        ("sample", j),
+                        ("question", q.text),
+                        ("solution", o.text),
+                        ("step", lab.index),
+                        ("end", lab.end),
+                        ("local_ok", lab.local_ok),
+                        ("prefix_ok", lab.prefix_ok),
+                        ("final_correct", ok),
                     ):
                         label_rows[key].append(val)
     elapsed = time.time() - t0
@@ -133,7 +150,9 @@ def evaluate(args: EvalArgs) -> dict[str, object]:
         "tokens_per_s": n_tokens / elapsed,
         "levels": {},
     }
-    table = Table(title=f"testbed model: accuracy by difficulty (T={args.temperature}, k={args.samples})")
+    table = Table(
+        title=f"testbed model: accuracy by difficulty (T={args.temperature}, k={args.samples})"
+    )
     table.add_column("level")
     table.add_column("steps x digits")
     for mode in modes:
@@ -147,20 +166,32 @@ def evaluate(args: EvalArgs) -> dict[str, object]:
             rs = [r for r in rows[mode] if r["level"] == level]
             agg = {k: sum(r[k] for r in rs) / len(rs) for k in ("pass1", "maj", "passk", "tokens")}
             entry[mode] = agg
-            cells += [f"{agg['pass1']:.1%}", f"{agg['maj']:.1%}", f"{agg['passk']:.1%}", f"{agg['tokens']:.0f}"]
+            cells += [
+                f"{agg['pass1']:.1%}",
+                f"{agg['maj']:.1%}",
+                f"{agg['passk']:.1%}",
+                f"{agg['tokens']:.0f}",
+            ]
         levels[str(level)] = entry
         table.add_row(*cells)
     summary["levels"] = levels
     Console().print(table)
-    Console().print(f"{n_tokens} tokens sampled in {elapsed:.0f} s ({n_tokens / elapsed:.0f} tokens/s)")
+    Console().print(
+        f"{n_tokens} tokens sampled in {elapsed:.0f} s ({n_tokens / elapsed:.0f} tokens/s)"
+    )
 
     args.labels_out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.labels_out.with_suffix(".tmp")
     pq.write_table(pa.table(label_rows), tmp, compression="zstd")
     tmp.replace(args.labels_out)
-    out = args.summary_out or Path(path) / "eval.json"
-    Path(out).write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("step labels: %s (%d rows); summary: %s", args.labels_out, len(label_rows["qid"]), out)
+    summary_path = args.summary_out or Path(path) / "eval.json"
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    log.info(
+        "step labels: %s (%d rows); summary: %s",
+        args.labels_out,
+        len(label_rows["qid"]),
+        summary_path,
+    )
     return summary
 
 

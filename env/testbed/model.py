@@ -80,10 +80,8 @@ def model_config(vocab_size: int, *, hidden: int = 256, layers: int = 6, heads: 
         num_attention_heads=heads,
         num_key_value_heads=heads,
         max_position_embeddings=1024,
-        rope_theta=10000.0,
         tie_word_embeddings=True,
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=0,
-        torch_dtype="float32",
     )

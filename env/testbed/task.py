@@ -139,7 +139,9 @@ def make_problem(level: int, rng: random.Random) -> Problem:
         if op == "*":
             operand = rng.randint(2, 9)
         elif op == "-":
-            operand = rng.randint(lo, max(lo, min(hi, value))) if value >= lo else rng.randint(0, value)
+            operand = (
+                rng.randint(lo, max(lo, min(hi, value))) if value >= lo else rng.randint(0, value)
+            )
             if operand > value:
                 op = "+"
         else:
@@ -240,7 +242,9 @@ def training_text(rng: random.Random, level: int | None = None) -> str:
     p = make_problem(lvl, rng)
     r = rng.random()
     if r < 0.62:
-        body = prompt_text(p.text, "cot") + solution_text(p, "cot", rng=rng, p_recheck=0.08, p_verify=0.1)
+        body = prompt_text(p.text, "cot") + solution_text(
+            p, "cot", rng=rng, p_recheck=0.08, p_verify=0.1
+        )
     elif r < 0.82:
         body = prompt_text(p.text, "draft") + solution_text(p, "draft", rng=rng, p_verify=0.05)
     else:

@@ -131,12 +131,19 @@ def train(args: TrainArgs) -> Path:
         if step % args.checkpoint_every == 0 or step == args.steps or timeout:
             tmp = state_file.with_suffix(".tmp")
             torch.save(
-                {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng.getstate()},
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "rng": rng.getstate(),
+                },
                 tmp,
             )
             tmp.replace(state_file)
         if timeout:
-            log.warning("stopping at step %d after %.1f min; rerun to resume", step, args.max_minutes)
+            log.warning(
+                "stopping at step %d after %.1f min; rerun to resume", step, args.max_minutes
+            )
             bar.close()
             return out
     bar.close()

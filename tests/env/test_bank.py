@@ -52,8 +52,15 @@ def recorded(tmp_path: Path):
     live: dict[str, dict[str, list]] = {}
     for i, q in enumerate(questions):
         cols = record_question(
-            gen, q, chains=K, chunk_tokens=T, max_tokens=CAP, extension_chunks=2,
-            probe_tokens=16, judge=True, seed=question_seed(0, q.qid),
+            gen,
+            q,
+            chains=K,
+            chunk_tokens=T,
+            max_tokens=CAP,
+            extension_chunks=2,
+            probe_tokens=16,
+            judge=True,
+            seed=question_seed(0, q.qid),
         )
         writer.write(i, cols)
         live[q.qid] = cols
@@ -67,8 +74,16 @@ def test_bank_round_trip_is_exact(recorded) -> None:
         trace = bank[q.qid]
         cols = live[q.qid]
         assert trace.k == K
-        rows = [r for ch in trace.chains for r in zip(*(ch.rows[k] for k in ("chain", "chunk", "text", "token_ids")), strict=True)]
-        assert sorted(rows) == sorted(zip(cols["chain"], cols["chunk"], cols["text"], cols["token_ids"], strict=True))
+        rows = [
+            r
+            for ch in trace.chains
+            for r in zip(
+                *(ch.rows[k] for k in ("chain", "chunk", "text", "token_ids")), strict=True
+            )
+        ]
+        assert sorted(rows) == sorted(
+            zip(cols["chain"], cols["chunk"], cols["text"], cols["token_ids"], strict=True)
+        )
         assert sum(c.main_tokens for c in trace.chains) == sum(
             n for n, e in zip(cols["n_tokens"], cols["ext"], strict=True) if not e
         )
@@ -146,9 +161,9 @@ def test_corrupt_chunk_file_is_named_and_kept(recorded, tmp_path: Path) -> None:
     path = bank.chunk_file(1)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(BankError, match="00001.parquet is corrupt"):
+    with pytest.raises(BankError, match=r"00001\.parquet is corrupt"):
         TraceBank(bank.path)[questions[1].qid]
-    with pytest.raises(BankError, match="00001.parquet is corrupt"):
+    with pytest.raises(BankError, match=r"00001\.parquet is corrupt"):
         BankWriter(bank.path, _manifest([q.qid for q in questions]), questions).done(1)
     assert path.read_bytes() == data[: len(data) // 2]  # nothing overwritten
 
@@ -158,7 +173,7 @@ def test_unknown_schema_version(recorded) -> None:
     m = json.loads((bank.path / "manifest.json").read_text())
     m["schema_version"] = 99
     (bank.path / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BankError, match="manifest.json has schema version 99"):
+    with pytest.raises(BankError, match=r"manifest\.json has schema version 99"):
         TraceBank(bank.path)
 
 
@@ -174,7 +189,7 @@ def test_not_a_bank(tmp_path: Path) -> None:
     with pytest.raises(BankError, match="does not exist"):
         TraceBank(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(BankError, match="manifest.json is missing"):
+    with pytest.raises(BankError, match=r"manifest\.json is missing"):
         TraceBank(tmp_path / "empty")
 
 
@@ -188,9 +203,23 @@ def test_summary_counts(recorded) -> None:
 
 def _record_cmd(out: Path) -> list[str]:
     return [
-        sys.executable, "-m", "env.record", "--out", str(out), "--model", "fake",
-        "--dataset", "arith", "--n", "24", "--chains", "4", "--chunk-tokens", "8",
-        "--max-tokens", "96",
+        sys.executable,
+        "-m",
+        "env.record",
+        "--out",
+        str(out),
+        "--model",
+        "fake",
+        "--dataset",
+        "arith",
+        "--n",
+        "24",
+        "--chains",
+        "4",
+        "--chunk-tokens",
+        "8",
+        "--max-tokens",
+        "96",
     ]
 
 
@@ -209,7 +238,9 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     kills = 0
     for _ in range(6):
-        proc = subprocess.Popen(_record_cmd(b), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _record_cmd(b), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         time.sleep(float(rng.uniform(1.0, 3.0)))
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
@@ -222,19 +253,29 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
 
 
 def test_record_api_resumes_and_rejects_changed_settings(tmp_path: Path) -> None:
-    args = RecordArgs(out=tmp_path / "bank", model="fake", n=8, chains=2, chunk_tokens=8, max_tokens=64)
+    args = RecordArgs(
+        out=tmp_path / "bank", model="fake", n=8, chains=2, chunk_tokens=8, max_tokens=64
+    )
     record(args)
     first = _tables(tmp_path / "bank")
     record(args)  # nothing left to do
     assert _tables(tmp_path / "bank") == first
     with pytest.raises(BankError, match="chains: 2 vs 3"):
-        record(RecordArgs(out=tmp_path / "bank", model="fake", n=8, chains=3, chunk_tokens=8, max_tokens=64))
+        record(
+            RecordArgs(
+                out=tmp_path / "bank", model="fake", n=8, chains=3, chunk_tokens=8, max_tokens=64
+            )
+        )
 
 
 def test_bank_info_cli(recorded) -> None:
     bank, _, _ = recorded
     out = subprocess.run(
         [sys.executable, "-m", "env.bank_cli", str(bank.path)],
-        check=True, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160"},
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160"},
     ).stdout
     assert "pass@1" in out and "maj@4" in out and "all" in out

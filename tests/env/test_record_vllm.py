@@ -21,12 +21,21 @@ K, T, CAP = 4, 32, 160
 
 def _record(gen: Any, q: Any) -> dict[str, list]:
     return record_question(
-        gen, q, chains=K, chunk_tokens=T, max_tokens=CAP, extension_chunks=2, probe_tokens=12,
-        judge=True, seed=question_seed(0, q.qid),
+        gen,
+        q,
+        chains=K,
+        chunk_tokens=T,
+        max_tokens=CAP,
+        extension_chunks=2,
+        probe_tokens=12,
+        judge=True,
+        seed=question_seed(0, q.qid),
     )
 
 
-def test_recording_a_question_is_reproducible_and_replays_exactly(testbed_llm: Any, tmp_path: Path) -> None:
+def test_recording_a_question_is_reproducible_and_replays_exactly(
+    testbed_llm: Any, tmp_path: Path
+) -> None:
     from env.generators.vllm import VLLMGenerator
 
     gen = VLLMGenerator(testbed_llm, sampling=SamplingConfig(temperature=0.7, max_chain_tokens=CAP))
@@ -39,9 +48,19 @@ def test_recording_a_question_is_reproducible_and_replays_exactly(testbed_llm: A
     np.testing.assert_array_equal(np.array(a["judge_p_yes"]), np.array(b["judge_p_yes"]))
 
     manifest = BankManifest(
-        model={"name": "testbed", "path": "", "sha256": "t"}, dataset="arith", questions=[qs[3].qid],
-        template="testbed", mode="cot", sampling={"temperature": 0.7, "top_p": 1.0, "top_logprobs": 5},
-        chains=K, chunk_tokens=T, max_tokens=CAP, extension_chunks=2, probe_tokens=12, judge=True, seed=0,
+        model={"name": "testbed", "path": "", "sha256": "t"},
+        dataset="arith",
+        questions=[qs[3].qid],
+        template="testbed",
+        mode="cot",
+        sampling={"temperature": 0.7, "top_p": 1.0, "top_logprobs": 5},
+        chains=K,
+        chunk_tokens=T,
+        max_tokens=CAP,
+        extension_chunks=2,
+        probe_tokens=12,
+        judge=True,
+        seed=0,
     )
     BankWriter(tmp_path, manifest, [qs[3]]).write(0, a)
     replay = ReplayGenerator(TraceBank(tmp_path), seed=0)
@@ -49,7 +68,11 @@ def test_recording_a_question_is_reproducible_and_replays_exactly(testbed_llm: A
     while any(not c.finished for c in chains):
         replay.extend([c for c in chains if not c.finished], T)
     for c in chains:
-        rows = [i for i, (ch, e) in enumerate(zip(a["chain"], a["ext"], strict=True)) if ch == c.handle and not e]
+        rows = [
+            i
+            for i, (ch, e) in enumerate(zip(a["chain"], a["ext"], strict=True))
+            if ch == c.handle and not e
+        ]
         assert c.token_ids == [t for i in rows for t in a["token_ids"][i]]
         assert c.text == "".join(a["text"][i] for i in rows)
         assert c.usage.generated + c.usage.injected == sum(a["n_tokens"][i] for i in rows)

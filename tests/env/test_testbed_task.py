@@ -69,7 +69,9 @@ def test_training_documents_end_with_eos_and_teach_the_controls() -> None:
     assert all(d.endswith(EOS) for d in docs)
     assert any("Draft:" in d for d in docs)
     assert any("Correct? no" in d for d in docs) and any("Correct? yes" in d for d in docs)
-    assert any("Alternatively," in d for d in docs) and any("Wait, let me check." in d for d in docs)
+    assert any("Alternatively," in d for d in docs) and any(
+        "Wait, let me check." in d for d in docs
+    )
 
 
 def test_bad_level() -> None:
