@@ -92,8 +92,8 @@ class RecordArgs:
     """vLLM CPU KV cache size"""
     dtype: str = ""
     """vLLM weight dtype (auto, bfloat16, float32; default: float32 on CPU, auto on GPU)"""
-    max_model_len: int = 2048
-    """vLLM context length"""
+    max_model_len: int = 0
+    """vLLM context length (0: the model's own, capped at 4096)"""
 
 
 def question_seed(seed: int, qid: str) -> int:
@@ -268,12 +268,22 @@ def _make_generator(args: RecordArgs):  # type: ignore[no-untyped-def]
 
     path = Path(args.model) if args.model else testbed_model_path()
     sha = model_sha256(path)
+    max_len = args.max_model_len
+    if max_len <= 0:
+        import json as _json
+
+        cfg = (
+            _json.loads((path / "config.json").read_text())
+            if (path / "config.json").exists()
+            else {}
+        )
+        max_len = min(4096, int(cfg.get("max_position_embeddings", 2048)))
     llm = build_engine(
         path,
         seed=args.seed,
         kv_cache_gib=args.kv_cache_gib,
         dtype=args.dtype or None,
-        max_model_len=args.max_model_len,
+        max_model_len=max_len,
     )
     template = args.template
     if not template:
