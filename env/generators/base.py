@@ -43,6 +43,7 @@ __all__ = [
     "ProbeResult",
     "JudgeResult",
     "Generator",
+    "validate_count",
     "validate_k",
     "validate_question",
     "token_stats",
@@ -407,11 +408,16 @@ class Generator(Protocol):
         ...
 
 
+def validate_count(n: int, what: str) -> int:
+    """Check a count (chains, branches, tokens): a positive int; ``what`` names it in the error."""
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
+        raise ConfigError(f"{what} must be a positive integer, got {n!r}")
+    return int(n)
+
+
 def validate_k(k: int) -> int:
     """Check a chunk size: a positive int."""
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
-        raise ConfigError(f"chunk size k must be a positive integer, got {k!r}")
-    return int(k)
+    return validate_count(k, "chunk size k")
 
 
 def validate_question(question: Question) -> Question:

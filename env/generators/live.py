@@ -49,6 +49,7 @@ from env.generators.base import (
     SamplingConfig,
     TipConfig,
     TokenUsage,
+    validate_count,
     validate_k,
     validate_question,
 )
@@ -293,8 +294,7 @@ class LiveGenerator:
     ) -> list[Chain]:
         """Create ``n`` new chains for ``question`` (the prompt is rendered and encoded once)."""
         validate_question(question)
-        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-            raise ConfigError(f"number of chains n must be a positive integer, got {n!r}")
+        validate_count(n, "number of chains n")
         if budget is not None and not isinstance(budget, BudgetForcing):
             raise ConfigError(f"budget must be a BudgetForcing, got {type(budget).__name__}")
         text = self.template.question_prompt(question.text, mode, self._chat())
@@ -546,8 +546,7 @@ class LiveGenerator:
         """
         if not isinstance(chain, Chain):
             raise ConfigError(f"branch needs a Chain, got {type(chain).__name__}")
-        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-            raise ConfigError(f"number of branches n must be a positive integer, got {n!r}")
+        validate_count(n, "number of branches n")
         length = chain.num_tokens
         if at is None:
             at = length
@@ -583,8 +582,7 @@ class LiveGenerator:
 
         One backend call for all chains; the chains are left untouched.
         """
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ConfigError(f"probe max_tokens must be a positive integer, got {max_tokens!r}")
+        validate_count(max_tokens, "probe max_tokens")
         suffix = tuple(self._encode(self.template.probe_suffix))
         max_len = self._max_len()
         reqs = []

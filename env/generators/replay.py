@@ -39,6 +39,7 @@ from env.generators.base import (
     SamplingConfig,
     TipConfig,
     TokenUsage,
+    validate_count,
     validate_k,
     validate_question,
 )
@@ -97,8 +98,7 @@ class ReplayGenerator:
     def _new_chains(
         self, question: Question, n: int, mode: PromptMode, budget: BudgetForcing | None
     ) -> list[Chain]:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"number of chains must be a positive integer, got {n!r}")
+        n = validate_count(n, "number of chains")
         if mode != self.bank.manifest.mode:
             raise ConfigError(
                 f"the bank was recorded in {self.bank.manifest.mode!r} mode, not {mode!r}"

@@ -20,6 +20,7 @@ from pathlib import Path
 from env.generators.base import PromptMode
 from env.testbed.model import testbed_model_path
 from env.testbed.task import LEVELS, make_questions, prompt_text
+from features.answers import extract_answer
 
 __all__ = ["EvalArgs", "evaluate"]
 
@@ -49,18 +50,6 @@ class EvalArgs:
     """where to write the JSON summary (default: <model>/eval.json)"""
     draft: bool = True
     """also measure Chain-of-Draft prompts"""
-
-
-def _boxed(text: str) -> str | None:
-    try:
-        from features.answers import extract_answer
-
-        return extract_answer(text)
-    except ImportError:  # pragma: no cover - features.answers ships with the package
-        import re
-
-        m = re.findall(r"\\boxed\{([^{}]*)\}", text)
-        return m[-1].strip() if m else None
 
 
 def evaluate(args: EvalArgs) -> dict[str, object]:
@@ -106,7 +95,7 @@ def evaluate(args: EvalArgs) -> dict[str, object]:
         ]
         outs = llm.generate(prompts, sp, use_tqdm=True)
         for (q, prob), out in zip(items, outs, strict=True):
-            answers = [_boxed(o.text) for o in out.outputs]
+            answers = [extract_answer(o.text) for o in out.outputs]
             correct = [a is not None and a == q.gold for a in answers]
             votes = Counter(a for a in answers if a is not None)
             maj = votes.most_common(1)[0][0] if votes else None
