@@ -43,15 +43,16 @@ __all__ = [
     "load_questions",
 ]
 
+# Generator classes come lazily through env.generators (which knows their modules).
 _LAZY = {
     "TraceBank": "env.bank",
     "BankWriter": "env.bank",
     "load_questions": "env.questions",
-    "LiveGenerator": "env.generators.live",
-    "VLLMGenerator": "env.generators.vllm",
-    "OpenAIGenerator": "env.generators.openai",
-    "FakeGenerator": "env.generators.fake",
-    "ReplayGenerator": "env.generators.replay",
+    "LiveGenerator": "env.generators",
+    "VLLMGenerator": "env.generators",
+    "OpenAIGenerator": "env.generators",
+    "FakeGenerator": "env.generators",
+    "ReplayGenerator": "env.generators",
 }
 
 
