@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-Backend = Literal["vllm-bf16", "vllm-fp32", "llamacpp-1", "llamacpp-2"]
+#: ``vllm-bf16``, ``vllm-fp32`` or ``llamacpp-N`` (llama.cpp with N parallel slots).
+Backend = str
 ROOT = Path(__file__).resolve().parents[1]
 _RESULT = "RESULT "
 

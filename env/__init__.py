@@ -1,4 +1,12 @@
-"""The environment side of ponder: generators, trace banks, questions and the testbed model.
+"""The environment side of ponder: the Gymnasium environment, generators, trace banks, questions.
+
+Importing ``env`` registers ``ponder/ComputeAllocation-v0`` with Gymnasium::
+
+    import gymnasium as gym
+    import env  # noqa: F401  (registers the ids; or gym.make("env:ponder/ComputeAllocation-v0"))
+
+    e = gym.make("ponder/ComputeAllocation-v0", bank="data/banks/testbed-arith", split="train")
+    vec = gym.make_vec("ponder/ComputeAllocation-v0", num_envs=1024, bank="data/banks/testbed-arith")
 
 ``env`` imports ``features`` only; never ``policies`` or ``controller``.
 """
@@ -21,8 +29,15 @@ from env.generators import (
 )
 from features.errors import PonderError
 
+ENV_ID = "ponder/ComputeAllocation-v0"
+
 __all__ = [
+    "ENV_ID",
+    "Action",
     "BankWriter",
+    "ComputeAllocationEnv",
+    "EnvConfig",
+    "Prices",
     "BudgetForcing",
     "Chain",
     "Chunk",
@@ -45,6 +60,10 @@ __all__ = [
 
 # Generator classes come lazily through env.generators (which knows their modules).
 _LAZY = {
+    "Action": "env.compute_env",
+    "ComputeAllocationEnv": "env.compute_env",
+    "EnvConfig": "env.compute_env",
+    "Prices": "env.compute_env",
     "TraceBank": "env.bank",
     "BankWriter": "env.bank",
     "load_questions": "env.questions",
@@ -62,3 +81,17 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'env' has no attribute {name!r}")
+
+
+def _register() -> None:
+    import gymnasium as gym
+
+    if ENV_ID not in gym.registry:
+        gym.register(
+            id=ENV_ID,
+            entry_point="env.registration:make_env",
+            vector_entry_point="env.registration:make_vector_env",
+        )
+
+
+_register()

@@ -145,6 +145,9 @@ class BankManifest:
     probe_tokens: int
     judge: bool
     seed: int
+    prompts: dict[str, str] = field(default_factory=dict)
+    """The template's wording (system, question, probe, wait and judge texts); empty in banks
+    recorded before ponder wrote it."""
     schema_version: int = SCHEMA_VERSION
     ponder_version: str = _PONDER_VERSION
     created: str = ""
@@ -172,7 +175,7 @@ class BankManifest:
                 "upgrade ponder (or re-record the bank with this version)"
             )
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(raw) - {"created", "ponder_version", "schema_version"}
+        missing = names - set(raw) - {"created", "ponder_version", "schema_version", "prompts"}
         if missing:
             raise BankError(
                 f"{path} lacks fields {sorted(missing)}: the manifest is damaged; re-record"
@@ -199,6 +202,13 @@ class BankManifest:
             for k in keys
             if getattr(self, k) != getattr(other, k)
         ]
+        # Banks from before the wording was recorded have none: nothing to compare.
+        if self.prompts and other.prompts and self.prompts != other.prompts:
+            changed = sorted(
+                k for k in self.prompts.keys() | other.prompts.keys()
+                if self.prompts.get(k) != other.prompts.get(k)
+            )
+            diffs.append(f"prompt wording differs: {changed}")
         if self.model.get("sha256") != other.model.get("sha256"):
             diffs.append(f"model sha256: {self.model.get('sha256')} vs {other.model.get('sha256')}")
         return diffs

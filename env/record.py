@@ -50,8 +50,9 @@ class RecordArgs:
     out: Path
     """bank folder to create or resume"""
     model: str = ""
-    """model folder for the in-process vLLM engine (default: the testbed model); `fake` records
-    from the scripted fake generator (for testing the recorder itself)"""
+    """model folder for the in-process vLLM engine (default: the testbed model), or a `.gguf` file
+    for the in-process llama.cpp engine (about twice as fast on a CPU); `fake` records from the
+    scripted fake generator (for testing the recorder itself)"""
     url: str = ""
     """instead of --model: base URL of a vLLM OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1)"""
     dataset: Literal["arith", "gsm8k", "math500"] = "arith"
@@ -93,7 +94,11 @@ class RecordArgs:
     dtype: str = ""
     """vLLM weight dtype (auto, bfloat16, float32; default: float32 on CPU, auto on GPU)"""
     max_model_len: int = 0
-    """vLLM context length (0: the model's own, capped at 4096)"""
+    """context length per chain (0: the model's own, capped at 4096 for vLLM, 2048 for llama.cpp)"""
+    slots: int = 0
+    """llama.cpp parallel slots (0: one per chain)"""
+    threads: int = 0
+    """llama.cpp CPU threads (0: all cores)"""
 
 
 def question_seed(seed: int, qid: str) -> int:
@@ -263,6 +268,8 @@ def _make_generator(args: RecordArgs):  # type: ignore[no-untyped-def]
 
         gen = OpenAIGenerator(args.url, template=args.template or "chat", sampling=sampling)
         return gen, {"name": gen.model_name, "path": args.url, "sha256": ""}
+    if args.model.endswith(".gguf"):
+        return _make_llamacpp(args, sampling)
     from env.generators.vllm import VLLMGenerator, build_engine
     from env.testbed.model import testbed_model_path
 
@@ -295,7 +302,36 @@ def _make_generator(args: RecordArgs):  # type: ignore[no-untyped-def]
         import json
 
         name = json.loads(meta.read_text()).get("name", name)
-    return vgen, {"name": name, "path": str(path), "sha256": sha}
+    return vgen, {"name": name, "path": str(path), "sha256": sha, "engine": "vllm"}
+
+
+def _make_llamacpp(args: RecordArgs, sampling: Any):  # type: ignore[no-untyped-def]
+    import json
+
+    from env.generators.llamacpp import LlamaCppGenerator, find_tokenizer_folder
+
+    path = Path(args.model)
+    if not path.is_file():
+        raise ConfigError(f"no GGUF file at {str(path)!r}")
+    gen = LlamaCppGenerator(
+        path,
+        template=args.template or "chat",
+        sampling=sampling,
+        slots=args.slots or args.chains,
+        context=args.max_model_len or 2048,
+        threads=args.threads,
+        seed=args.seed,
+    )
+    name = path.stem
+    folder = find_tokenizer_folder(path)
+    if folder is not None:
+        name = json.loads((folder / "ponder_model.json").read_text()).get("name", name)
+    return gen, {
+        "name": name,
+        "path": str(path),
+        "sha256": model_sha256(path),
+        "engine": "llama.cpp",
+    }
 
 
 def _questions(args: RecordArgs) -> list[Question]:
@@ -318,7 +354,9 @@ def record(args: RecordArgs) -> Path:
         raise ConfigError("need chains >= 1, chunk_tokens >= 1 and max_tokens >= chunk_tokens")
     questions = _questions(args)
     gen, model = _make_generator(args)
-    template = getattr(getattr(gen, "template", None), "name", args.template)
+    tmpl = getattr(gen, "template", None)
+    template = getattr(tmpl, "name", args.template)
+    prompts = tmpl.prompt_texts() if hasattr(tmpl, "prompt_texts") else {}
     manifest = BankManifest(
         model=model,
         dataset=args.dataset,
@@ -337,6 +375,7 @@ def record(args: RecordArgs) -> Path:
         probe_tokens=args.probe_tokens,
         judge=args.judge,
         seed=args.seed,
+        prompts=prompts,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     writer = BankWriter(args.out, manifest, questions)

@@ -64,6 +64,7 @@ T = TypeVar("T")
 
 _DEFAULT_WAIT = BudgetForcing().wait_text
 _JUDGE_TOP = 20
+_UNSET = object()
 
 
 def switch_token_ids(
@@ -161,6 +162,7 @@ class LiveGenerator:
         self._tip_ids: dict[tuple[str, ...], tuple[int, ...]] = {}
         self._encoded: dict[str, list[int]] = {}
         self._pieces: dict[int, str] = {}
+        self._judge_suffix_text: object = _UNSET
 
     def reset(self, seed: int) -> None:
         """Make what follows reproducible: restart chain ids and reset the backend with ``seed``.
@@ -214,6 +216,11 @@ class LiveGenerator:
                 f"{self.model_name!r} has none: use the 'testbed' template for raw models"
             )
         return out
+
+    def _judge_suffix(self) -> str | None:
+        if self._judge_suffix_text is _UNSET:
+            self._judge_suffix_text = self.template.judge_suffix(self._chat())
+        return self._judge_suffix_text  # type: ignore[return-value]
 
     def _chat(self) -> Callable[[list[dict[str, str]]], str] | None:
         return self._apply_chat if self.template.chat else None
@@ -624,12 +631,22 @@ class LiveGenerator:
         return results
 
     def judge(self, chains: Sequence[Chain]) -> list[JudgeResult]:
-        """Self-verification: P(yes) of the model's one-token verdict on each chain so far."""
+        """Self-verification: P(yes) of the model's one-token verdict on each chain so far.
+
+        With a chat template that has a ``judge_followup``, the question is a follow-up turn
+        after the chain itself, so the chain's tokens come from the prefix cache; otherwise a
+        standalone prompt quotes the solution.
+        """
+        suffix_text = self._judge_suffix()
+        suffix = tuple(self._encode(suffix_text)) if suffix_text is not None else None
+        max_len = self._max_len()
         reqs = []
         for c in chains:
-            prompt = self.template.judge_prompt(c.question.text, c.text, self._chat())
-            ids = tuple(self._guard("encode judge prompt", self.backend.encode, prompt))
-            max_len = self._max_len()
+            if suffix is not None:
+                ids = tuple(c.prompt_ids) + tuple(self._tokens(c).tolist()) + suffix
+            else:
+                prompt = self.template.judge_prompt(c.question.text, c.text, self._chat())
+                ids = tuple(self._guard("encode judge prompt", self.backend.encode, prompt))
             if max_len is not None and len(ids) >= max_len:
                 raise GeneratorError(
                     f"judge: the verification prompt of chain {c.chain_id} takes {len(ids)} "

@@ -32,7 +32,11 @@ class PromptTemplate:
         draft: the question prompt in Chain-of-Draft mode, with ``{question}``.
         probe_suffix: appended to a chain to force an answer; the answer follows, closed by ``}``.
         wait_text: appended by budget forcing to suppress an ending.
-        judge: the self-verification prompt, with ``{question}`` and ``{solution}``.
+        judge: the self-verification prompt, with ``{question}`` and ``{solution}`` (used when
+            ``judge_followup`` is ``None``: a standalone prompt, re-read in full every time).
+        judge_followup: chat only: the user turn that asks, right after the chain so far, whether
+            it is correct. The verifier's context is then the chain's own context plus this turn,
+            so everything up to the chain's last token comes from the prefix cache.
         judge_yes: first tokens that mean "yes".
         judge_no: first tokens that mean "no".
     """
@@ -45,6 +49,7 @@ class PromptTemplate:
     probe_suffix: str
     wait_text: str
     judge: str
+    judge_followup: str | None = None
     judge_yes: tuple[str, ...] = ("yes", " yes", "Yes", " Yes", "YES")
     judge_no: tuple[str, ...] = ("no", " no", "No", " No", "NO")
 
@@ -62,6 +67,49 @@ class PromptTemplate:
         """The self-verification prompt for a (possibly partial) solution."""
         body = self.judge.format(question=question, solution=solution.rstrip())
         return self._wrap(body, apply_chat)
+
+    def judge_suffix(self, apply_chat: ApplyChat | None) -> str | None:
+        """Text appended to a chain's context to ask the follow-up verification question.
+
+        ``None`` when the template judges with a standalone prompt. For chat templates the suffix
+        is rendered by the model's own chat template: the assistant turn is closed, the follow-up
+        user turn is written and the assistant generation prompt is opened.
+        """
+        if self.judge_followup is None:
+            return None
+        if not self.chat or apply_chat is None:
+            raise ConfigError(
+                f"template {self.name!r} has a follow-up judge, which needs a chat template"
+            )
+        mark = "\x00PONDER-SOLUTION\x00"
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        messages += [
+            {"role": "user", "content": "Q"},
+            {"role": "assistant", "content": mark},
+            {"role": "user", "content": self.judge_followup},
+        ]
+        rendered = apply_chat(messages)
+        if rendered.count(mark) != 1:
+            raise ConfigError(
+                f"the model's chat template does not render an assistant turn verbatim; use a "
+                f"template without judge_followup (template {self.name!r})"
+            )
+        return rendered.split(mark, 1)[1]
+
+    def prompt_texts(self) -> dict[str, str]:
+        """Every wording of this template, for the bank manifest."""
+        out = {
+            "system": self.system or "",
+            "cot": self.cot,
+            "draft": self.draft,
+            "probe_suffix": self.probe_suffix,
+            "wait_text": self.wait_text,
+        }
+        if self.judge_followup is None:
+            out["judge"] = self.judge
+        else:
+            out["judge_followup"] = self.judge_followup
+        return out
 
     def _wrap(self, body: str, apply_chat: ApplyChat | None) -> str:
         if not self.chat:
@@ -104,6 +152,7 @@ CHAT = PromptTemplate(
         "Question: {question}\n\nSolution so far:\n{solution}\n\n"
         "Is the solution correct so far? Answer with yes or no only."
     ),
+    judge_followup="Is your solution correct so far? Answer with yes or no only.",
 )
 
 TEMPLATES: dict[str, PromptTemplate] = {t.name: t for t in (TESTBED, CHAT)}

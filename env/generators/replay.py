@@ -126,6 +126,24 @@ class ReplayGenerator:
             self._next_id += 1
         return out
 
+    # -- what is left (the environment's action mask reads these) ----------------------------
+    @property
+    def can_judge(self) -> bool:
+        """Whether the bank holds verifier scores."""
+        return bool(self.bank.manifest.judge)
+
+    def remaining_chains(self, question: Question) -> int:
+        """Recorded chains of ``question`` not yet handed out in this episode."""
+        if question.qid not in self.bank:
+            return 0
+        return len(self._order(question.qid, self.bank[question.qid].k))
+
+    def can_extend(self, chain: Chain) -> bool:
+        """Whether the bank holds another chunk for ``chain`` (main or budget-forced)."""
+        if chain.handle is None or chain.question.qid not in self.bank:
+            return False
+        return len(chain.chunks) < self._rows_for(chain).n_chunks
+
     # -- the protocol ----------------------------------------------------------------------
     def start(
         self,

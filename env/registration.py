@@ -1,0 +1,42 @@
+"""Entry points behind ``gymnasium.make("ponder/ComputeAllocation-v0", ...)`` and ``make_vec``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from env.compute_env import ComputeAllocationEnv
+from features.errors import ConfigError
+
+__all__ = ["DEFAULT_BANK", "make_env", "make_vector_env"]
+
+#: The bank an environment replays when neither ``bank`` nor ``generator`` is given.
+DEFAULT_BANK = Path(__file__).resolve().parents[1] / "data" / "banks" / "testbed-arith"
+
+
+def make_env(
+    bank: str | Path | None = None,
+    *,
+    generator: Any = None,
+    questions: Any = None,
+    split: str | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> ComputeAllocationEnv:
+    """A :class:`ComputeAllocationEnv` replaying ``bank`` (default: the shipped testbed bank), or
+    running live over ``generator`` on ``questions``."""
+    if generator is not None:
+        if bank is not None:
+            raise ConfigError("pass either bank= (replay) or generator= (live), not both")
+        if questions is None:
+            raise ConfigError("a live environment needs questions= as well as generator=")
+        return ComputeAllocationEnv(generator, questions, **kwargs)
+    return ComputeAllocationEnv.from_bank(bank or DEFAULT_BANK, split=split, seed=seed, **kwargs)
+
+
+def make_vector_env(num_envs: int = 1, **kwargs: Any) -> Any:
+    """The batched replay environment (numpy, many episodes at once) over a bank."""
+    from env.vector import BatchedReplayEnv
+
+    bank = kwargs.pop("bank", None) or DEFAULT_BANK
+    return BatchedReplayEnv(bank, num_envs=num_envs, **kwargs)
