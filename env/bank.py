@@ -205,7 +205,8 @@ class BankManifest:
         # Banks from before the wording was recorded have none: nothing to compare.
         if self.prompts and other.prompts and self.prompts != other.prompts:
             changed = sorted(
-                k for k in self.prompts.keys() | other.prompts.keys()
+                k
+                for k in self.prompts.keys() | other.prompts.keys()
                 if self.prompts.get(k) != other.prompts.get(k)
             )
             diffs.append(f"prompt wording differs: {changed}")
@@ -240,15 +241,18 @@ def model_sha256(path: str | Path) -> str:
     p = Path(path)
     if not p.exists():
         raise BankError(f"model {p} does not exist")
-    files = (
-        [p]
-        if p.is_file()
-        else sorted(
+    if p.is_file():
+        files = [p]
+    else:
+        files = sorted(
             f
             for f in p.iterdir()
             if f.name == "config.json" or f.suffix in (".safetensors", ".gguf", ".bin")
         )
-    )
+        if any(f.suffix == ".safetensors" for f in files):
+            # A GGUF export beside the weights (models/testbed/testbed.gguf) is another model
+            # file, fingerprinted on its own when used; it does not change the folder's.
+            files = [f for f in files if f.suffix != ".gguf"]
     if not files:
         raise BankError(f"model folder {p} has no config.json or weight files")
     stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]

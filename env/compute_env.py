@@ -253,6 +253,8 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
     * ``config``: an :class:`EnvConfig` (or its fields as keyword arguments).
     * ``difficulty``: optional ``callable(question, first_chunk) -> float in [0, 1]``, the
       ``difficulty`` feature (0.5 when absent).
+    * ``verifier``: what ``verify`` asks: any object with ``judge(chains) -> list[JudgeResult]``
+      (see :mod:`env.verifiers`); default: the generator's own self-verification.
 
     A question without a gold answer cannot be scored: the env refuses it at reset.
     """
@@ -266,6 +268,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         config: EnvConfig | None = None,
         *,
         difficulty: Any = None,
+        verifier: Any = None,
         render_mode: str | None = None,
         **config_fields: Any,
     ) -> None:
@@ -288,6 +291,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         self._by_qid = {q.qid: i for i, q in enumerate(qs)}
         self.config = config
         self.difficulty_fn = difficulty
+        self.verifier = verifier
         self.render_mode = render_mode
         self.action_space = spaces.Discrete(4)
         self.observation_space = spaces.Box(0.0, 1.0, (N_FEATURES,), np.float32)
@@ -434,7 +438,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             can_branch = remaining(ep.question) > 0
         todo = self._to_verify()
         can_verify = bool(todo) and room >= cfg.bound(Action.VERIFY, len(todo))
-        if can_verify and not getattr(self.generator, "can_judge", True):
+        if can_verify and self.verifier is None and not getattr(self.generator, "can_judge", True):
             can_verify = False
         return np.array([can_cont, can_branch, can_verify, True])
 
@@ -484,8 +488,13 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         if c.finished or c.budget is not None:
             # s1 budget forcing past the chain's end: "Wait," is appended to an ended chain and
             # sampling goes on for one more chunk (each such chunk counts as an extension).
-            cap = self.config.max_chain_tokens + self.config.extension_chunks * self.config.chunk_tokens
-            c.budget = BudgetForcing(min_tokens=c.num_tokens + 1, max_tokens=max(cap, c.num_tokens + 1))
+            cap = (
+                self.config.max_chain_tokens
+                + self.config.extension_chunks * self.config.chunk_tokens
+            )
+            c.budget = BudgetForcing(
+                min_tokens=c.num_tokens + 1, max_tokens=max(cap, c.num_tokens + 1)
+            )
             c.finished = False
             s.extensions += 1
         self._after_chunk(s, self._extend(s))
@@ -538,7 +547,8 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         ep = self._ep
         assert ep is not None
         todo = self._to_verify()
-        results = self.generator.judge([s.chain for s in todo])
+        judge = self.verifier.judge if self.verifier is not None else self.generator.judge
+        results = judge([s.chain for s in todo])
         for s, r in zip(todo, results, strict=True):
             ep.usage = ep.usage + r.usage
             p = float(r.p_yes)
@@ -608,9 +618,9 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         }
         if ep.done:
             info["reason"] = ep.reason
-            info["return"] = self.config.correct_reward * float(ep.correct) - self.config.lam * ep.cost(
-                self.config.prices
-            )
+            info["return"] = self.config.correct_reward * float(
+                ep.correct
+            ) - self.config.lam * ep.cost(self.config.prices)
         return info
 
     @property

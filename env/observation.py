@@ -64,7 +64,9 @@ FEATURES: tuple[Feature, ...] = (
     Feature("cur_conf_last", "mean confidence of its last chunk / 20 (tail confidence)"),
     Feature("cur_conf_min", "lowest chunk-mean confidence / 20 (lowest group, window = a chunk)"),
     Feature("cur_entropy_last", "mean token entropy of its last chunk / 2 nats"),
-    Feature("cur_probe_stability", "share of its last 3 probe answers equal to the latest (Certaindex)"),
+    Feature(
+        "cur_probe_stability", "share of its last 3 probe answers equal to the latest (Certaindex)"
+    ),
     Feature("cur_probe_streak", "consecutive equal latest probe answers / 8 (clipped)"),
     Feature("cur_has_answer", "1 if the current chain has an answer (final or probe)"),
     Feature("cur_switches", "thought switches ('Wait', 'Alternatively', ...) in it / 10 (clipped)"),
@@ -72,14 +74,22 @@ FEATURES: tuple[Feature, ...] = (
     Feature("vote_margin", "leader share - runner-up share"),
     Feature("distinct", "distinct answers / chains"),
     Feature("answered", "chains with an answer / chains"),
-    Feature("beta_leader", "P(leader's rate > runner-up's) under a Beta posterior (Adaptive-Consistency)"),
+    Feature(
+        "beta_leader",
+        "P(leader's rate > runner-up's) under a Beta posterior (Adaptive-Consistency)",
+    ),
     Feature("conf_vote_share", "leader share with votes weighted by chain confidence"),
     Feature("verified", "chains with a verifier score / chains"),
     Feature("cur_verifier", "verifier P(yes) of the current chain (0.5 if unscored)"),
     Feature("verifier_mean", "mean verifier P(yes) over scored chains (0.5 if none)"),
-    Feature("verifier_vote_share", "leader share with votes weighted by verifier P(yes) (0.5 if unscored)"),
+    Feature(
+        "verifier_vote_share",
+        "leader share with votes weighted by verifier P(yes) (0.5 if unscored)",
+    ),
     Feature("cur_agrees", "1 if the current chain's answer equals the leading answer"),
-    Feature("difficulty", "predicted difficulty from the question and first chunk (0.5 if no predictor)"),
+    Feature(
+        "difficulty", "predicted difficulty from the question and first chunk (0.5 if no predictor)"
+    ),
     Feature("can_continue", "1 if continue can run"),
     Feature("can_branch", "1 if branch can run"),
     Feature("can_verify", "1 if verify has something new to score"),
@@ -114,7 +124,9 @@ def _clip(x: float) -> float:
     return 0.0 if x < 0 else 1.0 if x > 1 else float(x)
 
 
-def _shares(answers: Sequence[str | None], weights: Sequence[float] | None) -> tuple[Any, float, float]:
+def _shares(
+    answers: Sequence[str | None], weights: Sequence[float] | None
+) -> tuple[Any, float, float]:
     counts = vote_counts(answers, weights)
     total = sum(counts.values())
     if total <= 0:

@@ -324,7 +324,7 @@ def _make_llamacpp(args: RecordArgs, sampling: Any):  # type: ignore[no-untyped-
     )
     name = path.stem
     folder = find_tokenizer_folder(path)
-    if folder is not None:
+    if folder is not None and (folder / "ponder_model.json").exists():
         name = json.loads((folder / "ponder_model.json").read_text()).get("name", name)
     return gen, {
         "name": name,

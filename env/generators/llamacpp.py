@@ -131,7 +131,9 @@ class LlamaCppBackend:
         try:
             self.server: Any = xlc.Server(params)
         except Exception as e:
-            raise ModelError(f"llama.cpp could not load {self.path}: {type(e).__name__}: {e}") from e
+            raise ModelError(
+                f"llama.cpp could not load {self.path}: {type(e).__name__}: {e}"
+            ) from e
         self._pool = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="llamacpp")
         self._lock = threading.Lock()
         self._seed = int(seed)
@@ -216,7 +218,9 @@ class LlamaCppBackend:
 
     def _convert(self, r: CompletionRequest, out: Any) -> Completion:
         if not isinstance(out, dict) or "choices" not in out:
-            raise GeneratorError(f"llama.cpp returned an error for {self.model_name!r}: {out!r:.300}")
+            raise GeneratorError(
+                f"llama.cpp returned an error for {self.model_name!r}: {out!r:.300}"
+            )
         choice = out["choices"][0]
         content = (choice.get("logprobs") or {}).get("content") or []
         m = max(0, int(r.top_logprobs))

@@ -84,7 +84,9 @@ def _tokenizer(folder: Path, vocab_size: int) -> dict[str, Any]:
         if a.get("special"):
             special.add(int(a["id"]))
     if max(id_to_tok) >= vocab_size:
-        raise ModelError(f"token id {max(id_to_tok)} is outside the model's {vocab_size} embeddings")
+        raise ModelError(
+            f"token id {max(id_to_tok)} is outside the model's {vocab_size} embeddings"
+        )
     tokens: list[str] = []
     types: list[int] = []
     for i in range(vocab_size):
