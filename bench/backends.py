@@ -22,7 +22,6 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 #: ``vllm-bf16``, ``vllm-fp32`` or ``llamacpp-N`` (llama.cpp with N parallel slots).
 Backend = str

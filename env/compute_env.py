@@ -259,7 +259,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
     A question without a gold answer cannot be scored: the env refuses it at reset.
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}  # noqa: RUF012 (gymnasium's API)
 
     def __init__(
         self,
@@ -293,7 +293,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         self.difficulty_fn = difficulty
         self.verifier = verifier
         self.render_mode = render_mode
-        self.action_space = spaces.Discrete(4)
+        self.action_space = spaces.Discrete(4)  # type: ignore[assignment]
         self.observation_space = spaces.Box(0.0, 1.0, (N_FEATURES,), np.float32)
         self._ep: _Episode | None = None
 

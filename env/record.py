@@ -356,7 +356,7 @@ def record(args: RecordArgs) -> Path:
     gen, model = _make_generator(args)
     tmpl = getattr(gen, "template", None)
     template = getattr(tmpl, "name", args.template)
-    prompts = tmpl.prompt_texts() if hasattr(tmpl, "prompt_texts") else {}
+    prompts = tmpl.prompt_texts() if tmpl is not None and hasattr(tmpl, "prompt_texts") else {}
     manifest = BankManifest(
         model=model,
         dataset=args.dataset,

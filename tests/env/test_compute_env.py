@@ -86,7 +86,10 @@ def test_same_seed_same_episode(replay_env: ComputeAllocationEnv) -> None:
         np.testing.assert_array_equal(x[0], y[0])
         assert x[1:] == y[1:]
     c = rollout(replay_env, 124, actions)
-    assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a, c, strict=False)) or a[0][4] != c[0][4]
+    assert (
+        any(not np.array_equal(x[0], y[0]) for x, y in zip(a, c, strict=False))
+        or a[0][4] != c[0][4]
+    )
 
 
 def test_make_from_a_fresh_interpreter() -> None:
@@ -109,7 +112,9 @@ def test_make_from_a_fresh_interpreter() -> None:
 # -- rewards, caps, info -----------------------------------------------------------------------
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     seed=st.integers(0, 10_000),
     cap=st.integers(40, 3000),
@@ -144,7 +149,7 @@ def decode_tokens_from(info: dict[str, Any]) -> int:
 
 def test_cap_too_small_for_anything_truncates_at_once() -> None:
     e = ComputeAllocationEnv.from_bank(BANK, token_cap=40)
-    obs, info = e.reset(seed=0)
+    _obs, info = e.reset(seed=0)
     assert not info["action_mask"][0] and not info["action_mask"][1]
     _, _, term, trunc, info = e.step(Action.CONTINUE)
     assert trunc and not term and info["reason"]
@@ -157,7 +162,7 @@ def test_stop_scores_the_aggregated_answer(replay_env: ComputeAllocationEnv) -> 
         obs, r, term, trunc, info = replay_env.step(Action.BRANCH)
     ep = replay_env.episode
     assert ep is not None and len(ep.states) == 5
-    obs, r, term, trunc, info = replay_env.step(Action.STOP)
+    _obs, _r, term, trunc, info = replay_env.step(Action.STOP)
     assert term and not trunc and info["reason"] == "stop"
     answers = [s.answer for s in ep.states]
     from features.aggregate import majority_vote
@@ -175,7 +180,7 @@ def test_verify_scores_each_chain_once(replay_env: ComputeAllocationEnv) -> None
     assert info["tokens"]["judge"] - before == 2
     assert not info["action_mask"][Action.VERIFY]  # nothing new to score
     assert obs[FEATURE_NAMES.index("verified")] == 1.0
-    obs, r, term, trunc, info = replay_env.step(Action.CONTINUE)
+    obs, _r, term, trunc, info = replay_env.step(Action.CONTINUE)
     assert info["action_mask"][Action.VERIFY] or term or trunc
 
 
@@ -212,7 +217,7 @@ def test_bank_smaller_than_budget_masks_branch() -> None:
     obs, info = e.reset(seed=3)
     n = 1
     while info["action_mask"][Action.BRANCH]:
-        obs, r, term, trunc, info = e.step(Action.BRANCH)
+        obs, _r, term, trunc, info = e.step(Action.BRANCH)
         n += 1
         assert not (term or trunc)
     assert n == 16  # the bank holds 16 chains per question
@@ -271,7 +276,7 @@ def test_empty_completions_give_finite_observations() -> None:
     gen = FakeGenerator(faults={i: "empty" for i in range(1, 40)})
     e = ComputeAllocationEnv(gen, [q], chunk_tokens=16)
     rng = np.random.default_rng(0)
-    total, info, steps = random_episode(e, 0, rng, masked=1.0)
+    _total, info, _steps = random_episode(e, 0, rng, masked=1.0)
     assert info["tokens"]["generated"] == 0
 
 
@@ -285,7 +290,7 @@ def test_live_env_over_fake_generator_reaches_the_answer() -> None:
     assert info["action_mask"][Action.CONTINUE]
     obs, r, term, trunc, info = e.step(Action.CONTINUE)
     assert info["tokens"]["injected"] > 0
-    obs, r, term, trunc, info = e.step(Action.STOP)
+    _obs, _r, _term, _trunc, info = e.step(Action.STOP)
     assert info["answer"] == "42" and info["correct"]
     assert decode_tokens(e.episode.usage) == info["decoded"]  # type: ignore[union-attr]
 
@@ -301,7 +306,7 @@ def test_stable_baselines3_ppo_trains_unchanged(tmp_path: Path) -> None:
     model.learn(total_timesteps=2048)
     model.save(tmp_path / "ppo")
     loaded = PPO.load(tmp_path / "ppo", device="cpu")
-    obs, info = e.reset(seed=0)
+    obs, _info = e.reset(seed=0)
     a1, _ = model.predict(obs, deterministic=True)
     a2, _ = loaded.predict(obs, deterministic=True)
     assert int(a1) == int(a2) and int(a1) in range(4)
@@ -336,5 +341,5 @@ def test_live_same_seed_same_episode(live_env: ComputeAllocationEnv) -> None:
         np.testing.assert_array_equal(x[0], y[0])
         assert x[1:] == y[1:]
     rng = np.random.default_rng(0)
-    total, info, steps = random_episode(live_env, 11, rng, masked=1.0)
+    _total, info, _steps = random_episode(live_env, 11, rng, masked=1.0)
     assert info["decoded"] <= live_env.config.token_cap and info["tokens"]["generated"] > 0
