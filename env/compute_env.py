@@ -86,6 +86,14 @@ def decode_tokens(usage: TokenUsage) -> int:
     return usage.generated + usage.probe + usage.judge + usage.injected
 
 
+def bank_difficulty(bank: Any) -> Any:
+    """The difficulty predictor fitted on a bank's training questions (``None`` if < 2)."""
+    from env.difficulty import fit_difficulty
+
+    train = [q for q in bank.questions if question_split(q) == "train"]
+    return fit_difficulty(bank, train) if len(train) >= 2 else None
+
+
 def question_split(q: Question) -> str:
     """``train`` / ``test`` from a question id such as ``gsm8k/test/17`` (``""`` if none)."""
     parts = q.qid.split("/")
@@ -306,7 +314,11 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         seed: int = 0,
         **kwargs: Any,
     ) -> ComputeAllocationEnv:
-        """An environment that replays a trace bank (questions of ``split`` only, if given)."""
+        """An environment that replays a trace bank (questions of ``split`` only, if given).
+
+        ``difficulty="auto"`` fits the difficulty predictor (:mod:`env.difficulty`) on the bank's
+        training questions (``None`` if it has fewer than two).
+        """
         from env.generators.replay import ReplayGenerator
 
         gen = ReplayGenerator(bank, seed=seed)
@@ -316,6 +328,8 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             if not qs:
                 raise ConfigError(f"the bank at {bank} has no recorded {split!r} questions")
         m = gen.bank.manifest
+        if kwargs.get("difficulty") == "auto":
+            kwargs["difficulty"] = bank_difficulty(gen.bank)
         cfg = kwargs.pop("config", None)
         if cfg is None:
             kwargs.setdefault("chunk_tokens", m.chunk_tokens)

@@ -1,12 +1,38 @@
-"""Policies that allocate test-time compute.
+"""Policies: the Policy protocol, fixed heuristics, learned policies, evaluation and tracking.
 
-The Policy protocol, fixed heuristics (DeepConf, Dynasor, Adaptive-Consistency, ESC, s1,
-best-of-N), learned policies (scikit-learn, PyTorch), their training and evaluation (compute /
-accuracy frontiers with confidence intervals) and MLflow tracking.
-
-``policies`` imports ``env`` and ``features``, never ``controller``.
+``policies`` imports ``env`` and ``features``; never ``controller``.
 """
 
-from __future__ import annotations
+from policies.base import BRANCH, CONTINUE, STOP, VERIFY, BasePolicy, ObsView, Policy
+from policies.heuristics import (
+    AdaptiveConsistency,
+    BestOfN,
+    BoundedThinking,
+    BudgetForcing,
+    DeepConfOnline,
+    DifficultyRouter,
+    EarlyStoppingSC,
+    ProbeAgreement,
+    RandomPolicy,
+    SingleChain,
+)
 
-__all__: list[str] = []
+__all__ = [
+    "BRANCH",
+    "CONTINUE",
+    "STOP",
+    "VERIFY",
+    "AdaptiveConsistency",
+    "BasePolicy",
+    "BestOfN",
+    "BoundedThinking",
+    "BudgetForcing",
+    "DeepConfOnline",
+    "DifficultyRouter",
+    "EarlyStoppingSC",
+    "ObsView",
+    "Policy",
+    "ProbeAgreement",
+    "RandomPolicy",
+    "SingleChain",
+]

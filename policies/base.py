@@ -1,0 +1,145 @@
+"""The Policy protocol: observations in, actions out, one episode or many at once.
+
+A policy sees the environment's observation (:mod:`env.observation`: 30 documented features in
+[0, 1]) and returns one of the four actions (:class:`env.compute_env.Action`). Policies are
+batched: ``act`` takes ``[F]`` (one episode, returns an ``int``) or ``[B, F]`` (``B`` episodes,
+returns ``int64[B]``); stateful policies keep per-episode state in arrays of length ``B`` that
+:meth:`Policy.reset` allocates and :meth:`Policy.end` clears for the episodes that ended.
+
+Public ``act`` validates and delegates to a private ``_act`` (the template method of
+Stable-Baselines3): subclasses implement ``_act(obs: float32[B, F]) -> int64[B]`` only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from env.compute_env import Action, EnvConfig
+from env.observation import FEATURE_NAMES, N_FEATURES
+from features.errors import ConfigError, PolicyError
+
+__all__ = ["CONTINUE", "BRANCH", "VERIFY", "STOP", "F", "BasePolicy", "Policy", "ObsView"]
+
+CONTINUE, BRANCH, VERIFY, STOP = (int(a) for a in Action)
+#: Column of each feature in an observation.
+F: dict[str, int] = {n: i for i, n in enumerate(FEATURE_NAMES)}
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What the environment loop, the evaluator and the controller call."""
+
+    #: Short name used in tables and MLflow.
+    name: str
+    #: The answer aggregation the policy is meant for (the env's ``aggregate`` setting).
+    aggregate: str
+
+    def reset(self, n: int = 1, *, config: EnvConfig | None = None) -> None:
+        """Start ``n`` episodes (state for each), under the env's ``config``."""
+        ...
+
+    def act(self, obs: np.ndarray) -> Any:
+        """Actions for observations ``[F]`` (an ``int``) or ``[B, F]`` (``int64[B]``)."""
+        ...
+
+    def end(self, done: np.ndarray) -> None:
+        """Episodes flagged in ``done`` (``bool[B]``) ended; their next observation starts anew."""
+        ...
+
+
+class ObsView:
+    """Named, de-normalised views of a batch of observations (counts, tokens)."""
+
+    def __init__(self, obs: np.ndarray, config: EnvConfig) -> None:
+        self.obs = obs
+        self.config = config
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.obs[:, F[name]]
+
+    def flag(self, name: str) -> np.ndarray:
+        return self.obs[:, F[name]] > 0.5
+
+    @property
+    def n_chains(self) -> np.ndarray:
+        return np.rint(self.obs[:, F["n_chains"]] * self.config.max_chains).astype(np.int64)
+
+    @property
+    def cur_tokens(self) -> np.ndarray:
+        return self.obs[:, F["cur_tokens"]] * self.config.max_chain_tokens
+
+    @property
+    def decoded(self) -> np.ndarray:
+        return self.obs[:, F["budget_used"]] * self.config.token_cap
+
+
+class BasePolicy:
+    """Validation, batching and per-episode state for policies; subclasses write ``_act``.
+
+    Attributes:
+        name: short name.
+        aggregate: the env aggregation the policy assumes (``majority`` unless it says).
+    """
+
+    name: str = "policy"
+    aggregate: str = "majority"
+
+    def __init__(self) -> None:
+        self.config = EnvConfig()
+        self.n = 0
+        self.reset(1)
+
+    def reset(self, n: int = 1, *, config: EnvConfig | None = None) -> None:
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise ConfigError(f"reset needs a positive number of episodes, got {n!r}")
+        if config is not None:
+            if not isinstance(config, EnvConfig):
+                raise ConfigError(f"config must be an EnvConfig, got {type(config).__name__}")
+            self.config = config
+        self.n = int(n)
+        self._reset_state(self.n)
+
+    def _reset_state(self, n: int) -> None:
+        """Allocate per-episode state for ``n`` episodes (stateless policies: nothing)."""
+
+    def end(self, done: np.ndarray) -> None:
+        d = np.asarray(done, dtype=bool).reshape(-1)
+        if d.shape[0] != self.n:
+            raise PolicyError(f"end() got {d.shape[0]} flags for {self.n} episodes")
+        if d.any():
+            self._clear(d)
+
+    def _clear(self, done: np.ndarray) -> None:
+        """Reset the state of the episodes flagged in ``done``."""
+
+    def act(self, obs: np.ndarray) -> Any:
+        x = np.asarray(obs, dtype=np.float32)
+        single = x.ndim == 1
+        if single:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != N_FEATURES:
+            raise PolicyError(
+                f"{self.name}: observations must have shape [{N_FEATURES}] or [B, {N_FEATURES}] "
+                f"(the env's features), got {tuple(np.shape(obs))}"
+            )
+        if x.shape[0] != self.n:
+            if single or self.n == 1:
+                self.reset(x.shape[0], config=self.config)
+            else:
+                raise PolicyError(
+                    f"{self.name}: {x.shape[0]} observations for {self.n} episodes; call reset(n)"
+                )
+        if not np.isfinite(x).all():
+            raise PolicyError(f"{self.name}: observations contain NaN or infinity")
+        a = np.asarray(self._act(x), dtype=np.int64).reshape(-1)
+        if a.shape[0] != x.shape[0] or ((a < 0) | (a > STOP)).any():
+            raise PolicyError(f"{self.name}: produced invalid actions {a[:8]}")
+        return int(a[0]) if single else a
+
+    def _act(self, obs: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
