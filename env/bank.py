@@ -9,9 +9,12 @@ A bank is a folder::
 
 Each question's file is written whole and atomically (temporary file, fsync, rename), so killing
 the recorder at any moment loses at most the question in progress and never leaves a partial file
-under its final name. Recording is deterministic per question (the engine's prefix cache is
-cleared and its sampler reseeded from the bank seed and the question id before each question), so
-an interrupted and resumed recording equals an uninterrupted one.
+under its final name. With the in-process vLLM engine, recording is deterministic per question
+(the engine's prefix cache is cleared and its sampler reseeded from the bank seed and the question
+id before each question), so an interrupted and resumed recording equals an uninterrupted one.
+With llama.cpp (the fast engine on a CPU) every request is seeded the same way, but llama.cpp
+batches concurrent chains by thread timing, so a re-recorded question agrees in distribution and
+usually token for token, not bit for bit; a question once written is never rewritten.
 
 Schema version 1, one row per chunk (columns of ``chunks/*.parquet``):
 
@@ -49,9 +52,11 @@ correct            bool            the chain's final answer equals gold (same on
 =================  ==============  =============================================================
 
 ``manifest.json`` (schema version 1): ``schema_version``, ``ponder_version``, ``created``,
-``model`` (``name``, ``path``, ``sha256``), ``dataset``, ``questions`` (ids in recording order),
-``template``, ``mode``, ``sampling`` (temperature, top_p, top_logprobs), ``chains``,
-``chunk_tokens``, ``max_tokens``, ``extension_chunks``, ``probe_tokens``, ``judge``, ``seed``.
+``model`` (``name``, ``path``, ``sha256``, ``engine``: ``vllm`` or ``llama.cpp``), ``dataset``,
+``questions`` (ids in recording order), ``template``, ``prompts`` (the template's exact wording:
+system, question, probe suffix, wait text, verifier question), ``mode``, ``sampling``
+(temperature, top_p, top_logprobs), ``chains``, ``chunk_tokens``, ``max_tokens``,
+``extension_chunks``, ``probe_tokens``, ``judge``, ``seed``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ that replay can serve "continue" past a chain's natural end (s1-style serial sca
 Recording is resumable and exact: questions already in the bank are skipped, each question is
 written atomically, and before each question the engine's prefix cache is cleared and its sampler
 reseeded from ``seed`` and the question id. With the in-process vLLM generator an interrupted and
-resumed recording therefore equals an uninterrupted one.
+resumed recording therefore equals an uninterrupted one. ``--model X.gguf`` records with llama.cpp
+instead (about twice vLLM's speed on a CPU; seeded per request, see :mod:`env.bank`).
 """
 
 from __future__ import annotations
