@@ -219,7 +219,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
     |---|---|---|---|
     | 0 | continue | the current chain gets one more chunk (if it had ended: ``Wait,`` is appended and it goes on, s1 budget forcing), then an answer-forcing probe | the chunk's tokens, the probe's |
     | 1 | branch | a new chain starts from the prompt, becomes current, and gets its first chunk and probe | same |
-    | 2 | verify | the verifier scores every chain whose end changed since it was last scored | one token per chain, plus its prompt at the prefill price |
+    | 2 | verify | the verifier scores every chain whose end changed since it was last scored | self-verifier: one generated token per chain, plus its prompt at the prefill price; a PRM: the text it reads, at the prefill price |
     | 3 | stop | answer now: the aggregated answer of all chains | nothing |
 
     Every episode opens (at ``reset``) with one chain and its first chunk and probe; their cost
@@ -367,6 +367,9 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         reset = getattr(self.generator, "reset", None)
         if callable(reset):
             reset(gen_seed)
+        vreset = getattr(self.verifier, "reset", None)
+        if callable(vreset):
+            vreset()  # a verifier's cache never makes one episode cheaper than another
         self._ep = _Episode(question=q, t0=time.monotonic())
         try:
             self._branch()  # every episode opens with one chain's first chunk
@@ -452,7 +455,8 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             can_branch = remaining(ep.question) > 0
         todo = self._to_verify()
         can_verify = bool(todo) and room >= cfg.bound(Action.VERIFY, len(todo))
-        if can_verify and self.verifier is None and not getattr(self.generator, "can_judge", True):
+        judge_source = self.verifier if self.verifier is not None else self.generator
+        if can_verify and not getattr(judge_source, "can_judge", True):
             can_verify = False
         return np.array([can_cont, can_branch, can_verify, True])
 

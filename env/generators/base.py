@@ -344,7 +344,7 @@ class ProbeResult:
 
 @dataclass(frozen=True, slots=True)
 class JudgeResult:
-    """The generative self-verifier's verdict on a chain.
+    """A verifier's verdict on a chain (the self-verifier's, or a PRM's).
 
     Attributes:
         chain_id: the judged chain.
