@@ -81,12 +81,22 @@ COMMANDS: tuple[Command, ...] = (
         "env.record:main",
         "record a trace bank: K chains per question with probes and verifier scores (resumable)",
     ),
+    Command(
+        "serve",
+        "controller.proxy:main",
+        "an OpenAI-compatible proxy in front of a vLLM server: ponder decides each answer's compute",
+    ),
     Command("bank info", "env.bank_cli:main", "summarise a trace bank by difficulty"),
     Command("testbed train", "env.testbed.train:main", "train the testbed model (CPU, resumable)"),
     Command(
         "testbed evaluate",
         "env.testbed.evaluate:main",
         "measure the testbed model's accuracy by difficulty and with majority voting",
+    ),
+    Command(
+        "testbed prm",
+        "env.testbed.prm:main",
+        "train the step-level process reward model (PRM) on the testbed's step labels",
     ),
     Command(
         "model prepare",

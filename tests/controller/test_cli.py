@@ -25,6 +25,14 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPECTED_OPTIONS: dict[str, list[str]] = {
     "testbed train": ["--out", "--steps", "--seed"],
     "model prepare": ["--name"],
+    "serve": [
+        "--upstream",
+        "--policy",
+        "--api-key",
+        "--max-body-bytes",
+        "--token-cap",
+        "--latency-cap",
+    ],
 }
 
 

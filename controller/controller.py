@@ -1,0 +1,864 @@
+"""The controller: a question in; an answer, its confidence, a trace and the cost out.
+
+:class:`Controller` runs a policy (:mod:`policies`) over a
+:class:`~env.compute_env.ComputeAllocationEnv` built on a generator for one question at a time:
+the policy reads the observation and picks continue / branch / verify / stop until it stops or a
+cap ends the episode. Every exit gives the best answer so far (the vote of the chains so far) with
+its confidence (the leader's vote share) and the reason:
+
+=========================  =====================================================================
+reason                     what ended the episode
+=========================  =====================================================================
+``stop``                   the policy stopped
+``token cap``              the next action could exceed the token cap (never exceeded: the env
+                           refuses an action whose worst case does not fit)
+``latency cap``            the wall-clock cap: checked between steps (a step that would likely not
+                           finish in time is not started) and enforced around generator calls
+                           (the episode runs in a worker thread; at the deadline the controller
+                           stops waiting and answers with the state after the last finished step)
+``generator fault: ...``   the generator failed (an error, a timeout, an empty first chunk)
+``fleet budget``           :meth:`Controller.solve_fleet` had no tokens left for this question
+``cancelled``              :meth:`Controller.asolve` was cancelled
+others                     the env's own truncations (``max steps``, an unavailable action)
+=========================  =====================================================================
+
+Tokens are counted once, by the env: a result's ``decoded`` equals the sum of its trace's
+``delta`` and of its decoded kinds. A step abandoned at the latency cap is not in the result
+(its tokens are not known yet), but it was admitted under the token cap, so even then the engine
+never decodes more than the cap for a question.
+
+Questions need no gold answer: the controller never reports correctness (a placeholder gold
+answer satisfies the env, which refuses ``gold=None``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from env.compute_env import Action, ComputeAllocationEnv, EnvConfig
+from env.generators.base import Generator, Question, TokenUsage
+from env.observation import FEATURE_NAMES
+from features.errors import ConfigError, GeneratorError
+from policies.base import Policy
+
+__all__ = ["NO_GOLD", "Controller", "FleetResult", "Result", "Step"]
+
+log = logging.getLogger(__name__)
+
+#: The gold answer given to the env for questions that have none (never reported).
+NO_GOLD = "ponder:no-gold-answer"
+_ACTION_NAMES = {int(a): a.name.lower() for a in Action}
+#: Weight of the latest step in the estimate of the next step's duration.
+_STEP_EMA = 0.5
+#: Smallest difficulty used by the proportional fleet split (so an easy question is not starved).
+_MIN_DIFFICULTY = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One decision of an episode (the first record, ``start``, is the opening chain).
+
+    Attributes:
+        action: ``start``, ``continue``, ``branch``, ``verify`` or ``stop``.
+        features: the observation the policy decided on, by feature name (empty for ``start``).
+        decoded: decoded tokens of the question so far, after the step.
+        delta: decoded tokens the step cost.
+        elapsed_s: seconds since the question arrived, after the step.
+    """
+
+    action: str
+    features: dict[str, float]
+    decoded: int
+    delta: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What the controller answers for one question.
+
+    Attributes:
+        answer: the aggregated answer of the chains (``None`` if no chain had one).
+        confidence: the leading answer's share of the vote, in [0, 1].
+        trace: the decisions, in order (see :class:`Step`).
+        tokens: tokens by kind (``generated``, ``probe``, ``judge``, ``injected``, ``prefill``,
+            ``cached``).
+        decoded: decoded tokens (generated + probe + judge + injected): what the token cap counts.
+        latency_s: seconds from the call to the answer.
+        reason: why the episode ended (see the module docstring).
+        n_chains: chains started.
+        qid: the question's id.
+        policy: the policy's name.
+        prompt_tokens: tokens of the question's prompt as the model saw it (0 if none started).
+    """
+
+    answer: str | None
+    confidence: float
+    trace: tuple[Step, ...]
+    tokens: dict[str, int]
+    decoded: int
+    latency_s: float
+    reason: str
+    n_chains: int
+    qid: str = ""
+    policy: str = ""
+    prompt_tokens: int = 0
+
+    @property
+    def fault(self) -> bool:
+        """Whether the generator failed (the answer is the best one before the failure)."""
+        return self.reason.startswith("generator fault")
+
+
+@dataclass(frozen=True, slots=True)
+class FleetResult:
+    """The answers to a batch of questions that shared one token budget.
+
+    Attributes:
+        results: one :class:`Result` per question, in order.
+        total_tokens: the budget.
+        decoded: decoded tokens spent (never more than ``total_tokens``).
+        base_share: the tokens each question was given before the rest was spent greedily.
+    """
+
+    results: tuple[Result, ...]
+    total_tokens: int
+    decoded: int
+    base_share: int
+
+
+class Controller:
+    """Answer questions under token and latency caps with a policy over a generator.
+
+    Args:
+        generator: any :class:`~env.generators.base.Generator`. It is shared by concurrent
+            questions when it says it is thread-safe (``thread_safe = True``, or an
+            :class:`~env.generators.openai.OpenAIGenerator`, whose HTTP client is); other
+            generators are called by one question at a time.
+        policy: any :class:`~policies.base.Policy`; every question gets its own copy
+            (``policy.clone()`` if it has one, else a deep copy), reset for one episode.
+        config: the episode settings (default: ``EnvConfig`` with the policy's aggregation).
+        token_cap: decoded tokens per question (overrides ``config.token_cap``); per-call caps
+            are clamped to it.
+        latency_cap_s: seconds per question (``None`` or 0: none); per-call caps are clamped to it.
+        difficulty: the env's difficulty predictor, ``callable(question, first_chunk) -> [0, 1]``.
+        verifier: the env's verifier (default: the generator's self-verification).
+        seed: the env seed of every question (the same question gets the same generator seed).
+
+    Raises:
+        ConfigError: a cap below what opening one chain costs, or a bad value.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        policy: Policy,
+        *,
+        config: EnvConfig | None = None,
+        token_cap: int | None = None,
+        latency_cap_s: float | None = None,
+        difficulty: Any = None,
+        verifier: Any = None,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(policy, Policy):
+            raise ConfigError(
+                f"policy must follow the Policy protocol (reset, act, end), got {policy!r}"
+            )
+        if config is None:
+            config = EnvConfig(aggregate=getattr(policy, "aggregate", "majority"))
+        elif config.aggregate != getattr(policy, "aggregate", config.aggregate):
+            log.warning(
+                "policy %s is meant for aggregate=%r, the config says %r",
+                getattr(policy, "name", policy),
+                policy.aggregate,
+                config.aggregate,
+            )
+        if token_cap is not None:
+            config = replace(config, token_cap=_positive_int(token_cap, "token_cap"))
+        _check_opening(config, config.token_cap)
+        self.generator = generator
+        self.policy = policy
+        self.config = config
+        self.latency_cap_s = _latency(latency_cap_s)
+        self.difficulty = difficulty
+        self.verifier = verifier
+        self.seed = int(seed)
+        self._counter = itertools.count()
+        self._gen_lock: threading.RLock | None = (
+            None if _thread_safe(generator) else threading.RLock()
+        )
+
+    @property
+    def token_cap(self) -> int:
+        return self.config.token_cap
+
+    def __repr__(self) -> str:
+        cap = f", latency_cap_s={self.latency_cap_s:g}" if self.latency_cap_s else ""
+        name = getattr(self.policy, "name", type(self.policy).__name__)
+        return f"Controller({name!r}, token_cap={self.token_cap}{cap})"
+
+    # -- one question -----------------------------------------------------------------------
+
+    def solve(
+        self,
+        question: str | Question,
+        *,
+        token_cap: int | None = None,
+        latency_cap_s: float | None = None,
+        seed: int | None = None,
+    ) -> Result:
+        """Answer one question (blocking).
+
+        Args:
+            question: the question text, or a :class:`~env.generators.base.Question`.
+            token_cap: a tighter token cap for this call (clamped to the controller's).
+            latency_cap_s: a tighter latency cap for this call (clamped to the controller's).
+            seed: the env seed (default: the controller's).
+
+        Raises:
+            ConfigError: an empty question, one too long for the model, or a cap below what
+                opening one chain costs. Generator failures are not raised: the result says
+                ``generator fault: ...``.
+        """
+        t0 = time.monotonic()
+        run = self._run(question, token_cap, latency_cap_s, seed, t0)
+        if run.deadline is None:
+            run.solve()
+            return run.outcome()
+        th = threading.Thread(target=run.solve, name="ponder-question", daemon=True)
+        th.start()
+        th.join(max(0.0, run.deadline - time.monotonic()))
+        if th.is_alive():
+            return run.abandon("latency cap")
+        return run.outcome()
+
+    async def asolve(
+        self,
+        question: str | Question,
+        *,
+        token_cap: int | None = None,
+        latency_cap_s: float | None = None,
+        seed: int | None = None,
+    ) -> Result:
+        """Answer one question without blocking the event loop (see :meth:`solve`).
+
+        The episode runs in a worker thread; the coroutine waits for it until the latency cap.
+        Cancelling the coroutine stops the episode after its current step.
+        """
+        t0 = time.monotonic()
+        run = self._run(question, token_cap, latency_cap_s, seed, t0)
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def target() -> None:
+            try:
+                run.solve()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+                    loop.call_soon_threadsafe(done.set)
+
+        threading.Thread(target=target, name="ponder-question", daemon=True).start()
+        try:
+            if run.deadline is None:
+                await done.wait()
+            else:
+                await asyncio.wait_for(done.wait(), max(0.0, run.deadline - time.monotonic()))
+        except TimeoutError:
+            return run.abandon("latency cap")
+        except asyncio.CancelledError:
+            run.abandon("cancelled")
+            raise
+        return run.outcome()
+
+    # -- many questions ---------------------------------------------------------------------
+
+    def solve_many(
+        self,
+        questions: Sequence[str | Question],
+        *,
+        max_concurrency: int = 8,
+        token_cap: int | None = None,
+        latency_cap_s: float | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Answer questions concurrently (each with its own env and policy state), in order.
+
+        With an OpenAI-server generator the concurrent requests are batched by the server.
+
+        Args:
+            questions: the questions.
+            max_concurrency: questions in flight at once.
+            token_cap: per-question token cap (clamped to the controller's).
+            latency_cap_s: per-question latency cap (clamped to the controller's).
+            return_exceptions: put a question's exception in its slot instead of raising it.
+
+        Returns:
+            One :class:`Result` per question (or its exception, with ``return_exceptions``).
+        """
+        k = _positive_int(max_concurrency, "max_concurrency")
+        items = list(questions)
+        if not items:
+            return []
+
+        def one(q: str | Question) -> Any:
+            try:
+                return self.solve(q, token_cap=token_cap, latency_cap_s=latency_cap_s)
+            except Exception as exc:
+                if return_exceptions:
+                    return exc
+                raise
+
+        with ThreadPoolExecutor(min(k, len(items)), thread_name_prefix="ponder-many") as pool:
+            return list(pool.map(one, items))
+
+    def solve_fleet(
+        self,
+        questions: Sequence[str | Question],
+        total_tokens: int,
+        *,
+        base_fraction: float = 0.5,
+        max_concurrency: int = 8,
+        latency_cap_s: float | None = None,
+    ) -> FleetResult:
+        """Answer a batch of questions under one total token budget.
+
+        Every question first gets a base share (``base_fraction`` of the budget, split evenly,
+        and at least what opening one chain costs) and runs its policy within it; a question
+        whose policy wants more pauses with its next action pending. The rest of the budget is
+        then spent greedily, one step at a time (up to ``max_concurrency`` steps at once), on the
+        pending questions where it pays most:
+
+        * if the policy has a value estimate, ``policy.value(obs) -> float`` (the expected gain in
+          answer quality from going on rather than stopping now, in units of one correct
+          answer), the highest value per token of the pending step wins, and a question whose
+          value is not positive is not given more;
+        * otherwise the extra tokens are split in proportion to the ``difficulty`` feature (an
+          equal split when there is no difficulty predictor, which gives 0.5 to every question).
+
+        A step is admitted only if its worst case fits what is left, so the decoded tokens of
+        the batch never exceed ``total_tokens``. Questions left pending end with reason
+        ``fleet budget`` and their best answer so far.
+
+        Args:
+            questions: the batch.
+            total_tokens: decoded tokens for the whole batch.
+            base_fraction: share of the budget split evenly up front, in [0, 1].
+            max_concurrency: steps (or questions, in the base phase) in flight at once.
+            latency_cap_s: a deadline for the whole batch (clamped to the controller's cap).
+
+        Raises:
+            ConfigError: a budget below what opening one chain per question costs.
+        """
+        total = _positive_int(total_tokens, "total_tokens")
+        k = _positive_int(max_concurrency, "max_concurrency")
+        if not (isinstance(base_fraction, int | float) and 0.0 <= base_fraction <= 1.0):
+            raise ConfigError(f"base_fraction must be in [0, 1], got {base_fraction!r}")
+        items = list(questions)
+        if not items:
+            return FleetResult((), total, 0, 0)
+        t0 = time.monotonic()
+        n = len(items)
+        cap = min(self.token_cap, total)
+        opening = self.config.bound(Action.BRANCH)
+        if total < n * opening:
+            raise ConfigError(
+                f"a budget of {total} tokens cannot open {n} questions: each needs at least "
+                f"{opening} (chunk_tokens + probe_tokens); give at least {n * opening}"
+            )
+        base = min(cap, max(opening, int(total * base_fraction) // n))
+        base = min(base, total // n)
+        runs = [self._run(q, cap, latency_cap_s, None, t0, allowance=base) for q in items]
+        deadline = runs[0].deadline
+        pool = ThreadPoolExecutor(min(k, n), thread_name_prefix="ponder-fleet")
+        try:
+            # Base phase: every question runs within its share.
+            _wait_all(pool, [(r, r.advance) for r in runs], deadline)
+            # Greedy phase: the rest, one admitted step at a time.
+            greedy = _Greedy(runs)
+            while deadline is None or time.monotonic() < deadline:
+                left = total - sum(r.committed for r in runs)
+                chosen = greedy.choose(left, k)
+                if not chosen:
+                    break
+                for r, bound in chosen:
+                    r.allowance = r.decoded + bound
+                _wait_all(pool, [(r, r.advance) for r, _ in chosen], deadline)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        for r in runs:
+            if not r.settled:
+                r.finish("latency cap" if r.past_deadline() else "fleet budget")
+        results = tuple(r.outcome() for r in runs)
+        spent = sum(res.decoded for res in results)
+        return FleetResult(results, total, spent, base)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _question(self, question: str | Question) -> Question:
+        if isinstance(question, Question):
+            q = question
+        elif isinstance(question, str):
+            q = Question(qid=f"ponder/{next(self._counter)}", text=question)
+        else:
+            raise ConfigError(
+                f"a question is a string or a Question, got {type(question).__name__}"
+            )
+        if not q.text or not q.text.strip():
+            raise ConfigError("the question is empty: give it some text")
+        return q if q.gold is not None else replace(q, gold=NO_GOLD)
+
+    def _fresh_policy(self) -> Policy:
+        clone = getattr(self.policy, "clone", None)
+        return clone() if callable(clone) else copy.deepcopy(self.policy)
+
+    def _run(
+        self,
+        question: str | Question,
+        token_cap: int | None,
+        latency_cap_s: float | None,
+        seed: int | None,
+        t0: float,
+        allowance: int | None = None,
+    ) -> _Run:
+        cap = self.token_cap
+        if token_cap is not None:
+            cap = min(cap, _positive_int(token_cap, "token_cap"))
+        config = (
+            self.config if cap == self.config.token_cap else replace(self.config, token_cap=cap)
+        )
+        _check_opening(config, cap if allowance is None else min(cap, allowance))
+        lat = _latency(latency_cap_s)
+        if self.latency_cap_s:
+            lat = min(lat, self.latency_cap_s) if lat else self.latency_cap_s
+        q = self._question(question)
+        env = ComputeAllocationEnv(
+            self.generator, [q], config, difficulty=self.difficulty, verifier=self.verifier
+        )
+        policy = self._fresh_policy()
+        policy.reset(1, config=config)
+        return _Run(
+            env=env,
+            policy=policy,
+            seed=self.seed if seed is None else int(seed),
+            t0=t0,
+            deadline=t0 + lat if lat else None,
+            gen_lock=self._gen_lock,
+            allowance=allowance,
+        )
+
+
+class _Run:
+    """One question's episode; it runs in one thread at a time, the waiter reads snapshots.
+
+    Everything another thread may read (the trace, the last info, the final result) changes
+    under ``lock``; after :meth:`abandon` the episode publishes nothing more.
+    """
+
+    def __init__(
+        self,
+        *,
+        env: ComputeAllocationEnv,
+        policy: Policy,
+        seed: int,
+        t0: float,
+        deadline: float | None,
+        gen_lock: threading.RLock | None,
+        allowance: int | None,
+    ) -> None:
+        self.env = env
+        self.policy = policy
+        self.seed = seed
+        self.t0 = t0
+        self.deadline = deadline
+        self.gen_lock = gen_lock
+        #: The most decoded tokens :meth:`advance` may reach (fleet mode; ``None``: the cap).
+        self.allowance = allowance
+        self.lock = threading.Lock()
+        self.trace: list[Step] = []
+        self.info: dict[str, Any] | None = None
+        self.final: Result | None = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.obs: np.ndarray | None = None
+        self.pending: int | None = None
+        self.opened = False
+        self.prompt_tokens = 0
+        self.step_s = 0.0
+        #: Worst case of the step in flight (fleet accounting).
+        self.in_flight = 0
+
+    # -- state read by other threads ----------------------------------------------------------
+
+    @property
+    def decoded(self) -> int:
+        info = self.info
+        return int(info["decoded"]) if info is not None else 0
+
+    @property
+    def committed(self) -> int:
+        """Decoded tokens plus the worst case of a step still running."""
+        return self.decoded + self.in_flight
+
+    @property
+    def settled(self) -> bool:
+        return self.final is not None or self.cancelled
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def outcome(self) -> Result:
+        """The result (raises what the episode raised, such as a ConfigError at reset)."""
+        if self.error is not None:
+            raise self.error
+        with self.lock:
+            if self.final is not None:
+                return self.final
+            info, trace = self.info, list(self.trace)
+        return self._result(info, "cancelled", trace)
+
+    def abandon(self, reason: str) -> Result:
+        """Stop waiting: the state after the last finished step, with ``reason``."""
+        with self.lock:
+            if self.final is not None:
+                return self.final
+            if self.error is not None:
+                raise self.error
+            self.cancelled = True
+            self.final = self._result(self.info, reason, list(self.trace))
+            return self.final
+
+    # -- the episode (one thread at a time) ---------------------------------------------------
+
+    def solve(self) -> None:
+        """Run the policy to the end (the single-question loop)."""
+        try:
+            self.advance()
+        except BaseException as exc:
+            self.error = exc
+
+    def advance(self) -> None:
+        """Open the episode if needed, then step while the policy's next action fits the
+        allowance; pause with it pending otherwise."""
+        if not self.opened:
+            self.opened = True
+            if not self._open():
+                return
+        while not self.settled:
+            if self.past_deadline():
+                self.finish("latency cap")
+                return
+            a = self.pending if self.pending is not None else self._decide()
+            if (
+                a != Action.STOP
+                and self.deadline is not None
+                and time.monotonic() + self.step_s >= self.deadline
+            ):
+                # The step would likely not finish in time: answer now instead.
+                self.finish("latency cap")
+                return
+            if (
+                self.allowance is not None
+                and a != Action.STOP
+                and self.decoded + self.bound(a) > self.allowance
+            ):
+                self.pending = a
+                return
+            self.pending = None
+            self._step(a)
+
+    def bound(self, a: int) -> int:
+        """The most decoded tokens action ``a`` can cost now."""
+        ep = self.env.episode
+        n_verify = 0
+        if ep is not None:
+            n_verify = sum(1 for s in ep.states if s.n_chunks > 0 and s.verified_at != s.n_chunks)
+        return self.env.config.bound(Action(a), n_verify)
+
+    def value(self) -> float | None:
+        """The policy's value estimate for the current observation (``None``: it has none)."""
+        fn = getattr(self.policy, "value", None)
+        if not callable(fn) or self.obs is None:
+            return None
+        v = float(np.asarray(fn(self.obs), dtype=np.float64).reshape(-1)[0])
+        return v if math.isfinite(v) else 0.0
+
+    def difficulty(self) -> float:
+        if self.obs is None:
+            return 0.5
+        return float(self.obs[FEATURE_NAMES.index("difficulty")])
+
+    def _guarded(self) -> contextlib.AbstractContextManager[Any]:
+        return self.gen_lock if self.gen_lock is not None else contextlib.nullcontext()
+
+    def _open(self) -> bool:
+        self.in_flight = self.env.config.bound(Action.BRANCH)
+        t = time.monotonic()
+        try:
+            with self._guarded():
+                obs, info = self.env.reset(seed=self.seed, options={"question": 0})
+        except GeneratorError as exc:
+            self.finish(f"generator fault: {exc}", ("start", {}))
+            return False
+        finally:
+            self.in_flight = 0
+        self.step_s = time.monotonic() - t
+        ep = self.env.episode
+        assert ep is not None
+        self.prompt_tokens = len(ep.states[0].chain.prompt_ids) if ep.states else 0
+        self.obs = obs
+        decoded = int(info["decoded"])
+        self._publish(info, Step("start", {}, decoded, decoded, self._elapsed()))
+        if _empty_new_chain(self.env):
+            self.finish("generator fault: the generator returned an empty completion")
+            return False
+        return True
+
+    def _decide(self) -> int:
+        assert self.obs is not None
+        return int(self.policy.act(self.obs))
+
+    def _step(self, a: int) -> None:
+        assert self.obs is not None
+        name = _ACTION_NAMES[a]
+        features = _features(self.obs)
+        before = self.decoded
+        self.in_flight = self.bound(a)
+        t = time.monotonic()
+        try:
+            with self._guarded():
+                obs, _, terminated, truncated, info = self.env.step(a)
+        except GeneratorError as exc:
+            self.finish(f"generator fault: {exc}", (name, features))
+            return
+        finally:
+            self.in_flight = 0
+        dt = time.monotonic() - t
+        if a != Action.STOP:
+            self.step_s = dt if self.step_s == 0 else _STEP_EMA * dt + (1 - _STEP_EMA) * self.step_s
+        self.obs = obs
+        decoded = int(info["decoded"])
+        record = Step(name, features, decoded, decoded - before, self._elapsed())
+        final = None
+        if terminated or truncated:
+            final = self._result(info, str(info.get("reason", "")), [*self.trace, record])
+        if not self._publish(info, record, final):
+            return
+        if final is not None:
+            self.policy.end(np.ones(1, dtype=bool))
+        elif a == Action.BRANCH and _empty_new_chain(self.env):
+            self.finish("generator fault: the generator returned an empty completion")
+
+    def finish(self, reason: str, failed: tuple[str, dict[str, float]] | None = None) -> None:
+        """End the episode now with ``reason`` (answer: the vote of the chains so far).
+
+        ``failed`` is the action that raised, recorded with what it had cost before failing.
+        """
+        if self.settled:
+            return
+        ep = self.env.episode
+        info = self.info
+        if ep is not None and not ep.done:
+            # Stop only aggregates: no generator call, safe after a failed step.
+            _, _, _, _, info = self.env.step(Action.STOP)
+        trace = list(self.trace)
+        if failed is not None and info is not None:
+            decoded = int(info["decoded"])
+            trace.append(
+                Step(failed[0], failed[1], decoded, decoded - self.decoded, self._elapsed())
+            )
+        final = self._result(info, reason, trace)
+        with self.lock:
+            if self.cancelled:
+                return
+            self.trace = trace
+            if info is not None:
+                self.info = info
+            self.final = final
+        self.policy.end(np.ones(1, dtype=bool))
+
+    def _publish(self, info: dict[str, Any], record: Step, final: Result | None = None) -> bool:
+        with self.lock:
+            if self.cancelled:
+                return False
+            self.trace.append(record)
+            self.info = info
+            if final is not None:
+                self.final = final
+            return True
+
+    def _elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def _result(self, info: dict[str, Any] | None, reason: str, trace: list[Step]) -> Result:
+        if info is None:
+            tokens = TokenUsage().as_dict()
+            answer, share, decoded, chains = None, 0.0, 0, 0
+        else:
+            tokens = {k: int(v) for k, v in info["tokens"].items()}
+            answer, share = info["answer"], float(info["share"])
+            decoded, chains = int(info["decoded"]), int(info["chains"])
+        q = self.env.questions[0]
+        return Result(
+            answer=answer,
+            confidence=share if math.isfinite(share) else 0.0,
+            trace=tuple(trace),
+            tokens=tokens,
+            decoded=decoded,
+            latency_s=time.monotonic() - self.t0,
+            reason=reason,
+            n_chains=chains,
+            qid=q.qid,
+            policy=str(getattr(self.policy, "name", type(self.policy).__name__)),
+            prompt_tokens=self.prompt_tokens,
+        )
+
+
+class _Greedy:
+    """The greedy phase of a fleet budget: which pending questions step next.
+
+    With value estimates, the highest value per token of the pending step goes first (questions
+    whose value is not positive get nothing). Without, each question may take up to its target,
+    a share of what is left in proportion to its difficulty; when no target admits a step, the
+    targets are recomputed from what is left, and the last crumbs go to the question furthest
+    below its share.
+    """
+
+    def __init__(self, runs: Sequence[_Run]) -> None:
+        self.runs = runs
+        self.start = [r.decoded for r in runs]
+        self.target: dict[int, float] = {}
+
+    def extra(self, i: int) -> int:
+        return self.runs[i].decoded - self.start[i]
+
+    def choose(self, left: int, k: int) -> list[tuple[_Run, int]]:
+        pending = [
+            (i, r, r.bound(r.pending))
+            for i, r in enumerate(self.runs)
+            if not r.settled and r.pending is not None
+        ]
+        if not pending:
+            return []
+        values = {i: r.value() for i, r, _ in pending}
+        if any(v is not None for v in values.values()):
+            scored = [
+                (v / max(b, 1), i, r, b)
+                for i, r, b in pending
+                if (v := values[i]) is not None and v > 0
+            ]
+            return _fit(scored, left, k)
+        diff = {i: max(r.difficulty(), _MIN_DIFFICULTY) for i, r, _ in pending}
+
+        def eligible() -> list[tuple[float, int, _Run, int]]:
+            return [
+                (-(self.extra(i) + b) / diff[i], i, r, b)
+                for i, r, b in pending
+                if self.extra(i) + b <= self.target.get(i, -1.0)
+            ]
+
+        scored = eligible()
+        if not _fit(scored, left, k):
+            total = sum(diff.values())
+            for i, _, _ in pending:
+                self.target[i] = self.extra(i) + left * diff[i] / total
+            scored = eligible()
+        chosen = _fit(scored, left, k)
+        if chosen:
+            return chosen
+        crumbs = [(-(self.extra(i) + b) / diff[i], i, r, b) for i, r, b in pending]
+        return _fit(crumbs, left, 1)
+
+
+def _fit(scored: list[tuple[float, int, _Run, int]], left: int, k: int) -> list[tuple[_Run, int]]:
+    """The best-scored steps (ties: the earlier question) that fit in ``left``, at most ``k``."""
+    chosen: list[tuple[_Run, int]] = []
+    for _, _, r, bound in sorted(scored, key=lambda s: (-s[0], s[1])):
+        if bound <= left:
+            chosen.append((r, bound))
+            left -= bound
+            if len(chosen) == k:
+                break
+    return chosen
+
+
+def _wait_all(
+    pool: ThreadPoolExecutor,
+    work: Sequence[tuple[_Run, Callable[[], None]]],
+    deadline: float | None,
+) -> None:
+    """Run every job in the pool; at the deadline abandon the runs still going."""
+    futures: dict[Future[None], _Run] = {pool.submit(fn): r for r, fn in work}
+    pending = set(futures)
+    while pending:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+        for f in done:
+            exc = f.exception()
+            if exc is not None:
+                for p in pending:
+                    futures[p].abandon("cancelled")
+                raise exc
+        if not done and pending:
+            for f in pending:
+                futures[f].abandon("latency cap")
+            return
+
+
+def _features(obs: np.ndarray) -> dict[str, float]:
+    return {name: float(v) for name, v in zip(FEATURE_NAMES, obs.tolist(), strict=True)}
+
+
+def _empty_new_chain(env: ComputeAllocationEnv) -> bool:
+    """Whether the newest chain's first chunk came back with no tokens (a broken generator)."""
+    ep = env.episode
+    if ep is None or not ep.states:
+        return False
+    chunks = ep.states[ep.cur].chain.chunks
+    return len(chunks) == 1 and len(chunks[0]) == 0 and chunks[0].finish_reason != "cap"
+
+
+def _thread_safe(generator: Any) -> bool:
+    flag = getattr(generator, "thread_safe", None)
+    if flag is not None:
+        return bool(flag)
+    from env.generators.openai import OpenAIGenerator
+
+    return isinstance(generator, OpenAIGenerator)
+
+
+def _positive_int(v: Any, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+        raise ConfigError(f"{what} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def _latency(v: float | None) -> float:
+    if v is None:
+        return 0.0
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+        raise ConfigError(f"latency_cap_s must be a finite number >= 0 (0: none), got {v!r}")
+    return float(v)
+
+
+def _check_opening(config: EnvConfig, cap: int) -> None:
+    opening = config.bound(Action.BRANCH)
+    if cap < opening:
+        raise ConfigError(
+            f"a token cap of {cap} cannot open one chain: that costs up to {opening} tokens "
+            f"(chunk_tokens {config.chunk_tokens} + probe_tokens); raise the cap or lower "
+            "chunk_tokens"
+        )

