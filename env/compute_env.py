@@ -159,6 +159,12 @@ class EnvConfig:
             )
         if self.unavailable not in ("truncate", "raise"):
             raise ConfigError(f"unavailable must be truncate or raise, got {self.unavailable!r}")
+        opening = self.bound(Action.BRANCH)
+        if self.token_cap < opening:
+            raise ConfigError(
+                f"token_cap {self.token_cap} is below the cost of opening one chain "
+                f"({opening} = chunk_tokens + probe_tokens): raise it or shrink the chunk"
+            )
 
     @property
     def steps_limit(self) -> int:
@@ -264,7 +270,12 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
     * ``verifier``: what ``verify`` asks: any object with ``judge(chains) -> list[JudgeResult]``
       (see :mod:`env.verifiers`); default: the generator's own self-verification.
 
-    A question without a gold answer cannot be scored: the env refuses it at reset.
+    * ``require_gold``: a question without a gold answer cannot be scored, so the env refuses it
+      at reset; with ``require_gold=False`` (serving, see :mod:`controller`) it runs, its reward
+      never includes correctness and ``info["correct"]`` is ``None``.
+
+    ``reset(options=...)`` also takes ``"reset_generator": False`` to leave the generator's
+    cache and seed alone (a generator shared by concurrent questions).
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}  # noqa: RUF012 (gymnasium's API)
@@ -277,6 +288,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         *,
         difficulty: Any = None,
         verifier: Any = None,
+        require_gold: bool = True,
         render_mode: str | None = None,
         **config_fields: Any,
     ) -> None:
@@ -300,6 +312,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         self.config = config
         self.difficulty_fn = difficulty
         self.verifier = verifier
+        self.require_gold = bool(require_gold)
         self.render_mode = render_mode
         self.action_space = spaces.Discrete(4)  # type: ignore[assignment]
         self.observation_space = spaces.Box(0.0, 1.0, (N_FEATURES,), np.float32)
@@ -358,14 +371,14 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             if not 0 <= index < len(self.questions):
                 raise ConfigError(f"question index {index} is outside 0..{len(self.questions) - 1}")
         q = self.questions[index]
-        if q.gold is None:
+        if q.gold is None and self.require_gold:
             raise ConfigError(
                 f"question {q.qid!r} has no gold answer: its reward cannot be scored; "
                 "drop it from the environment's questions"
             )
         gen_seed = int(self.np_random.integers(2**31 - 1))
         reset = getattr(self.generator, "reset", None)
-        if callable(reset):
+        if callable(reset) and (options or {}).get("reset_generator", True):
             reset(gen_seed)
         vreset = getattr(self.verifier, "reset", None)
         if callable(vreset):
@@ -420,7 +433,8 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             ep.done = True
             ep.reason = reason
             ep.final = self._aggregate()
-            ep.correct = bool(answers_equal(ep.final[0], ep.question.gold))
+            gold = ep.question.gold
+            ep.correct = gold is not None and bool(answers_equal(ep.final[0], gold))
             reward += cfg.correct_reward * float(ep.correct)
         return self._observe(), float(reward), terminated, truncated, self._info()
 
@@ -459,6 +473,12 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         if can_verify and not getattr(judge_source, "can_judge", True):
             can_verify = False
         return np.array([can_cont, can_branch, can_verify, True])
+
+    def action_bound(self, action: Action | int) -> int:
+        """The most decoded tokens ``action`` can cost now (what the token cap is checked against)."""
+        a = _as_action(action)
+        n = len(self._to_verify()) if a == Action.VERIFY and self._ep is not None else 0
+        return self.config.bound(a, n)
 
     def _can_continue(self, s: ChainState) -> bool:
         c = s.chain
@@ -618,7 +638,11 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             "answer": answer,
             "share": share,
             "gold": ep.question.gold,
-            "correct": bool(answers_equal(answer, ep.question.gold)),
+            "correct": (
+                bool(answers_equal(answer, ep.question.gold))
+                if ep.question.gold is not None
+                else None
+            ),
             "tokens": {
                 "generated": u.generated,
                 "probe": u.probe,

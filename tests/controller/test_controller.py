@@ -74,9 +74,9 @@ def test_caps_are_clamped_and_validated() -> None:
     assert r.decoded <= 120 and r.n_chains < 6
     r = ctl.solve(Q, token_cap=OPENING)
     assert r.decoded <= OPENING and r.n_chains == 1
-    with pytest.raises(ConfigError, match="cannot open one chain"):
+    with pytest.raises(ConfigError, match=r"open(ing)? one chain"):
         ctl.solve(Q, token_cap=OPENING - 1)
-    with pytest.raises(ConfigError, match="cannot open one chain"):
+    with pytest.raises(ConfigError, match=r"open(ing)? one chain"):
         Controller(FakeGenerator(), SingleChain(), config=CFG, token_cap=5)
     with pytest.raises(ConfigError, match="latency_cap_s"):
         Controller(FakeGenerator(), SingleChain(), latency_cap_s=-1)

@@ -117,7 +117,7 @@ def test_make_from_a_fresh_interpreter() -> None:
 )
 @given(
     seed=st.integers(0, 10_000),
-    cap=st.integers(40, 3000),
+    cap=st.integers(48, 3000),
     lam=st.sampled_from([0.0, 1e-4, 1e-2]),
     aggregate=st.sampled_from(["majority", "confidence", "verifier"]),
     masked=st.sampled_from([1.0, 0.8]),
@@ -147,13 +147,24 @@ def decode_tokens_from(info: dict[str, Any]) -> int:
     return int(t["generated"] + t["probe"] + t["judge"] + t["injected"])
 
 
-def test_cap_too_small_for_anything_truncates_at_once() -> None:
-    e = ComputeAllocationEnv.from_bank(BANK, token_cap=40)
+def test_cap_with_room_for_one_chunk_truncates_at_once() -> None:
+    e = ComputeAllocationEnv.from_bank(BANK, token_cap=60)
     _obs, info = e.reset(seed=0)
     assert not info["action_mask"][0] and not info["action_mask"][1]
     _, _, term, trunc, info = e.step(Action.CONTINUE)
     assert trunc and not term and info["reason"]
-    assert info["decoded"] <= 40
+    assert info["decoded"] <= 60
+    with pytest.raises(ConfigError, match="opening one chain"):
+        ComputeAllocationEnv.from_bank(BANK, token_cap=40)
+
+
+def test_unscored_questions_run_without_gold() -> None:
+    q = Question(qid="x/test/0", text="what is 40 + 2?", gold=None)
+    e = ComputeAllocationEnv(FakeGenerator(), [q], chunk_tokens=16, require_gold=False)
+    _obs, info = e.reset(seed=0)
+    assert info["correct"] is None
+    _, r, term, _, info = e.step(Action.STOP)
+    assert term and info["correct"] is None and r <= 0 and info["answer"] is not None
 
 
 def test_stop_scores_the_aggregated_answer(replay_env: ComputeAllocationEnv) -> None:
