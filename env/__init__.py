@@ -35,6 +35,7 @@ __all__ = [
     "ENV_ID",
     "Action",
     "BankWriter",
+    "BatchedReplayEnv",
     "ComputeAllocationEnv",
     "EnvConfig",
     "Prices",
@@ -64,6 +65,7 @@ __all__ = [
 # Generator classes come lazily through env.generators (which knows their modules).
 _LAZY = {
     "Action": "env.compute_env",
+    "BatchedReplayEnv": "env.vector",
     "ComputeAllocationEnv": "env.compute_env",
     "EnvConfig": "env.compute_env",
     "Prices": "env.compute_env",
