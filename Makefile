@@ -24,7 +24,7 @@ VARIANT := gpu
 else
 VARIANT := cpu
 endif
-EXTRAS := $(VARIANT),dev
+EXTRAS := $(VARIANT),dev,real
 
 # Extra packages to install beside the project (pyproject.toml lists everything it needs).
 EXTRA_REQS ?=
