@@ -76,6 +76,7 @@ class LlamaCppBackend:
         context: tokens of context per slot.
         threads: CPU threads (default: all cores).
         seed: base seed (see :meth:`reset`).
+        cache_ram_mib: host memory for llama.cpp's prompt cache of evicted slot states.
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class LlamaCppBackend:
         context: int = 2048,
         threads: int = 0,
         seed: int = 0,
+        cache_ram_mib: int = 1024,
     ) -> None:
         try:
             import xllamacpp as xlc
@@ -128,6 +130,9 @@ class LlamaCppBackend:
         params.cpuparams.n_threads = n
         params.cpuparams_batch.n_threads = n
         params.verbosity = -1
+        # llama.cpp keeps evicted slot states in RAM for reuse (8 GiB by default); chains stay on
+        # their slots, so a small cache is enough.
+        params.cache_ram_mib = int(cache_ram_mib)
         try:
             self.server: Any = xlc.Server(params)
         except Exception as e:
