@@ -256,8 +256,21 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
       more to serve). The answer so far is scored.
 
     ``info`` always holds ``answer``, ``correct``, ``gold``, ``tokens`` (by kind), ``cost``,
-    ``decoded`` (what the cap counts), ``chains``, ``steps``, ``action_mask``, ``qid`` and, at the
-    end, ``reason``.
+    ``decoded`` (what the cap counts), ``chains``, ``steps``, ``action_mask``, ``qid``,
+    ``correct_now``, ``cost_delta`` and, at the end, ``reason`` and ``return``.
+
+    For learners, two per-step keys let rewards be recomputed for any ``lam`` and
+    ``correct_reward`` from one rollout:
+
+    * ``correct_now``: whether stopping now would be correct (the aggregated answer of the
+      chains so far equals the gold answer); the same value as ``correct``, at every step
+      (``None`` without a gold answer).
+    * ``cost_delta``: the priced cost this step's reward charges, so that every step's reward is
+      ``-lam * cost_delta``, plus ``correct_reward * correct`` on the step that ends the episode.
+      The opening chunk (and probe) generated at ``reset`` is charged on the episode's first
+      step: ``reset``'s info has ``cost_delta == 0.0`` and the first step's ``cost_delta`` is
+      the opening's cost plus that step's own. The ``cost_delta`` of an episode's steps add up
+      to its final ``cost``.
 
     ## Arguments
 
@@ -428,7 +441,8 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
                 # Nothing left but stopping: the token cap (or the bank) is reached.
                 truncated, reason = True, "token cap"
         ep.charged = ep.cost(cfg.prices)
-        reward = -cfg.lam * (ep.charged - before)
+        ep.cost_delta = ep.charged - before
+        reward = -cfg.lam * ep.cost_delta
         if terminated or truncated:
             ep.done = True
             ep.reason = reason
@@ -633,16 +647,17 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         assert ep is not None
         answer, share = ep.final if ep.final is not None else self._aggregate()
         u = ep.usage
+        correct = (
+            bool(answers_equal(answer, ep.question.gold)) if ep.question.gold is not None else None
+        )
         info: dict[str, Any] = {
             "qid": ep.question.qid,
             "answer": answer,
             "share": share,
             "gold": ep.question.gold,
-            "correct": (
-                bool(answers_equal(answer, ep.question.gold))
-                if ep.question.gold is not None
-                else None
-            ),
+            "correct": correct,
+            "correct_now": correct,
+            "cost_delta": ep.cost_delta,
             "tokens": {
                 "generated": u.generated,
                 "probe": u.probe,
@@ -686,6 +701,8 @@ class _Episode:
     correct: bool = False
     #: Cost already given as reward (the opening chunk's cost is charged on the first step).
     charged: float = 0.0
+    #: The cost the last step's reward charged (0 before the first step).
+    cost_delta: float = 0.0
 
     @property
     def decoded(self) -> int:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from features.probes import probe_stability, probe_streak
-from features.votes import beta_leader_probability, vote_counts
+from features.votes import beta_leader_probability, esc_window_agrees, vote_counts
 
 if TYPE_CHECKING:
     from env.compute_env import ChainState, EnvConfig
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CONF_SCALE",
     "ENTROPY_SCALE",
+    "ESC_WINDOW",
     "FEATURES",
     "FEATURE_NAMES",
     "N_FEATURES",
@@ -36,6 +37,8 @@ __all__ = [
 CONF_SCALE = 20.0
 #: Token entropy (nats, over the renormalised top-k) is divided by this and clipped.
 ENTROPY_SCALE = 2.0
+#: Chains compared by ``window_agree`` (Early-Stopping Self-Consistency's window).
+ESC_WINDOW = 4
 #: Probes compared by ``cur_probe_stability``.
 PROBE_WINDOW = 3
 #: Streak and switch counts are divided by these and clipped.
@@ -87,6 +90,11 @@ FEATURES: tuple[Feature, ...] = (
         "leader share with votes weighted by verifier P(yes) (0.5 if unscored)",
     ),
     Feature("cur_agrees", "1 if the current chain's answer equals the leading answer"),
+    Feature(
+        "window_agree",
+        "1 if the last 4 chains started all have an answer and all answers are equal (ESC); "
+        "0 with fewer than 4 chains",
+    ),
     Feature(
         "difficulty", "predicted difficulty from the question and first chunk (0.5 if no predictor)"
     ),
@@ -195,4 +203,5 @@ def observe(v: EpisodeView) -> np.ndarray:
     ver = [t.verifier if t.verifier is not None else 0.5 for t in v.states]
     x[_IX["verifier_vote_share"]] = _clip(_shares(answers, ver)[1])
     x[_IX["cur_agrees"]] = float(leader is not None and answers_equal(s.answer, leader))
+    x[_IX["window_agree"]] = float(esc_window_agrees(answers, ESC_WINDOW))
     return x

@@ -34,9 +34,37 @@ def make_env(
     return ComputeAllocationEnv.from_bank(bank or DEFAULT_BANK, split=split, seed=seed, **kwargs)
 
 
-def make_vector_env(num_envs: int = 1, **kwargs: Any) -> Any:
-    """The batched replay environment (numpy, many episodes at once) over a bank."""
+def make_vector_env(
+    num_envs: int = 1,
+    *,
+    bank: Any = None,
+    split: str | None = None,
+    seed: int | None = 0,
+    difficulty: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """The batched replay environment (numpy, many episodes at once) over ``bank`` (default: the
+    shipped testbed bank), what ``gym.make_vec("ponder/ComputeAllocation-v0", num_envs=...)``
+    builds.
+
+    ``split``, ``seed``, ``difficulty`` (``None``, ``"auto"`` or a callable), ``config`` or its
+    fields (``lam=...``, ``token_cap=...``) and ``replay_seeds`` go to
+    :class:`~env.vector.BatchedReplayEnv`, as ``gym.make`` passes them to ``from_bank``.
+    """
     from env.vector import BatchedReplayEnv
 
-    bank = kwargs.pop("bank", None) or DEFAULT_BANK
-    return BatchedReplayEnv(bank, num_envs=num_envs, **kwargs)
+    if kwargs.get("generator") is not None or kwargs.get("questions") is not None:
+        raise ConfigError(
+            "the vector environment replays a bank: pass bank=, not generator= or questions= "
+            "(for a live generator, use gym.make or ComputeAllocationEnv)"
+        )
+    kwargs.pop("generator", None)
+    kwargs.pop("questions", None)
+    return BatchedReplayEnv(
+        bank or DEFAULT_BANK,
+        num_envs=num_envs,
+        split=split,
+        seed=seed,
+        difficulty=difficulty,
+        **kwargs,
+    )

@@ -13,7 +13,6 @@ test_vector.py`` replays thousands of episodes through both).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import re
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -32,10 +31,13 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from env.bank import ChainTrace, TraceBank
-from env.compute_env import Action, EnvConfig, question_split
+from env.compute_env import Action, EnvConfig, bank_difficulty, question_split
+from env.generators.base import Chain, PromptMode
+from env.generators.replay import ReplayGenerator, chain_order
 from env.observation import (
     CONF_SCALE,
     ENTROPY_SCALE,
+    ESC_WINDOW,
     FEATURE_NAMES,
     N_FEATURES,
     PROBE_WINDOW,
@@ -93,10 +95,29 @@ _NO_GOLD = -2  # the gold class when the gold answer is blank: it matches no ans
 
 def replay_order(gen_seed: int, qid: str, k: int) -> IntArray:
     """The order in which :class:`~env.generators.replay.ReplayGenerator`, reset with
-    ``gen_seed``, hands out the ``k`` recorded chains of question ``qid``."""
-    h = hashlib.sha256(f"{int(gen_seed)}:{qid}".encode()).digest()
-    rng = np.random.default_rng(int.from_bytes(h[:8], "little"))
-    return rng.permutation(k).astype(np.int64)
+    ``gen_seed``, hands out the ``k`` recorded chains of question ``qid``
+    (:func:`~env.generators.replay.chain_order`, as an array)."""
+    return np.array(chain_order(int(gen_seed), qid, k), dtype=np.int64)
+
+
+def _difficulty_table(bank: TraceBank, questions: Sequence[Any], kmax: int, fn: Any) -> FloatArray:
+    """``[Q * kmax]``: the ``difficulty`` feature of an episode of question ``q`` whose opening
+    chain is recorded chain ``h`` (entry ``q * kmax + h``; 0.5 without a predictor).
+
+    As :class:`~env.compute_env.ComputeAllocationEnv` computes it: ``fn(question, first_chunk)``
+    on the opening chain's first chunk, the very :class:`~env.generators.base.Chunk` that
+    :class:`~env.generators.replay.ReplayGenerator` serves for it, clipped to [0, 1].
+    """
+    out = np.full(len(questions) * kmax, 0.5, np.float64)
+    if fn is None:
+        return out
+    gen = ReplayGenerator(bank)
+    mode = cast(PromptMode, bank.manifest.mode)
+    for qi, q in enumerate(questions):
+        for h in range(bank[q.qid].k):
+            (chunk,) = gen.extend([Chain(0, q, mode, [], handle=h)], gen.chunk_tokens)
+            out[qi * kmax + h] = _clip(float(fn(q, chunk)))
+    return out
 
 
 def _int_scale(max_weight: float, k: int) -> int:
@@ -358,14 +379,17 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
 
     ## Observation Space
 
-    ``Box(0, 1, (num_envs, 29), float32)``: row ``i`` is episode ``i``'s observation, the
-    single environment's features (``env.observation.FEATURES``). ``difficulty`` is 0.5 (no
-    difficulty predictor).
+    ``Box(0, 1, (num_envs, N), float32)``: row ``i`` is episode ``i``'s observation, the
+    single environment's ``N`` features (``env.observation.FEATURES``). ``difficulty`` is the
+    ``difficulty`` predictor's value on the opening chain's first chunk (0.5 without one),
+    precomputed for every recorded chain at construction; ``window_agree`` compares the answer
+    classes of the last ``ESC_WINDOW`` chains in the order they were started.
 
     ## Rewards
 
-    As the single environment: ``-lam * Δcost`` per step (the opening chunk's cost on the first
-    step), plus ``correct_reward`` on the step that ends an episode with a correct answer.
+    As the single environment: ``-lam * info["cost_delta"]`` per step (the opening chunk's cost
+    on the first step), plus ``correct_reward`` on the step that ends an episode with a correct
+    answer.
 
     ## Episode End
 
@@ -378,7 +402,21 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
     next :meth:`step` ignores action ``i``, starts a new episode there and returns its first
     observation with reward 0 and both flags false.
 
-    ``info`` always holds ``action_mask``. For the episodes that ended on this step (the mask
+    ``info`` always holds, per episode:
+
+    * ``action_mask`` (``[num_envs, 4]`` bool);
+    * ``correct_now`` (``[num_envs]`` bool): whether stopping now would be correct: the answer
+      the configured ``aggregate`` picks from the chains so far is the gold answer (on the step
+      that ends an episode, its ``correct``; after an autoreset, the new episode's);
+    * ``cost_delta`` (``[num_envs]`` float): the priced cost this step's reward charges, so that
+      ``reward == -lam * cost_delta + correct_reward * correct * (terminated | truncated)``
+      and rewards for another ``lam`` or ``correct_reward`` can be recomputed from one rollout.
+      As in the single environment, the opening chunk (and probe) generated at reset is charged
+      on the episode's first step: ``reset`` and the autoreset step report 0 (their reward is 0)
+      and the first step's ``cost_delta`` is the opening's cost plus that step's own; an
+      episode's ``cost_delta`` add up to its final ``cost``.
+
+    For the episodes that ended on this step (the mask
     ``info["_<key>"]``, Gymnasium's convention) it holds ``correct`` (bool), ``answer`` (the
     answer's class, -1 for none: :meth:`answer_text` spells it), ``return``
     (``correct_reward * correct - lam * cost``), ``cost``, ``decoded`` (tokens, what the cap
@@ -393,6 +431,10 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
     * ``seed``: seeds the episode draws until ``reset(seed=...)`` reseeds them.
     * ``config`` or its fields: an :class:`~env.compute_env.EnvConfig`; unset fields default to
       the bank's settings, as in ``from_bank``.
+    * ``difficulty``: the ``difficulty`` feature's predictor, as the single environment's:
+      ``None`` (0.5), ``"auto"`` (fitted on the bank's training questions, as ``from_bank``
+      does: :func:`~env.compute_env.bank_difficulty`) or a ``callable(question, first_chunk)
+      -> [0, 1]`` such as :class:`~env.difficulty.DifficultyModel`.
     * ``replay_seeds``: hand out chains as :class:`~env.generators.replay.ReplayGenerator` does
       (see below); slower (a hash and a generator per episode).
 
@@ -419,6 +461,7 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         split: str | None = None,
         seed: int | None = 0,
         config: EnvConfig | None = None,
+        difficulty: Any = None,
         replay_seeds: bool = False,
         **config_fields: Any,
     ) -> None:
@@ -469,7 +512,21 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self.metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP}
         self._np_random, self._np_random_seed = seeding.np_random(seed)
+        if isinstance(difficulty, str):
+            if difficulty != "auto":
+                raise ConfigError(
+                    f"difficulty must be None, 'auto' or a callable(question, first_chunk), "
+                    f"got {difficulty!r}"
+                )
+            difficulty = bank_difficulty(self.bank)
+        elif difficulty is not None and not callable(difficulty):
+            raise ConfigError(
+                f"difficulty must be None, 'auto' or a callable(question, first_chunk), "
+                f"got {type(difficulty).__name__}"
+            )
+        self.difficulty_fn = difficulty
         self._t = _build_tables(self.bank, qs, config)
+        self._diff = _difficulty_table(self.bank, qs, self._t.kmax, difficulty)
         self._can_judge = bool(m.judge)
         self._k = min(config.max_chains, self._t.kmax)
         self._steps_limit = config.steps_limit
@@ -499,6 +556,7 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         self._wc_tot, self._wv_tot = z(), z()
         self._n_scored, self._ver_sum = z(), z(np.float64)
         self._fixed = z(np.bool_)
+        self._dval = np.full(b, 0.5, np.float64)  # the difficulty feature
         self._gen_seed = np.full(b, -1, np.int64)
         # Votes per (answer class, episode) cell, cell = class * num_envs + episode; class
         # n_classes is "no answer": counts, confidence and verifier weights.
@@ -589,8 +647,13 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         self._open(rows)
         self._needs_reset[rows] = False
         self._compute_mask()
-        obs, _ = self._observe()
-        return obs, {"action_mask": self._mask}
+        obs, lead = self._observe()
+        info = {
+            "action_mask": self._mask,
+            "correct_now": self._correct(self._final_answer(self._ar, lead)),
+            "cost_delta": np.zeros(b),
+        }
+        return obs, info
 
     def step(
         self, actions: npt.ArrayLike
@@ -635,14 +698,21 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         done = terminated | truncated
         # A new episode's opening is charged on its first step.
         charged = np.where(starting, 0.0, self._cost)
-        reward = -cfg.lam * (charged - before)
+        delta = charged - before
+        reward = -cfg.lam * delta
         self._charged = charged
         obs, lead = self._observe()
-        info: dict[str, Any] = {"action_mask": mask}
+        answers = self._final_answer(self._ar, lead)
+        correct_now = self._correct(answers)
+        info: dict[str, Any] = {
+            "action_mask": mask,
+            "correct_now": correct_now,
+            "cost_delta": delta,
+        }
         if done.any():
             d = np.flatnonzero(done)
-            answer = self._final_answer(d, lead)
-            correct = (answer >= 0) & (answer == self._t.gold[self._q[d]])
+            answer = answers[d]
+            correct = correct_now[d]
             reward[d] += cfg.correct_reward * correct
             reason = np.where(stop[d], _STOP, np.where(max_steps[d], _MAX_STEPS, _TOKEN_CAP))
             if why is not None:
@@ -821,6 +891,9 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         self._order_[sr] = at_j
         self._order_[sj] = at_r
         f_new = self._cbase_[q_new * t.kmax + at_r]
+        if opening.size:  # the opening chain's first chunk sets the episode's difficulty
+            no = opening.size
+            self._dval[opening] = self._diff[q_new[:no] * t.kmax + at_r[:no]]
         # Continue: the current chain's next chunk; it needs verifying again if it was verified.
         s_cont = self._cur[cont] * b + cont
         f_old = self._fi_[s_cont]
@@ -919,6 +992,10 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         self._mask = mask
         return mask
 
+    def _correct(self, answers: IntArray) -> BoolArray:
+        """Whether each episode's answer class (-1: none) is its question's gold class."""
+        return (answers >= 0) & (answers == self._t.gold[self._q])
+
     def _why_unavailable(self, a: IntArray, bad: BoolArray) -> IntArray:
         """ComputeAllocationEnv._why_unavailable's reasons, on the state before the step."""
         cfg = self.config
@@ -977,6 +1054,15 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         obs[:, _IX["verifier_mean"]] = np.where(ns > 0, self._ver_sum / np.maximum(ns, 1), 0.5)
         obs[:, _IX["verifier_vote_share"]] = w_top[:, 1] / np.maximum(self._wv_tot, 1)
         obs[:, _IX["cur_agrees"]] = has_lead & (self._cls_[cur] == lead)
+        if self._k >= ESC_WINDOW:  # the last ESC_WINDOW chains started hold one answer class
+            n = self._n
+            base = np.maximum(n - ESC_WINDOW, 0) * b + ar
+            first = self._c16_[base]
+            agree = (n >= ESC_WINDOW) & (first != t.n_classes)
+            for d in range(1, ESC_WINDOW):
+                agree &= self._c16_[base + d * b] == first
+            obs[:, _IX["window_agree"]] = agree
+        obs[:, _IX["difficulty"]] = self._dval
         obs[:, _IX["can_continue"] : _IX["can_verify"] + 1] = self._mask[:, :3]
         obs[:, _IX["steps"]] = self._steps * (1.0 / self._steps_limit)
         return obs, lead

@@ -45,7 +45,16 @@ from env.generators.base import (
 )
 from features.errors import BudgetExhausted, ConfigError
 
-__all__ = ["ReplayGenerator"]
+__all__ = ["ReplayGenerator", "chain_order"]
+
+
+def chain_order(seed: int, qid: str, k: int) -> list[int]:
+    """The order in which a :class:`ReplayGenerator` reset with ``seed`` hands out the ``k``
+    recorded chains of question ``qid``: a permutation of ``0..k-1`` seeded by a hash of both
+    (so it does not depend on which other questions were asked)."""
+    h = hashlib.sha256(f"{int(seed)}:{qid}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(h[:8], "little"))
+    return [int(i) for i in rng.permutation(k)]
 
 
 class ReplayGenerator:
@@ -90,9 +99,7 @@ class ReplayGenerator:
 
     def _order(self, qid: str, k: int) -> list[int]:
         if qid not in self._orders:
-            h = hashlib.sha256(f"{self._seed}:{qid}".encode()).digest()
-            rng = np.random.default_rng(int.from_bytes(h[:8], "little"))
-            self._orders[qid] = [int(i) for i in rng.permutation(k)]
+            self._orders[qid] = chain_order(self._seed, qid, k)
         return self._orders[qid]
 
     def _new_chains(

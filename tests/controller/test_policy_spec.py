@@ -8,23 +8,9 @@ import numpy as np
 import pytest
 
 from controller.policy_spec import EXAMPLES, check_policy, load_policy, parse_policy_spec
-from env.observation import FEATURE_NAMES
 from features.errors import PolicyError
 from policies import heuristics as H
 from policies.base import Policy
-
-#: EarlyStoppingSC reads a ``window_agree`` feature the observation does not have yet.
-ESC_BROKEN = pytest.mark.xfail(
-    "window_agree" not in FEATURE_NAMES,
-    reason="the observation has no window_agree feature (policies/env)",
-    raises=PolicyError,
-    strict=True,
-)
-
-
-def _mark(name: str) -> object:
-    return pytest.param(name, marks=ESC_BROKEN) if name.startswith("esc") else name
-
 
 DEFAULTS = [
     H.SingleChain(),
@@ -47,7 +33,7 @@ DEFAULTS = [
 ]
 
 
-@pytest.mark.parametrize("name", [_mark(p.name) for p in DEFAULTS])
+@pytest.mark.parametrize("name", [p.name for p in DEFAULTS])
 def test_a_policy_name_is_its_spec(name: str) -> None:
     policy = next(p for p in DEFAULTS if p.name == name)
     parsed = load_policy(name)
@@ -56,7 +42,7 @@ def test_a_policy_name_is_its_spec(name: str) -> None:
     assert parsed.aggregate == policy.aggregate
 
 
-@pytest.mark.parametrize("spec", [_mark(s) for s in EXAMPLES])
+@pytest.mark.parametrize("spec", list(EXAMPLES))
 def test_every_example_loads_and_acts(spec: str) -> None:
     assert isinstance(load_policy(spec), Policy)
 

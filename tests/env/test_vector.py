@@ -25,7 +25,8 @@ import env  # noqa: F401  (registers ponder/ComputeAllocation-v0)
 from env.bank import CHUNK_SCHEMA, BankManifest, BankWriter, TraceBank
 from env.compute_env import ComputeAllocationEnv, Prices
 from env.generators.base import Question
-from env.observation import FEATURE_NAMES
+from env.generators.replay import chain_order
+from env.observation import FEATURE_NAMES, N_FEATURES
 from env.vector import REASONS, BatchedReplayEnv, replay_order
 from features.answers import answers_equal, extract_answer, normalize_answer
 from features.errors import ConfigError, PolicyError
@@ -195,13 +196,21 @@ def _lockstep(
     rounds: int = 3,
     seed: int = 0,
     p_unmasked: float = 0.1,
+    seen: collections.Counter[str] | None = None,
     **cfg: Any,
 ) -> tuple[collections.Counter[str], int]:
-    """Replay ``rounds * n_envs`` episodes through both environments; return reasons, steps."""
+    """Replay ``rounds * n_envs`` episodes through both environments; return reasons, steps.
+
+    ``seen`` (if given) counts observations by what they show: ``window_agree`` set, and each
+    distinct ``difficulty`` value (``difficulty=<value>``).
+    """
     venv = BatchedReplayEnv(bank, n_envs, seed=seed, **cfg)
     singles = [ComputeAllocationEnv.from_bank(bank, **cfg) for _ in range(n_envs)]
+    lam = venv.config.lam
+    correct_reward = venv.config.correct_reward
     rng = np.random.default_rng(seed)
     reasons: collections.Counter[str] = collections.Counter()
+    seen = collections.Counter() if seen is None else seen
     steps = 0
     for _ in range(rounds):
         qs = rng.integers(len(venv.questions), size=n_envs)
@@ -212,11 +221,14 @@ def _lockstep(
         obs, info = venv.reset(options={"questions": qs, "gen_seeds": gen_seeds})
         assert (venv.gen_seeds == gen_seeds).all()
         for i, e in enumerate(singles):
-            o, _ = e.reset(seed=int(seeds[i]), options={"question": int(qs[i])})
+            o, inf0 = e.reset(seed=int(seeds[i]), options={"question": int(qs[i])})
             assert e.generator._seed == gen_seeds[i]  # type: ignore[attr-defined]
             np.testing.assert_allclose(obs[i], o, atol=1e-5, err_msg=f"reset, episode {i}")
             assert (info["action_mask"][i] == e.action_mask()).all()
+            assert inf0["correct_now"] == inf0["correct"] == info["correct_now"][i]
+            assert inf0["cost_delta"] == info["cost_delta"][i] == 0.0  # charged on step 1
         running = np.ones(n_envs, bool)
+        spent = np.zeros(n_envs)
         while running.any():
             actions = np.array([_pick(rng, m, p_unmasked) for m in info["action_mask"]])
             obs, rew, term, trunc, info = venv.step(actions)
@@ -231,7 +243,17 @@ def _lockstep(
                 assert abs(r - rew[i]) <= 1e-6, f"{where}: reward {r} != {rew[i]}"
                 assert (te, tr) == (term[i], trunc[i]), where
                 assert (inf["action_mask"] == info["action_mask"][i]).all(), where
+                # Per-step learner keys: what stopping now would score, and the step's cost.
+                assert inf["correct_now"] == inf["correct"] == info["correct_now"][i], where
+                delta = inf["cost_delta"]
+                assert abs(delta - info["cost_delta"][i]) <= 1e-9 * max(1.0, delta), where
+                end_bonus = correct_reward * float(inf["correct"]) if te or tr else 0.0
+                assert r == -lam * delta + end_bonus, where
+                spent[i] += delta
+                seen["window_agree"] += int(o[IX["window_agree"]] > 0)
+                seen[f"difficulty={o[IX['difficulty']]:.6f}"] += 1
                 if te or tr:
+                    assert abs(spent[i] - inf["cost"]) <= 1e-9 * max(1.0, inf["cost"]), where
                     reasons[inf["reason"]] += 1
                     assert info["_correct"][i]
                     assert inf["correct"] == info["correct"][i], where
@@ -256,6 +278,8 @@ CONFIGS: list[dict[str, Any]] = [
     {"max_chains": 20, "aggregate": "verifier"},
     {"extension_chunks": 1, "max_chain_tokens": 100, "aggregate": "confidence", "token_cap": 700},
     {"max_steps": 6, "probe": False},
+    {"difficulty": "auto"},
+    {"difficulty": "auto", "max_chains": 20, "aggregate": "confidence"},
     {
         "prices": Prices(generated=1.0, probe=0.5, judge=2.0, injected=0.25, prefill=0.01),
         "lam": 1e-3,
@@ -280,16 +304,53 @@ def test_same_episodes_as_the_single_env_on_edge_cases(synthetic: TraceBank, cfg
     _lockstep(synthetic, rounds=4, seed=len(str(cfg)), **cfg)
 
 
+def _first_chunk_difficulty(question: Question, chunk: Any) -> float:
+    """A predictor that reads much of the chunk: any difference in it shows."""
+    x = len(chunk.text) + int(np.asarray(chunk.token_ids).sum()) + len(question.text)
+    x += int(np.nan_to_num(np.asarray(chunk.confidence, np.float64)).sum() * 1000)
+    return (x % 97) / 96
+
+
+def test_difficulty_and_window_agree_are_exercised(
+    synthetic: TraceBank, testbed: TraceBank
+) -> None:
+    """The lockstep comparisons see ``window_agree`` set (on the testbed bank: the synthetic
+    one's random answers rarely agree 4 times) and the difficulty vary: a fitted predictor
+    (constant on the synthetic bank, whose chains are all wrong), and a callable reading the
+    chunk's text, tokens and confidences."""
+    for bank in (testbed, synthetic):
+        for difficulty in ("auto", _first_chunk_difficulty):
+            seen: collections.Counter[str] = collections.Counter()
+            _lockstep(bank, rounds=3, seen=seen, difficulty=difficulty, max_chains=12)
+            values = [k for k in seen if k.startswith("difficulty=")]
+            if bank is testbed:
+                assert seen["window_agree"] > 0
+            if bank is testbed or difficulty != "auto":
+                assert len(values) > 4, values
+
+
+def test_difficulty_argument(testbed: TraceBank) -> None:
+    v = BatchedReplayEnv(testbed, 4, difficulty=lambda q, c: 2.0)  # clipped, as the single env
+    obs, _ = v.reset(seed=0)
+    assert (obs[:, IX["difficulty"]] == 1.0).all()
+    obs, _ = BatchedReplayEnv(testbed, 4).reset(seed=0)
+    assert (obs[:, IX["difficulty"]] == 0.5).all()
+    for bad in ("fitted", 3):
+        with pytest.raises(ConfigError, match="difficulty must be"):
+            BatchedReplayEnv(testbed, 2, difficulty=bad)
+
+
 def test_lockstep_reaches_every_episode_end(synthetic: TraceBank, testbed: TraceBank) -> None:
     """The comparisons above see every way an episode can end (so none goes untested)."""
     seen: collections.Counter[str] = collections.Counter()
-    for bank, cfg in (
+    cases: list[tuple[TraceBank, dict[str, Any]]] = [
         (testbed, {"token_cap": 150}),
         (testbed, {"max_steps": 4}),
         (synthetic, {"max_chains": 8}),
         (synthetic, {"extension_chunks": 0}),
         (synthetic, {}),
-    ):
+    ]
+    for bank, cfg in cases:
         reasons, _ = _lockstep(bank, n_envs=8, rounds=3, p_unmasked=0.4, **cfg)
         seen.update(reasons)
     wanted = {r.format(max_chains=6) for r in REASONS[1:]} - {"max_chains (6) reached"}
@@ -332,6 +393,7 @@ def test_replay_order_is_the_replay_generators(testbed: TraceBank) -> None:
         gen.reset(s)
         handed = [c.handle for c in gen.start(q, testbed[q.qid].k)]
         assert handed == replay_order(s, q.qid, testbed[q.qid].k).tolist()
+        assert handed == chain_order(s, q.qid, testbed[q.qid].k)
 
 
 # -- Gymnasium contract ------------------------------------------------------------------------
@@ -341,7 +403,8 @@ def test_make_vec() -> None:
     envs = gym.make_vec("ponder/ComputeAllocation-v0", num_envs=8)
     assert envs.metadata["autoreset_mode"] == gym.vector.AutoresetMode.NEXT_STEP
     obs, info = envs.reset(seed=0)
-    assert obs.shape == (8, 29) and obs.dtype == np.float32
+    assert obs.shape == (8, N_FEATURES) and obs.dtype == np.float32
+    assert info["correct_now"].shape == info["cost_delta"].shape == (8,)
     assert envs.observation_space.contains(obs)
     assert envs.single_action_space == gym.spaces.Discrete(4)
     rng = np.random.default_rng(0)
@@ -350,6 +413,31 @@ def test_make_vec() -> None:
         obs, rew, term, trunc, info = envs.step(actions)
         assert envs.observation_space.contains(obs)
         assert rew.shape == term.shape == trunc.shape == (8,)
+    envs.close()
+
+
+def test_make_vec_passes_bank_split_difficulty_and_config(testbed: TraceBank) -> None:
+    envs = gym.make_vec(
+        "ponder/ComputeAllocation-v0",
+        num_envs=4,
+        bank=TESTBED,
+        split="test",
+        difficulty="auto",
+        lam=1e-3,
+        token_cap=400,
+        seed=3,
+    )
+    v = envs.unwrapped
+    assert isinstance(v, BatchedReplayEnv)
+    assert v.config.lam == 1e-3 and v.config.token_cap == 400
+    assert all("/test/" in q.qid for q in v.questions)
+    assert v.difficulty_fn is not None  # fitted on the bank's train questions
+    obs, _ = envs.reset(seed=0)
+    single = ComputeAllocationEnv.from_bank(TESTBED, split="test", difficulty="auto", lam=1e-3)
+    assert single.difficulty_fn.weights == v.difficulty_fn.weights  # type: ignore[union-attr]
+    assert not (obs[:, IX["difficulty"]] == 0.5).all()
+    with pytest.raises(ConfigError, match="replays a bank"):
+        gym.make_vec("ponder/ComputeAllocation-v0", num_envs=2, generator=object(), questions=[])
     envs.close()
 
 
@@ -462,6 +550,9 @@ def test_budget_never_exceeded_and_rewards_add_up_to_the_return(
         assert ((obs >= 0) & (obs <= 1)).all() and not np.isnan(obs).any()
         total = np.where(fresh, 0.0, total) + rew
         done = term | trunc
+        correct = info.get("correct", np.zeros(v.num_envs, bool))
+        bonus = np.where(done, v.config.correct_reward * correct, 0.0)
+        assert (rew == -v.config.lam * info["cost_delta"] + bonus).all()
         if done.any():
             np.testing.assert_allclose(total[done], info["return"][done], atol=1e-9)
             assert (info["decoded"][done] <= cap).all()
