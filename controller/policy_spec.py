@@ -16,9 +16,9 @@ policy's own ``name`` (so ``load_policy(p.name).name == p.name`` for every heuri
 | ``bounded[-S-M]`` | :class:`~policies.heuristics.BoundedThinking`, start ``S``, max ``M`` tokens (64, 512) |
 | ``random[-SEED]`` | :class:`~policies.heuristics.RandomPolicy` |
 
-Learned policy files will be loaded from ponder's own formats only (a JSON header beside
-safetensors or npz weights), never from pickle; until they are wired, a file is refused with a
-clear message.
+A path names a learned policy folder saved by ``policy.save(folder)``
+(:mod:`policies.learned`: ``policy.json`` beside safetensors weights), or its ``policy.json``.
+Only that format is loaded, never pickle; a folder trained on other features is refused.
 """
 
 from __future__ import annotations
@@ -153,21 +153,23 @@ def check_policy(policy: Policy) -> Policy:
 
 
 def load_policy(spec: str) -> Policy:
-    """A policy from a heuristic spec or a policy file.
+    """A policy from a heuristic spec or a learned policy folder.
 
-    Files are recognised by a path separator or a file suffix. Only ponder's own formats
-    (JSON + safetensors / npz) will ever be loaded, never pickle.
+    Paths are recognised by a path separator, a file suffix, or an existing folder holding a
+    ``policy.json``. Only ponder's own format (JSON + safetensors) is loaded, never pickle.
 
     Raises:
-        PolicyError: an unknown spec, a pickle-based file, a learned policy file (not
-            supported yet), or a policy that cannot act on the env's observation.
+        PolicyError: an unknown spec, a pickle-based file, a file that is not a ponder policy
+            (or was trained on other features), or a policy that cannot act on the env's
+            observation.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise PolicyError("a policy spec must be a non-empty string such as 'best-of-4'")
     path = Path(spec)
     suffix = path.suffix.lower()
     looks_like_file = "/" in spec or "\\" in spec or suffix in LEARNED_SUFFIXES + _PICKLE_SUFFIXES
-    if looks_like_file or path.is_file():
+    policy_dir = path.is_dir() and (path / "policy.json").is_file()
+    if looks_like_file or path.is_file() or policy_dir:
         if suffix in _PICKLE_SUFFIXES:
             raise PolicyError(
                 f"refusing to load {spec}: ponder never loads pickle-based files (they can run "
@@ -175,8 +177,7 @@ def load_policy(spec: str) -> Policy:
             )
         if not path.exists():
             raise PolicyError(f"no policy file at {spec}: give a heuristic spec or a policy file")
-        raise PolicyError(
-            f"learned policy files are not supported yet ({spec}); use a heuristic spec such "
-            f"as {', '.join(EXAMPLES[:4])}"
-        )
+        from policies.learned import load_policy as load_learned
+
+        return check_policy(load_learned(path))
     return check_policy(parse_policy_spec(spec))

@@ -80,7 +80,7 @@ def test_files_are_never_unpickled(tmp_path: Path) -> None:
         load_policy("policy.pt")
     js = tmp_path / "policy.json"
     js.write_text("{}")
-    with pytest.raises(PolicyError, match="learned policy files are not supported yet"):
+    with pytest.raises(PolicyError, match="not a ponder policy file"):
         load_policy(str(js))
     with pytest.raises(PolicyError, match="no policy file"):
         load_policy(str(tmp_path / "missing.safetensors"))

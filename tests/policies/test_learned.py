@@ -1,0 +1,368 @@
+"""Learned policies: the value / fitted-Q policy and PPO, their training, file format and loading.
+
+Short trainings on the testbed bank (seconds each, one CPU thread); what they reach is measured on
+the test split with pinned episodes (every policy sees the same questions and chain orders).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from env.observation import FEATURE_NAMES, N_FEATURES
+from env.vector import BatchedReplayEnv
+from features.errors import PolicyError
+from policies.heuristics import BestOfN, RandomPolicy, SingleChain
+from policies.learned import (
+    LearnedPolicy,
+    PPOPolicy,
+    ValuePolicy,
+    load_policy,
+    rollout_pinned,
+    train_ppo,
+    train_value_policy,
+)
+from policies.serialize import NumpyMLP
+from policies.value import EXTRA_FEATURES
+
+BANK = Path(__file__).resolve().parents[2] / "data" / "banks" / "testbed-arith"
+ROOT = Path(__file__).resolve().parents[2]
+#: Episodes per test question (generator seeds 0..SEEDS-1).
+SEEDS = 8
+MID_LAM = 1e-4
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def value_policy() -> ValuePolicy:
+    return train_value_policy(
+        BANK,
+        transitions=20_000,
+        fqi_iters=3,
+        rounds=2,
+        epochs=15,
+        epochs_per_iter=6,
+        stop_epochs=15,
+        num_envs=256,
+        eval_seeds=0,
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def ppo_policy() -> PPOPolicy:
+    return train_ppo(
+        BANK, total_steps=250_000, num_envs=256, num_steps=32, eval_seeds=0, progress=False
+    )
+
+
+@pytest.fixture(scope="module")
+def test_env() -> BatchedReplayEnv:
+    return BatchedReplayEnv(BANK, 24 * SEEDS, split="test", seed=0)
+
+
+@pytest.fixture(scope="module")
+def train_env() -> BatchedReplayEnv:
+    return BatchedReplayEnv(BANK, 24 * SEEDS, split="train", seed=0)
+
+
+@pytest.fixture(scope="module")
+def observations(train_env: BatchedReplayEnv) -> np.ndarray:
+    """Real observations (a random policy's episodes) and random points of the feature cube."""
+    rng = np.random.default_rng(0)
+    p = RandomPolicy(1, p_stop=0.05)
+    obs, _ = train_env.reset(seed=3)
+    p.reset(train_env.num_envs, config=train_env.config)
+    seen = [obs]
+    for _ in range(20):
+        obs, *_ = train_env.step(p.act(obs))
+        seen.append(obs)
+    cube = rng.random((256, N_FEATURES)).astype(np.float32)
+    flags = [FEATURE_NAMES.index(n) for n in ("can_continue", "can_branch", "can_verify")]
+    cube[:, flags] = np.round(cube[:, flags])
+    return np.concatenate([*seen, cube])
+
+
+def _tiny_value_policy(seed: int = 0) -> ValuePolicy:
+    """An untrained value policy with random weights (for format tests)."""
+    rng = np.random.default_rng(seed)
+    n_x = N_FEATURES + len(EXTRA_FEATURES)
+
+    def mlp(n_in: int, n_out: int) -> NumpyMLP:
+        return NumpyMLP(
+            [rng.normal(size=(n_in, 8)), rng.normal(size=(8, n_out))],
+            [rng.normal(size=8), rng.normal(size=n_out)],
+            "relu",
+            rng.normal(size=n_in),
+            rng.random(n_in) + 0.5,
+        )
+
+    return ValuePolicy(
+        mlp(n_x, 1), np.array([0.0, 0.5, 1.0]), np.array([0.1, 0.4, 0.9]), mlp(n_x + 5, 2)
+    )
+
+
+def _metrics(policy: Any, env: BatchedReplayEnv, lam: float) -> dict[str, float]:
+    if isinstance(policy, LearnedPolicy):
+        policy = policy.with_lam(lam)
+    return rollout_pinned(policy, env, lam=lam)
+
+
+# -- format -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["value", "ppo"])
+def test_save_load_round_trip_gives_identical_actions(
+    which: str,
+    value_policy: ValuePolicy,
+    ppo_policy: PPOPolicy,
+    observations: np.ndarray,
+    tmp_path: Path,
+) -> None:
+    policy: LearnedPolicy = value_policy if which == "value" else ppo_policy
+    for lam in (None, 3e-5, 1e-3):
+        p = policy.with_lam(lam)
+        p.save(tmp_path / str(lam))
+        q = load_policy(tmp_path / str(lam))
+        assert type(q) is type(p)
+        assert q.lam == p.lam and q.lam_range == p.lam_range and q.name == p.name
+        p.reset(len(observations))
+        q.reset(len(observations))
+        np.testing.assert_array_equal(q.act(observations), p.act(observations))
+        np.testing.assert_array_equal(q.value(observations), p.value(observations))
+    header = json.loads((tmp_path / "None" / "policy.json").read_text())
+    assert header["features"] == list(FEATURE_NAMES)
+    assert header["kind"] == which and header["version"] == 1
+    assert header["bank"]["model_sha256"] and header["bank"]["path"].endswith("testbed-arith")
+    assert header["lams"] == sorted(header["lams"]) and len(header["lams"]) >= 3
+    assert header["training"]["split"] == "train"
+    assert "train/wall_s" in header["metrics"]
+
+
+def test_saved_files_are_json_and_safetensors(tmp_path: Path) -> None:
+    p = _tiny_value_policy()
+    p.save(tmp_path)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["policy.json", "weights.safetensors"]
+    from safetensors.numpy import load_file
+
+    arrays = load_file(str(tmp_path / "weights.safetensors"))
+    assert {"stop.w0", "gain.w0", "iso.x"} <= set(arrays)
+
+
+def _edit(folder: Path, change: Any) -> None:
+    path = folder / "policy.json"
+    header = json.loads(path.read_text())
+    change(header)
+    path.write_text(json.dumps(header))
+
+
+def test_a_file_of_another_feature_schema_is_refused(tmp_path: Path) -> None:
+    _tiny_value_policy().save(tmp_path)
+    _edit(tmp_path, lambda h: h.update(features=h["features"][:-1]))
+    with pytest.raises(PolicyError, match="trained on another observation") as e:
+        load_policy(tmp_path)
+    assert FEATURE_NAMES[-1] in str(e.value) and "retrain" in str(e.value)
+    _edit(tmp_path, lambda h: h.update(features=[*FEATURE_NAMES[1:], FEATURE_NAMES[0]]))
+    with pytest.raises(PolicyError, match="another order"):
+        load_policy(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda h: h.update(kind="dqn"), "unknown policy kind 'dqn'"),
+        (lambda h: h.update(version=99), "version 99 is not supported"),
+        (lambda h: h.pop("format"), "not a ponder policy file"),
+        (lambda h: h["weights"].update(file="../elsewhere.safetensors"), "not a plain"),
+        (lambda h: h["weights"].update(sha256="0" * 64), "does not match the sha256"),
+        (lambda h: h["params"].update(lam_range="x"), "damaged"),
+    ],
+)
+def test_files_that_are_not_ponders_format_are_refused(
+    tmp_path: Path, change: Any, message: str
+) -> None:
+    _tiny_value_policy().save(tmp_path)
+    _edit(tmp_path, change)
+    with pytest.raises(PolicyError, match=message):
+        load_policy(tmp_path)
+
+
+def test_garbled_json_pickles_and_missing_files_are_refused(tmp_path: Path) -> None:
+    _tiny_value_policy().save(tmp_path / "p")
+    (tmp_path / "p" / "policy.json").write_text('{"format": "ponder-policy", "kind": ')
+    with pytest.raises(PolicyError, match="not valid JSON"):
+        load_policy(tmp_path / "p")
+    pkl = tmp_path / "pickled"
+    pkl.mkdir()
+    (pkl / "model.pkl").write_bytes(b"\x80\x04N.")
+    with pytest.raises(PolicyError, match="pickle-based files are never loaded"):
+        load_policy(pkl)
+    with pytest.raises(PolicyError, match="never loads pickle"):
+        load_policy(pkl / "model.pkl")
+    with pytest.raises(PolicyError, match="no policy folder"):
+        load_policy(tmp_path / "missing")
+    _tiny_value_policy().save(tmp_path / "q")
+    (tmp_path / "q" / "weights.safetensors").unlink()
+    with pytest.raises(PolicyError, match="is missing"):
+        load_policy(tmp_path / "q")
+
+
+def test_weights_of_the_wrong_shape_are_refused(tmp_path: Path) -> None:
+    p = _tiny_value_policy()
+    p.save(tmp_path)
+    from safetensors.numpy import load_file, save_file
+
+    from policies.serialize import _sha256
+
+    w = tmp_path / "weights.safetensors"
+    arrays = load_file(str(w))
+    arrays["gain.w1"] = arrays["gain.w1"][:, :1].copy()
+    arrays["gain.b1"] = arrays["gain.b1"][:1].copy()
+    save_file(arrays, str(w))
+    _edit(tmp_path, lambda h: h["weights"].update(sha256=_sha256(w)))
+    with pytest.raises(PolicyError, match="gain network maps"):
+        load_policy(tmp_path)
+
+
+def test_controller_loads_a_policy_folder(tmp_path: Path) -> None:
+    from controller.policy_spec import load_policy as spec_load
+
+    p = _tiny_value_policy()
+    p.with_lam(1e-3).save(tmp_path / "value")
+    for spec in (str(tmp_path / "value"), str(tmp_path / "value" / "policy.json")):
+        q = spec_load(spec)
+        assert isinstance(q, ValuePolicy) and q.lam == 1e-3
+    with pytest.raises(PolicyError, match="never loads pickle"):
+        spec_load(str(tmp_path / "value" / "policy.pkl"))
+    (tmp_path / "value" / "policy.json").write_text("{}")
+    with pytest.raises(PolicyError, match="not a ponder policy file"):
+        spec_load(str(tmp_path / "value"))
+
+
+# -- behaviour ------------------------------------------------------------------------------
+
+
+def test_with_lam_clones_share_weights_and_follow_the_env_price(value_policy: ValuePolicy) -> None:
+    hi = value_policy.with_lam(1e-2)
+    assert hi.stop_net is value_policy.stop_net and hi.gain_net is value_policy.gain_net
+    assert value_policy.lam is None and hi.lam == 1e-2 and hi.name == "value-lam0.01"
+    obs = np.zeros((3, N_FEATURES), np.float32)
+    obs[:, FEATURE_NAMES.index("can_continue")] = 1
+    from env.compute_env import EnvConfig
+
+    follow = value_policy.clone()
+    follow.reset(3, config=EnvConfig(lam=1e-2))
+    np.testing.assert_array_equal(follow.gains(obs), hi.gains(obs))
+    assert follow.value(obs).shape == (3,) and np.isfinite(follow.value(obs)).all()
+
+
+@pytest.mark.parametrize("which", ["value", "ppo"])
+def test_higher_lam_spends_fewer_tokens(
+    which: str,
+    value_policy: ValuePolicy,
+    ppo_policy: PPOPolicy,
+    train_env: BatchedReplayEnv,
+) -> None:
+    policy: LearnedPolicy = value_policy if which == "value" else ppo_policy
+    tokens = [_metrics(policy, train_env, lam)["tokens"] for lam in (1e-5, 1e-4, 1e-3, 1e-2)]
+    assert all(b <= a * 1.05 for a, b in itertools.pairwise(tokens)), tokens
+    assert tokens[-1] < tokens[0] / 2, tokens
+
+
+@pytest.mark.parametrize("which", ["value", "ppo"])
+def test_short_training_beats_random(
+    which: str,
+    value_policy: ValuePolicy,
+    ppo_policy: PPOPolicy,
+    test_env: BatchedReplayEnv,
+) -> None:
+    policy: LearnedPolicy = value_policy if which == "value" else ppo_policy
+    for lam in (MID_LAM, 1e-3):
+        learned = _metrics(policy, test_env, lam)
+        random = _metrics(RandomPolicy(0), test_env, lam)
+        assert learned["reward"] > random["reward"], (lam, learned, random)
+
+
+def test_value_policy_spends_less_than_best_of_16(
+    value_policy: ValuePolicy, test_env: BatchedReplayEnv
+) -> None:
+    # What a short training reaches at a middle price: above random accuracy, well under the
+    # tokens of best-of-16 (and, at a higher price, about SingleChain's tokens).
+    mid = _metrics(value_policy, test_env, MID_LAM)
+    bo16 = _metrics(BestOfN(16), test_env, MID_LAM)
+    random = _metrics(RandomPolicy(0), test_env, MID_LAM)
+    assert mid["tokens"] < 0.75 * bo16["tokens"], (mid, bo16)
+    assert mid["accuracy"] > random["accuracy"], (mid, random)
+
+
+@pytest.mark.slow
+def test_value_policy_at_a_middle_lam_matches_single_chain_with_fewer_tokens_than_best_of_16(
+    test_env: BatchedReplayEnv,
+) -> None:
+    policy = train_value_policy(BANK, transitions=100_000, fqi_iters=6, progress=False)
+    mid = _metrics(policy, test_env, MID_LAM)
+    single = _metrics(SingleChain(), test_env, MID_LAM)
+    bo16 = _metrics(BestOfN(16), test_env, MID_LAM)
+    assert mid["accuracy"] >= single["accuracy"], (mid, single)
+    assert mid["tokens"] < bo16["tokens"], (mid, bo16)
+
+
+def test_policies_only_pick_available_actions(
+    value_policy: ValuePolicy, ppo_policy: PPOPolicy, observations: np.ndarray
+) -> None:
+    from policies.value import available
+
+    ok = available(observations)
+    for p in (value_policy, ppo_policy, ppo_policy.with_lam(1e-4)):
+        p.reset(len(observations))
+        a = p.act(observations)
+        assert ok[np.arange(len(a)), a].all()
+    sampler = PPOPolicy(
+        ppo_policy.actor, ppo_policy.critic, deterministic=False, lam_range=ppo_policy.lam_range
+    )
+    sampler.reset(len(observations))
+    a = sampler.act(observations)
+    assert ok[np.arange(len(a)), a].all()
+    assert ppo_policy.probs(observations)[~ok].max() < 1e-6
+
+
+# -- command line ---------------------------------------------------------------------------
+
+
+def test_cli_trains_tiny_runs(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    runs = {
+        "value": [
+            "--transitions", "3000", "--fqi-iters", "1", "--rounds", "2", "--epochs", "2",
+            "--stop-epochs", "2", "--num-envs", "64", "--eval-seeds", "1",
+        ],
+        "ppo": ["--total-steps", "4096", "--num-envs", "64", "--num-steps", "16", "--eval-seeds", "1"],
+    }  # fmt: skip
+    for kind, extra in runs.items():
+        out = tmp_path / kind
+        cmd = [sys.executable, "-m", "policies.learned", kind, "--bank", str(BANK)]
+        cmd += ["--out", str(out), "--no-progress", "--seed", "1", *extra]
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        header = json.loads((out / "policy.json").read_text())
+        assert header["kind"] == kind and header["training"]["seed"] == 1
+        assert any(k.startswith("eval/accuracy@") for k in header["metrics"])
+        from controller.policy_spec import load_policy as spec_load
+
+        assert isinstance(spec_load(str(out)), LearnedPolicy)
