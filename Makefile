@@ -71,8 +71,8 @@ endif
 	$(PY) -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)'
 	echo $(VARIANT) > $@
 
-run: setup  ## the main job
-	$(VENV)/bin/ponder demo $(RUN_ARGS)
+run: setup  ## the main job (ponder run: train, evaluate and compare the policies; MLflow)
+	$(VENV)/bin/ponder run $(RUN_ARGS)
 
 # pytest exits 5 when it collects no tests: that is a failure here, not a pass.
 test: setup  ## the tests (not the slow ones)

@@ -86,6 +86,17 @@ COMMANDS: tuple[Command, ...] = (
         "controller.proxy:main",
         "an OpenAI-compatible proxy in front of a vLLM server: ponder decides each answer's compute",
     ),
+    Command(
+        "run",
+        "policies.main:main",
+        "the main job: train learned policies, evaluate them, every heuristic and the oracle "
+        "on a bank, compare, track in MLflow",
+    ),
+    Command(
+        "evaluate",
+        "policies.main:evaluate_main",
+        "evaluate one policy (a heuristic's name or a saved policy folder) on a bank",
+    ),
     Command("bank info", "env.bank_cli:main", "summarise a trace bank by difficulty"),
     Command("testbed train", "env.testbed.train:main", "train the testbed model (CPU, resumable)"),
     Command(

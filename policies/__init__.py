@@ -1,9 +1,21 @@
 """Policies: the Policy protocol, fixed heuristics, learned policies, evaluation and tracking.
 
-``policies`` imports ``env`` and ``features``; never ``controller``.
+``policies`` imports ``env`` and ``features``; never ``controller``. MLflow is heavy to import:
+the tracking names (``Tracker``, ``log_policy_model``, ``PolicyModel``) load it on first use.
 """
 
+from typing import Any
+
 from policies.base import BRANCH, CONTINUE, STOP, VERIFY, BasePolicy, ObsView, Policy
+from policies.evaluate import (
+    EvalResult,
+    Evaluator,
+    Family,
+    evaluate,
+    headline,
+    heuristic_sweeps,
+    learned_sweep,
+)
 from policies.heuristics import (
     AdaptiveConsistency,
     BestOfN,
@@ -16,6 +28,7 @@ from policies.heuristics import (
     RandomPolicy,
     SingleChain,
 )
+from policies.oracle import OracleResult, oracle
 
 __all__ = [
     "BRANCH",
@@ -23,6 +36,18 @@ __all__ = [
     "STOP",
     "VERIFY",
     "AdaptiveConsistency",
+    "EvalResult",
+    "Evaluator",
+    "Family",
+    "OracleResult",
+    "PolicyModel",
+    "Tracker",
+    "evaluate",
+    "headline",
+    "heuristic_sweeps",
+    "learned_sweep",
+    "log_policy_model",
+    "oracle",
     "BasePolicy",
     "BestOfN",
     "BoundedThinking",
@@ -36,3 +61,17 @@ __all__ = [
     "RandomPolicy",
     "SingleChain",
 ]
+
+_LAZY = {
+    "Tracker": "policies.tracking",
+    "log_policy_model": "policies.tracking",
+    "PolicyModel": "policies.pyfunc",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'policies' has no attribute {name!r}")

@@ -1,0 +1,903 @@
+"""The main job (``ponder run``, ``make run``): train, evaluate and compare every policy on a bank.
+
+On a trace bank (default: the GSM8K bank, ``data/banks/gsm8k-qwen2.5-coder-1.5b``):
+
+1. fit the difficulty predictor on the training questions;
+2. train the learned policies (:mod:`policies.learned`: value / fitted-Q, PPO) on the training
+   questions, with the same predictor (small budgets by default: minutes on 2 cores);
+3. evaluate every fixed heuristic over its parameter grid, the learned policies over λ, and the
+   oracle, on the *test* questions, each question once per seed (>= 5 seeds);
+4. log everything to MLflow (:mod:`policies.tracking`: one experiment per bank; a parent run
+   ``ponder run`` with one nested run per training and per evaluation);
+5. print the comparison (rich tables with bootstrap intervals and the headline metrics: tokens
+   to match maj@16, accuracy at fixed budgets, area under the frontier, gap to the oracle) and
+   write the frontier plots and tables to ``runs/<bank-name>/``.
+
+A bank still being recorded may hold too few test questions to say anything: below
+``--min-test-questions`` the job says so and runs ``--fallback-bank`` (the shipped testbed bank)
+instead. ``ponder evaluate`` evaluates one policy (a heuristic's name or a saved policy folder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tyro
+from rich.console import Console
+from rich.table import Table
+
+from env.bank import TraceBank
+from env.compute_env import EnvConfig, bank_difficulty, question_split
+from features.errors import ConfigError, PolicyError
+from policies.base import Policy
+from policies.evaluate import (
+    EvalResult,
+    Evaluator,
+    Family,
+    FamilySummary,
+    evaluate_families,
+    headline,
+    heuristic_sweeps,
+    learned_sweep,
+    reference_result,
+    write_rows,
+)
+from policies.metrics import Interval
+from policies.oracle import OracleResult, oracle, oracle_check
+
+__all__ = [
+    "EvaluateArgs",
+    "RunArgs",
+    "comparison_rows",
+    "evaluate_main",
+    "main",
+    "plot_by_difficulty",
+    "plot_frontier",
+    "resolve_policy",
+    "run",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BANK = "data/banks/gsm8k-qwen2.5-coder-1.5b"
+FALLBACK_BANK = "data/banks/testbed-arith"
+
+
+@dataclass
+class RunArgs:
+    """Train the learned policies, evaluate every policy on the test questions, compare, track."""
+
+    bank: str = DEFAULT_BANK
+    """trace bank folder: learned policies train on its train questions; all are evaluated on its test questions"""
+    fallback_bank: str = FALLBACK_BANK
+    """bank run instead when --bank has too few recorded test questions ("" for none)"""
+    min_test_questions: int = 4
+    """fewest recorded test questions (and at least 2 train questions) worth evaluating on"""
+    out: str = ""
+    """folder for plots and tables (default runs/<bank-name>)"""
+    seeds: int = 5
+    """episodes per test question (generator seeds 0..seeds-1)"""
+    seed: int = 0
+    """seed of the learned policies' training"""
+    learned: bool = True
+    """train and evaluate the learned policies (value / fitted-Q and PPO)"""
+    lams: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+    """λ values the learned policies are evaluated at (their frontier sweep)"""
+    value_transitions: int = 60_000
+    """decisions collected to train the value policy"""
+    value_fqi_iters: int = 4
+    """fitted-Q iterations of the value policy"""
+    ppo_steps: int = 300_000
+    """environment steps of PPO training"""
+    budgets: tuple[float, ...] = ()
+    """mean-token budgets for the accuracy-at-budget columns (default: 1/8, 1/4, 1/2 of maj@16's tokens)"""
+    quick: bool = False
+    """a smoke run: tiny training budgets, two λ values (well under a minute)"""
+    tracking_uri: str = ""
+    """MLflow tracking URI (an `mlflow server` URL, ...); default MLFLOW_TRACKING_URI or sqlite in --mlruns"""
+    mlruns: str = "mlruns"
+    """folder of the embedded MLflow store (when no tracking URI is given)"""
+    track: bool = True
+    """log runs to MLflow"""
+    log_models: bool = True
+    """log the learned policies as MLflow models (pyfunc, from code)"""
+    threads: int = 1
+    """BLAS / torch threads for training"""
+    progress: bool = True
+    """show progress bars"""
+
+
+@dataclass
+class BankRun:
+    """What :func:`run` produced for one bank."""
+
+    bank: str
+    out: Path
+    results: dict[str, list[EvalResult]]
+    oracle: OracleResult
+    summaries: list[FamilySummary]
+    reference: EvalResult
+    train_s: dict[str, float]
+    wall_s: float
+    parent_run_id: str | None = None
+
+
+# -- policies ----------------------------------------------------------------------------------
+
+
+def train_learned(
+    bank: TraceBank, args: RunArgs, *, difficulty: Any, console: Console
+) -> tuple[dict[str, Any], dict[str, float], dict[str, dict[str, Any]]]:
+    """Train the learned policies (:mod:`policies.learned`) on ``bank``'s train questions.
+
+    They train on the observations they are evaluated on: with the difficulty predictor
+    fitted on the train questions (``difficulty="auto"`` is the same fit) when there is one.
+    Returns the policies by family name, their training seconds and the arguments used.
+    """
+    from policies import learned  # (imports torch: only when training)
+
+    quick = args.quick
+    common: dict[str, Any] = {
+        "split": "train",
+        "lams": tuple(learned.DEFAULT_LAMS),
+        "seed": args.seed,
+    }
+    common |= {"eval_seeds": 0, "threads": args.threads, "progress": args.progress}
+    jobs = (
+        (
+            "value",
+            learned.train_value_policy,
+            learned.ValueArgs,
+            {
+                "transitions": 4_000 if quick else args.value_transitions,
+                "fqi_iters": 2 if quick else args.value_fqi_iters,
+                "num_envs": 256,
+            },
+        ),
+        (
+            "ppo",
+            learned.train_ppo,
+            learned.PPOArgs,
+            {"total_steps": 4_096 if quick else args.ppo_steps, "num_envs": 64 if quick else 256},
+        ),
+    )
+    policies: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    used: dict[str, dict[str, Any]] = {}
+    for name, fn, fields_of, extra in jobs:
+        kwargs: dict[str, Any] = {**common, **extra}
+        if difficulty is not None:
+            if "difficulty" in {f.name for f in dataclasses.fields(fields_of)}:
+                kwargs["difficulty"] = "auto"
+            else:
+                log.warning("%s trains without the difficulty predictor (difficulty = 0.5)", name)
+        console.print(f"training [bold]{name}[/] on the train questions ...")
+        t0 = time.perf_counter()
+        policies[name] = fn(bank, **kwargs)
+        seconds[name] = time.perf_counter() - t0
+        used[name] = kwargs
+        console.print(f"  {name}: {seconds[name]:.1f} s")
+    return policies, seconds, used
+
+
+def resolve_policy(spec: str, config: EnvConfig) -> Policy:
+    """A policy from a saved policy folder (:func:`policies.pyfunc.save_policy_folder` or a
+    learned policy's ``save``) or a heuristic's name as the sweeps spell it (``best-of-16``,
+    ``s1-256``, ``adaptive-consistency-0.95``, ``probe-agree-3``, ...)."""
+    path = Path(spec)
+    if path.is_dir():
+        from policies.pyfunc import HEURISTIC_FILE, heuristic_from_spec
+
+        if (path / HEURISTIC_FILE).exists():
+            return heuristic_from_spec(json.loads((path / HEURISTIC_FILE).read_text()))
+        from policies.learned import load_policy
+
+        return load_policy(path)
+    from policies import heuristics
+
+    candidates: dict[str, Policy] = {}
+    for fam in heuristic_sweeps(
+        config.max_chains,
+        max_chain_tokens=config.max_chain_tokens,
+        chunk_tokens=config.chunk_tokens,
+        extension_chunks=config.extension_chunks,
+    ):
+        for _, p in fam.points:
+            candidates.setdefault(p.name, p)
+    for cls_name in heuristics.__all__:
+        cls = getattr(heuristics, cls_name)
+        try:
+            p = cls()
+        except TypeError:
+            continue
+        candidates.setdefault(p.name, p)
+    if spec in candidates:
+        return candidates[spec]
+    for p in candidates.values():
+        q = _with_name_numbers(p, spec)
+        if q is not None:
+            return q
+    import difflib
+
+    hint = difflib.get_close_matches(spec, list(candidates), n=3)
+    raise PolicyError(
+        f"unknown policy {spec!r}"
+        + (f"; did you mean {', '.join(hint)}?" if hint else "")
+        + f" Names look like: {', '.join(sorted(candidates))} (other numbers work too); or "
+        "give a saved policy folder"
+    )
+
+
+_NUMBER = re.compile(r"(?<![A-Za-z])\d+(?:\.\d+)?")
+
+
+def _with_name_numbers(policy: Policy, spec: str) -> Policy | None:
+    """``policy``'s heuristic with the numbers of its name replaced by those of ``spec``
+    (``best-of-4`` -> ``best-of-3``), if that policy's name is exactly ``spec``.
+
+    A heuristic's name spells its parameters (``router-0.3-0.7``: easy 0.3, hard 0.7): each
+    number in the name is matched to the constructor argument holding that value.
+    """
+    from policies.pyfunc import heuristic_from_spec, heuristic_spec
+
+    name = policy.name
+    if _NUMBER.sub("#", name) != _NUMBER.sub("#", spec):
+        return None
+    try:
+        data = heuristic_spec(policy)
+    except PolicyError:
+        return None
+    params = dict(data["params"])
+    free = [k for k, v in params.items() if isinstance(v, int | float) and not isinstance(v, bool)]
+    for old, new in zip(_NUMBER.findall(name), _NUMBER.findall(spec), strict=True):
+        key = next((k for k in free if float(params[k]) == float(old)), None)
+        if key is None:
+            return None
+        free.remove(key)
+        params[key] = int(new) if isinstance(params[key], int) and new.isdigit() else float(new)
+    data = {**data, "params": params, "name": ""}
+    try:
+        q = heuristic_from_spec(data)
+    except Exception:  # the heuristic's own checks (ConfigError) refuse these numbers
+        return None
+    return q if q.name == spec else None
+
+
+# -- tables and plots --------------------------------------------------------------------------
+
+
+def _fmt(i: Interval) -> str:
+    """An accuracy in percent with its interval: ``47.5 [28.3, 67.5]``."""
+    if math.isnan(i.mean):
+        return "-"
+    return f"{100 * i.mean:.1f} [{100 * i.low:.1f}, {100 * i.high:.1f}]"
+
+
+def _tok(i: Interval) -> str:
+    if math.isnan(i.mean):
+        return "-"
+    hi = "∞" if math.isinf(i.high) else f"{i.high:.0f}"
+    return f"{i.mean:.0f} [{i.low:.0f}, {hi}]"
+
+
+def comparison_rows(
+    results: dict[str, list[EvalResult]], orc: OracleResult
+) -> list[dict[str, Any]]:
+    """Every operating point (and the oracle) as flat rows: the comparison table."""
+    rows: list[dict[str, Any]] = []
+    for res in results.values():
+        for r in res:
+            rows.append(
+                {
+                    "family": r.family,
+                    "param": r.param,
+                    "policy": r.policy,
+                    "accuracy": r.accuracy.mean,
+                    "accuracy_low": r.accuracy.low,
+                    "accuracy_high": r.accuracy.high,
+                    "tokens": r.tokens.mean,
+                    "tokens_low": r.tokens.low,
+                    "tokens_high": r.tokens.high,
+                    "chains": float(np.mean([e.chains for e in r.episodes])),
+                    "episodes": len(r.episodes),
+                }
+            )
+    rows.append(
+        {
+            "family": "oracle",
+            "param": "",
+            "policy": "oracle",
+            "accuracy": orc.accuracy.mean,
+            "accuracy_low": orc.accuracy.low,
+            "accuracy_high": orc.accuracy.high,
+            "tokens": orc.tokens.mean,
+            "tokens_low": orc.tokens.low,
+            "tokens_high": orc.tokens.high,
+            "chains": 1.0,
+            "episodes": len(orc.questions),
+        }
+    )
+    return rows
+
+
+def headline_rows(summaries: Sequence[FamilySummary]) -> list[dict[str, Any]]:
+    """The per-family headline metrics as flat rows."""
+    rows = []
+    for s in summaries:
+        row: dict[str, Any] = {
+            "family": s.family,
+            "kind": s.kind,
+            "best": s.best.label,
+            "best_accuracy": s.best.accuracy.mean,
+            "best_tokens": s.best.tokens.mean,
+            "tokens_to_match": s.tokens_to_match.mean,
+            "tokens_to_match_low": s.tokens_to_match.low,
+            "tokens_to_match_high": s.tokens_to_match.high,
+            "match_point": s.match.label if s.match is not None else "",
+            "match_rate": s.match_rate,
+            "area": s.area,
+            "oracle_gap": s.oracle_gap,
+        }
+        for b, a in s.accuracy_at.items():
+            row[f"accuracy_at_{b:.0f}"] = a
+        rows.append(row)
+    return rows
+
+
+def _headline_metrics(summaries: Sequence[FamilySummary]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for s in summaries:
+        f = s.family
+        out[f"headline/{f}/best_accuracy"] = s.best.accuracy.mean
+        out[f"headline/{f}/tokens_to_match"] = s.tokens_to_match.mean
+        out[f"headline/{f}/area"] = s.area
+        out[f"headline/{f}/oracle_gap"] = s.oracle_gap
+        for b, a in s.accuracy_at.items():
+            out[f"headline/{f}/accuracy_at_{b:.0f}"] = a
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def print_tables(
+    console: Console,
+    bank: str,
+    results: dict[str, list[EvalResult]],
+    summaries: Sequence[FamilySummary],
+    orc: OracleResult,
+    reference: EvalResult,
+    budgets: Sequence[float],
+    area_range: tuple[float, float],
+    questions: int,
+    seeds: int,
+) -> None:
+    """The full comparison (every point) and the per-family headline table."""
+    t = Table(
+        title=f"{bank}: every operating point on {questions} test questions x {seeds} seeds; "
+        "accuracy in %, mean [95% bootstrap interval over questions]",
+        title_justify="left",
+    )
+    for c in ("family", "point", "accuracy %", "decoded tokens", "chains"):
+        t.add_column(c, justify="left" if c in ("family", "point") else "right")
+    for res in results.values():
+        for r in res:
+            t.add_row(
+                r.family,
+                r.param,
+                _fmt(r.accuracy),
+                _tok(r.tokens),
+                f"{np.mean([e.chains for e in r.episodes]):.1f}",
+            )
+    t.add_row("oracle", "", _fmt(orc.accuracy), _tok(orc.tokens), "1.0", style="bold")
+    console.print(t)
+    ref = reference
+    b_cols = [f"acc@{b:.0f}" for b in budgets]
+    h = Table(
+        title=(
+            f"{bank}: headline per family (accuracy in %). maj@16 ({ref.label}): "
+            f"{_fmt(ref.accuracy)} at {ref.tokens.mean:.0f} tokens; oracle: {_fmt(orc.accuracy)} "
+            f"at {orc.tokens.mean:.0f} tokens.\n"
+            "tokens to match: fewest mean tokens within 0.5 pt of maj@16 (paired bootstrap "
+            "interval; the point); acc@B: best accuracy at <= B mean tokens; area: mean best "
+            f"accuracy over [{area_range[0]:.0f}, {area_range[1]:.0f}] tokens; oracle gap: oracle "
+            "accuracy - best accuracy (pt)"
+        ),
+        title_justify="left",
+    )
+    for c in ("family", "best point", "best accuracy", "tokens", "tokens to match maj@16",
+              *b_cols, "area", "oracle gap"):  # fmt: skip
+        h.add_column(c, justify="left" if c in ("family", "best point") else "right")
+    for s in sorted(summaries, key=lambda s: -s.area if math.isfinite(s.area) else 0.0):
+        match = _tok(s.tokens_to_match)
+        if s.match is not None:
+            match += f" ({s.match.param})"
+        h.add_row(
+            s.family,
+            s.best.param,
+            _fmt(s.best.accuracy),
+            f"{s.best.tokens.mean:.0f}",
+            match,
+            *("-" if math.isnan(a) else f"{100 * a:.1f}" for a in s.accuracy_at.values()),
+            "-" if math.isnan(s.area) else f"{100 * s.area:.1f}",
+            f"{100 * s.oracle_gap:.1f}",
+            style="bold" if s.kind == "learned" else None,
+        )
+    console.print(h)
+
+
+def plot_frontier(
+    path: str | Path,
+    results: dict[str, list[EvalResult]],
+    orc: OracleResult,
+    reference: EvalResult,
+    *,
+    title: str = "",
+    kinds: dict[str, str] | None = None,
+) -> Path:
+    """Accuracy vs mean decoded tokens: one line per family through its sweep (error bars: the
+    bootstrap intervals), the oracle point, and the maj@16 accuracy as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 6.5))
+    cmap = plt.get_cmap("tab20")
+    for i, (fam, res) in enumerate(results.items()):
+        pts = sorted(res, key=lambda r: r.tokens.mean)
+        x = np.array([r.tokens.mean for r in pts])
+        y = np.array([r.accuracy.mean for r in pts])
+        xerr = np.array([[r.tokens.mean - r.tokens.low for r in pts],
+                         [r.tokens.high - r.tokens.mean for r in pts]])  # fmt: skip
+        yerr = np.array([[r.accuracy.mean - r.accuracy.low for r in pts],
+                         [r.accuracy.high - r.accuracy.mean for r in pts]])  # fmt: skip
+        learned = (kinds or {}).get(fam) == "learned"
+        eb = ax.errorbar(
+            x,
+            y,
+            xerr=np.maximum(xerr, 0),
+            yerr=np.maximum(yerr, 0),
+            marker="o" if not learned else "D",
+            ms=4 if not learned else 6,
+            lw=1.2 if not learned else 2.4,
+            elinewidth=0.6,
+            capsize=2,
+            alpha=0.9,
+            color=cmap(i % 20),
+            label=fam,
+        )
+        for bars in eb[2]:
+            bars.set_alpha(0.35)
+    ax.axhline(reference.accuracy.mean, color="0.3", ls="--", lw=1, label="maj@16")
+    ax.axhspan(reference.accuracy.low, reference.accuracy.high, color="0.5", alpha=0.08)
+    ax.errorbar(
+        [orc.tokens.mean],
+        [orc.accuracy.mean],
+        xerr=[[orc.tokens.mean - orc.tokens.low], [orc.tokens.high - orc.tokens.mean]],
+        yerr=[[orc.accuracy.mean - orc.accuracy.low], [orc.accuracy.high - orc.accuracy.mean]],
+        marker="*",
+        ms=16,
+        color="black",
+        capsize=3,
+        ls="none",
+        label="oracle",
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel("mean decoded tokens per question (generated + injected + probes + verifier)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=130)
+    plt.close(fig)
+    return p
+
+
+def plot_by_difficulty(
+    path: str | Path,
+    summaries: Sequence[FamilySummary],
+    orc: OracleResult,
+    reference: EvalResult,
+    *,
+    title: str = "",
+) -> Path:
+    """Accuracy and mean tokens per difficulty level: the oracle, maj@16 and each family's
+    cheapest point matching maj@16 (else its most accurate one)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = list(orc.by_level)
+    xs = np.arange(len(levels))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
+    cmap = plt.get_cmap("tab20")
+
+    def line(by: dict[str, Any], label: str, **kw: Any) -> None:
+        acc = [by[lv].accuracy.mean if lv in by else np.nan for lv in levels]
+        tok = [by[lv].tokens.mean if lv in by else np.nan for lv in levels]
+        a1.plot(xs, acc, marker="o", label=label, **kw)
+        a2.plot(xs, tok, marker="o", label=label, **kw)
+
+    line(orc.by_level, "oracle", color="black", lw=2.5)
+    line(reference.by_level, f"maj@16 ({reference.label})", color="0.4", lw=2, ls="--")
+    for i, s in enumerate(summaries):
+        r = s.match if s.match is not None else s.best
+        if r is reference:
+            continue
+        line(r.by_level, r.label, color=cmap(i % 20), lw=1.2, alpha=0.85)
+    for ax, what in ((a1, "accuracy"), (a2, "mean decoded tokens")):
+        ax.set_xticks(xs, levels)
+        ax.set_xlabel("difficulty level")
+        ax.set_ylabel(what)
+        ax.grid(True, alpha=0.25)
+    a2.set_yscale("log")
+    a2.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return p
+
+
+# -- the job -----------------------------------------------------------------------------------
+
+
+def _counts(bank: TraceBank) -> tuple[int, int]:
+    splits = [question_split(q) for q in bank.questions]
+    return splits.count("train"), splits.count("test")
+
+
+def _bank_path(spec: str) -> Path:
+    """A bank folder: as given, else relative to the repository (the default banks ship there)."""
+    p = Path(spec)
+    if p.is_dir() or p.is_absolute():
+        return p
+    repo = Path(__file__).resolve().parents[1] / p
+    return repo if repo.is_dir() else p
+
+
+def pick_banks(args: RunArgs, console: Console) -> list[Path]:
+    """The bank to run, or the fallback (with a clear message) when it holds too little."""
+    path = _bank_path(args.bank)
+    reason = ""
+    if not path.is_dir():
+        reason = f"there is no bank at {path}"
+    else:
+        b = TraceBank(path)
+        train, test = _counts(b)
+        total = len(b.manifest.questions)
+        console.print(
+            f"bank {path.name}: {len(b)} of {total} questions recorded ({train} train, {test} test)"
+        )
+        if test < args.min_test_questions or train < 2:
+            reason = (
+                f"the bank {path} holds only {test} recorded test and {train} train questions "
+                f"(fewer than --min-test-questions {args.min_test_questions} test or 2 train): "
+                "too few to compare policies (is `ponder record` still filling it?)"
+            )
+    if not reason:
+        return [path]
+    fb = _bank_path(args.fallback_bank) if args.fallback_bank else None
+    if fb is None or not fb.is_dir() or fb.resolve() == path.resolve():
+        raise ConfigError(reason + "; give another --bank")
+    console.print(f"[bold yellow]{reason}; running {fb} instead.[/]")
+    return [fb]
+
+
+def run(args: RunArgs, console: Console | None = None) -> list[BankRun]:
+    """The main job on the bank of ``args`` (or its fallback). Returns what each bank produced."""
+    console = console or _console()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if args.seeds < 1:
+        raise ConfigError("--seeds must be >= 1")
+    out = []
+    for path in pick_banks(args, console):
+        out.append(_run_bank(path, args, console))
+    return out
+
+
+def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    t_start = time.perf_counter()
+    bank = TraceBank(path)
+    name = path.resolve().name
+    out = Path(args.out) if args.out else Path("runs") / name
+    out.mkdir(parents=True, exist_ok=True)
+    train_n, test_n = _counts(bank)
+
+    diff = bank_difficulty(bank)
+    if diff is not None:
+        diff.save(out / "difficulty.json")
+        console.print(f"difficulty predictor fitted on {train_n} training questions")
+
+    evaluator = Evaluator(bank, split="test", seeds=args.seeds, difficulty=diff)
+    cfg = evaluator.config
+    orc = oracle(bank, split="test", config=cfg)
+
+    tracker = None
+    if args.track:
+        from policies.tracking import Tracker
+
+        tracker = Tracker(bank, tracking_uri=args.tracking_uri or None, root=args.mlruns)
+        console.print(f"MLflow: experiment {tracker.experiment!r} at {tracker.uri}")
+
+    lams = (args.lams[0], args.lams[-1]) if args.quick and len(args.lams) > 2 else args.lams
+    params = {
+        **{k: v for k, v in dataclasses.asdict(args).items() if k not in ("tracking_uri",)},
+        "bank": str(path),
+        "lams": ",".join(f"{x:g}" for x in lams),
+        "train_questions": train_n,
+        "test_questions": test_n,
+    }
+    ctx = (
+        tracker.run(f"ponder run {name}", params=params, tags={"ponder.kind": "main"})
+        if tracker
+        else contextlib.nullcontext()
+    )
+    with ctx as parent:
+        if tracker is not None:
+            import mlflow
+
+            mlflow.log_metrics(orc.metrics())
+            if diff is not None:
+                mlflow.log_artifact(str(out / "difficulty.json"))
+
+        learned: dict[str, Any] = {}
+        train_s: dict[str, float] = {}
+        if args.learned:
+            learned, train_s, used = train_learned(bank, args, difficulty=diff, console=console)
+            for lname, pol in learned.items():
+                folder = out / "policies" / lname
+                save = getattr(pol, "save", None)
+                if callable(save):
+                    save(folder)
+                if tracker is not None:
+                    _log_training(tracker, lname, pol, used[lname], train_s[lname], cfg, args)
+
+        families: list[Family] = heuristic_sweeps(
+            cfg.max_chains,
+            max_chain_tokens=cfg.max_chain_tokens,
+            chunk_tokens=cfg.chunk_tokens,
+            extension_chunks=cfg.extension_chunks,
+        )
+        kinds = {f.name: f.kind for f in families}
+        for lname, pol in learned.items():
+            fam = learned_sweep(lname, pol, lams)
+            families.append(fam)
+            kinds[fam.name] = "learned"
+
+        total = sum(len(f.points) for f in families)
+        with Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not args.progress,
+            transient=True,
+        ) as bar:
+            task = bar.add_task(
+                f"evaluating {total} policies x {evaluator.episodes} episodes", total=total
+            )
+
+            def done(r: EvalResult) -> None:
+                if tracker is not None:
+                    tracker.log_eval(r)
+                bar.update(task, advance=1, description=f"evaluated {r.label}")
+
+            with warnings.catch_warnings():
+                # DeepConf's warm-up percentile over episodes that have no warm-up chain yet
+                warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
+                results = evaluate_families(evaluator, families, on_result=done)
+
+        beaten = [m for res in results.values() for r in res for m in oracle_check(r, orc)]
+        if beaten:  # cannot happen if the oracle counts as the env does: say so loudly
+            console.print(f"[bold red]{len(beaten)} episodes beat the oracle, e.g. {beaten[0]}[/]")
+
+        reference = reference_result(results, 16)
+        if reference is None:
+            raise ConfigError("the sweeps hold no best-of-N majority result (maj@16)")
+        budgets = args.budgets or tuple(
+            float(round(reference.tokens.mean * f)) for f in (0.125, 0.25, 0.5)
+        )
+        cheapest = min(r.tokens.mean for res in results.values() for r in res)
+        area_range = (cheapest, reference.tokens.mean)
+        summaries = headline(
+            results,
+            reference=reference,
+            budgets=budgets,
+            area_range=area_range,
+            oracle_accuracy=orc.accuracy.mean,
+            kinds=kinds,
+        )
+
+        print_tables(
+            console, name, results, summaries, orc, reference, budgets, area_range,
+            len(evaluator.questions), len(evaluator.seeds),
+        )  # fmt: skip
+
+        title = f"{name}: {len(evaluator.questions)} test questions x {len(evaluator.seeds)} seeds"
+        frontier = plot_frontier(
+            out / "frontier.png", results, orc, reference, title=title, kinds=kinds
+        )
+        by_level = plot_by_difficulty(
+            out / "difficulty.png", summaries, orc, reference, title=title
+        )
+        comp = write_rows(out / "comparison.csv", comparison_rows(results, orc))
+        head = write_rows(out / "headline.csv", headline_rows(summaries))
+        oracle_csv = write_rows(out / "oracle.csv", orc.rows())
+        wall = time.perf_counter() - t_start
+        run_id = None
+        if tracker is not None:
+            import mlflow
+
+            mlflow.log_metrics(
+                {
+                    **_headline_metrics(summaries),
+                    "maj16/accuracy": reference.accuracy.mean,
+                    "maj16/tokens": reference.tokens.mean,
+                    "job/wall_s": wall,
+                    **{f"train/{k}_wall_s": v for k, v in train_s.items()},
+                }
+            )
+            for p in (frontier, by_level, comp, head, oracle_csv):
+                mlflow.log_artifact(str(p))
+            run_id = str(parent.info.run_id) if parent is not None else None
+        console.print(
+            f"wrote {frontier}, {by_level}, {comp}, {head} "
+            f"({wall:.0f} s; training {sum(train_s.values()):.0f} s)"
+        )
+    return BankRun(
+        bank=name,
+        out=out,
+        results=results,
+        oracle=orc,
+        summaries=summaries,
+        reference=reference,
+        train_s=train_s,
+        wall_s=wall,
+        parent_run_id=run_id,
+    )
+
+
+def _log_training(
+    tracker: Any,
+    name: str,
+    policy: Any,
+    used: dict[str, Any],
+    seconds: float,
+    config: EnvConfig,
+    args: RunArgs,
+) -> None:
+    import mlflow
+
+    from policies.tracking import flat_config, log_policy_model
+
+    params = {f"train.{k}": v for k, v in used.items()}
+    with tracker.run(
+        f"train {name}",
+        params={"policy": name, **params, **flat_config(config)},
+        tags={"ponder.kind": "training"},
+        nested=True,
+    ):
+        metrics = {"train/wall_s": seconds}
+        meta = getattr(policy, "meta", None)
+        if isinstance(meta, dict):
+            # numbers at the top of the policy's metadata, and those of its "metrics"
+            nested = meta.get("metrics")
+            items = [*meta.items(), *(nested.items() if isinstance(nested, dict) else [])]
+            for k, v in items:
+                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+                    metrics[k if "/" in k else f"train/{k}"] = float(v)
+        mlflow.log_metrics(metrics)
+        if args.log_models:
+            log_policy_model(policy, config)
+
+
+def _console() -> Console:
+    """A console wide enough for the tables, also when writing to a file or a pipe."""
+    return Console() if sys.stdout.isatty() else Console(width=180)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ponder run``."""
+    args = tyro.cli(RunArgs, args=argv, prog="ponder run")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    run(args)
+    return 0
+
+
+# -- ponder evaluate ---------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluateArgs:
+    """Evaluate one policy on a bank's questions: accuracy and tokens with intervals, per level."""
+
+    policy: str
+    """a heuristic's name (best-of-16, best-of-4-verifier, s1-256, adaptive-consistency-0.95, probe-agree-3, ...) or a saved policy folder"""
+    bank: str = DEFAULT_BANK
+    """trace bank folder"""
+    split: str = "test"
+    """questions evaluated (train / test)"""
+    seeds: int = 5
+    """episodes per question"""
+    lam: float | None = None
+    """λ a learned policy acts for (default: its own)"""
+    episodes_csv: str = ""
+    """write the per-episode table here"""
+    tracking_uri: str = ""
+    """MLflow tracking URI (default MLFLOW_TRACKING_URI or sqlite in --mlruns)"""
+    mlruns: str = "mlruns"
+    """folder of the embedded MLflow store"""
+    track: bool = True
+    """log the evaluation as an MLflow run"""
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    """``ponder evaluate``."""
+    args = tyro.cli(EvaluateArgs, args=argv, prog="ponder evaluate")
+    console = _console()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    ev = Evaluator(_bank_path(args.bank), split=args.split or None, seeds=args.seeds)
+    policy = resolve_policy(args.policy, ev.config)
+    if args.lam is not None:
+        with_lam = getattr(policy, "with_lam", None)
+        if not callable(with_lam):
+            raise ConfigError(f"{args.policy} takes no λ (only learned policies do)")
+        policy = with_lam(args.lam)
+    r = ev(policy)
+    orc = oracle(ev.bank, split=args.split or None, config=ev.config)
+    t = Table(
+        title=f"{r.policy} on {r.bank} ({args.split}: {len(ev.questions)} questions x "
+        f"{len(ev.seeds)} seeds)",
+        title_justify="left",
+    )
+    for c in (
+        "level",
+        "questions",
+        "accuracy",
+        "decoded tokens",
+        "oracle accuracy",
+        "oracle tokens",
+    ):
+        t.add_column(c, justify="left" if c == "level" else "right")
+    for lv, s in r.by_level.items():
+        o = orc.by_level.get(lv)
+        t.add_row(
+            lv, str(s.questions), _fmt(s.accuracy), _tok(s.tokens),
+            _fmt(o.accuracy) if o else "-", _tok(o.tokens) if o else "-",
+        )  # fmt: skip
+    t.add_row(
+        "all", str(len(ev.questions)), _fmt(r.accuracy), _tok(r.tokens),
+        _fmt(orc.accuracy), _tok(orc.tokens), style="bold",
+    )  # fmt: skip
+    console.print(t)
+    if args.episodes_csv:
+        r.write_csv(args.episodes_csv)
+    if args.track:
+        from policies.tracking import Tracker
+
+        tracker = Tracker(ev.bank, tracking_uri=args.tracking_uri or None, root=args.mlruns)
+        run_id = tracker.log_eval(r, nested=False)
+        console.print(f"MLflow run {run_id} in experiment {tracker.experiment!r} ({tracker.uri})")
+    return 0

@@ -1,0 +1,239 @@
+"""The oracle: what an allocator that knew correctness would spend (the physical limit).
+
+For each question the oracle answers with the cheapest *single chain prefix* whose answer is
+correct. A prefix of recorded chain ``h`` is its first ``i + 1`` chunks, as the environment
+reaches them by opening the chain and continuing it ``i`` times (past its sampled end by budget
+forcing, as far as the recorded extension chunks go). Its cost is counted exactly as the env
+counts decoded tokens:
+
+* every chunk's tokens (generated and injected: ``n_tokens``), plus
+* the chunk's answer-forcing probe (``probe_tokens``) only while the chain is still open after
+  the chunk (an ended chain is not probed), and only when the env probes (``config.probe``).
+
+A prefix's answer is the chain's answer at that point, as the env holds it: its final answer
+(extracted from the text so far) once the chain has ended, else its latest probe answer. A chain
+has ended after chunk ``i`` when the chunk's finish reason is ``cap`` or ``forced``, or ``i`` is
+its last sampled chunk, or the last recorded one (except a budget-forced chunk that brought no
+token). The prefixes a chain offers stop where the env could no longer continue it: a chain cut
+by the token cap or a forced answer, ``extension_chunks`` extensions past its end, a chain at
+``max_chain_tokens``, the last recorded chunk, or a continue that could pass ``token_cap``.
+
+Any policy's correct answer is some chain's answer at the moment it stops, and reaching it cost at
+least that chain's prefix, so no policy beats the oracle: its accuracy is at most the oracle's and
+a correct episode decodes at least the oracle's tokens for that question (verification and
+other chains only add). A question with no correct prefix counts as wrong at the cost of its
+cheapest opening chunk (every episode opens one chain).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from env.bank import ChainTrace, QuestionTrace, TraceBank
+from env.compute_env import Action, EnvConfig, question_split
+from features.answers import answers_equal, extract_answer, normalize_answer
+from features.errors import ConfigError
+from policies.evaluate import LevelStats, bank_config, level_label, summarize_scores
+from policies.metrics import FrontierPoint, Interval
+
+__all__ = [
+    "OracleQuestion",
+    "OracleResult",
+    "Prefix",
+    "chain_prefixes",
+    "oracle",
+    "oracle_check",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Prefix:
+    """One reachable prefix of a chain: chunks ``0..chunk``, what it decoded, its answer."""
+
+    chunk: int
+    tokens: int
+    answer: str | None
+    correct: bool
+    ended: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OracleQuestion:
+    """The oracle on one question: the cheapest correct prefix (chain, chunks, tokens)."""
+
+    qid: str
+    level: str
+    correct: bool
+    tokens: int
+    chain: int  # -1: no correct prefix (tokens is then the cheapest opening chunk)
+    chunks: int
+
+
+@dataclass
+class OracleResult:
+    """The oracle on a split: per question, and summarised like :class:`EvalResult`."""
+
+    bank: str
+    split: str
+    config: EnvConfig
+    questions: list[OracleQuestion]
+    accuracy: Interval
+    tokens: Interval
+    by_level: dict[str, LevelStats]
+
+    name = "oracle"
+
+    def point(self) -> FrontierPoint:
+        return FrontierPoint("oracle", "", self.tokens, self.accuracy)
+
+    def by_qid(self) -> dict[str, OracleQuestion]:
+        return {q.qid: q for q in self.questions}
+
+    def metrics(self, prefix: str = "oracle") -> dict[str, float]:
+        out = {
+            f"{prefix}/accuracy": self.accuracy.mean,
+            f"{prefix}/accuracy_low": self.accuracy.low,
+            f"{prefix}/accuracy_high": self.accuracy.high,
+            f"{prefix}/tokens": self.tokens.mean,
+            f"{prefix}/tokens_low": self.tokens.low,
+            f"{prefix}/tokens_high": self.tokens.high,
+        }
+        for lv, s in self.by_level.items():
+            out[f"{prefix}/accuracy/{lv}"] = s.accuracy.mean
+            out[f"{prefix}/tokens/{lv}"] = s.tokens.mean
+        return out
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [dataclasses.asdict(q) for q in self.questions]
+
+
+def _ended(ct: ChainTrace, i: int) -> tuple[bool, str]:
+    """Whether the chain has ended after its chunk ``i`` in a replay, and the finish reason."""
+    r = ct.rows
+    fr = str(r["finish_reason"][i])
+    empty_forced = i >= ct.n_main and int(r["n_tokens"][i]) == 0  # budget forcing wants more
+    if fr in ("cap", "forced"):
+        return True, fr
+    if i == ct.n_main - 1 and ct.finish_reason == "stop":
+        return not empty_forced, fr
+    if i == ct.n_main - 1 or i + 1 >= ct.n_chunks:
+        if empty_forced:
+            return False, fr
+        return True, "cap" if fr == "length" else fr
+    return False, fr
+
+
+def chain_prefixes(ct: ChainTrace, gold: str | None, config: EnvConfig) -> list[Prefix]:
+    """Every prefix of a recorded chain the env can reach, with its decoded tokens and answer."""
+    r = ct.rows
+    out: list[Prefix] = []
+    decoded = 0
+    chain_tokens = 0
+    text = ""
+    answer: str | None = None
+    bound_continue = config.bound(Action.CONTINUE)
+    for i in range(ct.n_chunks):
+        n = int(r["n_tokens"][i])
+        chain_tokens += n
+        text += r["text"][i]
+        ended, reason = _ended(ct, i)
+        decoded += n
+        if ended:
+            answer = normalize_answer(extract_answer(text))
+        elif config.probe:
+            decoded += int(r["probe_tokens"][i])
+            answer = normalize_answer(r["probe_answer"][i])
+        correct = gold is not None and bool(answers_equal(answer, gold))
+        out.append(Prefix(i, decoded, answer, correct, ended))
+        past_end = ended or i >= ct.n_main
+        extensions = max(0, i + 1 - ct.n_main)
+        can_continue = (
+            not (ended and reason != "stop")
+            and not (past_end and extensions >= config.extension_chunks)
+            and not (not past_end and chain_tokens >= config.max_chain_tokens)
+            and i + 1 < ct.n_chunks
+            and config.token_cap - decoded >= bound_continue
+        )
+        if not can_continue:
+            break
+    return out
+
+
+def _question(qt: QuestionTrace, config: EnvConfig) -> OracleQuestion:
+    q = qt.question
+    gold = q.gold
+    best: tuple[int, int, int] | None = None  # tokens, chain, chunks
+    opening = None
+    for h, ct in enumerate(qt.chains):
+        pre = chain_prefixes(ct, gold, config)
+        if pre and (opening is None or pre[0].tokens < opening):
+            opening = pre[0].tokens
+        for p in pre:
+            if p.correct and (best is None or p.tokens < best[0]):
+                best = (p.tokens, h, p.chunk + 1)
+                break  # later prefixes of this chain cost more
+    if best is None:
+        return OracleQuestion(q.qid, level_label(q.difficulty), False, int(opening or 0), -1, 1)
+    return OracleQuestion(q.qid, level_label(q.difficulty), True, best[0], best[1], best[2])
+
+
+def oracle(
+    bank: TraceBank | str | Path,
+    *,
+    split: str | None = "test",
+    config: EnvConfig | None = None,
+    n_boot: int = 2000,
+    **config_fields: Any,
+) -> OracleResult:
+    """The oracle on the recorded questions of ``split`` (see the module docstring).
+
+    Args:
+        bank: a :class:`~env.bank.TraceBank` or its folder.
+        split: ``test`` / ``train`` (``None``: every recorded question).
+        config: env settings (unset fields: the bank's, as the evaluator uses them).
+        n_boot: bootstrap resamples for the intervals.
+    """
+    b = bank if isinstance(bank, TraceBank) else TraceBank(bank)
+    if config is not None and config_fields:
+        raise ConfigError("pass either config or its fields, not both")
+    config = config if config is not None else bank_config(b, **config_fields)
+    qs = [q for q in b.questions if not split or question_split(q) == split]
+    if not qs:
+        raise ConfigError(f"the bank at {b.path} has no recorded {split or 'any'!r} questions")
+    per = [_question(b[q.qid], config) for q in qs]
+    acc, tok, by = summarize_scores(
+        [p.qid for p in per],
+        [p.level for p in per],
+        [float(p.correct) for p in per],
+        [float(p.tokens) for p in per],
+        n_boot=n_boot,
+    )
+    return OracleResult(
+        bank=b.path.resolve().name,
+        split=split or "",
+        config=config,
+        questions=per,
+        accuracy=acc,
+        tokens=tok,
+        by_level=by,
+    )
+
+
+def oracle_check(result: Any, orc: OracleResult, *, slack: int = 0) -> list[str]:
+    """Episodes of an :class:`EvalResult` that beat the oracle (none should): correct where
+    the oracle is wrong, or correct with fewer tokens than the oracle's."""
+    by = orc.by_qid()
+    bad = []
+    for e in result.episodes:
+        o = by.get(e.qid)
+        if o is None or not e.correct:
+            continue
+        if not o.correct or e.decoded + slack < o.tokens:
+            bad.append(
+                f"{result.label}: {e.qid} seed {e.seed} correct with {e.decoded} tokens, oracle "
+                f"{'wrong' if not o.correct else o.tokens}"
+            )
+    return bad
