@@ -231,9 +231,12 @@ class DeepConfOnline(BasePolicy):
         warming = n < self.n_init
         fix = np.isnan(self.threshold) & (n >= self.n_init) & ended
         if fix.any():
-            self.threshold[fix] = np.nanpercentile(
-                self.warm[fix], 100.0 - self.keep_percent, axis=1
-            )
+            warm = self.warm[fix]
+            seen = ~np.isnan(warm).all(axis=1)  # a warm-up with no recorded chain sets no threshold
+            th = np.full(warm.shape[0], np.nan)
+            if seen.any():
+                th[seen] = np.nanpercentile(warm[seen], 100.0 - self.keep_percent, axis=1)
+            self.threshold[fix] = th
         cut = (n > self.n_init) & ~ended & (conf_min < self.threshold)
         done_chain = ended | cut
         agreed = v["conf_vote_share"] >= self.consensus
