@@ -19,8 +19,12 @@ class Slow:
     Args:
         inner: the generator.
         delays: seconds to sleep before each call to extend/probe/judge (a number), or
-            ``{call_number: seconds}`` (1-based over those calls).
+            ``{call_number: seconds}`` (1-based over those calls); :data:`HANG` instead of seconds
+            blocks that call until :meth:`release` (a hung engine, with no clock involved).
     """
+
+    #: A delay that blocks the call until :meth:`release`.
+    HANG = float("inf")
 
     def __init__(self, inner: Any, delays: float | Mapping[int, float] = 0.0) -> None:
         self.inner = inner
@@ -29,6 +33,11 @@ class Slow:
         self.active = 0
         self.usage = TokenUsage()
         self.lock = threading.Lock()
+        self.released = threading.Event()
+
+    def release(self) -> None:
+        """Let every hung call go on."""
+        self.released.set()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -52,7 +61,9 @@ class Slow:
             self.active += 1
         try:
             d = self.delays.get(n, 0.0) if isinstance(self.delays, Mapping) else self.delays
-            if d:
+            if d == self.HANG:
+                self.released.wait()
+            elif d:
                 time.sleep(d)
             out = fn(*args, **kw)
             with self.lock:

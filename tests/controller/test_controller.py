@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any, Literal
 
 import numpy as np
@@ -23,8 +22,6 @@ from policies.heuristics import BestOfN, RandomPolicy, SingleChain
 CFG = EnvConfig(chunk_tokens=16, max_chain_tokens=96, max_chains=6, probe_tokens=8)
 OPENING = CFG.bound(Action.BRANCH)
 Q = "Let a = 40. Let b = a + 2. What is b?"
-#: Slack for thread scheduling on a loaded 2-core machine.
-SLACK_S = 0.5
 
 
 def check_accounting(r: Result) -> None:
@@ -120,15 +117,15 @@ def test_an_empty_branch_is_a_fault() -> None:
 
 
 def test_latency_cap_abandons_a_hung_call(slow: Any) -> None:
-    gen = slow(FakeGenerator(), {4: 1.5})  # the opening is fast, the next probe hangs
+    gen = slow(FakeGenerator(), {4: slow.HANG})  # the opening is fast, the next probe never returns
     ctl = Controller(gen, SingleChain(), config=CFG, latency_cap_s=0.6)
-    t0 = time.monotonic()
     r = ctl.solve(Q)
-    took = time.monotonic() - t0
+    # The answer came back while the engine call was still hung: the cap did not wait for it.
+    assert gen.active == 1
     assert r.reason == "latency cap"
-    assert took < 0.6 + SLACK_S and r.latency_s < 0.6 + SLACK_S
     assert r.answer == "42"  # the opening probe's answer
     check_accounting(r)
+    gen.release()
     gen.wait_idle()
     # The abandoned step was admitted under the token cap: the engine stayed within it, and
     # everything in the result was counted exactly once.
@@ -140,7 +137,7 @@ def test_latency_cap_between_steps(slow: Any) -> None:
     ctl = Controller(gen, BestOfN(6), config=CFG, latency_cap_s=0.5)
     r = ctl.solve(Q)
     assert r.reason == "latency cap" and r.answer == "42"
-    assert r.latency_s < 0.5 + SLACK_S
+    assert r.n_chains < 6  # cut short between steps, before best-of-6 was complete
     check_accounting(r)
     gen.wait_idle()
     assert r.decoded <= gen.decoded
@@ -148,7 +145,8 @@ def test_latency_cap_between_steps(slow: Any) -> None:
 
 def test_asolve_and_its_latency_cap(slow: Any) -> None:
     ctl = Controller(FakeGenerator(), BestOfN(2), config=CFG)
-    slow_ctl = Controller(slow(FakeGenerator(), {3: 3.0}), SingleChain(), config=CFG)
+    hung = slow(FakeGenerator(), {3: slow.HANG})
+    slow_ctl = Controller(hung, SingleChain(), config=CFG)
 
     async def go() -> tuple[Result, list[Result], Result]:
         one = await ctl.asolve(Q)
@@ -157,11 +155,13 @@ def test_asolve_and_its_latency_cap(slow: Any) -> None:
         return one, list(many), capped
 
     one, many, capped = asyncio.run(go())
+    assert hung.active == 1  # asolve answered while the engine call was still hung
+    hung.release()
     assert one.answer == "42" and one.reason == "stop"
     assert all(r.answer == "42" and r.n_chains == 2 for r in many)
     for r in (one, *many, capped):
         check_accounting(r)
-    assert capped.reason == "latency cap" and capped.latency_s < 0.4 + SLACK_S
+    assert capped.reason == "latency cap"
 
 
 def test_solve_many_keeps_order_and_separate_state() -> None:
@@ -233,8 +233,6 @@ def test_caps_hold_under_random_policies_and_faults(
     )
     r = ctl.solve(Q)
     assert r.decoded <= token_cap
-    if latency:
-        assert r.latency_s < latency + SLACK_S
     check_accounting(r)
     gen.wait_idle()
     assert gen.decoded <= token_cap  # what the engine decoded, abandoned steps included
@@ -322,9 +320,7 @@ def test_fleet_spends_the_rest_where_it_pays() -> None:
 def test_fleet_latency_cap(slow: Any) -> None:
     gen = slow(FakeGenerator(), 0.05)
     ctl = Controller(gen, BestOfN(6), config=CFG)
-    t0 = time.monotonic()
     fr = ctl.solve_fleet([Q, Q + " "], 5000, latency_cap_s=0.5, max_concurrency=2)
-    assert time.monotonic() - t0 < 0.5 + SLACK_S
     assert all(r.reason == "latency cap" for r in fr.results)
     gen.wait_idle()
     assert fr.decoded <= gen.decoded <= 5000
