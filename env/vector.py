@@ -50,7 +50,7 @@ from features.errors import ConfigError, PolicyError
 from features.probes import probe_stability, probe_streak, switch_count
 from features.votes import beta_leader_probability
 
-__all__ = ["REASONS", "BatchedReplayEnv", "replay_order"]
+__all__ = ["REASONS", "BatchedReplayEnv", "replay_chain_end", "replay_order"]
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class _Tables:
     ver_scale: int
 
 
-def _finish(ct: ChainTrace, i: int) -> tuple[bool, str]:
+def replay_chain_end(ct: ChainTrace, i: int) -> tuple[bool, str]:
     """Whether a replayed chain has ended after its chunk ``i``, and its finish reason.
 
     As :meth:`ReplayGenerator.extend` decides it. Chunks past the sampled end (``ext``) are only
@@ -253,7 +253,7 @@ def _build_tables(bank: TraceBank, questions: Sequence[Any], cfg: EnvConfig) -> 
                 n, inj = int(r["n_tokens"][i]), int(r["n_injected"][i])
                 tokens += n
                 text += r["text"][i]
-                fin, reason = _finish(ct, i)
+                fin, reason = replay_chain_end(ct, i)
                 # As ComputeAllocationEnv._after_chunk (float16 -> float32 -> float64, as replayed).
                 conf = np.asarray(np.asarray(r["confidence"][i], np.float32), np.float64)
                 ent = np.asarray(np.asarray(r["entropy"][i], np.float32), np.float64)

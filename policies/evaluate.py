@@ -71,6 +71,7 @@ __all__ = [
     "headline",
     "heuristic_sweeps",
     "learned_sweep",
+    "run_pinned",
     "level_label",
     "reference_result",
     "summarize_scores",
@@ -112,6 +113,24 @@ class LevelStats:
     questions: int
     accuracy: Interval
     tokens: Interval
+
+
+def score_metrics(
+    prefix: str, accuracy: Interval, tokens: Interval, by_level: dict[str, LevelStats]
+) -> dict[str, float]:
+    """Accuracy and tokens with their interval bounds, and per level, as flat MLflow metrics."""
+    out = {
+        f"{prefix}/accuracy": accuracy.mean,
+        f"{prefix}/accuracy_low": accuracy.low,
+        f"{prefix}/accuracy_high": accuracy.high,
+        f"{prefix}/tokens": tokens.mean,
+        f"{prefix}/tokens_low": tokens.low,
+        f"{prefix}/tokens_high": tokens.high,
+    }
+    for lv, s in by_level.items():
+        out[f"{prefix}/accuracy/{lv}"] = s.accuracy.mean
+        out[f"{prefix}/tokens/{lv}"] = s.tokens.mean
+    return out
 
 
 def summarize_scores(
@@ -197,12 +216,7 @@ class EvalResult:
         """Flat, namespaced metrics for MLflow (``eval/accuracy``, ``eval/tokens_low``, ...)."""
         eps = self.episodes
         out = {
-            f"{prefix}/accuracy": self.accuracy.mean,
-            f"{prefix}/accuracy_low": self.accuracy.low,
-            f"{prefix}/accuracy_high": self.accuracy.high,
-            f"{prefix}/tokens": self.tokens.mean,
-            f"{prefix}/tokens_low": self.tokens.low,
-            f"{prefix}/tokens_high": self.tokens.high,
+            **score_metrics(prefix, self.accuracy, self.tokens, self.by_level),
             f"{prefix}/cost": float(np.mean([e.cost for e in eps])),
             f"{prefix}/chains": float(np.mean([e.chains for e in eps])),
             f"{prefix}/steps": float(np.mean([e.steps for e in eps])),
@@ -210,9 +224,6 @@ class EvalResult:
             f"{prefix}/episodes": float(len(eps)),
             f"{prefix}/wall_s": self.wall_s,
         }
-        for lv, s in self.by_level.items():
-            out[f"{prefix}/accuracy/{lv}"] = s.accuracy.mean
-            out[f"{prefix}/tokens/{lv}"] = s.tokens.mean
         return out
 
     def rows(self) -> list[dict[str, Any]]:
@@ -404,28 +415,47 @@ class Evaluator:
         n = self.episodes
         idx = np.arange(start, start + b) % n  # a short last batch repeats episodes: ignored
         keep = np.arange(start, start + b) < n
-        obs, _ = env.reset(seed=0, options={"questions": self._q[idx], "gen_seeds": self._s[idx]})
-        policy.reset(b, config=env.config)
-        got = ~keep
-        limit = env.config.steps_limit + 2
-        for _ in range(limit):
-            a = np.asarray(policy.act(obs), dtype=np.int64)
-            a = np.where(got, STOP, a)  # finished rows: end the autoreset episodes fast
-            obs, _, term, trunc, info = env.step(a)
-            done = term | trunc
-            new = done & ~got
-            if new.any():
-                rows = np.flatnonzero(new)
-                dest = idx[rows]
-                for key in cols:
-                    cols[key][dest] = np.asarray(info[key])[rows]
-                got |= new
-            policy.end(done)
-            if got.all():
-                return
-        raise PolicyError(
-            f"{getattr(policy, 'name', policy)}: episodes did not end within {limit} steps"
-        )
+        out = run_pinned(policy, env, self._q[idx], self._s[idx], tuple(cols))
+        for key in cols:
+            cols[key][idx[keep]] = out[key][keep]
+
+
+def run_pinned(
+    policy: Policy,
+    env: BatchedReplayEnv,
+    questions: np.ndarray,
+    gen_seeds: np.ndarray,
+    keys: Sequence[str],
+    *,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """One episode per env slot, slot ``i`` pinned to question ``questions[i]`` with the chain
+    order of generator seed ``gen_seeds[i]``, each run exactly once (autoreset episodes are
+    stopped at once and ignored). Returns ``info[key]`` of each slot's episode at its end."""
+    b = env.num_envs
+    obs, _ = env.reset(seed=seed, options={"questions": questions, "gen_seeds": gen_seeds})
+    policy.reset(b, config=env.config)
+    got = np.zeros(b, np.bool_)
+    out: dict[str, np.ndarray] = {}
+    limit = env.config.steps_limit + 2
+    for _ in range(limit):
+        a = np.asarray(policy.act(obs), dtype=np.int64)
+        a = np.where(got, STOP, a)  # finished rows: end the autoreset episodes fast
+        obs, _, term, trunc, info = env.step(a)
+        done = term | trunc
+        new = done & ~got
+        if new.any():
+            for key in keys:
+                v = np.asarray(info[key])
+                col = out.setdefault(key, np.zeros(b, v.dtype))
+                col[new] = v[new]
+            got |= new
+        policy.end(done)
+        if got.all():
+            return out
+    raise PolicyError(
+        f"{getattr(policy, 'name', policy)}: episodes did not end within {limit} steps"
+    )
 
 
 def evaluate(

@@ -34,9 +34,10 @@ from typing import Any
 
 from env.bank import ChainTrace, QuestionTrace, TraceBank
 from env.compute_env import Action, EnvConfig, question_split
+from env.vector import replay_chain_end
 from features.answers import answers_equal, extract_answer, normalize_answer
 from features.errors import ConfigError
-from policies.evaluate import LevelStats, bank_config, level_label, summarize_scores
+from policies.evaluate import LevelStats, bank_config, level_label, score_metrics, summarize_scores
 from policies.metrics import FrontierPoint, Interval
 
 __all__ = [
@@ -93,37 +94,10 @@ class OracleResult:
         return {q.qid: q for q in self.questions}
 
     def metrics(self, prefix: str = "oracle") -> dict[str, float]:
-        out = {
-            f"{prefix}/accuracy": self.accuracy.mean,
-            f"{prefix}/accuracy_low": self.accuracy.low,
-            f"{prefix}/accuracy_high": self.accuracy.high,
-            f"{prefix}/tokens": self.tokens.mean,
-            f"{prefix}/tokens_low": self.tokens.low,
-            f"{prefix}/tokens_high": self.tokens.high,
-        }
-        for lv, s in self.by_level.items():
-            out[f"{prefix}/accuracy/{lv}"] = s.accuracy.mean
-            out[f"{prefix}/tokens/{lv}"] = s.tokens.mean
-        return out
+        return score_metrics(prefix, self.accuracy, self.tokens, self.by_level)
 
     def rows(self) -> list[dict[str, Any]]:
         return [dataclasses.asdict(q) for q in self.questions]
-
-
-def _ended(ct: ChainTrace, i: int) -> tuple[bool, str]:
-    """Whether the chain has ended after its chunk ``i`` in a replay, and the finish reason."""
-    r = ct.rows
-    fr = str(r["finish_reason"][i])
-    empty_forced = i >= ct.n_main and int(r["n_tokens"][i]) == 0  # budget forcing wants more
-    if fr in ("cap", "forced"):
-        return True, fr
-    if i == ct.n_main - 1 and ct.finish_reason == "stop":
-        return not empty_forced, fr
-    if i == ct.n_main - 1 or i + 1 >= ct.n_chunks:
-        if empty_forced:
-            return False, fr
-        return True, "cap" if fr == "length" else fr
-    return False, fr
 
 
 def chain_prefixes(ct: ChainTrace, gold: str | None, config: EnvConfig) -> list[Prefix]:
@@ -139,7 +113,7 @@ def chain_prefixes(ct: ChainTrace, gold: str | None, config: EnvConfig) -> list[
         n = int(r["n_tokens"][i])
         chain_tokens += n
         text += r["text"][i]
-        ended, reason = _ended(ct, i)
+        ended, reason = replay_chain_end(ct, i)
         decoded += n
         if ended:
             answer = normalize_answer(extract_answer(text))

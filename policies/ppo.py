@@ -50,6 +50,8 @@ from policies.value import (
     _bar,
     _final_eval,
     available,
+    lam_grid,
+    split_difficulty,
 )
 
 __all__ = ["PPOArgs", "PPOPolicy", "train_ppo"]
@@ -271,9 +273,7 @@ def train_ppo(
     """
     b = bank if isinstance(bank, TraceBank) else TraceBank(bank)
     kwargs.pop("out", None)
-    predictor = None
-    if difficulty is not None and not isinstance(difficulty, str):
-        predictor, difficulty = difficulty, type(difficulty).__name__
+    predictor, difficulty = split_difficulty(difficulty)
     args = PPOArgs(
         bank=str(b.path),
         split=split,
@@ -291,9 +291,7 @@ def _train_ppo(args: PPOArgs, bank: TraceBank, predictor: Any = None) -> PPOPoli
 
     import torch
 
-    lams = np.asarray(sorted(args.lams), np.float64)
-    if lams.size < 1 or (lams <= 0).any():
-        raise ConfigError(f"lams must be positive prices, got {args.lams}")
+    lams = lam_grid(args.lams)
     if args.num_envs * args.num_steps < args.num_minibatches:
         raise ConfigError("num_envs * num_steps must be at least num_minibatches")
     lam_range = (float(lams[0]), float(lams[-1]))

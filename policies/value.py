@@ -50,6 +50,7 @@ from env.observation import FEATURE_NAMES, N_FEATURES
 from env.vector import BatchedReplayEnv
 from features.errors import ConfigError, PolicyError
 from policies.base import STOP, BasePolicy
+from policies.evaluate import run_pinned
 from policies.heuristics import (
     AdaptiveConsistency,
     BestOfN,
@@ -705,22 +706,8 @@ def rollout_pinned(
     nq = len(env.questions)
     qs = np.arange(b) % nq
     gs = np.arange(b) // nq
-    obs, _ = env.reset(seed=seed, options={"questions": qs, "gen_seeds": gs})
-    policy.reset(b, config=env.config)
-    done = np.zeros(b, bool)
-    correct = np.zeros(b, bool)
-    dec = np.zeros(b)
-    cost = np.zeros(b)
-    while not done.all():
-        a = np.asarray(policy.act(obs))
-        obs, _, term, trunc, info = env.step(np.where(done, STOP, a))
-        end = (term | trunc) & ~done
-        if end.any():
-            correct[end] = info["correct"][end]
-            dec[end] = info["decoded"][end]
-            cost[end] = info["cost"][end]
-        done |= term | trunc
-        policy.end(term | trunc)
+    out = run_pinned(policy, env, qs, gs, ("correct", "decoded", "cost"), seed=seed)
+    correct, dec, cost = out["correct"], out["decoded"].astype(float), out["cost"]
     price = env.config.lam if lam is None else lam
     return {
         "accuracy": float(correct.mean()),
@@ -869,9 +856,7 @@ def train_value_policy(
     """
     b = bank if isinstance(bank, TraceBank) else TraceBank(bank)
     kwargs.pop("out", None)
-    predictor = None
-    if difficulty is not None and not isinstance(difficulty, str):
-        predictor, difficulty = difficulty, type(difficulty).__name__
+    predictor, difficulty = split_difficulty(difficulty)
     args = ValueArgs(
         bank=str(b.path),
         split=split,
@@ -883,12 +868,26 @@ def train_value_policy(
     return _train_value(args, b, predictor)
 
 
+def split_difficulty(difficulty: Any) -> tuple[Any, Any]:
+    """``(predictor object or None, the name recorded in the training args)`` of a trainer's
+    ``difficulty`` argument (``None``, ``"auto"``, or a fitted predictor)."""
+    if difficulty is not None and not isinstance(difficulty, str):
+        return difficulty, type(difficulty).__name__
+    return None, difficulty
+
+
+def lam_grid(lams: Sequence[float]) -> np.ndarray:
+    """The sorted λ grid a learned policy trains over (positive prices only)."""
+    grid = np.asarray(sorted(lams), np.float64)
+    if grid.size < 1 or (grid <= 0).any():
+        raise ConfigError(f"lams must be positive prices, got {lams}")
+    return grid
+
+
 def _train_value(args: ValueArgs, bank: TraceBank, predictor: Any = None) -> ValuePolicy:
     from threadpoolctl import threadpool_limits
 
-    lams = np.asarray(sorted(args.lams), np.float64)
-    if lams.size < 1 or (lams <= 0).any():
-        raise ConfigError(f"lams must be positive prices, got {args.lams}")
+    lams = lam_grid(args.lams)
     if args.rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {args.rounds}")
     lam_range = (float(lams[0]), float(lams[-1]))

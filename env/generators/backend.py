@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from env.generators.base import FloatArray, IntArray
 
-__all__ = ["TipRequest", "CompletionRequest", "Completion", "Backend"]
+__all__ = ["TipRequest", "CompletionRequest", "Completion", "Backend", "HFTokenizer"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,3 +109,23 @@ class Backend(Protocol):
     def apply_chat(self, messages: list[dict[str, str]]) -> str | None:
         """The prompt for ``messages`` under the model's chat template, or ``None`` if it has none."""
         ...
+
+
+class HFTokenizer:
+    """The tokenizer half of :class:`Backend` over a Hugging Face tokenizer in ``self.tokenizer``
+    (shared by the in-process vLLM and llama.cpp backends)."""
+
+    tokenizer: Any
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+    def apply_chat(self, messages: list[dict[str, str]]) -> str | None:
+        if not getattr(self.tokenizer, "chat_template", None):
+            return None
+        return str(
+            self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        )

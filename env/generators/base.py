@@ -28,6 +28,7 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from features.confidence import token_confidence, token_entropy
 from features.errors import ConfigError
 
 __all__ = [
@@ -198,25 +199,17 @@ def token_stats(top_logprobs: FloatArray) -> tuple[FloatArray, FloatArray]:
     """Per-token confidence and entropy from top-``m`` log-probabilities of shape ``[n, m]``.
 
     Confidence is DeepConf's ``-mean`` of the top-``m`` log-probabilities (higher = more
-    confident); entropy is that of the top-``m`` probabilities renormalised to sum to one.
-    Missing entries (``-inf``) are ignored; rows with none give ``nan``.
+    confident); entropy is that of the top-``m`` probabilities renormalised to sum to one
+    (:func:`features.confidence.token_confidence` and :func:`~features.confidence.token_entropy`).
+    Missing entries (``-inf``) are ignored; rows with none give ``nan``, and so does every row
+    of an input that is not ``[n, m]`` with ``m >= 1``.
     """
     lp = np.asarray(top_logprobs, dtype=np.float32)
     if lp.ndim != 2 or lp.shape[1] == 0:
         n = lp.shape[0] if lp.ndim >= 1 else 0
         nan = np.full(n, np.nan, dtype=np.float32)
         return nan, nan.copy()
-    finite = np.isfinite(lp)
-    cnt = finite.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        conf = -np.where(finite, lp, 0.0).sum(axis=1) / cnt
-        p = np.where(finite, np.exp(np.where(finite, lp, 0.0)), 0.0)
-        z = p.sum(axis=1, keepdims=True)
-        q = p / z
-        ent = -np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0).sum(axis=1)
-    conf = np.where(cnt > 0, conf, np.nan)
-    ent = np.where(cnt > 0, ent, np.nan)
-    return conf.astype(np.float32), ent.astype(np.float32)
+    return token_confidence(lp), token_entropy(lp)
 
 
 @dataclass(slots=True)

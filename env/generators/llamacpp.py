@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from env.generators.backend import Completion, CompletionRequest
+from env.generators.backend import Completion, CompletionRequest, HFTokenizer
 from env.generators.base import SamplingConfig
 from env.generators.live import LiveGenerator
 from env.generators.prompts import PromptTemplate
@@ -65,7 +65,7 @@ def find_tokenizer_folder(gguf: Path) -> Path | None:
     return None
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(HFTokenizer):
     """:class:`~env.generators.backend.Backend` over an in-process llama.cpp server (xllamacpp).
 
     Args:
@@ -152,21 +152,6 @@ class LlamaCppBackend:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-
-    # -- tokenizer ---------------------------------------------------------------------------
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
-
-    def apply_chat(self, messages: list[dict[str, str]]) -> str | None:
-        if not getattr(self.tokenizer, "chat_template", None):
-            return None
-        return str(
-            self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        )
 
     # -- completion --------------------------------------------------------------------------
 

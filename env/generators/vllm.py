@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
-from env.generators.backend import Completion, CompletionRequest
+from env.generators.backend import Completion, CompletionRequest, HFTokenizer
 from env.generators.base import SamplingConfig
 from env.generators.live import LiveGenerator
 from env.generators.prompts import TESTBED, PromptTemplate
@@ -168,7 +168,7 @@ def build_engine(
         ) from e
 
 
-class VLLMBackend:
+class VLLMBackend(HFTokenizer):
     """:class:`~env.generators.backend.Backend` over an in-process ``vllm.LLM``.
 
     Args:
@@ -212,21 +212,6 @@ class VLLMBackend:
                 "the vLLM engine core runs in another process: reset() cannot reseed its sampler, "
                 "so recordings are not exactly reproducible (set VLLM_ENABLE_V1_MULTIPROCESSING=0)"
             )
-
-    # -- tokenizer ---------------------------------------------------------------------------
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
-
-    def apply_chat(self, messages: list[dict[str, str]]) -> str | None:
-        if not getattr(self.tokenizer, "chat_template", None):
-            return None
-        return str(
-            self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        )
 
     def _stop_token_ids(self, stop: str) -> list[int]:
         """Every token id whose text contains the one-character string ``stop``."""
