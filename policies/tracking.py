@@ -11,6 +11,9 @@ Where runs go, first match wins:
    database and the artifacts in ``./mlruns``. Browse it with
    ``mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db``.
 
+Any SQLite store (also one named by 1. or 2.) gets its new experiments' artifacts in an
+``artifacts`` folder beside the database file.
+
 The experiment is named after the bank's folder (``gsm8k-qwen2.5-coder-1.5b``). Evaluation runs
 log their parameters (policy, family, sweep parameter, seeds, env settings), the metrics of
 :meth:`~policies.evaluate.EvalResult.metrics` (``eval/accuracy``, ``eval/tokens``, their interval
@@ -159,7 +162,10 @@ class Tracker:
         self.experiment = experiment or experiment_name(bank)  # type: ignore[arg-type]
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is None:
-            where = (Path(root).resolve() / "artifacts").as_uri() if local else None
+            # a SQLite store keeps its artifacts beside the database (MLflow's default would be
+            # ./mlruns under whatever folder the first run happened to start in)
+            db = self.uri.removeprefix("sqlite:///") if self.uri.startswith("sqlite:///") else None
+            where = (Path(db).resolve().parent / "artifacts").as_uri() if db else None
             self.experiment_id = self.client.create_experiment(
                 self.experiment, artifact_location=where
             )

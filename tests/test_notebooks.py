@@ -6,11 +6,34 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh MLflow store holding one stray ``ponder evaluate`` run and no main job.
+
+    The frontier notebook must read the newest *main job*, not whatever evaluation runs the store
+    holds (a lone evaluation run once made it fail with "no numeric data to plot").
+    """
+    import subprocess
+    import sys
+
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    subprocess.run(
+        [sys.executable, "-m", "controller.cli", "evaluate", "--policy", "probe-agree-2",
+         "--bank", str(ROOT / "data" / "banks" / "testbed-arith"), "--seeds", "1"],
+        check=True, capture_output=True, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    return db
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path: Path) -> None:
+def test_notebook_runs(path: Path, store: Path) -> None:
+    import mlflow
     import nbformat
     from nbclient import NotebookClient
 
@@ -26,6 +49,15 @@ def test_notebook_runs(path: Path) -> None:
         if o.get("output_type") == "error"
     ]
     assert not errors
+    if path.name == "01_frontiers.ipynb":
+        # it ran the quick main job into the store it was given, and read that job back
+        client = mlflow.tracking.MlflowClient(f"sqlite:///{store}")
+        mains = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()], "tags.`ponder.kind` = 'main'"
+        )
+        assert len(mains) == 1
+        text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+        assert f"main job {mains[0].info.run_id}" in text
 
 
 def test_notebooks_define_no_logic() -> None:

@@ -70,6 +70,24 @@ def test_where_runs_go(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
 
 
+def test_sqlite_store_keeps_artifacts_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, result: EvalResult
+) -> None:
+    """A SQLite URI from the environment: artifacts go beside the database, not into ./mlruns."""
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    (tmp_path / "store").mkdir()
+    tracker = Tracker(BANK)
+    run_id = tracker.log_eval(result, nested=False)
+    exp = tracker.client.get_experiment(tracker.experiment_id)
+    assert exp.artifact_location == (tmp_path / "store" / "artifacts").as_uri()
+    assert list((tmp_path / "store" / "artifacts").rglob("episodes.csv"))
+    assert tracker.client.get_run(run_id).info.artifact_uri.startswith(exp.artifact_location)
+    assert not list(elsewhere.iterdir())
+
+
 def _check_eval_run(client: Any, run_id: str, result: EvalResult, tmp: Path) -> None:
     run = client.get_run(run_id)
     assert run.data.metrics["eval/accuracy"] == pytest.approx(result.accuracy.mean)
