@@ -716,7 +716,8 @@ def headline(
         else:
             # Resamples where nothing matches count as "more than any point": the upper end
             # is then unbounded (inf), which the table shows as such.
-            lo, hi = np.quantile(np.where(found, tm, np.inf), [0.025, 0.975])
+            # (quantiles without interpolation: between two inf resamples it would give nan)
+            lo, hi = np.quantile(np.where(found, tm, np.inf), [0.025, 0.975], method="inverted_cdf")
             interval = Interval(t_match, float(lo), float(hi))
         acc_at = {float(b): accuracy_at_budget(pts, float(b)) for b in budgets}
         lo_t, hi_t = area_range

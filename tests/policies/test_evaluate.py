@@ -28,6 +28,7 @@ from policies.evaluate import (
     learned_sweep,
     reference_result,
 )
+from policies.metrics import Interval
 from policies.oracle import chain_prefixes, oracle, oracle_check
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -216,6 +217,34 @@ def test_headline_metrics(sweeps: dict[str, list[Any]]) -> None:
         assert 0.0 <= s.area <= 1.0
         if s.match is None:
             assert math.isnan(s.tokens_to_match.mean)
+
+
+def test_tokens_to_match_interval_is_unbounded_not_nan() -> None:
+    """A point that matches maj@16 on the questions but not in many resamples: the upper end of
+    its tokens-to-match interval is inf (more than any point), never nan."""
+
+    class Point:
+        def __init__(self, label: str, acc: list[float], tok: float) -> None:
+            self.label, self.param = label, label
+            self._acc = np.asarray(acc, float)
+            self._tok = np.full(len(acc), tok)
+            self.accuracy = Interval(float(self._acc.mean()), 0.0, 1.0)
+            self.tokens = Interval(tok, tok, tok)
+
+        def per_question(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+            return [f"q{i}" for i in range(len(self._acc))], self._acc, self._tok
+
+    ref_acc = [1.0] * 10 + [0.0] * 10
+    swapped = [0.0] + [1.0] * 9 + [1.0] + [0.0] * 9  # the same mean, two questions swapped
+    ref = Point("N=16", ref_acc, 1000.0)
+    rows = headline(
+        {"best-of-N": [ref], "x": [Point("x", swapped, 100.0)]},  # type: ignore[list-item]
+        reference=ref, budgets=[500.0], area_range=(50.0, 1000.0),
+    )  # fmt: skip
+    x = next(s for s in rows if s.family == "x")
+    assert x.tokens_to_match.mean == 100.0 and x.tokens_to_match.low == 100.0
+    assert x.tokens_to_match.high == math.inf
+    assert 0.3 < x.match_rate < 0.9
 
 
 # -- the oracle --------------------------------------------------------------------------------
