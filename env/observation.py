@@ -78,6 +78,10 @@ FEATURES: tuple[Feature, ...] = (
     Feature("distinct", "distinct answers / chains"),
     Feature("answered", "chains with an answer / chains"),
     Feature(
+        "ended",
+        "chains that have ended (their answer is final, not a probe's) / chains",
+    ),
+    Feature(
         "beta_leader",
         "P(leader's rate > runner-up's) under a Beta posterior (Adaptive-Consistency)",
     ),
@@ -188,6 +192,7 @@ def observe(v: EpisodeView) -> np.ndarray:
     x[_IX["vote_margin"]] = _clip(top - second)
     x[_IX["distinct"]] = _clip(len(vote_counts(answers)) / n)
     x[_IX["answered"]] = _clip(answered / n)
+    x[_IX["ended"]] = _clip(sum(t.chain.finished for t in v.states) / n)
     counts = sorted(vote_counts(answers).values(), reverse=True)
     c1 = counts[0] if counts else 0.0
     c2 = counts[1] if len(counts) > 1 else 0.0

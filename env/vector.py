@@ -161,6 +161,7 @@ class _Tables:
     answer: IntArray  # class of the chain's answer there; n_classes for none
     conf_int: IntArray  # the chain's vote weight for confidence voting
     cont_ok: BoolArray  # the chain can be continued (before the token cap is checked)
+    ended: IntArray  # 1 if the chain has ended there
     obs: npt.NDArray[np.float32]  # [N + 1, N_FEATURES]: the current-chain features there
     conf_scale: int
     ver_scale: int
@@ -358,6 +359,7 @@ def _build_tables(bank: TraceBank, questions: Sequence[Any], cfg: EnvConfig) -> 
         answer=ans,
         conf_int=_to_int(conf, conf_scale),
         cont_ok=arr("ok", False, np.bool_),
+        ended=obs[:, _IX["cur_ended"]].astype(np.int64),
         obs=obs,
         conf_scale=conf_scale,
         ver_scale=ver_scale,
@@ -552,7 +554,7 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         self._q, self._n, self._cur, self._steps = z(), z(), z(), z()
         self._dec, self._nv, self._blim = z(), z(), z()  # decoded tokens, chains to verify
         self._cost, self._charged = z(np.float64), z(np.float64)  # priced; given as reward
-        self._distinct, self._answered = z(), z()
+        self._distinct, self._answered, self._ended = z(), z(), z()
         self._wc_tot, self._wv_tot = z(), z()
         self._n_scored, self._ver_sum = z(), z(np.float64)
         self._fixed = z(np.bool_)
@@ -857,7 +859,7 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         self._c16_[s] = t.n_classes
         for arr in (
             self._n, self._cur, self._steps, self._dec, self._nv, self._distinct,
-            self._answered, self._wc_tot, self._wv_tot, self._n_scored,
+            self._answered, self._ended, self._wc_tot, self._wv_tot, self._n_scored,
         ):  # fmt: skip
             arr[rows] = 0
         self._cost[rows] = 0.0
@@ -906,6 +908,9 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         f = np.concatenate([f_new, f_old + 1])
         self._cost[rows] += t.step_cost[f]
         self._dec[rows] += t.step_dec[f]
+        ended = t.ended[f]
+        ended[nn:] -= t.ended[f_old]  # a continued chain may end, or reopen (budget forcing)
+        self._ended[rows] += ended
         self._fi_[s] = f
         # Votes: the chain's answer moves from its old cell (a new chain's: none) to its new one.
         cls = t.answer[f]
@@ -1047,6 +1052,7 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         obs[:, _IX["vote_margin"]] = share - second
         obs[:, _IX["distinct"]] = self._distinct * inv_n
         obs[:, _IX["answered"]] = self._answered * inv_n
+        obs[:, _IX["ended"]] = self._ended * inv_n
         obs[:, _IX["beta_leader"]] = self._beta[c1 * (t.kmax + 1) + c2]
         obs[:, _IX["conf_vote_share"]] = w_top[:, 0] / np.maximum(self._wc_tot, 1)
         obs[:, _IX["verified"]] = ns * inv_n

@@ -74,19 +74,19 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_BANK = "data/banks/gsm8k-qwen2.5-coder-1.5b"
-FALLBACK_BANK = "data/banks/testbed-arith"
+FALLBACK_BANK = "data/banks/testbed-arith-xl"
 
 
 @dataclass
 class RunArgs:
     """Train the learned policies, evaluate every policy on the test questions, compare, track."""
 
-    bank: str = DEFAULT_BANK
-    """trace bank folder: learned policies train on its train questions; all are evaluated on its test questions"""
+    bank: str = ""
+    """trace bank folder: learned policies train on its train questions; all are evaluated on its test questions (default: the GSM8K bank, or --fallback-bank while that holds fewer than --min-test-questions)"""
     fallback_bank: str = FALLBACK_BANK
-    """bank run instead when --bank has too few recorded test questions ("" for none)"""
-    min_test_questions: int = 4
-    """fewest recorded test questions (and at least 2 train questions) worth evaluating on"""
+    """bank run instead of the default one while it is too small ("" for none)"""
+    min_test_questions: int = 50
+    """recorded test questions (and at least 2 train questions) the default bank needs to be run; a bank given with --bank runs with fewer, with a warning (the intervals are then wider than the differences)"""
     out: str = ""
     """folder for plots and tables (default runs/<bank-name>)"""
     seeds: int = 5
@@ -95,13 +95,13 @@ class RunArgs:
     """seed of the learned policies' training"""
     learned: bool = True
     """train and evaluate the learned policies (value / fitted-Q and PPO)"""
-    lams: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+    lams: tuple[float, ...] = (1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
     """λ values the learned policies are evaluated at (their frontier sweep)"""
     value_transitions: int = 60_000
     """decisions collected to train the value policy"""
-    value_fqi_iters: int = 4
+    value_fqi_iters: int = 10
     """fitted-Q iterations of the value policy"""
-    ppo_steps: int = 300_000
+    ppo_steps: int = 1_000_000
     """environment steps of PPO training"""
     budgets: tuple[float, ...] = ()
     """mean-token budgets for the accuracy-at-budget columns (default: 1/8, 1/4, 1/2 of maj@16's tokens)"""
@@ -575,8 +575,10 @@ def _bank_path(spec: str) -> Path:
 
 
 def pick_banks(args: RunArgs, console: Console) -> list[Path]:
-    """The bank to run, or the fallback (with a clear message) when it holds too little."""
-    path = _bank_path(args.bank)
+    """The bank to run: the one given with ``--bank`` (if it has test and train questions at
+    all), else the default bank, or the fallback (with a clear message) while it holds too little."""
+    chosen = bool(args.bank)
+    path = _bank_path(args.bank or DEFAULT_BANK)
     reason = ""
     if not path.is_dir():
         reason = f"there is no bank at {path}"
@@ -587,14 +589,25 @@ def pick_banks(args: RunArgs, console: Console) -> list[Path]:
         console.print(
             f"bank {path.name}: {len(b)} of {total} questions recorded ({train} train, {test} test)"
         )
-        if test < args.min_test_questions or train < 2:
+        few = f"{test} recorded test and {train} train questions"
+        if test < 1 or train < 2:
+            reason = f"the bank {path} holds only {few}: too few to train and evaluate on"
+        elif test < args.min_test_questions and chosen:
+            console.print(
+                f"[bold yellow]the bank {path} holds only {few} (fewer than "
+                f"--min-test-questions {args.min_test_questions}): the intervals will be wider "
+                "than most differences between policies.[/]"
+            )
+        elif test < args.min_test_questions:
             reason = (
-                f"the bank {path} holds only {test} recorded test and {train} train questions "
-                f"(fewer than --min-test-questions {args.min_test_questions} test or 2 train): "
-                "too few to compare policies (is `ponder record` still filling it?)"
+                f"the bank {path} holds only {few} (fewer than --min-test-questions "
+                f"{args.min_test_questions}): too few to compare policies (is `ponder record` "
+                "still filling it?)"
             )
     if not reason:
         return [path]
+    if chosen:
+        raise ConfigError(reason)
     fb = _bank_path(args.fallback_bank) if args.fallback_bank else None
     if fb is None or not fb.is_dir() or fb.resolve() == path.resolve():
         raise ConfigError(reason + "; give another --bank")

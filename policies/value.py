@@ -87,7 +87,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: The λ grid learned policies train over by default (price of a token, in correct answers).
-DEFAULT_LAMS: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+DEFAULT_LAMS: tuple[float, ...] = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 _CAN = [FEATURE_NAMES.index(n) for n in ("can_continue", "can_branch", "can_verify")]
 _BUDGET, _N_CHAINS = FEATURE_NAMES.index("budget_used"), FEATURE_NAMES.index("n_chains")
 #: Features the value policy derives from the observation and appends to it.
@@ -746,7 +746,7 @@ class ValueArgs:
     """hidden layer sizes of every network"""
     stop_epochs: int = 30
     """epochs of the stop classifier"""
-    fqi_iters: int = 6
+    fqi_iters: int = 10
     """fitted-Q iterations"""
     epochs: int = 20
     """epochs of the gain regressors in the first iteration"""

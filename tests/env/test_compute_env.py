@@ -235,6 +235,33 @@ def test_bank_smaller_than_budget_masks_branch() -> None:
     assert obs[FEATURE_NAMES.index("can_branch")] == 0.0
 
 
+def test_ended_counts_the_chains_that_have_ended(replay_env: ComputeAllocationEnv) -> None:
+    """``ended`` is the share of chains whose latest state was ``cur_ended``: a chain ends when
+    it is continued to its end and reopens when budget forcing extends it."""
+    ix = {n: FEATURE_NAMES.index(n) for n in ("ended", "cur_ended", "n_chains")}
+    rng = np.random.default_rng(0)
+    seen = {"ended": 0, "reopened": 0}
+    for seed in range(12):
+        obs, info = replay_env.reset(seed=seed)
+        status = [obs[ix["cur_ended"]]]
+        while True:
+            mask = info["action_mask"][: Action.VERIFY]
+            if not mask.any():
+                break
+            a = int(rng.choice(np.flatnonzero(mask)))
+            obs, _r, term, trunc, info = replay_env.step(a)
+            if term or trunc:
+                break
+            if a == Action.BRANCH:
+                status.append(obs[ix["cur_ended"]])
+            else:
+                seen["reopened"] += int(status[-1] == 1 and obs[ix["cur_ended"]] == 0)
+                status[-1] = obs[ix["cur_ended"]]
+            seen["ended"] += int(obs[ix["cur_ended"]] == 1)
+            assert obs[ix["ended"]] == pytest.approx(sum(status) / len(status), abs=1e-6)
+    assert seen["ended"] and seen["reopened"]  # both transitions were exercised
+
+
 def test_question_without_gold_is_refused() -> None:
     q = Question(qid="x/test/0", text="what is 1 + 1?", gold=None)
     e = ComputeAllocationEnv(FakeGenerator(), [q], chunk_tokens=16)

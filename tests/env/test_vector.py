@@ -572,7 +572,8 @@ def test_vote_features_do_not_depend_on_chain_order(
     k = testbed[v.questions[q].qid].k
     for _ in range(k - 1):
         obs, *_ = v.step(np.array([1, 1]))
-    votes = ["vote_share", "vote_margin", "distinct", "answered", "beta_leader", "conf_vote_share"]
+    votes = ["vote_share", "vote_margin", "distinct", "answered", "ended", "beta_leader"]
+    votes += ["conf_vote_share"]
     np.testing.assert_allclose(
         obs[0, [IX[f] for f in votes]], obs[1, [IX[f] for f in votes]], atol=1e-6
     )

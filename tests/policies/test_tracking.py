@@ -330,3 +330,32 @@ def test_policy_names_resolve(capsys: pytest.CaptureFixture[str]) -> None:
     assert evaluate_main(["--policy", "probe-agree-2", "--bank", str(BANK), "--no-track"]) == 0
     out = capsys.readouterr().out
     assert "probe-agree-2 on testbed-arith" in out and "L8" in out and "oracle" in out
+
+
+def test_main_job_picks_its_bank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default bank while it is too small: the main job says so and runs the fallback. A
+    bank given with --bank runs with few test questions (a warning), not with none."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    import policies.main
+    from features.errors import ConfigError
+    from policies.main import RunArgs, pick_banks
+
+    xl = ROOT / "data" / "banks" / "testbed-arith-xl"
+    out = StringIO()
+    console = Console(file=out, width=300)
+    monkeypatch.setattr(policies.main, "DEFAULT_BANK", str(BANK))  # 24 test questions
+    assert pick_banks(RunArgs(min_test_questions=24), console) == [BANK]
+    assert pick_banks(RunArgs(min_test_questions=25, fallback_bank=str(xl)), console) == [xl]
+    assert "holds only 24 recorded test" in out.getvalue()
+    assert f"running {xl} instead" in out.getvalue()
+    with pytest.raises(ConfigError, match="give another --bank"):
+        pick_banks(RunArgs(min_test_questions=25, fallback_bank=""), console)
+    # chosen with --bank: it runs, with a warning
+    out.truncate(0)
+    assert pick_banks(RunArgs(bank=str(BANK), min_test_questions=25), console) == [BANK]
+    assert "intervals will be wider" in out.getvalue()
+    with pytest.raises(ConfigError, match="no bank at"):
+        pick_banks(RunArgs(bank="data/banks/absent"), console)
