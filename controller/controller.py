@@ -23,9 +23,16 @@ others                     the env's own truncations (``max steps``, an unavaila
 =========================  =====================================================================
 
 Tokens are counted once, by the env: a result's ``decoded`` equals the sum of its trace's
-``delta`` and of its decoded kinds. A step abandoned at the latency cap is not in the result
+``delta`` and of its decoded kinds plus ``unused``. A step abandoned at the latency cap is not in the result
 (its tokens are not known yet), but it was admitted under the token cap, so even then the engine
 never decodes more than the cap for a question.
+
+A policy that plans several chains (``planned_chains > 1``: best-of-N, ESC) gets them generated
+side by side (:class:`~env.generators.lookahead.Lookahead`): each engine call extends the current
+chain and the planned chains not opened yet, so best-of-4 costs about one chain's round trips, not
+four. Tokens generated ahead count against the token cap from the moment they are decoded; those of
+chains the policy then never opened are reported as ``unused`` (included in ``decoded``). Fleet
+mode admits one step at a time against the shared budget, so it generates nothing ahead.
 
 Questions need no gold answer: the controller never reports correctness (a placeholder gold
 answer satisfies the env, which refuses ``gold=None``).
@@ -50,6 +57,7 @@ import numpy as np
 
 from env.compute_env import Action, ComputeAllocationEnv, EnvConfig
 from env.generators.base import Generator, Question, TokenUsage
+from env.generators.lookahead import Lookahead
 from env.observation import FEATURE_NAMES
 from features.errors import ConfigError, GeneratorError
 from policies.base import Policy
@@ -96,13 +104,16 @@ class Result:
         trace: the decisions, in order (see :class:`Step`).
         tokens: tokens by kind (``generated``, ``probe``, ``judge``, ``injected``, ``prefill``,
             ``cached``).
-        decoded: decoded tokens (generated + probe + judge + injected): what the token cap counts.
+        decoded: decoded tokens (generated + probe + judge + injected, plus ``unused``): what the
+            token cap counts.
         latency_s: seconds from the call to the answer.
         reason: why the episode ended (see the module docstring).
         n_chains: chains started.
         qid: the question's id.
         policy: the policy's name.
         prompt_tokens: tokens of the question's prompt as the model saw it (0 if none started).
+        unused: tokens decoded ahead for planned chains the policy never took (see the module
+            docstring); they are in ``decoded`` but in none of ``tokens``' kinds.
     """
 
     answer: str | None
@@ -116,6 +127,7 @@ class Result:
     qid: str = ""
     policy: str = ""
     prompt_tokens: int = 0
+    unused: int = 0
 
     @property
     def fault(self) -> bool:
@@ -157,6 +169,7 @@ class Controller:
         difficulty: the env's difficulty predictor, ``callable(question, first_chunk) -> [0, 1]``.
         verifier: the env's verifier (default: the generator's self-verification).
         seed: the env seed of every question (the same question gets the same generator seed).
+        lookahead: generate a policy's planned chains side by side (see the module docstring).
 
     Raises:
         ConfigError: a cap below what opening one chain costs, or a bad value.
@@ -173,6 +186,7 @@ class Controller:
         difficulty: Any = None,
         verifier: Any = None,
         seed: int = 0,
+        lookahead: bool = True,
     ) -> None:
         if not isinstance(policy, Policy):
             raise ConfigError(
@@ -197,6 +211,7 @@ class Controller:
         self.difficulty = difficulty
         self.verifier = verifier
         self.seed = int(seed)
+        self.lookahead = bool(lookahead)
         self._counter = itertools.count()
         self._gen_lock: threading.RLock | None = (
             None if _thread_safe(generator) else threading.RLock()
@@ -445,11 +460,29 @@ class Controller:
         if self.latency_cap_s:
             lat = min(lat, self.latency_cap_s) if lat else self.latency_cap_s
         q = self._question(question)
-        env = ComputeAllocationEnv(
-            self.generator, [q], config, difficulty=self.difficulty, verifier=self.verifier
-        )
         policy = self._fresh_policy()
         policy.reset(1, config=config)
+        gen: Any = self.generator
+        width = min(int(getattr(policy, "planned_chains", 1) or 1), config.max_chains)
+        lookahead = None
+        if (
+            self.lookahead
+            and width > 1
+            and allowance is None  # a fleet admits one step at a time: nothing ahead
+            and getattr(gen, "chunk_tokens", None) is None
+        ):
+            lookahead = gen = Lookahead(
+                gen,
+                width,
+                token_cap=cap,
+                probe_tokens=config.probe_tokens if config.probe else None,
+                max_chains=config.max_chains,
+            )
+        env = ComputeAllocationEnv(
+            gen, [q], config, difficulty=self.difficulty, verifier=self.verifier
+        )
+        if lookahead is not None:
+            lookahead.spent = lambda: env.episode.decoded if env.episode is not None else 0
         return _Run(
             env=env,
             policy=policy,
@@ -506,7 +539,7 @@ class _Run:
     @property
     def decoded(self) -> int:
         info = self.info
-        return int(info["decoded"]) if info is not None else 0
+        return _spent(info) if info is not None else 0
 
     @property
     def committed(self) -> int:
@@ -620,7 +653,7 @@ class _Run:
         assert ep is not None
         self.prompt_tokens = len(ep.states[0].chain.prompt_ids) if ep.states else 0
         self.obs = obs
-        decoded = int(info["decoded"])
+        decoded = _spent(info)
         self._publish(info, Step("start", {}, decoded, decoded, self._elapsed()))
         if _empty_new_chain(self.env):
             self.finish("generator fault: the generator returned an empty completion")
@@ -650,7 +683,7 @@ class _Run:
         if a != Action.STOP:
             self.step_s = dt if self.step_s == 0 else _STEP_EMA * dt + (1 - _STEP_EMA) * self.step_s
         self.obs = obs
-        decoded = int(info["decoded"])
+        decoded = _spent(info)
         record = Step(name, features, decoded, decoded - before, self._elapsed())
         final = None
         if terminated or truncated:
@@ -676,7 +709,7 @@ class _Run:
             _, _, _, _, info = self.env.step(Action.STOP)
         trace = list(self.trace)
         if failed is not None and info is not None:
-            decoded = int(info["decoded"])
+            decoded = _spent(info)
             trace.append(
                 Step(failed[0], failed[1], decoded, decoded - self.decoded, self._elapsed())
             )
@@ -706,11 +739,12 @@ class _Run:
     def _result(self, info: dict[str, Any] | None, reason: str, trace: list[Step]) -> Result:
         if info is None:
             tokens = TokenUsage().as_dict()
-            answer, share, decoded, chains = None, 0.0, 0, 0
+            answer, share, decoded, chains, unused = None, 0.0, 0, 0, 0
         else:
             tokens = {k: int(v) for k, v in info["tokens"].items()}
             answer, share = info["answer"], float(info["share"])
-            decoded, chains = int(info["decoded"]), int(info["chains"])
+            decoded, chains = _spent(info), int(info["chains"])
+            unused = int(info.get("ahead", 0))
         q = self.env.questions[0]
         return Result(
             answer=answer,
@@ -724,6 +758,7 @@ class _Run:
             qid=q.qid,
             policy=str(getattr(self.policy, "name", type(self.policy).__name__)),
             prompt_tokens=self.prompt_tokens,
+            unused=unused,
         )
 
 
@@ -816,6 +851,11 @@ def _wait_all(
             for f in pending:
                 futures[f].abandon("latency cap")
             return
+
+
+def _spent(info: dict[str, Any]) -> int:
+    """Decoded tokens the cap counts: the env's, plus any a lookahead generated ahead."""
+    return int(info["decoded"]) + int(info.get("ahead", 0))
 
 
 def _features(obs: np.ndarray) -> dict[str, float]:

@@ -20,6 +20,7 @@ import numpy as np
 from gymnasium import spaces
 
 from env.generators.base import (
+    INJECT_ALLOWANCE,
     BudgetForcing,
     Chain,
     Chunk,
@@ -112,7 +113,9 @@ class EnvConfig:
             (s1 budget forcing: ``Wait,`` is appended and sampling goes on).
         token_cap: decoded tokens per episode (generated + probes + verifier + injected); an
             action that could exceed it is not run: the episode is truncated with the answer so
-            far. The cap is never exceeded.
+            far. The cap is never exceeded. With a
+            :class:`~env.generators.lookahead.Lookahead` generator it also counts the tokens
+            decoded ahead for chains the agent has not opened yet.
         time_cap_s: wall-clock seconds per episode (0: none); checked after every step.
         lam: λ, the price of one token in units of a correct answer.
         prices: token prices by kind (see :class:`Prices`).
@@ -177,16 +180,12 @@ class EnvConfig:
         """The most decoded tokens ``action`` can cost (what the token cap is checked against)."""
         probe = self.probe_tokens if self.probe else 0
         if action == Action.CONTINUE:
-            return self.chunk_tokens + probe + _INJECT_ALLOWANCE
+            return self.chunk_tokens + probe + INJECT_ALLOWANCE
         if action == Action.BRANCH:
             return self.chunk_tokens + probe
         if action == Action.VERIFY:
             return n_verify
         return 0
-
-
-#: Tokens budgeted for an injected ``Wait,`` when a continue may extend an ended chain.
-_INJECT_ALLOWANCE = 16
 
 
 @dataclass
@@ -256,8 +255,9 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
       more to serve). The answer so far is scored.
 
     ``info`` always holds ``answer``, ``correct``, ``gold``, ``tokens`` (by kind), ``cost``,
-    ``decoded`` (what the cap counts), ``chains``, ``steps``, ``action_mask``, ``qid``,
-    ``correct_now``, ``cost_delta`` and, at the end, ``reason`` and ``return``.
+    ``decoded`` (what the cap counts, with ``ahead``), ``ahead`` (tokens a lookahead generator
+    decoded that no action has taken yet, 0 otherwise), ``chains``, ``steps``, ``action_mask``,
+    ``qid``, ``correct_now``, ``cost_delta`` and, at the end, ``reason`` and ``return``.
 
     For learners, two per-step keys let rewards be recomputed for any ``lam`` and
     ``correct_reward`` from one rollout:
@@ -474,7 +474,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         if ep is None:
             return np.array([False, False, False, True])
         cfg = self.config
-        room = cfg.token_cap - ep.decoded
+        room = cfg.token_cap - ep.decoded - self._ahead()
         can_cont = bool(ep.states) and self._can_continue(ep.states[ep.cur])
         can_cont = can_cont and room >= cfg.bound(Action.CONTINUE)
         can_branch = len(ep.states) < cfg.max_chains and room >= cfg.bound(Action.BRANCH)
@@ -494,6 +494,10 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         n = len(self._to_verify()) if a == Action.VERIFY and self._ep is not None else 0
         return self.config.bound(a, n)
 
+    def _ahead(self) -> int:
+        """Tokens a lookahead generator decoded that no action has taken yet (the cap counts them)."""
+        return int(getattr(self.generator, "ahead", 0) or 0)
+
     def _can_continue(self, s: ChainState) -> bool:
         c = s.chain
         past_end = c.finished or c.budget is not None
@@ -509,7 +513,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
     def _why_unavailable(self, a: Action) -> str:
         ep = self._ep
         assert ep is not None
-        room = self.config.token_cap - ep.decoded
+        room = self.config.token_cap - ep.decoded - self._ahead()
         if a == Action.CONTINUE:
             if not ep.states:
                 return "no chain yet: branch first"
@@ -667,6 +671,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
                 "cached": u.cached,
             },
             "decoded": ep.decoded,
+            "ahead": self._ahead(),
             "cost": ep.cost(self.config.prices),
             "chains": len(ep.states),
             "steps": ep.steps,

@@ -81,10 +81,14 @@ class BasePolicy:
     Attributes:
         name: short name.
         aggregate: the env aggregation the policy assumes (``majority`` unless it says).
+        planned_chains: chains the policy opens as one group, whatever it sees (best-of-N: N;
+            ESC: its window; 1: it decides chain by chain). The controller generates a group
+            side by side (:class:`~env.generators.lookahead.Lookahead`).
     """
 
     name: str = "policy"
     aggregate: str = "majority"
+    planned_chains: int = 1
 
     def __init__(self) -> None:
         self.config = EnvConfig()

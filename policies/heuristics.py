@@ -82,6 +82,7 @@ class BestOfN(BasePolicy):
                 f"aggregate must be majority, confidence or verifier, got {aggregate!r}"
             )
         self.n_chains = int(n)
+        self.planned_chains = self.n_chains
         self.aggregate = aggregate
         self.name = f"best-of-{n}" + ("" if aggregate == "majority" else f"-{aggregate}")
         super().__init__()
@@ -147,6 +148,7 @@ class EarlyStoppingSC(BasePolicy):
 
     def __init__(self, max_n: int = 16) -> None:
         self.max_n = int(max_n)
+        self.planned_chains = self.WINDOW
         self.name = "esc-4"
         super().__init__()
 

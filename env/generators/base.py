@@ -32,6 +32,7 @@ from features.confidence import token_confidence, token_entropy
 from features.errors import ConfigError
 
 __all__ = [
+    "INJECT_ALLOWANCE",
     "FinishReason",
     "PromptMode",
     "TokenUsage",
@@ -54,6 +55,9 @@ __all__ = [
 #: ``stop``: the model ended the chain (EOS or a stop string); ``forced``: budget forcing ended the
 #: chain by forcing a final answer; ``cap``: the chain reached its token cap without an answer.
 FinishReason = Literal["length", "stop", "forced", "cap"]
+
+#: Tokens budgeted for an injected ``Wait,`` when budget forcing continues an ended chain.
+INJECT_ALLOWANCE = 16
 
 #: Prompt style. ``cot``: ordinary step-by-step reasoning; ``draft``: Chain-of-Draft (terse steps).
 PromptMode = Literal["cot", "draft"]

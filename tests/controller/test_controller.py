@@ -25,10 +25,12 @@ Q = "Let a = 40. Let b = a + 2. What is b?"
 
 
 def check_accounting(r: Result) -> None:
-    """Tokens are counted once: the trace's deltas, the kinds and the total agree."""
+    """Tokens are counted once: the trace's deltas, the kinds (plus tokens generated ahead and
+    never used) and the total agree."""
     decode_kinds = ("generated", "probe", "judge", "injected")
     assert r.decoded == sum(s.delta for s in r.trace)
-    assert r.decoded == sum(r.tokens[k] for k in decode_kinds)
+    assert r.decoded == sum(r.tokens[k] for k in decode_kinds) + r.unused
+    assert r.unused >= 0
     assert all(s.delta >= 0 for s in r.trace)
     assert [s.decoded for s in r.trace] == list(np.cumsum([s.delta for s in r.trace]))
     assert 0.0 <= r.confidence <= 1.0
@@ -110,7 +112,8 @@ def test_an_empty_branch_is_a_fault() -> None:
     fake = FakeGenerator()
     Controller(fake, SingleChain(), config=CFG).solve(Q)
     n = fake.fake.calls
-    r = Controller(FakeGenerator(faults={n + 1: "empty"}), BestOfN(2), config=CFG).solve(Q)
+    gen = FakeGenerator(faults={n + 1: "empty"})
+    r = Controller(gen, BestOfN(2), config=CFG, lookahead=False).solve(Q)
     assert r.reason == "generator fault: the generator returned an empty completion"
     assert r.answer == "42" and r.n_chains == 2
     check_accounting(r)
@@ -213,6 +216,7 @@ delays = st.one_of(
     faults=faults,
     delays=delays,
     verify=st.booleans(),
+    planned=st.sampled_from([1, 3]),
 )
 def test_caps_hold_under_random_policies_and_faults(
     slow: Any,
@@ -222,15 +226,17 @@ def test_caps_hold_under_random_policies_and_faults(
     faults: dict[int, Any],
     delays: float | dict[int, float],
     verify: bool,
+    planned: int,
 ) -> None:
     gen = slow(FakeGenerator(seed=seed, faults=faults), delays)
     agg: Literal["majority", "verifier"] = "verifier" if verify else "majority"
     cfg = EnvConfig(
         chunk_tokens=16, max_chain_tokens=96, max_chains=6, probe_tokens=8, aggregate=agg
     )
-    ctl = Controller(
-        gen, RandomPolicy(seed, p_stop=0.05), config=cfg, token_cap=token_cap, latency_cap_s=latency
-    )
+    policy = RandomPolicy(seed, p_stop=0.05)
+    # A plan the random policy does not follow: lookahead generates chains it may never open.
+    policy.planned_chains = planned
+    ctl = Controller(gen, policy, config=cfg, token_cap=token_cap, latency_cap_s=latency)
     r = ctl.solve(Q)
     assert r.decoded <= token_cap
     check_accounting(r)
