@@ -351,26 +351,47 @@ class OpenAIBackend:
         return self._chat_cache.get_or(key, make)
 
     def complete(self, requests: Sequence[CompletionRequest]) -> list[Completion]:
-        """Run ``requests`` concurrently, one ``POST /v1/completions`` each, in order.
+        """Run ``requests`` concurrently, one ``POST /v1/completions`` per distinct request, in
+        order.
+
+        Identical sampled requests (several chains opened on the same prompt) go as one request
+        with ``n`` samples: the server prefills the prompt once and the HTTP round trips shrink.
+        The first sample carries the request's prefill; the others read the prompt from the
+        cache.
 
         Raises:
             GeneratorError: on the first request that fails (the others are abandoned).
         """
         if not requests:
             return []
-        if len(requests) == 1:
-            return [self._complete_one(requests[0])]
-        pool = self._get_pool()
-        futures: list[Future[Completion]] = [pool.submit(self._complete_one, r) for r in requests]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in futures:
-            if f in done and f.exception() is not None:
-                for p in pending:
-                    p.cancel()
-                exc = f.exception()
-                assert exc is not None
-                raise exc
-        return [f.result() for f in futures]
+        groups: dict[Any, list[int]] = {}
+        for i, r in enumerate(requests):
+            # Greedy requests are never merged: vLLM may refuse n > 1 without sampling.
+            key = r if r.temperature > 0 else ("single", i)
+            groups.setdefault(key, []).append(i)
+        jobs = [(requests[ix[0]], ix) for ix in groups.values()]
+        out: list[Completion | None] = [None] * len(requests)
+        if len(jobs) == 1:
+            r, ix = jobs[0]
+            results = [self._complete_n(r, len(ix))]
+        else:
+            pool = self._get_pool()
+            futures: list[Future[list[Completion]]] = [
+                pool.submit(self._complete_n, r, len(ix)) for r, ix in jobs
+            ]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in futures:
+                if f in done and f.exception() is not None:
+                    for p in pending:
+                        p.cancel()
+                    exc = f.exception()
+                    assert exc is not None
+                    raise exc
+            results = [f.result() for f in futures]
+        for (_, ix), comps in zip(jobs, results, strict=True):
+            for i, c in zip(ix, comps, strict=True):
+                out[i] = c
+        return [c for c in out if c is not None]
 
     def _get_pool(self) -> ThreadPoolExecutor:
         with self._pool_lock:
@@ -406,18 +427,28 @@ class OpenAIBackend:
                 body["logit_bias"] = {str(int(t)): -float(r.tip.penalty) for t in r.tip.token_ids}
         return body
 
-    def _complete_one(self, r: CompletionRequest) -> Completion:
-        body = self._call("POST", f"{self.base_url}/completions", self.payload(r))
+    def _complete_n(self, r: CompletionRequest, n: int) -> list[Completion]:
+        payload = self.payload(r)
+        if n > 1:
+            payload["n"] = n
+        body = self._call("POST", f"{self.base_url}/completions", payload)
         try:
-            return self._parse(body, r)
+            choices = sorted(body["choices"], key=lambda c: int(c.get("index", 0)))
+            if len(choices) != n:
+                raise ValueError(f"{len(choices)} choices for n={n}")
+            comps = [self._parse(body, r, c) for c in choices]
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise GeneratorError(
                 f"server at {self.base_url} answered POST /v1/completions in an unexpected "
                 f"shape ({type(exc).__name__}: {exc}): {str(body)[:300]}"
             ) from None
+        for c in comps[1:]:
+            c.cached_tokens = c.prompt_tokens  # one prefill for all samples
+        return comps
 
-    def _parse(self, body: dict[str, Any], r: CompletionRequest) -> Completion:
-        choice = body["choices"][0]
+    def _parse(
+        self, body: dict[str, Any], r: CompletionRequest, choice: dict[str, Any]
+    ) -> Completion:
         ids = choice.get("token_ids")
         if ids is None:
             raise GeneratorError(

@@ -170,6 +170,24 @@ def test_completions_are_consistent(backend: OpenAIBackend) -> None:
 
 
 @pytest.mark.server
+def test_identical_sampled_requests_go_as_one_request_with_n(backend: OpenAIBackend) -> None:
+    sampled = _req(backend, max_tokens=8)
+    greedy = _req(backend, PROMPT + "b = ", temperature=0.0, max_tokens=6)
+    posts: list[str] = []
+    backend._client.event_hooks["request"].append(lambda req: posts.append(str(req.url)))
+    outs = backend.complete([sampled, sampled, greedy, sampled])
+    # Three chains opened on one prompt: one request with n=3; the greedy probe on its own.
+    assert len(posts) == 2 and all(u.endswith("/v1/completions") for u in posts)
+    assert len(outs) == 4
+    (alone,) = backend.complete([greedy])
+    assert outs[2].token_ids.tolist() == alone.token_ids.tolist()  # order kept
+    for c in (outs[0], outs[1], outs[3]):
+        assert 1 <= len(c.token_ids) <= 8 and c.prompt_tokens == len(sampled.prompt_ids)
+    # One prefill for the three samples: the later ones read the whole prompt from the cache.
+    assert outs[1].cached_tokens == outs[3].cached_tokens == outs[1].prompt_tokens
+
+
+@pytest.mark.server
 def test_greedy_is_repeatable_and_the_prefix_cache_is_reported(backend: OpenAIBackend) -> None:
     long_prompt = PROMPT + "b = a + 48 = 37 + 48 = 85\nc = b * 3 = 85 * 3 = 255\n" * 2
     (a,) = backend.complete([_req(backend, long_prompt, temperature=0.0, max_tokens=6)])
