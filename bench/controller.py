@@ -13,9 +13,10 @@ for the SAME number of decoded tokens (``n`` = the proxy's chains, ``min_tokens 
 its decoded tokens / ``n``, EOS ignored), then through the in-process
 :class:`~controller.controller.Controller` (no HTTP). Paired and interleaved, so drift in the
 machine's load hits all three alike. Overheads are ratios of seconds per decoded token, minus
-one: proxy vs direct (target <= 10%) is everything ponder adds (the env takes one action at a
-time, so a policy's chains run one after another where the direct request samples ``n`` at
-once); proxy vs in-process is the HTTP layer alone.
+one: proxy vs direct (target <= 10%) is everything ponder adds (chunked generation with probes
+between chunks, the policy's decisions, tokenisation round trips; a policy's planned chains are
+generated side by side, see :mod:`env.generators.lookahead`, as the direct request samples ``n``
+at once); proxy vs in-process is the HTTP layer alone.
 
 (b) Throughput. ``requests`` questions through the proxy with 1, 8 and 32 concurrent clients,
 and the same decoded tokens straight to vLLM at the same concurrency: questions/s, decoded

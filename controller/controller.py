@@ -461,6 +461,8 @@ class Controller:
             lat = min(lat, self.latency_cap_s) if lat else self.latency_cap_s
         q = self._question(question)
         policy = self._fresh_policy()
+        if config.probe and not getattr(policy, "uses_probes", True):
+            config = replace(config, probe=False)  # it would pay for probes it never reads
         policy.reset(1, config=config)
         gen: Any = self.generator
         width = min(int(getattr(policy, "planned_chains", 1) or 1), config.max_chains)
@@ -477,6 +479,7 @@ class Controller:
                 token_cap=cap,
                 probe_tokens=config.probe_tokens if config.probe else None,
                 max_chains=config.max_chains,
+                chain_tokens=_chain_tokens(config),
             )
         env = ComputeAllocationEnv(
             gen, [q], config, difficulty=self.difficulty, verifier=self.verifier
@@ -851,6 +854,12 @@ def _wait_all(
             for f in pending:
                 futures[f].abandon("latency cap")
             return
+
+
+def _chain_tokens(config: EnvConfig) -> int:
+    """The most decoded tokens one chain can take to its natural end (chunks and probes)."""
+    chunks = -(-config.max_chain_tokens // config.chunk_tokens)
+    return config.max_chain_tokens + (chunks * config.probe_tokens if config.probe else 0)
 
 
 def _spent(info: dict[str, Any]) -> int:

@@ -84,11 +84,16 @@ class BasePolicy:
         planned_chains: chains the policy opens as one group, whatever it sees (best-of-N: N;
             ESC: its window; 1: it decides chain by chain). The controller generates a group
             side by side (:class:`~env.generators.lookahead.Lookahead`).
+        uses_probes: whether the policy reads probe answers (probe features, or the answer of a
+            chain it stops before its end). One that does not (best-of-N, Adaptive-Consistency,
+            ESC: they vote on finished chains) is evaluated and served with ``probe=False``, so
+            it is not charged for probes it would never run.
     """
 
     name: str = "policy"
     aggregate: str = "majority"
     planned_chains: int = 1
+    uses_probes: bool = True
 
     def __init__(self) -> None:
         self.config = EnvConfig()

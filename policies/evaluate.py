@@ -268,7 +268,8 @@ class Evaluator:
         split: the questions evaluated (``test``; ``None`` or ``""`` for all recorded ones).
         seeds: generator seeds: a count (``0..seeds-1``) or the seeds themselves.
         config: env settings (unset: the bank's own, as :class:`BatchedReplayEnv` picks them);
-            its ``aggregate`` is replaced by each policy's.
+            its ``aggregate`` is replaced by each policy's, and ``probe`` is turned off for a
+            policy that reads no probe (``uses_probes = False``).
         difficulty: the ``difficulty`` feature's predictor: ``"auto"`` (fitted once on the
             bank's training questions), ``None`` (0.5) or a ``callable(question, first_chunk)``.
         max_envs: episodes stepped at once (more are run in batches).
@@ -326,9 +327,14 @@ class Evaluator:
     def episodes(self) -> int:
         return int(self._q.size)
 
-    def _env(self, aggregate: str) -> BatchedReplayEnv:
-        """The env for ``aggregate`` (one per aggregation: the flattened bank is reused)."""
-        config = dataclasses.replace(self.config, aggregate=aggregate)  # type: ignore[arg-type]
+    def _env(self, aggregate: str, probe: bool = True) -> BatchedReplayEnv:
+        """The env for ``aggregate`` and ``probe`` (one per setting: the flattened bank is
+        reused)."""
+        config = dataclasses.replace(
+            self.config,
+            aggregate=aggregate,  # type: ignore[arg-type]
+            probe=self.config.probe and probe,
+        )
         env = self._envs.get(config)
         if env is None:
             env = BatchedReplayEnv(
@@ -346,7 +352,8 @@ class Evaluator:
     def __call__(self, policy: Policy, *, family: str | None = None, param: str = "") -> EvalResult:
         """Evaluate ``policy``: every (question x seed) episode once."""
         aggregate = getattr(policy, "aggregate", "majority")
-        env = self._env(aggregate)
+        # A policy that never reads a probe is not charged for probes.
+        env = self._env(aggregate, bool(getattr(policy, "uses_probes", True)))
         lam = getattr(policy, "lam", None)
         lam_used = float(lam) if isinstance(lam, int | float) else env.config.lam
         t0 = time.perf_counter()

@@ -58,6 +58,7 @@ class SingleChain(BasePolicy):
     """One chain, continued until it ends (or cannot go on), then stop."""
 
     name = "single"
+    uses_probes = False
 
     def _act(self, obs: np.ndarray) -> np.ndarray:
         v = ObsView(obs, self.config)
@@ -83,6 +84,7 @@ class BestOfN(BasePolicy):
             )
         self.n_chains = int(n)
         self.planned_chains = self.n_chains
+        self.uses_probes = False
         self.aggregate = aggregate
         self.name = f"best-of-{n}" + ("" if aggregate == "majority" else f"-{aggregate}")
         super().__init__()
@@ -130,6 +132,7 @@ class AdaptiveConsistency(BasePolicy):
             raise ConfigError(f"threshold must be in (0, 1), got {threshold}")
         self.threshold = float(threshold)
         self.max_n = int(max_n)
+        self.uses_probes = False
         self.name = f"adaptive-consistency-{threshold:g}"
         super().__init__()
 
@@ -149,6 +152,7 @@ class EarlyStoppingSC(BasePolicy):
     def __init__(self, max_n: int = 16) -> None:
         self.max_n = int(max_n)
         self.planned_chains = self.WINDOW
+        self.uses_probes = False
         self.name = "esc-4"
         super().__init__()
 

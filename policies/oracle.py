@@ -10,6 +10,10 @@ counts decoded tokens:
 * the chunk's answer-forcing probe (``probe_tokens``) only while the chain is still open after
   the chunk (an ended chain is not probed), and only when the env probes (``config.probe``).
 
+The oracle may also run without probes, as a policy that reads none does (``uses_probes``): then
+an open chain has no answer, and a chain run to its end costs no probe tokens. It takes the cheaper
+of the two.
+
 A prefix's answer is the chain's answer at that point, as the env holds it: its final answer
 (extracted from the text so far) once the chain has ended, else its latest probe answer. A chain
 has ended after chunk ``i`` when the chunk's finish reason is ``cap`` or ``forced``, or ``i`` is
@@ -141,14 +145,17 @@ def _question(qt: QuestionTrace, config: EnvConfig) -> OracleQuestion:
     gold = q.gold
     best: tuple[int, int, int] | None = None  # tokens, chain, chunks
     opening = None
-    for h, ct in enumerate(qt.chains):
-        pre = chain_prefixes(ct, gold, config)
-        if pre and (opening is None or pre[0].tokens < opening):
-            opening = pre[0].tokens
-        for p in pre:
-            if p.correct and (best is None or p.tokens < best[0]):
-                best = (p.tokens, h, p.chunk + 1)
-                break  # later prefixes of this chain cost more
+    # A policy that reads no probe runs without them (see ``uses_probes``): so may the oracle.
+    configs = [config, dataclasses.replace(config, probe=False)] if config.probe else [config]
+    for cfg in configs:
+        for h, ct in enumerate(qt.chains):
+            pre = chain_prefixes(ct, gold, cfg)
+            if pre and (opening is None or pre[0].tokens < opening):
+                opening = pre[0].tokens
+            for p in pre:
+                if p.correct and (best is None or p.tokens < best[0]):
+                    best = (p.tokens, h, p.chunk + 1)
+                    break  # later prefixes of this chain cost more
     if best is None:
         return OracleQuestion(q.qid, level_label(q.difficulty), False, int(opening or 0), -1, 1)
     return OracleQuestion(q.qid, level_label(q.difficulty), True, best[0], best[1], best[2])

@@ -74,6 +74,9 @@ class Lookahead:
         probe_tokens: the env's probe length, if the env probes every chunk (the planned chains
             are then probed in the same call as the current one); ``None``: the env does not probe.
         max_chains: the env's chains per question; no plan goes past it.
+        chain_tokens: the most decoded tokens one chain can take to its end (chunks and probes);
+            a group plans only as many chains as the cap has room to run to their ends, so that
+            generating ahead never leaves the current chain without room to finish.
         spent: decoded tokens the episode has been charged so far (default: those this wrapper
             handed out, which is all of them unless a separate verifier decodes tokens).
 
@@ -89,6 +92,7 @@ class Lookahead:
         token_cap: int,
         probe_tokens: int | None = 16,
         max_chains: int = 16,
+        chain_tokens: int = 1,
         spent: Callable[[], int] | None = None,
     ) -> None:
         if getattr(inner, "chunk_tokens", None) is not None:
@@ -102,6 +106,7 @@ class Lookahead:
             None if probe_tokens is None else validate_count(probe_tokens, "probe_tokens")
         )
         self.max_chains = validate_count(max_chains, "max_chains")
+        self.chain_tokens = validate_count(chain_tokens, "chain_tokens")
         self.spent = spent
         self._opened = 0
         self._key: tuple[Any, ...] | None = None
@@ -157,7 +162,10 @@ class Lookahead:
             self._serving.clear()
         if not self._spare:
             # Open the next group of planned chains; the env takes the first now.
-            n_plan = min(self.width, max(1, self.max_chains - self._opened))
+            n_plan = min(
+                self.width, self.max_chains - self._opened, self._room() // self.chain_tokens
+            )
+            n_plan = max(1, n_plan)
             chains = self.inner.start(question, n_plan, mode=mode)
             self._opened += n_plan
             self._spare = deque(_Planned(c) for c in chains[1:])
@@ -248,8 +256,7 @@ class Lookahead:
         if not self._spare:
             return []
         probe = self.probe_tokens or 0
-        spent = self.spent() if self.spent is not None else self._given
-        room = self.token_cap - spent - self.ahead - (k + probe + INJECT_ALLOWANCE)
+        room = self._room() - (k + probe + INJECT_ALLOWANCE)
         n = max(0, room // (k + probe))
         return [p.chain for p in self._spare if not p.chain.finished][:n]
 
@@ -266,6 +273,11 @@ class Lookahead:
             # Caught up: the env's chain equals the private one and is extended directly now.
             del self._serving[pub.chain_id]
         return chunk
+
+    def _room(self) -> int:
+        """Decoded tokens the cap has left, counting those generated ahead."""
+        spent = self.spent() if self.spent is not None else self._given
+        return self.token_cap - spent - self.ahead
 
     def _probe_ahead(self, chains: list[Chain]) -> None:
         if not chains or self.probe_tokens is None:

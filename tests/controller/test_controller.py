@@ -24,6 +24,12 @@ OPENING = CFG.bound(Action.BRANCH)
 Q = "Let a = 40. Let b = a + 2. What is b?"
 
 
+def probing(policy: Any) -> Any:
+    """``policy``, made to run with a probe after every chunk (as the env's default is)."""
+    policy.uses_probes = True
+    return policy
+
+
 def check_accounting(r: Result) -> None:
     """Tokens are counted once: the trace's deltas, the kinds (plus tokens generated ahead and
     never used) and the total agree."""
@@ -90,7 +96,8 @@ def test_policy_aggregation_is_the_default() -> None:
 
 def test_a_generator_error_gives_the_best_answer_so_far() -> None:
     # Calls: 1 extend, 2 probe (opening), 3 extend, 4 probe, 5 extend (a second chain)...
-    ctl = Controller(FakeGenerator(faults={7: "error"}), BestOfN(3), config=CFG)
+    gen = FakeGenerator(faults={7: "error"})
+    ctl = Controller(gen, probing(BestOfN(3)), config=CFG, lookahead=False)
     r = ctl.solve(Q)
     assert r.fault and "injected failure on call 7" in r.reason
     assert r.answer == "42"  # the probes before the failure had answered
@@ -121,7 +128,7 @@ def test_an_empty_branch_is_a_fault() -> None:
 
 def test_latency_cap_abandons_a_hung_call(slow: Any) -> None:
     gen = slow(FakeGenerator(), {4: slow.HANG})  # the opening is fast, the next probe never returns
-    ctl = Controller(gen, SingleChain(), config=CFG, latency_cap_s=0.6)
+    ctl = Controller(gen, probing(SingleChain()), config=CFG, latency_cap_s=0.6)
     r = ctl.solve(Q)
     # The answer came back while the engine call was still hung: the cap did not wait for it.
     assert gen.active == 1
@@ -137,7 +144,7 @@ def test_latency_cap_abandons_a_hung_call(slow: Any) -> None:
 
 def test_latency_cap_between_steps(slow: Any) -> None:
     gen = slow(FakeGenerator(), 0.05)
-    ctl = Controller(gen, BestOfN(6), config=CFG, latency_cap_s=0.5)
+    ctl = Controller(gen, probing(BestOfN(6)), config=CFG, latency_cap_s=0.5, lookahead=False)
     r = ctl.solve(Q)
     assert r.reason == "latency cap" and r.answer == "42"
     assert r.n_chains < 6  # cut short between steps, before best-of-6 was complete

@@ -155,3 +155,14 @@ def test_lookahead_refuses_bad_settings() -> None:
         Lookahead(FakeGenerator(), 0, token_cap=100)
     with pytest.raises(ConfigError, match="token_cap"):
         Lookahead(FakeGenerator(), 2, token_cap=0)
+
+
+def test_generating_ahead_never_starves_the_current_chain() -> None:
+    # A cap with room for one or two whole chains: planning six must not leave six half-chains
+    # without an answer where running them one by one answers.
+    for cap in (100, 120, 200, 260):
+        plain = Controller(FakeGenerator(), BestOfN(6), config=CFG, token_cap=cap, lookahead=False)
+        ahead = Controller(FakeGenerator(), BestOfN(6), config=CFG, token_cap=cap)
+        a, b = plain.solve(Q), ahead.solve(Q)
+        assert b.answer == a.answer == "42", cap
+        assert b.decoded <= cap and b.n_chains >= 1

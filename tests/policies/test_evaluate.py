@@ -122,7 +122,11 @@ def test_episodes_are_the_single_envs(bank: TraceBank, evaluator: Evaluator, pol
     """Episode (question, seed) replays in ComputeAllocationEnv with generator seed ``seed``."""
     r = evaluator(policy)
     env = ComputeAllocationEnv.from_bank(
-        BANK, split="test", aggregate=policy.aggregate, difficulty="auto"
+        BANK,
+        split="test",
+        aggregate=policy.aggregate,
+        difficulty="auto",
+        probe=policy.uses_probes,  # as the evaluator runs it
     )
     for e in r.episodes[::7]:
         env.generator.reset(e.seed)
@@ -317,7 +321,8 @@ def hand_bank(tmp_path: Path) -> TraceBank:
         tmp_path / "hand",
         [
             # right by a probe after 2 chunks of chain 0 (8+3 + 8+3 = 22) or at chain 1's end,
-            # which is not probed (8+2 + 5 = 15): 15 wins
+            # which is not probed (8+2 + 5 = 15), or 8 + 5 = 13 without probes at all (as a
+            # policy that reads none runs): 13 wins
             (
                 _q(0, "7"),
                 [
@@ -369,14 +374,16 @@ def hand_bank(tmp_path: Path) -> TraceBank:
 def test_oracle_on_a_hand_made_bank(hand_bank: TraceBank) -> None:
     orc = oracle(hand_bank, split="test")
     by = orc.by_qid()
-    assert (by["hand/test/0"].correct, by["hand/test/0"].tokens) == (True, 15)
+    assert (by["hand/test/0"].correct, by["hand/test/0"].tokens) == (True, 13)
     assert (by["hand/test/0"].chain, by["hand/test/0"].chunks) == (1, 2)
     assert (by["hand/test/1"].correct, by["hand/test/1"].tokens) == (False, 3)
-    # chain end (6, not probed) + extension chunk (8 + probe 4)
+    # chain end (6, not probed) + extension chunk (8 + probe 4); without probes the extension
+    # has no answer of its own
     assert (by["hand/test/2"].correct, by["hand/test/2"].tokens) == (True, 18)
-    assert (by["hand/test/3"].correct, by["hand/test/3"].tokens) == (False, T + 1)
+    # wrong, at the cheapest opening: one chunk, unprobed (T + 1 with its probe)
+    assert (by["hand/test/3"].correct, by["hand/test/3"].tokens) == (False, T)
     assert orc.accuracy.mean == 0.5
-    assert orc.tokens.mean == pytest.approx(np.mean([15, 3, 18, T + 1]))
+    assert orc.tokens.mean == pytest.approx(np.mean([13, 3, 18, T]))
     assert set(orc.by_level) == {"L1", "L2", "L3"}
     # without probes the open prefixes have no answer of their own
     # without probes an open chain keeps its last answer (none yet, or its answer at its end)
