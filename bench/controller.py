@@ -132,7 +132,9 @@ def main(args: Args) -> None:
         model_name = http.get(upstream.rstrip("/") + "/models").json()["data"][0]["id"]
         template = get_template(args.template)
         n_q = max(args.questions, args.requests)
-        qs = [q.text for q, _ in make_questions(n_q, seed=args.seed, levels=list(args.levels))]
+        pool = make_questions(-(-n_q // len(args.levels)), seed=args.seed, levels=list(args.levels))
+        by_level = [[q.text for q, _ in pool if q.difficulty == lv] for lv in args.levels]
+        qs = [t for group in zip(*by_level, strict=True) for t in group][:n_q]  # levels mixed
 
         def via_proxy(q: str) -> tuple[float, int, int]:
             t = time.perf_counter()

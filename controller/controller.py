@@ -30,7 +30,9 @@ never decodes more than the cap for a question.
 A policy that plans several chains (``planned_chains > 1``: best-of-N, ESC) gets them generated
 side by side (:class:`~env.generators.lookahead.Lookahead`): each engine call extends the current
 chain and the planned chains not opened yet, so best-of-4 costs about one chain's round trips, not
-four. Tokens generated ahead count against the token cap from the moment they are decoded; those of
+four. A policy that reads no probe runs without probes, and one that acts only between chains
+(``acts_between_chains``) gets each chain in one piece when the cap has room for its planned chains
+in full: best-of-N is then one engine request. Tokens generated ahead count against the token cap from the moment they are decoded; those of
 chains the policy then never opened are reported as ``unused`` (included in ``decoded``). Fleet
 mode admits one step at a time against the shared budget, so it generates nothing ahead.
 
@@ -56,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from env.compute_env import Action, ComputeAllocationEnv, EnvConfig
-from env.generators.base import Generator, Question, TokenUsage
+from env.generators.base import INJECT_ALLOWANCE, Generator, Question, TokenUsage
 from env.generators.lookahead import Lookahead
 from env.observation import FEATURE_NAMES
 from features.errors import ConfigError, GeneratorError
@@ -461,17 +463,17 @@ class Controller:
             lat = min(lat, self.latency_cap_s) if lat else self.latency_cap_s
         q = self._question(question)
         policy = self._fresh_policy()
-        if config.probe and not getattr(policy, "uses_probes", True):
-            config = replace(config, probe=False)  # it would pay for probes it never reads
-        policy.reset(1, config=config)
         gen: Any = self.generator
-        width = min(int(getattr(policy, "planned_chains", 1) or 1), config.max_chains)
+        width = min(int(getattr(policy, "planned_chains", 1) or 1), self.config.max_chains)
+        live = getattr(gen, "chunk_tokens", None) is None  # (a replayed bank fixes the chunks)
+        config = _serving_config(config, policy, width, live and allowance is None)
+        policy.reset(1, config=config)
         lookahead = None
         if (
             self.lookahead
             and width > 1
             and allowance is None  # a fleet admits one step at a time: nothing ahead
-            and getattr(gen, "chunk_tokens", None) is None
+            and live
         ):
             lookahead = gen = Lookahead(
                 gen,
@@ -854,6 +856,23 @@ def _wait_all(
             for f in pending:
                 futures[f].abandon("latency cap")
             return
+
+
+def _serving_config(config: EnvConfig, policy: Any, width: int, whole: bool) -> EnvConfig:
+    """The episode settings ``policy`` needs: no probes if it reads none; if it acts only between
+    chains (and ``whole``), each chain in one piece rather than chunk by chunk, provided the cap
+    has room for its ``width`` planned chains in full (else chunks keep the cap finely used)."""
+    if config.probe and not getattr(policy, "uses_probes", True):
+        config = replace(config, probe=False)  # it would pay for probes it never reads
+    if (
+        whole
+        and getattr(policy, "acts_between_chains", False)
+        and not config.probe
+        and config.chunk_tokens < config.max_chain_tokens
+        and width * (config.max_chain_tokens + INJECT_ALLOWANCE) <= config.token_cap
+    ):
+        config = replace(config, chunk_tokens=config.max_chain_tokens)
+    return config
 
 
 def _chain_tokens(config: EnvConfig) -> int:

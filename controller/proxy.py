@@ -20,13 +20,14 @@ The answer is ``The answer is \\boxed{ANSWER}.`` as the message content (chat) o
 (completions); an empty string when no chain produced an answer. ``finish_reason`` is ``stop``
 when the policy stopped and ``length`` when a cap or a generator fault ended the episode.
 ``usage`` has ``prompt_tokens`` (the question's prompt as the model saw it), ``completion_tokens``
-(the decoded tokens ponder spent: chains, probes, verifier, injected) and their total. The
+(the decoded tokens ponder spent: chains, probes, verifier, injected, and ``unused``: tokens
+generated ahead for planned chains the policy never opened) and their total. The
 ``ponder`` key of the response holds the rest:
 
 .. code-block:: json
 
     {"ponder": {"answer": "42", "confidence": 0.75, "reason": "stop", "chains": 4,
-                "decoded": 512, "tokens": {"generated": 440, "probe": 72, "judge": 0,
+                "decoded": 512, "unused": 0, "tokens": {"generated": 440, "probe": 72, "judge": 0,
                 "injected": 0, "prefill": 310, "cached": 1900}, "latency_s": 1.9,
                 "trace_length": 9, "policy": "best-of-4"}}
 
@@ -145,6 +146,7 @@ class Metrics:
             if result is not None:
                 for kind, n in result.tokens.items():
                     self.tokens[kind] += int(n)
+                self.tokens["unused"] += int(result.unused)
                 self.reasons[result.reason.split(":", 1)[0]] += 1
 
     def render(self) -> str:
@@ -495,6 +497,7 @@ def _respond(kind: str, ask: _Ask, r: Result, model: str) -> tuple[int, dict[str
         "reason": r.reason,
         "chains": r.n_chains,
         "decoded": r.decoded,
+        "unused": r.unused,
         "tokens": dict(r.tokens),
         "latency_s": round(r.latency_s, 6),
         "trace_length": len(r.trace),

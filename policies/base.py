@@ -88,12 +88,17 @@ class BasePolicy:
             chain it stops before its end). One that does not (best-of-N, Adaptive-Consistency,
             ESC: they vote on finished chains) is evaluated and served with ``probe=False``, so
             it is not charged for probes it would never run.
+        acts_between_chains: whether the policy decides only once the current chain has ended
+            (it always continues an open chain, and reads nothing inside one). The controller
+            then generates each chain in one piece rather than chunk by chunk, when the cap has
+            room for its planned chains in full.
     """
 
     name: str = "policy"
     aggregate: str = "majority"
     planned_chains: int = 1
     uses_probes: bool = True
+    acts_between_chains: bool = False
 
     def __init__(self) -> None:
         self.config = EnvConfig()

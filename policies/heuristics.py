@@ -59,6 +59,7 @@ class SingleChain(BasePolicy):
 
     name = "single"
     uses_probes = False
+    acts_between_chains = True
 
     def _act(self, obs: np.ndarray) -> np.ndarray:
         v = ObsView(obs, self.config)
@@ -85,6 +86,7 @@ class BestOfN(BasePolicy):
         self.n_chains = int(n)
         self.planned_chains = self.n_chains
         self.uses_probes = False
+        self.acts_between_chains = True
         self.aggregate = aggregate
         self.name = f"best-of-{n}" + ("" if aggregate == "majority" else f"-{aggregate}")
         super().__init__()
@@ -133,6 +135,7 @@ class AdaptiveConsistency(BasePolicy):
         self.threshold = float(threshold)
         self.max_n = int(max_n)
         self.uses_probes = False
+        self.acts_between_chains = True
         self.name = f"adaptive-consistency-{threshold:g}"
         super().__init__()
 
@@ -153,6 +156,7 @@ class EarlyStoppingSC(BasePolicy):
         self.max_n = int(max_n)
         self.planned_chains = self.WINDOW
         self.uses_probes = False
+        self.acts_between_chains = True
         self.name = "esc-4"
         super().__init__()
 

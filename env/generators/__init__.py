@@ -37,6 +37,7 @@ __all__ = [
     "Generator",
     "JudgeResult",
     "LiveGenerator",
+    "Lookahead",
     "OpenAIBackend",
     "OpenAIGenerator",
     "ProbeResult",
@@ -56,6 +57,7 @@ __all__ = [
 
 _LAZY = {
     "LiveGenerator": "env.generators.live",
+    "Lookahead": "env.generators.lookahead",
     "VLLMBackend": "env.generators.vllm",
     "VLLMGenerator": "env.generators.vllm",
     "build_engine": "env.generators.vllm",

@@ -156,7 +156,7 @@ def test_latency_cap_between_steps(slow: Any) -> None:
 def test_asolve_and_its_latency_cap(slow: Any) -> None:
     ctl = Controller(FakeGenerator(), BestOfN(2), config=CFG)
     hung = slow(FakeGenerator(), {3: slow.HANG})
-    slow_ctl = Controller(hung, SingleChain(), config=CFG)
+    slow_ctl = Controller(hung, probing(SingleChain()), config=CFG)
 
     async def go() -> tuple[Result, list[Result], Result]:
         one = await ctl.asolve(Q)

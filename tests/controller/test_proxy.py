@@ -61,8 +61,9 @@ def test_chat_completion(client: TestClient) -> None:
     assert (
         u["completion_tokens"]
         == p["decoded"]
-        == sum(p["tokens"][k] for k in ("generated", "probe", "judge", "injected"))
+        == sum(p["tokens"][k] for k in ("generated", "probe", "judge", "injected")) + p["unused"]
     )
+    assert p["unused"] == 0  # best-of-3 opened every chain it planned
     assert u["prompt_tokens"] > 0 and u["total_tokens"] == u["prompt_tokens"] + p["decoded"]
     assert "trace" not in p
 

@@ -166,3 +166,21 @@ def test_generating_ahead_never_starves_the_current_chain() -> None:
         a, b = plain.solve(Q), ahead.solve(Q)
         assert b.answer == a.answer == "42", cap
         assert b.decoded <= cap and b.n_chains >= 1
+
+
+def test_policies_that_act_between_chains_get_whole_chains() -> None:
+    from policies.heuristics import ProbeAgreement
+
+    gen = FakeGenerator()
+    r = Controller(gen, BestOfN(4), config=CFG).solve(Q)
+    # No probes, each chain in one piece, all four side by side: one engine call.
+    assert gen.fake.calls == 1 and r.n_chains == 4 and r.answer == "42"
+    assert r.tokens["probe"] == 0 and r.unused == 0
+    # A cap without room for four whole chains: chunk by chunk, within the cap, still answering.
+    gen = FakeGenerator()
+    cap = 4 * (96 + 16) - 1
+    r = Controller(gen, BestOfN(4), config=CFG, token_cap=cap).solve(Q)
+    assert gen.fake.calls > 1 and r.decoded <= cap and r.answer == "42"
+    # A policy that reads probes is probed after every chunk.
+    r = Controller(FakeGenerator(), ProbeAgreement(2), config=CFG).solve(Q)
+    assert r.tokens["probe"] > 0 and r.answer == "42"
