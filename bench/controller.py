@@ -8,9 +8,11 @@
 server.
 
 (a) Overhead. One client asks each question through the proxy (HTTP, the controller, chunked
-generation with probes); right after, the same question goes straight to vLLM as one request
-for the SAME number of decoded tokens (``n`` = the proxy's chains, ``min_tokens = max_tokens`` =
-its decoded tokens / ``n``, EOS ignored), then through the in-process
+generation with probes); right after, the same question goes straight to vLLM for the SAME
+decoded tokens in the same shape: one sequence per chain of the proxy's answer, as long as that
+chain (``min_tokens = max_tokens``, EOS ignored; chains of equal length share a request with
+``n``; probe and verifier tokens lengthen the longest, since they ran after its chunks), then
+through the in-process
 :class:`~controller.controller.Controller` (no HTTP). Paired and interleaved, so drift in the
 machine's load hits all three alike. Overheads are ratios of seconds per decoded token, minus
 one: proxy vs direct (target <= 10%) is everything ponder adds (chunked generation with probes
@@ -31,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,33 +139,48 @@ def main(args: Args) -> None:
         by_level = [[q.text for q, _ in pool if q.difficulty == lv] for lv in args.levels]
         qs = [t for group in zip(*by_level, strict=True) for t in group][:n_q]  # levels mixed
 
-        def via_proxy(q: str) -> tuple[float, int, int]:
+        def via_proxy(q: str) -> tuple[float, int, list[int]]:
             t = time.perf_counter()
             r = http.post(proxy_url + "/v1/completions", json={"model": "ponder", "prompt": q})
             took = time.perf_counter() - t
             r.raise_for_status()
             p = r.json()["ponder"]
-            return took, int(p["decoded"]), max(1, int(p["chains"]))
+            return took, int(p["decoded"]), [int(n) for n in p["chain_tokens"]]
 
-        def direct(q: str, decoded: int, chains: int) -> float:
-            per = max(1, min(math.ceil(decoded / chains), 1024 - 96))
-            body: dict[str, Any] = {
-                "model": model_name, "n": chains, "max_tokens": per, "min_tokens": per,
-                "ignore_eos": True, "temperature": 0.7, "logprobs": 5,
-            }  # fmt: skip
-            if template.chat:
-                body["messages"] = [
-                    {"role": "system", "content": CHAT.system or ""},
-                    {"role": "user", "content": CHAT.cot.format(question=q)},
-                ]
-                path = "/chat/completions"
-                body.pop("logprobs")
-                body["logprobs"], body["top_logprobs"] = True, 5
-            else:
-                body["prompt"] = template.cot.format(question=q)
-                path = "/completions"
+        def direct(q: str, decoded: int, chain_tokens: list[int]) -> float:
+            # The same decoded tokens in the same shape: one sequence per chain, as long as the
+            # proxy's chain (what else ponder decoded, probes and verifier, extends the longest:
+            # it ran after those chunks).
+            lens = sorted((n for n in chain_tokens if n > 0), reverse=True) or [decoded]
+            lens[0] += max(0, decoded - sum(lens))
+            lens = [max(1, min(n, 1024 - 96)) for n in lens]
+            bodies = []
+            for per, n in sorted(Counter(lens).items()):
+                body: dict[str, Any] = {
+                    "model": model_name, "n": n, "max_tokens": per, "min_tokens": per,
+                    "ignore_eos": True, "temperature": 0.7, "logprobs": 5,
+                }  # fmt: skip
+                if template.chat:
+                    body["messages"] = [
+                        {"role": "system", "content": CHAT.system or ""},
+                        {"role": "user", "content": CHAT.cot.format(question=q)},
+                    ]
+                    body.pop("logprobs")
+                    body["logprobs"], body["top_logprobs"] = True, 5
+                else:
+                    body["prompt"] = template.cot.format(question=q)
+                bodies.append(body)
+            path = "/chat/completions" if template.chat else "/completions"
+
+            def post(body: dict[str, Any]) -> None:
+                http.post(upstream.rstrip("/") + path, json=body).raise_for_status()
+
             t = time.perf_counter()
-            http.post(upstream.rstrip("/") + path, json=body).raise_for_status()
+            if len(bodies) == 1:
+                post(bodies[0])
+            else:
+                with ThreadPoolExecutor(len(bodies)) as pool:
+                    list(pool.map(post, bodies))
             return time.perf_counter() - t
 
         # Warm-up: kernels, the prompts' prefix cache for both paths alike.
@@ -186,10 +204,10 @@ def main(args: Args) -> None:
         p_s, d_s, tokens = [], [], []
         in_s, in_tok = 0.0, 0
         for q in qs[: args.questions]:
-            took, decoded, chains = via_proxy(q)
+            took, decoded, chain_tokens = via_proxy(q)
             p_s.append(took)
             tokens.append(decoded)
-            d_s.append(direct(q, decoded, chains))
+            d_s.append(direct(q, decoded, chain_tokens))
             t = time.perf_counter()
             r = ctl.solve(q)
             in_s += time.perf_counter() - t

@@ -116,6 +116,7 @@ class Result:
         prompt_tokens: tokens of the question's prompt as the model saw it (0 if none started).
         unused: tokens decoded ahead for planned chains the policy never took (see the module
             docstring); they are in ``decoded`` but in none of ``tokens``' kinds.
+        chain_tokens: each chain's generated tokens, in the order the chains were opened.
     """
 
     answer: str | None
@@ -130,6 +131,7 @@ class Result:
     policy: str = ""
     prompt_tokens: int = 0
     unused: int = 0
+    chain_tokens: tuple[int, ...] = ()
 
     @property
     def fault(self) -> bool:
@@ -745,11 +747,13 @@ class _Run:
         if info is None:
             tokens = TokenUsage().as_dict()
             answer, share, decoded, chains, unused = None, 0.0, 0, 0, 0
+            chain_tokens: tuple[int, ...] = ()
         else:
             tokens = {k: int(v) for k, v in info["tokens"].items()}
             answer, share = info["answer"], float(info["share"])
             decoded, chains = _spent(info), int(info["chains"])
             unused = int(info.get("ahead", 0))
+            chain_tokens = tuple(int(n) for n in info.get("chain_tokens", ()))
         q = self.env.questions[0]
         return Result(
             answer=answer,
@@ -764,6 +768,7 @@ class _Run:
             policy=str(getattr(self.policy, "name", type(self.policy).__name__)),
             prompt_tokens=self.prompt_tokens,
             unused=unused,
+            chain_tokens=chain_tokens,
         )
 
 

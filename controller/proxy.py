@@ -27,9 +27,10 @@ generated ahead for planned chains the policy never opened) and their total. The
 .. code-block:: json
 
     {"ponder": {"answer": "42", "confidence": 0.75, "reason": "stop", "chains": 4,
-                "decoded": 512, "unused": 0, "tokens": {"generated": 440, "probe": 72, "judge": 0,
-                "injected": 0, "prefill": 310, "cached": 1900}, "latency_s": 1.9,
-                "trace_length": 9, "policy": "best-of-4"}}
+                "decoded": 512, "unused": 0, "chain_tokens": [98, 120, 87, 135],
+                "tokens": {"generated": 440, "probe": 72, "judge": 0, "injected": 0,
+                           "prefill": 310, "cached": 1900},
+                "latency_s": 1.9, "trace_length": 9, "policy": "best-of-4"}}
 
 Requests may carry a ``ponder`` object: ``token_cap`` (int), ``latency_cap_s`` (seconds) and
 ``trace`` (bool: include the decisions with their features). Caps, like ``max_tokens`` /
@@ -498,6 +499,7 @@ def _respond(kind: str, ask: _Ask, r: Result, model: str) -> tuple[int, dict[str
         "chains": r.n_chains,
         "decoded": r.decoded,
         "unused": r.unused,
+        "chain_tokens": list(r.chain_tokens),
         "tokens": dict(r.tokens),
         "latency_s": round(r.latency_s, 6),
         "trace_length": len(r.trace),

@@ -256,7 +256,8 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
 
     ``info`` always holds ``answer``, ``correct``, ``gold``, ``tokens`` (by kind), ``cost``,
     ``decoded`` (what the cap counts, with ``ahead``), ``ahead`` (tokens a lookahead generator
-    decoded that no action has taken yet, 0 otherwise), ``chains``, ``steps``, ``action_mask``,
+    decoded that no action has taken yet, 0 otherwise), ``chains``, ``chain_tokens`` (each
+    chain's generated tokens), ``steps``, ``action_mask``,
     ``qid``, ``correct_now``, ``cost_delta`` and, at the end, ``reason`` and ``return``.
 
     For learners, two per-step keys let rewards be recomputed for any ``lam`` and
@@ -674,6 +675,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             "ahead": self._ahead(),
             "cost": ep.cost(self.config.prices),
             "chains": len(ep.states),
+            "chain_tokens": [s.chain.num_tokens for s in ep.states],
             "steps": ep.steps,
             "action_mask": self.action_mask(),
             "difficulty": ep.question.difficulty,
