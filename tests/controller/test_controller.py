@@ -37,6 +37,9 @@ def check_accounting(r: Result) -> None:
     assert r.decoded == sum(s.delta for s in r.trace)
     assert r.decoded == sum(r.tokens[k] for k in decode_kinds) + r.unused
     assert r.unused >= 0
+    # Every chain opened has its length; together they are the tokens the chains generated.
+    assert len(r.chain_tokens) == r.n_chains
+    assert sum(r.chain_tokens) == r.tokens["generated"] + r.tokens["injected"]
     assert all(s.delta >= 0 for s in r.trace)
     assert [s.decoded for s in r.trace] == list(np.cumsum([s.delta for s in r.trace]))
     assert 0.0 <= r.confidence <= 1.0
