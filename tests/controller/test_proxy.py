@@ -180,6 +180,12 @@ def test_unknown_routes_and_methods_answer_in_openai_form(client: TestClient) ->
     assert r.status_code == 404 and "error" in r.json()
 
 
+def probing(policy: Any) -> Any:
+    """``policy``, made to run with a probe after every chunk (as the env's default is)."""
+    policy.uses_probes = True
+    return policy
+
+
 def test_generator_faults() -> None:
     # Before any answer: 502 with the reason. After one: 200 with the best answer so far.
     ctl = Controller(FakeGenerator(faults={1: "error"}), SingleChain(), config=CFG)
@@ -187,7 +193,10 @@ def test_generator_faults() -> None:
         r = c.post("/v1/chat/completions", json=chat_body())
     assert r.status_code == 502
     assert "injected failure on call 1" in r.json()["error"]["message"]
-    ctl = Controller(FakeGenerator(faults={5: "error"}), BestOfN(3), config=CFG)
+    # (chunk by chunk with probes, one chain at a time: call 5 is the second chain's first chunk)
+    ctl = Controller(
+        FakeGenerator(faults={5: "error"}), probing(BestOfN(3)), config=CFG, lookahead=False
+    )
     with client_for(ctl) as c:
         r = c.post("/v1/chat/completions", json=chat_body())
     assert r.status_code == 200
@@ -199,7 +208,7 @@ def test_generator_faults() -> None:
 
 def test_latency_cap_answers_in_time(slow: Any) -> None:
     gen = slow(FakeGenerator(), {4: slow.HANG})
-    ctl = Controller(gen, SingleChain(), config=CFG, latency_cap_s=20)
+    ctl = Controller(gen, probing(SingleChain()), config=CFG, latency_cap_s=20)
     with client_for(ctl) as c:
         r = c.post("/v1/chat/completions", json=chat_body(ponder={"latency_cap_s": 0.5}))
         assert gen.active == 1  # the per-request cap answered while the engine call hung
