@@ -874,7 +874,7 @@ def _serving_config(config: EnvConfig, policy: Any, width: int, whole: bool) -> 
         and getattr(policy, "acts_between_chains", False)
         and not config.probe
         and config.chunk_tokens < config.max_chain_tokens
-        and width * (config.max_chain_tokens + INJECT_ALLOWANCE) <= config.token_cap
+        and width * (_chain_tokens(config) + INJECT_ALLOWANCE) <= config.token_cap
     ):
         config = replace(config, chunk_tokens=config.max_chain_tokens)
     return config

@@ -5,9 +5,9 @@ end, then chain 2, and so on: four chains' worth of round trips one after anothe
 engine could have sampled all four in the same batch. A policy that knows how many chains it will
 open (``planned_chains``: best-of-N's N, ESC's window) lets :class:`Lookahead` open them together:
 each time the env extends its current chain, the planned chains not opened yet get their next
-chunk (and probe) in the same engine call. When the env opens a chain past the current group,
-the next group of ``width`` chains is planned (ESC's next window). When the env later branches, the new chain is served
-from what was generated ahead, chunk by chunk, without waiting for the engine.
+chunk (and probe) in the same engine call. When the env later branches, the new chain is served
+from what was generated ahead, chunk by chunk, without waiting for the engine. When the env opens
+a chain past the current group, the next group of ``width`` chains is planned (ESC's next window).
 
 What the env sees does not change: every chain is an independent sample, its chunks and probes
 arrive one action at a time, and each is charged when the env takes it. What the engine decoded
