@@ -8,6 +8,7 @@ agent decides what to spend compute on next. See :class:`ComputeAllocationEnv`.
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
 import time
 from collections.abc import Sequence
@@ -39,6 +40,8 @@ __all__ = [
     "Prices",
     "decode_tokens",
     "question_split",
+    "select_split",
+    "training_split",
 ]
 
 
@@ -87,18 +90,63 @@ def decode_tokens(usage: TokenUsage) -> int:
     return usage.generated + usage.probe + usage.judge + usage.injected
 
 
-def bank_difficulty(bank: Any) -> Any:
-    """The difficulty predictor fitted on a bank's training questions (``None`` if < 2)."""
+def bank_difficulty(bank: Any, split: str = "train") -> Any:
+    """The difficulty predictor fitted on a bank's ``split`` questions (``None`` if < 2).
+
+    Pass the split the policies train on: ``train``, or ``fit`` when tuning on ``dev``
+    (:func:`training_split` of the evaluated split), so the predictor never sees the labels of
+    the questions it is evaluated on.
+    """
     from env.difficulty import fit_difficulty
 
-    train = [q for q in bank.questions if question_split(q) == "train"]
+    train = select_split(bank.questions, split)
     return fit_difficulty(bank, train) if len(train) >= 2 else None
+
+
+SPLITS = ("train", "test", "fit", "dev")
+"""Question splits: a bank's own ``train`` and ``test``, and the training questions cut in two
+for tuning without the test questions: ``dev`` (a quarter of them, :data:`DEV_FRACTION`) and
+``fit`` (the rest)."""
+
+DEV_FRACTION = 0.25
+"""Share of the training questions in the ``dev`` split."""
 
 
 def question_split(q: Question) -> str:
     """``train`` / ``test`` from a question id such as ``gsm8k/test/17`` (``""`` if none)."""
     parts = q.qid.split("/")
     return parts[1] if len(parts) > 1 and parts[1] in ("train", "test") else ""
+
+
+def _id_hash(qid: str) -> bytes:
+    return hashlib.sha256(qid.encode()).digest()
+
+
+def select_split(questions: Sequence[Question], split: str | None) -> list[Question]:
+    """The questions of ``split`` (one of :data:`SPLITS`; all of them for ``None`` or ``""``),
+    in their order.
+
+    ``dev`` and ``fit`` partition the ``train`` questions among ``questions`` (pass all of a
+    bank's): ``dev`` is the quarter (at least one, of two or more) whose ids hash lowest
+    (sha256), so the cut is the same on every machine and does not depend on the order the
+    questions were recorded in; ``fit`` is the rest.
+    """
+    if not split:
+        return list(questions)
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if split in ("train", "test"):
+        return [q for q in questions if question_split(q) == split]
+    train = [q for q in questions if question_split(q) == "train"]
+    n_dev = max(1, round(DEV_FRACTION * len(train))) if len(train) >= 2 else 0
+    dev = {q.qid for q in sorted(train, key=lambda q: _id_hash(q.qid))[:n_dev]}
+    return [q for q in train if (q.qid in dev) == (split == "dev")]
+
+
+def training_split(split: str | None) -> str:
+    """The split policies evaluated on ``split`` train on: ``fit`` for ``dev`` (and ``fit``),
+    else ``train``."""
+    return "fit" if split in ("fit", "dev") else "train"
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,12 +399,12 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         gen = ReplayGenerator(bank, seed=seed)
         qs = gen.bank.questions
         if split:
-            qs = [q for q in qs if question_split(q) == split]
+            qs = select_split(qs, split)
             if not qs:
                 raise ConfigError(f"the bank at {bank} has no recorded {split!r} questions")
         m = gen.bank.manifest
         if kwargs.get("difficulty") == "auto":
-            kwargs["difficulty"] = bank_difficulty(gen.bank)
+            kwargs["difficulty"] = bank_difficulty(gen.bank, training_split(split))
         cfg = kwargs.pop("config", None)
         if cfg is None:
             kwargs.setdefault("chunk_tokens", m.chunk_tokens)

@@ -31,7 +31,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from env.bank import ChainTrace, TraceBank
-from env.compute_env import Action, EnvConfig, bank_difficulty, question_split
+from env.compute_env import Action, EnvConfig, bank_difficulty, select_split, training_split
 from env.generators.base import Chain, PromptMode
 from env.generators.replay import ReplayGenerator, chain_order
 from env.observation import (
@@ -429,13 +429,14 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
 
     * ``bank``: a :class:`~env.bank.TraceBank` or its folder.
     * ``num_envs``: episodes run at once.
-    * ``split``: only the bank's questions of this split (``train`` / ``test``).
+    * ``split``: only the bank's questions of this split (``train`` / ``test``, or ``fit`` /
+      ``dev``: the training questions cut for tuning, see :func:`~env.compute_env.select_split`).
     * ``seed``: seeds the episode draws until ``reset(seed=...)`` reseeds them.
     * ``config`` or its fields: an :class:`~env.compute_env.EnvConfig`; unset fields default to
       the bank's settings, as in ``from_bank``.
     * ``difficulty``: the ``difficulty`` feature's predictor, as the single environment's:
-      ``None`` (0.5), ``"auto"`` (fitted on the bank's training questions, as ``from_bank``
-      does: :func:`~env.compute_env.bank_difficulty`) or a ``callable(question, first_chunk)
+      ``None`` (0.5), ``"auto"`` (fitted on the bank's training questions, or on ``fit`` for
+      ``fit`` / ``dev``, as ``from_bank`` does: :func:`~env.compute_env.bank_difficulty`) or a ``callable(question, first_chunk)
       -> [0, 1]`` such as :class:`~env.difficulty.DifficultyModel`.
     * ``replay_seeds``: hand out chains as :class:`~env.generators.replay.ReplayGenerator` does
       (see below); slower (a hash and a generator per episode).
@@ -492,7 +493,7 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
             )
         qs = self.bank.questions
         if split:
-            qs = [q for q in qs if question_split(q) == split]
+            qs = select_split(qs, split)
             if not qs:
                 raise ConfigError(
                     f"the bank at {self.bank.path} has no recorded {split!r} questions"
@@ -520,7 +521,7 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
                     f"difficulty must be None, 'auto' or a callable(question, first_chunk), "
                     f"got {difficulty!r}"
                 )
-            difficulty = bank_difficulty(self.bank)
+            difficulty = bank_difficulty(self.bank, training_split(split))
         elif difficulty is not None and not callable(difficulty):
             raise ConfigError(
                 f"difficulty must be None, 'auto' or a callable(question, first_chunk), "

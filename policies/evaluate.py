@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from env.bank import TraceBank
-from env.compute_env import EnvConfig, bank_difficulty, question_split
+from env.compute_env import EnvConfig, bank_difficulty, select_split, training_split
 from env.vector import BatchedReplayEnv
 from features.errors import ConfigError, PolicyError
 from policies.base import STOP, Policy
@@ -265,13 +265,14 @@ class Evaluator:
 
     Args:
         bank: a :class:`~env.bank.TraceBank` or its folder.
-        split: the questions evaluated (``test``; ``None`` or ``""`` for all recorded ones).
+        split: the questions evaluated (``test``, or ``dev`` when tuning; ``None`` or ``""`` for
+            all recorded ones; see :func:`~env.compute_env.select_split`).
         seeds: generator seeds: a count (``0..seeds-1``) or the seeds themselves.
         config: env settings (unset: the bank's own, as :class:`BatchedReplayEnv` picks them);
             its ``aggregate`` is replaced by each policy's, and ``probe`` is turned off for a
             policy that reads no probe (``uses_probes = False``).
         difficulty: the ``difficulty`` feature's predictor: ``"auto"`` (fitted once on the
-            bank's training questions), ``None`` (0.5) or a ``callable(question, first_chunk)``.
+            bank's training questions, ``fit`` ones for ``dev``), ``None`` (0.5) or a ``callable(question, first_chunk)``.
         max_envs: episodes stepped at once (more are run in batches).
         n_boot: bootstrap resamples for the intervals.
         config_fields: :class:`EnvConfig` fields, instead of ``config``.
@@ -297,9 +298,7 @@ class Evaluator:
         if not seed_list or any(int(s) < 0 for s in seed_list):
             raise ConfigError(f"seeds must be a positive count or non-negative seeds, got {seeds}")
         self.seeds = tuple(int(s) for s in seed_list)
-        self.questions = [
-            q for q in self.bank.questions if not self.split or question_split(q) == self.split
-        ]
+        self.questions = select_split(self.bank.questions, self.split)
         if not self.questions:
             raise ConfigError(
                 f"the bank at {self.bank.path} has no recorded {self.split or 'any'!r} questions"
@@ -307,7 +306,7 @@ class Evaluator:
         if isinstance(difficulty, str):
             if difficulty != "auto":
                 raise ConfigError(f"difficulty must be 'auto', None or a callable: {difficulty!r}")
-            difficulty = bank_difficulty(self.bank)
+            difficulty = bank_difficulty(self.bank, training_split(self.split))
         self.difficulty = difficulty
         self.max_envs = int(max_envs)
         self.n_boot = int(n_boot)

@@ -15,7 +15,12 @@ On a trace bank (default: the GSM8K bank, ``data/banks/gsm8k-qwen2.5-coder-1.5b`
 
 A bank still being recorded may hold too few test questions to say anything: below
 ``--min-test-questions`` the job says so and runs ``--fallback-bank`` (the shipped testbed bank)
-instead. ``ponder evaluate`` evaluates one policy (a heuristic's name or a saved policy folder).
+instead.
+
+Tuning (λ grids, training budgets, features) looks at results, so it must not look at the test
+questions: ``--eval-split dev`` trains on the ``fit`` part of the training questions and
+evaluates on the other part, ``dev`` (a quarter, :func:`env.compute_env.select_split`), and
+never reads a test question; the plain run then reports on test once. ``ponder evaluate`` evaluates one policy (a heuristic's name or a saved policy folder).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from rich.console import Console
 from rich.table import Table
 
 from env.bank import TraceBank
-from env.compute_env import EnvConfig, bank_difficulty, question_split
+from env.compute_env import EnvConfig, bank_difficulty, select_split, training_split
 from features.errors import ConfigError, PolicyError
 from policies.base import Policy
 from policies.evaluate import (
@@ -87,8 +92,10 @@ class RunArgs:
     """bank run instead of the default one while it is too small ("" for none)"""
     min_test_questions: int = 50
     """recorded test questions (and at least 2 train questions) the default bank needs to be run; a bank given with --bank runs with fewer, with a warning (the intervals are then wider than the differences)"""
+    eval_split: str = "test"
+    """questions evaluated: test (the report), or dev to tune (training then uses only the fit part of the train questions; no test question is read)"""
     out: str = ""
-    """folder for plots and tables (default runs/<bank-name>)"""
+    """folder for plots and tables (default runs/<bank-name>, runs/<bank-name>-dev for --eval-split dev)"""
     seeds: int = 5
     """episodes per test question (generator seeds 0..seeds-1)"""
     seed: int = 0
@@ -142,7 +149,8 @@ class BankRun:
 def train_learned(
     bank: TraceBank, args: RunArgs, *, difficulty: Any, console: Console
 ) -> tuple[dict[str, Any], dict[str, float], dict[str, dict[str, Any]]]:
-    """Train the learned policies (:mod:`policies.learned`) on ``bank``'s train questions.
+    """Train the learned policies (:mod:`policies.learned`) on ``bank``'s train questions
+    (their ``fit`` part when evaluating on ``dev``).
 
     They train on the observations they are evaluated on: with the difficulty predictor
     fitted on the train questions (``difficulty="auto"`` is the same fit) when there is one.
@@ -152,7 +160,7 @@ def train_learned(
 
     quick = args.quick
     common: dict[str, Any] = {
-        "split": "train",
+        "split": training_split(args.eval_split),
         "lams": tuple(learned.DEFAULT_LAMS),
         "seed": args.seed,
     }
@@ -185,7 +193,7 @@ def train_learned(
                 kwargs["difficulty"] = "auto"
             else:
                 log.warning("%s trains without the difficulty predictor (difficulty = 0.5)", name)
-        console.print(f"training [bold]{name}[/] on the train questions ...")
+        console.print(f"training [bold]{name}[/] on the {common['split']} questions ...")
         t0 = time.perf_counter()
         policies[name] = fn(bank, **kwargs)
         seconds[name] = time.perf_counter() - t0
@@ -382,10 +390,11 @@ def print_tables(
     area_range: tuple[float, float],
     questions: int,
     seeds: int,
+    split: str = "test",
 ) -> None:
     """The full comparison (every point) and the per-family headline table."""
     t = Table(
-        title=f"{bank}: every operating point on {questions} test questions x {seeds} seeds; "
+        title=f"{bank}: every operating point on {questions} {split} questions x {seeds} seeds; "
         "accuracy in %, mean [95% bootstrap interval over questions]",
         title_justify="left",
     )
@@ -560,9 +569,10 @@ def plot_by_difficulty(
 # -- the job -----------------------------------------------------------------------------------
 
 
-def _counts(bank: TraceBank) -> tuple[int, int]:
-    splits = [question_split(q) for q in bank.questions]
-    return splits.count("train"), splits.count("test")
+def _counts(bank: TraceBank, split: str = "test") -> tuple[int, int]:
+    """Recorded questions of the split policies train on and of ``split`` (the evaluated one)."""
+    qs = bank.questions
+    return len(select_split(qs, training_split(split))), len(select_split(qs, split))
 
 
 def _bank_path(spec: str) -> Path:
@@ -576,7 +586,10 @@ def _bank_path(spec: str) -> Path:
 
 def pick_banks(args: RunArgs, console: Console) -> list[Path]:
     """The bank to run: the one given with ``--bank`` (if it has test and train questions at
-    all), else the default bank, or the fallback (with a clear message) while it holds too little."""
+    all), else the default bank, or the fallback (with a clear message) while it holds too little.
+
+    ``--eval-split dev`` picks the bank the test run would (by its test questions), so the
+    tuning and the report run on the same bank, and it needs dev and fit questions too."""
     chosen = bool(args.bank)
     path = _bank_path(args.bank or DEFAULT_BANK)
     reason = ""
@@ -590,8 +603,14 @@ def pick_banks(args: RunArgs, console: Console) -> list[Path]:
             f"bank {path.name}: {len(b)} of {total} questions recorded ({train} train, {test} test)"
         )
         few = f"{test} recorded test and {train} train questions"
+        fit, dev = _counts(b, "dev")
         if test < 1 or train < 2:
             reason = f"the bank {path} holds only {few}: too few to train and evaluate on"
+        elif args.eval_split == "dev" and (dev < 1 or fit < 2):
+            reason = (
+                f"the bank {path} holds only {dev} dev and {fit} fit questions (of its {train} "
+                "train questions): too few to tune on"
+            )
         elif test < args.min_test_questions and chosen:
             console.print(
                 f"[bold yellow]the bank {path} holds only {few} (fewer than "
@@ -621,6 +640,10 @@ def run(args: RunArgs, console: Console | None = None) -> list[BankRun]:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.seeds < 1:
         raise ConfigError("--seeds must be >= 1")
+    if args.eval_split not in ("test", "dev"):
+        raise ConfigError(
+            f"--eval-split must be test (the report) or dev (tuning), got {args.eval_split!r}"
+        )
     out = []
     for path in pick_banks(args, console):
         out.append(_run_bank(path, args, console))
@@ -633,18 +656,26 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
     t_start = time.perf_counter()
     bank = TraceBank(path)
     name = path.resolve().name
-    out = Path(args.out) if args.out else Path("runs") / name
+    split = args.eval_split
+    trained_on = training_split(split)
+    suffix = "-dev" if split == "dev" else ""
+    out = Path(args.out) if args.out else Path("runs") / f"{name}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
-    train_n, test_n = _counts(bank)
+    train_n, test_n = _counts(bank, split)
+    if split == "dev":
+        console.print(
+            f"tuning run: training on {train_n} fit questions, evaluating on {test_n} dev "
+            "questions (both from the bank's train split; no test question is read)"
+        )
 
-    diff = bank_difficulty(bank)
+    diff = bank_difficulty(bank, trained_on)
     if diff is not None:
         diff.save(out / "difficulty.json")
-        console.print(f"difficulty predictor fitted on {train_n} training questions")
+        console.print(f"difficulty predictor fitted on {train_n} {trained_on} questions")
 
-    evaluator = Evaluator(bank, split="test", seeds=args.seeds, difficulty=diff)
+    evaluator = Evaluator(bank, split=split, seeds=args.seeds, difficulty=diff)
     cfg = evaluator.config
-    orc = oracle(bank, split="test", config=cfg)
+    orc = oracle(bank, split=split, config=cfg)
 
     tracker = None
     if args.track:
@@ -659,10 +690,15 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
         "bank": str(path),
         "lams": ",".join(f"{x:g}" for x in lams),
         "train_questions": train_n,
-        "test_questions": test_n,
+        "eval_questions": test_n,
+        "train_split": trained_on,
     }
     ctx = (
-        tracker.run(f"ponder run {name}", params=params, tags={"ponder.kind": "main"})
+        tracker.run(
+            f"ponder run {name}{suffix}",
+            params=params,
+            tags={"ponder.kind": "main", "ponder.split": split},
+        )
         if tracker
         else contextlib.nullcontext()
     )
@@ -745,10 +781,12 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
 
         print_tables(
             console, name, results, summaries, orc, reference, budgets, area_range,
-            len(evaluator.questions), len(evaluator.seeds),
+            len(evaluator.questions), len(evaluator.seeds), split,
         )  # fmt: skip
 
-        title = f"{name}: {len(evaluator.questions)} test questions x {len(evaluator.seeds)} seeds"
+        title = (
+            f"{name}: {len(evaluator.questions)} {split} questions x {len(evaluator.seeds)} seeds"
+        )
         frontier = plot_frontier(
             out / "frontier.png", results, orc, reference, title=title, kinds=kinds
         )
@@ -851,7 +889,7 @@ class EvaluateArgs:
     bank: str = DEFAULT_BANK
     """trace bank folder"""
     split: str = "test"
-    """questions evaluated (train / test)"""
+    """questions evaluated: test, train, or dev / fit (the training questions cut for tuning)"""
     seeds: int = 5
     """episodes per question"""
     lam: float | None = None

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from env.bank import ChainTrace, QuestionTrace, TraceBank
-from env.compute_env import Action, EnvConfig, question_split
+from env.compute_env import Action, EnvConfig, select_split
 from env.vector import replay_chain_end
 from features.answers import answers_equal, extract_answer, normalize_answer
 from features.errors import ConfigError
@@ -181,7 +181,7 @@ def oracle(
     if config is not None and config_fields:
         raise ConfigError("pass either config or its fields, not both")
     config = config if config is not None else bank_config(b, **config_fields)
-    qs = [q for q in b.questions if not split or question_split(q) == split]
+    qs = select_split(b.questions, split)
     if not qs:
         raise ConfigError(f"the bank at {b.path} has no recorded {split or 'any'!r} questions")
     per = [_question(b[q.qid], config) for q in qs]

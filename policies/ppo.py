@@ -161,7 +161,7 @@ class PPOArgs:
     out: str = "models/policies/ppo"
     """folder to write the policy to (policy.json + weights.safetensors)"""
     split: str = "train"
-    """question split to train on"""
+    """question split to train on (``fit`` to tune on ``dev``: see :func:`env.compute_env.select_split`)"""
     lams: tuple[float, ...] = DEFAULT_LAMS
     """λ grid (price of a token in correct answers); each episode draws one"""
     seed: int = 0
@@ -201,7 +201,7 @@ class PPOArgs:
     action_prior: tuple[float, float, float, float] = (0.6, 0.15, 0.1, 0.15)
     """initial action probabilities (continue, branch, verify, stop); uniform ones rarely continue a chain to its end"""
     eval_seeds: int = 8
-    """episodes per test question in the final evaluation (0: none)"""
+    """episodes per held-out question in the final evaluation (test; dev when training on fit; 0: none)"""
     threads: int = 1
     """torch threads"""
     progress: bool = True
@@ -461,6 +461,7 @@ def _train_ppo(args: PPOArgs, bank: TraceBank, predictor: Any = None) -> PPOPoli
             _final_eval(
                 policy,
                 bank,
+                "dev" if args.split == "fit" else "test",
                 args.eval_seeds,
                 lams,
                 args.config,

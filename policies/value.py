@@ -729,7 +729,7 @@ class ValueArgs:
     out: str = "models/policies/value"
     """folder to write the policy to (policy.json + weights.safetensors)"""
     split: str = "train"
-    """question split to train on"""
+    """question split to train on (``fit`` to tune on ``dev``: see :func:`env.compute_env.select_split`)"""
     lams: tuple[float, ...] = DEFAULT_LAMS
     """λ grid (price of a token in correct answers) the gains are trained over"""
     seed: int = 0
@@ -763,7 +763,7 @@ class ValueArgs:
     max_rows: int = 400_000
     """cap on regression rows (transitions are subsampled above it)"""
     eval_seeds: int = 8
-    """episodes per test question in the final evaluation (0: none)"""
+    """episodes per held-out question in the final evaluation (test; dev when training on fit; 0: none)"""
     threads: int = 1
     """BLAS threads"""
     progress: bool = True
@@ -974,6 +974,7 @@ def _train_value(args: ValueArgs, bank: TraceBank, predictor: Any = None) -> Val
             _final_eval(
                 policy,
                 bank,
+                "dev" if args.split == "fit" else "test",
                 args.eval_seeds,
                 lams,
                 args.config,
@@ -1117,18 +1118,20 @@ def _q_returns(
 def _final_eval(
     policy: LearnedPolicy,
     bank: TraceBank,
+    split: str,
     seeds: int,
     lams: np.ndarray,
     config: dict[str, Any],
     difficulty: Any = None,
 ) -> dict[str, float]:
-    """Accuracy and tokens on the test split (if the bank has one) at the grid's ends and middle."""
-    from env.compute_env import question_split
+    """Accuracy and tokens on the held-out ``split`` (``test``, or ``dev`` for a policy trained
+    on ``fit``), if the bank has any, at the grid's ends and middle."""
+    from env.compute_env import select_split
 
-    if not any(question_split(q) == "test" for q in bank.questions):
+    nq = len(select_split(bank.questions, split))
+    if not nq:
         return {}
-    nq = sum(question_split(q) == "test" for q in bank.questions)
-    env = BatchedReplayEnv(bank, nq * seeds, split="test", seed=0, difficulty=difficulty, **config)
+    env = BatchedReplayEnv(bank, nq * seeds, split=split, seed=0, difficulty=difficulty, **config)
     out: dict[str, float] = {}
     for lam in _eval_lams(lams):
         r = rollout_pinned(policy.with_lam(lam), env, lam=lam)

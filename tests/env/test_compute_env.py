@@ -381,3 +381,35 @@ def test_live_same_seed_same_episode(live_env: ComputeAllocationEnv) -> None:
     rng = np.random.default_rng(0)
     _total, info, _steps = random_episode(live_env, 11, rng, masked=1.0)
     assert info["decoded"] <= live_env.config.token_cap and info["tokens"]["generated"] > 0
+
+
+def test_dev_and_fit_cut_the_training_questions() -> None:
+    """``dev`` (a quarter) and ``fit`` (the rest) partition ``train``, whatever the order the
+    questions come in, and the envs and the difficulty fit take them like any split."""
+    from env.bank import TraceBank
+    from env.compute_env import bank_difficulty, select_split, training_split
+    from env.vector import BatchedReplayEnv
+
+    qs = TraceBank(BANK).questions
+    ids = {s: [q.qid for q in select_split(qs, s)] for s in ("train", "test", "fit", "dev")}
+    assert (len(ids["train"]), len(ids["dev"]), len(ids["fit"])) == (24, 6, 18)
+    assert sorted(ids["fit"] + ids["dev"]) == sorted(ids["train"])
+    assert not set(ids["dev"]) & set(ids["fit"]) and not set(ids["dev"]) & set(ids["test"])
+    assert {q.qid for q in select_split(qs[::-1], "dev")} == set(ids["dev"])
+    assert [q.qid for q in select_split(qs, "")] == [q.qid for q in qs]
+    # the cut needs two training questions: one stays to fit on
+    train = select_split(qs, "train")
+    assert [len(select_split(train[:n], "dev")) for n in (0, 1, 2, 3, 10)] == [0, 0, 1, 1, 2]
+    with pytest.raises(ConfigError, match="unknown split 'val'; choose one of train, test"):
+        select_split(qs, "val")
+    assert (training_split("dev"), training_split("fit"), training_split("test")) == (
+        "fit",
+        "fit",
+        "train",
+    )
+    single = ComputeAllocationEnv.from_bank(BANK, split="dev", difficulty="auto")
+    assert sorted(q.qid for q in single.questions) == sorted(ids["dev"])
+    venv = BatchedReplayEnv(BANK, 4, split="fit")
+    assert sorted(q.qid for q in venv.questions) == sorted(ids["fit"])
+    assert bank_difficulty(TraceBank(BANK), "fit").train_questions == 18
+    assert bank_difficulty(TraceBank(BANK)).train_questions == 24

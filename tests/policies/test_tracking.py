@@ -4,6 +4,8 @@ and the main job (`ponder run --quick`) end to end in a subprocess."""
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import os
 import signal
 import socket
@@ -359,3 +361,39 @@ def test_main_job_picks_its_bank(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "intervals will be wider" in out.getvalue()
     with pytest.raises(ConfigError, match="no bank at"):
         pick_banks(RunArgs(bank="data/banks/absent"), console)
+
+
+def test_tuning_run_reads_no_test_question(tmp_path: Path) -> None:
+    """``--eval-split dev``: the learned policies and the difficulty predictor train on ``fit``,
+    every policy and the oracle are evaluated on ``dev``; no test question is touched."""
+    from rich.console import Console
+
+    from env.bank import TraceBank
+    from env.compute_env import select_split
+    from features.errors import ConfigError
+    from policies.main import RunArgs, run
+
+    qs = TraceBank(BANK).questions
+    fit = {q.qid for q in select_split(qs, "fit")}
+    dev = {q.qid for q in select_split(qs, "dev")}
+    console = Console(file=open(os.devnull, "w"), width=200)  # noqa: SIM115
+    args = RunArgs(
+        bank=str(BANK),
+        eval_split="dev",
+        quick=True,
+        seeds=2,
+        out=str(tmp_path / "out"),
+        track=False,
+        progress=False,
+    )
+    (res,) = run(args, console)
+    evaluated = {e.qid for r in res.results.values() for x in r for e in x.episodes}
+    assert evaluated == dev
+    assert {o.qid for o in res.oracle.questions} == dev
+    for name in ("value", "ppo"):
+        meta = json.loads((tmp_path / "out" / "policies" / name / "policy.json").read_text())
+        assert meta["training"]["split"] == "fit"
+        assert meta["bank"]["n_questions"] == len(fit)
+    assert json.loads((tmp_path / "out" / "difficulty.json").read_text())["train_questions"] == 18
+    with pytest.raises(ConfigError, match="--eval-split must be test"):
+        run(dataclasses.replace(args, eval_split="train"), console)
