@@ -483,7 +483,7 @@ class Controller:
                 token_cap=cap,
                 probe_tokens=config.probe_tokens if config.probe else None,
                 max_chains=config.max_chains,
-                chain_tokens=_chain_tokens(config),
+                chain_tokens=config.chain_tokens,
             )
         env = ComputeAllocationEnv(
             gen, [q], config, difficulty=self.difficulty, verifier=self.verifier
@@ -874,16 +874,10 @@ def _serving_config(config: EnvConfig, policy: Any, width: int, whole: bool) -> 
         and getattr(policy, "acts_between_chains", False)
         and not config.probe
         and config.chunk_tokens < config.max_chain_tokens
-        and width * (_chain_tokens(config) + INJECT_ALLOWANCE) <= config.token_cap
+        and width * (config.chain_tokens + INJECT_ALLOWANCE) <= config.token_cap
     ):
         config = replace(config, chunk_tokens=config.max_chain_tokens)
     return config
-
-
-def _chain_tokens(config: EnvConfig) -> int:
-    """The most decoded tokens one chain can take to its natural end (chunks and probes)."""
-    chunks = -(-config.max_chain_tokens // config.chunk_tokens)
-    return config.max_chain_tokens + (chunks * config.probe_tokens if config.probe else 0)
 
 
 def _spent(info: dict[str, Any]) -> int:

@@ -218,10 +218,21 @@ class EnvConfig:
             )
 
     @property
+    def chain_chunks(self) -> int:
+        """Chunks one chain takes to its natural end (the token cap), before any extension."""
+        return -(-self.max_chain_tokens // self.chunk_tokens)
+
+    @property
+    def chain_tokens(self) -> int:
+        """The most decoded tokens one chain can take to its natural end (chunks and probes)."""
+        probes = self.chain_chunks * self.probe_tokens if self.probe else 0
+        return self.max_chain_tokens + probes
+
+    @property
     def steps_limit(self) -> int:
         if self.max_steps:
             return self.max_steps
-        per_chain = -(-self.max_chain_tokens // self.chunk_tokens) + self.extension_chunks
+        per_chain = self.chain_chunks + self.extension_chunks
         return self.max_chains * (per_chain + 2) + 8
 
     def bound(self, action: Action, n_verify: int = 0) -> int:

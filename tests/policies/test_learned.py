@@ -312,10 +312,14 @@ def test_value_policy_spends_less_than_best_of_16(
 
 
 @pytest.mark.slow
-def test_value_policy_at_a_middle_lam_matches_single_chain_with_fewer_tokens_than_best_of_16(
-    test_env: BatchedReplayEnv,
-) -> None:
-    policy = train_value_policy(BANK, transitions=100_000, fqi_iters=6, progress=False)
+def test_value_policy_at_a_middle_lam_matches_single_chain_with_fewer_tokens_than_best_of_16() -> (
+    None
+):
+    # On the larger testbed bank (160 train / 160 test questions): trained on the small one's 24
+    # questions, the policy's test accuracy moves by more than the gap this test is about.
+    xl = BANK.parent / "testbed-arith-xl"
+    test_env = BatchedReplayEnv(xl, 160 * 4, split="test", seed=0)
+    policy = train_value_policy(xl, transitions=100_000, fqi_iters=6, progress=False)
     mid = _metrics(policy, test_env, MID_LAM)
     single = _metrics(SingleChain(), test_env, MID_LAM)
     bo16 = _metrics(BestOfN(16), test_env, MID_LAM)
