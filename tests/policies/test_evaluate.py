@@ -157,7 +157,7 @@ def test_per_difficulty_breakdown(evaluator: Evaluator) -> None:
 def test_evaluate_function_and_errors(bank: TraceBank) -> None:
     r = evaluate(SingleChain(), bank, seeds=[3, 11], difficulty=None)
     assert {e.seed for e in r.episodes} == {3, 11}
-    with pytest.raises(ConfigError, match="unknown split .validation.; choose one of"):
+    with pytest.raises(ConfigError, match="unknown split 'validation'; choose one of"):
         evaluate(SingleChain(), bank, split="validation")
     with pytest.raises(ConfigError):
         Evaluator(bank, seeds=0)
