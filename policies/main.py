@@ -3,8 +3,9 @@
 On a trace bank (default: the GSM8K bank, ``data/banks/gsm8k-qwen2.5-coder-1.5b``):
 
 1. fit the difficulty predictor on the training questions;
-2. train the learned policies (:mod:`policies.learned`: value / fitted-Q, PPO) on the training
-   questions, with the same predictor (small budgets by default: minutes on 2 cores);
+2. train the learned policies (:mod:`policies.learned`: value / fitted-Q, PPO deciding at every
+   chunk, PPO deciding only between chains) on the training questions, with the same predictor
+   (small budgets by default: minutes on 2 cores);
 3. evaluate every fixed heuristic over its parameter grid, the learned policies over λ, and the
    oracle, on the *test* questions, each question once per seed (>= 5 seeds);
 4. log everything to MLflow (:mod:`policies.tracking`: one experiment per bank; a parent run
@@ -101,7 +102,7 @@ class RunArgs:
     seed: int = 0
     """seed of the learned policies' training"""
     learned: bool = True
-    """train and evaluate the learned policies (value / fitted-Q and PPO)"""
+    """train and evaluate the learned policies (value / fitted-Q, PPO deciding at every chunk, PPO deciding between chains)"""
     # 3e-6 was added after a dev run (--eval-split dev, testbed-arith-xl): PPO's sweep jumped from
     # 452 to 1,748 tokens between 1e-5 and 1e-6, across the tokens maj@16 takes.
     lams: tuple[float, ...] = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
@@ -183,6 +184,21 @@ def train_learned(
             learned.train_ppo,
             learned.PPOArgs,
             {"total_steps": 4_096 if quick else args.ppo_steps, "num_envs": 64 if quick else 256},
+        ),
+        # PPO deciding only between chains (a chain always runs to its end). Its entropy bonus
+        # was chosen on the dev split of testbed-arith-xl (0.02 let it settle on one chain at
+        # every λ; 0.1 kept it exploring: 57-60% at 320-1,020 tokens over three seeds, where
+        # chunk-level PPO got 53-55% at 300-900 and one seed never left one chain).
+        (
+            "ppo-chain",
+            learned.train_ppo,
+            learned.PPOArgs,
+            {
+                "total_steps": 4_096 if quick else args.ppo_steps,
+                "num_envs": 64 if quick else 256,
+                "decide": "chain",
+                "ent_coef": 0.1,
+            },
         ),
     )
     policies: dict[str, Any] = {}

@@ -33,7 +33,7 @@ from typing import Any, Self
 import numpy as np
 
 from env.bank import TraceBank
-from env.observation import N_FEATURES
+from env.observation import FEATURE_NAMES, N_FEATURES
 from env.vector import BatchedReplayEnv
 from features.errors import ConfigError, PolicyError
 from policies.serialize import (
@@ -54,11 +54,31 @@ from policies.value import (
     split_difficulty,
 )
 
-__all__ = ["PPOArgs", "PPOPolicy", "train_ppo"]
+__all__ = ["DECIDE", "PPOArgs", "PPOPolicy", "decision_mask", "train_ppo"]
 
 log = logging.getLogger(__name__)
 
 _MASKED = -1e9
+_ENDED = FEATURE_NAMES.index("cur_ended")
+DECIDE = ("chunk", "chain")
+
+
+def decision_mask(obs: np.ndarray, decide: str = "chunk") -> np.ndarray:
+    """``bool[B, 4]``: the actions a PPO policy may pick.
+
+    ``decide="chunk"``: every available action (:func:`~policies.value.available`), at every
+    chunk. ``"chain"``: the policy decides only where the current chain has ended (or cannot go
+    on); while it runs, continue is the only choice, so a chain is always read to its end, the
+    policy's decisions are the few between chains, and the forced steps carry no gradient (their
+    log-probability is 0 whatever the weights).
+    """
+    m = available(obs)
+    if decide == "chain":
+        running = (obs[:, _ENDED] < 0.5) & m[:, 0]
+        m[running, 1:] = False
+    elif decide != "chunk":
+        raise ConfigError(f"decide must be one of {', '.join(DECIDE)}, got {decide!r}")
+    return m
 
 
 class PPOPolicy(LearnedPolicy):
@@ -69,6 +89,8 @@ class PPOPolicy(LearnedPolicy):
         critic: observation + λ feature -> (value, logit of "stopping now is correct").
         deterministic: act by the argmax of the masked logits (else sample them).
         seed: seeds the sampling.
+        decide: ``chunk`` (at every chunk) or ``chain`` (only between chains; see
+            :func:`decision_mask`): as it was trained.
         lam, lam_range, aggregate, meta: see :class:`~policies.value.LearnedPolicy`.
     """
 
@@ -82,6 +104,7 @@ class PPOPolicy(LearnedPolicy):
         *,
         deterministic: bool = True,
         seed: int = 0,
+        decide: str = "chunk",
         lam: float | None = None,
         lam_range: tuple[float, float] = (DEFAULT_LAMS[0], DEFAULT_LAMS[-1]),
         aggregate: str = "majority",
@@ -99,16 +122,22 @@ class PPOPolicy(LearnedPolicy):
         self.critic = critic
         self.deterministic = bool(deterministic)
         self.seed = int(seed)
+        decision_mask(np.zeros((0, N_FEATURES)), decide)  # checks the name
+        self.decide = decide
         self.rng = np.random.default_rng(self.seed)
         super().__init__(lam=lam, lam_range=lam_range, aggregate=aggregate, meta=meta)
 
     def _reset_clone(self) -> None:
         self.rng = np.random.default_rng(self.seed)
 
+    def _make_name(self) -> str:
+        base = "ppo-chain" if self.decide == "chain" else self.kind
+        return base if self.lam is None else f"{base}-lam{self.lam:g}"
+
     def logits(self, obs: np.ndarray) -> np.ndarray:
         """``float[B, 4]``: the masked logits (unavailable actions at -1e9)."""
         x = self._check_obs(obs)
-        return np.where(available(x), self.actor(self._inputs(x)), _MASKED)
+        return np.where(decision_mask(x, self.decide), self.actor(self._inputs(x)), _MASKED)
 
     def probs(self, obs: np.ndarray) -> np.ndarray:
         """``float[B, 4]``: the action probabilities (0 for unavailable actions)."""
@@ -131,7 +160,12 @@ class PPOPolicy(LearnedPolicy):
         return np.minimum((p.cumsum(axis=1) < u).sum(axis=1), 3)
 
     def _params(self) -> dict[str, Any]:
-        return {**super()._params(), "deterministic": self.deterministic, "seed": self.seed}
+        return {
+            **super()._params(),
+            "deterministic": self.deterministic,
+            "seed": self.seed,
+            "decide": self.decide,
+        }
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {**self.actor.arrays("actor"), **self.critic.arrays("critic")}
@@ -144,6 +178,7 @@ class PPOPolicy(LearnedPolicy):
             NumpyMLP.from_arrays(a, "critic", "tanh"),
             deterministic=bool(p.get("deterministic", True)),
             seed=int(p.get("seed", 0)),
+            decide=str(p.get("decide", "chunk")),
             meta={k: v for k, v in files.header.items() if k in _META_KEYS},
             **cls._lam_params(p),
         )
@@ -198,6 +233,8 @@ class PPOArgs:
     """stop an update's epochs once the approximate KL passes this"""
     hidden: int = 64
     """width of the two hidden layers of the actor and of the critic"""
+    decide: str = "chunk"
+    """where the policy decides: chunk (every chunk: it may cut a chain or stop mid-chain on a probe) or chain (only between chains; a chain always runs to its end)"""
     action_prior: tuple[float, float, float, float] = (0.6, 0.15, 0.1, 0.15)
     """initial action probabilities (continue, branch, verify, stop); uniform ones rarely continue a chain to its end"""
     eval_seeds: int = 8
@@ -292,6 +329,7 @@ def _train_ppo(args: PPOArgs, bank: TraceBank, predictor: Any = None) -> PPOPoli
     import torch
 
     lams = lam_grid(args.lams)
+    decision_mask(np.zeros((0, N_FEATURES)), args.decide)  # checks the name
     if args.num_envs * args.num_steps < args.num_minibatches:
         raise ConfigError("num_envs * num_steps must be at least num_minibatches")
     lam_range = (float(lams[0]), float(lams[-1]))
@@ -336,6 +374,8 @@ def _train_ppo(args: PPOArgs, bank: TraceBank, predictor: Any = None) -> PPOPoli
     buf_d = np.zeros((steps, n), np.float32)
     buf_v = np.zeros((steps, n), np.float32)
     buf_c = np.zeros((steps, n), np.float32)
+    buf_f = np.zeros((steps, n), bool)  # forced: the mask left one action
+    chain_level = args.decide == "chain"
     recent: deque[tuple[float, float, float]] = deque(maxlen=2000)
     metrics: dict[str, float] = {}
     bar = _bar(n_updates * batch, "ppo", args.progress)
@@ -345,8 +385,9 @@ def _train_ppo(args: PPOArgs, bank: TraceBank, predictor: Any = None) -> PPOPoli
         if args.anneal_lr:
             opt.param_groups[0]["lr"] = args.learning_rate * (1.0 - update / n_updates)
         for t in range(steps):
-            mask = available(drv.obs)
+            mask = decision_mask(drv.obs, args.decide)
             buf_x[t], buf_m[t], buf_c[t] = x, mask, drv.correct_now
+            buf_f[t] = chain_level & (mask.sum(axis=1) == 1)
             with torch.no_grad():
                 xt = torch.from_numpy(x)
                 d = agent.dist(xt, torch.from_numpy(mask))
@@ -363,16 +404,22 @@ def _train_ppo(args: PPOArgs, bank: TraceBank, predictor: Any = None) -> PPOPoli
                 recent.extend(zip(ret, out.correct[i], out.decoded[i], strict=True))
                 lam_env[i] = rng.choice(lams, size=i.size)
             x = inputs(drv.obs)
-        # GAE over the rollout; an episode that ended at t does not bootstrap from t + 1.
+        # GAE over the rollout; an episode that ended at t does not bootstrap from t + 1. When
+        # deciding between chains, a forced step (no choice) is seen through (GAE λ = 1 into
+        # it): the decision before it is credited with everything up to the next real one,
+        # however many chunks apart.
         with torch.no_grad():
             next_v = agent.critic(torch.from_numpy(x))[:, 0].numpy()
+        next_f = chain_level & (decision_mask(drv.obs, args.decide).sum(axis=1) == 1)
         adv = np.zeros((steps, n), np.float32)
         last = np.zeros(n, np.float32)
         for t in reversed(range(steps)):
             nv = next_v if t == steps - 1 else buf_v[t + 1]
+            nf = next_f if t == steps - 1 else buf_f[t + 1]
             live = 1.0 - buf_d[t]
             delta = buf_r[t] + args.gamma * nv * live - buf_v[t]
-            last = delta + args.gamma * args.gae_lambda * live * last
+            lam_t = np.where(nf, 1.0, args.gae_lambda).astype(np.float32)
+            last = delta + args.gamma * lam_t * live * last
             adv[t] = last
         ret_t = torch.from_numpy((adv + buf_v).reshape(-1))
         adv_t = torch.from_numpy(adv.reshape(-1))
@@ -381,6 +428,10 @@ def _train_ppo(args: PPOArgs, bank: TraceBank, predictor: Any = None) -> PPOPoli
         ba = torch.from_numpy(buf_a.reshape(-1))
         blp = torch.from_numpy(buf_lp.reshape(-1))
         bc = torch.from_numpy(buf_c.reshape(-1))
+        # Deciding between chains, the policy's loss and entropy are means over its decisions
+        # only (a forced step has log-probability 0 and entropy 0: averaging over it would
+        # shrink both the policy gradient and the entropy bonus by the share of forced steps).
+        bw = torch.from_numpy((~buf_f).reshape(-1).astype(np.float32))
         idx = np.arange(batch)
         clipfracs: list[float] = []
         for _ in range(args.update_epochs):
@@ -394,15 +445,24 @@ def _train_ppo(args: PPOArgs, bank: TraceBank, predictor: Any = None) -> PPOPoli
                     approx_kl = ((ratio - 1) - (newlp - blp[j])).mean()
                     clipfracs.append(float(((ratio - 1.0).abs() > args.clip_coef).float().mean()))
                 a_mb = adv_t[j]
-                a_mb = (a_mb - a_mb.mean()) / (a_mb.std() + 1e-8)
-                pg = torch.max(
+                w = bw[j]
+                nw = w.sum().clamp(min=2.0)
+                if chain_level:
+                    m_w = (a_mb * w).sum() / nw
+                    sd_w = (((a_mb - m_w) ** 2 * w).sum() / (nw - 1)).sqrt()
+                    a_mb = (a_mb - m_w) / (sd_w + 1e-8)
+                else:
+                    a_mb = (a_mb - a_mb.mean()) / (a_mb.std() + 1e-8)
+                pg_i = torch.max(
                     -a_mb * ratio,
                     -a_mb * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef),
-                ).mean()
+                )
+                pg = (pg_i * w).sum() / nw if chain_level else pg_i.mean()
                 head = agent.critic(bx[j])
                 v_loss = 0.5 * ((head[:, 0] - ret_t[j]) ** 2).mean()
                 aux = torch.nn.functional.binary_cross_entropy_with_logits(head[:, 1], bc[j])
-                ent = d.entropy().mean()
+                ent_i = d.entropy()
+                ent = (ent_i * w).sum() / nw if chain_level else ent_i.mean()
                 loss = pg - args.ent_coef * ent + args.vf_coef * v_loss + args.aux_coef * aux
                 opt.zero_grad()
                 loss.backward()
@@ -448,6 +508,7 @@ def _train_ppo(args: PPOArgs, bank: TraceBank, predictor: Any = None) -> PPOPoli
         lam_range=lam_range,
         aggregate=env.config.aggregate,
         seed=args.seed,
+        decide=args.decide,
     )
     policy.meta = {
         "training": {"algo": "ppo", **asdict(args)},

@@ -346,6 +346,48 @@ def test_policies_only_pick_available_actions(
     assert ppo_policy.probs(observations)[~ok].max() < 1e-6
 
 
+def test_chain_deciding_ppo_reads_every_chain_to_its_end(
+    ppo_policy: PPOPolicy, observations: np.ndarray, tmp_path: Path
+) -> None:
+    """``decide="chain"``: while the current chain runs and can go on, continue is the only
+    choice, in training and in acting; elsewhere the policy picks among the available actions.
+    The setting survives save / load; an unknown one is refused."""
+    from features.errors import ConfigError
+    from policies.ppo import decision_mask
+    from policies.value import available
+
+    ok = available(observations)
+    running = (observations[:, FEATURE_NAMES.index("cur_ended")] < 0.5) & ok[:, 0]
+    assert running.any() and (~running).any()
+    m = decision_mask(observations, "chain")
+    assert (m[running] == [True, False, False, False]).all()
+    np.testing.assert_array_equal(m[~running], ok[~running])
+    np.testing.assert_array_equal(decision_mask(observations, "chunk"), ok)
+    with pytest.raises(ConfigError, match="decide must be one of chunk, chain"):
+        decision_mask(observations, "step")
+
+    trained = train_ppo(
+        BANK, total_steps=4_096, num_envs=64, eval_seeds=0, progress=False, decide="chain"
+    )
+    assert trained.decide == "chain" and trained.meta["training"]["decide"] == "chain"
+    assert (trained.name, trained.with_lam(1e-3).name) == ("ppo-chain", "ppo-chain-lam0.001")
+    for p in (trained, trained.with_lam(1e-3)):
+        p.reset(len(observations))
+        a = p.act(observations)
+        assert (a[running] == 0).all() and ok[np.arange(len(a)), a].all()
+    trained.save(tmp_path / "chain")
+    loaded = load_policy(tmp_path / "chain")
+    assert isinstance(loaded, PPOPolicy) and loaded.decide == "chain"
+    loaded.reset(len(observations))
+    trained.reset(len(observations))
+    np.testing.assert_array_equal(loaded.act(observations), trained.act(observations))
+    # the chunk-deciding policy of the fixture does cut some running chains
+    ppo_policy.reset(len(observations))
+    assert (ppo_policy.act(observations)[running] != 0).any()
+    with pytest.raises(ConfigError, match="decide must be one of"):
+        PPOPolicy(ppo_policy.actor, ppo_policy.critic, decide="step")
+
+
 # -- command line ---------------------------------------------------------------------------
 
 
