@@ -6,11 +6,13 @@ training entry points and ponder's safe file format.
 | :class:`~policies.value.ValuePolicy` | P(correct if stopped now) + the gain of each other action, conditioned on λ | scikit-learn (MLP classifier + isotonic calibration, fitted-Q iteration), :func:`train_value_policy` |
 | :class:`~policies.ppo.PPOPolicy` | actor-critic over the four actions with action masking, conditioned on λ | PyTorch PPO, :func:`train_ppo` |
 
-Both act in numpy from plain arrays, save to a folder (``policy.save(folder)``: ``policy.json``
+Each decides at every chunk or, with ``decide="chain"``, only between chains (a running chain
+is always read to its end). Both act in numpy from plain arrays, save to a folder (``policy.save(folder)``: ``policy.json``
 and ``weights.safetensors``) and load with :func:`load_policy`, which never unpickles and refuses
 files trained on other features. Train from the command line::
 
-    python -m policies.learned value --bank data/banks/testbed-arith --out models/policies/value
+    python -m policies.learned value --decide chain --bank data/banks/testbed-arith \\
+        --out models/policies/value
     python -m policies.learned ppo --bank data/banks/testbed-arith --out models/policies/ppo
 """
 

@@ -3,8 +3,8 @@
 On a trace bank (default: the GSM8K bank, ``data/banks/gsm8k-qwen2.5-coder-1.5b``):
 
 1. fit the difficulty predictor on the training questions;
-2. train the learned policies (:mod:`policies.learned`: value / fitted-Q, PPO deciding at every
-   chunk, PPO deciding only between chains) on the training questions, with the same predictor
+2. train the learned policies (:mod:`policies.learned`: value / fitted-Q deciding between
+   chains, PPO deciding at every chunk, PPO deciding only between chains) on the training questions, with the same predictor
    (small budgets by default: minutes on 2 cores);
 3. evaluate every fixed heuristic over its parameter grid, the learned policies over λ, and the
    oracle, on the *test* questions, each question once per seed (>= 5 seeds);
@@ -102,7 +102,7 @@ class RunArgs:
     seed: int = 0
     """seed of the learned policies' training"""
     learned: bool = True
-    """train and evaluate the learned policies (value / fitted-Q, PPO deciding at every chunk, PPO deciding between chains)"""
+    """train and evaluate the learned policies (value / fitted-Q deciding between chains, PPO deciding at every chunk, PPO deciding between chains)"""
     # 3e-6 was added after a dev run (--eval-split dev, testbed-arith-xl): PPO's sweep jumped from
     # 452 to 1,748 tokens between 1e-5 and 1e-6, across the tokens maj@16 takes.
     lams: tuple[float, ...] = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
@@ -169,14 +169,20 @@ def train_learned(
     }
     common |= {"eval_seeds": 0, "threads": args.threads, "progress": args.progress}
     jobs = (
+        # The value policy decides only between chains (a running chain is always continued):
+        # on the dev split of testbed-arith-xl, deciding at every chunk stopped mid-chain on
+        # probes and stayed below a single chain's accuracy at low budgets (45% at 52 tokens,
+        # 48.5% at 188; single chain 53.5% at 83), and reached 55% at best (991 tokens); between
+        # chains it went 53.5% at 86, 54.5% at 232, 60.5% at 707 (maj@16: 59% at 1,337).
         (
-            "value",
+            "value-chain",
             learned.train_value_policy,
             learned.ValueArgs,
             {
                 "transitions": 4_000 if quick else args.value_transitions,
                 "fqi_iters": 2 if quick else args.value_fqi_iters,
                 "num_envs": 256,
+                "decide": "chain",
             },
         ),
         (

@@ -33,7 +33,7 @@ from typing import Any, Self
 import numpy as np
 
 from env.bank import TraceBank
-from env.observation import FEATURE_NAMES, N_FEATURES
+from env.observation import N_FEATURES
 from env.vector import BatchedReplayEnv
 from features.errors import ConfigError, PolicyError
 from policies.serialize import (
@@ -44,12 +44,13 @@ from policies.serialize import (
     lam_feature,
 )
 from policies.value import (
+    DECIDE,
     DEFAULT_LAMS,
     LearnedPolicy,
     ReplayDriver,
     _bar,
     _final_eval,
-    available,
+    decision_mask,
     lam_grid,
     split_difficulty,
 )
@@ -59,26 +60,6 @@ __all__ = ["DECIDE", "PPOArgs", "PPOPolicy", "decision_mask", "train_ppo"]
 log = logging.getLogger(__name__)
 
 _MASKED = -1e9
-_ENDED = FEATURE_NAMES.index("cur_ended")
-DECIDE = ("chunk", "chain")
-
-
-def decision_mask(obs: np.ndarray, decide: str = "chunk") -> np.ndarray:
-    """``bool[B, 4]``: the actions a PPO policy may pick.
-
-    ``decide="chunk"``: every available action (:func:`~policies.value.available`), at every
-    chunk. ``"chain"``: the policy decides only where the current chain has ended (or cannot go
-    on); while it runs, continue is the only choice, so a chain is always read to its end, the
-    policy's decisions are the few between chains, and the forced steps carry no gradient (their
-    log-probability is 0 whatever the weights).
-    """
-    m = available(obs)
-    if decide == "chain":
-        running = (obs[:, _ENDED] < 0.5) & m[:, 0]
-        m[running, 1:] = False
-    elif decide != "chunk":
-        raise ConfigError(f"decide must be one of {', '.join(DECIDE)}, got {decide!r}")
-    return m
 
 
 class PPOPolicy(LearnedPolicy):

@@ -18,6 +18,11 @@ scikit-learn on transitions replayed from a trace bank's training questions
 The policy takes the available action with the largest gain, and stops when no gain is
 positive: when the best next action is worth less than its cost.
 
+It decides at every chunk (``decide="chunk"``: it may cut a chain, or stop on a probe's
+answer) or only between chains (``decide="chain"``, :func:`decision_mask`: a running chain is
+always continued, so the decisions are "another chain, verify, or stop?" once a chain has
+ended; the backups then value a running chain's state by continuing it).
+
 Two departures from textbook FQI, both because a chain needs many decisions before its answer
 counts: the backups carry the recorded episode's return along while it follows the greedy
 policy (Watkins's Q(λ), :func:`_q_returns`), and fitting runs in rounds, each adding the states
@@ -72,6 +77,7 @@ from policies.serialize import (
 )
 
 __all__ = [
+    "DECIDE",
     "DEFAULT_LAMS",
     "LearnedPolicy",
     "ReplayDriver",
@@ -80,6 +86,7 @@ __all__ = [
     "ValuePolicy",
     "behaviour_policies",
     "collect_transitions",
+    "decision_mask",
     "rollout_pinned",
     "train_value_policy",
 ]
@@ -90,6 +97,9 @@ log = logging.getLogger(__name__)
 DEFAULT_LAMS: tuple[float, ...] = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 _CAN = [FEATURE_NAMES.index(n) for n in ("can_continue", "can_branch", "can_verify")]
 _BUDGET, _N_CHAINS = FEATURE_NAMES.index("budget_used"), FEATURE_NAMES.index("n_chains")
+_ENDED = FEATURE_NAMES.index("cur_ended")
+#: Where a learned policy decides (:func:`decision_mask`).
+DECIDE: tuple[str, ...] = ("chunk", "chain")
 #: Features the value policy derives from the observation and appends to it.
 EXTRA_FEATURES: tuple[str, ...] = ("chain_length",)
 
@@ -116,6 +126,24 @@ def available(obs: np.ndarray) -> np.ndarray:
     """``bool[B, 4]``: which actions the observations say can run (stop always can)."""
     m = np.ones((obs.shape[0], 4), dtype=bool)
     m[:, :3] = obs[:, _CAN] > 0.5
+    return m
+
+
+def decision_mask(obs: np.ndarray, decide: str = "chunk") -> np.ndarray:
+    """``bool[B, 4]``: the actions a learned policy may pick.
+
+    ``decide="chunk"``: every available action (:func:`available`), at every chunk.
+    ``"chain"``: the policy decides only where the current chain has ended (or cannot go on);
+    while it runs, continue is the only choice, so a chain is always read to its end and the
+    policy's decisions are the few between chains (for PPO the forced steps carry no gradient:
+    their log-probability is 0 whatever the weights).
+    """
+    m = available(obs)
+    if decide == "chain":
+        running = (obs[:, _ENDED] < 0.5) & m[:, 0]
+        m[running, 1:] = False
+    elif decide != "chunk":
+        raise ConfigError(f"decide must be one of {', '.join(DECIDE)}, got {decide!r}")
     return m
 
 
@@ -269,6 +297,8 @@ class ValuePolicy(LearnedPolicy):
             shares its errors between them, so that their comparison is steadier.
         cost_scale: tokens per unit of ``C``.
         chain_scale: see :func:`expand` (the training environment's).
+        decide: ``chunk`` (at every chunk) or ``chain`` (only between chains: a running chain
+            is always continued; see :func:`decision_mask`), as it was trained.
         lam, lam_range, aggregate, meta: see :class:`LearnedPolicy`.
     """
 
@@ -284,6 +314,7 @@ class ValuePolicy(LearnedPolicy):
         *,
         cost_scale: float = 100.0,
         chain_scale: float = 1.0,
+        decide: str = "chunk",
         lam: float | None = None,
         lam_range: tuple[float, float] = (DEFAULT_LAMS[0], DEFAULT_LAMS[-1]),
         aggregate: str = "majority",
@@ -310,7 +341,13 @@ class ValuePolicy(LearnedPolicy):
         self.iso_x, self.iso_y = ix, iy
         self.gain_net = gain_net
         self.cost_scale = float(cost_scale)
+        decision_mask(np.zeros((0, N_FEATURES)), decide)  # checks the name
+        self.decide = decide
         super().__init__(lam=lam, lam_range=lam_range, aggregate=aggregate, meta=meta)
+
+    def _make_name(self) -> str:
+        base = "value-chain" if self.decide == "chain" else self.kind
+        return base if self.lam is None else f"{base}-lam{self.lam:g}"
 
     def p_stop(self, obs: np.ndarray) -> np.ndarray:
         """Calibrated P(correct if stopped now), ``float[B]``."""
@@ -335,24 +372,24 @@ class ValuePolicy(LearnedPolicy):
         x = self._check_obs(obs)
         p = self._p_stop(x)
         q = np.concatenate([p[:, None] + self._gains(x, p, self.effective_lam), p[:, None]], 1)
-        return np.where(available(x), q, -np.inf)
+        return np.where(decision_mask(x, self.decide), q, -np.inf)
 
     def value(self, obs: np.ndarray) -> np.ndarray:
         """``float[B]``: the best available action's gain over stopping now, net of its cost at
         the policy's λ (0 where only stop is left). Positive: going on pays."""
         x = self._check_obs(obs)
-        g = np.where(available(x)[:, :3], self.gains(x), -np.inf).max(axis=1)
+        g = np.where(decision_mask(x, self.decide)[:, :3], self.gains(x), -np.inf).max(axis=1)
         return np.where(np.isfinite(g), g, 0.0)
 
     def _act(self, obs: np.ndarray) -> np.ndarray:
-        g = np.where(available(obs)[:, :3], self.gains(obs), -np.inf)
-        return np.where(g.max(axis=1) > 0, g.argmax(axis=1), STOP)
+        return greedy_actions(self.gains(obs), decision_mask(obs, self.decide))[0]
 
     def _params(self) -> dict[str, Any]:
         return {
             **super()._params(),
             "cost_scale": self.cost_scale,
             "chain_scale": self.chain_scale,
+            "decide": self.decide,
             "extra_features": list(EXTRA_FEATURES),
             "stop_activation": self.stop_net.activation,
             "gain_activation": self.gain_net.activation,
@@ -389,9 +426,21 @@ class ValuePolicy(LearnedPolicy):
             NumpyMLP.from_arrays(a, "gain", str(p.get("gain_activation", "relu"))),
             cost_scale=cost_scale,
             chain_scale=chain_scale,
+            decide=str(p.get("decide", "chunk")),
             meta={k: v for k, v in files.header.items() if k in _META_KEYS},
             **cls._lam_params(p),
         )
+
+
+def greedy_actions(gains: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(actions, best gain)`` of a value policy: the allowed action (``mask``, ``bool[B, 4]``)
+    with the largest gain (``gains``, ``float[B, 3]``), or stop where none is positive. Where
+    stop is not allowed (a running chain under ``decide="chain"``) the best allowed action is
+    taken whatever its gain."""
+    g = np.where(mask[:, :3], gains, -np.inf)
+    best = g.max(axis=1)
+    go = (best > 0) | ~mask[:, STOP]
+    return np.where(go, g.argmax(axis=1), STOP), best
 
 
 def _calibrated(net: NumpyMLP, iso_x: np.ndarray, iso_y: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -746,6 +795,8 @@ class ValueArgs:
     """hidden layer sizes of every network"""
     stop_epochs: int = 30
     """epochs of the stop classifier"""
+    decide: str = "chunk"
+    """where the policy decides: chunk (every chunk: it may cut a chain or stop mid-chain on a probe) or chain (only between chains; a chain always runs to its end)"""
     fqi_iters: int = 10
     """fitted-Q iterations"""
     epochs: int = 20
@@ -888,6 +939,7 @@ def _train_value(args: ValueArgs, bank: TraceBank, predictor: Any = None) -> Val
     from threadpoolctl import threadpool_limits
 
     lams = lam_grid(args.lams)
+    decision_mask(np.zeros((0, N_FEATURES)), args.decide)  # checks the name
     if args.rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {args.rounds}")
     lam_range = (float(lams[0]), float(lams[-1]))
@@ -952,6 +1004,7 @@ def _train_value(args: ValueArgs, bank: TraceBank, predictor: Any = None) -> Val
             gain_net,
             cost_scale=cost_scale,
             chain_scale=chain_scale,
+            decide=args.decide,
             lam=None,
             lam_range=lam_range,
             aggregate=env.config.aggregate,
@@ -1005,8 +1058,8 @@ class _RowLamPolicy(BasePolicy):
 
     def _act(self, obs: np.ndarray) -> np.ndarray:
         p = self.policy._p_stop(obs)
-        g = np.where(available(obs)[:, :3], self.policy._gains(obs, p, self.lam), -np.inf)
-        return np.where(g.max(axis=1) > 0, g.argmax(axis=1), STOP)
+        g = self.policy._gains(obs, p, self.lam)
+        return greedy_actions(g, decision_mask(obs, self.policy.decide))[0]
 
 
 def _fit_gains(
@@ -1043,7 +1096,7 @@ def _fit_gains(
     metrics: dict[str, float] = {}
     bar = _bar(args.fqi_iters, "fqi", args.progress)
     for it in range(args.fqi_iters):
-        y_all = _q_returns(tr, nxt, p_n, net, lams, lam_range, cost_scale, args.trace)
+        y_all = _q_returns(tr, nxt, p_n, net, lams, lam_range, cost_scale, args.trace, args.decide)
         y = np.stack([y_all[rows, li] - p_s[rows], tr.cost[rows] / cost_scale], axis=1)
         if it > 0:
             model.max_iter = max(1, args.epochs_per_iter)
@@ -1070,6 +1123,7 @@ def _q_returns(
     lam_range: tuple[float, float],
     cost_scale: float,
     trace: float,
+    decide: str = "chunk",
 ) -> np.ndarray:
     """``float[N, L]``: each transition's return ``Y`` at each λ of the grid.
 
@@ -1080,6 +1134,8 @@ def _q_returns(
     ``V = (1 - trace)·B + trace·Y_{t+1}`` if the next recorded action is the greedy non-stop
     one (in the first iteration: any non-stop one), else ``V = B``. Chains run for many
     decisions: a one-step backup alone would need as many iterations to see a chain's end.
+    Under ``decide="chain"`` a running chain must go on: there ``B = min(1, P(s') +
+    G_continue(s'))`` even when that gain is negative, and the greedy action is continue.
     """
     n, n_l = len(tr), len(lams)
     live = np.flatnonzero(~tr.done)
@@ -1087,15 +1143,15 @@ def _q_returns(
     follow = np.zeros((n, n_l), bool)
     has_next = nxt >= 0
     if net is not None:
-        avail = available(tr.next_obs[live])[:, :3]
+        mask = decision_mask(tr.next_obs[live], decide)
+        forced = ~mask[:, STOP]
         for j, lam in enumerate(lams):
             g = _gains(
                 net, tr.next_obs[live], p_n[live], np.full(live.size, lam), lam_range, cost_scale
             )
-            g = np.where(avail, g, -np.inf)
-            best = g.max(axis=1)
-            boot[live, j] = np.minimum(1.0, p_n[live] + np.maximum(best, 0.0))
-            greedy = np.where(best > 0, g.argmax(axis=1), STOP)
+            greedy, best = greedy_actions(g, mask)
+            gain = np.where(forced, best, np.maximum(best, 0.0))
+            boot[live, j] = np.minimum(1.0, p_n[live] + gain)
             nl = nxt[live]
             ok = has_next[live]
             follow[live[ok], j] = (tr.action[nl[ok]] == greedy[ok]) & (greedy[ok] != STOP)

@@ -388,6 +388,93 @@ def test_chain_deciding_ppo_reads_every_chain_to_its_end(
         PPOPolicy(ppo_policy.actor, ppo_policy.critic, decide="step")
 
 
+def test_greedy_value_actions_pin_the_stopping_rule() -> None:
+    """The value policy's rule on hand-made gains: the allowed action with the largest
+    positive gain, else stop; where stop is not allowed (a running chain under
+    ``decide="chain"``) continue is taken even at a loss."""
+    from policies.value import greedy_actions
+
+    gains = np.array(
+        [
+            [0.02, 0.05, -0.01],  # branch gains most
+            [-0.01, -0.02, -0.03],  # nothing pays: stop
+            [0.04, 0.05, 0.0],  # branch would pay but is not allowed: continue
+            [-0.2, 0.3, 0.0],  # forced: continue at a loss
+            [0.0, 0.0, 0.0],  # a gain of exactly 0 does not pay
+        ]
+    )
+    mask = np.array(
+        [
+            [True, True, True, True],
+            [True, True, True, True],
+            [True, False, True, True],
+            [True, False, False, False],
+            [True, True, False, True],
+        ]
+    )
+    actions, best = greedy_actions(gains, mask)
+    np.testing.assert_array_equal(actions, [1, 3, 0, 0, 3])
+    np.testing.assert_allclose(best, [0.05, -0.01, 0.04, -0.2, 0.0])
+
+
+def test_chain_deciding_value_policy_reads_every_chain_to_its_end(
+    observations: np.ndarray, test_env: BatchedReplayEnv, tmp_path: Path
+) -> None:
+    """``decide="chain"`` for the value policy: a running chain is always continued (in acting
+    and in the backups it is trained on), the setting is saved and loaded, and an unknown one is
+    refused. Every episode it plays ends with its last chain finished or out of room, so it
+    never answers from a probe of a chain it cut."""
+    from features.errors import ConfigError
+    from policies.value import available
+
+    ok = available(observations)
+    running = (observations[:, FEATURE_NAMES.index("cur_ended")] < 0.5) & ok[:, 0]
+    trained = train_value_policy(
+        BANK,
+        transitions=8_000,
+        fqi_iters=2,
+        rounds=2,
+        num_envs=128,
+        eval_seeds=0,
+        progress=False,
+        decide="chain",
+    )
+    assert trained.decide == "chain" and trained.meta["training"]["decide"] == "chain"
+    assert (trained.name, trained.with_lam(1e-3).name) == ("value-chain", "value-chain-lam0.001")
+    for lam in (1e-6, 1e-3, 1e-2):
+        p = trained.with_lam(lam)
+        p.reset(len(observations))
+        a = p.act(observations)
+        assert (a[running] == 0).all() and ok[np.arange(len(a)), a].all()
+        q = p.q_values(observations)
+        assert np.isneginf(q[running, 1:]).all()
+    trained.save(tmp_path / "chain")
+    loaded = load_policy(tmp_path / "chain")
+    assert isinstance(loaded, ValuePolicy) and loaded.decide == "chain"
+    loaded.reset(len(observations))
+    trained.reset(len(observations))
+    np.testing.assert_array_equal(loaded.act(observations), trained.act(observations))
+    # played out on the test questions: no chain is ever cut while it could go on
+    p = trained.with_lam(MID_LAM)
+    obs, _ = test_env.reset(seed=0)
+    p.reset(test_env.num_envs, config=test_env.config)
+    done = np.zeros(test_env.num_envs, bool)
+    ended = FEATURE_NAMES.index("cur_ended")
+    for _ in range(test_env.config.steps_limit):
+        a = p.act(obs)
+        cut = ~done & (obs[:, ended] < 0.5) & (obs[:, FEATURE_NAMES.index("can_continue")] > 0.5)
+        assert (a[cut] == 0).all()
+        obs, _, term, trunc, _ = test_env.step(a)
+        done |= term | trunc
+        if done.all():
+            break
+    assert done.all()
+    with pytest.raises(ConfigError, match="decide must be one of"):
+        ValuePolicy(trained.stop_net, trained.iso_x, trained.iso_y, trained.gain_net, decide="step")
+    with pytest.raises(ConfigError, match="decide must be one of"):
+        train_value_policy(BANK, transitions=1_000, eval_seeds=0, progress=False, decide="x")
+
+
 # -- command line ---------------------------------------------------------------------------
 
 

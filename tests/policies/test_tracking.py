@@ -298,8 +298,8 @@ def test_ponder_run_quick_smoke(tmp_path: Path) -> None:
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     kinds = [r.data.tags.get("ponder.kind") for r in runs]
     assert kinds.count("main") == 1 and kinds.count("evaluation") >= 30
-    assert kinds.count("training") == 3  # value and two PPOs, each logged as a pyfunc model
-    assert "value" in text and "ppo" in text and "ppo-chain" in text
+    assert kinds.count("training") == 3  # value-chain and two PPOs, each logged as a pyfunc model
+    assert "value-chain" in text and "ppo" in text and "ppo-chain" in text
     for r in runs:
         if r.data.tags.get("ponder.kind") == "training":
             assert r.data.metrics["train/wall_s"] > 0
@@ -390,7 +390,7 @@ def test_tuning_run_reads_no_test_question(tmp_path: Path) -> None:
     evaluated = {e.qid for r in res.results.values() for x in r for e in x.episodes}
     assert evaluated == dev
     assert {o.qid for o in res.oracle.questions} == dev
-    for name in ("value", "ppo", "ppo-chain"):
+    for name in ("value-chain", "ppo", "ppo-chain"):
         meta = json.loads((tmp_path / "out" / "policies" / name / "policy.json").read_text())
         assert meta["training"]["split"] == "fit"
         assert meta["bank"]["n_questions"] == len(fit)
