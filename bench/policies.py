@@ -153,7 +153,17 @@ def train_learned(args: Args) -> tuple[dict[str, Any], dict[str, float]]:
 
     jobs: list[tuple[str, Any, dict[str, Any]]] = [
         ("value", train_value_policy, {"transitions": args.value_transitions}),
+        (
+            "value-chain",
+            train_value_policy,
+            {"transitions": args.value_transitions, "decide": "chain"},
+        ),
         ("ppo", train_ppo, {"total_steps": args.ppo_steps, "num_envs": 256}),
+        (
+            "ppo-chain",
+            train_ppo,
+            {"total_steps": args.ppo_steps, "num_envs": 256, "decide": "chain", "ent_coef": 0.1},
+        ),
     ]
     out, secs = {}, {}
     for name, fn, kw in jobs:
@@ -205,7 +215,9 @@ def main() -> None:
         t.add_column("seconds", justify="right")
         budget = {
             "value": f"{args.value_transitions} transitions",
+            "value-chain": f"{args.value_transitions} transitions",
             "ppo": f"{args.ppo_steps} steps",
+            "ppo-chain": f"{args.ppo_steps} steps",
         }
         for name, s in secs.items():
             t.add_row(name, budget.get(name, ""), f"{s:.1f}")

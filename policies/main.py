@@ -104,8 +104,9 @@ class RunArgs:
     learned: bool = True
     """train and evaluate the learned policies (value / fitted-Q deciding between chains, PPO deciding at every chunk, PPO deciding between chains)"""
     # 3e-6 was added after a dev run (--eval-split dev, testbed-arith-xl): PPO's sweep jumped from
-    # 452 to 1,748 tokens between 1e-5 and 1e-6, across the tokens maj@16 takes.
-    lams: tuple[float, ...] = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+    # 452 to 1,748 tokens between 1e-5 and 1e-6, across the tokens maj@16 takes; 6e-4 after
+    # another: value-chain went from 707 tokens at 3e-4 to 232 at 1e-3 (410 at 6e-4).
+    lams: tuple[float, ...] = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 6e-4, 1e-3, 3e-3)
     """λ values the learned policies are evaluated at (their frontier sweep)"""
     value_transitions: int = 60_000
     """decisions collected to train the value policy"""
