@@ -75,6 +75,9 @@ __all__ = [
     "level_label",
     "reference_result",
     "summarize_scores",
+    "TARGET_SHARE",
+    "TargetCheck",
+    "target_check",
     "write_rows",
 ]
 
@@ -743,4 +746,110 @@ def headline(
                 oracle_gap=gap,
             )
         )
+    return out
+
+
+# -- the product's target ----------------------------------------------------------------------
+
+#: The target: a learned policy matches maj@16 with at most this share of its mean tokens ...
+TARGET_SHARE = 0.15
+
+
+@dataclass
+class TargetCheck:
+    """How one learned family stands against the product's target (:func:`target_check`).
+
+    Attributes:
+        family: the learned family.
+        share: its tokens to match maj@16 / maj@16's mean tokens (``nan``: it never matches).
+        budgets: the budgets compared: every heuristic operating point's mean tokens up to
+            maj@16's.
+        shortfalls: ``(budget, heuristic point, its accuracy, the family's best accuracy at <=
+            budget)`` where the family is more than the tolerance below the best heuristic
+            (``nan`` accuracy: it has no point that cheap).
+    """
+
+    family: str
+    share: float
+    budgets: list[float]
+    shortfalls: list[tuple[float, str, float, float]]
+
+    @property
+    def matches(self) -> bool:
+        """Matches maj@16 with at most :data:`TARGET_SHARE` of its tokens."""
+        return math.isfinite(self.share) and self.share <= TARGET_SHARE
+
+    @property
+    def frontier_ok(self) -> bool:
+        """At or above the best heuristic at every budget (within the tolerance)."""
+        return not self.shortfalls
+
+    @property
+    def met(self) -> bool:
+        return self.matches and self.frontier_ok
+
+    @property
+    def worst(self) -> tuple[float, str, float, float] | None:
+        """The largest shortfall among budgets where the family has a point that cheap."""
+        gaps = [x for x in self.shortfalls if not math.isnan(x[3])]
+        return max(gaps, key=lambda x: x[2] - x[3]) if gaps else None
+
+    def describe(self) -> str:
+        """One line: both halves of the target, with the numbers behind them."""
+        if math.isfinite(self.share):
+            head = f"matches maj@16 with {100 * self.share:.0f}% of its tokens"
+        else:
+            head = "never matches maj@16"
+        head += f" (target <= {100 * TARGET_SHARE:.0f}%: {'met' if self.matches else 'not met'})"
+        n, k = len(self.budgets), len(self.shortfalls)
+        if not k:
+            return f"{head}; at or above the best heuristic at all {n} budgets (met)"
+        parts = [f"{head}; below the best heuristic at {k} of {n} budgets (not met)"]
+        worst = self.worst
+        if worst is not None:
+            b, label, h_acc, l_acc = worst
+            parts.append(
+                f"most at {b:.0f} tokens: {label} {100 * h_acc:.1f}% against {100 * l_acc:.1f}%"
+            )
+        uncovered = [x[0] for x in self.shortfalls if math.isnan(x[3])]
+        if uncovered:
+            parts.append(
+                f"no point as cheap as {len(uncovered)} budget(s) up to {max(uncovered):.0f} tokens"
+            )
+        return "; ".join(parts)
+
+
+def target_check(
+    results: dict[str, list[EvalResult]],
+    *,
+    reference: EvalResult,
+    kinds: dict[str, str],
+    tolerance: float = MATCH_TOLERANCE,
+) -> list[TargetCheck]:
+    """Each learned family against the target: it matches maj@16 (within ``tolerance``) with at
+    most :data:`TARGET_SHARE` of its tokens, and at every budget up to maj@16's tokens its best
+    accuracy is at or above the best heuristic's (within ``tolerance``). Point estimates: the
+    intervals of the tables say how sure each comparison is."""
+    ref_tokens = reference.tokens.mean
+    heur = [
+        r
+        for fam, res in results.items()
+        if kinds.get(fam, "heuristic") == "heuristic"
+        for r in res
+        if r.tokens.mean <= ref_tokens * (1 + 1e-9)
+    ]
+    budgets = sorted({r.tokens.mean for r in heur})
+    out = []
+    for fam, res in results.items():
+        if kinds.get(fam) != "learned" or not res:
+            continue
+        pts = [(r.tokens.mean, r.accuracy.mean) for r in res]
+        t_match = tokens_to_match(pts, reference.accuracy.mean, tolerance)
+        shortfalls = []
+        for b in budgets:
+            best_h = max((r for r in heur if r.tokens.mean <= b), key=lambda r: r.accuracy.mean)
+            mine = accuracy_at_budget(pts, b)
+            if math.isnan(mine) or mine < best_h.accuracy.mean - tolerance:
+                shortfalls.append((b, best_h.label, best_h.accuracy.mean, mine))
+        out.append(TargetCheck(fam, t_match / ref_tokens, budgets, shortfalls))
     return out

@@ -51,15 +51,19 @@ from env.compute_env import EnvConfig, bank_difficulty, select_split, training_s
 from features.errors import ConfigError, PolicyError
 from policies.base import Policy
 from policies.evaluate import (
+    MATCH_TOLERANCE,
+    TARGET_SHARE,
     EvalResult,
     Evaluator,
     Family,
     FamilySummary,
+    TargetCheck,
     evaluate_families,
     headline,
     heuristic_sweeps,
     learned_sweep,
     reference_result,
+    target_check,
     write_rows,
 )
 from policies.metrics import Interval
@@ -145,6 +149,7 @@ class BankRun:
     train_s: dict[str, float]
     wall_s: float
     parent_run_id: str | None = None
+    targets: list[TargetCheck] = dataclasses.field(default_factory=list)
 
 
 # -- policies ----------------------------------------------------------------------------------
@@ -402,6 +407,32 @@ def _headline_metrics(summaries: Sequence[FamilySummary]) -> dict[str, float]:
         for b, a in s.accuracy_at.items():
             out[f"headline/{f}/accuracy_at_{b:.0f}"] = a
     return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def _target_metrics(targets: Sequence[TargetCheck]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for t in targets:
+        if math.isfinite(t.share):
+            out[f"target/{t.family}/match_share"] = t.share
+        out[f"target/{t.family}/budgets_below"] = float(len(t.shortfalls))
+        out[f"target/{t.family}/met"] = float(t.met)
+    if targets:
+        out["target/met"] = float(any(t.met for t in targets))
+    return out
+
+
+def print_targets(console: Console, targets: Sequence[TargetCheck]) -> None:
+    """The product's target, per learned family: met or not, and by how much."""
+    if not targets:
+        return
+    console.print(
+        f"target: a learned policy matches maj@16 with <= {100 * TARGET_SHARE:.0f}% of its "
+        "tokens and is at or above the best heuristic at every budget up to maj@16's tokens "
+        f"(point estimates, {100 * MATCH_TOLERANCE:.1f} pt tolerance)"
+    )
+    for t in targets:
+        style = "green" if t.met else "yellow"
+        console.print(f"  [{style}]{t.family}[/]: {t.describe()}")
 
 
 def print_tables(
@@ -808,6 +839,8 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
             console, name, results, summaries, orc, reference, budgets, area_range,
             len(evaluator.questions), len(evaluator.seeds), split,
         )  # fmt: skip
+        targets = target_check(results, reference=reference, kinds=kinds)
+        print_targets(console, targets)
 
         title = (
             f"{name}: {len(evaluator.questions)} {split} questions x {len(evaluator.seeds)} seeds"
@@ -829,6 +862,7 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
             mlflow.log_metrics(
                 {
                     **_headline_metrics(summaries),
+                    **_target_metrics(targets),
                     "maj16/accuracy": reference.accuracy.mean,
                     "maj16/tokens": reference.tokens.mean,
                     "job/wall_s": wall,
@@ -852,6 +886,7 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
         train_s=train_s,
         wall_s=wall,
         parent_run_id=run_id,
+        targets=targets,
     )
 
 

@@ -251,6 +251,60 @@ def test_tokens_to_match_interval_is_unbounded_not_nan() -> None:
     assert 0.3 < x.match_rate < 0.9
 
 
+def test_target_check_pins_both_halves_of_the_target() -> None:
+    """The product's target on hand-made frontiers: a learned family matches maj@16 (within
+    0.5 pt) with <= 15% of its tokens, and at every heuristic budget up to maj@16's tokens its
+    best accuracy is at or above the best heuristic's (within 0.5 pt)."""
+    from types import SimpleNamespace
+
+    from policies.evaluate import TARGET_SHARE, target_check
+
+    def pt(label: str, acc: float, tok: float) -> Any:
+        return SimpleNamespace(
+            label=label, accuracy=Interval(acc, acc, acc), tokens=Interval(tok, tok, tok)
+        )
+
+    maj = pt("N=16", 0.80, 1000.0)
+    results = {
+        "best-of-N": [pt("N=1", 0.60, 100.0), pt("N=4", 0.72, 400.0), maj],
+        "router": [pt("r", 0.66, 150.0)],
+        "late": [pt("big", 0.81, 2000.0)],  # beyond maj@16's tokens: not a budget compared
+        # matches at 150 tokens (15%) and is never below: met
+        "good": [pt("a", 0.60, 90.0), pt("b", 0.66, 120.0), pt("c", 0.796, 150.0)],
+        # matches at 300 (30%); at 150 tokens 0.64 < router's 0.66 - 0.005
+        "slow": [pt("a", 0.60, 100.0), pt("b", 0.64, 140.0), pt("c", 0.80, 300.0)],
+        # its cheapest point costs more than one chain: no point at the 100-token budget
+        "dear": [pt("a", 0.75, 120.0), pt("b", 0.90, 130.0)],
+        # never matches
+        "weak": [pt("a", 0.61, 100.0), pt("b", 0.70, 150.0), pt("c", 0.78, 500.0)],
+    }
+    kinds = {"good": "learned", "slow": "learned", "dear": "learned", "weak": "learned"}
+    checks = {c.family: c for c in target_check(results, reference=maj, kinds=kinds)}
+    assert set(checks) == set(kinds)
+    assert checks["good"].budgets == [100.0, 150.0, 400.0, 1000.0]
+    good = checks["good"]
+    assert good.share == pytest.approx(TARGET_SHARE) and good.matches and good.met
+    assert "met" in good.describe() and "all 4 budgets" in good.describe()
+    slow = checks["slow"]
+    assert slow.share == pytest.approx(0.3) and not slow.matches
+    assert slow.shortfalls == [(150.0, "r", 0.66, 0.64)] and not slow.met
+    assert slow.worst == (150.0, "r", 0.66, 0.64)
+    assert "below the best heuristic at 1 of 4 budgets" in slow.describe()
+    assert "most at 150 tokens: r 66.0% against 64.0%" in slow.describe()
+    dear = checks["dear"]
+    assert dear.matches and not dear.frontier_ok
+    assert dear.shortfalls[0][0] == 100.0 and math.isnan(dear.shortfalls[0][3])
+    assert (
+        dear.worst is None
+        and "no point as cheap as 1 budget(s) up to 100 tokens" in dear.describe()
+    )
+    weak = checks["weak"]
+    assert math.isnan(weak.share) and not weak.matches
+    assert weak.describe().startswith("never matches maj@16")
+    # at 400 and 1,000 tokens its best (0.70) is below best-of-4's 0.72 and maj@16's 0.80
+    assert [b for b, *_ in weak.shortfalls] == [400.0, 1000.0]
+
+
 # -- the oracle --------------------------------------------------------------------------------
 
 T = 8  # tokens per chunk of the hand-made banks

@@ -308,6 +308,10 @@ def test_ponder_run_quick_smoke(tmp_path: Path) -> None:
     arts = {a.path for a in client.list_artifacts(main.info.run_id)}
     assert {"frontier.png", "difficulty.png", "comparison.csv", "headline.csv"} <= arts
     assert "oracle/accuracy" in main.data.metrics
+    # the product's target, per learned family, in the output and in MLflow
+    assert "target: a learned policy matches maj@16" in text
+    assert main.data.metrics["target/met"] in (0.0, 1.0)
+    assert "target/value-chain/budgets_below" in main.data.metrics
 
 
 def test_policy_names_resolve(capsys: pytest.CaptureFixture[str]) -> None:
