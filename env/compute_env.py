@@ -127,9 +127,13 @@ def select_split(questions: Sequence[Question], split: str | None) -> list[Quest
     in their order.
 
     ``dev`` and ``fit`` partition the ``train`` questions among ``questions`` (pass all of a
-    bank's): ``dev`` is the quarter (at least one, of two or more) whose ids hash lowest
-    (sha256), so the cut is the same on every machine and does not depend on the order the
-    questions were recorded in; ``fit`` is the rest.
+    bank's): ``dev`` is a quarter of them (at least one, of two or more), stratified by
+    difficulty: the questions are ordered by difficulty level and, within a level, by the
+    sha256 of their id, and ``dev`` takes evenly spaced ones, so each level gives it its share
+    (a cut by hash alone gave testbed-arith-xl a dev quarter with 3 of its 40 questions from
+    the two hardest levels, which hold a quarter of the bank). The cut is the same on every
+    machine and does not depend on the order the questions were recorded in; ``fit`` is the
+    rest.
     """
     if not split:
         return list(questions)
@@ -139,7 +143,10 @@ def select_split(questions: Sequence[Question], split: str | None) -> list[Quest
         return [q for q in questions if question_split(q) == split]
     train = [q for q in questions if question_split(q) == "train"]
     n_dev = max(1, round(DEV_FRACTION * len(train))) if len(train) >= 2 else 0
-    dev = {q.qid for q in sorted(train, key=lambda q: _id_hash(q.qid))[:n_dev]}
+    ordered = sorted(
+        train, key=lambda q: (q.difficulty is None, q.difficulty or 0, _id_hash(q.qid))
+    )
+    dev = {ordered[int((i + 0.5) * len(ordered) / n_dev)].qid for i in range(n_dev)}
     return [q for q in train if (q.qid in dev) == (split == "dev")]
 
 

@@ -179,7 +179,9 @@ def train_learned(
         # on the dev split of testbed-arith-xl, deciding at every chunk stopped mid-chain on
         # probes and stayed below a single chain's accuracy at low budgets (45% at 52 tokens,
         # 48.5% at 188; single chain 53.5% at 83), and reached 55% at best (991 tokens); between
-        # chains it went 53.5% at 86, 54.5% at 232, 60.5% at 707 (maj@16: 59% at 1,337).
+        # chains it went 53.5% at 86, 54.5% at 232, 60.5% at 707 (maj@16: 59% at 1,337). On the
+        # dev cut stratified by difficulty (harder, like the test questions): chunk 48.0% at best,
+        # 41.5% at 74 tokens; between chains 51.5% at best, 47.0% at 165 (one chain: 45% at 110).
         (
             "value-chain",
             learned.train_value_policy,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -413,3 +414,8 @@ def test_dev_and_fit_cut_the_training_questions() -> None:
     assert sorted(q.qid for q in venv.questions) == sorted(ids["fit"])
     assert bank_difficulty(TraceBank(BANK), "fit").train_questions == 18
     assert bank_difficulty(TraceBank(BANK)).train_questions == 24
+    # stratified by difficulty: each level of the 160 training questions of the xl bank (20 per
+    # level) gives dev its quarter
+    xl = TraceBank(BANK.parent / "testbed-arith-xl").questions
+    dev_levels = Counter(q.difficulty for q in select_split(xl, "dev"))
+    assert dev_levels == {level: 5 for level in range(1, 9)}
