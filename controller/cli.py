@@ -98,6 +98,11 @@ COMMANDS: tuple[Command, ...] = (
         "evaluate one policy (a heuristic's name or a saved policy folder) on a bank",
     ),
     Command("bank info", "env.bank_cli:main", "summarise a trace bank by difficulty"),
+    Command(
+        "bank compact",
+        "env.bank_cli:compact_main",
+        "re-encode a bank's chunk files smaller (same values, bit for bit; safe beside a recorder)",
+    ),
     Command("testbed train", "env.testbed.train:main", "train the testbed model (CPU, resumable)"),
     Command(
         "testbed evaluate",

@@ -279,3 +279,57 @@ def test_bank_info_cli(recorded) -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160"},
     ).stdout
     assert "pass@1" in out and "maj@4" in out and "all" in out
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal, with NaN equal to NaN (float columns keep their NaNs through a rewrite)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float) and np.isnan(a) and np.isnan(b):
+        return True
+    return a == b
+
+
+def test_compact_rewrites_smaller_and_reads_back_the_same(recorded, capsys) -> None:
+    import pyarrow.parquet as pq
+
+    from controller.cli import main as ponder
+    from env.bank import compact
+
+    bank, questions, _ = recorded
+    for i in range(len(questions)):  # as ponder before byte-stream-split wrote them
+        path = bank.chunk_file(i)
+        pq.write_table(pq.read_table(path), path, compression="zstd", compression_level=9)
+    before = {q.qid: TraceBank(bank.path)[q.qid] for q in questions}
+    sizes = {p.name: p.stat().st_size for p in (bank.path / "chunks").iterdir()}
+
+    assert ponder(["bank", "compact", str(bank.path)]) == 0
+    assert f"{len(questions)} of {len(questions)} chunk files rewritten" in capsys.readouterr().out
+    after = TraceBank(bank.path)
+    for q in questions:
+        old, new = before[q.qid], after[q.qid]
+        assert _same([c.rows for c in new.chains], [c.rows for c in old.chains])
+        assert [(c.answer, c.correct) for c in new.chains] == [
+            (c.answer, c.correct) for c in old.chains
+        ]
+    assert all(p.stat().st_size < sizes[p.name] for p in (bank.path / "chunks").iterdir())
+    assert list((bank.path / "chunks").glob("*.tmp")) == []
+    # What the writer writes now is already compact: a second pass changes nothing.
+    again = compact(bank.path)
+    assert (again.files, again.rewritten, again.before) == (len(questions), 0, again.after)
+
+
+def test_compact_refuses_a_corrupt_file_and_changes_nothing(recorded) -> None:
+    from env.bank import compact
+
+    bank, _, _ = recorded
+    path = bank.chunk_file(1)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BankError, match=r"00001\.parquet is corrupt or truncated"):
+        compact(bank.path)
+    assert path.read_bytes() == data[: len(data) // 2]
+    with pytest.raises(BankError, match="not a trace bank"):
+        compact(bank.path / "chunks")
