@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -70,7 +71,9 @@ __all__ = [
     "evaluate_families",
     "headline",
     "heuristic_sweeps",
+    "lam_of",
     "learned_sweep",
+    "refine_sweep",
     "run_pinned",
     "level_label",
     "reference_result",
@@ -624,6 +627,56 @@ def evaluate_families(
                 on_result(r)
         out[fam.name] = res
     return out
+
+
+def lam_of(result: EvalResult) -> float:
+    """The λ of a learned sweep's point (its ``lam=<value>`` parameter label)."""
+    key, _, value = result.param.partition("=")
+    if key != "lam":
+        raise ConfigError(
+            f"{result.label} is not a point of a learned sweep (param {result.param!r})"
+        )
+    return float(value)
+
+
+def refine_sweep(
+    evaluator: Evaluator,
+    name: str,
+    policy: Any,
+    results: Sequence[EvalResult],
+    *,
+    extra: int = 3,
+    ratio: float = 2.0,
+    on_result: Callable[[EvalResult], None] | None = None,
+) -> list[EvalResult]:
+    """A learned sweep with up to ``extra`` λ values added where its spending jumps.
+
+    While two neighbouring λ values of the sweep differ in mean tokens by more than ``ratio``
+    times, the widest such gap (by the token ratio) gets the geometric mean of its two λ (never
+    closer than 1.25x to either). A fixed grid is blind there: on the GSM8K bank a policy can go
+    from 16 chains to one between two grid values, exactly across the budgets the frontier is
+    read at. Where the points are placed depends on tokens only, never on accuracy. Returns
+    all points, sorted by λ (the new ones evaluated and passed to ``on_result``)."""
+    if not callable(getattr(policy, "with_lam", None)):
+        raise ConfigError(f"{name}: refining a sweep needs a policy with with_lam(lam)")
+    if ratio <= 1:
+        raise ConfigError(f"ratio must be > 1, got {ratio}")
+    pts = sorted(((lam_of(r), r) for r in results), key=lambda p: p[0])
+    for _ in range(max(0, extra)):
+        gaps = []
+        for (l1, r1), (l2, r2) in itertools.pairwise(pts):
+            hi, lo = max(r1.tokens.mean, r2.tokens.mean), min(r1.tokens.mean, r2.tokens.mean)
+            if hi > ratio * max(lo, 1e-9) and l2 > 1.25**2 * l1:
+                gaps.append((hi / max(lo, 1e-9), l1, l2))
+        if not gaps:
+            break
+        _, l1, l2 = max(gaps)
+        lam = float(f"{math.sqrt(l1 * l2):.2g}")
+        r = evaluator(policy.with_lam(lam), family=name, param=f"lam={lam:g}")
+        if on_result is not None:
+            on_result(r)
+        pts = sorted([*pts, (lam, r)], key=lambda p: p[0])
+    return [r for _, r in pts]
 
 
 # -- headline metrics --------------------------------------------------------------------------

@@ -63,6 +63,7 @@ from policies.evaluate import (
     heuristic_sweeps,
     learned_sweep,
     reference_result,
+    refine_sweep,
     target_check,
     write_rows,
 )
@@ -112,6 +113,8 @@ class RunArgs:
     # another: value-chain went from 707 tokens at 3e-4 to 232 at 1e-3 (410 at 6e-4).
     lams: tuple[float, ...] = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 6e-4, 1e-3, 3e-3)
     """λ values the learned policies are evaluated at (their frontier sweep)"""
+    refine: int = 3
+    """extra λ values per learned policy, each where its sweep's mean tokens jump more than 2x between neighbouring λ (placed by tokens, never by accuracy; 0: the grid only)"""
     value_transitions: int = 60_000
     """decisions collected to train the value policy"""
     value_fqi_iters: int = 10
@@ -815,6 +818,13 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
                 # DeepConf's warm-up percentile over episodes that have no warm-up chain yet
                 warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
                 results = evaluate_families(evaluator, families, on_result=done)
+                refine = min(args.refine, 1) if args.quick else args.refine
+                for lname, pol in learned.items():
+                    if refine > 0:
+                        bar.update(task, total=total + refine * len(learned))
+                        results[lname] = refine_sweep(
+                            evaluator, lname, pol, results[lname], extra=refine, on_result=done
+                        )
 
         beaten = [m for res in results.values() for r in res for m in oracle_check(r, orc)]
         if beaten:  # cannot happen if the oracle counts as the env does: say so loudly

@@ -508,3 +508,38 @@ def test_no_heuristic_beats_the_oracle(
     # the oracle is far cheaper than maj@16 and at least as accurate as any answer it could give
     ref = reference_result(sweeps)
     assert ref is not None and orc.tokens.mean < ref.tokens.mean
+
+
+def test_refine_sweep_adds_lams_where_the_spending_jumps() -> None:
+    """A policy that drops from 16 chains to one between λ = 3e-5 and 1e-4 gets points in that
+    gap (geometric means, widest token jump first), none where tokens change by < 2x, and no
+    two λ closer than 1.25x; the new points go through ``on_result`` and come back sorted."""
+    from types import SimpleNamespace
+
+    from policies.evaluate import lam_of, refine_sweep
+
+    class Stepped:
+        def __init__(self, lam: float = 1e-5) -> None:
+            self.lam = lam
+
+        def with_lam(self, lam: float) -> Stepped:
+            return Stepped(lam)
+
+    def tokens(lam: float) -> float:  # 16 chains below 5e-5, one chain above; a slow slide after
+        return 4000.0 if lam < 5e-5 else 300.0 * (1e-4 / max(lam, 1e-4)) ** 0.1
+
+    def evaluator(policy: Stepped, *, family: str, param: str) -> Any:
+        t = tokens(policy.lam)
+        return SimpleNamespace(
+            param=param, label=f"{family} {param}", tokens=Interval(t, t, t), lam=policy.lam
+        )
+
+    grid = [evaluator(Stepped(v), family="p", param=f"lam={v:g}") for v in (3e-4, 1e-5, 3e-5, 1e-4)]
+    seen: list[Any] = []
+    out = refine_sweep(evaluator, "p", Stepped(), grid, extra=3, on_result=seen.append)
+    lams = [lam_of(r) for r in out]
+    assert lams == [1e-5, 3e-5, 4.1e-5, 5.5e-5, 1e-4, 3e-4]  # 3e-5 .. 1e-4, then 3e-5 .. 5.5e-5
+    assert [lam_of(r) for r in seen] == [5.5e-5, 4.1e-5]  # then no gap is both > 2x and wide
+    assert refine_sweep(evaluator, "p", Stepped(), grid, extra=0) == sorted(grid, key=lam_of)
+    with pytest.raises(ConfigError, match="not a point of a learned sweep"):
+        lam_of(SimpleNamespace(param="N=4", label="best-of-N N=4"))

@@ -312,6 +312,13 @@ def test_ponder_run_quick_smoke(tmp_path: Path) -> None:
     assert "target: a learned policy matches maj@16" in text
     assert main.data.metrics["target/met"] in (0.0, 1.0)
     assert "target/value-chain/budgets_below" in main.data.metrics
+    # the two quick λ values, and at most one more where the spending jumps (--refine)
+    import csv
+
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    for fam in ("value-chain", "ppo", "ppo-chain"):
+        params = [r["param"] for r in rows if r["family"] == fam]
+        assert 2 <= len(params) <= 3 and len(set(params)) == len(params), params
 
 
 def test_policy_names_resolve(capsys: pytest.CaptureFixture[str]) -> None:
