@@ -312,6 +312,10 @@ def test_ponder_run_quick_smoke(tmp_path: Path) -> None:
     assert "target: a learned policy matches maj@16" in text
     assert main.data.metrics["target/met"] in (0.0, 1.0)
     assert "target/value-chain/budgets_below" in main.data.metrics
+    # the learned policies answer with confidence-weighted votes (--aggregate), saved with them
+    for fam in ("value-chain", "ppo", "ppo-chain"):
+        saved = json.loads((out / "policies" / fam / "policy.json").read_text())
+        assert saved["params"]["aggregate"] == "confidence", saved["params"]
     # the two quick λ values, and at most one more where the spending jumps (--refine)
     import csv
 
@@ -408,3 +412,5 @@ def test_tuning_run_reads_no_test_question(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "difficulty.json").read_text())["train_questions"] == 18
     with pytest.raises(ConfigError, match="--eval-split must be test"):
         run(dataclasses.replace(args, eval_split="train"), console)
+    with pytest.raises(ConfigError, match="--aggregate must be majority, confidence or verifier"):
+        run(dataclasses.replace(args, aggregate="vote"), console)
