@@ -409,21 +409,28 @@ class TraceBank:
         return trace
 
 
-def read_question_file(path: Path, question: Question) -> QuestionTrace:
-    """Read one question's chunk file, with clear errors for damaged files."""
+def _read_chunk_table(path: Path, kept: str) -> Any:
+    """A chunk file's Arrow table; a damaged file or one of another schema is a
+    :class:`BankError` that names it and says (``kept``) that nothing else was touched."""
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as e:  # truncated or corrupt Parquet
         raise BankError(
-            f"{path} is corrupt or truncated ({type(e).__name__}: {e}). Nothing else is affected: "
+            f"{path} is corrupt or truncated ({type(e).__name__}: {e}). {kept}: "
             f"move it away and re-run `ponder record` on this bank to re-record that question"
         ) from e
     if table.schema.names != CHUNK_SCHEMA.names:
         raise BankError(
             f"{path} has columns {table.schema.names}, expected schema version {SCHEMA_VERSION}"
         )
+    return table
+
+
+def read_question_file(path: Path, question: Question) -> QuestionTrace:
+    """Read one question's chunk file, with clear errors for damaged files."""
+    table = _read_chunk_table(path, "Nothing else is affected")
     d = table.to_pydict()
     if any(q != question.qid for q in d["qid"]):
         raise BankError(
@@ -554,7 +561,7 @@ def encode_chunk_table(table: Any) -> bytes:
         use_dictionary=others,
         use_byte_stream_split=floats,
     )
-    return bytes(buf.getvalue().to_pybytes())
+    return buf.getvalue().to_pybytes()
 
 
 @dataclass(frozen=True)
@@ -584,15 +591,7 @@ def compact(path: str | Path) -> CompactReport:
     files = sorted((root / "chunks").glob("*.parquet"))
     rewritten = before = after = 0
     for f in files:
-        try:
-            table = pq.read_table(f)
-        except Exception as e:
-            raise BankError(
-                f"{f} is corrupt or truncated ({type(e).__name__}: {e}); nothing was changed in "
-                "it: move it away and re-run `ponder record` to re-record that question"
-            ) from e
-        if table.schema.names != CHUNK_SCHEMA.names:
-            raise BankError(f"{f} has columns {table.schema.names}, expected {CHUNK_SCHEMA.names}")
+        table = _read_chunk_table(f, "Nothing was changed in it")
         data = encode_chunk_table(table)
         size = f.stat().st_size
         before += size

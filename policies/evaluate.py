@@ -665,9 +665,10 @@ def refine_sweep(
     for _ in range(max(0, extra)):
         gaps = []
         for (l1, r1), (l2, r2) in itertools.pairwise(pts):
-            hi, lo = max(r1.tokens.mean, r2.tokens.mean), min(r1.tokens.mean, r2.tokens.mean)
-            if hi > ratio * max(lo, 1e-9) and l2 > 1.25**2 * l1:
-                gaps.append((hi / max(lo, 1e-9), l1, l2))
+            lo, hi = sorted((r1.tokens.mean, r2.tokens.mean))
+            jump = hi / max(lo, 1e-9)
+            if jump > ratio and l2 > 1.25**2 * l1:
+                gaps.append((jump, l1, l2))
         if not gaps:
             break
         _, l1, l2 = max(gaps)

@@ -832,9 +832,9 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
                 warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
                 results = evaluate_families(evaluator, families, on_result=done)
                 refine = min(args.refine, 1) if args.quick else args.refine
-                for lname, pol in learned.items():
-                    if refine > 0:
-                        bar.update(task, total=total + refine * len(learned))
+                if refine > 0 and learned:
+                    bar.update(task, total=total + refine * len(learned))
+                    for lname, pol in learned.items():
                         results[lname] = refine_sweep(
                             evaluator, lname, pol, results[lname], extra=refine, on_result=done
                         )
