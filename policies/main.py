@@ -68,7 +68,7 @@ from policies.evaluate import (
     write_rows,
 )
 from policies.metrics import Interval
-from policies.oracle import OracleResult, oracle, oracle_check
+from policies.oracle import OracleResult, VoteFloor, oracle, oracle_check, vote_floor
 
 __all__ = [
     "EvaluateArgs",
@@ -161,6 +161,7 @@ class BankRun:
     wall_s: float
     parent_run_id: str | None = None
     targets: list[TargetCheck] = dataclasses.field(default_factory=list)
+    floors: list[VoteFloor] = dataclasses.field(default_factory=list)
 
 
 # -- policies ----------------------------------------------------------------------------------
@@ -447,6 +448,44 @@ def print_targets(console: Console, targets: Sequence[TargetCheck]) -> None:
     for t in targets:
         style = "green" if t.met else "yellow"
         console.print(f"  [{style}]{t.family}[/]: {t.describe()}")
+
+
+def vote_floors(
+    bank: TraceBank, split: str, config: EnvConfig, reference: EvalResult
+) -> list[VoteFloor]:
+    """The oracle voters' floors (:func:`~policies.oracle.vote_floor`) for matching maj@16."""
+    target = reference.accuracy.mean - MATCH_TOLERANCE
+    return [
+        vote_floor(bank, target=target, split=split, vote=v, config=config)
+        for v in ("majority", "any")
+    ]
+
+
+def _floor_metrics(floors: Sequence[VoteFloor], reference: EvalResult) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for f in floors:
+        if math.isfinite(f.tokens):
+            out[f"floor/{f.vote}/tokens"] = f.tokens
+            out[f"floor/{f.vote}/match_share"] = f.share(reference.tokens.mean)
+    return out
+
+
+def print_floors(console: Console, floors: Sequence[VoteFloor], reference: EvalResult) -> None:
+    """How cheaply an oracle that samples whole chains could match maj@16: the floor under the
+    target's first half for policies that only decide when to stop sampling."""
+    parts = []
+    for f in floors:
+        how = "answering with the majority" if f.vote == "majority" else "with any chain sampled"
+        if math.isfinite(f.tokens):
+            share = 100 * f.share(reference.tokens.mean)
+            parts.append(f"{f.tokens:,.0f} tokens ({share:.1f}% of maj@16's) {how}")
+        else:
+            parts.append(f"more than it has {how} (it reaches {100 * f.accuracy:.1f}%)")
+    if parts:
+        console.print(
+            "floor: to match maj@16, an oracle that knows which answers are right but samples "
+            "whole chains needs " + "; ".join(parts)
+        )
 
 
 def print_tables(
@@ -866,6 +905,8 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
         )  # fmt: skip
         targets = target_check(results, reference=reference, kinds=kinds)
         print_targets(console, targets)
+        floors = vote_floors(bank, split, cfg, reference)
+        print_floors(console, floors, reference)
 
         title = (
             f"{name}: {len(evaluator.questions)} {split} questions x {len(evaluator.seeds)} seeds"
@@ -888,6 +929,7 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
                 {
                     **_headline_metrics(summaries),
                     **_target_metrics(targets),
+                    **_floor_metrics(floors, reference),
                     "maj16/accuracy": reference.accuracy.mean,
                     "maj16/tokens": reference.tokens.mean,
                     "job/wall_s": wall,
@@ -912,6 +954,7 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
         wall_s=wall,
         parent_run_id=run_id,
         targets=targets,
+        floors=floors,
     )
 
 

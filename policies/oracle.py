@@ -32,9 +32,14 @@ cheapest opening chunk (every episode opens one chain).
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import numpy as np
 
 from env.bank import ChainTrace, QuestionTrace, TraceBank
 from env.compute_env import Action, EnvConfig, select_split
@@ -48,9 +53,11 @@ __all__ = [
     "OracleQuestion",
     "OracleResult",
     "Prefix",
+    "VoteFloor",
     "chain_prefixes",
     "oracle",
     "oracle_check",
+    "vote_floor",
 ]
 
 
@@ -218,3 +225,132 @@ def oracle_check(result: Any, orc: OracleResult, *, slack: int = 0) -> list[str]
                 f"{'wrong' if not o.correct else o.tokens}"
             )
     return bad
+
+
+# -- the floor for policies that sample whole chains -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VoteFloor:
+    """What an oracle voter needs to reach a target accuracy (:func:`vote_floor`).
+
+    Attributes:
+        vote: ``majority`` (answers with the unique most frequent answer so far) or ``any``
+            (answers with any chain it has sampled).
+        target: the accuracy to reach.
+        tokens: its mean decoded tokens per question (``nan``: it cannot reach the target).
+        accuracy: the accuracy it reaches (the target, or the most it can).
+        all_chains: mean tokens of running every recorded chain (maj@K's cost, counted alike).
+    """
+
+    vote: str
+    target: float
+    tokens: float
+    accuracy: float
+    all_chains: float
+
+    def share(self, reference_tokens: float) -> float:
+        """Its tokens as a share of a reference's mean tokens (maj@16's)."""
+        return self.tokens / reference_tokens
+
+
+def _chain_costs(qt: QuestionTrace, config: EnvConfig) -> list[tuple[int, bool, str | None]]:
+    """(tokens, correct, answer) of each chain run without probes to where it ends."""
+    out = []
+    for ct in qt.chains:
+        pre = chain_prefixes(ct, qt.question.gold, config)
+        end = next((p for p in pre if p.ended), pre[-1])
+        out.append((end.tokens, end.correct, end.answer))
+    return out
+
+
+def vote_floor(
+    bank: TraceBank | str | Path,
+    *,
+    target: float,
+    split: str | None = "test",
+    vote: Literal["majority", "any"] = "majority",
+    config: EnvConfig | None = None,
+    orders: int = 200,
+    seed: int = 0,
+) -> VoteFloor:
+    """The fewest mean tokens with which an oracle that samples whole chains reaches ``target``.
+
+    The oracle knows which answers are right, but like best-of-N it runs whole chains (without
+    probes) in the replay's random order and answers from them. On each question it either
+    stops after the first chain, or keeps sampling until its answer is right (``majority``: the
+    unique most frequent answer so far; ``any``: any chain so far) and stops there (or after the
+    last chain). It mixes the two across questions as cheaply as it can (a linear programme,
+    solved greedily by accuracy gained per extra token): a lower bound on what any policy that
+    decides only when to stop sampling needs, for policies that answer with the majority
+    (``majority``) or with any sampled chain (``any``, a lower floor). Costs are expectations
+    over ``orders`` chain orders (every order when a question has so few chains that there are
+    no more than ``orders``).
+    """
+    if vote not in ("majority", "any"):
+        raise ConfigError(f"vote must be 'majority' or 'any', got {vote!r}")
+    if orders < 1:
+        raise ConfigError(f"orders must be >= 1, got {orders}")
+    b = bank if isinstance(bank, TraceBank) else TraceBank(bank)
+    config = config if config is not None else bank_config(b)
+    config = dataclasses.replace(config, probe=False)
+    qs = select_split(b.questions, split)
+    if not qs:
+        raise ConfigError(f"the bank at {b.path} has no recorded {split or 'any'!r} questions")
+    rng = np.random.default_rng(seed)
+    one = np.zeros((len(qs), 2))  # first chain only: tokens, accuracy
+    full = np.zeros((len(qs), 2))  # until right
+    all_chains = np.zeros(len(qs))
+    for j, q in enumerate(qs):
+        chains = _chain_costs(b[q.qid], config)
+        k = len(chains)
+        all_chains[j] = sum(c[0] for c in chains)
+        if math.factorial(k) <= orders:
+            perms: list[Any] = list(itertools.permutations(range(k)))
+        else:
+            perms = [rng.permutation(k) for _ in range(orders)]
+        for perm in perms:
+            first = chains[perm[0]]
+            one[j] += (first[0], first[1])
+            votes: Counter[str] = Counter()
+            spent, right = 0, False
+            for i in perm:
+                tokens, correct, answer = chains[i]
+                spent += tokens
+                if vote == "any":
+                    right = correct
+                elif answer is not None:
+                    votes[answer] += 1
+                    top = votes.most_common(2)
+                    right = (len(top) == 1 or top[0][1] > top[1][1]) and _is_right(
+                        chains, top[0][0]
+                    )
+                if right:
+                    break
+            full[j] += (spent, float(right))
+        one[j] /= len(perms)
+        full[j] /= len(perms)
+    n = len(qs)
+    need = target * n
+    tokens, acc = one[:, 0].sum(), one[:, 1].sum()
+    gain = full[:, 1] - one[:, 1]
+    extra = full[:, 0] - one[:, 0]
+    order = np.argsort(-gain / np.maximum(extra, 1e-9), kind="stable")
+    for j in order:
+        if acc >= need - 1e-12 or gain[j] <= 0:
+            break
+        f = min(1.0, (need - acc) / gain[j])
+        acc += f * gain[j]
+        tokens += f * extra[j]
+    reached = acc >= need - 1e-9
+    return VoteFloor(
+        vote=vote,
+        target=target,
+        tokens=float(tokens / n) if reached else math.nan,
+        accuracy=float(min(acc / n, target) if reached else acc / n),
+        all_chains=float(all_chains.mean()),
+    )
+
+
+def _is_right(chains: list[tuple[int, bool, str | None]], answer: str) -> bool:
+    return any(c for _, c, a in chains if a == answer)

@@ -29,7 +29,7 @@ from policies.evaluate import (
     reference_result,
 )
 from policies.metrics import Interval
-from policies.oracle import chain_prefixes, oracle, oracle_check
+from policies.oracle import chain_prefixes, oracle, oracle_check, vote_floor
 
 ROOT = Path(__file__).resolve().parents[2]
 # DeepConf online takes a percentile over warm-up chains that some episodes do not have yet.
@@ -515,6 +515,43 @@ def test_no_heuristic_beats_the_oracle(
     # the oracle is far cheaper than maj@16 and at least as accurate as any answer it could give
     ref = reference_result(sweeps)
     assert ref is not None and orc.tokens.mean < ref.tokens.mean
+
+
+def test_vote_floor_on_a_hand_made_bank(tmp_path: Path) -> None:
+    """The oracle voter's floor, worked out by hand over every chain order (few chains: exact)."""
+
+    def chain(answer: str, n: int) -> list[tuple]:
+        return [(f"\\boxed{{{answer}}}", n, "stop", None, 0)]
+
+    bank = _write_bank(
+        tmp_path / "votes",
+        [
+            # first chain: 10 tokens, right half the time. Until right: any chain 15 tokens on
+            # average (always right); majority only when 7 comes first (3 then 7 is a tie)
+            (_q(0, "7"), [chain("7", 10), chain("3", 10)]),
+            # majority: right at once when a 5 comes first (4 of 6 orders, 4 tokens), else after
+            # all three (12): 40/6 tokens, always right; any chain: 4 or 8, 32/6 tokens
+            (_q(1, "5", 2), [chain("5", 4), chain("5", 4), chain("2", 4)]),
+            # never right
+            (_q(2, "1", 3), [chain("9", 6)]),
+        ],
+    )
+    # one chain everywhere: (10 + 4 + 6) / 3 tokens, (0.5 + 2/3 + 0) / 3 right
+    low = vote_floor(bank, target=0.3, split=None)
+    assert low.tokens == pytest.approx(20 / 3) and low.all_chains == pytest.approx(38 / 3)
+    # majority reaches 0.5 at most: question 1 voted to the end (+8/3 tokens)
+    maj = vote_floor(bank, target=0.5, split=None)
+    assert maj.tokens == pytest.approx((20 + 8 / 3) / 3) and maj.accuracy == pytest.approx(0.5)
+    assert maj.share(maj.all_chains) == pytest.approx(maj.tokens / (38 / 3))
+    over = vote_floor(bank, target=0.6, split=None)
+    assert math.isnan(over.tokens) and over.accuracy == pytest.approx(0.5)
+    # any chain: question 1 first (1/3 right for 4/3 tokens), then 60% of question 0 (+0.6 x 5)
+    anyv = vote_floor(bank, target=0.6, split=None, vote="any")
+    assert anyv.tokens == pytest.approx((20 + 4 / 3 + 3) / 3) and anyv.accuracy == 0.6
+    with pytest.raises(ConfigError, match="vote must be"):
+        vote_floor(bank, target=0.5, split=None, vote="best")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="no recorded 'train'"):
+        vote_floor(bank, target=0.5, split="train")
 
 
 def test_refine_sweep_adds_lams_where_the_spending_jumps() -> None:
