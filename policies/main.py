@@ -430,6 +430,7 @@ def _target_metrics(targets: Sequence[TargetCheck]) -> dict[str, float]:
         if math.isfinite(t.share):
             out[f"target/{t.family}/match_share"] = t.share
         out[f"target/{t.family}/budgets_below"] = float(len(t.shortfalls))
+        out[f"target/{t.family}/budgets_clearly_below"] = float(len(t.clear))
         out[f"target/{t.family}/met"] = float(t.met)
     if targets:
         out["target/met"] = float(any(t.met for t in targets))

@@ -259,10 +259,14 @@ def test_target_check_pins_both_halves_of_the_target() -> None:
 
     from policies.evaluate import ANY_LEARNED, TARGET_SHARE, target_check
 
+    qids = [f"q{i}" for i in range(20)]
+
     def pt(label: str, acc: float, tok: float) -> Any:
+        # every question answered right in the same share of seeds: paired differences are exact
         return SimpleNamespace(
-            label=label, accuracy=Interval(acc, acc, acc), tokens=Interval(tok, tok, tok)
-        )
+            label=label, accuracy=Interval(acc, acc, acc), tokens=Interval(tok, tok, tok),
+            per_question=lambda: (qids, np.full(20, acc), np.full(20, tok)),
+        )  # fmt: skip
 
     maj = pt("N=16", 0.80, 1000.0)
     results = {
@@ -290,6 +294,8 @@ def test_target_check_pins_both_halves_of_the_target() -> None:
     assert slow.shortfalls == [(150.0, "r", 0.66, 0.64)] and not slow.met
     assert slow.worst == (150.0, "r", 0.66, 0.64)
     assert "below the best heuristic at 1 of 4 budgets" in slow.describe()
+    # the same 2 pt on every question: beyond any resampling
+    assert slow.clear == [150.0] and "beyond the paired 95% interval at 1" in slow.describe()
     assert "most at 150 tokens: r 66.0% against 64.0%" in slow.describe()
     dear = checks["dear"]
     assert dear.matches and not dear.frontier_ok
@@ -307,9 +313,48 @@ def test_target_check_pins_both_halves_of_the_target() -> None:
     # it matches maj@16 at least as cheaply as its cheapest family and has a point at every budget
     anyl = checks[ANY_LEARNED]
     assert anyl.met and anyl.share <= min(c.share for c in checks.values() if c.matches)
+    assert dear.clear == []  # no point that cheap: nothing to test
     # one learned family: no envelope row
     one = target_check({**results, "slow": [], "dear": [], "weak": []}, reference=maj, kinds=kinds)
     assert [c.family for c in one] == ["good"]
+
+
+def test_target_check_tells_a_shortfall_from_noise() -> None:
+    """A shortfall that rests on a few questions is not beyond the paired bootstrap interval; one
+    spread over many is."""
+    from types import SimpleNamespace
+
+    from policies.evaluate import target_check
+
+    qids = [f"q{i}" for i in range(40)]
+
+    def pt(label: str, per_q: list[float], tok: float) -> Any:
+        acc = float(np.mean(per_q))
+        return SimpleNamespace(
+            label=label, accuracy=Interval(acc, acc, acc), tokens=Interval(tok, tok, tok),
+            per_question=lambda: (qids, np.array(per_q), np.full(40, tok)),
+        )  # fmt: skip
+
+    maj = pt("N=16", [1.0] * 30 + [0.0] * 10, 1000.0)
+    heur = pt("r", [1.0] * 24 + [0.0] * 16, 200.0)
+    # two questions fewer right than the heuristic (5 pt): resampling often draws neither
+    near = pt("a", [1.0] * 22 + [0.0] * 18, 150.0)
+    # twelve fewer (30 pt), on distinct questions
+    far = pt("b", [1.0] * 12 + [0.0] * 28, 150.0)
+    results = {"best-of-N": [maj], "router": [heur], "near": [near], "far": [far]}
+    checks = {
+        c.family: c
+        for c in target_check(results, reference=maj, kinds={"near": "learned", "far": "learned"})
+    }
+    assert [b for b, *_ in checks["near"].shortfalls] == [200.0, 1000.0]
+    assert checks["near"].clear == [1000.0]  # 55% against maj@16's 75%: 8 questions
+    assert checks["far"].clear == [200.0, 1000.0]
+    # the any-learned envelope takes, at each budget, the family's best point there
+    assert checks["any-learned"].clear == [1000.0]
+    other = pt("x", [1.0] * 22 + [0.0] * 18, 150.0)
+    other.per_question = lambda: (qids[::-1], np.zeros(40), np.full(40, 150.0))
+    with pytest.raises(ConfigError, match="other questions"):
+        target_check({**results, "near": [other]}, reference=maj, kinds={"near": "learned"})
 
 
 # -- the oracle --------------------------------------------------------------------------------

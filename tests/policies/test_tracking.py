@@ -312,6 +312,7 @@ def test_ponder_run_quick_smoke(tmp_path: Path) -> None:
     assert "target: a learned policy matches maj@16" in text
     assert main.data.metrics["target/met"] in (0.0, 1.0)
     assert "target/value-chain/budgets_below" in main.data.metrics
+    assert "target/value-chain/budgets_clearly_below" in main.data.metrics
     assert "any-learned: " in text  # the envelope of the learned families
     # the oracle voters' floor under the target, with its share of maj@16's tokens
     assert "floor: to match maj@16, an oracle that knows which answers are right" in text
