@@ -564,9 +564,11 @@ def plot_frontier(
     *,
     title: str = "",
     kinds: dict[str, str] | None = None,
+    floors: Sequence[VoteFloor] = (),
 ) -> Path:
     """Accuracy vs mean decoded tokens: one line per family through its sweep (error bars: the
-    bootstrap intervals), the oracle point, and the maj@16 accuracy as a line."""
+    bootstrap intervals), the oracle point, the maj@16 accuracy as a line, and the vote floors
+    (grey markers on that line: the fewest tokens an oracle voter needs to match it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -613,6 +615,10 @@ def plot_frontier(
         ls="none",
         label="oracle",
     )
+    for f, marker in zip(floors, "Dv^", strict=False):
+        if math.isfinite(f.tokens):
+            ax.plot([f.tokens], [reference.accuracy.mean], marker=marker, ms=8, ls="none",
+                    color="0.45", label=f"vote floor ({f.vote})")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("mean decoded tokens per question (generated + injected + probes + verifier)")
     ax.set_ylabel("accuracy")
@@ -913,7 +919,7 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
             f"{name}: {len(evaluator.questions)} {split} questions x {len(evaluator.seeds)} seeds"
         )
         frontier = plot_frontier(
-            out / "frontier.png", results, orc, reference, title=title, kinds=kinds
+            out / "frontier.png", results, orc, reference, title=title, kinds=kinds, floors=floors
         )
         by_level = plot_by_difficulty(
             out / "difficulty.png", summaries, orc, reference, title=title
