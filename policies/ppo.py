@@ -26,7 +26,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
@@ -39,8 +39,6 @@ from features.errors import ConfigError, PolicyError
 from policies.serialize import (
     NumpyMLP,
     PolicyFiles,
-    bank_fingerprint,
-    env_config_dict,
     lam_feature,
 )
 from policies.value import (
@@ -49,7 +47,7 @@ from policies.value import (
     LearnedPolicy,
     ReplayDriver,
     _bar,
-    _final_eval,
+    _finish_training,
     decision_mask,
     lam_grid,
     split_difficulty,
@@ -491,24 +489,6 @@ def _train_ppo(args: PPOArgs, bank: TraceBank, predictor: Any = None) -> PPOPoli
         seed=args.seed,
         decide=args.decide,
     )
-    policy.meta = {
-        "training": {"algo": "ppo", **asdict(args)},
-        "bank": bank_fingerprint(bank, [q.qid for q in env.questions]),
-        "lams": [float(v) for v in lams],
-        "env": env_config_dict(env.config),
-        "metrics": metrics,
-    }
-    if args.eval_seeds > 0:
-        policy.meta["metrics"].update(
-            _final_eval(
-                policy,
-                bank,
-                "dev" if args.split == "fit" else "test",
-                args.eval_seeds,
-                lams,
-                args.config,
-                predictor if predictor is not None else args.difficulty,
-            )
-        )
+    _finish_training(policy, "ppo", args, bank, env, lams, metrics, predictor)
     log.info("ppo trained in %.1fs: %s", metrics["train/wall_s"], policy.meta["metrics"])
     return policy

@@ -1014,26 +1014,7 @@ def _train_value(args: ValueArgs, bank: TraceBank, predictor: Any = None) -> Val
     metrics["train/transitions"] = float(len(tr))
     metrics["train/collect_s"] = t_collect
     metrics["train/wall_s"] = time.perf_counter() - t0
-    qids = [q.qid for q in env.questions]
-    policy.meta = {
-        "training": {"algo": "fitted-q-iteration", **asdict(args)},
-        "bank": bank_fingerprint(bank, qids),
-        "lams": [float(v) for v in lams],
-        "env": env_config_dict(env.config),
-        "metrics": metrics,
-    }
-    if args.eval_seeds > 0:
-        policy.meta["metrics"].update(
-            _final_eval(
-                policy,
-                bank,
-                "dev" if args.split == "fit" else "test",
-                args.eval_seeds,
-                lams,
-                args.config,
-                predictor if predictor is not None else args.difficulty,
-            )
-        )
+    _finish_training(policy, "fitted-q-iteration", args, bank, env, lams, metrics, predictor)
     log.info("value policy trained in %.1fs: %s", metrics["train/wall_s"], policy.meta["metrics"])
     return policy
 
@@ -1169,6 +1150,34 @@ def _q_returns(
             v = np.where(f, (1.0 - trace) * v + trace * yn, v)
         y[idx] = v - cost[idx]
     return y
+
+
+def _finish_training(
+    policy: LearnedPolicy,
+    algo: str,
+    args: Any,
+    bank: TraceBank,
+    env: BatchedReplayEnv,
+    lams: np.ndarray,
+    metrics: dict[str, float],
+    predictor: Any,
+) -> None:
+    """Record how ``policy`` was trained in its ``meta`` (the arguments, the bank's questions,
+    the λ grid, the env, the training metrics) and, with ``args.eval_seeds``, add its held-out
+    metrics (:func:`_final_eval`). ``args`` is the trainer's arguments dataclass."""
+    policy.meta = {
+        "training": {"algo": algo, **asdict(args)},
+        "bank": bank_fingerprint(bank, [q.qid for q in env.questions]),
+        "lams": [float(v) for v in lams],
+        "env": env_config_dict(env.config),
+        "metrics": metrics,
+    }
+    if args.eval_seeds > 0:
+        held_out = "dev" if args.split == "fit" else "test"
+        difficulty = predictor if predictor is not None else args.difficulty
+        metrics.update(
+            _final_eval(policy, bank, held_out, args.eval_seeds, lams, args.config, difficulty)
+        )
 
 
 def _final_eval(
