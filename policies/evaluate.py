@@ -823,7 +823,7 @@ class TargetCheck:
             budget)`` where the family is more than the tolerance below the best heuristic
             (``nan`` accuracy: it has no point that cheap).
         clear: the shortfalls' budgets where the family has a point that cheap and is below
-            beyond doubt: the paired bootstrap interval over questions (95%) of the heuristic's
+            beyond sampling noise: the paired bootstrap interval over questions (95%) of the heuristic's
             accuracy minus the family's lies wholly above the tolerance. The others may be noise.
     """
 
@@ -864,8 +864,8 @@ class TargetCheck:
         if not k:
             return f"{head}; at or above the best heuristic at all {n} budgets (met)"
         parts = [
-            f"{head}; below the best heuristic at {k} of {n} budgets (not met; beyond the "
-            f"paired 95% interval at {len(self.clear)})"
+            f"{head}; below the best heuristic at {k} of {n} budgets (not met; "
+            f"{len(self.clear)} of them beyond the paired 95% interval)"
         ]
         worst = self.worst
         if worst is not None:

@@ -295,7 +295,7 @@ def test_target_check_pins_both_halves_of_the_target() -> None:
     assert slow.worst == (150.0, "r", 0.66, 0.64)
     assert "below the best heuristic at 1 of 4 budgets" in slow.describe()
     # the same 2 pt on every question: beyond any resampling
-    assert slow.clear == [150.0] and "beyond the paired 95% interval at 1" in slow.describe()
+    assert slow.clear == [150.0] and "1 of them beyond the paired 95% interval" in slow.describe()
     assert "most at 150 tokens: r 66.0% against 64.0%" in slow.describe()
     dear = checks["dear"]
     assert dear.matches and not dear.frontier_ok
