@@ -499,3 +499,28 @@ def test_cli_trains_tiny_runs(tmp_path: Path) -> None:
         from controller.policy_spec import load_policy as spec_load
 
         assert isinstance(spec_load(str(out)), LearnedPolicy)
+
+
+def test_ppo_lam_sampling_draws_from_the_grid_or_its_log_range() -> None:
+    """``lam_sampling``: grid draws are grid values; log-uniform ones cover the grid's range
+    evenly in log λ (so the network also trains between grid values); a typo is refused."""
+    from features.errors import ConfigError
+    from policies.ppo import _lam_sampler
+
+    lams = np.array([1e-6, 1e-4, 1e-2])
+    grid = _lam_sampler("grid", lams, np.random.default_rng(0))(5_000)
+    assert set(np.unique(grid)) == set(lams)
+    z = np.log10(_lam_sampler("log-uniform", lams, np.random.default_rng(0))(20_000))
+    assert z.min() >= -6 and z.max() <= -2
+    counts, _ = np.histogram(z, bins=4, range=(-6, -2))
+    assert counts.min() > 0.9 * 5_000 and counts.max() < 1.1 * 5_000
+    assert not np.isin(10.0**z, lams).any()
+    with pytest.raises(ConfigError, match="lam_sampling must be grid or log-uniform"):
+        _lam_sampler("uniform", lams, np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="lam_sampling must be grid or log-uniform"):
+        train_ppo(BANK, total_steps=64, num_envs=8, eval_seeds=0, progress=False, lam_sampling="x")
+    trained = train_ppo(
+        BANK, total_steps=1_024, num_envs=32, eval_seeds=0, progress=False,
+        lam_sampling="log-uniform",
+    )  # fmt: skip
+    assert trained.meta["training"]["lam_sampling"] == "log-uniform"
