@@ -123,6 +123,12 @@ class RunArgs:
     # questions, where confidence tells less, 48.4 -> 47.1, 46.3 -> 46.6, 47.7 -> 49.3.
     aggregate: str = "confidence"
     """how the learned policies' answer is chosen when they stop: majority, confidence (votes weighted by each chain's mean token confidence) or verifier"""
+    # off was chosen on dev (trained on fit, evaluated on dev over 25 λ values; GSM8K's 14 dev
+    # questions of 109, testbed-arith-xl's 40): frontier area with probes -> without,
+    # value-chain 67.6 -> 68.7 (GSM8K) and 44.2 -> 45.9 (testbed), one seed; ppo-chain
+    # 67.8 -> 68.3 and 47.9 -> 48.1, mean of three seeds. One chain costs 307 tokens, not 318.
+    chain_probes: bool = False
+    """run answer-forcing probes for the learned policies that decide only between chains (value-chain, ppo-chain): they then also read the probe features, but pay for a probe at every chunk; without them (the default) their one chain costs what best-of-1's does"""
     value_transitions: int = 60_000
     """decisions collected to train the value policy"""
     value_fqi_iters: int = 10
@@ -233,6 +239,9 @@ def train_learned(
     used: dict[str, dict[str, Any]] = {}
     for name, fn, fields_of, extra in jobs:
         kwargs: dict[str, Any] = {**common, **extra}
+        if extra.get("decide") == "chain" and not args.chain_probes:
+            # trained (and so evaluated and served) without probes: see ``uses_probes``
+            kwargs["config"] = {**common["config"], "probe": False}
         if difficulty is not None:
             if "difficulty" in {f.name for f in dataclasses.fields(fields_of)}:
                 kwargs["difficulty"] = "auto"

@@ -189,6 +189,13 @@ class LearnedPolicy(BasePolicy):
         return self.kind if self.lam is None else f"{self.kind}-lam{self.lam:g}"
 
     @property
+    def uses_probes(self) -> bool:  # type: ignore[override]
+        """Whether the policy was trained with probes (``probe`` of the replay it trained on, in
+        ``meta["env"]``). One trained without them never saw a probe feature, so it is
+        evaluated and served without probes too, and pays for none."""
+        return bool(self.meta.get("env", {}).get("probe", True))
+
+    @property
     def effective_lam(self) -> float:
         """The λ the policy acts for now."""
         return self.config.lam if self.lam is None else self.lam

@@ -524,3 +524,22 @@ def test_ppo_lam_sampling_draws_from_the_grid_or_its_log_range() -> None:
         lam_sampling="log-uniform",
     )  # fmt: skip
     assert trained.meta["training"]["lam_sampling"] == "log-uniform"
+
+
+def test_a_policy_trained_without_probes_runs_without_them(tmp_path: Path) -> None:
+    """``uses_probes`` of a learned policy is the ``probe`` setting of the replay it trained on:
+    one trained without probes keeps that through ``with_lam`` and save/load, and the evaluator
+    then runs (and charges) no probes for it; one trained with probes gets them."""
+    from policies.evaluate import Evaluator
+
+    kw: dict[str, Any] = {"total_steps": 1_024, "num_envs": 32, "eval_seeds": 0, "progress": False}
+    bare = train_ppo(BANK, decide="chain", config={"probe": False}, **kw)
+    probed = train_ppo(BANK, decide="chain", **kw)
+    assert bare.meta["env"]["probe"] is False and probed.meta["env"]["probe"] is True
+    assert bare.uses_probes is False and bare.with_lam(1e-3).uses_probes is False
+    assert probed.uses_probes is True and probed.with_lam(1e-3).uses_probes is True
+    bare.save(tmp_path / "bare")
+    assert load_policy(tmp_path / "bare").uses_probes is False
+    ev = Evaluator(BANK, split="test", seeds=1, difficulty=None)
+    assert ev(bare.with_lam(1e-3)).config.probe is False
+    assert ev(probed.with_lam(1e-3)).config.probe is True

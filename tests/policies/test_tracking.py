@@ -322,6 +322,8 @@ def test_ponder_run_quick_smoke(tmp_path: Path) -> None:
     for fam in ("value-chain", "ppo", "ppo-chain"):
         saved = json.loads((out / "policies" / fam / "policy.json").read_text())
         assert saved["params"]["aggregate"] == "confidence", saved["params"]
+        # the chain-deciding ones train, and so run, without probes (--chain-probes)
+        assert saved["env"]["probe"] is (fam == "ppo"), (fam, saved["env"])
     # the two quick λ values, and at most one more where the spending jumps (--refine)
     import csv
 
