@@ -87,7 +87,8 @@ class BasePolicy:
         uses_probes: whether the policy reads probe answers (probe features, or the answer of a
             chain it stops before its end). One that does not (best-of-N, Adaptive-Consistency,
             ESC: they vote on finished chains) is evaluated and served with ``probe=False``, so
-            it is not charged for probes it would never run.
+            it is not charged for probes it would never run. A learned policy reads it from the
+            replay it trained on (one trained without probes never saw a probe feature).
         acts_between_chains: whether the policy decides only once the current chain has ended
             (it always continues an open chain, and reads nothing inside one). The controller
             then generates each chain in one piece rather than chunk by chunk, when the cap has
