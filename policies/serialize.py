@@ -87,6 +87,12 @@ class NumpyMLP:
     def __post_init__(self) -> None:
         if self.activation not in ("relu", "tanh"):
             raise PolicyError(f"unknown activation {self.activation!r}: use relu or tanh")
+        # C order, as saved and loaded: a transposed (Fortran-order) matrix takes another BLAS
+        # path, so a policy's outputs would change in the last bit across save and load.
+        self.weights = [np.ascontiguousarray(w) for w in self.weights]
+        self.biases = [np.ascontiguousarray(b) for b in self.biases]
+        self.mean = None if self.mean is None else np.ascontiguousarray(self.mean)
+        self.scale = None if self.scale is None else np.ascontiguousarray(self.scale)
         if not self.weights or len(self.weights) != len(self.biases):
             raise PolicyError("an MLP needs as many bias vectors as weight matrices (at least one)")
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
