@@ -42,7 +42,7 @@ from env.generators.base import (
     validate_count,
     validate_k,
 )
-from features.errors import ConfigError
+from features.errors import ConfigError, GeneratorError
 
 __all__ = ["Lookahead"]
 
@@ -211,7 +211,13 @@ class Lookahead:
             if extra:
                 self.batched_calls += 1
                 if self.probe_tokens is not None:
-                    self._probe_ahead([c for c in batch if not c.finished])
+                    try:
+                        self._probe_ahead([c for c in batch if not c.finished])
+                    except GeneratorError:
+                        # Probing ahead is speculative: its failure must not cost the env the
+                        # chunk it asked for (already decoded, and then counted as never used).
+                        # The env's own probe asks the engine again and meets any fault itself.
+                        pass
         out: list[Chunk] = []
         for i, c in enumerate(chains):
             if i in served:
