@@ -21,6 +21,7 @@ Use one wrapper per episode (it holds the episode's planned chains); it is not t
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -210,14 +211,12 @@ class Lookahead:
                     p.states.append((p.chain.finished, p.chain.finish_reason))
             if extra:
                 self.batched_calls += 1
+                # Probing ahead is speculative: its failure must not cost the env the chunk it
+                # asked for (already decoded, and then counted as never used). The env's own
+                # probe asks the engine again and meets any fault itself.
                 if self.probe_tokens is not None:
-                    try:
+                    with contextlib.suppress(GeneratorError):
                         self._probe_ahead([c for c in batch if not c.finished])
-                    except GeneratorError:
-                        # Probing ahead is speculative: its failure must not cost the env the
-                        # chunk it asked for (already decoded, and then counted as never used).
-                        # The env's own probe asks the engine again and meets any fault itself.
-                        pass
         out: list[Chunk] = []
         for i, c in enumerate(chains):
             if i in served:

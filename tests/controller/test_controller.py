@@ -230,7 +230,9 @@ delays = st.one_of(
 )
 # Found by hypothesis: a fault on the lookahead's probe of a planned chain, right after the first
 # chunks, lost the env its own chunk (it was then counted as never used).
-@example(seed=0, token_cap=288, latency=0.0, faults={2: "error"}, delays=0.0, verify=False, planned=3)
+@example(
+    seed=0, token_cap=288, latency=0.0, faults={2: "error"}, delays=0.0, verify=False, planned=3
+)
 def test_caps_hold_under_random_policies_and_faults(
     slow: Any,
     seed: int,
