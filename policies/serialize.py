@@ -138,14 +138,14 @@ class NumpyMLP:
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
         """The named arrays to save (``prefix.w0``, ``prefix.b0``, ..., ``prefix.mean``)."""
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, np.ndarray] = {}  # (every array is C-ordered already: __post_init__)
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            out[f"{prefix}.w{i}"] = np.ascontiguousarray(w)
-            out[f"{prefix}.b{i}"] = np.ascontiguousarray(b)
+            out[f"{prefix}.w{i}"] = w
+            out[f"{prefix}.b{i}"] = b
         if self.mean is not None:
-            out[f"{prefix}.mean"] = np.ascontiguousarray(self.mean)
+            out[f"{prefix}.mean"] = self.mean
         if self.scale is not None:
-            out[f"{prefix}.scale"] = np.ascontiguousarray(self.scale)
+            out[f"{prefix}.scale"] = self.scale
         return out
 
     @classmethod
