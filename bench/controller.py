@@ -18,7 +18,10 @@ machine's load hits all three alike. Overheads are ratios of seconds per decoded
 one: proxy vs direct (target <= 10%) is everything ponder adds (chunked generation with probes
 between chunks, the policy's decisions, tokenisation round trips; a policy's planned chains are
 generated side by side, see :mod:`env.generators.lookahead`, as the direct request samples ``n``
-at once); proxy vs in-process is the HTTP layer alone.
+at once); proxy vs in-process is the HTTP layer alone. The in-process controller runs once more
+with nothing generated ahead (``lookahead=False``: every chain chunk by chunk), which shows what
+side-by-side chains and read-ahead (a chain-deciding learned policy's chains, each in one call)
+are worth.
 
 (b) Throughput. ``requests`` questions through the proxy with 1, 8 and 32 concurrent clients,
 and the same decoded tokens straight to vLLM at the same concurrency: questions/s, decoded
@@ -201,8 +204,11 @@ def main(args: Args) -> None:
             aggregate=policy.aggregate,  # type: ignore[arg-type]
         )
         ctl = Controller(gen, policy, config=config)
+        # The same controller with nothing generated ahead: every chain chunk by chunk, one
+        # engine call per chunk (no side-by-side planned chains, no read-ahead).
+        by_chunk = Controller(gen, policy, config=config, lookahead=False)
         p_s, d_s, tokens = [], [], []
-        in_s, in_tok = 0.0, 0
+        in_s, in_tok, ch_s, ch_tok = 0.0, 0, 0.0, 0
         for q in qs[: args.questions]:
             took, decoded, chain_tokens = via_proxy(q)
             p_s.append(took)
@@ -212,6 +218,10 @@ def main(args: Args) -> None:
             r = ctl.solve(q)
             in_s += time.perf_counter() - t
             in_tok += r.decoded
+            t = time.perf_counter()
+            r = by_chunk.solve(q)
+            ch_s += time.perf_counter() - t
+            ch_tok += r.decoded
         gen.close()
 
         # (b) throughput at each concurrency.
@@ -235,6 +245,7 @@ def main(args: Args) -> None:
         proxy_rate = sum(tokens) / sum(p_s)
         direct_rate = sum(tokens) / sum(d_s)
         in_rate = in_tok / in_s if in_s else float("nan")
+        ch_rate = ch_tok / ch_s if ch_s else float("nan")
         table = Table(title=f"ponder serve ({args.policy}) in front of vLLM ({model_name})")
         table.add_column("measure")
         table.add_column("value", justify="right")
@@ -249,6 +260,10 @@ def main(args: Args) -> None:
         )
         table.add_row(
             "  of which HTTP layer: proxy vs in-process", f"{in_rate / proxy_rate - 1:+.1%}"
+        )
+        table.add_row("in-process, chunk by chunk, nothing ahead (tok/s)", f"{ch_rate:.0f}")
+        table.add_row(
+            "  generating ahead: in-process vs chunk by chunk", f"{in_rate / ch_rate:.2f}x"
         )
         console.print(table)
         t2 = Table(title="throughput through the proxy")

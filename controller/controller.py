@@ -32,9 +32,14 @@ side by side (:class:`~env.generators.lookahead.Lookahead`): each engine call ex
 chain and the planned chains not opened yet, so best-of-4 costs about one chain's round trips, not
 four. A policy that reads no probe runs without probes, and one that acts only between chains
 (``acts_between_chains``) gets each chain in one piece when the cap has room for its planned chains
-in full: best-of-N is then one engine request. Tokens generated ahead count against the token cap from the moment they are decoded; those of
-chains the policy then never opened are reported as ``unused`` (included in ``decoded``). Fleet
-mode admits one step at a time against the shared budget, so it generates nothing ahead.
+in full: best-of-N is then one engine request. A policy that runs every chain to its end but reads
+features inside it (``finishes_chains``: the learned policies that decide between chains) gets
+each chain read ahead: the rest of the chain in one engine call, handed to the env chunk by chunk,
+so it sees what it was trained on at one round trip per chain. Tokens generated ahead count
+against the token cap from the moment they are decoded; those the policy then never took (chains
+it never opened, the rest of a chain it cut) are reported as ``unused`` (included in
+``decoded``). Fleet mode admits one step at a time against the shared budget, so it generates
+nothing ahead.
 
 Questions need no gold answer: the controller never reports correctness (a placeholder gold
 answer satisfies the env, which refuses ``gold=None``).
@@ -173,7 +178,8 @@ class Controller:
         difficulty: the env's difficulty predictor, ``callable(question, first_chunk) -> [0, 1]``.
         verifier: the env's verifier (default: the generator's self-verification).
         seed: the env seed of every question (the same question gets the same generator seed).
-        lookahead: generate a policy's planned chains side by side (see the module docstring).
+        lookahead: generate a policy's planned chains side by side, and read chains ahead for a
+            policy that finishes them (see the module docstring).
 
     Raises:
         ConfigError: a cap below what opening one chain costs, or a bad value.
@@ -471,9 +477,16 @@ class Controller:
         config = _serving_config(config, policy, width, live and allowance is None)
         policy.reset(1, config=config)
         lookahead = None
+        # A policy that runs its chains to their ends gets each chain read ahead (one engine
+        # call for the rest of it) where the chunks are smaller than a chain.
+        read_ahead = (
+            bool(getattr(policy, "finishes_chains", False))
+            and config.chunk_tokens < config.max_chain_tokens
+            and callable(getattr(gen, "split_chunk", None))
+        )
         if (
             self.lookahead
-            and width > 1
+            and (width > 1 or read_ahead)
             and allowance is None  # a fleet admits one step at a time: nothing ahead
             and live
         ):
@@ -484,6 +497,7 @@ class Controller:
                 probe_tokens=config.probe_tokens if config.probe else None,
                 max_chains=config.max_chains,
                 chain_tokens=config.chain_tokens,
+                read_ahead=config.max_chain_tokens if read_ahead else None,
             )
         env = ComputeAllocationEnv(
             gen, [q], config, difficulty=self.difficulty, verifier=self.verifier

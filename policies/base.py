@@ -93,6 +93,11 @@ class BasePolicy:
             (it always continues an open chain, and reads nothing inside one). The controller
             then generates each chain in one piece rather than chunk by chunk, when the cap has
             room for its planned chains in full.
+        finishes_chains: whether the policy runs every chain it opens to its end (it may read
+            features inside a chain, but never cuts one). Every policy that acts between chains
+            does; so do the learned policies that decide between chains. The controller then
+            reads a chain ahead: the rest of it in one engine call, handed to the env chunk by
+            chunk (:class:`~env.generators.lookahead.Lookahead`).
     """
 
     name: str = "policy"
@@ -100,6 +105,11 @@ class BasePolicy:
     planned_chains: int = 1
     uses_probes: bool = True
     acts_between_chains: bool = False
+
+    @property
+    def finishes_chains(self) -> bool:
+        """Whether the policy runs every chain to its end (see the class docstring)."""
+        return bool(self.acts_between_chains)
 
     def __init__(self) -> None:
         self.config = EnvConfig()

@@ -196,6 +196,12 @@ class LearnedPolicy(BasePolicy):
         return bool(self.meta.get("env", {}).get("probe", True))
 
     @property
+    def finishes_chains(self) -> bool:
+        """Whether the policy decides only between chains (``decide="chain"``): it then runs
+        every chain to its end, and the controller may read a chain ahead."""
+        return getattr(self, "decide", "chunk") == "chain"
+
+    @property
     def effective_lam(self) -> float:
         """The λ the policy acts for now."""
         return self.config.lam if self.lam is None else self.lam

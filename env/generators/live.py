@@ -93,6 +93,14 @@ def since_last_switch(tokens: IntArray, switch_ids: Sequence[int]) -> int:
     return n if hits.size == 0 else n - int(hits[-1]) - 1
 
 
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix of ``a`` and ``b``."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    return next(i for i in range(n) if a[i] != b[i])
+
+
 def read_probe_answer(text: str, finished_by_stop: bool) -> str | None:
     """The answer in a probe completion such as ``"42}"``.
 
@@ -403,6 +411,60 @@ class LiveGenerator:
             self._append(p.chain, chunk)
             chunks.append(chunk)
         return chunks
+
+    def split_chunk(self, chunk: Chunk, k: int) -> list[Chunk]:
+        """Cut a sampled ``chunk`` into pieces of at most ``k`` tokens, as :meth:`extend` with ``k``
+        would have returned them one call at a time (what read-ahead serving hands out).
+
+        The pieces' tokens, log-probabilities and confidences are the chunk's, in order; their
+        texts join to the chunk's text (cut where the decoded token prefixes end, so a character
+        split across tokens stays in one piece). Every piece but the last ends for ``length``;
+        the last keeps the chunk's finish reason. The prompt tokens (``prefill``, ``cached``)
+        count with the first piece.
+
+        Raises:
+            ConfigError: a chunk with injected tokens or a forced answer (only a sampled chunk
+                is one continuous sample), or a bad ``k``.
+        """
+        k = validate_k(k)
+        n = len(chunk)
+        if n <= k:
+            return [chunk]
+        if chunk.n_injected or chunk.finish_reason == "forced":
+            raise ConfigError(
+                "only a sampled chunk can be split (this one has injected tokens or a forced answer)"
+            )
+        text = chunk.text
+        bounds = [*range(0, n, k), n]
+        cuts = [0]
+        for end in bounds[1:-1]:
+            prefix = self._guard("decode", self.backend.decode, chunk.token_ids[:end].tolist())
+            cuts.append(max(cuts[-1], _common_prefix(prefix, text)))
+        cuts.append(len(text))
+        conf, ent = chunk.confidence, chunk.entropy
+        assert conf is not None and ent is not None  # (filled in __post_init__)
+        pieces: list[Chunk] = []
+        for i in range(len(bounds) - 1):
+            a, b = bounds[i], bounds[i + 1]
+            first, last = i == 0, i == len(bounds) - 2
+            pieces.append(
+                Chunk(
+                    token_ids=chunk.token_ids[a:b],
+                    text=text[cuts[i] : cuts[i + 1]],
+                    logprobs=chunk.logprobs[a:b],
+                    top_logprobs=chunk.top_logprobs[a:b],
+                    top_token_ids=chunk.top_token_ids[a:b],
+                    finish_reason=chunk.finish_reason if last else "length",
+                    usage=TokenUsage(
+                        generated=b - a,
+                        prefill=chunk.usage.prefill if first else 0,
+                        cached=chunk.usage.cached if first else 0,
+                    ),
+                    confidence=conf[a:b],
+                    entropy=ent[a:b],
+                )
+            )
+        return pieces
 
     def _top(self, comp: Completion) -> tuple[FloatArray, IntArray]:
         """Top-logprob arrays of exactly ``sampling.top_logprobs`` columns."""

@@ -16,12 +16,23 @@ cap counts, so the cap holds on everything decoded, including chunks generated f
 policy then never opened (the cost of a wrong plan, reported as unused tokens). Lookahead only
 generates ahead while the cap leaves room for it after the env's own next action.
 
+Read-ahead (``read_ahead``) is the same idea along one chain, for a policy that runs every chain
+to its end (``finishes_chains``: the chain-deciding learned policies). When the env extends its
+current chain, the engine is asked for the rest of the chain in one call, and the env gets it cut
+into its chunk size (:meth:`~env.generators.live.LiveGenerator.split_chunk`), one chunk per
+action: the env reads the same features at every chunk, but a chain costs one round trip, not one
+per chunk. It reads ahead only as far as the cap leaves room for every later continue, so the
+env's available actions are what they would be chunk by chunk; the tokens read ahead count in
+:attr:`Lookahead.ahead` until the env takes them. A policy that stops inside a chain anyway
+leaves them unused.
+
 Use one wrapper per episode (it holds the episode's planned chains); it is not thread-safe.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -80,9 +91,13 @@ class Lookahead:
             generating ahead never leaves the current chain without room to finish.
         spent: decoded tokens the episode has been charged so far (default: those this wrapper
             handed out, which is all of them unless a separate verifier decodes tokens).
+        read_ahead: the env's ``max_chain_tokens`` if its policy runs every chain to its end: the
+            env's chain is then generated up to it in one call and handed out chunk by chunk
+            (``None``: off). Needs a generator that can split chunks (a live one).
 
     Raises:
-        ConfigError: a width below 1, a cap below 1, or a replay generator.
+        ConfigError: a width below 1, a cap below 1, a replay generator, or read-ahead over a
+            generator that cannot split chunks.
     """
 
     def __init__(
@@ -95,6 +110,7 @@ class Lookahead:
         max_chains: int = 16,
         chain_tokens: int = 1,
         spent: Callable[[], int] | None = None,
+        read_ahead: int | None = None,
     ) -> None:
         if getattr(inner, "chunk_tokens", None) is not None:
             raise ConfigError(
@@ -109,6 +125,12 @@ class Lookahead:
         self.max_chains = validate_count(max_chains, "max_chains")
         self.chain_tokens = validate_count(chain_tokens, "chain_tokens")
         self.spent = spent
+        self.read_ahead = None if read_ahead is None else validate_count(read_ahead, "read_ahead")
+        if self.read_ahead is not None and not callable(getattr(inner, "split_chunk", None)):
+            raise ConfigError(
+                f"read-ahead needs a generator that can split chunks (a live one), got "
+                f"{type(inner).__name__}"
+            )
         self._opened = 0
         self._key: tuple[Any, ...] | None = None
         self._spare: deque[_Planned] = deque()
@@ -118,6 +140,8 @@ class Lookahead:
         self._given = 0
         #: Engine calls that generated chunks for planned chains alongside the env's (for tests).
         self.batched_calls = 0
+        #: Engine calls that read the env's chain ahead, past the chunk it asked for (for tests).
+        self.read_ahead_calls = 0
 
     def __getattr__(self, name: str) -> Any:
         # Everything else (sampling, model_name, close, ...) is the inner generator's.
@@ -197,7 +221,10 @@ class Lookahead:
                 if not c.finished:
                     served[i] = self._serve(p)
             elif not c.finished:
-                live.append(c)
+                if tip is None and self._read_chain_ahead(c, k):
+                    served[i] = self._serve(self._serving[c.chain_id])
+                else:
+                    live.append(c)
         fresh: dict[int, Chunk] = {}
         if live:
             extra = self._extra(k) if tip is None else []
@@ -278,6 +305,45 @@ class Lookahead:
             # Caught up: the env's chain equals the private one and is extended directly now.
             del self._serving[pub.chain_id]
         return chunk
+
+    def _read_chain_ahead(self, c: Chain, k: int) -> bool:
+        """Generate the env's chain ``c`` to its end (as far as the cap allows) in one call and
+        plan its pieces for :meth:`_serve`; ``False`` where reading ahead would not pay."""
+        if self.read_ahead is None or self._spare or c.budget is not None:
+            return False  # (planned chains go side by side; budget forcing injects tokens)
+        probe = self.probe_tokens or 0
+        # Pieces the cap leaves room for, so that the env can still afford every later continue
+        # (k + probe + INJECT_ALLOWANCE) with all of them and their probes decoded: the env's
+        # choices are then those it would have had chunk by chunk.
+        fits = (self._room() - INJECT_ALLOWANCE - k - probe) // (k + probe)
+        tokens = min(self.read_ahead - c.num_tokens, fits * k)
+        if tokens <= k:
+            return False
+        private = dataclasses.replace(c, chunks=list(c.chunks))
+        (whole,) = self.inner.extend([private], tokens)
+        self._made += _decoded(whole.usage)
+        self.read_ahead_calls += 1
+        pieces = self.inner.split_chunk(whole, k)  # type: ignore[attr-defined]
+        n0 = len(c.chunks)
+        private.chunks[n0:] = pieces
+        length: tuple[bool, FinishReason | None] = (False, "length")
+        states = [length] * (len(pieces) - 1) + [(private.finished, private.finish_reason)]
+        before = [(c.finished, c.finish_reason)] * n0
+        self._serving[c.chain_id] = _Planned(private, before + states, public=c)
+        if self.probe_tokens is not None:
+            # The env probes the chain after every piece but one that ends it: all of those
+            # probes in one call (speculative, as for planned chains: a failure costs the env
+            # nothing, its own probe asks again).
+            views = [
+                dataclasses.replace(
+                    private, chunks=private.chunks[: n0 + j + 1], finished=fin, finish_reason=why
+                )
+                for j, (fin, why) in enumerate(states)
+                if not fin
+            ]
+            with contextlib.suppress(GeneratorError):
+                self._probe_ahead(views)
+        return True
 
     def _room(self) -> int:
         """Decoded tokens the cap has left, counting those generated ahead."""

@@ -25,8 +25,10 @@ Q = "Let a = 40. Let b = a + 2. What is b?"
 
 
 def probing(policy: Any) -> Any:
-    """``policy``, made to run with a probe after every chunk (as the env's default is)."""
+    """``policy``, made to run chunk by chunk with a probe after every chunk (as the env's default
+    is), one engine call each: tests that count calls were written for that."""
     policy.uses_probes = True
+    policy.acts_between_chains = False  # (nothing read ahead)
     return policy
 
 
@@ -204,6 +206,21 @@ def test_openai_generators_are_shared_others_are_serialised() -> None:
 
 # -- property tests: caps hold under random policies, faults and slow calls -----------------------
 
+
+class ClaimsToFinish(RandomPolicy):
+    """A random policy that says it runs its chains to their ends (it does not)."""
+
+    finishes_chains = True  # type: ignore[assignment]
+
+
+class RandomFinisher(ClaimsToFinish):
+    """Runs every chain to its end; at a chain's end, random."""
+
+    def _act(self, obs: np.ndarray) -> np.ndarray:
+        go_on = (obs[:, F["can_continue"]] > 0.5) & (obs[:, F["cur_ended"]] < 0.5)
+        return np.where(go_on, int(Action.CONTINUE), super()._act(obs))
+
+
 faults = st.dictionaries(st.integers(1, 30), st.sampled_from(["error", "empty"]), max_size=3).map(
     dict
 )
@@ -227,11 +244,19 @@ delays = st.one_of(
     delays=delays,
     verify=st.booleans(),
     planned=st.sampled_from([1, 3]),
+    finishes=st.sampled_from(["no", "claims", "does"]),
 )
 # Found by hypothesis: a fault on the lookahead's probe of a planned chain, right after the first
 # chunks, lost the env its own chunk (it was then counted as never used).
 @example(
-    seed=0, token_cap=288, latency=0.0, faults={2: "error"}, delays=0.0, verify=False, planned=3
+    seed=0,
+    token_cap=288,
+    latency=0.0,
+    faults={2: "error"},
+    delays=0.0,
+    verify=False,
+    planned=3,
+    finishes="no",
 )
 def test_caps_hold_under_random_policies_and_faults(
     slow: Any,
@@ -242,13 +267,17 @@ def test_caps_hold_under_random_policies_and_faults(
     delays: float | dict[int, float],
     verify: bool,
     planned: int,
+    finishes: str,
 ) -> None:
     gen = slow(FakeGenerator(seed=seed, faults=faults), delays)
     agg: Literal["majority", "verifier"] = "verifier" if verify else "majority"
     cfg = EnvConfig(
         chunk_tokens=16, max_chain_tokens=96, max_chains=6, probe_tokens=8, aggregate=agg
     )
-    policy = RandomPolicy(seed, p_stop=0.05)
+    # Read ahead (the rest of a chain in one call) for a policy that says it finishes its chains,
+    # whether it then does or, against its word, cuts them.
+    kinds = {"no": RandomPolicy, "claims": ClaimsToFinish, "does": RandomFinisher}
+    policy = kinds[finishes](seed, p_stop=0.05)
     # A plan the random policy does not follow: lookahead generates chains it may never open.
     policy.planned_chains = planned
     ctl = Controller(gen, policy, config=cfg, token_cap=token_cap, latency_cap_s=latency)

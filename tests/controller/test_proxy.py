@@ -181,8 +181,10 @@ def test_unknown_routes_and_methods_answer_in_openai_form(client: TestClient) ->
 
 
 def probing(policy: Any) -> Any:
-    """``policy``, made to run with a probe after every chunk (as the env's default is)."""
+    """``policy``, made to run chunk by chunk with a probe after every chunk (as the env's default
+    is), one engine call each: tests that count calls were written for that."""
     policy.uses_probes = True
+    policy.acts_between_chains = False  # (nothing read ahead)
     return policy
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from controller.controller import Controller
@@ -13,7 +15,8 @@ from env.generators.base import Question
 from env.generators.fake import FakeGenerator
 from env.generators.lookahead import Lookahead
 from features.errors import ConfigError
-from policies.heuristics import BestOfN, EarlyStoppingSC, SingleChain
+from policies.base import BRANCH, CONTINUE, STOP, BasePolicy, ObsView
+from policies.heuristics import BestOfN, EarlyStoppingSC, RandomPolicy, SingleChain
 
 CFG = EnvConfig(chunk_tokens=16, max_chain_tokens=96, max_chains=8, probe_tokens=8)
 Q = "Let a = 40. Let b = a + 2. What is b?"
@@ -184,3 +187,133 @@ def test_policies_that_act_between_chains_get_whole_chains() -> None:
     # A policy that reads probes is probed after every chunk.
     r = Controller(FakeGenerator(), ProbeAgreement(2), config=CFG).solve(Q)
     assert r.tokens["probe"] > 0 and r.answer == "42"
+
+
+# -- read-ahead: a policy that runs its chains to their ends gets each chain in one call ----------
+
+
+class Finisher(BasePolicy):
+    """Runs each chain to its end, then opens another, up to ``chains``; then stops. It says it
+    finishes its chains (as the chain-deciding learned policies do) and, unlike best-of-N, it
+    reads probes, so it is served chunk by chunk (read ahead), not in whole-chain chunks."""
+
+    name = "finisher"
+
+    def __init__(self, chains: int = 3, probes: bool = True) -> None:
+        self.chains = chains
+        self.uses_probes = probes
+        super().__init__()
+
+    @property
+    def finishes_chains(self) -> bool:
+        return True
+
+    def _act(self, obs: np.ndarray) -> np.ndarray:
+        v = ObsView(obs, self.config)
+        more = (v.n_chains < self.chains) & v.flag("can_branch")
+        go_on = v.flag("can_continue") & ~v.flag("cur_ended")
+        return np.where(go_on, CONTINUE, np.where(more, BRANCH, STOP))
+
+
+class Cutter(Finisher):
+    """Says it finishes its chains, but stops after two chunks of the first."""
+
+    def _act(self, obs: np.ndarray) -> np.ndarray:
+        v = ObsView(obs, self.config)
+        return np.where(v.cur_tokens < 2 * self.config.chunk_tokens - 0.5, CONTINUE, STOP)
+
+
+def _episode(r: Any) -> tuple[Any, ...]:
+    kinds = ("generated", "probe", "judge", "injected")
+    return (
+        r.answer,
+        r.n_chains,
+        r.reason,
+        [s.action for s in r.trace],
+        r.chain_tokens,
+        [r.tokens[k] for k in kinds],
+        r.decoded,
+    )
+
+
+def test_split_chunk_pieces_are_the_chunk_cut_up() -> None:
+    gen = FakeGenerator()
+    (c,) = gen.start(Question("q/0", Q))
+    (whole,) = gen.extend([c], 96)
+    n = len(whole)
+    assert n > 48 and whole.finish_reason == "stop"
+    pieces = gen.split_chunk(whole, 16)
+    assert [len(p) for p in pieces] == [16] * (n // 16) + ([n % 16] if n % 16 else [])
+    for name in ("token_ids", "logprobs", "top_logprobs", "top_token_ids", "confidence"):
+        joined = np.concatenate([getattr(p, name) for p in pieces])
+        np.testing.assert_array_equal(joined, getattr(whole, name), err_msg=name)
+    assert "".join(p.text for p in pieces) == whole.text
+    # Each piece's text is its tokens' text (the fake writes one character per token).
+    assert all(p.text == gen.fake.decode(p.token_ids.tolist()) for p in pieces)
+    assert [p.finish_reason for p in pieces] == ["length"] * (len(pieces) - 1) + ["stop"]
+    assert sum(p.usage.generated for p in pieces) == whole.usage.generated == n
+    assert pieces[0].usage.prefill == whole.usage.prefill
+    assert all(p.usage.prefill == p.usage.cached == 0 for p in pieces[1:])
+    assert gen.split_chunk(whole, n) == [whole]
+    with pytest.raises(ConfigError, match="only a sampled chunk"):
+        gen.split_chunk(dataclasses.replace(whole, n_injected=2), 16)
+    with pytest.raises(ConfigError, match="only a sampled chunk"):
+        gen.split_chunk(dataclasses.replace(whole, finish_reason="forced"), 16)
+
+
+@pytest.mark.parametrize("probes", [True, False])
+def test_read_ahead_serves_each_chain_in_one_call(probes: bool) -> None:
+    plain, g1 = _solve(Finisher(probes=probes), lookahead=False)
+    ahead, g2 = _solve(Finisher(probes=probes), lookahead=True)
+    # The same episode: actions, chains, answer, tokens by kind. (The trace charges a chain's
+    # tokens to the step that decoded them: read ahead, that is the chain's first.)
+    assert _episode(ahead) == _episode(plain)
+    assert [s.delta for s in ahead.trace][:3] == [sum(s.delta for s in plain.trace[:5]), 0, 0]
+    assert plain.n_chains == 3 and plain.answer == "42" and ahead.unused == 0
+    continues = sum(s.action == "continue" for s in plain.trace)
+    # Chunk by chunk: a call per chunk, and one per probe (every chunk but a chain's last).
+    assert g1.fake.calls == 3 + continues + (continues if probes else 0)
+    # Read ahead: one call for each chain, and one for all of its probes.
+    assert g2.fake.calls == 3 * (2 if probes else 1)
+    assert max(r.max_tokens for r in g2.fake.requests) == CFG.max_chain_tokens
+    # Fewer prompt tokens to compute: the chain's context is sent once, not once per chunk.
+    assert ahead.tokens["prefill"] + ahead.tokens["cached"] < (
+        plain.tokens["prefill"] + plain.tokens["cached"]
+    )
+
+
+def test_read_ahead_keeps_the_env_choices_under_any_cap() -> None:
+    # Under a tight cap the env can afford fewer continues: read-ahead reads only as far as the
+    # cap leaves every later continue affordable, so the episode is the one chunk by chunk.
+    for cap in range(40, 420, 23):
+        plain = Controller(Counting(FakeGenerator()), Finisher(4), config=CFG, token_cap=cap)
+        gen = Counting(FakeGenerator())
+        ahead = Controller(gen, Finisher(4), config=CFG, token_cap=cap)
+        a, b = plain.solve(Q), ahead.solve(Q)  # type: ignore[arg-type]
+        assert _episode(b) == _episode(a), cap
+        assert b.decoded == gen.decoded <= cap and b.unused == 0, cap
+
+
+def test_a_chain_cut_after_read_ahead_leaves_the_rest_unused() -> None:
+    gen = Counting(FakeGenerator())
+    r = Controller(gen, Cutter(), config=CFG).solve(Q)  # type: ignore[arg-type]
+    assert [s.action for s in r.trace] == ["start", "continue", "stop"]
+    assert r.chain_tokens == (32,)
+    # The chain was generated to its end; what the policy never took is reported as unused.
+    assert r.unused > 0 and r.decoded == gen.decoded
+    assert r.decoded == sum(r.tokens[k] for k in ("generated", "probe", "judge", "injected")) + (
+        r.unused
+    )
+
+
+def test_read_ahead_needs_a_generator_that_splits_chunks() -> None:
+    class Opaque:
+        """A generator that cannot split its chunks."""
+
+    with pytest.raises(ConfigError, match="split chunks"):
+        Lookahead(Opaque(), 1, token_cap=100, read_ahead=96)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="read_ahead"):
+        Lookahead(FakeGenerator(), 1, token_cap=100, read_ahead=0)
+    # Not asked for, nothing is read ahead: a policy that may cut its chains is served by chunks.
+    _, g = _solve(RandomPolicy(0, p_stop=0.0), lookahead=True)
+    assert max(r.max_tokens for r in g.fake.requests if r.temperature > 0) == CFG.chunk_tokens

@@ -543,3 +543,27 @@ def test_a_policy_trained_without_probes_runs_without_them(tmp_path: Path) -> No
     ev = Evaluator(BANK, split="test", seeds=1, difficulty=None)
     assert ev(bare.with_lam(1e-3)).config.probe is False
     assert ev(probed.with_lam(1e-3)).config.probe is True
+
+
+def test_chain_deciding_policies_finish_chains_and_are_served_read_ahead(tmp_path: Path) -> None:
+    """A learned policy deciding between chains runs every chain to its end (``finishes_chains``,
+    kept through ``with_lam`` and save/load); the controller then asks the engine for each chain's
+    rest in one request. One deciding at every chunk may cut a chain, so it is served by chunks."""
+    from controller.controller import Controller
+    from env.compute_env import EnvConfig
+    from env.generators.fake import FakeGenerator
+
+    kw: dict[str, Any] = {"total_steps": 1_024, "num_envs": 32, "eval_seeds": 0, "progress": False}
+    chain = train_ppo(BANK, decide="chain", config={"probe": False}, **kw)
+    chunk = train_ppo(BANK, **kw)
+    chain.save(tmp_path / "chain")
+    assert chain.finishes_chains and chain.with_lam(1e-3).finishes_chains
+    assert load_policy(tmp_path / "chain").finishes_chains
+    assert not chunk.finishes_chains and not chunk.with_lam(1e-3).finishes_chains
+    cfg = EnvConfig(chunk_tokens=16, max_chain_tokens=96, max_chains=4, probe_tokens=8)
+    for policy, whole in ((chain, True), (chunk, False)):
+        gen = FakeGenerator()
+        r = Controller(gen, policy.with_lam(1e-4), config=cfg).solve("Let a = 3. What is a?")
+        sampled = [q.max_tokens for q in gen.fake.requests if q.temperature > 0]
+        assert r.n_chains >= 1 and sampled
+        assert (max(sampled) == cfg.max_chain_tokens) is whole, policy.name
