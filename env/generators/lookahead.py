@@ -140,8 +140,6 @@ class Lookahead:
         self._given = 0
         #: Engine calls that generated chunks for planned chains alongside the env's (for tests).
         self.batched_calls = 0
-        #: Engine calls that read the env's chain ahead, past the chunk it asked for (for tests).
-        self.read_ahead_calls = 0
 
     def __getattr__(self, name: str) -> Any:
         # Everything else (sampling, model_name, close, ...) is the inner generator's.
@@ -322,7 +320,6 @@ class Lookahead:
         private = dataclasses.replace(c, chunks=list(c.chunks))
         (whole,) = self.inner.extend([private], tokens)
         self._made += _decoded(whole.usage)
-        self.read_ahead_calls += 1
         pieces = self.inner.split_chunk(whole, k)  # type: ignore[attr-defined]
         n0 = len(c.chunks)
         private.chunks[n0:] = pieces
