@@ -11,7 +11,7 @@ import pytest
 
 from controller.controller import Controller
 from env.compute_env import Action, ComputeAllocationEnv, EnvConfig, decode_tokens
-from env.generators.base import Question
+from env.generators.base import Chunk, Question, TokenUsage
 from env.generators.fake import FakeGenerator
 from env.generators.lookahead import Lookahead
 from features.errors import ConfigError
@@ -259,6 +259,45 @@ def test_split_chunk_pieces_are_the_chunk_cut_up() -> None:
         gen.split_chunk(dataclasses.replace(whole, n_injected=2), 16)
     with pytest.raises(ConfigError, match="only a sampled chunk"):
         gen.split_chunk(dataclasses.replace(whole, finish_reason="forced"), 16)
+
+
+def test_split_chunk_keeps_characters_whole_across_byte_tokens() -> None:
+    # A byte-level BPE with a tiny vocabulary writes a CJK character or an emoji as several byte
+    # tokens, so a piece boundary can fall inside a character: the character goes to one piece.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet, show_progress=False)
+    tk.train_from_iterator(["the answer is 42"], trainer)
+    text = "价格是 42 元 😀, naïve café: x² = 4 🤔 \\boxed{42}"
+    ids = tk.encode(text).ids
+    assert tk.decode(ids) == text and len(ids) > len(text)
+    gen = FakeGenerator()
+    gen.fake.decode = lambda t: tk.decode(list(t))  # type: ignore[method-assign]
+    n = len(ids)
+    chunk = Chunk(
+        token_ids=np.asarray(ids, np.int32),
+        text=text,
+        logprobs=np.zeros(n, np.float32),
+        top_logprobs=np.zeros((n, 2), np.float32),
+        top_token_ids=np.zeros((n, 2), np.int32),
+        finish_reason="stop",
+        usage=TokenUsage(generated=n),
+    )
+    for k in (1, 2, 3, 5, 16):
+        pieces = gen.split_chunk(chunk, k)
+        assert "".join(p.text for p in pieces) == text, k
+        assert not any("\ufffd" in p.text for p in pieces), k
+        assert sum(len(p) for p in pieces) == n and max(len(p) for p in pieces) <= k
+        # Each cut is where the tokens before it end, short of a character they only begin.
+        done = ""
+        for j, piece in enumerate(pieces[:-1]):
+            done += piece.text
+            decoded = tk.decode(ids[: (j + 1) * k])
+            assert decoded.startswith(done) and len(decoded) - len(done) <= 1, (k, j)
 
 
 @pytest.mark.parametrize("probes", [True, False])
