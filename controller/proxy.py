@@ -85,7 +85,7 @@ class ServeArgs:
     upstream: str = "http://127.0.0.1:8000/v1"
     """the vLLM server's OpenAI root"""
     policy: str = "adaptive-consistency"
-    """a heuristic spec (single, best-of-4, s1-256, adaptive-consistency, probe-agree-3, ...)"""
+    """a heuristic spec (single, best-of-4, s1-256, adaptive-consistency, probe-agree-3, ...) or a saved learned policy's folder"""
     host: str = "127.0.0.1"
     """address to bind (0.0.0.0 exposes the proxy: set an API key)"""
     port: int = 8100
@@ -112,6 +112,8 @@ class ServeArgs:
     """sampling temperature of the chains"""
     max_concurrency: int = 64
     """requests answered at once (others wait, within their latency cap)"""
+    lookahead: bool = True
+    """generate ahead: a policy's planned chains side by side, and each chain of a policy that finishes its chains in one upstream request (--no-lookahead: chunk by chunk, nothing decoded before the policy asks for it)"""
     model_name: str | None = None
     """the model name the proxy reports (default: ponder/<policy>)"""
     log_level: str = "info"
@@ -627,7 +629,13 @@ def build_controller(args: ServeArgs) -> tuple[Controller, Any]:
         max_concurrency=max(16, args.max_concurrency),
     )
     try:
-        controller = Controller(generator, policy, config=config, latency_cap_s=args.latency_cap)
+        controller = Controller(
+            generator,
+            policy,
+            config=config,
+            latency_cap_s=args.latency_cap,
+            lookahead=args.lookahead,
+        )
     except BaseException:
         generator.close()
         raise

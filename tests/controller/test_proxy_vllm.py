@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+import tyro
 
 from controller.controller import Controller
 from controller.proxy import ProxyServer, ServeArgs, build_controller, create_app
@@ -176,6 +177,58 @@ def test_ponder_serve_end_to_end(upstream: ServerHandle) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _record_extends(gen: Any) -> list[int]:
+    """Make ``gen`` note the token count ``k`` of every extend call; returns the list."""
+    sizes: list[int] = []
+    extend = gen.extend
+
+    def recorded(chains: Any, k: int, **kw: Any) -> Any:
+        sizes.append(k)
+        return extend(chains, k, **kw)
+
+    gen.extend = recorded
+    return sizes
+
+
+def test_a_chain_deciding_learned_policy_is_read_ahead(upstream: ServerHandle) -> None:
+    """ppo-chain (probes on) over the real server: each chain in one request, cut into the env's
+    chunks with the real tokenizer, its probes in one more; chunk by chunk as a baseline."""
+    from env.generators.openai import OpenAIGenerator
+    from policies.learned import train_ppo
+
+    bank = ROOT / "data" / "banks" / "testbed-arith"
+    kw: dict[str, Any] = {"total_steps": 2_048, "num_envs": 32, "eval_seeds": 0, "progress": False}
+    policy = train_ppo(bank, decide="chain", **kw).with_lam(1e-3)
+    assert policy.finishes_chains and policy.uses_probes
+    config = EnvConfig(chunk_tokens=16, max_chain_tokens=128, max_chains=3, token_cap=1024)
+    sampling = SamplingConfig(max_chain_tokens=160)
+    results = {}
+    for ahead in (True, False):
+        gen = OpenAIGenerator(upstream.url, template="testbed", sampling=sampling)
+        sizes = _record_extends(gen)
+        try:
+            r = Controller(gen, policy, config=config, lookahead=ahead).solve(Q)
+        finally:
+            gen.close()
+        results[ahead] = (r, sizes)
+    for ahead, (r, sizes) in results.items():
+        assert r.answer is not None and r.n_chains >= 1, ahead
+        assert r.decoded == sum(r.tokens[k] for k in ("generated", "probe", "judge", "injected"))
+        assert r.unused == 0 and sum(r.chain_tokens) == r.tokens["generated"] + r.tokens["injected"]
+        chunks = sum(s.action in ("start", "branch", "continue") for s in r.trace)
+        if (
+            ahead
+        ):  # a request per chain, for the rest of it (a chain that ended is extended by chunks)
+            assert max(sizes) > config.chunk_tokens and len(sizes) < chunks, (sizes, chunks)
+        else:  # a request per chunk
+            assert set(sizes) == {config.chunk_tokens} and len(sizes) == chunks
+    # `ponder serve --no-lookahead` serves chunk by chunk.
+    args = tyro.cli(ServeArgs, args=["--upstream", upstream.url, "--no-lookahead"])
+    controller, generator = build_controller(args)
+    generator.close()
+    assert controller.lookahead is False
 
 
 def test_killing_the_upstream_mid_request(upstream: ServerHandle) -> None:
