@@ -245,6 +245,18 @@ def test_killing_the_upstream_mid_request(upstream: ServerHandle) -> None:
         read_timeout=30,
         backoff=0.2,
     )
+    # The kill waits for the episode's first engine call to go out and lands while the engine
+    # decodes it: best-of-8 asks for its 8 chains (512 tokens each, ignore_eos) in one call, which
+    # no machine finishes in the moment the kill takes. (A fixed sleep raced a fast machine to the
+    # end of the episode.)
+    underway = threading.Event()
+    extend = gen.extend
+
+    def announcing_extend(*args: Any, **kwargs: Any) -> Any:
+        underway.set()
+        return extend(*args, **kwargs)
+
+    gen.extend = announcing_extend  # type: ignore[method-assign]
     cap = 20.0
     config = EnvConfig(chunk_tokens=32, max_chain_tokens=512, token_cap=8192)
     ctl = Controller(gen, BestOfN(8), config=config, latency_cap_s=cap)
@@ -264,7 +276,7 @@ def test_killing_the_upstream_mid_request(upstream: ServerHandle) -> None:
 
         th = threading.Thread(target=ask, daemon=True)
         th.start()
-        time.sleep(3.0)
+        assert underway.wait(cap + 60), "the episode never called the engine"
         assert th.is_alive(), "the request finished before the upstream could be killed"
         os.killpg(upstream.process.pid, signal.SIGKILL)
         th.join(cap + 60)  # a hang guard, not a timing target (bench/ measures latency)
