@@ -147,6 +147,28 @@ class ServerHandle:
         """The last ``n`` lines of the server's log."""
         return _tail(self.log_path, n)
 
+    def running_requests(self, timeout: float = 5.0) -> int:
+        """Requests the engine is running now, read from the server's Prometheus ``/metrics``
+        (``vllm:num_requests_running``, summed over engines).
+
+        Raises:
+            GeneratorError: the server did not answer, or its metrics lack the gauge.
+        """
+
+        root = self.url.removesuffix("/").removesuffix("/v1")
+        try:
+            text = httpx.get(root + "/metrics", timeout=timeout).text
+        except httpx.HTTPError as exc:
+            raise GeneratorError(f"{root}/metrics did not answer: {exc}") from exc
+        values = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("vllm:num_requests_running")
+        ]
+        if not values:
+            raise GeneratorError(f"{root}/metrics has no vllm:num_requests_running gauge")
+        return int(sum(values))
+
     def backend(self, **kw: Any) -> OpenAIBackend:
         """An :class:`~env.generators.openai.OpenAIBackend` for this server."""
         from env.generators.openai import OpenAIBackend

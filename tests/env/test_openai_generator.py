@@ -258,12 +258,19 @@ def test_a_killed_server_gives_an_error_not_a_hang(server: ServerHandle) -> None
 
     th = threading.Thread(target=long_request, daemon=True)
     th.start()
-    time.sleep(1.5)
-    assert th.is_alive(), "the long request finished before the server could be killed"
+    # Kill while the server runs the request (its /metrics say so), not after a fixed sleep
+    # that a fast machine could outlast.
+    while server.running_requests() == 0:
+        assert th.is_alive(), (
+            f"the long request finished before the server could be killed: {result}"
+        )
+        time.sleep(0.01)
     t_kill = time.monotonic()
     os.kill(server.process.pid, signal.SIGKILL)
     th.join(timeout=60)
     assert not th.is_alive(), "the request hung after the server died"
+    with pytest.raises(GeneratorError, match="/metrics did not answer"):
+        server.running_requests()
     assert isinstance(result.get("error"), GeneratorError)
     assert server.url in str(result["error"])
     elapsed = float(result["t"]) - t_kill  # type: ignore[arg-type]
