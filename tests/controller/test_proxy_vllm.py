@@ -245,12 +245,16 @@ def test_killing_the_upstream_mid_request(upstream: ServerHandle) -> None:
         read_timeout=30,
         backoff=0.2,
     )
-    # The kill waits until the server runs the episode's request (its /metrics say so), so that
-    # it lands mid-request however fast the machine decodes: best-of-8 asks for its 8 chains (512
-    # tokens each, ignore_eos) in one call. (A fixed sleep raced a fast machine to the end.)
-    cap = 20.0
-    config = EnvConfig(chunk_tokens=32, max_chain_tokens=512, token_cap=8192)
-    ctl = Controller(gen, BestOfN(8), config=config, latency_cap_s=cap)
+    # The kill waits until the server runs one of the episode's requests (its /metrics say so),
+    # not a fixed time that a fast machine outlasts or a slow one never reaches. Without
+    # lookahead, best-of-8 reads its chains (512 tokens each, ignore_eos) a 128-token chunk per
+    # request: 32 requests one after another, so the episode is still going when the kill lands
+    # and its next engine call meets the dead server. The latency cap is far beyond what the
+    # fault handling takes: a slow (cold) server's long first step must not make the controller
+    # answer "latency cap" before the fault is seen.
+    cap = 120.0
+    config = EnvConfig(chunk_tokens=128, max_chain_tokens=512, token_cap=8192)
+    ctl = Controller(gen, BestOfN(8), config=config, latency_cap_s=cap, lookahead=False)
     result: dict[str, Any] = {}
     with ProxyServer(create_app(ctl, on_shutdown=gen.close)) as server:
         client = _client(server)
