@@ -88,9 +88,7 @@ DEFAULT_BANK = "data/banks/gsm8k-qwen2.5-coder-1.5b"
 FALLBACK_BANK = "data/banks/testbed-arith-xl"
 #: The λ values the main job evaluates each learned policy at: 25 log-spaced from 1e-6 to 3e-3
 #: (two significant digits), the range over which the policies go from 16 chains to one chunk.
-SWEEP_LAMS: tuple[float, ...] = tuple(
-    float(f"{x:.2g}") for x in np.geomspace(1e-6, 3e-3, 25)
-)
+SWEEP_LAMS: tuple[float, ...] = tuple(float(f"{x:.2g}") for x in np.geomspace(1e-6, 3e-3, 25))
 
 
 @dataclass
