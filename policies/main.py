@@ -115,7 +115,8 @@ class RunArgs:
     # second, and a sparse grid misses where a policy's spending changes. On the GSM8K dev
     # questions (27, x5 seeds) the learned policies' envelope went from below the best heuristic
     # at 16 of 31 budgets (and matching maj@16 with 52% of its tokens) with the earlier 9-value
-    # grid (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 6e-4, 1e-3, 3e-3) plus --refine 3, to 14 (44%).
+    # grid (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 6e-4, 1e-3, 3e-3) plus --refine 3, to 14 (44%)
+    # with these 25 values alone.
     lams: tuple[float, ...] = SWEEP_LAMS
     """λ values the learned policies are evaluated at (their frontier sweep)"""
     refine: int = 3
