@@ -601,8 +601,9 @@ def test_vote_floor_on_a_hand_made_bank(tmp_path: Path) -> None:
 
 def test_refine_sweep_adds_lams_where_the_spending_jumps() -> None:
     """A policy that drops from 16 chains to one between λ = 3e-5 and 1e-4 gets points in that
-    gap (geometric means, widest token jump first), none where tokens change by < 2x, and no
-    two λ closer than 1.25x; the new points go through ``on_result`` and come back sorted."""
+    gap (geometric means, widest token jump first), none where tokens change by < 2x, and none
+    closer than ``min_step`` (1.05x) to a neighbour; the new points go through ``on_result`` and
+    come back sorted."""
     from types import SimpleNamespace
 
     from policies.evaluate import lam_of, refine_sweep
@@ -627,8 +628,17 @@ def test_refine_sweep_adds_lams_where_the_spending_jumps() -> None:
     seen: list[Any] = []
     out = refine_sweep(evaluator, "p", Stepped(), grid, extra=3, on_result=seen.append)
     lams = [lam_of(r) for r in out]
-    assert lams == [1e-5, 3e-5, 4.1e-5, 5.5e-5, 1e-4, 3e-4]  # 3e-5 .. 1e-4, then 3e-5 .. 5.5e-5
-    assert [lam_of(r) for r in seen] == [5.5e-5, 4.1e-5]  # then no gap is both > 2x and wide
+    # 3e-5 .. 1e-4, then 3e-5 .. 5.5e-5, then 4.1e-5 .. 5.5e-5
+    assert lams == [1e-5, 3e-5, 4.1e-5, 4.7e-5, 5.5e-5, 1e-4, 3e-4]
+    assert [lam_of(r) for r in seen] == [5.5e-5, 4.1e-5, 4.7e-5]
+    # with more to spend: 4.7e-5 .. 5.5e-5 gets 5.1e-5; 4.7e-5 .. 5.1e-5 (1.085x) is too narrow
+    more = refine_sweep(evaluator, "p", Stepped(), grid, extra=8)
+    assert [lam_of(r) for r in more] == [1e-5, 3e-5, 4.1e-5, 4.7e-5, 5.1e-5, 5.5e-5, 1e-4, 3e-4]
+    # the earlier, coarser rule: nothing closer than 1.25x
+    coarse = refine_sweep(evaluator, "p", Stepped(), grid, extra=8, min_step=1.25)
+    assert [lam_of(r) for r in coarse] == [1e-5, 3e-5, 4.1e-5, 5.5e-5, 1e-4, 3e-4]
     assert refine_sweep(evaluator, "p", Stepped(), grid, extra=0) == sorted(grid, key=lam_of)
+    with pytest.raises(ConfigError, match="min_step must be > 1"):
+        refine_sweep(evaluator, "p", Stepped(), grid, min_step=1.0)
     with pytest.raises(ConfigError, match="not a point of a learned sweep"):
         lam_of(SimpleNamespace(param="N=4", label="best-of-N N=4"))
