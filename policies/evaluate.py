@@ -658,12 +658,14 @@ def refine_sweep(
     closer than ``min_step`` times to either). A fixed grid is blind there: on the GSM8K bank a
     policy can go from 16 chains to one between two grid values, exactly across the budgets the
     frontier is read at, and chunk-level PPO went from 71 tokens at λ = 1.62e-3 to a whole chain
-    (310) at 1.24e-3 on its dev questions. ``min_step`` 1.05 was chosen there (GSM8K dev questions,
-    25-value grid, 3 extra points): the learned envelope was below the best heuristic at 14 of 31
-    budgets, 4 of them beyond the paired interval, with 1.25 (the earlier rule), 13 and 2 with
-    1.1, 13 and none with 1.05 or 1.02. Where the points are placed
-    depends on tokens only, never on accuracy. Returns all points, sorted by λ (the new ones
-    evaluated and passed to ``on_result``)."""
+    (310) at 1.24e-3 on its dev questions. Where the points are placed depends on tokens only,
+    never on accuracy. Returns all points, sorted by λ (the new ones evaluated and passed to
+    ``on_result``).
+
+    ``min_step`` 1.05 was chosen on the GSM8K dev questions (25-value grid, 3 extra points): the
+    learned envelope was below the best heuristic at 14 of 31 budgets, 4 of them beyond the
+    paired interval, with 1.25 (the earlier rule); 13 and 2 with 1.1; 13 and none with 1.05 or
+    1.02."""
     if not callable(getattr(policy, "with_lam", None)):
         raise ConfigError(f"{name}: refining a sweep needs a policy with with_lam(lam)")
     if ratio <= 1:
@@ -681,16 +683,14 @@ def refine_sweep(
         if not gaps:
             break
         _, l1, l2 = max(gaps)
-        mid = math.sqrt(l1 * l2)
-        # two significant digits where they keep the new λ min_step away from both ends
-        lam = next(
-            (
-                x
-                for x in (float(f"{mid:.{d}g}") for d in (2, 3, 4))
-                if l1 * min_step <= x * (1 + 1e-9) and x <= l2 / min_step * (1 + 1e-9)
-            ),
-            mid,
-        )
+        # the geometric mean, to as few significant digits (2 to 4) as keep it min_step from
+        # both ends; unrounded if none does (the mean itself always does: see the gap test)
+        lam = mid = math.sqrt(l1 * l2)
+        for digits in (2, 3, 4):
+            x = float(f"{mid:.{digits}g}")
+            if l1 * min_step <= x * (1 + 1e-9) and x <= l2 / min_step * (1 + 1e-9):
+                lam = x
+                break
         r = evaluator(policy.with_lam(lam), family=name, param=f"lam={lam:g}")
         if on_result is not None:
             on_result(r)
