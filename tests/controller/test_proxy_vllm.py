@@ -163,7 +163,8 @@ def test_ponder_serve_end_to_end(upstream: ServerHandle) -> None:
                     break
             except httpx.HTTPError:
                 pass
-            assert time.monotonic() < deadline, "ponder serve did not come up"
+            if time.monotonic() > deadline:  # a hang guard, not a timing target
+                pytest.fail("ponder serve did not answer /health within 60 s")
             time.sleep(0.2)
         r = httpx.post(
             base + "/v1/completions", json={"prompt": Q, "model": "m"}, timeout=120
