@@ -109,8 +109,9 @@ class LlamaCppBackend(HFTokenizer):
         tok_dir = Path(tokenizer) if tokenizer else find_tokenizer_folder(self.path)
         if tok_dir is None or not (tok_dir / "tokenizer_config.json").exists():
             raise ModelError(
-                f"no tokenizer folder for {self.path.name}: pass tokenizer= (a Hugging Face folder "
-                "with the same vocabulary, e.g. the one `ponder model prepare` converts)"
+                f"no tokenizer folder for {self.path.name} beside it: run `ponder model prepare "
+                "--name NAME` without --gguf-only (it writes NAME-instruct/ next to the GGUF), or "
+                "pass tokenizer= (a Hugging Face folder with the same vocabulary)"
             )
         self.tokenizer: Any = AutoTokenizer.from_pretrained(str(tok_dir))
         self.model_name: str = self.path.stem

@@ -62,6 +62,17 @@ def test_the_tokenizer_is_found_in_the_ggufs_own_folder() -> None:
     assert find_tokenizer_folder(GGUF) == TESTBED_DIR
 
 
+def test_a_gguf_without_a_tokenizer_folder_says_how_to_make_one(tmp_path: Path) -> None:
+    # What `ponder model prepare --gguf-only` leaves: the GGUF alone, no converted folder.
+    from env.generators.llamacpp import LlamaCppGenerator, find_tokenizer_folder
+
+    lone = tmp_path / "lone.gguf"
+    lone.symlink_to(GGUF)
+    assert find_tokenizer_folder(lone) is None
+    with pytest.raises(ModelError, match="ponder model prepare --name NAME` without --gguf-only"):
+        LlamaCppGenerator(lone, template="testbed", sampling=SamplingConfig(), slots=1)
+
+
 def test_greedy_decoding_matches_transformers(gen: Any) -> None:
     import torch
     from transformers import AutoModelForCausalLM
