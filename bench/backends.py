@@ -1,6 +1,6 @@
 """Tokens per second of the real model on this machine: vLLM (bf16, float32) versus llama.cpp.
 
-vLLM serves the converted Hugging Face folder (``python -m env.models``); llama.cpp (the
+vLLM serves the converted Hugging Face folder (``python -m env.models.prepare``); llama.cpp (the
 ``xllamacpp`` wheel) runs the GGUF directly. Every backend generates chat-formatted GSM8K test
 questions with top-k logprobs, for a fixed wall-clock budget, in its own subprocess (an engine
 cannot be torn down cleanly inside one process). Throughput counts generated tokens only; the
@@ -34,9 +34,9 @@ class BenchArgs:
     """Measure generation throughput of the real model under vLLM and llama.cpp."""
 
     model: str = "qwen2.5-coder-1.5b"
-    """Registry name of the model (see ``python -m env.models --list-models``)."""
+    """Registry name of the model (see ``python -m env.models.prepare --list-models``)."""
     models_root: Path = ROOT / "models"
-    """Where ``python -m env.models`` put the GGUF and the converted folder."""
+    """Where ``python -m env.models.prepare`` put the GGUF and the converted folder."""
     backends: tuple[Backend, ...] = ("vllm-bf16", "vllm-fp32", "llamacpp-1", "llamacpp-2")
     """Rows of the table: vLLM in a dtype, or llama.cpp with N parallel slots."""
     seqs: int = 16
@@ -94,7 +94,7 @@ def _prompts(args: BenchArgs, folder: Path, n: int) -> list[str]:
 
 def _paths(args: BenchArgs) -> tuple[Path, Path]:
     sys.path.insert(0, str(ROOT))
-    from env.models import get_model_spec
+    from env.models.prepare import get_model_spec
 
     spec = get_model_spec(args.model)
     return args.models_root / spec.folder, args.models_root / spec.gguf_name

@@ -90,17 +90,17 @@ def main(args: Args) -> None:
 
     from controller.controller import Controller
     from controller.policy_spec import load_policy
-    from env.compute_env import EnvConfig
-    from env.generators.base import SamplingConfig
+    from env.episode.config import EnvConfig
     from env.generators.openai import OpenAIGenerator
     from env.generators.prompts import CHAT, get_template
     from env.generators.server import free_port, start_vllm_server
-    from env.testbed.task import make_questions
+    from env.models.testbed.task import make_questions
+    from env.types import SamplingConfig
 
     console = Console()
     server = None
     if args.upstream is None:
-        from env.testbed.model import testbed_model_path
+        from env.models.testbed.model import testbed_model_path
 
         model = args.model or str(testbed_model_path())
         console.print(f"starting vLLM on {model} ...")

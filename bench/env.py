@@ -3,8 +3,8 @@
     python bench/env.py [--banks data/banks/testbed-arith ...] [--batch-sizes 1 256 4096 16384]
     python bench/env.py --live            # also (c): the live env over vLLM (needs a free CPU)
 
-(a) :class:`~env.compute_env.ComputeAllocationEnv` replaying a bank, one decision at a time;
-(b) :class:`~env.vector.BatchedReplayEnv` at each batch size. Both are driven by a uniformly
+(a) :class:`~env.episode.single.ComputeAllocationEnv` replaying a bank, one decision at a time;
+(b) :class:`~env.episode.vector.BatchedReplayEnv` at each batch size. Both are driven by a uniformly
 random policy over the available actions (``info["action_mask"]``); for (b) the actions are
 sampled for the whole batch at once, and the policy's time counts. A decision is an action an
 episode takes: the autoreset steps (Gymnasium's NEXT_STEP mode, where an ended episode's action
@@ -95,7 +95,7 @@ def _masked_random(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
 
 
 def bench_single(bank: Any, args: Args) -> Row:
-    from env.compute_env import ComputeAllocationEnv
+    from env.episode.single import ComputeAllocationEnv
 
     env = ComputeAllocationEnv.from_bank(bank, seed=args.seed)
     rng = np.random.default_rng(args.seed)
@@ -123,7 +123,7 @@ def bench_single(bank: Any, args: Args) -> Row:
 
 
 def bench_batched(bank: Any, batch: int, args: Args) -> Row:
-    from env.vector import BatchedReplayEnv
+    from env.episode.vector import BatchedReplayEnv
 
     env = BatchedReplayEnv(bank, batch, seed=args.seed)
     rng = np.random.default_rng(args.seed)
@@ -152,11 +152,11 @@ def bench_batched(bank: Any, batch: int, args: Args) -> Row:
 
 
 def bench_live(args: Args) -> list[list[str]]:
-    from env.compute_env import ComputeAllocationEnv
-    from env.generators.base import SamplingConfig
+    from env.episode.single import ComputeAllocationEnv
     from env.generators.vllm import VLLMGenerator, build_engine
-    from env.testbed.model import testbed_model_path
-    from env.testbed.task import make_questions
+    from env.models.testbed.model import testbed_model_path
+    from env.models.testbed.task import make_questions
+    from env.types import SamplingConfig
 
     model = args.model or str(testbed_model_path())
     llm = build_engine(model, seed=args.seed, kv_cache_gib=1, enforce_eager=True)
@@ -248,7 +248,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from env.bank import TraceBank
+    from env.bank.store import TraceBank
 
     args = tyro.cli(Args)
     console = Console() if sys.stdout.isatty() else Console(width=160)

@@ -60,10 +60,10 @@ def main(args: Args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from env.generators.base import SamplingConfig, TokenUsage
     from env.generators.vllm import VLLMGenerator, build_engine
-    from env.testbed.model import testbed_model_path
-    from env.testbed.task import make_questions
+    from env.models.testbed.model import testbed_model_path
+    from env.models.testbed.task import make_questions
+    from env.types import SamplingConfig, TokenUsage
 
     console = Console()
     model = args.model or str(testbed_model_path())
@@ -145,8 +145,8 @@ def main(args: Args) -> None:
         return f"{u.cached / prompt:.1%} ({u.cached}/{prompt})" if prompt else "n/a"
 
     # (c) TIP: switch tokens sampled with and without the penalty, in one batch of chains.
-    from env.generators.base import TipConfig
     from env.generators.live import switch_token_ids
+    from env.types import TipConfig
 
     tip = TipConfig(penalty=args.tip_penalty, window=10_000)
     sw = np.asarray(switch_token_ids(tip.words, gen.backend.encode, gen.backend.decode))

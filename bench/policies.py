@@ -67,7 +67,7 @@ class Args:
 
 def _observations(bank: Path, n: int, seed: int = 0) -> tuple[np.ndarray, Any]:
     """``n`` real observations: replayed episodes under a mix of heuristics."""
-    from env.vector import BatchedReplayEnv
+    from env.episode.vector import BatchedReplayEnv
     from policies import AdaptiveConsistency, BestOfN, BudgetForcing, ProbeAgreement
 
     env = BatchedReplayEnv(bank, 256, split="test", seed=seed, difficulty="auto")

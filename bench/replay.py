@@ -35,7 +35,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from env.bank import TraceBank
+    from env.bank.store import TraceBank
     from env.generators.replay import ReplayGenerator
 
     args = tyro.cli(Args)

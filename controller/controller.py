@@ -1,7 +1,7 @@
 """The controller: a question in; an answer, its confidence, a trace and the cost out.
 
 :class:`Controller` runs a policy (:mod:`policies`) over a
-:class:`~env.compute_env.ComputeAllocationEnv` built on a generator for one question at a time:
+:class:`~env.episode.single.ComputeAllocationEnv` built on a generator for one question at a time:
 the policy reads the observation and picks continue / branch / verify / stop until it stops or a
 cap ends the episode. Every exit gives the best answer so far (the vote of the chains so far) with
 its confidence (the leader's vote share) and the reason:
@@ -62,10 +62,12 @@ from typing import Any
 
 import numpy as np
 
-from env.compute_env import Action, ComputeAllocationEnv, EnvConfig
-from env.generators.base import INJECT_ALLOWANCE, Generator, Question, TokenUsage
+from env.episode.config import Action, EnvConfig
+from env.episode.observation import FEATURE_NAMES
+from env.episode.single import ComputeAllocationEnv
+from env.generators.base import Generator
 from env.generators.lookahead import Lookahead
-from env.observation import FEATURE_NAMES
+from env.types import INJECT_ALLOWANCE, Question, TokenUsage
 from features.errors import ConfigError, GeneratorError
 from policies.base import Policy
 
@@ -249,7 +251,7 @@ class Controller:
         """Answer one question (blocking).
 
         Args:
-            question: the question text, or a :class:`~env.generators.base.Question`.
+            question: the question text, or a :class:`~env.types.Question`.
             token_cap: a tighter token cap for this call (clamped to the controller's).
             latency_cap_s: a tighter latency cap for this call (clamped to the controller's).
             seed: the env seed (default: the controller's).

@@ -39,10 +39,10 @@ def demo(args: DemoArgs) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from env.generators.base import BudgetForcing, TipConfig, TokenUsage
     from env.generators.vllm import VLLMGenerator, build_engine
-    from env.testbed.model import testbed_model_path
-    from env.testbed.task import make_questions
+    from env.models.testbed.model import testbed_model_path
+    from env.models.testbed.task import make_questions
+    from env.types import BudgetForcing, TipConfig, TokenUsage
     from features.answers import answers_equal, extract_answer
 
     console = Console()

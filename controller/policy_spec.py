@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from env.observation import N_FEATURES
+from env.episode.observation import N_FEATURES
 from features.errors import PolicyError
 from policies.base import Policy
 from policies.heuristics import (

@@ -600,9 +600,9 @@ def build_controller(args: ServeArgs) -> tuple[Controller, Any]:
         GeneratorError: no server at ``args.upstream``.
     """
     from controller.policy_spec import load_policy
-    from env.compute_env import EnvConfig
-    from env.generators.base import SamplingConfig
+    from env.episode.config import EnvConfig
     from env.generators.openai import OpenAIGenerator
+    from env.types import SamplingConfig
 
     policy = load_policy(args.policy)
     if args.latency_cap < 0:

@@ -64,16 +64,16 @@ __all__ = [
 
 # Generator classes come lazily through env.generators (which knows their modules).
 _LAZY = {
-    "Action": "env.compute_env",
-    "BatchedReplayEnv": "env.vector",
-    "ComputeAllocationEnv": "env.compute_env",
-    "EnvConfig": "env.compute_env",
-    "Prices": "env.compute_env",
+    "Action": "env.episode.config",
+    "BatchedReplayEnv": "env.episode.vector",
+    "ComputeAllocationEnv": "env.episode.single",
+    "EnvConfig": "env.episode.config",
+    "Prices": "env.episode.config",
     "Verifier": "env.verifiers",
     "SelfVerifier": "env.verifiers",
     "PRMVerifier": "env.verifiers",
-    "TraceBank": "env.bank",
-    "BankWriter": "env.bank",
+    "TraceBank": "env.bank.store",
+    "BankWriter": "env.bank.store",
     "load_questions": "env.questions",
     "LiveGenerator": "env.generators",
     "VLLMGenerator": "env.generators",
@@ -97,8 +97,8 @@ def _register() -> None:
     if ENV_ID not in gym.registry:
         gym.register(
             id=ENV_ID,
-            entry_point="env.registration:make_env",
-            vector_entry_point="env.registration:make_vector_env",
+            entry_point="env.episode.registration:make_env",
+            vector_entry_point="env.episode.registration:make_vector_env",
         )
 
 

@@ -1,22 +1,24 @@
 """Question sets shipped in ``data/``: GSM8K, MATH-500 and the testbed's synthetic arithmetic.
 
-Every loader returns :class:`env.generators.base.Question` records with stable ids, a gold
+Every loader returns :class:`env.types.Question` records with stable ids, a gold
 answer and, where one can be had, a difficulty level:
 
 - GSM8K has no official levels; its difficulty is the number of calculation steps in the
   reference solution (the ``<<...>>`` annotations), capped at 6: a common proxy.
 - MATH-500 carries MATH's level 1-5.
-- The testbed's levels are its own knob (:data:`env.testbed.task.LEVELS`).
+- The testbed's levels are its own knob (:data:`env.models.testbed.task.LEVELS`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
-from env.generators.base import Question
+from env.types import Question
 from features.errors import ConfigError
 
 __all__ = [
@@ -26,6 +28,11 @@ __all__ = [
     "load_testbed",
     "load_questions",
     "gsm8k_steps",
+    "SPLITS",
+    "DEV_FRACTION",
+    "question_split",
+    "select_split",
+    "training_split",
 ]
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
@@ -95,7 +102,7 @@ def load_math500(n: int | None = None, *, seed: int | None = None) -> list[Quest
 
 def load_testbed(split: str = "test", per_level: int = 25, *, seed: int = 0) -> list[Question]:
     """The testbed's synthetic questions, ``per_level`` at each difficulty level."""
-    from env.testbed.task import make_questions
+    from env.models.testbed.task import make_questions
 
     return [q for q, _ in make_questions(per_level, seed=seed, split=split)]
 
@@ -112,3 +119,56 @@ def load_questions(
         per_level = 25 if n is None else max(1, -(-n // 8))
         return load_testbed(split, per_level, seed=seed or 0)[: n if n is not None else None]
     raise ConfigError(f"unknown dataset {dataset!r}; choose gsm8k, math500 or arith")
+
+
+SPLITS = ("train", "test", "fit", "dev")
+"""Question splits: a bank's own ``train`` and ``test``, and the training questions cut in two
+for tuning without the test questions: ``dev`` (a quarter of them, :data:`DEV_FRACTION`) and
+``fit`` (the rest)."""
+
+DEV_FRACTION = 0.25
+"""Share of the training questions in the ``dev`` split."""
+
+
+def question_split(q: Question) -> str:
+    """``train`` / ``test`` from a question id such as ``gsm8k/test/17`` (``""`` if none)."""
+    parts = q.qid.split("/")
+    return parts[1] if len(parts) > 1 and parts[1] in ("train", "test") else ""
+
+
+def _id_hash(qid: str) -> bytes:
+    return hashlib.sha256(qid.encode()).digest()
+
+
+def select_split(questions: Sequence[Question], split: str | None) -> list[Question]:
+    """The questions of ``split`` (one of :data:`SPLITS`; all of them for ``None`` or ``""``),
+    in their order.
+
+    ``dev`` and ``fit`` partition the ``train`` questions among ``questions`` (pass all of a
+    bank's): ``dev`` is a quarter of them (at least one, of two or more), stratified by
+    difficulty: the questions are ordered by difficulty level and, within a level, by the
+    sha256 of their id, and ``dev`` takes evenly spaced ones, so each level gives it its share
+    (a cut by hash alone gave testbed-arith-xl a dev quarter with 3 of its 40 questions from
+    the two hardest levels, which hold a quarter of the bank). The cut is the same on every
+    machine and does not depend on the order the questions were recorded in; ``fit`` is the
+    rest.
+    """
+    if not split:
+        return list(questions)
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if split in ("train", "test"):
+        return [q for q in questions if question_split(q) == split]
+    train = [q for q in questions if question_split(q) == "train"]
+    n_dev = max(1, round(DEV_FRACTION * len(train))) if len(train) >= 2 else 0
+    ordered = sorted(
+        train, key=lambda q: (q.difficulty is None, q.difficulty or 0, _id_hash(q.qid))
+    )
+    dev = {ordered[int((i + 0.5) * len(ordered) / n_dev)].qid for i in range(n_dev)}
+    return [q for q in train if (q.qid in dev) == (split == "dev")]
+
+
+def training_split(split: str | None) -> str:
+    """The split policies evaluated on ``split`` train on: ``fit`` for ``dev`` (and ``fit``),
+    else ``train``."""
+    return "fit" if split in ("fit", "dev") else "train"

@@ -7,10 +7,10 @@ generator itself). Two kinds ship:
 * :class:`SelfVerifier`: the generative self-verifier of any model. The model is asked whether
   the chain is correct and answers one token; ``P(yes)`` among yes/no is the score.
 * :class:`PRMVerifier`: a step-level process reward model trained on the testbed model's step
-  labels (:mod:`env.testbed.prm`). It reads the chain and scores each complete step; it decodes
+  labels (:mod:`env.models.testbed.prm`). It reads the chain and scores each complete step; it decodes
   nothing.
 
-Cost semantics (``JudgeResult.usage``, a :class:`~env.generators.base.TokenUsage`):
+Cost semantics (``JudgeResult.usage``, a :class:`~env.types.TokenUsage`):
 
 * ``judge``: tokens the verifier *decoded* (the self-verifier: one per chain). The env prices
   them at ``Prices.judge`` and counts them against the episode's decoded-token cap.
@@ -33,11 +33,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from env.generators.base import Chain, Generator, JudgeResult, TokenUsage
+from env.generators.base import Generator
+from env.types import Chain, JudgeResult, TokenUsage
 from features.errors import ConfigError
 
 if TYPE_CHECKING:
-    from env.testbed.prm import Aggregate, PRMState, ProcessRewardModel
+    from env.models.testbed.prm import Aggregate, PRMState, ProcessRewardModel
 
 __all__ = ["PRMVerifier", "SelfVerifier", "Verifier"]
 
@@ -129,7 +130,7 @@ class PRMVerifier:
         aggregate: Aggregate | None = None,
         max_chains: int = 64,
     ) -> None:
-        from env.testbed.prm import PRM_DIR, ProcessRewardModel
+        from env.models.testbed.prm import PRM_DIR, ProcessRewardModel
 
         if aggregate not in (None, "min", "product"):
             raise ConfigError(f"aggregate must be 'min' or 'product', got {aggregate!r}")
@@ -167,7 +168,7 @@ class PRMVerifier:
         return scores, TokenUsage(prefill=computed, cached=reused)
 
     def judge(self, chains: Sequence[Chain]) -> list[JudgeResult]:
-        from env.testbed.prm import aggregate_scores
+        from env.models.testbed.prm import aggregate_scores
 
         out = []
         for chain in chains:

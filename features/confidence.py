@@ -57,7 +57,7 @@ def token_confidence(top_logprobs: npt.ArrayLike) -> FloatArray:
 
     Non-finite entries (``-inf`` or NaN, e.g. fewer than k alternatives) are ignored; a row with
     no finite entry gives NaN. Same definition and arithmetic as
-    :func:`env.generators.base.token_stats`.
+    :func:`env.types.token_stats`.
 
     Args:
         top_logprobs: log-probabilities of shape ``[n, k]``.
@@ -83,7 +83,7 @@ def token_entropy(top_logprobs: npt.ArrayLike) -> FloatArray:
     """Entropy (nats) of each row's top-k probabilities renormalised to sum to one.
 
     Non-finite entries are ignored; a row with no finite entry gives NaN. Same definition and
-    arithmetic as :func:`env.generators.base.token_stats`.
+    arithmetic as :func:`env.types.token_stats`.
 
     Args:
         top_logprobs: log-probabilities of shape ``[n, k]``.

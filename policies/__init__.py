@@ -7,15 +7,10 @@ the tracking names (``Tracker``, ``log_policy_model``, ``PolicyModel``) load it 
 from typing import Any
 
 from policies.base import BRANCH, CONTINUE, STOP, VERIFY, BasePolicy, ObsView, Policy
-from policies.evaluate import (
-    EvalResult,
-    Evaluator,
-    Family,
-    evaluate,
-    headline,
-    heuristic_sweeps,
-    learned_sweep,
-)
+from policies.evaluation.headline import headline
+from policies.evaluation.oracle import OracleResult, oracle
+from policies.evaluation.runner import EvalResult, Evaluator, evaluate
+from policies.evaluation.sweeps import Family, heuristic_sweeps, learned_sweep
 from policies.heuristics import (
     AdaptiveConsistency,
     BestOfN,
@@ -28,7 +23,6 @@ from policies.heuristics import (
     RandomPolicy,
     SingleChain,
 )
-from policies.oracle import OracleResult, oracle
 
 __all__ = [
     "BRANCH",

@@ -1,7 +1,7 @@
 """The Policy protocol: observations in, actions out, one episode or many at once.
 
-A policy sees the environment's observation (:mod:`env.observation`: 30 documented features in
-[0, 1]) and returns one of the four actions (:class:`env.compute_env.Action`). Policies are
+A policy sees the environment's observation (:mod:`env.episode.observation`: 30 documented features in
+[0, 1]) and returns one of the four actions (:class:`env.episode.config.Action`). Policies are
 batched: ``act`` takes ``[F]`` (one episode, returns an ``int``) or ``[B, F]`` (``B`` episodes,
 returns ``int64[B]``); stateful policies keep per-episode state in arrays of length ``B`` that
 :meth:`Policy.reset` allocates and :meth:`Policy.end` clears for the episodes that ended.
@@ -16,8 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from env.compute_env import Action, EnvConfig
-from env.observation import FEATURE_NAMES, N_FEATURES
+from env.episode.config import Action, EnvConfig
+from env.episode.observation import FEATURE_NAMES, N_FEATURES
 from features.errors import ConfigError, PolicyError
 
 __all__ = ["CONTINUE", "BRANCH", "VERIFY", "STOP", "F", "BasePolicy", "Policy", "ObsView"]

@@ -1,7 +1,7 @@
 """Every fixed strategy a user would otherwise pick, as batched policies over the same env.
 
 Each heuristic reads only the observation (and its own per-episode state), so it runs unchanged
-on one live episode or on thousands of replayed ones (:class:`env.vector.BatchedReplayEnv`). The
+on one live episode or on thousands of replayed ones (:class:`env.episode.vector.BatchedReplayEnv`). The
 decision rules follow the papers; where the environment makes a rule differ, the class says so.
 
 | policy | rule | source |
@@ -24,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from env.observation import CONF_SCALE, STREAK_SCALE
+from env.episode.observation import CONF_SCALE, STREAK_SCALE
 from features.errors import ConfigError
 from policies.base import BRANCH, CONTINUE, STOP, VERIFY, BasePolicy, ObsView
 

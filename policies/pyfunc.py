@@ -14,7 +14,7 @@ Beside it, ``env_config.json`` holds the env settings the policy acts under (heu
 counts and token budgets de-normalised by them).
 
 ``predict`` takes a DataFrame of observations (one column per feature of
-:data:`env.observation.FEATURE_NAMES`) and returns the actions (``int64``: 0 continue, 1 branch,
+:data:`env.episode.observation.FEATURE_NAMES`) and returns the actions (``int64``: 0 continue, 1 branch,
 2 verify, 3 stop). Each row is, by default, the first decision of its own episode; with
 ``params={"episode": True}`` the rows are the successive observations of one episode, so that
 stateful heuristics (DeepConf online, the router, bounded thinking) carry their state. A learned
@@ -35,8 +35,8 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from env.compute_env import EnvConfig, Prices
-from env.observation import FEATURE_NAMES
+from env.episode.config import EnvConfig, Prices
+from env.episode.observation import FEATURE_NAMES
 from features.errors import PolicyError
 from policies import heuristics
 from policies.base import Policy

@@ -1,7 +1,7 @@
 """ponder's learned-policy format: a folder with ``policy.json`` and ``weights.safetensors``.
 
 ``policy.json`` holds everything but the arrays: the format tag, the policy ``kind`` and its format
-``version``, the constructor parameters, the feature schema (:data:`env.observation.FEATURE_NAMES`)
+``version``, the constructor parameters, the feature schema (:data:`env.episode.observation.FEATURE_NAMES`)
 the weights were trained on, the training arguments, the bank's fingerprint, the λ grid and the
 metrics. The weights are plain named arrays in safetensors (numpy, no code), and their sha256 is
 in the JSON, so a truncated or swapped weights file is refused.
@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from env.compute_env import EnvConfig
-from env.observation import FEATURE_NAMES
+from env.episode.config import EnvConfig
+from env.episode.observation import FEATURE_NAMES
 from features.errors import PolicyError
 
 __all__ = [

@@ -16,7 +16,7 @@ Any SQLite store (also one named by 1. or 2.) gets its new experiments' artifact
 
 The experiment is named after the bank's folder (``gsm8k-qwen2.5-coder-1.5b``). Evaluation runs
 log their parameters (policy, family, sweep parameter, seeds, env settings), the metrics of
-:meth:`~policies.evaluate.EvalResult.metrics` (``eval/accuracy``, ``eval/tokens``, their interval
+:meth:`~policies.evaluation.runner.EvalResult.metrics` (``eval/accuracy``, ``eval/tokens``, their interval
 ends, per difficulty level, ...) and the per-episode table (``episodes.csv``). Training runs log
 their arguments, ``train/...`` metrics and the policy as an MLflow model
 (:func:`log_policy_model`: "models from code", loadable with ``mlflow.pyfunc.load_model``, no
@@ -33,12 +33,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from env.bank import TraceBank
-from env.compute_env import EnvConfig
-from env.observation import FEATURE_NAMES
+from env.bank.store import TraceBank
+from env.episode.config import EnvConfig
+from env.episode.observation import FEATURE_NAMES
 from features.errors import ConfigError
 from policies.base import Policy
-from policies.evaluate import EvalResult, write_rows
+from policies.evaluation.runner import EvalResult, write_rows
 
 __all__ = [
     "DEFAULT_ROOT",

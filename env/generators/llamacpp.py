@@ -32,9 +32,9 @@ from typing import Any, Literal
 import numpy as np
 
 from env.generators.backend import Completion, CompletionRequest, HFTokenizer
-from env.generators.base import SamplingConfig
 from env.generators.live import LiveGenerator
 from env.generators.prompts import PromptTemplate
+from env.types import SamplingConfig
 from features.errors import ConfigError, GeneratorError, ModelError
 
 __all__ = ["LlamaCppBackend", "LlamaCppGenerator", "find_tokenizer_folder"]

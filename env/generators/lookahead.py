@@ -38,21 +38,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from env.generators.base import (
+from env.generators.base import Generator, validate_count, validate_k
+from env.types import (
     INJECT_ALLOWANCE,
     BudgetForcing,
     Chain,
     Chunk,
     FinishReason,
-    Generator,
     JudgeResult,
     ProbeResult,
     PromptMode,
     Question,
     TipConfig,
     TokenUsage,
-    validate_count,
-    validate_k,
 )
 from features.errors import ConfigError, GeneratorError
 

@@ -42,9 +42,9 @@ import httpx
 import numpy as np
 
 from env.generators.backend import Completion, CompletionRequest, TipRequest
-from env.generators.base import SamplingConfig
 from env.generators.live import LiveGenerator
 from env.generators.prompts import CHAT, TESTBED, PromptTemplate
+from env.types import SamplingConfig
 from features.errors import ConfigError, GeneratorError
 
 __all__ = ["OpenAIBackend", "OpenAIGenerator"]

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from env.generators.base import PromptMode
-from env.testbed import task as _task
+from env.models.testbed import task as _task
+from env.types import PromptMode
 from features.errors import ConfigError
 
 __all__ = ["PromptTemplate", "TESTBED", "CHAT", "TEMPLATES", "get_template"]

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from env.bank import ChainTrace, QuestionTrace, TraceBank
-from env.generators.base import (
+from env.bank.store import ChainTrace, QuestionTrace, TraceBank
+from env.generators.base import validate_count, validate_k, validate_question
+from env.types import (
     BudgetForcing,
     Chain,
     Chunk,
@@ -39,9 +40,6 @@ from env.generators.base import (
     SamplingConfig,
     TipConfig,
     TokenUsage,
-    validate_count,
-    validate_k,
-    validate_question,
 )
 from features.errors import BudgetExhausted, ConfigError
 
@@ -58,7 +56,7 @@ def chain_order(seed: int, qid: str, k: int) -> list[int]:
 
 
 class ReplayGenerator:
-    """The Generator protocol over a :class:`~env.bank.TraceBank`.
+    """The Generator protocol over a :class:`~env.bank.store.TraceBank`.
 
     Args:
         bank: a bank or its folder.

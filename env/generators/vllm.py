@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 
 from env.generators.backend import Completion, CompletionRequest, HFTokenizer
-from env.generators.base import SamplingConfig
 from env.generators.live import LiveGenerator
 from env.generators.prompts import TESTBED, PromptTemplate
+from env.types import SamplingConfig
 from features.errors import ConfigError, GeneratorError, ModelError
 
 if TYPE_CHECKING:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from env.compute_env import decode_tokens
-from env.generators.base import TokenUsage
+from env.episode.config import decode_tokens
+from env.types import TokenUsage
 
 
 class Slow:

@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from controller.controller import NO_GOLD, Controller, Result
-from env.compute_env import Action, EnvConfig
-from env.generators.base import Question
+from env.episode.config import Action, EnvConfig
+from env.episode.observation import FEATURE_NAMES
 from env.generators.fake import FakeGenerator
-from env.observation import FEATURE_NAMES
+from env.types import Question
 from features.errors import ConfigError
 from policies.base import F
 from policies.heuristics import BestOfN, RandomPolicy, SingleChain

@@ -11,7 +11,7 @@ from starlette.testclient import TestClient
 
 from controller.controller import Controller
 from controller.proxy import ProxyServer, ServeArgs, build_controller, create_app
-from env.compute_env import Action, EnvConfig
+from env.episode.config import Action, EnvConfig
 from env.generators.fake import FakeGenerator
 from features.errors import PolicyError
 from policies.heuristics import BestOfN, SingleChain

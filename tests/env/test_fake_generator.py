@@ -10,7 +10,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from env.generators.backend import Backend, CompletionRequest
-from env.generators.base import BudgetForcing, Question, SamplingConfig, TipConfig, TokenUsage
 from env.generators.fake import (
     DEFAULT_SOLUTION,
     WORD_TOKENS,
@@ -18,7 +17,8 @@ from env.generators.fake import (
     FakeGenerator,
     ScriptedSolution,
 )
-from env.testbed.task import EOS, PROBE_SUFFIX, judge_text, make_questions, prompt_text
+from env.models.testbed.task import EOS, PROBE_SUFFIX, judge_text, make_questions, prompt_text
+from env.types import BudgetForcing, Question, SamplingConfig, TipConfig, TokenUsage
 from features.errors import ConfigError, GeneratorError
 
 Q = Question("t/0", "Let a = 40. Let b = a + 2. What is b?", gold="42", dataset="arith")
@@ -169,7 +169,7 @@ def test_scripted_solution_finds_its_place() -> None:
 
 def test_mapping_script_uses_the_question() -> None:
     qs = make_questions(1, seed=0, levels=[2, 3])
-    from env.testbed.task import solution_text
+    from env.models.testbed.task import solution_text
 
     script = {q.text: solution_text(p) for q, p in qs}
     b = FakeBackend(script)

@@ -17,16 +17,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from env.generators.backend import CompletionRequest, TipRequest
-from env.generators.base import (
-    BudgetForcing,
-    Chain,
-    Generator,
-    Question,
-    SamplingConfig,
-    TipConfig,
-)
+from env.generators.base import Generator
 from env.generators.live import LiveGenerator, since_last_switch, switch_token_ids
 from env.generators.prompts import TESTBED
+from env.types import BudgetForcing, Chain, Question, SamplingConfig, TipConfig
 from features.errors import ConfigError, ModelError, PonderError
 
 Q = Question(qid="t/0", text="Let a = 37. Let b = a + 48. Let c = b * 3. What is c?", gold="255")

@@ -1,6 +1,6 @@
 """The llama.cpp engine (xllamacpp, in process) on the real testbed model as a GGUF file.
 
-``models/testbed/testbed.gguf`` is the testbed Llama written by :mod:`env.testbed.gguf`; its
+``models/testbed/testbed.gguf`` is the testbed Llama written by :mod:`env.models.testbed.gguf`; its
 tokenizer is the Hugging Face one of its own folder. One engine is built for the whole module
 (4 slots, 1 thread: the machine may be busy). Greedy decoding must reproduce transformers on the
 Hugging Face weights, which catches a wrong rotary permutation or hyperparameter in the export.
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from env.generators.backend import CompletionRequest, TipRequest
-from env.generators.base import Question, SamplingConfig, TipConfig
 from env.generators.prompts import TESTBED
-from env.testbed.model import TESTBED_DIR
+from env.models.testbed.model import TESTBED_DIR
+from env.types import Question, SamplingConfig, TipConfig
 from features.errors import ConfigError, ModelError
 
 pytest.importorskip("xllamacpp", reason="the llama.cpp engine needs: pip install xllamacpp")
@@ -42,7 +42,7 @@ def gen() -> Iterator[Any]:
     from env.generators.llamacpp import LlamaCppBackend, LlamaCppGenerator
 
     if not GGUF.is_file():
-        pytest.fail(f"no {GGUF}: write it with `python -m env.testbed.gguf --out {GGUF}`")
+        pytest.fail(f"no {GGUF}: write it with `python -m env.models.testbed.gguf --out {GGUF}`")
     g = LlamaCppGenerator(
         GGUF,
         template="testbed",
@@ -218,7 +218,7 @@ def test_a_missing_gguf_is_a_model_error_naming_the_path(tmp_path: Path) -> None
 
 
 def test_ponder_record_on_the_gguf_end_to_end(tmp_path: Path) -> None:
-    from env.bank import TraceBank
+    from env.bank.store import TraceBank
 
     out = tmp_path / "bank"
     cmd = [

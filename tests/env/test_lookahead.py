@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from controller.controller import Controller
-from env.compute_env import Action, ComputeAllocationEnv, EnvConfig, decode_tokens
-from env.generators.base import Chunk, Question, TokenUsage
+from env.episode.config import Action, EnvConfig, decode_tokens
+from env.episode.single import ComputeAllocationEnv
 from env.generators.fake import FakeGenerator
 from env.generators.lookahead import Lookahead
+from env.types import Chunk, Question, TokenUsage
 from features.errors import ConfigError
 from policies.base import BRANCH, CONTINUE, STOP, BasePolicy, ObsView
 from policies.heuristics import BestOfN, EarlyStoppingSC, RandomPolicy, SingleChain

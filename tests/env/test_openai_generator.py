@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from env.generators.backend import Backend, CompletionRequest, TipRequest
-from env.generators.base import Question, SamplingConfig
 from env.generators.openai import OpenAIBackend, OpenAIGenerator
 from env.generators.server import ServerHandle, free_port, start_vllm_server
-from env.testbed import model as testbed_model
-from env.testbed.task import prompt_text
+from env.models.testbed import model as testbed_model
+from env.models.testbed.task import prompt_text
+from env.types import Question, SamplingConfig
 from features.errors import ConfigError, GeneratorError
 
 Q = Question(

@@ -13,11 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from env.compute_env import Action, ComputeAllocationEnv
-from env.generators.base import Chain, Chunk, Question, TokenUsage
+from env.episode.config import Action
+from env.episode.observation import FEATURE_NAMES
+from env.episode.single import ComputeAllocationEnv
 from env.generators.fake import FakeGenerator
-from env.observation import FEATURE_NAMES
-from env.testbed.prm import PRM_DIR, aggregate_scores, step_spans
+from env.models.testbed.prm import PRM_DIR, aggregate_scores, step_spans
+from env.types import Chain, Chunk, Question, TokenUsage
 from env.verifiers import PRMVerifier, SelfVerifier, Verifier
 from features.errors import ModelError
 
@@ -226,7 +227,7 @@ def test_garbled_or_missing_prm_folder_raises_model_error(tmp_path: Path) -> Non
 
 def test_train_cli_smoke(tmp_path: Path) -> None:
     out = tmp_path / "prm"
-    cmd = [sys.executable, "-m", "env.testbed.prm", "--out", str(out), "--max-rows", "200",
+    cmd = [sys.executable, "-m", "env.models.testbed.prm", "--out", str(out), "--max-rows", "200",
            "--epochs", "1", "--no-compare-self-verifier"]  # fmt: skip
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from env.generators.base import token_stats
+from env.types import token_stats
 from features.confidence import (
     ChainConfidence,
     bottom_percent_confidence,

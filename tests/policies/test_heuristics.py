@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from env.compute_env import ComputeAllocationEnv, EnvConfig
-from env.observation import CONF_SCALE, FEATURE_NAMES, N_FEATURES, STREAK_SCALE
+from env.episode.config import EnvConfig
+from env.episode.observation import CONF_SCALE, FEATURE_NAMES, N_FEATURES, STREAK_SCALE
+from env.episode.single import ComputeAllocationEnv
 from features.errors import ConfigError, PolicyError
 from features.votes import beta_leader_probability
 from policies import (

@@ -23,11 +23,11 @@ import pytest
 mlflow = pytest.importorskip("mlflow")
 pd = pytest.importorskip("pandas")
 
-from env.observation import FEATURE_NAMES  # noqa: E402
-from env.vector import BatchedReplayEnv  # noqa: E402
+from env.episode.observation import FEATURE_NAMES  # noqa: E402
+from env.episode.vector import BatchedReplayEnv  # noqa: E402
 from policies import BestOfN, BoundedThinking, DeepConfOnline, ProbeAgreement  # noqa: E402
 from policies.base import Policy  # noqa: E402
-from policies.evaluate import EvalResult, Evaluator  # noqa: E402
+from policies.evaluation.runner import EvalResult, Evaluator  # noqa: E402
 from policies.pyfunc import heuristic_from_spec, heuristic_spec  # noqa: E402
 from policies.tracking import (  # noqa: E402
     Tracker,
@@ -149,7 +149,7 @@ def _learned_policies() -> list[Any]:
 
 
 def test_policies_reload_as_pyfunc_models(local: Tracker) -> None:
-    from env.compute_env import EnvConfig
+    from env.episode.config import EnvConfig
 
     config = EnvConfig(chunk_tokens=32, max_chain_tokens=256, extension_chunks=2)
     policies: list[Any] = [
@@ -185,7 +185,7 @@ def test_policies_reload_as_pyfunc_models(local: Tracker) -> None:
 
 
 def test_heuristic_specs_round_trip() -> None:
-    from policies.evaluate import heuristic_sweeps
+    from policies.evaluation.sweeps import heuristic_sweeps
 
     for fam in heuristic_sweeps(16):
         for _, p in fam.points:
@@ -334,7 +334,7 @@ def test_ponder_run_quick_smoke(tmp_path: Path) -> None:
 
 
 def test_policy_names_resolve(capsys: pytest.CaptureFixture[str]) -> None:
-    from env.compute_env import EnvConfig
+    from env.episode.config import EnvConfig
     from features.errors import PolicyError
     from policies.main import evaluate_main, resolve_policy
 
@@ -391,8 +391,8 @@ def test_tuning_run_reads_no_test_question(tmp_path: Path) -> None:
     every policy and the oracle are evaluated on ``dev``; no test question is touched."""
     from rich.console import Console
 
-    from env.bank import TraceBank
-    from env.compute_env import select_split
+    from env.bank.store import TraceBank
+    from env.questions import select_split
     from features.errors import ConfigError
     from policies.main import RunArgs, run
 

@@ -1,0 +1,112 @@
+"""``ponder bank info PATH``: summarise a trace bank by difficulty; ``ponder bank compact PATH``:
+re-encode its chunk files smaller."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import tyro
+
+from env.bank.store import TraceBank, compact, summarize
+
+__all__ = ["BankCompactArgs", "BankInfoArgs", "compact_main", "info", "main"]
+
+
+@dataclass
+class BankInfoArgs:
+    """Summarise a trace bank: questions, chains, tokens, pass@1, maj@k, pass@k by difficulty."""
+
+    path: Annotated[Path, tyro.conf.Positional]
+    """bank folder"""
+    json: bool = False
+    """print JSON instead of a table"""
+
+
+def info(args: BankInfoArgs) -> dict[str, dict[str, float]]:
+    """Print the summary table (or JSON) and return the statistics."""
+    from rich.console import Console
+    from rich.table import Table
+
+    bank = TraceBank(args.path)
+    stats = summarize(bank)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return stats
+    m = bank.manifest
+    k = m.chains
+    table = Table(
+        title=f"{args.path}: {m.model.get('name')} on {m.dataset} "
+        f"({len(bank)}/{len(m.questions)} questions, K={k}, chunk {m.chunk_tokens}, cap {m.max_tokens})"
+    )
+    cols = (
+        "difficulty",
+        "questions",
+        "chains",
+        "tokens",
+        "tokens/chain",
+        "pass@1",
+        f"maj@{k}",
+        f"pass@{k}",
+    )
+    for col in cols:
+        table.add_column(col, justify="right")
+    keys = sorted(
+        (s for s in stats if s != "all"),
+        key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s),
+    )
+    for key in [*keys, "all"]:
+        s = stats[key]
+        table.add_row(
+            key,
+            f"{s['questions']:.0f}",
+            f"{s['chains']:.0f}",
+            f"{s['tokens']:.0f}",
+            f"{s['tokens_per_chain']:.0f}",
+            f"{s['pass@1']:.1%}",
+            f"{s['maj@k']:.1%}",
+            f"{s['pass@k']:.1%}",
+            end_section=bool(keys) and key == keys[-1],
+        )
+    console = Console()
+    console.print(table)
+    splits: dict[str, int] = {}
+    for q in bank.recorded:
+        parts = q.split("/")
+        split = parts[1] if len(parts) > 2 else "-"
+        splits[split] = splits.get(split, 0) + 1
+    if len(splits) > 1:
+        console.print("by split: " + ", ".join(f"{s}: {n}" for s, n in sorted(splits.items())))
+    return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    info(tyro.cli(BankInfoArgs, args=argv, prog="ponder bank info"))
+
+
+@dataclass
+class BankCompactArgs:
+    """Re-encode a bank's chunk files as this ponder writes them (smaller; the same values, bit
+    for bit). Each file is verified before it atomically replaces the old one; safe to run
+    beside `ponder record` and to interrupt."""
+
+    path: Annotated[Path, tyro.conf.Positional]
+    """bank folder"""
+
+
+def compact_main(argv: list[str] | None = None) -> None:
+    """``ponder bank compact``."""
+    args = tyro.cli(BankCompactArgs, args=argv, prog="ponder bank compact")
+    r = compact(args.path)
+    saved = r.before - r.after
+    pct = 100 * saved / r.before if r.before else 0.0
+    print(
+        f"{args.path}: {r.rewritten} of {r.files} chunk files rewritten; "
+        f"{r.before / 1e6:.2f} MB -> {r.after / 1e6:.2f} MB ({pct:.0f}% smaller)"
+    )
+
+
+if __name__ == "__main__":
+    main()

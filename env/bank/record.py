@@ -1,0 +1,424 @@
+"""``ponder record``: sample K chains per question once, with probes and verifier scores, into a bank.
+
+For each question the recorder samples ``chains`` independent chains in chunks of
+``chunk_tokens`` tokens up to ``max_tokens``. At every chunk boundary it records an answer-forcing
+probe and the generative self-verifier's P(yes). A chain that ends before the cap also gets a
+budget-forced extension (``Wait,`` appended, ``extension_chunks`` more chunks with their probes), so
+that replay can serve "continue" past a chain's natural end (s1-style serial scaling).
+
+Recording is resumable and exact: questions already in the bank are skipped, each question is
+written atomically, and before each question the engine's prefix cache is cleared and its sampler
+reseeded from ``seed`` and the question id. With the in-process vLLM generator an interrupted and
+resumed recording therefore equals an uninterrupted one. ``--model X.gguf`` records with llama.cpp
+instead (about twice vLLM's speed on a CPU; seeded per request, see :mod:`env.bank.store`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from env.bank.store import BankManifest, BankWriter, model_sha256
+from env.generators.base import Generator
+from env.types import Chain, Chunk, JudgeResult, ProbeResult, PromptMode, Question
+from features.errors import ConfigError
+
+__all__ = ["RecordArgs", "record", "record_question", "question_seed"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecordArgs:
+    """Record a trace bank: K chains per question with probes and verifier scores."""
+
+    out: Path
+    """bank folder to create or resume"""
+    model: str = ""
+    """model folder for the in-process vLLM engine (default: the testbed model), or a `.gguf` file
+    for the in-process llama.cpp engine (about twice as fast on a CPU); `fake` records from the
+    scripted fake generator (for testing the recorder itself)"""
+    url: str = ""
+    """instead of --model: base URL of a vLLM OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1)"""
+    dataset: Literal["arith", "gsm8k", "math500"] = "arith"
+    """question set"""
+    splits: tuple[str, ...] = ("test",)
+    """splits to draw from; several are interleaved so a partial bank stays balanced"""
+    n: int = 16
+    """questions per split (for arith: rounded up to a multiple of 8 levels)"""
+    question_seed: int = 0
+    """seed of the question subset"""
+    template: str = ""
+    """prompt template: testbed or chat (default: chat if the model has a chat template)"""
+    mode: Literal["cot", "draft"] = "cot"
+    """prompt mode"""
+    chains: int = 16
+    """chains per question (K)"""
+    chunk_tokens: int = 64
+    """tokens per chunk (T)"""
+    max_tokens: int = 512
+    """token cap per chain"""
+    temperature: float = 0.7
+    """sampling temperature"""
+    top_p: float = 1.0
+    """nucleus sampling mass"""
+    top_logprobs: int = 5
+    """top log-probabilities kept per token for the confidence statistics"""
+    extension_chunks: int = 2
+    """budget-forced chunks recorded after a chain's natural end (0: none)"""
+    probe_tokens: int = 16
+    """tokens a probe may read"""
+    judge: bool = True
+    """record the self-verifier's P(yes) at every boundary"""
+    seed: int = 0
+    """recording seed"""
+    limit_minutes: float = 0.0
+    """stop after the question in progress once this many minutes have passed (0: no limit)"""
+    kv_cache_gib: float = 2.0
+    """vLLM CPU KV cache size"""
+    dtype: str = ""
+    """vLLM weight dtype (auto, bfloat16, float32; default: float32 on CPU, auto on GPU)"""
+    max_model_len: int = 0
+    """context length per chain (0: the model's own, capped at 4096 for vLLM, 2048 for llama.cpp)"""
+    slots: int = 0
+    """llama.cpp parallel slots (0: one per chain)"""
+    threads: int = 0
+    """llama.cpp CPU threads (0: all cores)"""
+
+
+def question_seed(seed: int, qid: str) -> int:
+    """The per-question sampler seed: a stable hash of the bank seed and the question id."""
+    h = hashlib.sha256(f"{seed}:{qid}".encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+@dataclass
+class _ChainRecord:
+    chain: Chain
+    index: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _chunk_row(
+    chain: Chain, chain_index: int, index: int, start: int, chunk: Chunk, ext: bool
+) -> dict[str, Any]:
+    top1 = chunk.top_logprobs[:, 0] if chunk.top_logprobs.shape[1] else np.full(len(chunk), np.nan)
+    return {
+        "qid": chain.question.qid,
+        "chain": chain_index,
+        "chunk": index,
+        "ext": ext,
+        "start": start,
+        "n_tokens": len(chunk),
+        "n_injected": chunk.n_injected,
+        "text": chunk.text,
+        "finish_reason": chunk.finish_reason,
+        "token_ids": [int(t) for t in chunk.token_ids],
+        "logprob": chunk.logprobs,
+        "confidence": chunk.confidence,
+        "entropy": chunk.entropy,
+        "top1_logprob": top1,
+        "prefill": chunk.usage.prefill,
+        "cached": chunk.usage.cached,
+    }
+
+
+def _boundary(
+    row: dict[str, Any], probe: ProbeResult | None, judge: JudgeResult | None, gold: str | None
+) -> None:
+    from features.answers import answers_equal, normalize_answer
+
+    if probe is not None:
+        norm = normalize_answer(probe.answer)
+        row.update(
+            probe_text=probe.text,
+            probe_answer=norm,
+            probe_correct=bool(gold is not None and answers_equal(norm, gold)),
+            probe_tokens=probe.usage.probe,
+            probe_prefill=probe.usage.prefill,
+            probe_cached=probe.usage.cached,
+        )
+    else:
+        row.update(
+            probe_text="",
+            probe_answer=None,
+            probe_correct=False,
+            probe_tokens=0,
+            probe_prefill=0,
+            probe_cached=0,
+        )
+    if judge is not None:
+        row.update(
+            judge_p_yes=float(judge.p_yes),
+            judge_prefill=judge.usage.prefill,
+            judge_cached=judge.usage.cached,
+        )
+    else:
+        row.update(judge_p_yes=math.nan, judge_prefill=0, judge_cached=0)
+
+
+def record_question(
+    gen: Generator,
+    question: Question,
+    *,
+    chains: int,
+    chunk_tokens: int,
+    max_tokens: int,
+    extension_chunks: int,
+    probe_tokens: int,
+    judge: bool,
+    mode: PromptMode = "cot",
+    seed: int | None = None,
+) -> dict[str, list[Any]]:
+    """Record one question; return its chunk rows as columns (see :mod:`env.bank.store`)."""
+    from env.types import BudgetForcing
+    from features.answers import answers_equal, extract_answer, normalize_answer
+
+    reset = getattr(gen, "reset", None)
+    if seed is not None and callable(reset):
+        reset(seed)
+    started = gen.start(question, chains, mode=mode)
+    recs = {c.chain_id: _ChainRecord(c, i) for i, c in enumerate(started)}
+
+    def step(active: list[Chain], ext: bool) -> None:
+        starts = {c.chain_id: c.num_tokens for c in active}
+        chunks = gen.extend(active, chunk_tokens)
+        if len(chunks) != len(active):
+            raise ConfigError("generator returned a different number of chunks than chains")
+        probes = gen.probe(active, max_tokens=probe_tokens)
+        judges: Sequence[JudgeResult | None] = gen.judge(active) if judge else [None] * len(active)
+        for c, ch, pr, jd in zip(active, chunks, probes, judges, strict=True):
+            rec = recs[c.chain_id]
+            row = _chunk_row(c, rec.index, len(rec.rows), starts[c.chain_id], ch, ext)
+            _boundary(row, pr, jd, question.gold)
+            rec.rows.append(row)
+
+    active = [r.chain for r in recs.values()]
+    while active:
+        step(active, ext=False)
+        active = [c for c in active if not c.finished]
+
+    # Budget-forced extension: reopen chains that ended on their own before the cap.
+    answers: dict[int, str | None] = {}
+    for cid, rec in recs.items():
+        answers[cid] = normalize_answer(extract_answer(rec.chain.text))
+    if extension_chunks > 0:
+        reopen = []
+        for rec in recs.values():
+            c = rec.chain
+            if c.finish_reason == "stop" and c.num_tokens < max_tokens:
+                target = c.num_tokens + extension_chunks * chunk_tokens
+                c.budget = BudgetForcing(
+                    min_tokens=target, max_tokens=max(target, max_tokens) + chunk_tokens
+                )
+                c.finished = False
+                reopen.append(c)
+        for _ in range(extension_chunks):
+            if not reopen:
+                break
+            step(reopen, ext=True)
+            reopen = [c for c in reopen if not c.finished]
+
+    cols: dict[str, list[Any]] = {}
+    for cid, rec in recs.items():
+        ans = answers[cid]
+        ok = bool(question.gold is not None and answers_equal(ans, question.gold))
+        for row in rec.rows:
+            row["answer"] = ans
+            row["correct"] = ok
+            for k, v in row.items():
+                cols.setdefault(k, []).append(v)
+    return cols
+
+
+def _make_generator(args: RecordArgs):  # type: ignore[no-untyped-def]
+    from env.types import SamplingConfig
+
+    sampling = SamplingConfig(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_logprobs=args.top_logprobs,
+        max_chain_tokens=args.max_tokens,
+    )
+    if args.model == "fake":
+        from env.generators.fake import FakeGenerator
+
+        return FakeGenerator(sampling=sampling, seed=args.seed), {
+            "name": "fake",
+            "path": "",
+            "sha256": "fake",
+        }
+    if args.url:
+        from env.generators.openai import OpenAIGenerator
+
+        gen = OpenAIGenerator(args.url, template=args.template or "chat", sampling=sampling)
+        return gen, {"name": gen.model_name, "path": args.url, "sha256": ""}
+    if args.model.endswith(".gguf"):
+        return _make_llamacpp(args, sampling)
+    from env.generators.vllm import VLLMGenerator, build_engine
+    from env.models.testbed.model import testbed_model_path
+
+    path = Path(args.model) if args.model else testbed_model_path()
+    sha = model_sha256(path)
+    max_len = args.max_model_len
+    if max_len <= 0:
+        import json as _json
+
+        cfg = (
+            _json.loads((path / "config.json").read_text())
+            if (path / "config.json").exists()
+            else {}
+        )
+        max_len = min(4096, int(cfg.get("max_position_embeddings", 2048)))
+    llm = build_engine(
+        path,
+        seed=args.seed,
+        kv_cache_gib=args.kv_cache_gib,
+        dtype=args.dtype or None,
+        max_model_len=max_len,
+    )
+    template = args.template
+    if not template:
+        template = "chat" if getattr(llm.get_tokenizer(), "chat_template", None) else "testbed"
+    vgen = VLLMGenerator(llm, template=template, sampling=sampling)
+    name = path.name
+    meta = path / "ponder_model.json"
+    if meta.exists():
+        import json
+
+        name = json.loads(meta.read_text()).get("name", name)
+    return vgen, {"name": name, "path": str(path), "sha256": sha, "engine": "vllm"}
+
+
+def _make_llamacpp(args: RecordArgs, sampling: Any):  # type: ignore[no-untyped-def]
+    import json
+
+    from env.generators.llamacpp import LlamaCppGenerator, find_tokenizer_folder
+
+    path = Path(args.model)
+    if not path.is_file():
+        raise ConfigError(f"no GGUF file at {str(path)!r}")
+    gen = LlamaCppGenerator(
+        path,
+        template=args.template or "chat",
+        sampling=sampling,
+        slots=args.slots or args.chains,
+        context=args.max_model_len or 2048,
+        threads=args.threads,
+        seed=args.seed,
+    )
+    name = path.stem
+    folder = find_tokenizer_folder(path)
+    if folder is not None and (folder / "ponder_model.json").exists():
+        name = json.loads((folder / "ponder_model.json").read_text()).get("name", name)
+    return gen, {
+        "name": name,
+        "path": str(path),
+        "sha256": model_sha256(path),
+        "engine": "llama.cpp",
+    }
+
+
+def _questions(args: RecordArgs) -> list[Question]:
+    from env.questions import load_questions
+
+    per_split = [
+        load_questions(args.dataset, s, args.n, seed=args.question_seed) for s in args.splits
+    ]
+    out: list[Question] = []
+    for i in range(max(len(p) for p in per_split)):
+        out.extend(p[i] for p in per_split if i < len(p))
+    return out
+
+
+def record(args: RecordArgs) -> Path:
+    """Create or resume the bank at ``args.out``."""
+    from tqdm import tqdm
+
+    if args.chains < 1 or args.chunk_tokens < 1 or args.max_tokens < args.chunk_tokens:
+        raise ConfigError("need chains >= 1, chunk_tokens >= 1 and max_tokens >= chunk_tokens")
+    questions = _questions(args)
+    gen, model = _make_generator(args)
+    tmpl = getattr(gen, "template", None)
+    template = getattr(tmpl, "name", args.template)
+    prompts = tmpl.prompt_texts() if tmpl is not None and hasattr(tmpl, "prompt_texts") else {}
+    manifest = BankManifest(
+        model=model,
+        dataset=args.dataset,
+        questions=[q.qid for q in questions],
+        template=str(template),
+        mode=args.mode,
+        sampling={
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "top_logprobs": args.top_logprobs,
+        },
+        chains=args.chains,
+        chunk_tokens=args.chunk_tokens,
+        max_tokens=args.max_tokens,
+        extension_chunks=args.extension_chunks,
+        probe_tokens=args.probe_tokens,
+        judge=args.judge,
+        seed=args.seed,
+        prompts=prompts,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    writer = BankWriter(args.out, manifest, questions)
+    todo = [(i, q) for i, q in enumerate(questions) if not writer.done(i)]
+    t0 = time.time()
+    tokens = 0
+    bar = tqdm(
+        total=len(questions),
+        initial=len(questions) - len(todo),
+        desc=f"record {args.out}",
+        unit="q",
+    )
+    for i, q in todo:
+        cols = record_question(
+            gen,
+            q,
+            chains=args.chains,
+            chunk_tokens=args.chunk_tokens,
+            max_tokens=args.max_tokens,
+            extension_chunks=args.extension_chunks,
+            probe_tokens=args.probe_tokens,
+            judge=args.judge,
+            mode=args.mode,
+            seed=question_seed(args.seed, q.qid),
+        )
+        writer.write(i, cols)
+        tokens += int(sum(cols["n_tokens"])) + int(sum(cols["probe_tokens"]))
+        bar.update(1)
+        bar.set_postfix(tok_s=f"{tokens / max(1e-9, time.time() - t0):.1f}")
+        if args.limit_minutes > 0 and time.time() - t0 > args.limit_minutes * 60:
+            log.warning(
+                "time limit reached after %d questions; rerun the same command to resume", bar.n
+            )
+            break
+    bar.close()
+    return Path(args.out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import tyro
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = tyro.cli(RecordArgs, args=argv, prog="ponder record")
+    path = record(args)
+    from env.bank.store import TraceBank
+
+    bank = TraceBank(path)
+    print(f"bank {path}: {len(bank)} of {len(bank.manifest.questions)} questions recorded")
+
+
+if __name__ == "__main__":
+    main()

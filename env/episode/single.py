@@ -1,0 +1,588 @@
+"""The compute-allocation environment: think longer, think wider, check, or answer now.
+
+One episode is one question. While a :class:`~env.generators.base.Generator` (live vLLM, a vLLM
+server, llama.cpp, or the replay of a trace bank) produces chains of thought chunk by chunk, the
+agent decides what to spend compute on next. See :class:`ComputeAllocationEnv`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from env.episode.config import Action, EnvConfig, Prices, decode_tokens
+from env.episode.difficulty import bank_difficulty
+from env.episode.observation import N_FEATURES, EpisodeView, feature_table, observe
+from env.generators.base import Generator
+from env.questions import select_split, training_split
+from env.types import BudgetForcing, Chain, Chunk, Question, TokenUsage
+from features.answers import answers_equal, extract_answer, normalize_answer
+from features.errors import BudgetExhausted, ConfigError, GeneratorError, PolicyError
+
+__all__ = [
+    "ComputeAllocationEnv",
+    "ChainState",
+]
+
+
+@dataclass
+class ChainState:
+    """What the environment tracks per chain."""
+
+    chain: Chain
+    probes: list[str | None] = field(default_factory=list)
+    answer: str | None = None
+    verifier: float | None = None
+    verified_at: int = -1
+    extensions: int = 0
+    conf_sum: float = 0.0
+    conf_n: int = 0
+    chunk_conf: list[float] = field(default_factory=list)
+    chunk_entropy: list[float] = field(default_factory=list)
+    switches: int = 0
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.chain.chunks)
+
+    @property
+    def mean_confidence(self) -> float:
+        return self.conf_sum / self.conf_n if self.conf_n else float("nan")
+
+
+class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
+    """Allocate test-time compute to one question at a time: continue, branch, verify or stop.
+
+    ## Action Space
+
+    ``Discrete(4)``:
+
+    | action | name | what happens | cost |
+    |---|---|---|---|
+    | 0 | continue | the current chain gets one more chunk (if it had ended: ``Wait,`` is appended and it goes on, s1 budget forcing), then an answer-forcing probe | the chunk's tokens, the probe's |
+    | 1 | branch | a new chain starts from the prompt, becomes current, and gets its first chunk and probe | same |
+    | 2 | verify | the verifier scores every chain whose end changed since it was last scored | self-verifier: one generated token per chain, plus its prompt at the prefill price; a PRM: the text it reads, at the prefill price |
+    | 3 | stop | answer now: the aggregated answer of all chains | nothing |
+
+    Every episode opens (at ``reset``) with one chain and its first chunk and probe; their cost
+    is charged on the first step. A chain's answer is its final answer once it has ended, else its
+    latest probe answer.
+    An action that cannot run (see ``info["action_mask"]`` and the ``can_*`` features) ends the
+    episode as truncated with the answer so far (or raises, with ``unavailable="raise"``).
+
+    ## Observation Space
+
+    ``Box(0, 1, (N,), float32)``; every feature is scaled to [0, 1] and is never NaN:
+
+    {features}
+
+    ## Rewards
+
+    Every step costs ``-lam * Δcost`` where ``cost = prices · tokens`` (generated, probe, verifier,
+    injected, prefill; cached prompt tokens are free). The step that ends the episode adds
+    ``correct_reward`` if the answer equals the gold answer (answer equivalence from
+    :mod:`features.answers`). So an episode's return is ``correct_reward * correct - lam * cost``,
+    which ``info`` reports.
+
+    ## Episode End
+
+    * terminated: the agent stops.
+    * truncated: an action that could exceed ``token_cap`` (never exceeded), the wall-clock cap,
+      ``max_steps``, an unavailable action, or the generator's edge (a replayed bank has nothing
+      more to serve). The answer so far is scored.
+
+    ``info`` always holds ``answer``, ``correct``, ``gold``, ``tokens`` (by kind), ``cost``,
+    ``decoded`` (what the cap counts, with ``ahead``), ``ahead`` (tokens a lookahead generator
+    decoded that no action has taken yet, 0 otherwise), ``chains``, ``chain_tokens`` (each
+    chain's generated tokens), ``steps``, ``action_mask``,
+    ``qid``, ``correct_now``, ``cost_delta`` and, at the end, ``reason`` and ``return``.
+
+    For learners, two per-step keys let rewards be recomputed for any ``lam`` and
+    ``correct_reward`` from one rollout:
+
+    * ``correct_now``: whether stopping now would be correct (the aggregated answer of the
+      chains so far equals the gold answer); the same value as ``correct``, at every step
+      (``None`` without a gold answer).
+    * ``cost_delta``: the priced cost this step's reward charges, so that every step's reward is
+      ``-lam * cost_delta``, plus ``correct_reward * correct`` on the step that ends the episode.
+      The opening chunk (and probe) generated at ``reset`` is charged on the episode's first
+      step: ``reset``'s info has ``cost_delta == 0.0`` and the first step's ``cost_delta`` is
+      the opening's cost plus that step's own. The ``cost_delta`` of an episode's steps add up
+      to its final ``cost``.
+
+    ## Arguments
+
+    * ``generator``: any :class:`~env.generators.base.Generator`.
+    * ``questions``: the questions episodes draw from (uniformly, with the env's RNG), or pick one
+      with ``reset(options={"question": i or qid})``.
+    * ``config``: an :class:`EnvConfig` (or its fields as keyword arguments).
+    * ``difficulty``: optional ``callable(question, first_chunk) -> float in [0, 1]``, the
+      ``difficulty`` feature (0.5 when absent).
+    * ``verifier``: what ``verify`` asks: any object with ``judge(chains) -> list[JudgeResult]``
+      (see :mod:`env.verifiers`); default: the generator's own self-verification.
+
+    * ``require_gold``: a question without a gold answer cannot be scored, so the env refuses it
+      at reset; with ``require_gold=False`` (serving, see :mod:`controller`) it runs, its reward
+      never includes correctness and ``info["correct"]`` is ``None``.
+
+    ``reset(options=...)`` also takes ``"reset_generator": False`` to leave the generator's
+    cache and seed alone (a generator shared by concurrent questions).
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}  # noqa: RUF012 (gymnasium's API)
+
+    def __init__(
+        self,
+        generator: Generator,
+        questions: Sequence[Question],
+        config: EnvConfig | None = None,
+        *,
+        difficulty: Any = None,
+        verifier: Any = None,
+        require_gold: bool = True,
+        render_mode: str | None = None,
+        **config_fields: Any,
+    ) -> None:
+        if config is not None and config_fields:
+            raise ConfigError("pass either config or its fields, not both")
+        config = config if config is not None else EnvConfig(**config_fields)
+        bank_k = getattr(generator, "chunk_tokens", None)
+        if bank_k is not None and bank_k != config.chunk_tokens:
+            raise ConfigError(
+                f"the generator serves chunks of {bank_k} tokens (a replayed bank); "
+                f"set chunk_tokens={bank_k}"
+            )
+        qs = list(questions)
+        if not qs:
+            raise ConfigError("the environment needs at least one question")
+        if render_mode not in (None, "ansi"):
+            raise ConfigError(f"render_mode must be None or 'ansi', got {render_mode!r}")
+        self.generator = generator
+        self.questions = qs
+        self._by_qid = {q.qid: i for i, q in enumerate(qs)}
+        self.config = config
+        self.difficulty_fn = difficulty
+        self.verifier = verifier
+        self.require_gold = bool(require_gold)
+        self.render_mode = render_mode
+        self.action_space = spaces.Discrete(4)  # type: ignore[assignment]
+        self.observation_space = spaces.Box(0.0, 1.0, (N_FEATURES,), np.float32)
+        self._ep: _Episode | None = None
+
+    @classmethod
+    def from_bank(
+        cls,
+        bank: str | Path,
+        *,
+        split: str | None = None,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> ComputeAllocationEnv:
+        """An environment that replays a trace bank (questions of ``split`` only, if given).
+
+        ``difficulty="auto"`` fits the difficulty predictor (:mod:`env.episode.difficulty`) on the bank's
+        training questions (``None`` if it has fewer than two).
+        """
+        from env.generators.replay import ReplayGenerator
+
+        gen = ReplayGenerator(bank, seed=seed)
+        qs = gen.bank.questions
+        if split:
+            qs = select_split(qs, split)
+            if not qs:
+                raise ConfigError(f"the bank at {bank} has no recorded {split!r} questions")
+        m = gen.bank.manifest
+        if kwargs.get("difficulty") == "auto":
+            kwargs["difficulty"] = bank_difficulty(gen.bank, training_split(split))
+        cfg = kwargs.pop("config", None)
+        if cfg is None:
+            kwargs.setdefault("chunk_tokens", m.chunk_tokens)
+            kwargs.setdefault("max_chains", m.chains)
+            kwargs.setdefault("max_chain_tokens", m.max_tokens)
+            kwargs.setdefault("extension_chunks", m.extension_chunks)
+            kwargs.setdefault("probe_tokens", m.probe_tokens)
+            return cls(gen, qs, **kwargs)
+        return cls(gen, qs, cfg, **kwargs)
+
+    # -- gymnasium API -------------------------------------------------------------------------
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        pick = (options or {}).get("question")
+        if pick is None:
+            index = int(self.np_random.integers(len(self.questions)))
+        elif isinstance(pick, str):
+            if pick not in self._by_qid:
+                raise ConfigError(f"question {pick!r} is not among this environment's questions")
+            index = self._by_qid[pick]
+        else:
+            index = int(pick)
+            if not 0 <= index < len(self.questions):
+                raise ConfigError(f"question index {index} is outside 0..{len(self.questions) - 1}")
+        q = self.questions[index]
+        if q.gold is None and self.require_gold:
+            raise ConfigError(
+                f"question {q.qid!r} has no gold answer: its reward cannot be scored; "
+                "drop it from the environment's questions"
+            )
+        gen_seed = int(self.np_random.integers(2**31 - 1))
+        reset = getattr(self.generator, "reset", None)
+        if callable(reset) and (options or {}).get("reset_generator", True):
+            reset(gen_seed)
+        vreset = getattr(self.verifier, "reset", None)
+        if callable(vreset):
+            vreset()  # a verifier's cache never makes one episode cheaper than another
+        self._ep = _Episode(question=q, t0=time.monotonic())
+        try:
+            self._branch()  # every episode opens with one chain's first chunk
+        except BudgetExhausted as e:
+            raise ConfigError(f"question {q.qid!r} cannot start: {e}") from e
+        return self._observe(), self._info()
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        ep = self._ep
+        if ep is None or ep.done:
+            raise PolicyError("call reset() before step() (the episode has ended)")
+        a = _as_action(action)
+        cfg = self.config
+        before = ep.charged
+        ep.steps += 1
+        mask = self.action_mask()
+        terminated = truncated = False
+        reason = ""
+        if a == Action.STOP:
+            terminated, reason = True, "stop"
+        elif not mask[a]:
+            reason = self._why_unavailable(a)
+            if cfg.unavailable == "raise":
+                ep.steps -= 1
+                raise PolicyError(f"action {a.name.lower()} is unavailable: {reason}")
+            truncated = True
+        else:
+            try:
+                if a == Action.CONTINUE:
+                    self._continue(ep.states[ep.cur])
+                elif a == Action.BRANCH:
+                    self._branch()
+                else:
+                    self._verify()
+            except BudgetExhausted as e:
+                truncated, reason = True, f"generator edge: {e}"
+        if not (terminated or truncated):
+            if cfg.time_cap_s and time.monotonic() - ep.t0 > cfg.time_cap_s:
+                truncated, reason = True, "time cap"
+            elif ep.steps >= cfg.steps_limit:
+                truncated, reason = True, "max steps"
+            elif not self.action_mask()[:3].any():
+                # Nothing left but stopping: the token cap (or the bank) is reached.
+                truncated, reason = True, "token cap"
+        ep.charged = ep.cost(cfg.prices)
+        ep.cost_delta = ep.charged - before
+        reward = -cfg.lam * ep.cost_delta
+        if terminated or truncated:
+            ep.done = True
+            ep.reason = reason
+            ep.final = self._aggregate()
+            gold = ep.question.gold
+            ep.correct = gold is not None and bool(answers_equal(ep.final[0], gold))
+            reward += cfg.correct_reward * float(ep.correct)
+        return self._observe(), float(reward), terminated, truncated, self._info()
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi" or self._ep is None:
+            return None
+        ep = self._ep
+        lines = [f"{ep.question.qid}: {len(ep.states)} chains, {ep.decoded} tokens decoded"]
+        for i, s in enumerate(ep.states):
+            mark = "*" if i == ep.cur else " "
+            lines.append(
+                f"{mark} chain {i}: {s.chain.num_tokens} tokens, "
+                f"{'ended' if s.chain.finished else 'open'}, answer {s.answer!r}, "
+                f"verifier {s.verifier if s.verifier is not None else '-'}"
+            )
+        return "\n".join(lines)
+
+    # -- actions -------------------------------------------------------------------------------
+
+    def action_mask(self) -> np.ndarray:
+        """Which actions can run now: ``[continue, branch, verify, stop]``."""
+        ep = self._ep
+        if ep is None:
+            return np.array([False, False, False, True])
+        cfg = self.config
+        room = cfg.token_cap - ep.decoded - self._ahead()
+        can_cont = bool(ep.states) and self._can_continue(ep.states[ep.cur])
+        can_cont = can_cont and room >= cfg.bound(Action.CONTINUE)
+        can_branch = len(ep.states) < cfg.max_chains and room >= cfg.bound(Action.BRANCH)
+        remaining = getattr(self.generator, "remaining_chains", None)
+        if can_branch and callable(remaining):
+            can_branch = remaining(ep.question) > 0
+        todo = self._to_verify()
+        can_verify = bool(todo) and room >= cfg.bound(Action.VERIFY, len(todo))
+        judge_source = self.verifier if self.verifier is not None else self.generator
+        if can_verify and not getattr(judge_source, "can_judge", True):
+            can_verify = False
+        return np.array([can_cont, can_branch, can_verify, True])
+
+    def action_bound(self, action: Action | int) -> int:
+        """The most decoded tokens ``action`` can cost now (what the token cap is checked against)."""
+        a = _as_action(action)
+        n = len(self._to_verify()) if a == Action.VERIFY and self._ep is not None else 0
+        return self.config.bound(a, n)
+
+    def _ahead(self) -> int:
+        """Tokens a lookahead generator decoded that no action has taken yet (the cap counts them)."""
+        return int(getattr(self.generator, "ahead", 0) or 0)
+
+    def _can_continue(self, s: ChainState) -> bool:
+        c = s.chain
+        past_end = c.finished or c.budget is not None
+        if c.finished and c.finish_reason != "stop":
+            return False  # the token cap or a forced answer ended it
+        if past_end and s.extensions >= self.config.extension_chunks:
+            return False
+        if not past_end and c.num_tokens >= self.config.max_chain_tokens:
+            return False
+        fn = getattr(self.generator, "can_extend", None)
+        return bool(fn(c)) if callable(fn) else True
+
+    def _why_unavailable(self, a: Action) -> str:
+        ep = self._ep
+        assert ep is not None
+        room = self.config.token_cap - ep.decoded - self._ahead()
+        if a == Action.CONTINUE:
+            if not ep.states:
+                return "no chain yet: branch first"
+            if room < self.config.bound(Action.CONTINUE):
+                return "token cap"
+            return "the current chain cannot be continued"
+        if a == Action.BRANCH:
+            if len(ep.states) >= self.config.max_chains:
+                return f"max_chains ({self.config.max_chains}) reached"
+            if room < self.config.bound(Action.BRANCH):
+                return "token cap"
+            return "the generator has no more chains for this question"
+        return "nothing new to verify" if not self._to_verify() else "token cap"
+
+    def _extend(self, s: ChainState) -> Chunk:
+        chunks = self.generator.extend([s.chain], self.config.chunk_tokens)
+        if len(chunks) != 1:
+            raise GeneratorError(
+                f"the generator returned {len(chunks)} chunks for one chain (chain "
+                f"{s.chain.chain_id} of {s.chain.question.qid!r})"
+            )
+        return chunks[0]
+
+    def _continue(self, s: ChainState) -> None:
+        c = s.chain
+        ep = self._ep
+        assert ep is not None
+        if c.finished or c.budget is not None:
+            # s1 budget forcing past the chain's end: "Wait," is appended to an ended chain and
+            # sampling goes on for one more chunk (each such chunk counts as an extension).
+            cap = (
+                self.config.max_chain_tokens
+                + self.config.extension_chunks * self.config.chunk_tokens
+            )
+            c.budget = BudgetForcing(
+                min_tokens=c.num_tokens + 1, max_tokens=max(cap, c.num_tokens + 1)
+            )
+            c.finished = False
+            s.extensions += 1
+        self._after_chunk(s, self._extend(s))
+
+    def _branch(self) -> None:
+        ep = self._ep
+        assert ep is not None
+        (chain,) = self.generator.start(ep.question, 1)
+        s = ChainState(chain)
+        ep.states.append(s)
+        ep.cur = len(ep.states) - 1
+        self._after_chunk(s, self._extend(s))
+        if ep.difficulty is None:
+            fn = self.difficulty_fn
+            ep.difficulty = float(fn(ep.question, chain.chunks[0])) if fn is not None else 0.5
+
+    def _after_chunk(self, s: ChainState, chunk: Chunk) -> None:
+        from features.probes import switch_count
+
+        ep = self._ep
+        assert ep is not None
+        ep.usage = ep.usage + chunk.usage
+        conf = np.asarray(chunk.confidence, dtype=np.float64)
+        ent = np.asarray(chunk.entropy, dtype=np.float64)
+        ok = np.isfinite(conf)
+        if ok.any():
+            s.conf_sum += float(conf[ok].sum())
+            s.conf_n += int(ok.sum())
+            s.chunk_conf.append(float(conf[ok].mean()))
+        oke = np.isfinite(ent)
+        if oke.any():
+            s.chunk_entropy.append(float(ent[oke].mean()))
+        s.switches += switch_count(chunk.text)
+        c = s.chain
+        if c.finished:
+            s.answer = normalize_answer(extract_answer(c.text))
+        elif self.config.probe:
+            (p,) = self.generator.probe([c], max_tokens=self.config.probe_tokens)
+            ep.usage = ep.usage + p.usage
+            ans = normalize_answer(p.answer)
+            s.probes.append(ans)
+            s.answer = ans
+
+    def _to_verify(self) -> list[ChainState]:
+        ep = self._ep
+        assert ep is not None
+        return [s for s in ep.states if s.n_chunks > 0 and s.verified_at != s.n_chunks]
+
+    def _verify(self) -> None:
+        ep = self._ep
+        assert ep is not None
+        todo = self._to_verify()
+        judge = self.verifier.judge if self.verifier is not None else self.generator.judge
+        results = judge([s.chain for s in todo])
+        for s, r in zip(todo, results, strict=True):
+            ep.usage = ep.usage + r.usage
+            p = float(r.p_yes)
+            s.verifier = p if math.isfinite(p) else 0.5
+            s.verified_at = s.n_chunks
+
+    # -- answers, observation, info ------------------------------------------------------------
+
+    def _aggregate(self) -> tuple[str | None, float]:
+        from features.aggregate import (
+            confidence_weighted_vote,
+            majority_vote,
+            verifier_weighted_vote,
+        )
+
+        ep = self._ep
+        assert ep is not None
+        answers = [s.answer for s in ep.states]
+        if self.config.aggregate == "confidence":
+            conf = [_finite(s.mean_confidence, 0.0) for s in ep.states]
+            return confidence_weighted_vote(answers, conf)
+        if self.config.aggregate == "verifier":
+            return verifier_weighted_vote(
+                answers, [s.verifier if s.verifier is not None else 0.5 for s in ep.states]
+            )
+        return majority_vote(answers)
+
+    def _observe(self) -> np.ndarray:
+        ep = self._ep
+        assert ep is not None
+        view = EpisodeView(
+            states=ep.states,
+            cur=ep.cur,
+            decoded=ep.decoded,
+            steps=ep.steps,
+            difficulty=ep.difficulty,
+            mask=self.action_mask(),
+            config=self.config,
+        )
+        return observe(view)
+
+    def _info(self) -> dict[str, Any]:
+        ep = self._ep
+        assert ep is not None
+        answer, share = ep.final if ep.final is not None else self._aggregate()
+        u = ep.usage
+        correct = (
+            bool(answers_equal(answer, ep.question.gold)) if ep.question.gold is not None else None
+        )
+        info: dict[str, Any] = {
+            "qid": ep.question.qid,
+            "answer": answer,
+            "share": share,
+            "gold": ep.question.gold,
+            "correct": correct,
+            "correct_now": correct,
+            "cost_delta": ep.cost_delta,
+            "tokens": {
+                "generated": u.generated,
+                "probe": u.probe,
+                "judge": u.judge,
+                "injected": u.injected,
+                "prefill": u.prefill,
+                "cached": u.cached,
+            },
+            "decoded": ep.decoded,
+            "ahead": self._ahead(),
+            "cost": ep.cost(self.config.prices),
+            "chains": len(ep.states),
+            "chain_tokens": [s.chain.num_tokens for s in ep.states],
+            "steps": ep.steps,
+            "action_mask": self.action_mask(),
+            "difficulty": ep.question.difficulty,
+        }
+        if ep.done:
+            info["reason"] = ep.reason
+            info["return"] = self.config.correct_reward * float(
+                ep.correct
+            ) - self.config.lam * ep.cost(self.config.prices)
+        return info
+
+    @property
+    def episode(self) -> _Episode | None:
+        """The episode in progress (read-only use: heuristics read chain states from it)."""
+        return self._ep
+
+
+@dataclass
+class _Episode:
+    question: Question
+    t0: float
+    states: list[ChainState] = field(default_factory=list)
+    cur: int = 0
+    steps: int = 0
+    usage: TokenUsage = field(default_factory=TokenUsage)
+    difficulty: float | None = None
+    done: bool = False
+    reason: str = ""
+    final: tuple[str | None, float] | None = None
+    correct: bool = False
+    #: Cost already given as reward (the opening chunk's cost is charged on the first step).
+    charged: float = 0.0
+    #: The cost the last step's reward charged (0 before the first step).
+    cost_delta: float = 0.0
+
+    @property
+    def decoded(self) -> int:
+        return decode_tokens(self.usage)
+
+    def cost(self, prices: Prices) -> float:
+        return prices.cost(self.usage)
+
+
+def _as_action(action: Any) -> Action:
+    try:
+        if isinstance(action, np.ndarray):
+            if action.size != 1:
+                raise ValueError
+            action = action.reshape(()).item()
+        if isinstance(action, bool | float) and not float(action).is_integer():
+            raise ValueError
+        return Action(int(action))
+    except (ValueError, TypeError):
+        raise PolicyError(
+            f"invalid action {action!r}: use 0 (continue), 1 (branch), 2 (verify) or 3 (stop)"
+        ) from None
+
+
+def _finite(x: float, default: float) -> float:
+    return x if math.isfinite(x) else default
+
+
+ComputeAllocationEnv.__doc__ = (ComputeAllocationEnv.__doc__ or "").replace(
+    "{features}", feature_table().replace("\n", "\n    ")
+)

@@ -1,0 +1,118 @@
+"""Learned policies: a calibrated value / stopping model and a PPO actor-critic, with their
+training entry points and ponder's safe file format.
+
+| policy | model | trained by |
+|---|---|---|
+| :class:`~policies.learned.value.ValuePolicy` | P(correct if stopped now) + the gain of each other action, conditioned on λ | scikit-learn (MLP classifier + isotonic calibration, fitted-Q iteration), :func:`train_value_policy` |
+| :class:`~policies.learned.ppo.PPOPolicy` | actor-critic over the four actions with action masking, conditioned on λ | PyTorch PPO, :func:`train_ppo` |
+
+Each decides at every chunk or, with ``decide="chain"``, only between chains (a running chain
+is always read to its end). Both act in numpy from plain arrays, save to a folder (``policy.save(folder)``: ``policy.json``
+and ``weights.safetensors``) and load with :func:`load_policy`, which never unpickles and refuses
+files trained on other features. Train from the command line::
+
+    python -m policies.learned value --decide chain --bank data/banks/testbed-arith \\
+        --out models/policies/value
+    python -m policies.learned ppo --bank data/banks/testbed-arith --out models/policies/ppo
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from features.errors import PolicyError
+from policies.learned.ppo import PPOArgs, PPOPolicy, train_ppo
+from policies.learned.value import (
+    DEFAULT_LAMS,
+    LearnedPolicy,
+    ValueArgs,
+    ValuePolicy,
+    rollout_pinned,
+    train_value_policy,
+)
+from policies.serialize import read_policy_files
+
+__all__ = [
+    "DEFAULT_LAMS",
+    "KINDS",
+    "LearnedPolicy",
+    "PPOArgs",
+    "PPOPolicy",
+    "ValueArgs",
+    "ValuePolicy",
+    "load_policy",
+    "main",
+    "rollout_pinned",
+    "train_ppo",
+    "train_value_policy",
+]
+
+log = logging.getLogger(__name__)
+
+#: The learned policy kinds ponder loads, by the ``kind`` in ``policy.json``.
+KINDS: dict[str, type[LearnedPolicy]] = {"value": ValuePolicy, "ppo": PPOPolicy}
+
+
+def load_policy(path: str | Path) -> LearnedPolicy:
+    """A learned policy saved with ``policy.save(folder)``.
+
+    Args:
+        path: the folder (or its ``policy.json``).
+
+    Raises:
+        PolicyError: not ponder's format (a pickle file, no or garbled ``policy.json``), an
+            unknown kind or version, a feature schema other than the environment's, or weights
+            that do not fit the policy.
+    """
+    files = read_policy_files(path, kinds={k: (c.version,) for k, c in KINDS.items()})
+    cls = KINDS[files.kind]
+    try:
+        return cls._from_files(files)
+    except PolicyError as e:
+        raise PolicyError(f"{files.path}: {e}") from e
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise PolicyError(
+            f"{files.path}: the {files.kind} policy's parameters or weights are damaged "
+            f"({type(e).__name__}: {e})"
+        ) from e
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m policies.learned {value,ppo} --bank ... --out ...``: train and save."""
+    import tyro
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = tyro.extras.subcommand_cli_from_dict(
+        {"value": ValueArgs, "ppo": PPOArgs},
+        args=argv,
+        description="Train a learned ponder policy on a trace bank and save it.",
+    )
+    policy: LearnedPolicy
+    if isinstance(args, ValueArgs):
+        kw = {k: v for k, v in vars(args).items() if k not in ("bank", "split", "lams", "seed")}
+        policy = train_value_policy(
+            args.bank, split=args.split, lams=args.lams, seed=args.seed, **kw
+        )
+    else:
+        kw = {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("bank", "split", "lams", "seed", "total_steps")
+        }
+        policy = train_ppo(
+            args.bank,
+            split=args.split,
+            total_steps=args.total_steps,
+            lams=args.lams,
+            seed=args.seed,
+            **kw,
+        )
+    out = policy.save(args.out)
+    metrics = policy.meta.get("metrics", {})
+    summary = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval/")}
+    log.info("saved %s policy to %s %s", policy.kind, out, summary)
+
+
+if __name__ == "__main__":
+    main()
