@@ -10,15 +10,18 @@ with vLLM, and writes the step-level labels for training a verifier.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from env.models.testbed.model import TESTBED_DIR, build_tokenizer, model_config
 from env.models.testbed.task import training_text
+from features.errors import ConfigError
 
 __all__ = ["TrainArgs", "train"]
 
@@ -69,6 +72,80 @@ def _batches(tok, args: TrainArgs, rng: random.Random):  # type: ignore[no-untyp
         yield x
 
 
+CKPT_META = "state.json"
+
+
+def save_checkpoint(ckpt: Path, model: Any, opt: Any, step: int, rng: random.Random) -> None:
+    """Write a resumable checkpoint as safetensors (weights, optimiser moments) and JSON (the
+    rest). Never pickle: a planted checkpoint must not be able to run code when resumed."""
+    from safetensors.torch import save_file
+
+    # Cloned: tied weights (the embedding and the output layer) share memory, which safetensors
+    # refuses; loading writes the same values into both names.
+    tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    opt_state = opt.state_dict()
+    slots: dict[str, dict[str, Any]] = {}
+    for idx, st in opt_state["state"].items():
+        slots[str(idx)] = {}
+        for key, v in st.items():
+            if hasattr(v, "detach"):
+                tensors[f"opt.{idx}.{key}"] = v.detach().contiguous()
+            else:
+                slots[str(idx)][key] = v
+    version, internal, gauss = rng.getstate()
+    meta = {
+        "step": step,
+        "rng": [version, list(internal), gauss],
+        "param_groups": opt_state["param_groups"],
+        "opt_scalars": slots,
+    }
+    # The JSON names the tensor file of its own step and is renamed into place last: a kill at
+    # any moment leaves the previous JSON, still naming the previous (intact) tensor file.
+    name = f"state-{step}.safetensors"
+    save_file(tensors, str(ckpt / name))
+    meta["tensors"] = name
+    tmp = ckpt / (CKPT_META + ".tmp")
+    tmp.write_text(json.dumps(meta))
+    tmp.replace(ckpt / CKPT_META)
+    for old in ckpt.glob("state-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+def load_checkpoint(ckpt: Path, model: Any, opt: Any) -> tuple[int, random.Random]:
+    """Read what :func:`save_checkpoint` wrote into ``model`` and ``opt``; the step and RNG."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((ckpt / CKPT_META).read_text())
+        tensors = load_file(str(ckpt / Path(meta["tensors"]).name))
+        model.load_state_dict(
+            {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        )
+        state: dict[int, dict[str, Any]] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, idx, key = k.split(".", 2)
+                state.setdefault(int(idx), {})[key] = v
+        for idx, scalars in meta["opt_scalars"].items():
+            state.setdefault(int(idx), {}).update(scalars)
+        groups = meta["param_groups"]
+        for g in groups:  # JSON made the betas tuple a list
+            if isinstance(g.get("betas"), list):
+                g["betas"] = tuple(g["betas"])
+        opt.load_state_dict({"state": state, "param_groups": groups})
+        version, internal, gauss = meta["rng"]
+        rng = random.Random()
+        rng.setstate((version, tuple(internal), gauss))
+        return int(meta["step"]), rng
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+        raise ConfigError(
+            f"the checkpoint in {ckpt} is damaged ({type(e).__name__}: {e}); delete the folder "
+            "and train again"
+        ) from e
+
+
 def train(args: TrainArgs) -> Path:
     """Train (or resume) and write the final model to ``args.out``."""
     import torch
@@ -88,14 +165,13 @@ def train(args: TrainArgs) -> Path:
     model = LlamaForCausalLM(model_config(len(tok), hidden=args.hidden, layers=args.layers))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     step = 0
-    state_file = ckpt / "state.pt"
-    if state_file.exists():
-        state = torch.load(state_file, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step = int(state["step"])
-        rng = random.Random()
-        rng.setstate(state["rng"])
+    if (ckpt / "state.pt").exists():
+        raise ConfigError(
+            f"{ckpt / 'state.pt'} is a pickle-based checkpoint of an older ponder; ponder never "
+            f"loads pickle files (they can run code). Delete {ckpt} and train again."
+        )
+    if (ckpt / CKPT_META).exists():
+        step, rng = load_checkpoint(ckpt, model, opt)
         log.info("resumed from step %d", step)
     else:
         rng = random.Random(args.seed)
@@ -129,17 +205,7 @@ def train(args: TrainArgs) -> Path:
         bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr_at(step):.1e}")
         timeout = args.max_minutes > 0 and time.time() - t0 > args.max_minutes * 60
         if step % args.checkpoint_every == 0 or step == args.steps or timeout:
-            tmp = state_file.with_suffix(".tmp")
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "opt": opt.state_dict(),
-                    "step": step,
-                    "rng": rng.getstate(),
-                },
-                tmp,
-            )
-            tmp.replace(state_file)
+            save_checkpoint(ckpt, model, opt, step, rng)
         if timeout:
             log.warning(
                 "stopping at step %d after %.1f min; rerun to resume", step, args.max_minutes
