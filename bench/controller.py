@@ -89,13 +89,13 @@ def main(args: Args) -> None:
     from rich.table import Table
 
     from controller.controller import Controller
-    from controller.policy_spec import load_policy
     from env.episode.config import EnvConfig
     from env.generators.openai import OpenAIGenerator
     from env.generators.prompts import CHAT, get_template
     from env.generators.server import free_port, start_vllm_server
     from env.models.testbed.task import make_questions
     from env.types import SamplingConfig
+    from policies.registry import check_policy, load_policy
 
     console = Console()
     server = None
@@ -196,7 +196,7 @@ def main(args: Args) -> None:
             template=args.template,
             sampling=SamplingConfig(max_chain_tokens=args.max_chain_tokens + 2 * args.chunk_tokens),
         )
-        policy = load_policy(args.policy)
+        policy = check_policy(load_policy(args.policy))
         config = EnvConfig(
             chunk_tokens=args.chunk_tokens,
             max_chain_tokens=args.max_chain_tokens,

@@ -68,11 +68,12 @@ class Args:
 def _observations(bank: Path, n: int, seed: int = 0) -> tuple[np.ndarray, Any]:
     """``n`` real observations: replayed episodes under a mix of heuristics."""
     from env.episode.vector import BatchedReplayEnv
-    from policies import AdaptiveConsistency, BestOfN, BudgetForcing, ProbeAgreement
+    from policies.registry import load_policy
 
     env = BatchedReplayEnv(bank, 256, split="test", seed=seed, difficulty="auto")
     out: list[np.ndarray] = []
-    for p in (BestOfN(8), AdaptiveConsistency(0.9), BudgetForcing(256), ProbeAgreement(2)):
+    for name in ("best-of-8", "adaptive-consistency-0.9", "s1-256", "probe-agree-2"):
+        p = load_policy(name, config=env.config)
         obs, _ = env.reset(seed=seed)
         p.reset(env.num_envs, config=env.config)
         for _ in range(40):
@@ -85,32 +86,24 @@ def _observations(bank: Path, n: int, seed: int = 0) -> tuple[np.ndarray, Any]:
 
 
 def _policies(config: Any, learned_policies: dict[str, Any]) -> list[Any]:
-    from policies import (
-        AdaptiveConsistency,
-        BestOfN,
-        BoundedThinking,
-        BudgetForcing,
-        DeepConfOnline,
-        DifficultyRouter,
-        EarlyStoppingSC,
-        ProbeAgreement,
-        SingleChain,
-    )
+    from policies.base import LamConditioned
+    from policies.registry import load_policy
 
-    ps: list[Any] = [
-        SingleChain(),
-        BestOfN(16),
-        BestOfN(16, "verifier"),
-        BudgetForcing(256),
-        AdaptiveConsistency(0.95, max_n=config.max_chains),
-        EarlyStoppingSC(max_n=config.max_chains),
-        DeepConfOnline(keep_percent=90, max_n=config.max_chains),
-        ProbeAgreement(3),
-        DifficultyRouter(),
-        BoundedThinking(config.chunk_tokens, config.max_chain_tokens),
-    ]
+    names = (
+        "single",
+        "best-of-16",
+        "best-of-16-verifier",
+        "s1-256",
+        "adaptive-consistency-0.95",
+        f"esc-4-max{config.max_chains}",
+        "deepconf-online-90",
+        "probe-agree-3",
+        "router-0.3-0.7",
+        f"bounded-{config.chunk_tokens}-{config.max_chain_tokens}",
+    )
+    ps: list[Any] = [load_policy(n, config=config) for n in names]
     for p in learned_policies.values():
-        ps.append(p.with_lam(3e-4) if hasattr(p, "with_lam") else p)
+        ps.append(p.with_lam(3e-4) if isinstance(p, LamConditioned) else p)
     return ps
 
 

@@ -11,7 +11,8 @@ puts it in front of vLLM; ``controller.cli`` is the ``ponder`` command line::
     ctl = Controller(gen, load_policy("adaptive-consistency"), token_cap=4096, latency_cap_s=30)
     result = ctl.solve("What is 17 * 23?")  # answer, confidence, trace, tokens, reason
 
-Names import lazily, so ``ponder --help`` stays fast.
+``load_policy`` is :func:`policies.registry.load_policy` (a heuristic's name or a saved policy's
+folder; the grammar is documented there). Names import lazily, so ``ponder --help`` stays fast.
 
 Imports run one way: ``controller`` -> ``policies`` -> ``env`` -> ``features``.
 """
@@ -27,7 +28,6 @@ __all__ = [
     "Step",
     "create_app",
     "load_policy",
-    "parse_policy_spec",
 ]
 
 _LAZY = {
@@ -36,8 +36,7 @@ _LAZY = {
     "Result": "controller.controller",
     "Step": "controller.controller",
     "create_app": "controller.proxy",
-    "load_policy": "controller.policy_spec",
-    "parse_policy_spec": "controller.policy_spec",
+    "load_policy": "policies.registry",
 }
 
 

@@ -97,11 +97,21 @@ COMMANDS: tuple[Command, ...] = (
         "policies.main:evaluate_main",
         "evaluate one policy (a heuristic's name or a saved policy folder) on a bank",
     ),
+    Command(
+        "train",
+        "policies.learned:main",
+        "train a learned policy on a bank and save it: `train value` (fitted-Q) or `train ppo`",
+    ),
     Command("bank info", "env.bank.cli:main", "summarise a trace bank by difficulty"),
     Command(
         "bank compact",
         "env.bank.cli:compact_main",
-        "re-encode a bank's chunk files smaller (same values, bit for bit; safe beside a recorder)",
+        "re-encode a bank's chunk files smaller (same values, bit for bit; takes the bank's lock)",
+    ),
+    Command(
+        "bank stamp",
+        "env.bank.cli:stamp_main",
+        "give an older bank its identity: a bank id and settings fingerprint in every file",
     ),
     Command(
         "testbed train", "env.models.testbed.train:main", "train the testbed model (CPU, resumable)"

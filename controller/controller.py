@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import itertools
 import logging
 import math
@@ -69,7 +68,7 @@ from env.generators.base import Generator
 from env.generators.lookahead import Lookahead
 from env.types import INJECT_ALLOWANCE, Question, TokenUsage
 from features.errors import ConfigError, GeneratorError
-from policies.base import Policy
+from policies.base import HasValue, Policy
 
 __all__ = ["NO_GOLD", "Controller", "FleetResult", "Result", "Step"]
 
@@ -168,7 +167,7 @@ class Controller:
 
     Args:
         generator: any :class:`~env.generators.base.Generator`. It is shared by concurrent
-            questions when it says it is thread-safe (``thread_safe = True``, or an
+            questions when it says it is thread-safe (``generator.traits.thread_safe``: an
             :class:`~env.generators.openai.OpenAIGenerator`, whose HTTP client is); other
             generators are called by one question at a time.
         policy: any :class:`~policies.base.Policy`; every question gets its own copy
@@ -202,14 +201,15 @@ class Controller:
     ) -> None:
         if not isinstance(policy, Policy):
             raise ConfigError(
-                f"policy must follow the Policy protocol (reset, act, end), got {policy!r}"
+                "policy must follow the Policy protocol (policies.base: subclass BasePolicy), "
+                f"got {policy!r}"
             )
         if config is None:
-            config = EnvConfig(aggregate=getattr(policy, "aggregate", "majority"))
-        elif config.aggregate != getattr(policy, "aggregate", config.aggregate):
+            config = EnvConfig(aggregate=policy.aggregate)  # type: ignore[arg-type]
+        elif config.aggregate != policy.aggregate:
             log.warning(
                 "policy %s is meant for aggregate=%r, the config says %r",
-                getattr(policy, "name", policy),
+                policy.name,
                 policy.aggregate,
                 config.aggregate,
             )
@@ -226,7 +226,7 @@ class Controller:
         self.lookahead = bool(lookahead)
         self._counter = itertools.count()
         self._gen_lock: threading.RLock | None = (
-            None if _thread_safe(generator) else threading.RLock()
+            None if generator.traits.thread_safe else threading.RLock()
         )
 
     @property
@@ -235,8 +235,7 @@ class Controller:
 
     def __repr__(self) -> str:
         cap = f", latency_cap_s={self.latency_cap_s:g}" if self.latency_cap_s else ""
-        name = getattr(self.policy, "name", type(self.policy).__name__)
-        return f"Controller({name!r}, token_cap={self.token_cap}{cap})"
+        return f"Controller({self.policy.name!r}, token_cap={self.token_cap}{cap})"
 
     # -- one question -----------------------------------------------------------------------
 
@@ -449,8 +448,7 @@ class Controller:
         return q if q.gold is not None else replace(q, gold=NO_GOLD)
 
     def _fresh_policy(self) -> Policy:
-        clone = getattr(self.policy, "clone", None)
-        return clone() if callable(clone) else copy.deepcopy(self.policy)
+        return self.policy.clone()
 
     def _run(
         self,
@@ -473,18 +471,18 @@ class Controller:
             lat = min(lat, self.latency_cap_s) if lat else self.latency_cap_s
         q = self._question(question)
         policy = self._fresh_policy()
-        gen: Any = self.generator
-        width = min(int(getattr(policy, "planned_chains", 1) or 1), self.config.max_chains)
-        live = getattr(gen, "chunk_tokens", None) is None  # (a replayed bank fixes the chunks)
+        gen: Generator = self.generator
+        width = min(max(policy.planned_chains, 1), self.config.max_chains)
+        live = gen.traits.chunk_tokens is None  # (a replayed bank fixes the chunks)
         config = _serving_config(config, policy, width, live and allowance is None)
         policy.reset(1, config=config)
         lookahead = None
         # A policy that runs its chains to their ends gets each chain read ahead (one engine
         # call for the rest of it) where the chunks are smaller than a chain.
         read_ahead = (
-            bool(getattr(policy, "finishes_chains", False))
+            policy.finishes_chains
             and config.chunk_tokens < config.max_chain_tokens
-            and callable(getattr(gen, "split_chunk", None))
+            and gen.traits.splits_chunks
         )
         if (
             self.lookahead
@@ -646,10 +644,9 @@ class _Run:
 
     def value(self) -> float | None:
         """The policy's value estimate for the current observation (``None``: it has none)."""
-        fn = getattr(self.policy, "value", None)
-        if not callable(fn) or self.obs is None:
+        if not isinstance(self.policy, HasValue) or self.obs is None:
             return None
-        v = float(np.asarray(fn(self.obs), dtype=np.float64).reshape(-1)[0])
+        v = float(np.asarray(self.policy.value(self.obs), dtype=np.float64).reshape(-1)[0])
         return v if math.isfinite(v) else 0.0
 
     def difficulty(self) -> float:
@@ -781,7 +778,7 @@ class _Run:
             reason=reason,
             n_chains=chains,
             qid=q.qid,
-            policy=str(getattr(self.policy, "name", type(self.policy).__name__)),
+            policy=str(self.policy.name),
             prompt_tokens=self.prompt_tokens,
             unused=unused,
             chain_tokens=chain_tokens,
@@ -879,15 +876,15 @@ def _wait_all(
             return
 
 
-def _serving_config(config: EnvConfig, policy: Any, width: int, whole: bool) -> EnvConfig:
+def _serving_config(config: EnvConfig, policy: Policy, width: int, whole: bool) -> EnvConfig:
     """The episode settings ``policy`` needs: no probes if it reads none; if it acts only between
     chains (and ``whole``), each chain in one piece rather than chunk by chunk, provided the cap
     has room for its ``width`` planned chains in full (else chunks keep the cap finely used)."""
-    if config.probe and not getattr(policy, "uses_probes", True):
+    if config.probe and not policy.uses_probes:
         config = replace(config, probe=False)  # it would pay for probes it never reads
     if (
         whole
-        and getattr(policy, "acts_between_chains", False)
+        and policy.acts_between_chains
         and not config.probe
         and config.chunk_tokens < config.max_chain_tokens
         and width * (config.chain_tokens + INJECT_ALLOWANCE) <= config.token_cap
@@ -912,15 +909,6 @@ def _empty_new_chain(env: ComputeAllocationEnv) -> bool:
         return False
     chunks = ep.states[ep.cur].chain.chunks
     return len(chunks) == 1 and len(chunks[0]) == 0 and chunks[0].finish_reason != "cap"
-
-
-def _thread_safe(generator: Any) -> bool:
-    flag = getattr(generator, "thread_safe", None)
-    if flag is not None:
-        return bool(flag)
-    from env.generators.openai import OpenAIGenerator
-
-    return isinstance(generator, OpenAIGenerator)
 
 
 def _positive_int(v: Any, what: str) -> int:

@@ -85,7 +85,7 @@ class ServeArgs:
     upstream: str = "http://127.0.0.1:8000/v1"
     """the vLLM server's OpenAI root"""
     policy: str = "adaptive-consistency"
-    """a heuristic spec (single, best-of-4, s1-256, adaptive-consistency, probe-agree-3, ...) or a saved learned policy's folder"""
+    """a policy spec: a heuristic's name (single, best-of-4, s1-256, adaptive-consistency, probe-agree-3, ...; the grammar is in policies/registry.py) or a saved policy's folder"""
     host: str = "127.0.0.1"
     """address to bind (0.0.0.0 exposes the proxy: set an API key)"""
     port: int = 8100
@@ -246,7 +246,7 @@ def create_app(
     """
     if max_body_bytes < 1 or max_concurrency < 1:
         raise ConfigError("max_body_bytes and max_concurrency must be >= 1")
-    name = model or f"ponder/{getattr(controller.policy, 'name', 'policy')}"
+    name = model or f"ponder/{controller.policy.name}"
     metrics = Metrics()
     slots: dict[str, asyncio.Semaphore] = {}  # made on first use, inside the server's loop
 
@@ -599,12 +599,12 @@ def build_controller(args: ServeArgs) -> tuple[Controller, Any]:
         PolicyError: an unknown policy or a policy file.
         GeneratorError: no server at ``args.upstream``.
     """
-    from controller.policy_spec import load_policy
     from env.episode.config import EnvConfig
     from env.generators.openai import OpenAIGenerator
     from env.types import SamplingConfig
+    from policies.registry import check_policy, load_policy
 
-    policy = load_policy(args.policy)
+    policy = check_policy(load_policy(args.policy))
     if args.latency_cap < 0:
         raise ConfigError(f"--latency-cap must be >= 0 (0: none), got {args.latency_cap}")
     config = EnvConfig(

@@ -60,6 +60,16 @@ class Verifier(Protocol):
         """
         ...
 
+    @property
+    def can_judge(self) -> bool:
+        """Whether :meth:`judge` can run (the env masks ``verify`` when it cannot)."""
+        ...
+
+    def reset(self) -> None:
+        """Forget what earlier episodes read (the env calls it at every reset), so that no
+        episode is cheaper than another for what an earlier one paid."""
+        ...
+
 
 class SelfVerifier:
     """The generative self-verifier: the generator's own yes/no verdict on each chain.
@@ -80,7 +90,7 @@ class SelfVerifier:
     @property
     def can_judge(self) -> bool:
         """Whether the generator can verify (a bank recorded without verifier scores cannot)."""
-        return bool(getattr(self.generator, "can_judge", True))
+        return self.generator.traits.can_judge
 
     def judge(self, chains: Sequence[Chain]) -> list[JudgeResult]:
         return self.generator.judge(chains)

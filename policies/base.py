@@ -8,11 +8,24 @@ returns ``int64[B]``); stateful policies keep per-episode state in arrays of len
 
 Public ``act`` validates and delegates to a private ``_act`` (the template method of
 Stable-Baselines3): subclasses implement ``_act(obs: float32[B, F]) -> int64[B]`` only.
+
+What callers read from a policy is declared here, never found with ``getattr``: the traits every
+policy has are members of :class:`Policy` (with defaults in :class:`BasePolicy`); what only some
+policies can do is a small capability protocol, checked with ``isinstance``:
+
+| protocol | members | who has it |
+|---|---|---|
+| :class:`Policy` | ``name``, ``aggregate``, ``planned_chains``, ``uses_probes``, ``acts_between_chains``, ``finishes_chains``, ``reset``, ``act``, ``end``, ``clone`` | every policy |
+| :class:`LamConditioned` | ``lam``, ``with_lam(lam)`` | learned policies (they act for a price λ) |
+| :class:`Saveable` | ``save(folder)``, ``meta`` | learned policies (their own file format) |
+| :class:`HasValue` | ``value(obs)`` | learned policies (the controller's fleet mode ranks by it) |
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+import copy
+from pathlib import Path
+from typing import Any, Protocol, Self, runtime_checkable
 
 import numpy as np
 
@@ -20,7 +33,19 @@ from env.episode.config import Action, EnvConfig
 from env.episode.observation import FEATURE_NAMES, N_FEATURES
 from features.errors import ConfigError, PolicyError
 
-__all__ = ["CONTINUE", "BRANCH", "VERIFY", "STOP", "F", "BasePolicy", "Policy", "ObsView"]
+__all__ = [
+    "CONTINUE",
+    "BRANCH",
+    "VERIFY",
+    "STOP",
+    "F",
+    "BasePolicy",
+    "HasValue",
+    "LamConditioned",
+    "ObsView",
+    "Policy",
+    "Saveable",
+]
 
 CONTINUE, BRANCH, VERIFY, STOP = (int(a) for a in Action)
 #: Column of each feature in an observation.
@@ -29,12 +54,35 @@ F: dict[str, int] = {n: i for i, n in enumerate(FEATURE_NAMES)}
 
 @runtime_checkable
 class Policy(Protocol):
-    """What the environment loop, the evaluator and the controller call."""
+    """What the environment loop, the evaluator and the controller call and read.
 
-    #: Short name used in tables and MLflow.
+    The traits are documented (with their defaults) on :class:`BasePolicy`, which provides them.
+    """
+
+    #: Short name used in tables and MLflow (a heuristic's name is its spec: :mod:`policies.registry`).
     name: str
     #: The answer aggregation the policy is meant for (the env's ``aggregate`` setting).
     aggregate: str
+
+    @property
+    def planned_chains(self) -> int:
+        """Chains the policy opens as one group, whatever it sees (1: chain by chain)."""
+        ...
+
+    @property
+    def uses_probes(self) -> bool:
+        """Whether the policy reads probe answers (if not, it runs without probes)."""
+        ...
+
+    @property
+    def acts_between_chains(self) -> bool:
+        """Whether the policy decides only once the current chain has ended."""
+        ...
+
+    @property
+    def finishes_chains(self) -> bool:
+        """Whether the policy runs every chain it opens to its end."""
+        ...
 
     def reset(self, n: int = 1, *, config: EnvConfig | None = None) -> None:
         """Start ``n`` episodes (state for each), under the env's ``config``."""
@@ -46,6 +94,47 @@ class Policy(Protocol):
 
     def end(self, done: np.ndarray) -> None:
         """Episodes flagged in ``done`` (``bool[B]``) ended; their next observation starts anew."""
+        ...
+
+    def clone(self) -> Self:
+        """A copy with its own per-episode state (one per concurrent request)."""
+        ...
+
+
+@runtime_checkable
+class LamConditioned(Protocol):
+    """A policy that acts for a price λ of compute (the learned ones): swept over λ."""
+
+    @property
+    def lam(self) -> float | None:
+        """The λ it acts for (``None``: the environment's ``config.lam``)."""
+        ...
+
+    def with_lam(self, lam: float | None) -> Policy:
+        """A copy acting for ``lam`` (``None``: the environment's)."""
+        ...
+
+
+@runtime_checkable
+class Saveable(Protocol):
+    """A policy with its own file format (the learned ones): :func:`policies.registry.load_policy`
+    reads back what :meth:`save` writes."""
+
+    #: How it was trained (arguments, bank, metrics): saved with it.
+    meta: dict[str, Any]
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the policy to the folder ``directory``; returns the folder."""
+        ...
+
+
+@runtime_checkable
+class HasValue(Protocol):
+    """A policy that estimates what going on is worth (the learned ones)."""
+
+    def value(self, obs: np.ndarray) -> np.ndarray:
+        """``float[B]``: the expected gain of going on rather than stopping now, net of the
+        tokens' price (what the controller's fleet mode ranks pending questions by)."""
         ...
 
 
@@ -98,6 +187,8 @@ class BasePolicy:
             does; so do the learned policies that decide between chains. The controller then
             reads a chain ahead: the rest of it in one engine call, handed to the env chunk by
             chunk (:class:`~env.generators.lookahead.Lookahead`).
+
+    :meth:`clone` gives the controller a policy per request (a deep copy by default).
     """
 
     name: str = "policy"
@@ -165,6 +256,10 @@ class BasePolicy:
 
     def _act(self, obs: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def clone(self) -> Self:
+        """A deep copy (subclasses with large read-only parts share them instead)."""
+        return copy.deepcopy(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"

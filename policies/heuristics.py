@@ -148,7 +148,8 @@ class AdaptiveConsistency(BasePolicy):
 
 class EarlyStoppingSC(BasePolicy):
     """ESC: chains in windows of ``window`` (4, the ``window_agree`` feature's width); after a
-    full window, stop if all its answers agree, else sample the next window (up to ``max_n``)."""
+    full window, stop if all its answers agree, else sample the next window (up to ``max_n``:
+    named ``esc-4`` for 16, ``esc-4-max<max_n>`` otherwise)."""
 
     WINDOW = 4
 
@@ -157,7 +158,7 @@ class EarlyStoppingSC(BasePolicy):
         self.planned_chains = self.WINDOW
         self.uses_probes = False
         self.acts_between_chains = True
-        self.name = "esc-4"
+        self.name = f"esc-{self.WINDOW}" + ("" if self.max_n == 16 else f"-max{self.max_n}")
         super().__init__()
 
     def _act(self, obs: np.ndarray) -> np.ndarray:
@@ -332,6 +333,7 @@ class RandomPolicy(BasePolicy):
     """Uniform over the available actions (stop with probability ``p_stop`` when others exist)."""
 
     def __init__(self, seed: int = 0, p_stop: float = 0.1) -> None:
+        self.seed = int(seed)
         self.rng = np.random.default_rng(seed)
         self.p_stop = float(p_stop)
         self.name = "random"

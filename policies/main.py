@@ -21,18 +21,16 @@ instead.
 Tuning (λ grids, training budgets, features) looks at results, so it must not look at the test
 questions: ``--eval-split dev`` trains on the ``fit`` part of the training questions and
 evaluates on the other part, ``dev`` (a quarter, :func:`env.questions.select_split`), and
-never reads a test question; the plain run then reports on test once. ``ponder evaluate`` evaluates one policy (a heuristic's name or a saved policy folder).
+never reads a test question; the plain run then reports on test once. ``ponder evaluate`` evaluates one policy (a heuristic's name or a saved policy folder: :mod:`policies.registry`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 import warnings
@@ -49,8 +47,8 @@ from env.bank.store import TraceBank
 from env.episode.config import EnvConfig
 from env.episode.difficulty import bank_difficulty
 from env.questions import select_split, training_split
-from features.errors import ConfigError, PolicyError
-from policies.base import Policy
+from features.errors import ConfigError
+from policies.base import LamConditioned, Policy, Saveable
 from policies.evaluation.headline import (
     FamilySummary,
     TargetCheck,
@@ -81,13 +79,13 @@ from policies.evaluation.sweeps import (
     learned_sweep,
     refine_sweep,
 )
+from policies.registry import load_policy, save_policy
 
 __all__ = [
     "EvaluateArgs",
     "RunArgs",
     "evaluate_main",
     "main",
-    "resolve_policy",
     "run",
     "DEFAULT_BANK",
     "FALLBACK_BANK",
@@ -278,89 +276,6 @@ def train_learned(
     return policies, seconds, used
 
 
-def resolve_policy(spec: str, config: EnvConfig) -> Policy:
-    """A policy from a saved policy folder (:func:`policies.pyfunc.save_policy_folder` or a
-    learned policy's ``save``) or a heuristic's name as the sweeps spell it (``best-of-16``,
-    ``s1-256``, ``adaptive-consistency-0.95``, ``probe-agree-3``, ...)."""
-    path = Path(spec)
-    if path.is_dir():
-        from policies.pyfunc import HEURISTIC_FILE, heuristic_from_spec
-
-        if (path / HEURISTIC_FILE).exists():
-            return heuristic_from_spec(json.loads((path / HEURISTIC_FILE).read_text()))
-        from policies.learned import load_policy
-
-        return load_policy(path)
-    from policies import heuristics
-
-    candidates: dict[str, Policy] = {}
-    for fam in heuristic_sweeps(
-        config.max_chains,
-        max_chain_tokens=config.max_chain_tokens,
-        chunk_tokens=config.chunk_tokens,
-        extension_chunks=config.extension_chunks,
-    ):
-        for _, p in fam.points:
-            candidates.setdefault(p.name, p)
-    for cls_name in heuristics.__all__:
-        cls = getattr(heuristics, cls_name)
-        try:
-            p = cls()
-        except TypeError:
-            continue
-        candidates.setdefault(p.name, p)
-    if spec in candidates:
-        return candidates[spec]
-    for p in candidates.values():
-        q = _with_name_numbers(p, spec)
-        if q is not None:
-            return q
-    import difflib
-
-    hint = difflib.get_close_matches(spec, list(candidates), n=3)
-    raise PolicyError(
-        f"unknown policy {spec!r}"
-        + (f"; did you mean {', '.join(hint)}?" if hint else "")
-        + f" Names look like: {', '.join(sorted(candidates))} (other numbers work too); or "
-        "give a saved policy folder"
-    )
-
-
-_NUMBER = re.compile(r"(?<![A-Za-z])\d+(?:\.\d+)?")
-
-
-def _with_name_numbers(policy: Policy, spec: str) -> Policy | None:
-    """``policy``'s heuristic with the numbers of its name replaced by those of ``spec``
-    (``best-of-4`` -> ``best-of-3``), if that policy's name is exactly ``spec``.
-
-    A heuristic's name spells its parameters (``router-0.3-0.7``: easy 0.3, hard 0.7): each
-    number in the name is matched to the constructor argument holding that value.
-    """
-    from policies.pyfunc import heuristic_from_spec, heuristic_spec
-
-    name = policy.name
-    if _NUMBER.sub("#", name) != _NUMBER.sub("#", spec):
-        return None
-    try:
-        data = heuristic_spec(policy)
-    except PolicyError:
-        return None
-    params = dict(data["params"])
-    free = [k for k, v in params.items() if isinstance(v, int | float) and not isinstance(v, bool)]
-    for old, new in zip(_NUMBER.findall(name), _NUMBER.findall(spec), strict=True):
-        key = next((k for k in free if float(params[k]) == float(old)), None)
-        if key is None:
-            return None
-        free.remove(key)
-        params[key] = int(new) if isinstance(params[key], int) and new.isdigit() else float(new)
-    data = {**data, "params": params, "name": ""}
-    try:
-        q = heuristic_from_spec(data)
-    except Exception:  # the heuristic's own checks (ConfigError) refuse these numbers
-        return None
-    return q if q.name == spec else None
-
-
 # -- tables and plots --------------------------------------------------------------------------
 
 
@@ -454,6 +369,10 @@ def run(args: RunArgs, console: Console | None = None) -> list[BankRun]:
         raise ConfigError(
             f"--eval-split must be test (the report) or dev (tuning), got {args.eval_split!r}"
         )
+    if args.track:  # before any work: an unreachable store would fail only at the end
+        from policies.tracking import check_tracking_uri, resolve_tracking_uri
+
+        check_tracking_uri(resolve_tracking_uri(args.tracking_uri or None, args.mlruns))
     out = []
     for path in pick_banks(args, console):
         out.append(_run_bank(path, args, console))
@@ -525,10 +444,7 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
         if args.learned:
             learned, train_s, used = train_learned(bank, args, difficulty=diff, console=console)
             for lname, pol in learned.items():
-                folder = out / "policies" / lname
-                save = getattr(pol, "save", None)
-                if callable(save):
-                    save(folder)
+                save_policy(pol, out / "policies" / lname)
                 if tracker is not None:
                     _log_training(tracker, lname, pol, used[lname], train_s[lname], cfg, args)
 
@@ -658,7 +574,7 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
 def _log_training(
     tracker: Any,
     name: str,
-    policy: Any,
+    policy: Policy,
     used: dict[str, Any],
     seconds: float,
     config: EnvConfig,
@@ -676,9 +592,9 @@ def _log_training(
         nested=True,
     ):
         metrics = {"train/wall_s": seconds}
-        meta = getattr(policy, "meta", None)
-        if isinstance(meta, dict):
+        if isinstance(policy, Saveable):
             # numbers at the top of the policy's metadata, and those of its "metrics"
+            meta = policy.meta
             nested = meta.get("metrics")
             items = [*meta.items(), *(nested.items() if isinstance(nested, dict) else [])]
             for k, v in items:
@@ -710,7 +626,7 @@ class EvaluateArgs:
     """Evaluate one policy on a bank's questions: accuracy and tokens with intervals, per level."""
 
     policy: str
-    """a heuristic's name (best-of-16, best-of-4-verifier, s1-256, adaptive-consistency-0.95, probe-agree-3, ...) or a saved policy folder"""
+    """a policy spec: a heuristic's name (best-of-16, best-of-4-verifier, s1-256, adaptive-consistency-0.95, probe-agree-3, ...; the grammar is in policies/registry.py) or a saved policy folder"""
     bank: str = DEFAULT_BANK
     """trace bank folder"""
     split: str = "test"
@@ -734,13 +650,16 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     args = tyro.cli(EvaluateArgs, args=argv, prog="ponder evaluate")
     console = _console()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if args.track:  # before any work: an unreachable store would fail only at the end
+        from policies.tracking import check_tracking_uri, resolve_tracking_uri
+
+        check_tracking_uri(resolve_tracking_uri(args.tracking_uri or None, args.mlruns))
     ev = Evaluator(_bank_path(args.bank), split=args.split or None, seeds=args.seeds)
-    policy = resolve_policy(args.policy, ev.config)
+    policy = load_policy(args.policy, config=ev.config)
     if args.lam is not None:
-        with_lam = getattr(policy, "with_lam", None)
-        if not callable(with_lam):
+        if not isinstance(policy, LamConditioned):
             raise ConfigError(f"{args.policy} takes no λ (only learned policies do)")
-        policy = with_lam(args.lam)
+        policy = policy.with_lam(args.lam)
     r = ev(policy)
     orc = oracle(ev.bank, split=args.split or None, config=ev.config)
     t = Table(

@@ -47,6 +47,7 @@ __all__ = [
     "experiment_name",
     "flat_config",
     "log_policy_model",
+    "check_tracking_uri",
     "resolve_tracking_uri",
 ]
 
@@ -63,6 +64,53 @@ def default_tracking_uri(root: str | Path = DEFAULT_ROOT) -> str:
 def resolve_tracking_uri(uri: str | None = None, root: str | Path = DEFAULT_ROOT) -> str:
     """``uri``, else ``MLFLOW_TRACKING_URI``, else :func:`default_tracking_uri`."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> str:
+    """Fail fast, in one line naming ``uri``, where runs cannot go; return ``uri``.
+
+    MLflow itself retries an unreachable server for minutes and then raises a traceback, and
+    an unwritable SQLite path fails deep inside SQLAlchemy: both are checked here first.
+
+    Raises:
+        ConfigError: an HTTP(S) server that does not answer within ``timeout_s`` (or answers
+            its health check with an error), or a local store whose folder cannot be written.
+    """
+    if uri.startswith(("http://", "https://")):
+        import httpx
+
+        try:
+            r = httpx.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+        except httpx.HTTPError as e:
+            raise ConfigError(
+                f"MLflow tracking server {uri} did not answer ({type(e).__name__}): start it, "
+                "or pass another --tracking-uri (or unset MLFLOW_TRACKING_URI for the local store)"
+            ) from None
+        if r.status_code >= 400:
+            raise ConfigError(
+                f"MLflow tracking server {uri} answered its health check with HTTP "
+                f"{r.status_code}: is it an MLflow server?"
+            )
+        return uri
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+    elif uri.startswith("file:") or "://" not in uri:
+        folder = Path(uri.removeprefix("file://").removeprefix("file:"))
+    else:
+        return uri  # another backend (postgresql://, databricks, ...): MLflow checks it
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"MLflow tracking URI {uri}: cannot create {folder} ({e.strerror}); pass a writable "
+            "--tracking-uri or --mlruns"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"MLflow tracking URI {uri}: {folder} is not writable; pass a writable "
+            "--tracking-uri or --mlruns"
+        )
+    return uri
 
 
 def experiment_name(bank: TraceBank | str | Path) -> str:
@@ -153,10 +201,7 @@ class Tracker:
 
         if bank is None and experiment is None:
             raise ConfigError("a Tracker needs a bank or an experiment name")
-        self.uri = resolve_tracking_uri(tracking_uri, root)
-        local = self.uri == default_tracking_uri(root)
-        if local:
-            Path(root).mkdir(parents=True, exist_ok=True)
+        self.uri = check_tracking_uri(resolve_tracking_uri(tracking_uri, root))
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         self.experiment = experiment or experiment_name(bank)  # type: ignore[arg-type]

@@ -227,6 +227,54 @@ def test_imports_run_one_way(package: str) -> None:
     assert not bad, "imports must run controller -> policies -> env -> features:\n" + "\n".join(bad)
 
 
+def _package_of(path: Path) -> str:
+    module = _module_name(path)
+    return module if path.name == "__init__.py" else module.rpartition(".")[0]
+
+
+def _private_imports(source: str, package: str) -> Iterator[tuple[int, str]]:
+    """``(line, module.name)`` for every ``from <ponder module> import _name`` in ``source``, a
+    module of ``package``."""
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            parts = package.split(".")
+            base = ".".join(parts[: len(parts) - node.level + 1])
+            module = f"{base}.{node.module}" if node.module else base
+        else:
+            module = node.module or ""
+        if module.split(".")[0] not in PACKAGES:
+            continue
+        for alias in node.names:
+            if alias.name.startswith("_") and not alias.name.startswith("__"):
+                yield node.lineno, f"{module}.{alias.name}"
+
+
+@pytest.mark.parametrize("package", [*PACKAGES, "bench"])
+def test_no_module_imports_another_modules_private_name(package: str) -> None:
+    files = (ROOT / "bench").glob("*.py") if package == "bench" else _python_files(package)
+    bad = [
+        f"{path.relative_to(ROOT)}:{line}: imports {name}"
+        for path in files
+        for line, name in _private_imports(path.read_text(), _package_of(path))
+    ]
+    assert not bad, "a private name is private to its module; make it public or move it:\n" + (
+        "\n".join(bad)
+    )
+
+
+def test_private_import_checker_sees_what_it_should() -> None:
+    source = (
+        "from env.episode.observation import _clip, clip\n"
+        "from json import _default_decoder\n"
+        "from .rules import _fold\n"
+        "from env import __version__\n"
+    )
+    found = [name for _, name in _private_imports(source, "env.episode")]
+    assert found == ["env.episode.observation._clip", "env.episode.rules._fold"]
+
+
 def test_import_checker_sees_what_it_should() -> None:
     source = (
         "from __future__ import annotations\n"

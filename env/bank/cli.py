@@ -1,18 +1,27 @@
 """``ponder bank info PATH``: summarise a trace bank by difficulty; ``ponder bank compact PATH``:
-re-encode its chunk files smaller."""
+re-encode its chunk files smaller; ``ponder bank stamp PATH``: give an older bank its identity."""
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import tyro
 
-from env.bank.store import TraceBank, compact, summarize
+from env.bank.store import TraceBank, compact, correct_mismatches, stamp, summarize
 
-__all__ = ["BankCompactArgs", "BankInfoArgs", "compact_main", "info", "main"]
+__all__ = [
+    "BankCompactArgs",
+    "BankInfoArgs",
+    "BankStampArgs",
+    "compact_main",
+    "info",
+    "main",
+    "stamp_main",
+]
 
 
 @dataclass
@@ -26,12 +35,26 @@ class BankInfoArgs:
 
 
 def info(args: BankInfoArgs) -> dict[str, dict[str, float]]:
-    """Print the summary table (or JSON) and return the statistics."""
+    """Print the summary table (or JSON) and return the statistics.
+
+    Correctness is recomputed from the answers and the gold answers, as evaluation does; chunk
+    files whose stored ``correct`` column disagrees are named in a warning on stderr."""
     from rich.console import Console
     from rich.table import Table
 
     bank = TraceBank(args.path)
     stats = summarize(bank)
+    bad = correct_mismatches(bank)
+    if bad:
+        shown = "\n".join(f"  {f}: {qid}, chains {chains}" for f, qid, chains in bad[:10])
+        more = f"\n  and {len(bad) - 10} more" if len(bad) > 10 else ""
+        print(
+            f"warning: the stored `correct` column of {len(bad)} chunk file(s) disagrees with "
+            f"the answers and the gold answers:\n{shown}{more}\n"
+            "The table reports the recomputed correctness (as evaluation does). Those files were "
+            "edited or recorded for other questions: move them away and re-run `ponder record`.",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(stats, indent=2))
         return stats
@@ -89,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
 @dataclass
 class BankCompactArgs:
     """Re-encode a bank's chunk files as this ponder writes them (smaller; the same values, bit
-    for bit). Each file is verified before it atomically replaces the old one; safe to run
-    beside `ponder record` and to interrupt."""
+    for bit). Each file is verified before it atomically replaces the old one; safe to
+    interrupt. Takes the bank's lock: refused while `ponder record` runs on the bank."""
 
     path: Annotated[Path, tyro.conf.Positional]
     """bank folder"""
@@ -105,6 +128,27 @@ def compact_main(argv: list[str] | None = None) -> None:
     print(
         f"{args.path}: {r.rewritten} of {r.files} chunk files rewritten; "
         f"{r.before / 1e6:.2f} MB -> {r.after / 1e6:.2f} MB ({pct:.0f}% smaller)"
+    )
+
+
+@dataclass
+class BankStampArgs:
+    """Give a bank recorded before ponder wrote bank identities its identity: a bank id and
+    settings fingerprint in manifest.json and in every chunk file (the values bit for bit
+    unchanged; each file verified before it atomically replaces the old one). Also vouches for
+    files an older ponder added to a bank that has one. Takes the bank's lock."""
+
+    path: Annotated[Path, tyro.conf.Positional]
+    """bank folder"""
+
+
+def stamp_main(argv: list[str] | None = None) -> None:
+    """``ponder bank stamp``."""
+    args = tyro.cli(BankStampArgs, args=argv, prog="ponder bank stamp")
+    r = stamp(args.path)
+    print(
+        f"{args.path}: bank {r.bank_id} ({'new identity' if r.new_identity else 'identity kept'}, "
+        f"settings {r.fingerprint[:12]}); {r.stamped} of {r.files} chunk files stamped"
     )
 
 

@@ -11,6 +11,8 @@ written atomically, and before each question the engine's prefix cache is cleare
 reseeded from ``seed`` and the question id. With the in-process vLLM generator an interrupted and
 resumed recording therefore equals an uninterrupted one. ``--model X.gguf`` records with llama.cpp
 instead (about twice vLLM's speed on a CPU; seeded per request, see :mod:`env.bank.store`).
+One recorder at a time: a run holds the folder's :class:`~env.bank.lock.BankLock` throughout, and
+a second one on the same folder is refused with the first one named.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from env.bank.store import BankManifest, BankWriter, model_sha256
+from env.bank.lock import BankLock
+from env.bank.store import BankManifest, BankWriter, answer_correct, model_sha256
 from env.generators.base import Generator
 from env.types import Chain, Chunk, JudgeResult, ProbeResult, PromptMode, Question
 from features.errors import ConfigError
@@ -135,14 +138,14 @@ def _chunk_row(
 def _boundary(
     row: dict[str, Any], probe: ProbeResult | None, judge: JudgeResult | None, gold: str | None
 ) -> None:
-    from features.answers import answers_equal, normalize_answer
+    from features.answers import normalize_answer
 
     if probe is not None:
         norm = normalize_answer(probe.answer)
         row.update(
             probe_text=probe.text,
             probe_answer=norm,
-            probe_correct=bool(gold is not None and answers_equal(norm, gold)),
+            probe_correct=answer_correct(norm, gold),
             probe_tokens=probe.usage.probe,
             probe_prefill=probe.usage.prefill,
             probe_cached=probe.usage.cached,
@@ -181,11 +184,10 @@ def record_question(
 ) -> dict[str, list[Any]]:
     """Record one question; return its chunk rows as columns (see :mod:`env.bank.store`)."""
     from env.types import BudgetForcing
-    from features.answers import answers_equal, extract_answer, normalize_answer
+    from features.answers import extract_answer, normalize_answer
 
-    reset = getattr(gen, "reset", None)
-    if seed is not None and callable(reset):
-        reset(seed)
+    if seed is not None:
+        gen.reset(seed)
     started = gen.start(question, chains, mode=mode)
     recs = {c.chain_id: _ChainRecord(c, i) for i, c in enumerate(started)}
 
@@ -231,7 +233,7 @@ def record_question(
     cols: dict[str, list[Any]] = {}
     for cid, rec in recs.items():
         ans = answers[cid]
-        ok = bool(question.gold is not None and answers_equal(ans, question.gold))
+        ok = answer_correct(ans, question.gold)
         for row in rec.rows:
             row["answer"] = ans
             row["correct"] = ok
@@ -341,11 +343,17 @@ def _questions(args: RecordArgs) -> list[Question]:
 
 
 def record(args: RecordArgs) -> Path:
-    """Create or resume the bank at ``args.out``."""
-    from tqdm import tqdm
-
+    """Create or resume the bank at ``args.out``, holding its :class:`BankLock` throughout (a
+    second recorder of the same folder is refused with the first one named)."""
     if args.chains < 1 or args.chunk_tokens < 1 or args.max_tokens < args.chunk_tokens:
         raise ConfigError("need chains >= 1, chunk_tokens >= 1 and max_tokens >= chunk_tokens")
+    with BankLock(args.out, "ponder record"):
+        return _record(args)
+
+
+def _record(args: RecordArgs) -> Path:
+    from tqdm import tqdm
+
     questions = _questions(args)
     gen, model = _make_generator(args)
     tmpl = getattr(gen, "template", None)

@@ -56,7 +56,23 @@ correct            bool            the chain's final answer equals gold (same on
 ``questions`` (ids in recording order), ``template``, ``prompts`` (the template's exact wording:
 system, question, probe suffix, wait text, verifier question), ``mode``, ``sampling``
 (temperature, top_p, top_logprobs), ``chains``, ``chunk_tokens``, ``max_tokens``,
-``extension_chunks``, ``probe_tokens``, ``judge``, ``seed``.
+``extension_chunks``, ``probe_tokens``, ``judge``, ``seed``, ``bank_id``, ``fingerprint``.
+
+Identity. A bank carries ``bank_id`` (random, made when the bank is created) and ``fingerprint``
+(sha256 over the recording settings: model sha256 and engine, data set, template, prompt wording,
+mode, sampling, chains, chunk tokens, token cap, extension chunks, probe tokens, judge, seed) in
+its manifest, and every chunk file repeats both in its Parquet key-value metadata
+(``ponder.bank_id``, ``ponder.fingerprint``) beside ``ponder.question_sha256`` (sha256 of the
+question's id, text and gold answer). Reading a file checks all three against the manifest and
+``questions.parquet``, so a chunk file copied in from another bank whose question ids collide
+(``arith/train/L1/0`` is in every arith bank, whatever its question seed or model) is refused
+with the file named. The question list is not in the fingerprint, since a bank grows by appending
+questions; each file is bound to its own question instead, and chunk files beyond the manifest's
+list are refused. Banks from before identities (no ``bank_id`` in the manifest) are read as
+before; :func:`stamp` (``ponder bank stamp PATH``) gives one its identity.
+
+Writers take the bank's lock (:class:`env.bank.lock.BankLock`): ``ponder record`` for its whole
+run, :func:`compact` and :func:`stamp` too.
 """
 
 from __future__ import annotations
@@ -65,7 +81,9 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +92,7 @@ from typing import Any
 
 import numpy as np
 
+from env.bank.lock import BankLock
 from env.types import Question
 from features.errors import BankError
 
@@ -87,6 +106,11 @@ __all__ = [
     "CHUNK_SCHEMA",
     "CompactReport",
     "compact",
+    "StampReport",
+    "stamp",
+    "answer_correct",
+    "question_sha256",
+    "correct_mismatches",
     "encode_chunk_table",
     "model_sha256",
     "atomic_write_bytes",
@@ -94,6 +118,13 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 _PONDER_VERSION = "0.1.0"
+
+log = logging.getLogger(__name__)
+
+# Keys of a chunk file's Parquet key-value metadata that bind it to its bank and question.
+_BANK_ID = b"ponder.bank_id"
+_FINGERPRINT = b"ponder.fingerprint"
+_QUESTION = b"ponder.question_sha256"
 
 
 def _schema():  # type: ignore[no-untyped-def]
@@ -159,6 +190,39 @@ class BankManifest:
     schema_version: int = SCHEMA_VERSION
     ponder_version: str = _PONDER_VERSION
     created: str = ""
+    bank_id: str = ""
+    """Random, made when the bank is created; every chunk file carries it. Empty in banks
+    recorded before ponder wrote it (``ponder bank stamp`` adds it)."""
+    fingerprint: str = ""
+    """:meth:`settings_fingerprint` when the bank was created; every chunk file carries it."""
+
+    def settings_fingerprint(self) -> str:
+        """sha256 over the settings that decide what the chunks hold (not the question list,
+        which grows by appending, nor names, paths and dates)."""
+        settings = {
+            "model_sha256": self.model.get("sha256", ""),
+            "engine": self.model.get("engine", ""),
+            "dataset": self.dataset,
+            "template": self.template,
+            "prompts": self.prompts,
+            "mode": self.mode,
+            "sampling": self.sampling,
+            "chains": self.chains,
+            "chunk_tokens": self.chunk_tokens,
+            "max_tokens": self.max_tokens,
+            "extension_chunks": self.extension_chunks,
+            "probe_tokens": self.probe_tokens,
+            "judge": self.judge,
+            "seed": self.seed,
+        }
+        blob = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def identified(self) -> BankManifest:
+        """This manifest with a new bank id and its fingerprint (for a bank being created)."""
+        return dataclasses.replace(
+            self, bank_id=uuid.uuid4().hex, fingerprint=self.settings_fingerprint()
+        )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -183,12 +247,33 @@ class BankManifest:
                 "upgrade ponder (or re-record the bank with this version)"
             )
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(raw) - {"created", "ponder_version", "schema_version", "prompts"}
+        optional = {
+            "created",
+            "ponder_version",
+            "schema_version",
+            "prompts",
+            "bank_id",
+            "fingerprint",
+        }
+        missing = names - set(raw) - optional
         if missing:
             raise BankError(
                 f"{path} lacks fields {sorted(missing)}: the manifest is damaged; re-record"
             )
-        return cls(**{k: v for k, v in raw.items() if k in names})
+        m = cls(**{k: v for k, v in raw.items() if k in names})
+        if bool(m.bank_id) != bool(m.fingerprint):
+            raise BankError(
+                f"{path} has a bank_id without a fingerprint or the other way round: the manifest "
+                "is damaged; restore it from version control"
+            )
+        if m.fingerprint and m.fingerprint != m.settings_fingerprint():
+            raise BankError(
+                f"{path} was edited after the bank was recorded: its settings no longer match its "
+                f"fingerprint ({m.fingerprint[:12]}, the settings hash to "
+                f"{m.settings_fingerprint()[:12]}), so its chunks would be read under settings "
+                "they were not recorded with. Restore the manifest from version control"
+            )
+        return m
 
     def compatible(self, other: BankManifest) -> list[str]:
         """Fields that differ in ways that make two recordings incompatible."""
@@ -285,6 +370,77 @@ def model_sha256(path: str | Path) -> str:
     return digest
 
 
+def question_sha256(question: Question) -> str:
+    """sha256 over a question's id, text and gold answer: binds a chunk file to its question
+    (ids alone collide across banks: they do not depend on the question seed)."""
+    blob = json.dumps([question.qid, question.text, question.gold], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def answer_correct(answer: str | None, gold: str | None) -> bool:
+    """Whether a chain's final answer is right: the rule the recorder stores in ``correct`` and
+    the evaluator applies (:func:`features.answers.answers_equal` with the gold answer)."""
+    from features.answers import answers_equal
+
+    return bool(gold is not None and answers_equal(answer, gold))
+
+
+def _identity(manifest: BankManifest, question: Question) -> dict[bytes, bytes]:
+    """The key-value metadata every chunk file of a bank with an identity carries."""
+    return {
+        _BANK_ID: manifest.bank_id.encode(),
+        _FINGERPRINT: manifest.fingerprint.encode(),
+        _QUESTION: question_sha256(question).encode(),
+    }
+
+
+def _check_identity(
+    path: Path, meta: dict[bytes, bytes] | None, manifest: BankManifest, question: Question
+) -> None:
+    """Refuse a chunk file that is not this bank's recording of ``question``."""
+    meta = meta or {}
+    bank = path.parent.parent
+    theirs = meta.get(_BANK_ID, b"").decode()
+    redo = (
+        f"move it away and re-run `ponder record` with this bank's settings to record question "
+        f"{question.qid!r} again"
+    )
+    if not manifest.bank_id:
+        if theirs:
+            raise BankError(
+                f"{path} belongs to bank {theirs}, but {bank / 'manifest.json'} has no bank "
+                "identity (it was recorded before ponder wrote one, or it was replaced by an older "
+                f"manifest). If the manifest was replaced, restore it; if the file was copied in "
+                f"from another bank, {redo}"
+            )
+        return
+    if not theirs:
+        raise BankError(
+            f"{path} carries no bank identity, but {bank} is bank {manifest.bank_id}: the file was "
+            f"copied in from another bank (or written by a ponder from before identities): {redo}. "
+            f"If you know it is this bank's own recording, `ponder bank stamp {bank}` "
+            "vouches for it"
+        )
+    if theirs != manifest.bank_id:
+        raise BankError(
+            f"{path} belongs to another bank ({theirs}), not to {bank} (bank {manifest.bank_id}): "
+            f"it was copied in from a bank whose question ids collide with this one's: {redo}"
+        )
+    if meta.get(_FINGERPRINT, b"").decode() != manifest.fingerprint:
+        raise BankError(
+            f"{path} was recorded with other settings than {bank / 'manifest.json'} lists "
+            f"(fingerprint {meta.get(_FINGERPRINT, b'').decode()[:12] or 'none'}, the manifest's "
+            f"{manifest.fingerprint[:12]}): the bank is inconsistent; {redo}"
+        )
+    if meta.get(_QUESTION, b"").decode() != question_sha256(question):
+        raise BankError(
+            f"{path} was recorded for another question {question.qid!r} than "
+            f"{bank / 'questions.parquet'} holds (its text or gold answer differ, e.g. drawn with "
+            "another --question-seed): restore questions.parquet from version control, or "
+            f"{redo}"
+        )
+
+
 @dataclass
 class ChainTrace:
     """One recorded chain: its chunks (main, then budget-forced extension) as column arrays."""
@@ -342,33 +498,57 @@ class TraceBank:
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-list which questions are recorded (a bank being recorded grows)."""
+        """Re-list which questions are recorded (a bank being recorded grows).
+
+        Raises:
+            BankError: ``chunks/`` holds files beyond the manifest's question list (the list was
+                cut short, or files were copied in), named in the message.
+        """
+        names = self._chunk_names()
+        extra = self._extra(names)
+        if extra:
+            # A recorder that appends questions rewrites the manifest before their files.
+            grown = BankManifest.load(self.path / "manifest.json")
+            if (
+                grown.bank_id == self.manifest.bank_id
+                and grown.questions[: len(self.manifest.questions)] == self.manifest.questions
+                and len(grown.questions) > len(self.manifest.questions)
+            ):
+                self.manifest = grown
+                self._questions = self._load_questions()
+                extra = self._extra(names)
+        if extra:
+            shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+            raise BankError(
+                f"{self.path / 'chunks'} holds {len(extra)} file(s) that "
+                f"{self.path / 'manifest.json'} does not list ({shown}; it lists "
+                f"{len(self.manifest.questions)} questions): its question list was cut short, or the files were copied in. Restore the "
+                "manifest from version control, or move those files out of the bank"
+            )
         self._recorded = [
-            q for i, q in enumerate(self.manifest.questions) if self.chunk_file(i).exists()
+            q for i, q in enumerate(self.manifest.questions) if f"{i:05d}.parquet" in names
         ]
         self._recorded_set = frozenset(self._recorded)
         self._index = {q: i for i, q in enumerate(self.manifest.questions)}
 
-    def _load_questions(self) -> dict[str, Question]:
-        import pyarrow.parquet as pq
-
-        qpath = self.path / "questions.parquet"
+    def _chunk_names(self) -> set[str]:
         try:
-            t = pq.read_table(qpath).to_pydict()
+            return {n for n in os.listdir(self.path / "chunks") if n.endswith(".parquet")}
         except FileNotFoundError:
+            return set()
+
+    def _extra(self, names: set[str]) -> list[str]:
+        n = len(self.manifest.questions)
+        expected = {f"{i:05d}.parquet" for i in range(n)}
+        return sorted(names - expected)
+
+    def _load_questions(self) -> dict[str, Question]:
+        qpath = self.path / "questions.parquet"
+        if not qpath.exists():
             raise BankError(
                 f"{qpath} is missing: the bank is incomplete; re-run `ponder record` to finish it"
-            ) from None
-        except Exception as e:  # pyarrow raises several types for damaged files
-            raise BankError(
-                f"{qpath} is corrupt ({e}); delete it and re-run `ponder record` on this folder"
-            ) from e
-        return {
-            qid: Question(qid=qid, text=text, gold=gold, dataset=ds, difficulty=diff)
-            for qid, text, gold, ds, diff in zip(
-                t["qid"], t["text"], t["gold"], t["dataset"], t["difficulty"], strict=True
             )
-        }
+        return _questions_file(qpath)
 
     def chunk_file(self, index: int) -> Path:
         return self.path / "chunks" / f"{index:05d}.parquet"
@@ -390,6 +570,16 @@ class TraceBank:
         for qid in self._recorded:
             yield self[qid]
 
+    def question(self, qid: str) -> Question:
+        """The question ``qid`` as ``questions.parquet`` holds it."""
+        try:
+            return self._questions[qid]
+        except KeyError:
+            raise BankError(
+                f"question {qid!r} is not in {self.path / 'questions.parquet'}: the bank is "
+                "incomplete; re-run `ponder record` on it to finish it"
+            ) from None
+
     def __contains__(self, qid: object) -> bool:
         return qid in self._recorded_set
 
@@ -404,9 +594,29 @@ class TraceBank:
             raise BankError(
                 f"question {qid!r} is not recorded yet in {self.path} (no {path.name}); resume `ponder record`"
             )
-        trace = read_question_file(path, self._questions[qid])
+        trace = read_question_file(path, self.question(qid), self.manifest)
         self._cache[qid] = trace
         return trace
+
+
+def _questions_file(path: Path) -> dict[str, Question]:
+    """The questions in a bank's ``questions.parquet`` by id (none if there is no such file)."""
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        return {}
+    try:
+        t = pq.read_table(path).to_pydict()
+    except Exception as e:  # pyarrow raises several types for damaged files
+        raise BankError(
+            f"{path} is corrupt ({e}); delete it and re-run `ponder record` on this folder"
+        ) from e
+    return {
+        qid: Question(qid=qid, text=text, gold=gold, dataset=ds, difficulty=diff)
+        for qid, text, gold, ds, diff in zip(
+            t["qid"], t["text"], t["gold"], t["dataset"], t["difficulty"], strict=True
+        )
+    }
 
 
 def _read_chunk_table(path: Path, kept: str) -> Any:
@@ -428,14 +638,16 @@ def _read_chunk_table(path: Path, kept: str) -> Any:
     return table
 
 
-def read_question_file(path: Path, question: Question) -> QuestionTrace:
-    """Read one question's chunk file, with clear errors for damaged files."""
+def read_question_file(
+    path: Path, question: Question, manifest: BankManifest | None = None
+) -> QuestionTrace:
+    """Read one question's chunk file, with clear errors for damaged files and (given the
+    bank's manifest) for files that are not this bank's recording of ``question``."""
     table = _read_chunk_table(path, "Nothing else is affected")
+    _check_qids(path, table, question)
+    if manifest is not None:
+        _check_identity(path, table.schema.metadata, manifest, question)
     d = table.to_pydict()
-    if any(q != question.qid for q in d["qid"]):
-        raise BankError(
-            f"{path} holds chunks of another question than {question.qid!r}: the bank is inconsistent"
-        )
     chains: dict[int, dict[str, list[Any]]] = {}
     for i in range(table.num_rows):
         c = d["chain"][i]
@@ -456,7 +668,11 @@ def read_question_file(path: Path, question: Question) -> QuestionTrace:
 
 
 class BankWriter:
-    """Creates or resumes a bank folder; writes one question at a time, atomically."""
+    """Creates or resumes a bank folder; writes one question at a time, atomically.
+
+    A new bank gets its identity here (:meth:`BankManifest.identified`); a resumed one keeps
+    its own. The writer does not lock the folder: its caller holds a :class:`BankLock` (as
+    ``ponder record`` does) when another process could write the same bank."""
 
     def __init__(
         self, path: str | Path, manifest: BankManifest, questions: Sequence[Question]
@@ -480,16 +696,40 @@ class BankWriter:
                     f"{mpath} lists other questions in another order: resume with the same question set, "
                     "or grow it only by appending questions"
                 )
-            if len(manifest.questions) > len(old.questions):
-                atomic_write_bytes(
-                    mpath, dataclasses.replace(old, questions=manifest.questions).to_json().encode()
+            kept = _questions_file(self.path / "questions.parquet")
+            changed = sorted(
+                q.qid
+                for q in questions
+                if q.qid in kept and question_sha256(kept[q.qid]) != question_sha256(q)
+            )
+            if changed:
+                raise BankError(
+                    f"{self.path / 'questions.parquet'} holds other questions under the ids "
+                    f"{changed[:3]}{' ...' if len(changed) > 3 else ''} (their text or gold answer "
+                    "differ: question ids do not depend on the question seed). Nothing was "
+                    "changed: resume with the bank's --question-seed, or record into a new folder"
                 )
+            if len(manifest.questions) > len(old.questions):
+                self.manifest = dataclasses.replace(old, questions=manifest.questions)
+                atomic_write_bytes(mpath, self.manifest.to_json().encode())
             else:
                 self.manifest = old
+            if not old.bank_id:
+                log.warning(
+                    "%s has no bank identity (recorded before ponder wrote one): new files are "
+                    "written without one too; `ponder bank stamp %s` gives the bank its identity",
+                    self.path,
+                    self.path,
+                )
         else:
+            kept = {}
             self.path.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(mpath, manifest.to_json().encode())
-        by_id = {q.qid: q for q in questions}
+            if not manifest.bank_id:
+                self.manifest = manifest.identified()
+            atomic_write_bytes(mpath, self.manifest.to_json().encode())
+        # Questions recorded earlier but not given now stay in questions.parquet.
+        by_id = {**kept, **{q.qid: q for q in questions}}
+        self._by_id = by_id
         qs = [by_id[q] for q in self.manifest.questions if q in by_id]
         table = pa.table(
             {
@@ -508,19 +748,23 @@ class BankWriter:
             stale.unlink()  # a write interrupted before its rename: never a complete file
 
     def done(self, index: int) -> bool:
-        """Whether question ``index`` is recorded (its file exists and reads back)."""
+        """Whether question ``index`` is recorded (its file exists, reads back, and is this
+        bank's recording of that question)."""
         path = self.path / "chunks" / f"{index:05d}.parquet"
         if not path.exists():
             return False
         import pyarrow.parquet as pq
 
         try:
-            pq.read_metadata(path)
+            meta = pq.read_metadata(path).metadata
         except Exception as e:
             raise BankError(
                 f"{path} is corrupt or truncated ({e}). It was not overwritten: move it away, then "
                 "re-run `ponder record` to re-record that question"
             ) from e
+        question = self._by_id.get(self.manifest.questions[index])
+        if question is not None:
+            _check_identity(path, meta, self.manifest, question)
         return True
 
     def write(self, index: int, rows: dict[str, list[Any]]) -> Path:
@@ -533,7 +777,14 @@ class BankWriter:
             if pa.types.is_list(f.type) and pa.types.is_floating(f.type.value_type):
                 vals = [np.asarray(v, dtype=np.float16) for v in vals]
             arrays.append(pa.array(vals, type=f.type))
-        table = pa.Table.from_arrays(arrays, schema=CHUNK_SCHEMA)
+        schema = CHUNK_SCHEMA
+        if self.manifest.bank_id:
+            qid = self.manifest.questions[index]
+            question = self._by_id.get(qid)
+            if question is None:
+                raise BankError(f"question {qid!r} (index {index}) was not given to the writer")
+            schema = schema.with_metadata(_identity(self.manifest, question))
+        table = pa.Table.from_arrays(arrays, schema=schema)
         path = self.path / "chunks" / f"{index:05d}.parquet"
         atomic_write_bytes(path, encode_chunk_table(table))
         return path
@@ -578,33 +829,146 @@ def compact(path: str | Path) -> CompactReport:
     """Re-encode every chunk file of the bank at ``path`` as :meth:`BankWriter.write` writes it
     now (older ponder wrote the float columns without byte-stream-split).
 
-    Each file is read, re-encoded, read back and compared column by column (float bits
-    included) before it atomically replaces the old one, and only if it is smaller: an
-    interruption at any point leaves every file whole. Safe beside a running ``ponder record``
-    (it only adds files; a file it adds meanwhile is simply not visited)."""
+    Each file is read, checked to be this bank's (its identity, see the module docstring),
+    re-encoded with its metadata, read back and compared column by column (float bits included)
+    before it atomically replaces the old one, and only if it is smaller: an interruption at any
+    point leaves every file whole. It holds the bank's :class:`BankLock`, so it refuses to run
+    beside a ``ponder record`` or ``ponder bank stamp`` of the same bank (run it afterwards)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    root = _bank_root(path)
+    with BankLock(root, "ponder bank compact"):
+        bank = TraceBank(root)
+        rewritten = before = after = 0
+        files = _recorded_files(bank)
+        for f, question in files:
+            table = _read_chunk_table(f, "Nothing was changed in it")
+            _check_file(f, table, bank.manifest, question)
+            data = encode_chunk_table(table)
+            size = f.stat().st_size
+            before += size
+            if len(data) >= size:
+                after += size
+                continue
+            back = pq.read_table(pa.BufferReader(data))
+            if not _same_table(table, back) or back.schema.metadata != table.schema.metadata:
+                raise BankError(
+                    f"re-encoding {f} did not read back identically; it was left as it was"
+                )
+            atomic_write_bytes(f, data)
+            rewritten += 1
+            after += len(data)
+    return CompactReport(files=len(files), rewritten=rewritten, before=before, after=after)
+
+
+@dataclass(frozen=True)
+class StampReport:
+    """What :func:`stamp` did: the bank's identity, whether it is new, files stamped."""
+
+    bank_id: str
+    fingerprint: str
+    new_identity: bool
+    files: int
+    stamped: int
+
+
+def stamp(path: str | Path) -> StampReport:
+    """Give the bank at ``path`` an identity (``ponder bank stamp``): a bank id and settings
+    fingerprint in ``manifest.json``, and both with the question's hash in every chunk file.
+
+    For banks recorded before ponder wrote identities, and for files such a ponder added to a
+    bank that has one (stamping vouches for them: run it only on files you know are this bank's
+    own). Every file is checked first (it holds its question's chunks; a file that carries an
+    identity must be this bank's), and nothing is written if one fails. Then the manifest is
+    written, and each file lacking its identity is re-encoded with it, read back and compared
+    bit for bit, and atomically replaces the old one: values never change, and an interrupted
+    run is finished by running it again. If the manifest has no identity but files carry one (a
+    manifest replaced by an older copy), their bank id is kept. Holds the bank's
+    :class:`BankLock`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = _bank_root(path)
+    with BankLock(root, "ponder bank stamp"):
+        bank = TraceBank(root)
+        files = _recorded_files(bank)
+        metas: list[dict[bytes, bytes]] = []
+        for f, question in files:
+            try:
+                metas.append(pq.read_metadata(f).metadata or {})
+                _check_qids(f, pq.read_table(f, columns=["qid"]), question)
+            except BankError:
+                raise
+            except Exception as e:
+                raise BankError(
+                    f"{f} is corrupt or truncated ({e}). Nothing was changed: move it away, then "
+                    "re-run `ponder record` on this bank to re-record that question"
+                ) from e
+        m = bank.manifest
+        new_identity = not m.bank_id
+        if new_identity:
+            m = m.identified()
+            carried = Counter(meta[_BANK_ID].decode() for meta in metas if _BANK_ID in meta)
+            if carried:
+                m = dataclasses.replace(m, bank_id=carried.most_common(1)[0][0])
+        for (f, question), meta in zip(files, metas, strict=True):
+            if _BANK_ID in meta:  # vouched for once already: must be this bank's
+                _check_identity(f, meta, m, question)
+        if new_identity:
+            atomic_write_bytes(root / "manifest.json", m.to_json().encode())
+        stamped = 0
+        for (f, question), meta in zip(files, metas, strict=True):
+            want = _identity(m, question)
+            if all(meta.get(k) == v for k, v in want.items()):
+                continue
+            table = _read_chunk_table(f, "Nothing was changed in it")
+            marked = table.replace_schema_metadata({**(table.schema.metadata or {}), **want})
+            data = encode_chunk_table(marked)
+            back = pq.read_table(pa.BufferReader(data))
+            if not _same_table(table, back) or back.schema.metadata != marked.schema.metadata:
+                raise BankError(
+                    f"stamping {f} did not read back identically; it was left as it was"
+                )
+            atomic_write_bytes(f, data)
+            stamped += 1
+    return StampReport(
+        bank_id=m.bank_id,
+        fingerprint=m.fingerprint,
+        new_identity=new_identity,
+        files=len(files),
+        stamped=stamped,
+    )
+
+
+def _bank_root(path: str | Path) -> Path:
     root = Path(path)
     if not (root / "manifest.json").is_file():
         raise BankError(f"{root} is not a trace bank (no manifest.json)")
-    files = sorted((root / "chunks").glob("*.parquet"))
-    rewritten = before = after = 0
-    for f in files:
-        table = _read_chunk_table(f, "Nothing was changed in it")
-        data = encode_chunk_table(table)
-        size = f.stat().st_size
-        before += size
-        if len(data) >= size:
-            after += size
-            continue
-        back = pq.read_table(pa.BufferReader(data))
-        if not _same_table(table, back):
-            raise BankError(f"re-encoding {f} did not read back identically; it was left as it was")
-        atomic_write_bytes(f, data)
-        rewritten += 1
-        after += len(data)
-    return CompactReport(files=len(files), rewritten=rewritten, before=before, after=after)
+    return root
+
+
+def _recorded_files(bank: TraceBank) -> list[tuple[Path, Question]]:
+    """Each recorded question's chunk file and question, in recording order."""
+    return [
+        (bank.chunk_file(i), bank.question(qid))
+        for i, qid in enumerate(bank.manifest.questions)
+        if qid in bank
+    ]
+
+
+def _check_qids(path: Path, table: Any, question: Question) -> None:
+    if any(q != question.qid for q in table.column("qid").to_pylist()):
+        raise BankError(
+            f"{path} holds chunks of another question than {question.qid!r}: the bank is "
+            "inconsistent. Move the file away and re-run `ponder record` on this bank"
+        )
+
+
+def _check_file(path: Path, table: Any, manifest: BankManifest, question: Question) -> None:
+    """Refuse a chunk table that is not this bank's recording of ``question``."""
+    _check_qids(path, table, question)
+    _check_identity(path, table.schema.metadata, manifest, question)
 
 
 def _same_table(a: Any, b: Any) -> bool:
@@ -628,8 +992,28 @@ def _same_table(a: Any, b: Any) -> bool:
     return True
 
 
+def correct_mismatches(bank: TraceBank) -> list[tuple[Path, str, list[int]]]:
+    """Chunk files whose stored ``correct`` column disagrees with :func:`answer_correct` of
+    their answers and the gold answer: ``(file, question id, chains)`` for each."""
+    out = []
+    for i, qid in enumerate(bank.manifest.questions):
+        if qid not in bank:
+            continue
+        qt = bank[qid]
+        wrong = [
+            c.chain for c in qt.chains if c.correct != answer_correct(c.answer, qt.question.gold)
+        ]
+        if wrong:
+            out.append((bank.chunk_file(i), qid, wrong))
+    return out
+
+
 def summarize(bank: TraceBank) -> dict[str, dict[str, float]]:
-    """Per-difficulty and overall statistics: questions, chains, tokens, pass@1, maj@k, pass@k."""
+    """Per-difficulty and overall statistics: questions, chains, tokens, pass@1, maj@k, pass@k.
+
+    Correctness is recomputed from each chain's answer and the gold answer
+    (:func:`answer_correct`, as evaluation does), not read from the stored ``correct`` column
+    (:func:`correct_mismatches` finds files where the two disagree)."""
     groups: dict[str, list[QuestionTrace]] = {}
     for qt in bank:
         key = str(qt.question.difficulty) if qt.question.difficulty is not None else "-"
@@ -643,16 +1027,15 @@ def summarize(bank: TraceBank) -> dict[str, dict[str, float]]:
         toks: list[int] = []
         chains = 0
         for qt in qts:
-            corr = [c.correct for c in qt.chains]
+            gold = qt.question.gold
+            corr = [answer_correct(c.answer, gold) for c in qt.chains]
             pass1.append(float(np.mean(corr)))
             passk.append(float(any(corr)))
             votes = Counter(c.answer for c in qt.chains if c.answer is not None)
             if votes:
                 top = max(votes.values())
                 leaders = sorted(a for a, v in votes.items() if v == top)
-                lead_correct = [
-                    next(c.correct for c in qt.chains if c.answer == a) for a in leaders
-                ]
+                lead_correct = [answer_correct(a, gold) for a in leaders]
                 maj.append(float(np.mean(lead_correct)))  # ties split evenly
             else:
                 maj.append(0.0)

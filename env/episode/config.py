@@ -5,10 +5,13 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from env.types import INJECT_ALLOWANCE, TokenUsage
 from features.errors import ConfigError
+
+if TYPE_CHECKING:
+    from env.bank.store import BankManifest
 
 __all__ = [
     "Action",
@@ -130,6 +133,21 @@ class EnvConfig:
                 f"token_cap {self.token_cap} is below the cost of opening one chain "
                 f"({opening} = chunk_tokens + probe_tokens): raise it or shrink the chunk"
             )
+
+    @classmethod
+    def from_manifest(cls, manifest: BankManifest, **fields: Any) -> EnvConfig:
+        """Settings for replaying a bank: ``fields``, and the bank's own settings for the rest
+        (its chunk size, chains per question, chain cap, extensions and probe size).
+
+        What every replay of a bank starts from: ``ComputeAllocationEnv.from_bank``,
+        ``BatchedReplayEnv``, the evaluator and the oracle.
+        """
+        fields.setdefault("chunk_tokens", manifest.chunk_tokens)
+        fields.setdefault("max_chains", manifest.chains)
+        fields.setdefault("max_chain_tokens", manifest.max_tokens)
+        fields.setdefault("extension_chunks", manifest.extension_chunks)
+        fields.setdefault("probe_tokens", manifest.probe_tokens)
+        return cls(**fields)
 
     @property
     def chain_chunks(self) -> int:

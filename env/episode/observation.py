@@ -19,10 +19,12 @@ from features.votes import beta_leader_probability, esc_window_agrees, vote_coun
 
 if TYPE_CHECKING:
     from env.episode.config import EnvConfig
+    from env.episode.rules import ChainFold
     from env.episode.single import ChainState
 
 __all__ = [
     "CONF_SCALE",
+    "CURRENT_CHAIN_FEATURES",
     "ENTROPY_SCALE",
     "ESC_WINDOW",
     "FEATURES",
@@ -30,6 +32,8 @@ __all__ = [
     "N_FEATURES",
     "Feature",
     "EpisodeView",
+    "clip01",
+    "current_chain_features",
     "observe",
     "feature_table",
 ]
@@ -131,10 +135,50 @@ class EpisodeView:
     config: EnvConfig
 
 
-def _clip(x: float) -> float:
+def clip01(x: float) -> float:
+    """``x`` clipped to [0, 1] as every feature is (0 for NaN)."""
     if not math.isfinite(x):
         return 0.0
     return 0.0 if x < 0 else 1.0 if x > 1 else float(x)
+
+
+#: The features of the current chain alone, in :data:`FEATURES` order (they are consecutive there):
+#: what :func:`current_chain_features` gives.
+CURRENT_CHAIN_FEATURES: tuple[str, ...] = (
+    "cur_tokens",
+    "cur_ended",
+    "cur_extensions",
+    "cur_conf_mean",
+    "cur_conf_last",
+    "cur_conf_min",
+    "cur_entropy_last",
+    "cur_probe_stability",
+    "cur_probe_streak",
+    "cur_has_answer",
+    "cur_switches",
+)
+_CUR = slice(_IX[CURRENT_CHAIN_FEATURES[0]], _IX[CURRENT_CHAIN_FEATURES[-1]] + 1)
+assert FEATURE_NAMES[_CUR] == CURRENT_CHAIN_FEATURES
+
+
+def current_chain_features(
+    s: ChainFold, *, tokens: int, ended: bool, config: EnvConfig
+) -> tuple[float, ...]:
+    """The :data:`CURRENT_CHAIN_FEATURES` of a chain in state ``s`` with ``tokens`` tokens."""
+    chunk_conf, chunk_entropy, probes = s.chunk_conf, s.chunk_entropy, s.probes
+    return (
+        clip01(tokens / config.max_chain_tokens),
+        float(ended),
+        clip01(s.extensions / max(1, config.extension_chunks)),
+        clip01(s.mean_confidence / CONF_SCALE),
+        clip01(chunk_conf[-1] / CONF_SCALE) if chunk_conf else 0.0,
+        clip01(min(chunk_conf) / CONF_SCALE) if chunk_conf else 0.0,
+        clip01(chunk_entropy[-1] / ENTROPY_SCALE) if chunk_entropy else 0.0,
+        clip01(probe_stability(probes, PROBE_WINDOW)) if probes else 0.0,
+        clip01(probe_streak(probes) / STREAK_SCALE) if probes else 0.0,
+        float(s.answer is not None),
+        clip01(s.switches / SWITCH_SCALE),
+    )
 
 
 def _shares(
@@ -156,14 +200,14 @@ def observe(v: EpisodeView) -> np.ndarray:
 
     cfg = v.config
     x = np.zeros(N_FEATURES, dtype=np.float32)
-    x[_IX["budget_used"]] = _clip(v.decoded / cfg.token_cap)
+    x[_IX["budget_used"]] = clip01(v.decoded / cfg.token_cap)
     n = len(v.states)
-    x[_IX["n_chains"]] = _clip(n / cfg.max_chains)
-    x[_IX["difficulty"]] = _clip(0.5 if v.difficulty is None else v.difficulty)
+    x[_IX["n_chains"]] = clip01(n / cfg.max_chains)
+    x[_IX["difficulty"]] = clip01(0.5 if v.difficulty is None else v.difficulty)
     x[_IX["can_continue"]] = float(v.mask[0])
     x[_IX["can_branch"]] = float(v.mask[1])
     x[_IX["can_verify"]] = float(v.mask[2])
-    x[_IX["steps"]] = _clip(v.steps / cfg.steps_limit)
+    x[_IX["steps"]] = clip01(v.steps / cfg.steps_limit)
     x[_IX["cur_verifier"]] = 0.5
     x[_IX["verifier_mean"]] = 0.5
     if n == 0:
@@ -171,43 +215,30 @@ def observe(v: EpisodeView) -> np.ndarray:
         return x
     s = v.states[v.cur]
     c = s.chain
-    x[_IX["cur_tokens"]] = _clip(c.num_tokens / cfg.max_chain_tokens)
-    x[_IX["cur_ended"]] = float(c.finished)
-    x[_IX["cur_extensions"]] = _clip(s.extensions / max(1, cfg.extension_chunks))
-    x[_IX["cur_conf_mean"]] = _clip(s.mean_confidence / CONF_SCALE)
-    if s.chunk_conf:
-        x[_IX["cur_conf_last"]] = _clip(s.chunk_conf[-1] / CONF_SCALE)
-        x[_IX["cur_conf_min"]] = _clip(min(s.chunk_conf) / CONF_SCALE)
-    if s.chunk_entropy:
-        x[_IX["cur_entropy_last"]] = _clip(s.chunk_entropy[-1] / ENTROPY_SCALE)
-    if s.probes:
-        x[_IX["cur_probe_stability"]] = _clip(probe_stability(s.probes, PROBE_WINDOW))
-        x[_IX["cur_probe_streak"]] = _clip(probe_streak(s.probes) / STREAK_SCALE)
-    x[_IX["cur_has_answer"]] = float(s.answer is not None)
-    x[_IX["cur_switches"]] = _clip(s.switches / SWITCH_SCALE)
+    x[_CUR] = current_chain_features(s, tokens=c.num_tokens, ended=c.finished, config=cfg)
 
     answers = [t.answer for t in v.states]
     answered = sum(a is not None for a in answers)
     leader, top, second = _shares(answers, None)
-    x[_IX["vote_share"]] = _clip(top)
-    x[_IX["vote_margin"]] = _clip(top - second)
-    x[_IX["distinct"]] = _clip(len(vote_counts(answers)) / n)
-    x[_IX["answered"]] = _clip(answered / n)
-    x[_IX["ended"]] = _clip(sum(t.chain.finished for t in v.states) / n)
+    x[_IX["vote_share"]] = clip01(top)
+    x[_IX["vote_margin"]] = clip01(top - second)
+    x[_IX["distinct"]] = clip01(len(vote_counts(answers)) / n)
+    x[_IX["answered"]] = clip01(answered / n)
+    x[_IX["ended"]] = clip01(sum(t.chain.finished for t in v.states) / n)
     counts = sorted(vote_counts(answers).values(), reverse=True)
     c1 = counts[0] if counts else 0.0
     c2 = counts[1] if len(counts) > 1 else 0.0
-    x[_IX["beta_leader"]] = _clip(beta_leader_probability(c1, c2))
-    conf = [t.mean_confidence if math.isfinite(t.mean_confidence) else 0.0 for t in v.states]
-    x[_IX["conf_vote_share"]] = _clip(_shares(answers, conf)[1])
+    x[_IX["beta_leader"]] = clip01(beta_leader_probability(c1, c2))
+    conf = [t.confidence_weight for t in v.states]
+    x[_IX["conf_vote_share"]] = clip01(_shares(answers, conf)[1])
     scored = [t.verifier for t in v.states if t.verifier is not None]
-    x[_IX["verified"]] = _clip(len(scored) / n)
+    x[_IX["verified"]] = clip01(len(scored) / n)
     if s.verifier is not None:
-        x[_IX["cur_verifier"]] = _clip(s.verifier)
+        x[_IX["cur_verifier"]] = clip01(s.verifier)
     if scored:
-        x[_IX["verifier_mean"]] = _clip(float(np.mean(scored)))
+        x[_IX["verifier_mean"]] = clip01(float(np.mean(scored)))
     ver = [t.verifier if t.verifier is not None else 0.5 for t in v.states]
-    x[_IX["verifier_vote_share"]] = _clip(_shares(answers, ver)[1])
+    x[_IX["verifier_vote_share"]] = clip01(_shares(answers, ver)[1])
     x[_IX["cur_agrees"]] = float(leader is not None and answers_equal(s.answer, leader))
     x[_IX["window_agree"]] = float(esc_window_agrees(answers, ESC_WINDOW))
     return x

@@ -7,7 +7,7 @@ agent decides what to spend compute on next. See :class:`ComputeAllocationEnv`.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,10 +21,23 @@ from gymnasium import spaces
 from env.episode.config import Action, EnvConfig, Prices, decode_tokens
 from env.episode.difficulty import bank_difficulty
 from env.episode.observation import N_FEATURES, EpisodeView, feature_table, observe
+from env.episode.rules import (
+    UNSCORED,
+    ChainFold,
+    Reason,
+    action_mask,
+    can_continue,
+    fold_answer,
+    fold_chunk,
+    reason_text,
+    unavailable_reason,
+    verifier_score,
+)
 from env.generators.base import Generator
 from env.questions import select_split, training_split
 from env.types import BudgetForcing, Chain, Chunk, Question, TokenUsage
-from features.answers import answers_equal, extract_answer, normalize_answer
+from env.verifiers import Verifier
+from features.answers import answers_equal
 from features.errors import BudgetExhausted, ConfigError, GeneratorError, PolicyError
 
 __all__ = [
@@ -34,28 +47,17 @@ __all__ = [
 
 
 @dataclass
-class ChainState:
-    """What the environment tracks per chain."""
+class ChainState(ChainFold):
+    """What the environment tracks per chain: the chain, its :class:`~env.episode.rules.ChainFold`
+    (answer, probes, confidences, ...) and its verifier score."""
 
     chain: Chain
-    probes: list[str | None] = field(default_factory=list)
-    answer: str | None = None
     verifier: float | None = None
     verified_at: int = -1
-    extensions: int = 0
-    conf_sum: float = 0.0
-    conf_n: int = 0
-    chunk_conf: list[float] = field(default_factory=list)
-    chunk_entropy: list[float] = field(default_factory=list)
-    switches: int = 0
 
     @property
     def n_chunks(self) -> int:
         return len(self.chain.chunks)
-
-    @property
-    def mean_confidence(self) -> float:
-        return self.conf_sum / self.conf_n if self.conf_n else float("nan")
 
 
 class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
@@ -103,7 +105,9 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
     ``decoded`` (what the cap counts, with ``ahead``), ``ahead`` (tokens a lookahead generator
     decoded that no action has taken yet, 0 otherwise), ``chains``, ``chain_tokens`` (each
     chain's generated tokens), ``steps``, ``action_mask``,
-    ``qid``, ``correct_now``, ``cost_delta`` and, at the end, ``reason`` and ``return``.
+    ``qid``, ``correct_now``, ``cost_delta`` and, at the end, ``reason_code``, ``reason`` and
+    ``return``. The keys both environments give mean the same in both:
+    :data:`~env.episode.rules.INFO_KEYS` documents them.
 
     For learners, two per-step keys let rewards be recomputed for any ``lam`` and
     ``correct_reward`` from one rollout:
@@ -146,7 +150,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         config: EnvConfig | None = None,
         *,
         difficulty: Any = None,
-        verifier: Any = None,
+        verifier: Verifier | None = None,
         require_gold: bool = True,
         render_mode: str | None = None,
         **config_fields: Any,
@@ -154,7 +158,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         if config is not None and config_fields:
             raise ConfigError("pass either config or its fields, not both")
         config = config if config is not None else EnvConfig(**config_fields)
-        bank_k = getattr(generator, "chunk_tokens", None)
+        bank_k = generator.traits.chunk_tokens
         if bank_k is not None and bank_k != config.chunk_tokens:
             raise ConfigError(
                 f"the generator serves chunks of {bank_k} tokens (a replayed bank); "
@@ -199,17 +203,12 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             qs = select_split(qs, split)
             if not qs:
                 raise ConfigError(f"the bank at {bank} has no recorded {split!r} questions")
-        m = gen.bank.manifest
         if kwargs.get("difficulty") == "auto":
             kwargs["difficulty"] = bank_difficulty(gen.bank, training_split(split))
         cfg = kwargs.pop("config", None)
         if cfg is None:
-            kwargs.setdefault("chunk_tokens", m.chunk_tokens)
-            kwargs.setdefault("max_chains", m.chains)
-            kwargs.setdefault("max_chain_tokens", m.max_tokens)
-            kwargs.setdefault("extension_chunks", m.extension_chunks)
-            kwargs.setdefault("probe_tokens", m.probe_tokens)
-            return cls(gen, qs, **kwargs)
+            fields = {k: kwargs.pop(k) for k in _CONFIG_FIELDS & kwargs.keys()}
+            cfg = EnvConfig.from_manifest(gen.bank.manifest, **fields)
         return cls(gen, qs, cfg, **kwargs)
 
     # -- gymnasium API -------------------------------------------------------------------------
@@ -236,12 +235,10 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
                 "drop it from the environment's questions"
             )
         gen_seed = int(self.np_random.integers(2**31 - 1))
-        reset = getattr(self.generator, "reset", None)
-        if callable(reset) and (options or {}).get("reset_generator", True):
-            reset(gen_seed)
-        vreset = getattr(self.verifier, "reset", None)
-        if callable(vreset):
-            vreset()  # a verifier's cache never makes one episode cheaper than another
+        if (options or {}).get("reset_generator", True):
+            self.generator.reset(gen_seed)
+        if self.verifier is not None:
+            self.verifier.reset()  # a verifier's cache never makes one episode cheaper than another
         self._ep = _Episode(question=q, t0=time.monotonic())
         try:
             self._branch()  # every episode opens with one chain's first chunk
@@ -259,14 +256,16 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         ep.steps += 1
         mask = self.action_mask()
         terminated = truncated = False
-        reason = ""
+        reason, detail = Reason.NONE, ""
         if a == Action.STOP:
-            terminated, reason = True, "stop"
+            terminated, reason = True, Reason.STOP
         elif not mask[a]:
             reason = self._why_unavailable(a)
             if cfg.unavailable == "raise":
                 ep.steps -= 1
-                raise PolicyError(f"action {a.name.lower()} is unavailable: {reason}")
+                raise PolicyError(
+                    f"action {a.name.lower()} is unavailable: {reason_text(reason, cfg)}"
+                )
             truncated = True
         else:
             try:
@@ -277,21 +276,22 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
                 else:
                     self._verify()
             except BudgetExhausted as e:
-                truncated, reason = True, f"generator edge: {e}"
+                truncated, reason, detail = True, Reason.GENERATOR_EDGE, str(e)
         if not (terminated or truncated):
             if cfg.time_cap_s and time.monotonic() - ep.t0 > cfg.time_cap_s:
-                truncated, reason = True, "time cap"
+                truncated, reason = True, Reason.TIME_CAP
             elif ep.steps >= cfg.steps_limit:
-                truncated, reason = True, "max steps"
+                truncated, reason = True, Reason.MAX_STEPS
             elif not self.action_mask()[:3].any():
                 # Nothing left but stopping: the token cap (or the bank) is reached.
-                truncated, reason = True, "token cap"
+                truncated, reason = True, Reason.TOKEN_CAP
         ep.charged = ep.cost(cfg.prices)
         ep.cost_delta = ep.charged - before
         reward = -cfg.lam * ep.cost_delta
         if terminated or truncated:
             ep.done = True
             ep.reason = reason
+            ep.reason_detail = detail
             ep.final = self._aggregate()
             gold = ep.question.gold
             ep.correct = gold is not None and bool(answers_equal(ep.final[0], gold))
@@ -319,19 +319,16 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         ep = self._ep
         if ep is None:
             return np.array([False, False, False, True])
-        cfg = self.config
-        room = cfg.token_cap - ep.decoded - self._ahead()
-        can_cont = bool(ep.states) and self._can_continue(ep.states[ep.cur])
-        can_cont = can_cont and room >= cfg.bound(Action.CONTINUE)
-        can_branch = len(ep.states) < cfg.max_chains and room >= cfg.bound(Action.BRANCH)
-        remaining = getattr(self.generator, "remaining_chains", None)
-        if can_branch and callable(remaining):
-            can_branch = remaining(ep.question) > 0
-        todo = self._to_verify()
-        can_verify = bool(todo) and room >= cfg.bound(Action.VERIFY, len(todo))
-        judge_source = self.verifier if self.verifier is not None else self.generator
-        if can_verify and not getattr(judge_source, "can_judge", True):
-            can_verify = False
+        left = self.generator.remaining_chains(ep.question)
+        can_cont, can_branch, can_verify = action_mask(
+            cur_can_continue=bool(ep.states) and self._can_continue(ep.states[ep.cur]),
+            chains=len(ep.states),
+            chains_left=left is None or left > 0,
+            to_verify=len(self._to_verify()),
+            can_judge=self._can_judge(),
+            room=self._room(),
+            config=self.config,
+        )
         return np.array([can_cont, can_branch, can_verify, True])
 
     def action_bound(self, action: Action | int) -> int:
@@ -342,37 +339,41 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
 
     def _ahead(self) -> int:
         """Tokens a lookahead generator decoded that no action has taken yet (the cap counts them)."""
-        return int(getattr(self.generator, "ahead", 0) or 0)
+        return self.generator.ahead
+
+    def _room(self) -> int:
+        """Decoded tokens the token cap leaves (what was decoded ahead counts)."""
+        ep = self._ep
+        assert ep is not None
+        return self.config.token_cap - ep.decoded - self._ahead()
+
+    def _can_judge(self) -> bool:
+        if self.verifier is not None:
+            return self.verifier.can_judge
+        return self.generator.traits.can_judge
 
     def _can_continue(self, s: ChainState) -> bool:
         c = s.chain
-        past_end = c.finished or c.budget is not None
-        if c.finished and c.finish_reason != "stop":
-            return False  # the token cap or a forced answer ended it
-        if past_end and s.extensions >= self.config.extension_chunks:
-            return False
-        if not past_end and c.num_tokens >= self.config.max_chain_tokens:
-            return False
-        fn = getattr(self.generator, "can_extend", None)
-        return bool(fn(c)) if callable(fn) else True
+        return can_continue(
+            ended=c.finished,
+            finish_reason=c.finish_reason,
+            past_end=c.finished or c.budget is not None,
+            extensions=s.extensions,
+            tokens=c.num_tokens,
+            config=self.config,
+        ) and self.generator.can_extend(c)
 
-    def _why_unavailable(self, a: Action) -> str:
+    def _why_unavailable(self, a: Action) -> Reason:
         ep = self._ep
         assert ep is not None
-        room = self.config.token_cap - ep.decoded - self._ahead()
-        if a == Action.CONTINUE:
-            if not ep.states:
-                return "no chain yet: branch first"
-            if room < self.config.bound(Action.CONTINUE):
-                return "token cap"
-            return "the current chain cannot be continued"
-        if a == Action.BRANCH:
-            if len(ep.states) >= self.config.max_chains:
-                return f"max_chains ({self.config.max_chains}) reached"
-            if room < self.config.bound(Action.BRANCH):
-                return "token cap"
-            return "the generator has no more chains for this question"
-        return "nothing new to verify" if not self._to_verify() else "token cap"
+        why = unavailable_reason(
+            a,
+            chains=len(ep.states),
+            room=self._room(),
+            to_verify=len(self._to_verify()),
+            config=self.config,
+        )
+        return Reason(int(why))
 
     def _extend(self, s: ChainState) -> Chunk:
         chunks = self.generator.extend([s.chain], self.config.chunk_tokens)
@@ -414,31 +415,24 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             ep.difficulty = float(fn(ep.question, chain.chunks[0])) if fn is not None else 0.5
 
     def _after_chunk(self, s: ChainState, chunk: Chunk) -> None:
-        from features.probes import switch_count
-
         ep = self._ep
         assert ep is not None
         ep.usage = ep.usage + chunk.usage
-        conf = np.asarray(chunk.confidence, dtype=np.float64)
-        ent = np.asarray(chunk.entropy, dtype=np.float64)
-        ok = np.isfinite(conf)
-        if ok.any():
-            s.conf_sum += float(conf[ok].sum())
-            s.conf_n += int(ok.sum())
-            s.chunk_conf.append(float(conf[ok].mean()))
-        oke = np.isfinite(ent)
-        if oke.any():
-            s.chunk_entropy.append(float(ent[oke].mean()))
-        s.switches += switch_count(chunk.text)
+        fold_chunk(s, chunk.text, chunk.confidence, chunk.entropy)
         c = s.chain
-        if c.finished:
-            s.answer = normalize_answer(extract_answer(c.text))
-        elif self.config.probe:
-            (p,) = self.generator.probe([c], max_tokens=self.config.probe_tokens)
-            ep.usage = ep.usage + p.usage
-            ans = normalize_answer(p.answer)
-            s.probes.append(ans)
-            s.answer = ans
+        fold_answer(
+            s,
+            final_text=c.text if c.finished else None,
+            probe=(lambda: self._probe(c)) if self.config.probe else None,
+        )
+
+    def _probe(self, c: Chain) -> str | None:
+        """Probe the open chain ``c`` (at cost); its raw answer."""
+        ep = self._ep
+        assert ep is not None
+        (p,) = self.generator.probe([c], max_tokens=self.config.probe_tokens)
+        ep.usage = ep.usage + p.usage
+        return p.answer
 
     def _to_verify(self) -> list[ChainState]:
         ep = self._ep
@@ -453,8 +447,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         results = judge([s.chain for s in todo])
         for s, r in zip(todo, results, strict=True):
             ep.usage = ep.usage + r.usage
-            p = float(r.p_yes)
-            s.verifier = p if math.isfinite(p) else 0.5
+            s.verifier = verifier_score(float(r.p_yes))
             s.verified_at = s.n_chunks
 
     # -- answers, observation, info ------------------------------------------------------------
@@ -470,11 +463,11 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         assert ep is not None
         answers = [s.answer for s in ep.states]
         if self.config.aggregate == "confidence":
-            conf = [_finite(s.mean_confidence, 0.0) for s in ep.states]
+            conf = [s.confidence_weight for s in ep.states]
             return confidence_weighted_vote(answers, conf)
         if self.config.aggregate == "verifier":
             return verifier_weighted_vote(
-                answers, [s.verifier if s.verifier is not None else 0.5 for s in ep.states]
+                answers, [s.verifier if s.verifier is not None else UNSCORED for s in ep.states]
             )
         return majority_vote(answers)
 
@@ -526,7 +519,8 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             "difficulty": ep.question.difficulty,
         }
         if ep.done:
-            info["reason"] = ep.reason
+            info["reason_code"] = int(ep.reason)
+            info["reason"] = reason_text(ep.reason, self.config, ep.reason_detail)
             info["return"] = self.config.correct_reward * float(
                 ep.correct
             ) - self.config.lam * ep.cost(self.config.prices)
@@ -548,7 +542,8 @@ class _Episode:
     usage: TokenUsage = field(default_factory=TokenUsage)
     difficulty: float | None = None
     done: bool = False
-    reason: str = ""
+    reason: Reason = Reason.NONE
+    reason_detail: str = ""
     final: tuple[str | None, float] | None = None
     correct: bool = False
     #: Cost already given as reward (the opening chunk's cost is charged on the first step).
@@ -579,8 +574,7 @@ def _as_action(action: Any) -> Action:
         ) from None
 
 
-def _finite(x: float, default: float) -> float:
-    return x if math.isfinite(x) else default
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(EnvConfig))
 
 
 ComputeAllocationEnv.__doc__ = (ComputeAllocationEnv.__doc__ or "").replace(

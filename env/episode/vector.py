@@ -30,29 +30,34 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from env.bank.store import ChainTrace, TraceBank
+from env.bank.store import TraceBank
 from env.episode.config import Action, EnvConfig
 from env.episode.difficulty import bank_difficulty
 from env.episode.observation import (
-    CONF_SCALE,
-    ENTROPY_SCALE,
+    CURRENT_CHAIN_FEATURES,
     ESC_WINDOW,
     FEATURE_NAMES,
     N_FEATURES,
-    PROBE_WINDOW,
-    STREAK_SCALE,
-    SWITCH_SCALE,
-    _clip,  # the single environment's clipping, so that features agree to the bit
+    clip01,
+    current_chain_features,
+)
+from env.episode.rules import (
+    UNSCORED,
+    Reason,
+    action_mask,
+    reason_text,
+    replay_chain,
+    unavailable_reason,
+    verifier_score,
 )
 from env.generators.replay import ReplayGenerator, chain_order
 from env.questions import select_split, training_split
 from env.types import Chain, PromptMode
-from features.answers import answers_equal, extract_answer, normalize_answer
+from features.answers import answers_equal, normalize_answer
 from features.errors import ConfigError, PolicyError
-from features.probes import probe_stability, probe_streak, switch_count
 from features.votes import beta_leader_probability
 
-__all__ = ["REASONS", "BatchedReplayEnv", "replay_chain_end", "replay_order"]
+__all__ = ["REPLAY_ENDS", "BatchedReplayEnv", "replay_order"]
 
 log = logging.getLogger(__name__)
 
@@ -60,36 +65,21 @@ IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 
-#: ``info["reason"]`` codes at an episode's end; the texts are :class:`ComputeAllocationEnv`'s.
-REASONS: tuple[str, ...] = (
-    "",  # 0: the episode has not ended
-    "stop",
-    "token cap",
-    "max steps",
-    "the current chain cannot be continued",
-    "max_chains ({max_chains}) reached",
-    "the generator has no more chains for this question",
-    "nothing new to verify",
+#: The reasons a batched replay ends an episode with (``info["reason_code"]``): it has no wall
+#: clock, no episode without a chain, and no generator edge (its tables end where the bank does).
+REPLAY_ENDS: tuple[Reason, ...] = (
+    Reason.STOP,
+    Reason.TOKEN_CAP,
+    Reason.MAX_STEPS,
+    Reason.NO_CONTINUE,
+    Reason.MAX_CHAINS,
+    Reason.NO_CHAINS,
+    Reason.NO_VERIFY,
 )
-_STOP, _TOKEN_CAP, _MAX_STEPS, _NO_CONTINUE, _MAX_CHAINS, _NO_CHAINS, _NO_VERIFY = range(1, 8)
 
 _IX = {n: i for i, n in enumerate(FEATURE_NAMES)}
 # Features of the current chain alone: one row per recorded chunk, gathered in one go.
-_CUR = (
-    "cur_tokens",
-    "cur_ended",
-    "cur_extensions",
-    "cur_conf_mean",
-    "cur_conf_last",
-    "cur_conf_min",
-    "cur_entropy_last",
-    "cur_probe_stability",
-    "cur_probe_streak",
-    "cur_has_answer",
-    "cur_switches",
-)
-_CUR0 = _IX[_CUR[0]]
-assert [_IX[n] for n in _CUR] == list(range(_CUR0, _CUR0 + len(_CUR)))
+_CUR0 = _IX[CURRENT_CHAIN_FEATURES[0]]
 
 _CANONICAL_NUMBER_RE = re.compile(r"-?\d+(?:/\d+)?")
 _NO_GOLD = -2  # the gold class when the gold answer is blank: it matches no answer
@@ -117,8 +107,8 @@ def _difficulty_table(bank: TraceBank, questions: Sequence[Any], kmax: int, fn: 
     mode = cast(PromptMode, bank.manifest.mode)
     for qi, q in enumerate(questions):
         for h in range(bank[q.qid].k):
-            (chunk,) = gen.extend([Chain(0, q, mode, [], handle=h)], gen.chunk_tokens)
-            out[qi * kmax + h] = _clip(float(fn(q, chunk)))
+            (chunk,) = gen.extend([Chain(0, q, mode, [], handle=h)], bank.manifest.chunk_tokens)
+            out[qi * kmax + h] = clip01(float(fn(q, chunk)))
     return out
 
 
@@ -155,6 +145,9 @@ class _Tables:
     kq: IntArray  # [Q]: chains recorded per question
     gold: IntArray  # [Q]: class of the gold answer (_NO_GOLD for a blank one)
     names: list[list[str]]  # per question: each class's canonical answer
+    # [Q * (n_classes + 1)]: entry q * (n_classes + 1) + c is question q's class c's canonical
+    # answer (None for "no answer", class n_classes, and past the question's classes)
+    answer_text: npt.NDArray[np.object_]
     step_cost: FloatArray  # priced cost of reaching the chunk (the chunk and its probe)
     step_dec: IntArray  # tokens it decodes (what the token cap counts)
     judge_cost: FloatArray  # priced cost of scoring the chain there
@@ -167,28 +160,6 @@ class _Tables:
     obs: npt.NDArray[np.float32]  # [N + 1, N_FEATURES]: the current-chain features there
     conf_scale: int
     ver_scale: int
-
-
-def replay_chain_end(ct: ChainTrace, i: int) -> tuple[bool, str]:
-    """Whether a replayed chain has ended after its chunk ``i``, and its finish reason.
-
-    As :meth:`ReplayGenerator.extend` decides it. Chunks past the sampled end (``ext``) are only
-    reached by budget forcing, which asks for one more token than the chain has: the
-    generator still "wants more" after such a chunk only if it brought no token. So the rule
-    needs no episode state.
-    """
-    r = ct.rows
-    fr = str(r["finish_reason"][i])
-    wants_more = i >= ct.n_main and int(r["n_tokens"][i]) == 0
-    if fr in ("cap", "forced"):
-        return True, fr
-    if i == ct.n_main - 1 and ct.finish_reason == "stop":
-        return not wants_more, fr
-    if i == ct.n_main - 1 or i + 1 >= ct.n_chunks:
-        if wants_more:
-            return False, fr
-        return True, "cap" if fr == "length" else fr
-    return False, fr
 
 
 def _classes(
@@ -239,50 +210,16 @@ def _build_tables(bank: TraceBank, questions: Sequence[Any], cfg: EnvConfig) -> 
     names: list[list[str]] = []
     fields = ("gen", "probe", "inj", "prefill", "jpre", "jp", "ans", "conf", "ok", "cur")
     cols: dict[str, list[Any]] = {k: [] for k in fields}
-    probe_on = cfg.probe
-    ext_cap = max(1, cfg.extension_chunks)
     for qi, t in enumerate(traces):
         raw_answers: list[str | None] = []
         for h, ct in enumerate(t.chains):
             cbase[qi, h] = len(cols["gen"])
             r = ct.rows
-            conf_sum, conf_n, switches, tokens = 0.0, 0, 0, 0
-            chunk_conf: list[float] = []
-            chunk_ent: list[float] = []
-            probes: list[str | None] = []
-            answer: str | None = None
-            text = ""
-            for i in range(ct.n_chunks):
+            # Each chunk as the single env reaches it, by the same rules.
+            for c in replay_chain(ct, cfg):
+                i, fold, probed = c.i, c.fold, c.probed
                 n, inj = int(r["n_tokens"][i]), int(r["n_injected"][i])
-                tokens += n
-                text += r["text"][i]
-                fin, reason = replay_chain_end(ct, i)
-                # As ComputeAllocationEnv._after_chunk (float16 -> float32 -> float64, as replayed).
-                conf = np.asarray(np.asarray(r["confidence"][i], np.float32), np.float64)
-                ent = np.asarray(np.asarray(r["entropy"][i], np.float32), np.float64)
-                ok = np.isfinite(conf)
-                if ok.any():
-                    conf_sum += float(conf[ok].sum())
-                    conf_n += int(ok.sum())
-                    chunk_conf.append(float(conf[ok].mean()))
-                oke = np.isfinite(ent)
-                if oke.any():
-                    chunk_ent.append(float(ent[oke].mean()))
-                switches += switch_count(r["text"][i])
-                probed = not fin and probe_on
-                if fin:
-                    answer = normalize_answer(extract_answer(text))
-                elif probe_on:
-                    answer = normalize_answer(r["probe_answer"][i])
-                    probes.append(answer)
-                raw_answers.append(answer)
-                mean = conf_sum / conf_n if conf_n else float("nan")
-                past_end = fin or i >= ct.n_main
-                extensions = max(0, i + 1 - ct.n_main)
-                ok_cont = not (fin and reason != "stop")
-                ok_cont = ok_cont and not (past_end and extensions >= cfg.extension_chunks)
-                ok_cont = ok_cont and not (not past_end and tokens >= cfg.max_chain_tokens)
-                ok_cont = ok_cont and i + 1 < ct.n_chunks
+                raw_answers.append(fold.answer)
                 cols["gen"].append(n - inj)
                 cols["inj"].append(inj)
                 cols["probe"].append(int(r["probe_tokens"][i]) if probed else 0)
@@ -290,25 +227,12 @@ def _build_tables(bank: TraceBank, questions: Sequence[Any], cfg: EnvConfig) -> 
                     int(r["prefill"][i]) + (int(r["probe_prefill"][i]) if probed else 0)
                 )
                 cols["jpre"].append(int(r["judge_prefill"][i]))
-                p = float(r["judge_p_yes"][i])
-                cols["jp"].append(p if math.isfinite(p) else 0.5)
-                cols["ans"].append(answer)
-                cols["conf"].append(mean if math.isfinite(mean) else 0.0)
-                cols["ok"].append(ok_cont)
+                cols["jp"].append(verifier_score(float(r["judge_p_yes"][i])))
+                cols["ans"].append(fold.answer)
+                cols["conf"].append(fold.confidence_weight)
+                cols["ok"].append(c.can_continue)
                 cols["cur"].append(
-                    (
-                        _clip(tokens / cfg.max_chain_tokens),
-                        float(fin),
-                        _clip(extensions / ext_cap),
-                        _clip(mean / CONF_SCALE),
-                        _clip(chunk_conf[-1] / CONF_SCALE) if chunk_conf else 0.0,
-                        _clip(min(chunk_conf) / CONF_SCALE) if chunk_conf else 0.0,
-                        _clip(chunk_ent[-1] / ENTROPY_SCALE) if chunk_ent else 0.0,
-                        _clip(probe_stability(probes, PROBE_WINDOW)) if probes else 0.0,
-                        _clip(probe_streak(probes) / STREAK_SCALE) if probes else 0.0,
-                        float(answer is not None),
-                        _clip(switches / SWITCH_SCALE),
-                    )
+                    current_chain_features(fold, tokens=c.tokens, ended=c.ended, config=cfg)
                 )
         gold_key = normalize_answer(t.question.gold)
         cls, qnames = _classes([a for a in raw_answers if a is not None], gold_key, t.question.qid)
@@ -326,18 +250,21 @@ def _build_tables(bank: TraceBank, questions: Sequence[Any], cfg: EnvConfig) -> 
     n_classes = max(len(x) for x in names)
     ans = np.array([*cols["ans"], -1], np.int64)
     ans[ans < 0] = n_classes
+    answer_text = np.full(nq * (n_classes + 1), None, object)
+    for qi, qnames in enumerate(names):
+        answer_text[qi * (n_classes + 1) : qi * (n_classes + 1) + len(qnames)] = qnames
 
     def arr(name: str, fill: float = 0, dtype: Any = np.int64) -> Any:
         return np.array([*cols[name], fill], dtype)
 
     conf = arr("conf", 0.0, np.float64)
-    jp = arr("jp", 0.5, np.float64)
+    jp = arr("jp", UNSCORED, np.float64)
     conf_scale = _int_scale(float(conf.max()), kmax)
     ver_scale = _int_scale(1.0, kmax)
     step = {k: arr(k) for k in ("gen", "probe", "inj", "prefill")}
     pr = cfg.prices
     obs = np.zeros((len(cols["cur"]) + 1, N_FEATURES), np.float32)
-    obs[:-1, _CUR0 : _CUR0 + len(_CUR)] = cols["cur"]
+    obs[:-1, _CUR0 : _CUR0 + len(CURRENT_CHAIN_FEATURES)] = cols["cur"]
     obs[:, _IX["difficulty"]] = 0.5
     return _Tables(
         kmax=kmax,
@@ -346,6 +273,7 @@ def _build_tables(bank: TraceBank, questions: Sequence[Any], cfg: EnvConfig) -> 
         kq=kq,
         gold=gold,
         names=names,
+        answer_text=answer_text,
         # Priced term by term in Prices.cost's order: with integer prices the sums are exact.
         step_cost=(
             pr.generated * step["gen"]
@@ -421,11 +349,13 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
       episode's ``cost_delta`` add up to its final ``cost``.
 
     For the episodes that ended on this step (the mask
-    ``info["_<key>"]``, Gymnasium's convention) it holds ``correct`` (bool), ``answer`` (the
-    answer's class, -1 for none: :meth:`answer_text` spells it), ``return``
+    ``info["_<key>"]``, Gymnasium's convention) it holds ``correct`` (bool), ``answer`` (object:
+    the answer's canonical text, ``None`` for none), ``return``
     (``correct_reward * correct - lam * cost``), ``cost``, ``decoded`` (tokens, what the cap
-    counts), ``reason`` (a code into :data:`REASONS`: :meth:`reason_text` spells it), ``steps``,
-    ``chains`` and ``question`` (an index into :attr:`questions`).
+    counts), ``reason_code`` (int, a :class:`~env.episode.rules.Reason`: one of
+    :data:`REPLAY_ENDS`), ``reason`` (object: its text), ``steps``, ``chains`` and ``question``
+    (an index into :attr:`questions`). These keys mean what the single environment's mean
+    (:data:`~env.episode.rules.INFO_KEYS`), one entry per episode.
 
     ## Arguments
 
@@ -477,12 +407,7 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         self.bank = bank if isinstance(bank, TraceBank) else TraceBank(bank)
         m = self.bank.manifest
         if config is None:
-            config_fields.setdefault("chunk_tokens", m.chunk_tokens)
-            config_fields.setdefault("max_chains", m.chains)
-            config_fields.setdefault("max_chain_tokens", m.max_tokens)
-            config_fields.setdefault("extension_chunks", m.extension_chunks)
-            config_fields.setdefault("probe_tokens", m.probe_tokens)
-            config = EnvConfig(**config_fields)
+            config = EnvConfig.from_manifest(m, **config_fields)
         if config.chunk_tokens != m.chunk_tokens:
             raise ConfigError(
                 f"the bank at {self.bank.path} serves chunks of {m.chunk_tokens} tokens; "
@@ -532,16 +457,15 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         self.difficulty_fn = difficulty
         self._t = _build_tables(self.bank, qs, config)
         self._diff = _difficulty_table(self.bank, qs, self._t.kmax, difficulty)
-        self._can_judge = bool(m.judge)
+        self._can_judge = ReplayGenerator(self.bank).traits.can_judge
         self._k = min(config.max_chains, self._t.kmax)
         self._steps_limit = config.steps_limit
-        self._bound_c = config.bound(Action.CONTINUE)
-        self._bound_b = config.bound(Action.BRANCH)
+        self._reason_text = np.array([reason_text(r, config) for r in Reason], object)
         k = self._t.kmax
         beta = np.zeros((k + 1, k + 1), np.float64)
         for c1 in range(k + 1):
             for c2 in range(k + 1):
-                beta[c1, c2] = _clip(beta_leader_probability(c1, c2))
+                beta[c1, c2] = clip01(beta_leader_probability(c1, c2))
         self._beta = beta.ravel()
         self._alloc()
 
@@ -555,7 +479,7 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
             return np.zeros(b, dtype)
 
         self._q, self._n, self._cur, self._steps = z(), z(), z(), z()
-        self._dec, self._nv, self._blim = z(), z(), z()  # decoded tokens, chains to verify
+        self._dec, self._nv, self._kq = z(), z(), z()  # decoded tokens, chains to verify, recorded
         self._cost, self._charged = z(np.float64), z(np.float64)  # priced; given as reward
         self._distinct, self._answered, self._ended = z(), z(), z()
         self._wc_tot, self._wv_tot = z(), z()
@@ -677,7 +601,7 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         bad = live & ~ok
         if cfg.unavailable == "raise" and bad.any():
             i = int(np.flatnonzero(bad)[0])
-            text = self.reason_text(int(self._why_unavailable(a, bad)[i]))
+            text = reason_text(int(self._why_unavailable(a, bad)[i]), cfg)
             raise PolicyError(
                 f"action {Action(int(a[i])).name.lower()} is unavailable in episode {i}: {text}"
                 f" ({int(bad.sum())} episodes chose an unavailable action)"
@@ -719,19 +643,26 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
             answer = answers[d]
             correct = correct_now[d]
             reward[d] += cfg.correct_reward * correct
-            reason = np.where(stop[d], _STOP, np.where(max_steps[d], _MAX_STEPS, _TOKEN_CAP))
+            reason = np.where(
+                stop[d], Reason.STOP, np.where(max_steps[d], Reason.MAX_STEPS, Reason.TOKEN_CAP)
+            )
             if why is not None:
                 reason = np.where(bad[d], why[d], reason)
             end = {
                 "correct": np.zeros(b, np.bool_),
-                "answer": np.full(b, -1, np.int64),
+                "answer": np.full(b, None, object),
                 "return": np.zeros(b),
-                "reason": np.zeros(b, np.int64),
+                "reason_code": np.zeros(b, np.int64),
             }
             end["correct"][d] = correct
-            end["answer"][d] = answer
+            # The canonical answer of the class: entry n_classes of a question is "no answer".
+            k = self._t.n_classes
+            end["answer"][d] = self._t.answer_text[
+                self._q[d] * (k + 1) + np.where(answer < 0, k, answer)
+            ]
             end["return"][d] = cfg.correct_reward * correct - cfg.lam * charged[d]
-            end["reason"][d] = reason
+            end["reason_code"][d] = reason
+            end["reason"] = self._reason_text[end["reason_code"]]
             end["cost"] = np.where(done, charged, 0.0)
             end["decoded"] = np.where(done, self._dec, 0)
             end["steps"] = np.where(done, self._steps, 0)
@@ -767,14 +698,6 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         return a
 
     # -- what the info says ------------------------------------------------------------------
-
-    def reason_text(self, code: int) -> str:
-        """The text of an ``info["reason"]`` code (as ``ComputeAllocationEnv`` words it)."""
-        return REASONS[code].format(max_chains=self.config.max_chains)
-
-    def answer_text(self, question: int, answer: int) -> str | None:
-        """The canonical answer of class ``answer`` of question index ``question`` (-1: none)."""
-        return None if answer < 0 else self._t.names[question][answer]
 
     @property
     def decoded(self) -> IntArray:
@@ -847,7 +770,7 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
                     k = int(kq[row])
                     order[:k, i] = replay_order(int(gs[row]), self.questions[q[row]].qid, k)
             self._order_[(np.arange(kmax)[:, None] * b + rows[sub]).ravel()] = order.ravel()
-        self._blim[rows] = np.minimum(self.config.max_chains, kq)
+        self._kq[rows] = kq
         # Zero the vote cells of the episodes' chains (every cell holding votes is one), and
         # point their slots at "no answer", where slots past the chain count always point.
         kk, col = np.nonzero(self._slot < self._n[rows])
@@ -993,9 +916,15 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         fcur = self._fi_[self._cur * self.num_envs + self._ar]
         self._fcur = fcur
         mask = np.empty((self.num_envs, 4), np.bool_)
-        mask[:, 0] = self._t.cont_ok[fcur] & (room >= self._bound_c)
-        mask[:, 1] = (self._n < self._blim) & (room >= self._bound_b)
-        mask[:, 2] = (self._nv > 0) & (room >= self._nv) & self._can_judge
+        mask[:, 0], mask[:, 1], mask[:, 2] = action_mask(
+            cur_can_continue=self._t.cont_ok[fcur],
+            chains=self._n,
+            chains_left=self._n < self._kq,
+            to_verify=self._nv,
+            can_judge=self._can_judge,
+            room=room,
+            config=self.config,
+        )
         mask[:, 3] = True
         self._mask = mask
         return mask
@@ -1005,21 +934,15 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         return (answers >= 0) & (answers == self._t.gold[self._q])
 
     def _why_unavailable(self, a: IntArray, bad: BoolArray) -> IntArray:
-        """ComputeAllocationEnv._why_unavailable's reasons, on the state before the step."""
-        cfg = self.config
-        room = cfg.token_cap - self._dec
-        out = np.zeros(self.num_envs, np.int64)
-        c = bad & (a == 0)
-        out[c] = np.where(room[c] < self._bound_c, _TOKEN_CAP, _NO_CONTINUE)
-        br = bad & (a == 1)
-        out[br] = np.where(
-            self._n[br] >= cfg.max_chains,
-            _MAX_CHAINS,
-            np.where(room[br] < self._bound_b, _TOKEN_CAP, _NO_CHAINS),
+        """Why the unavailable actions ``a[bad]`` cannot run, on the state before the step."""
+        why = unavailable_reason(
+            a,
+            chains=self._n,
+            room=self.config.token_cap - self._dec,
+            to_verify=self._nv,
+            config=self.config,
         )
-        v = bad & (a == 2)
-        out[v] = np.where(self._nv[v] == 0, _NO_VERIFY, _TOKEN_CAP)
-        return out
+        return np.where(bad, why, Reason.NONE).astype(np.int64)
 
     def _observe(self) -> tuple[np.ndarray, IntArray]:
         """The observations, and each episode's leading answer cell (majority; -1 for none)."""

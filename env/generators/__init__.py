@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from env.generators.backend import Backend, Completion, CompletionRequest, TipRequest
-from env.generators.base import Generator
+from env.generators.base import Generator, GeneratorBase, GeneratorTraits
 from env.generators.prompts import CHAT, TESTBED, PromptTemplate, get_template
 from env.types import (
     BudgetForcing,
@@ -35,6 +35,8 @@ __all__ = [
     "FakeBackend",
     "FakeGenerator",
     "Generator",
+    "GeneratorBase",
+    "GeneratorTraits",
     "JudgeResult",
     "LiveGenerator",
     "Lookahead",

@@ -93,6 +93,15 @@ class Backend(Protocol):
     model_name: str
     #: End-of-sequence token id.
     eos_token_id: int
+    @property
+    def max_model_len(self) -> int | None:
+        """The context size in tokens (``None``: unknown or unbounded)."""
+        ...
+
+    def reset(self, seed: int) -> None:
+        """Clear the prefix cache and reseed the sampler where the engine can (a server cannot:
+        its ``reset`` does nothing)."""
+        ...
 
     def complete(self, requests: Sequence[CompletionRequest]) -> list[Completion]:
         """Run a batch of completions (one engine call where the engine allows)."""

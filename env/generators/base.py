@@ -16,11 +16,17 @@ operation               meaning
 
 Chains are plain dataclasses held by the caller; generators append :class:`Chunk` records to them.
 Every record carries exact token accounting in a :class:`TokenUsage`.
+
+What callers read of a generator besides these operations is declared on the protocol too: its
+:class:`GeneratorTraits` (``traits``: fixed for its life) and what it has left in an episode
+(``ahead``, ``remaining_chains``, ``can_extend``). :class:`GeneratorBase` gives every generator
+their defaults, so that a generator says only where it differs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -40,10 +46,32 @@ from features.errors import ConfigError
 
 __all__ = [
     "Generator",
+    "GeneratorBase",
+    "GeneratorTraits",
     "validate_count",
     "validate_k",
     "validate_question",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratorTraits:
+    """What a generator can do, fixed for its life (``generator.traits``).
+
+    Attributes:
+        chunk_tokens: the one chunk size it serves (a replayed bank's: the env must use it), or
+            ``None``: any size (a live engine).
+        splits_chunks: :meth:`Generator.split_chunk` cuts a chunk into the ones it would have
+            returned one call at a time (read-ahead needs it: a live generator).
+        thread_safe: concurrent questions may call it at once (the controller locks any other).
+        can_judge: :meth:`Generator.judge` can run (a bank recorded without verifier scores
+            cannot).
+    """
+
+    chunk_tokens: int | None = None
+    splits_chunks: bool = False
+    thread_safe: bool = False
+    can_judge: bool = True
 
 
 @runtime_checkable
@@ -52,11 +80,41 @@ class Generator(Protocol):
 
     Implementations: :class:`env.generators.VLLMGenerator` (in-process vLLM),
     :class:`env.generators.OpenAIGenerator` (a vLLM OpenAI-compatible server),
-    :class:`env.generators.FakeGenerator` (scripted, for unit tests of logic) and the replay
-    generator over a recorded trace bank.
+    :class:`env.generators.FakeGenerator` (scripted, for unit tests of logic), the replay
+    generator over a recorded trace bank and :class:`~env.generators.lookahead.Lookahead`. They
+    inherit :class:`GeneratorBase`, which gives the members below their defaults.
     """
 
-    sampling: SamplingConfig
+    @property
+    def sampling(self) -> SamplingConfig:
+        """How it samples."""
+        ...
+
+    @property
+    def traits(self) -> GeneratorTraits:
+        """What it can do (see :class:`GeneratorTraits`)."""
+        ...
+
+    @property
+    def ahead(self) -> int:
+        """Decoded tokens it generated ahead that no call has returned yet (a lookahead's; the
+        env's token cap counts them). 0 for a generator that only answers calls."""
+        ...
+
+    def remaining_chains(self, question: Question) -> int | None:
+        """Chains :meth:`start` can still hand out for ``question`` in this episode (``None``:
+        no limit; a replayed bank: the recorded chains not handed out yet)."""
+        ...
+
+    def can_extend(self, chain: Chain) -> bool:
+        """Whether :meth:`extend` can give ``chain`` another chunk (a replayed bank: whether it
+        holds one)."""
+        ...
+
+    def split_chunk(self, chunk: Chunk, k: int) -> list[Chunk]:
+        """Cut ``chunk`` into chunks of ``k`` tokens, as :meth:`extend` would have returned them
+        one call at a time (only where ``traits.splits_chunks``)."""
+        ...
 
     def reset(self, seed: int) -> None:
         """Start afresh: restart chain ids and reseed, so the same calls give the same results."""
@@ -93,6 +151,34 @@ class Generator(Protocol):
     def judge(self, chains: Sequence[Chain]) -> list[JudgeResult]:
         """Ask the model whether each chain is correct so far; chains are left unchanged."""
         ...
+
+
+class GeneratorBase:
+    """The defaults of a :class:`Generator`'s traits and episode queries; every generator
+    inherits it and overrides what differs: a live engine with any chunk size, no limit on
+    chains, nothing generated ahead, no chunk splitting, not thread-safe, able to judge."""
+
+    @property
+    def traits(self) -> GeneratorTraits:
+        return _DEFAULT_TRAITS
+
+    @property
+    def ahead(self) -> int:
+        return 0
+
+    def remaining_chains(self, question: Question) -> int | None:
+        return None
+
+    def can_extend(self, chain: Chain) -> bool:
+        return True
+
+    def split_chunk(self, chunk: Chunk, k: int) -> list[Chunk]:
+        raise ConfigError(
+            f"{type(self).__name__} cannot split chunks (traits.splits_chunks is false)"
+        )
+
+
+_DEFAULT_TRAITS = GeneratorTraits()
 
 
 def validate_count(n: int, what: str) -> int:

@@ -35,7 +35,13 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 
 from env.generators.backend import Backend, Completion, CompletionRequest, TipRequest
-from env.generators.base import validate_count, validate_k, validate_question
+from env.generators.base import (
+    GeneratorBase,
+    GeneratorTraits,
+    validate_count,
+    validate_k,
+    validate_question,
+)
 from env.generators.prompts import TESTBED, PromptTemplate, get_template
 from env.types import (
     BudgetForcing,
@@ -126,6 +132,9 @@ def read_probe_answer(text: str, finished_by_stop: bool) -> str | None:
     return body or None
 
 
+_LIVE_TRAITS = GeneratorTraits(splits_chunks=True)
+
+
 @dataclass(slots=True)
 class _Plan:
     """One chain's request in an extend batch."""
@@ -138,7 +147,7 @@ class _Plan:
     request: CompletionRequest | None
 
 
-class LiveGenerator:
+class LiveGenerator(GeneratorBase):
     """A :class:`~env.generators.base.Generator` over a :class:`~env.generators.backend.Backend`.
 
     Args:
@@ -147,10 +156,15 @@ class LiveGenerator:
         sampling: how chains are sampled (temperature, top-p, top-k logprobs, chain cap).
 
     Chain ids are unique per generator instance and increase. ``extend`` returns one chunk per
-    unfinished chain given (see the module docstring for budget forcing).
+    unfinished chain given (see the module docstring for budget forcing). It serves any chunk
+    size and splits chunks (:meth:`split_chunk`); it is not thread-safe.
     """
 
     sampling: SamplingConfig
+
+    @property
+    def traits(self) -> GeneratorTraits:
+        return _LIVE_TRAITS
 
     def __init__(
         self,
@@ -179,15 +193,13 @@ class LiveGenerator:
         (vLLM's CPU engine rejects per-request seeds): its ``reset`` only restarts chain ids.
         """
         self._ids = itertools.count()
-        fn = getattr(self.backend, "reset", None)
-        if callable(fn):
-            fn(int(seed))
+        self.backend.reset(int(seed))
 
     # -- helpers -----------------------------------------------------------------------------
 
     @property
     def model_name(self) -> str:
-        return str(getattr(self.backend, "model_name", type(self.backend).__name__))
+        return str(self.backend.model_name)
 
     def _guard(self, op: str, fn: Callable[..., T], *args: Any) -> T:
         """Run a backend call; wrap unexpected failures in :class:`GeneratorError`."""
@@ -248,7 +260,7 @@ class LiveGenerator:
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _max_len(self) -> int | None:
-        v = getattr(self.backend, "max_model_len", None)
+        v = self.backend.max_model_len
         return int(v) if v else None
 
     def _cap(self, chain: Chain) -> int:
@@ -264,7 +276,7 @@ class LiveGenerator:
     def _eos_trim(self, comp: Completion) -> Completion:
         """Defensively drop a trailing EOS a backend may have left in."""
         n = int(comp.token_ids.shape[0])
-        eos = getattr(self.backend, "eos_token_id", None)
+        eos = self.backend.eos_token_id
         if (
             comp.finish_reason == "stop"
             and n

@@ -38,7 +38,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from env.generators.base import Generator, validate_count, validate_k
+from env.generators.base import (
+    Generator,
+    GeneratorBase,
+    GeneratorTraits,
+    validate_count,
+    validate_k,
+)
 from env.types import (
     INJECT_ALLOWANCE,
     BudgetForcing,
@@ -49,6 +55,7 @@ from env.types import (
     ProbeResult,
     PromptMode,
     Question,
+    SamplingConfig,
     TipConfig,
     TokenUsage,
 )
@@ -72,7 +79,7 @@ class _Planned:
     public: Chain | None = None
 
 
-class Lookahead:
+class Lookahead(GeneratorBase):
     """Wrap a live generator so that an episode's planned chains are generated side by side.
 
     Args:
@@ -110,11 +117,12 @@ class Lookahead:
         spent: Callable[[], int] | None = None,
         read_ahead: int | None = None,
     ) -> None:
-        if getattr(inner, "chunk_tokens", None) is not None:
+        if inner.traits.chunk_tokens is not None:
             raise ConfigError(
                 "lookahead is for live generators; a replayed bank serves recorded chains already"
             )
         self.inner = inner
+        self._traits = dataclasses.replace(inner.traits, thread_safe=False)
         self.width = validate_count(width, "lookahead width")
         self.token_cap = validate_count(token_cap, "token_cap")
         self.probe_tokens = (
@@ -124,7 +132,7 @@ class Lookahead:
         self.chain_tokens = validate_count(chain_tokens, "chain_tokens")
         self.spent = spent
         self.read_ahead = None if read_ahead is None else validate_count(read_ahead, "read_ahead")
-        if self.read_ahead is not None and not callable(getattr(inner, "split_chunk", None)):
+        if self.read_ahead is not None and not inner.traits.splits_chunks:
             raise ConfigError(
                 f"read-ahead needs a generator that can split chunks (a live one), got "
                 f"{type(inner).__name__}"
@@ -139,12 +147,6 @@ class Lookahead:
         #: Engine calls that generated chunks for planned chains alongside the env's (for tests).
         self.batched_calls = 0
 
-    def __getattr__(self, name: str) -> Any:
-        # Everything else (sampling, model_name, close, ...) is the inner generator's.
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
     def __repr__(self) -> str:
         return f"Lookahead({self.inner!r}, width={self.width}, ahead={self.ahead})"
 
@@ -152,6 +154,26 @@ class Lookahead:
     def ahead(self) -> int:
         """Decoded tokens generated ahead that the env has not taken (yet)."""
         return self._made - self._given
+
+    # -- the inner generator's, as they are ------------------------------------------------------
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return self.inner.sampling
+
+    @property
+    def traits(self) -> GeneratorTraits:
+        """The inner generator's, but not thread-safe (the wrapper holds one episode's plan)."""
+        return self._traits
+
+    def remaining_chains(self, question: Question) -> int | None:
+        return self.inner.remaining_chains(question)
+
+    def can_extend(self, chain: Chain) -> bool:
+        return self.inner.can_extend(chain)
+
+    def split_chunk(self, chunk: Chunk, k: int) -> list[Chunk]:
+        return self.inner.split_chunk(chunk, k)
 
     # -- the Generator protocol ------------------------------------------------------------------
 
@@ -318,7 +340,7 @@ class Lookahead:
         private = dataclasses.replace(c, chunks=list(c.chunks))
         (whole,) = self.inner.extend([private], tokens)
         self._made += _decoded(whole.usage)
-        pieces = self.inner.split_chunk(whole, k)  # type: ignore[attr-defined]
+        pieces = self.inner.split_chunk(whole, k)
         n0 = len(c.chunks)
         private.chunks[n0:] = pieces
         length: tuple[bool, FinishReason | None] = (False, "length")

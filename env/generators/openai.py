@@ -42,6 +42,7 @@ import httpx
 import numpy as np
 
 from env.generators.backend import Completion, CompletionRequest, TipRequest
+from env.generators.base import GeneratorTraits
 from env.generators.live import LiveGenerator
 from env.generators.prompts import CHAT, TESTBED, PromptTemplate
 from env.types import SamplingConfig
@@ -350,6 +351,10 @@ class OpenAIBackend:
 
         return self._chat_cache.get_or(key, make)
 
+    def reset(self, seed: int) -> None:
+        """Nothing to do: a server can be neither reseeded nor have its prefix cache cleared
+        from here (vLLM's CPU engine rejects per-request seeds)."""
+
     def complete(self, requests: Sequence[CompletionRequest]) -> list[Completion]:
         """Run ``requests`` concurrently, one ``POST /v1/completions`` per distinct request, in
         order.
@@ -559,6 +564,9 @@ def _eos_from_folder(folder: str | None) -> int | None:
     return None
 
 
+_OPENAI_TRAITS = GeneratorTraits(splits_chunks=True, thread_safe=True)
+
+
 class OpenAIGenerator(LiveGenerator):
     """A :class:`~env.generators.live.LiveGenerator` over an :class:`OpenAIBackend`.
 
@@ -572,7 +580,13 @@ class OpenAIGenerator(LiveGenerator):
 
     Raises:
         GeneratorError: when the server cannot be reached.
+
+    It is thread-safe (its HTTP client is): concurrent questions may share it.
     """
+
+    @property
+    def traits(self) -> GeneratorTraits:
+        return _OPENAI_TRAITS
 
     def __init__(
         self,

@@ -24,15 +24,24 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
 from env.bank.store import ChainTrace, QuestionTrace, TraceBank
-from env.generators.base import validate_count, validate_k, validate_question
+from env.episode.rules import replay_chain_end, replay_has_chunk
+from env.generators.base import (
+    GeneratorBase,
+    GeneratorTraits,
+    validate_count,
+    validate_k,
+    validate_question,
+)
 from env.types import (
     BudgetForcing,
     Chain,
     Chunk,
+    FinishReason,
     JudgeResult,
     ProbeResult,
     PromptMode,
@@ -55,8 +64,11 @@ def chain_order(seed: int, qid: str, k: int) -> list[int]:
     return [int(i) for i in rng.permutation(k)]
 
 
-class ReplayGenerator:
+class ReplayGenerator(GeneratorBase):
     """The Generator protocol over a :class:`~env.bank.store.TraceBank`.
+
+    Its traits: it serves the bank's chunk size only, and judges only if the bank holds verifier
+    scores; :meth:`remaining_chains` and :meth:`can_extend` say what the bank has left.
 
     Args:
         bank: a bank or its folder.
@@ -66,7 +78,7 @@ class ReplayGenerator:
     def __init__(self, bank: TraceBank | str | Path, *, seed: int = 0) -> None:
         self.bank = bank if isinstance(bank, TraceBank) else TraceBank(bank)
         m = self.bank.manifest
-        self.chunk_tokens = m.chunk_tokens
+        self._traits = GeneratorTraits(chunk_tokens=m.chunk_tokens, can_judge=bool(m.judge))
         self.sampling = SamplingConfig(
             temperature=float(m.sampling.get("temperature", 0.7)),
             top_p=float(m.sampling.get("top_p", 1.0)),
@@ -76,6 +88,10 @@ class ReplayGenerator:
         self.template_name = m.template
         self._chunks: dict[tuple[str, int, int], Chunk] = {}
         self.reset(seed)
+
+    @property
+    def traits(self) -> GeneratorTraits:
+        return self._traits
 
     @property
     def model_name(self) -> str:
@@ -132,11 +148,6 @@ class ReplayGenerator:
         return out
 
     # -- what is left (the environment's action mask reads these) ----------------------------
-    @property
-    def can_judge(self) -> bool:
-        """Whether the bank holds verifier scores."""
-        return bool(self.bank.manifest.judge)
-
     def remaining_chains(self, question: Question) -> int:
         """Recorded chains of ``question`` not yet handed out in this episode."""
         if question.qid not in self.bank:
@@ -147,7 +158,7 @@ class ReplayGenerator:
         """Whether the bank holds another chunk for ``chain`` (main or budget-forced)."""
         if chain.handle is None or chain.question.qid not in self.bank:
             return False
-        return len(chain.chunks) < self._rows_for(chain).n_chunks
+        return replay_has_chunk(self._rows_for(chain), len(chain.chunks))
 
     # -- the protocol ----------------------------------------------------------------------
     def start(
@@ -170,10 +181,10 @@ class ReplayGenerator:
         self, chains: Sequence[Chain], k: int, *, tip: TipConfig | None = None
     ) -> list[Chunk]:
         k = validate_k(k)
-        if k != self.chunk_tokens:
+        if k != self._traits.chunk_tokens:
             raise ConfigError(
-                f"the bank at {self.bank.path} was recorded in chunks of {self.chunk_tokens} tokens; "
-                f"extend with k={self.chunk_tokens}, not {k}"
+                f"the bank at {self.bank.path} was recorded in chunks of {self._traits.chunk_tokens} "
+                f"tokens; extend with k={self._traits.chunk_tokens}, not {k}"
             )
         if tip is not None and tip.penalty > 0:
             raise ConfigError("replay cannot apply TIP: the bank was recorded without it")
@@ -183,7 +194,7 @@ class ReplayGenerator:
                 continue
             ct = self._rows_for(chain)
             i = len(chain.chunks)
-            if i >= ct.n_chunks:
+            if not replay_has_chunk(ct, i):
                 raise BudgetExhausted(
                     f"chain {ct.chain} of {chain.question.qid!r} is recorded for {ct.n_chunks} chunks "
                     f"({ct.n_main} sampled, {ct.n_chunks - ct.n_main} budget-forced); asked for more"
@@ -196,16 +207,9 @@ class ReplayGenerator:
             if chunk is None:  # chunks are shared between episodes: treat them as read-only
                 chunk = self._chunks[key] = self._chunk(ct, i)
             chain.chunks.append(chunk)
-            chain.finish_reason = chunk.finish_reason
-            if chunk.finish_reason in ("cap", "forced"):
-                chain.finished = True
-            elif i == ct.n_main - 1 and ct.finish_reason == "stop":
-                chain.finished = not self._wants_more(chain)
-            elif i == ct.n_main - 1 or i + 1 >= ct.n_chunks:
-                # the recording ended here (token cap, or the end of a budget-forced extension)
-                chain.finished = not self._wants_more(chain)
-                if chain.finished and chunk.finish_reason == "length":
-                    chain.finish_reason = "cap"
+            finished, reason = replay_chain_end(ct, i, self._wants_more(chain))
+            chain.finished = finished
+            chain.finish_reason = cast(FinishReason, reason)
             out.append(chunk)
         return out
 

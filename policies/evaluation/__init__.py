@@ -8,7 +8,6 @@ from typing import Any
 
 __all__ = [
     "EpisodeRecord",
-    "bank_config",
     "EvalResult",
     "Evaluator",
     "LevelStats",
@@ -65,7 +64,6 @@ __all__ = [
 # Names load on first use, so importing the package stays cheap.
 _LAZY = {
     "EpisodeRecord": "policies.evaluation.runner",
-    "bank_config": "policies.evaluation.runner",
     "EvalResult": "policies.evaluation.runner",
     "Evaluator": "policies.evaluation.runner",
     "LevelStats": "policies.evaluation.runner",

@@ -43,14 +43,13 @@ import numpy as np
 
 from env.bank.store import ChainTrace, QuestionTrace, TraceBank
 from env.episode.config import Action, EnvConfig
-from env.episode.vector import replay_chain_end
+from env.episode.rules import replay_chain
 from env.questions import select_split
-from features.answers import answers_equal, extract_answer, normalize_answer
+from features.answers import answers_equal
 from features.errors import ConfigError
 from policies.evaluation.metrics import FrontierPoint, Interval
 from policies.evaluation.runner import (
     LevelStats,
-    bank_config,
     level_label,
     score_metrics,
     summarize_scores,
@@ -123,33 +122,14 @@ def chain_prefixes(ct: ChainTrace, gold: str | None, config: EnvConfig) -> list[
     r = ct.rows
     out: list[Prefix] = []
     decoded = 0
-    chain_tokens = 0
-    text = ""
-    answer: str | None = None
     bound_continue = config.bound(Action.CONTINUE)
-    for i in range(ct.n_chunks):
-        n = int(r["n_tokens"][i])
-        chain_tokens += n
-        text += r["text"][i]
-        ended, reason = replay_chain_end(ct, i)
-        decoded += n
-        if ended:
-            answer = normalize_answer(extract_answer(text))
-        elif config.probe:
-            decoded += int(r["probe_tokens"][i])
-            answer = normalize_answer(r["probe_answer"][i])
+    # The chain as the env reaches it, by the env's rules (answers only: no signal is read).
+    for c in replay_chain(ct, config, signals=False):
+        decoded += int(r["n_tokens"][c.i]) + (int(r["probe_tokens"][c.i]) if c.probed else 0)
+        answer = c.fold.answer
         correct = gold is not None and bool(answers_equal(answer, gold))
-        out.append(Prefix(i, decoded, answer, correct, ended))
-        past_end = ended or i >= ct.n_main
-        extensions = max(0, i + 1 - ct.n_main)
-        can_continue = (
-            not (ended and reason != "stop")
-            and not (past_end and extensions >= config.extension_chunks)
-            and not (not past_end and chain_tokens >= config.max_chain_tokens)
-            and i + 1 < ct.n_chunks
-            and config.token_cap - decoded >= bound_continue
-        )
-        if not can_continue:
+        out.append(Prefix(c.i, decoded, answer, correct, c.ended))
+        if not (c.can_continue and config.token_cap - decoded >= bound_continue):
             break
     return out
 
@@ -194,7 +174,7 @@ def oracle(
     b = bank if isinstance(bank, TraceBank) else TraceBank(bank)
     if config is not None and config_fields:
         raise ConfigError("pass either config or its fields, not both")
-    config = config if config is not None else bank_config(b, **config_fields)
+    config = config if config is not None else EnvConfig.from_manifest(b.manifest, **config_fields)
     qs = select_split(b.questions, split)
     if not qs:
         raise ConfigError(f"the bank at {b.path} has no recorded {split or 'any'!r} questions")
@@ -299,7 +279,7 @@ def vote_floor(
     if orders < 1:
         raise ConfigError(f"orders must be >= 1, got {orders}")
     b = bank if isinstance(bank, TraceBank) else TraceBank(bank)
-    config = config if config is not None else bank_config(b)
+    config = config if config is not None else EnvConfig.from_manifest(b.manifest)
     config = dataclasses.replace(config, probe=False)
     qs = select_split(b.questions, split)
     if not qs:

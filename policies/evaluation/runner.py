@@ -37,7 +37,7 @@ from env.episode.difficulty import bank_difficulty
 from env.episode.vector import BatchedReplayEnv
 from env.questions import select_split, training_split
 from features.errors import ConfigError, PolicyError
-from policies.base import STOP, Policy
+from policies.base import STOP, LamConditioned, Policy
 from policies.evaluation.metrics import (
     FrontierPoint,
     Interval,
@@ -47,7 +47,6 @@ from policies.evaluation.metrics import (
 
 __all__ = [
     "EpisodeRecord",
-    "bank_config",
     "EvalResult",
     "Evaluator",
     "LevelStats",
@@ -230,18 +229,6 @@ def write_rows(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
     return p
 
 
-def bank_config(bank: TraceBank, **fields: Any) -> EnvConfig:
-    """Env settings for ``bank``: ``fields``, and the bank's own settings (chunking, chains,
-    chain cap, extensions, probe size) for the rest, as :class:`BatchedReplayEnv` sets them."""
-    m = bank.manifest
-    fields.setdefault("chunk_tokens", m.chunk_tokens)
-    fields.setdefault("max_chains", m.chains)
-    fields.setdefault("max_chain_tokens", m.max_tokens)
-    fields.setdefault("extension_chunks", m.extension_chunks)
-    fields.setdefault("probe_tokens", m.probe_tokens)
-    return EnvConfig(**fields)
-
-
 class Evaluator:
     """Runs policies on every (question x seed) episode of a split, reusing the flattened bank.
 
@@ -298,7 +285,11 @@ class Evaluator:
         self._q = np.repeat(np.arange(len(self.questions)), len(self.seeds))
         self._s = np.tile(np.asarray(self.seeds, np.int64), len(self.questions))
         self.num_envs = min(n, self.max_envs)
-        self.config = config if config is not None else bank_config(self.bank, **config_fields)
+        self.config = (
+            config
+            if config is not None
+            else EnvConfig.from_manifest(self.bank.manifest, **config_fields)
+        )
 
     @property
     def bank_name(self) -> str:
@@ -332,21 +323,20 @@ class Evaluator:
 
     def __call__(self, policy: Policy, *, family: str | None = None, param: str = "") -> EvalResult:
         """Evaluate ``policy``: every (question x seed) episode once."""
-        aggregate = getattr(policy, "aggregate", "majority")
         # A policy that never reads a probe is not charged for probes.
-        env = self._env(aggregate, bool(getattr(policy, "uses_probes", True)))
-        lam = getattr(policy, "lam", None)
-        lam_used = float(lam) if isinstance(lam, int | float) else env.config.lam
+        env = self._env(policy.aggregate, bool(policy.uses_probes))
+        lam = policy.lam if isinstance(policy, LamConditioned) else None
+        lam_used = env.config.lam if lam is None else float(lam)
         t0 = time.perf_counter()
         n = self.episodes
         cols: dict[str, np.ndarray] = {
             "correct": np.zeros(n, np.bool_),
-            "answer": np.full(n, -1, np.int64),
+            "answer": np.full(n, None, object),
             "decoded": np.zeros(n, np.int64),
             "cost": np.zeros(n, np.float64),
             "chains": np.zeros(n, np.int64),
             "steps": np.zeros(n, np.int64),
-            "reason": np.zeros(n, np.int64),
+            "reason": np.full(n, "", object),
         }
         for start in range(0, n, env.num_envs):
             self._run_batch(policy, env, start, cols)
@@ -363,12 +353,12 @@ class Evaluator:
                     seed=int(self._s[i]),
                     level=level_label(q.difficulty),
                     correct=correct,
-                    answer=env.answer_text(int(self._q[i]), int(cols["answer"][i])),
+                    answer=cols["answer"][i],
                     decoded=int(cols["decoded"][i]),
                     cost=cost,
                     chains=int(cols["chains"][i]),
                     steps=int(cols["steps"][i]),
-                    reason=env.reason_text(int(cols["reason"][i])),
+                    reason=str(cols["reason"][i]),
                     ret=env.config.correct_reward * correct - lam_used * cost,
                 )
             )
@@ -379,7 +369,7 @@ class Evaluator:
             [float(r.decoded) for r in records],
             n_boot=self.n_boot,
         )
-        name = str(getattr(policy, "name", type(policy).__name__))
+        name = str(policy.name)
         return EvalResult(
             policy=name,
             family=family or name,
@@ -441,9 +431,7 @@ def run_pinned(
         policy.end(done)
         if got.all():
             return out
-    raise PolicyError(
-        f"{getattr(policy, 'name', policy)}: episodes did not end within {limit} steps"
-    )
+    raise PolicyError(f"{policy.name}: episodes did not end within {limit} steps")
 
 
 def evaluate(

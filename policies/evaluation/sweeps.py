@@ -6,21 +6,13 @@ import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from env.episode.config import EnvConfig
 from features.errors import ConfigError
-from policies.base import Policy
+from policies.base import LamConditioned, Policy
 from policies.evaluation.runner import EvalResult, Evaluator
-from policies.heuristics import (
-    AdaptiveConsistency,
-    BestOfN,
-    BoundedThinking,
-    BudgetForcing,
-    DeepConfOnline,
-    DifficultyRouter,
-    EarlyStoppingSC,
-    ProbeAgreement,
-)
+from policies.heuristics import EarlyStoppingSC
+from policies.registry import load_policy
 
 __all__ = [
     "Family",
@@ -54,6 +46,9 @@ def heuristic_sweeps(
     """Every fixed heuristic family with its parameter grid, for chains of at most
     ``max_chain_tokens`` in chunks of ``chunk_tokens`` and up to ``max_chains`` chains.
 
+    Each point is built from its name (:func:`policies.registry.load_policy`), so a name in the
+    tables is what ``ponder evaluate`` and ``ponder serve`` take.
+
     | family | grid |
     |---|---|
     | best-of-N (majority, confidence, verifier vote) | N in 1, 2, 4, 8, 16 (up to ``max_chains``) |
@@ -67,13 +62,17 @@ def heuristic_sweeps(
     """
     if max_chains < 1:
         raise ConfigError(f"max_chains must be >= 1, got {max_chains}")
+    config = EnvConfig(max_chains=max_chains)
+
+    def family(name: str, points: Iterable[tuple[str, str]]) -> Family:
+        return Family(
+            name, tuple((label, load_policy(spec, config=config)) for label, spec in points)
+        )
+
     ns = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= max_chains]
     fams = [
-        Family(
-            "best-of-N" + ("" if agg == "majority" else f"-{agg}"),
-            tuple((f"N={n}", BestOfN(n, agg)) for n in ns),  # type: ignore[arg-type]
-        )
-        for agg in ("majority", "confidence", "verifier")
+        family(f"best-of-N{suffix}", ((f"N={n}", f"best-of-{n}{suffix}") for n in ns))
+        for suffix in ("", "-confidence", "-verifier")
     ]
     top = max_chain_tokens + extension_chunks * chunk_tokens
     budgets, b = [], chunk_tokens
@@ -81,71 +80,35 @@ def heuristic_sweeps(
         budgets.append(b)
         b *= 2
     budgets.append(top)
-    fams.append(Family("s1", tuple((f"B={b}", BudgetForcing(b)) for b in budgets)))
+    fams.append(family("s1", ((f"B={b}", f"s1-{b}") for b in budgets)))
+    thresholds = (0.6, 0.8, 0.9, 0.95, 0.99)
     fams.append(
-        Family(
+        family(
             "adaptive-consistency",
-            tuple(
-                (f"t={t:g}", AdaptiveConsistency(t, max_n=max_chains))
-                for t in (0.6, 0.8, 0.9, 0.95, 0.99)
-            ),
+            ((f"t={t:g}", f"adaptive-consistency-{t:g}") for t in thresholds),
         )
     )
     w = EarlyStoppingSC.WINDOW
+    maxes = sorted({min(max_chains, x) for x in (w, 2 * w, 4 * w)})
+    fams.append(family("esc", ((f"max={m}", f"esc-{w}-max{m}") for m in maxes)))
     fams.append(
-        Family(
-            "esc",
-            tuple(
-                (f"max={m}", _named(EarlyStoppingSC(max_n=m), f"esc-4-max{m}", m != 16))
-                for m in sorted({min(max_chains, x) for x in (w, 2 * w, 4 * w)})
-            ),
-        )
+        family("deepconf-online", ((f"keep={k}", f"deepconf-online-{k}") for k in (10, 90)))
     )
-    fams.append(
-        Family(
-            "deepconf-online",
-            tuple(
-                (
-                    f"keep={k}",
-                    DeepConfOnline(n_init=min(4, max_chains), keep_percent=k, max_n=max_chains),
-                )
-                for k in (10, 90)
-            ),
-        )
-    )
-    fams.append(
-        Family("probe-agree", tuple((f"k={k}", ProbeAgreement(k)) for k in (1, 2, 3, 4, 6)))
-    )
-    fams.append(
-        Family(
-            "router",
-            tuple(
-                (f"{e:g}-{h:g}", DifficultyRouter(e, h, n_medium=min(4, max_chains)))
-                for e, h in ((0.2, 0.5), (0.3, 0.7), (0.5, 0.9))
-            ),
-        )
-    )
+    fams.append(family("probe-agree", ((f"k={k}", f"probe-agree-{k}") for k in (1, 2, 3, 4, 6))))
+    routes = ((0.2, 0.5), (0.3, 0.7), (0.5, 0.9))
+    fams.append(family("router", ((f"{e:g}-{h:g}", f"router-{e:g}-{h:g}") for e, h in routes)))
     starts = [
         s for s in (chunk_tokens, 2 * chunk_tokens, 4 * chunk_tokens) if s <= max_chain_tokens
     ]
     fams.append(
-        Family(
-            "bounded",
-            tuple((f"start={s}", BoundedThinking(s, max_chain_tokens)) for s in starts),
-        )
+        family("bounded", ((f"start={s}", f"bounded-{s}-{max_chain_tokens}") for s in starts))
     )
     return fams
 
 
-def _named(policy: Any, name: str, rename: bool = True) -> Any:
-    if rename:
-        policy.name = name
-    return policy
-
-
-def learned_sweep(name: str, policy: Any, lams: Iterable[float]) -> Family:
+def learned_sweep(name: str, policy: Policy, lams: Iterable[float]) -> Family:
     """A learned policy over ``lam``: ``policy.with_lam(lam)`` for each value."""
-    if not callable(getattr(policy, "with_lam", None)):
+    if not isinstance(policy, LamConditioned):
         raise ConfigError(f"{name}: a learned sweep needs a policy with with_lam(lam)")
     return Family(
         name, tuple((f"lam={lam:g}", policy.with_lam(float(lam))) for lam in lams), "learned"
@@ -184,7 +147,7 @@ def lam_of(result: EvalResult) -> float:
 def refine_sweep(
     evaluator: Evaluator,
     name: str,
-    policy: Any,
+    policy: LamConditioned,
     results: Sequence[EvalResult],
     *,
     extra: int = 3,
@@ -207,7 +170,7 @@ def refine_sweep(
     learned envelope was below the best heuristic at 14 of 31 budgets, 4 of them beyond the
     paired interval, with 1.25 (the earlier rule); 13 and 2 with 1.1; 13 and none with 1.05 or
     1.02."""
-    if not callable(getattr(policy, "with_lam", None)):
+    if not isinstance(policy, LamConditioned):
         raise ConfigError(f"{name}: refining a sweep needs a policy with with_lam(lam)")
     if ratio <= 1:
         raise ConfigError(f"ratio must be > 1, got {ratio}")

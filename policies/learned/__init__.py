@@ -9,11 +9,16 @@ training entry points and ponder's safe file format.
 Each decides at every chunk or, with ``decide="chain"``, only between chains (a running chain
 is always read to its end). Both act in numpy from plain arrays, save to a folder (``policy.save(folder)``: ``policy.json``
 and ``weights.safetensors``) and load with :func:`load_policy`, which never unpickles and refuses
-files trained on other features. Train from the command line::
+files trained on other features. Train from the command line (``ponder train`` and
+``python -m policies.learned`` are the same entry, :func:`main`)::
 
-    python -m policies.learned value --decide chain --bank data/banks/testbed-arith \\
-        --out models/policies/value
-    python -m policies.learned ppo --bank data/banks/testbed-arith --out models/policies/ppo
+    ponder train value --decide chain --bank data/banks/testbed-arith --out models/policies/value
+    ponder train ppo --bank data/banks/testbed-arith --out models/policies/ppo
+
+The modules: :mod:`~policies.learned.base` (the :class:`LearnedPolicy` base and the
+observation rules every algorithm shares), :mod:`~policies.learned.replay` (replaying a bank
+for learning: driver, transitions, behaviour policies, pinned rollouts), and one file per
+algorithm, CleanRL-style: :mod:`~policies.learned.value`, :mod:`~policies.learned.ppo`.
 """
 
 from __future__ import annotations
@@ -22,15 +27,10 @@ import logging
 from pathlib import Path
 
 from features.errors import PolicyError
+from policies.learned.base import DEFAULT_LAMS, LearnedPolicy
 from policies.learned.ppo import PPOArgs, PPOPolicy, train_ppo
-from policies.learned.value import (
-    DEFAULT_LAMS,
-    LearnedPolicy,
-    ValueArgs,
-    ValuePolicy,
-    rollout_pinned,
-    train_value_policy,
-)
+from policies.learned.replay import rollout_pinned
+from policies.learned.value import ValueArgs, ValuePolicy, train_value_policy
 from policies.serialize import read_policy_files
 
 __all__ = [
@@ -78,36 +78,24 @@ def load_policy(path: str | Path) -> LearnedPolicy:
         ) from e
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m policies.learned {value,ppo} --bank ... --out ...``: train and save."""
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> None:
+    """``ponder train {value,ppo} --bank ... --out ...`` (also ``python -m policies.learned``):
+    train a learned policy and save it. ``prog`` names the program in ``--help`` (default:
+    ``sys.argv[0]``, which ``ponder`` sets to ``ponder train``)."""
     import tyro
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = tyro.extras.subcommand_cli_from_dict(
         {"value": ValueArgs, "ppo": PPOArgs},
+        prog=prog,
         args=argv,
         description="Train a learned ponder policy on a trace bank and save it.",
     )
     policy: LearnedPolicy
     if isinstance(args, ValueArgs):
-        kw = {k: v for k, v in vars(args).items() if k not in ("bank", "split", "lams", "seed")}
-        policy = train_value_policy(
-            args.bank, split=args.split, lams=args.lams, seed=args.seed, **kw
-        )
+        policy = train_value_policy(**vars(args))
     else:
-        kw = {
-            k: v
-            for k, v in vars(args).items()
-            if k not in ("bank", "split", "lams", "seed", "total_steps")
-        }
-        policy = train_ppo(
-            args.bank,
-            split=args.split,
-            total_steps=args.total_steps,
-            lams=args.lams,
-            seed=args.seed,
-            **kw,
-        )
+        policy = train_ppo(**vars(args))
     out = policy.save(args.out)
     metrics = policy.meta.get("metrics", {})
     summary = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval/")}

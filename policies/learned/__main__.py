@@ -2,4 +2,4 @@
 
 from policies.learned import main
 
-main()
+main(prog="python -m policies.learned")

@@ -1,6 +1,7 @@
 """A PPO policy over all four actions, trained on replayed episodes, run in numpy.
 
-:func:`train_ppo` is CleanRL's single-file PPO (GAE, clipped surrogate, value loss, entropy bonus,
+:func:`train_ppo` (and ``ponder train ppo``, ``python -m policies.learned ppo``) is CleanRL's
+single-file PPO (GAE, clipped surrogate, value loss, entropy bonus,
 minibatches, annealed learning rate, gradient clipping) on a
 :class:`~env.episode.vector.BatchedReplayEnv` over a bank's training questions, with two additions:
 
@@ -17,6 +18,10 @@ from going on rather than stopping, what the controller's fleet mode ranks by).
 
 The trained networks are exported as arrays: :class:`PPOPolicy` acts in numpy (no torch to
 load), deterministically (argmax of the masked logits) unless told to sample.
+
+As in CleanRL, :class:`PPOArgs` is the whole configuration, seeding comes first and metrics are
+namespaced ``train/...`` and ``eval/...``. The base class and the observation rules are
+:mod:`policies.learned.base`'s; the replay is :mod:`policies.learned.replay`'s.
 """
 
 from __future__ import annotations
@@ -34,148 +39,41 @@ import numpy as np
 
 from env.bank.store import TraceBank
 from env.episode.observation import N_FEATURES
-from env.episode.vector import BatchedReplayEnv
 from features.errors import ConfigError, PolicyError
-from policies.learned.value import (
-    DECIDE,
+from policies.learned.base import (
     DEFAULT_LAMS,
     LearnedPolicy,
-    ReplayDriver,
-    _bar,
-    _finish_training,
+    check_decide,
     decision_mask,
     lam_grid,
-    split_difficulty,
+    sigmoid,
 )
-from policies.serialize import (
-    NumpyMLP,
-    PolicyFiles,
-    lam_feature,
+from policies.learned.replay import (
+    ReplayDriver,
+    finish_training,
+    progress_bar,
+    replay_env,
+    trainer_args,
 )
+from policies.serialize import NumpyMLP, PolicyFiles, lam_feature
 
-__all__ = ["DECIDE", "PPOArgs", "PPOPolicy", "decision_mask", "train_ppo"]
+__all__ = ["PPOArgs", "PPOPolicy", "lam_sampler", "train_ppo"]
 
 log = logging.getLogger(__name__)
 
 _MASKED = -1e9
 
 
-class PPOPolicy(LearnedPolicy):
-    """An actor-critic trained by PPO (see the module docstring).
-
-    Args:
-        actor: observation + λ feature -> 4 logits (continue, branch, verify, stop).
-        critic: observation + λ feature -> (value, logit of "stopping now is correct").
-        deterministic: act by the argmax of the masked logits (else sample them).
-        seed: seeds the sampling.
-        decide: ``chunk`` (at every chunk) or ``chain`` (only between chains; see
-            :func:`decision_mask`): as it was trained.
-        lam, lam_range, aggregate, meta: see :class:`~policies.learned.value.LearnedPolicy`.
-    """
-
-    kind = "ppo"
-    version = 1
-
-    def __init__(
-        self,
-        actor: NumpyMLP,
-        critic: NumpyMLP,
-        *,
-        deterministic: bool = True,
-        seed: int = 0,
-        decide: str = "chunk",
-        lam: float | None = None,
-        lam_range: tuple[float, float] = (DEFAULT_LAMS[0], DEFAULT_LAMS[-1]),
-        aggregate: str = "majority",
-        meta: dict[str, Any] | None = None,
-    ) -> None:
-        if actor.n_in != N_FEATURES + 1 or actor.n_out != 4:
-            raise PolicyError(
-                f"the actor maps {actor.n_in} -> {actor.n_out}, expected {N_FEATURES + 1} -> 4"
-            )
-        if critic.n_in != N_FEATURES + 1 or critic.n_out != 2:
-            raise PolicyError(
-                f"the critic maps {critic.n_in} -> {critic.n_out}, expected {N_FEATURES + 1} -> 2"
-            )
-        self.actor = actor
-        self.critic = critic
-        self.deterministic = bool(deterministic)
-        self.seed = int(seed)
-        decision_mask(np.zeros((0, N_FEATURES)), decide)  # checks the name
-        self.decide = decide
-        self.rng = np.random.default_rng(self.seed)
-        super().__init__(lam=lam, lam_range=lam_range, aggregate=aggregate, meta=meta)
-
-    def _reset_clone(self) -> None:
-        self.rng = np.random.default_rng(self.seed)
-
-    def _make_name(self) -> str:
-        base = "ppo-chain" if self.decide == "chain" else self.kind
-        return base if self.lam is None else f"{base}-lam{self.lam:g}"
-
-    def logits(self, obs: np.ndarray) -> np.ndarray:
-        """``float[B, 4]``: the masked logits (unavailable actions at -1e9)."""
-        x = self._check_obs(obs)
-        return np.where(decision_mask(x, self.decide), self.actor(self._inputs(x)), _MASKED)
-
-    def probs(self, obs: np.ndarray) -> np.ndarray:
-        """``float[B, 4]``: the action probabilities (0 for unavailable actions)."""
-        z = self.logits(obs)
-        z = np.exp(z - z.max(axis=1, keepdims=True))
-        return z / z.sum(axis=1, keepdims=True)
-
-    def value(self, obs: np.ndarray) -> np.ndarray:
-        """``float[B]``: the critic's expected return from here (correct answer minus λ·future
-        cost) minus the probability that stopping now is correct: what going on gains."""
-        x = self._check_obs(obs)
-        out = self.critic(self._inputs(x))
-        return out[:, 0] - 1.0 / (1.0 + np.exp(-np.clip(out[:, 1], -50, 50)))
-
-    def _act(self, obs: np.ndarray) -> np.ndarray:
-        if self.deterministic:
-            return self.logits(obs).argmax(axis=1)
-        p = self.probs(obs)
-        u = self.rng.random((p.shape[0], 1))
-        return np.minimum((p.cumsum(axis=1) < u).sum(axis=1), 3)
-
-    def _params(self) -> dict[str, Any]:
-        return {
-            **super()._params(),
-            "deterministic": self.deterministic,
-            "seed": self.seed,
-            "decide": self.decide,
-        }
-
-    def _arrays(self) -> dict[str, np.ndarray]:
-        return {**self.actor.arrays("actor"), **self.critic.arrays("critic")}
-
-    @classmethod
-    def _from_files(cls, files: PolicyFiles) -> Self:
-        p, a = files.params, files.arrays
-        return cls(
-            NumpyMLP.from_arrays(a, "actor", "tanh"),
-            NumpyMLP.from_arrays(a, "critic", "tanh"),
-            deterministic=bool(p.get("deterministic", True)),
-            seed=int(p.get("seed", 0)),
-            decide=str(p.get("decide", "chunk")),
-            meta={k: v for k, v in files.header.items() if k in _META_KEYS},
-            **cls._lam_params(p),
-        )
-
-
-_META_KEYS = ("training", "bank", "lams", "env", "metrics", "created", "ponder_version")
-
-
 @dataclass
 class PPOArgs:
-    """Train a :class:`PPOPolicy` with PPO on a bank's replayed episodes."""
+    """Train a PPOPolicy (a masked actor-critic) with PPO on a bank's replayed episodes."""
 
     bank: str = "data/banks/testbed-arith"
     """trace bank folder to replay"""
     out: str = "models/policies/ppo"
     """folder to write the policy to (policy.json + weights.safetensors)"""
     split: str = "train"
-    """question split to train on (``fit`` to tune on ``dev``: see :func:`env.questions.select_split`)"""
+    """question split to train on (fit to tune on dev: see env.questions.select_split)"""
     lams: tuple[float, ...] = DEFAULT_LAMS
     """λ grid (price of a token in correct answers); each episode draws one"""
     lam_sampling: str = "grid"
@@ -228,6 +126,103 @@ class PPOArgs:
     """difficulty predictor of the replay: None (the feature is 0.5) or auto (fitted on the bank's train questions)"""
     config: dict[str, Any] = field(default_factory=dict)
     """EnvConfig fields for the replay (chunking is the bank's)"""
+
+
+class PPOPolicy(LearnedPolicy):
+    """An actor-critic trained by PPO (see the module docstring).
+
+    Args:
+        actor: observation + λ feature -> 4 logits (continue, branch, verify, stop).
+        critic: observation + λ feature -> (value, logit of "stopping now is correct").
+        deterministic: act by the argmax of the masked logits (else sample them).
+        seed: seeds the sampling.
+        decide: ``chunk`` (at every chunk) or ``chain`` (only between chains; see
+            :func:`decision_mask`): as it was trained.
+        lam, lam_range, aggregate, meta: see :class:`~policies.learned.base.LearnedPolicy`.
+    """
+
+    kind = "ppo"
+    version = 1
+
+    def __init__(
+        self,
+        actor: NumpyMLP,
+        critic: NumpyMLP,
+        *,
+        deterministic: bool = True,
+        seed: int = 0,
+        decide: str = "chunk",
+        lam: float | None = None,
+        lam_range: tuple[float, float] = (DEFAULT_LAMS[0], DEFAULT_LAMS[-1]),
+        aggregate: str = "majority",
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if actor.n_in != N_FEATURES + 1 or actor.n_out != 4:
+            raise PolicyError(
+                f"the actor maps {actor.n_in} -> {actor.n_out}, expected {N_FEATURES + 1} -> 4"
+            )
+        if critic.n_in != N_FEATURES + 1 or critic.n_out != 2:
+            raise PolicyError(
+                f"the critic maps {critic.n_in} -> {critic.n_out}, expected {N_FEATURES + 1} -> 2"
+            )
+        self.actor = actor
+        self.critic = critic
+        self.deterministic = bool(deterministic)
+        self.seed = int(seed)
+        self.rng = np.random.default_rng(self.seed)
+        super().__init__(
+            decide=decide, lam=lam, lam_range=lam_range, aggregate=aggregate, meta=meta
+        )
+
+    def _reset_clone(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+
+    def logits(self, obs: np.ndarray) -> np.ndarray:
+        """``float[B, 4]``: the masked logits (unavailable actions at -1e9)."""
+        x = self._check_obs(obs)
+        return np.where(decision_mask(x, self.decide), self.actor(self._inputs(x)), _MASKED)
+
+    def probs(self, obs: np.ndarray) -> np.ndarray:
+        """``float[B, 4]``: the action probabilities (0 for unavailable actions)."""
+        z = self.logits(obs)
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+    def value(self, obs: np.ndarray) -> np.ndarray:
+        """``float[B]``: the critic's expected return from here (correct answer minus λ·future
+        cost) minus the probability that stopping now is correct: what going on gains."""
+        x = self._check_obs(obs)
+        out = self.critic(self._inputs(x))
+        return out[:, 0] - sigmoid(out[:, 1])
+
+    def _act(self, obs: np.ndarray) -> np.ndarray:
+        if self.deterministic:
+            return self.logits(obs).argmax(axis=1)
+        p = self.probs(obs)
+        u = self.rng.random((p.shape[0], 1))
+        return np.minimum((p.cumsum(axis=1) < u).sum(axis=1), 3)
+
+    def _params(self) -> dict[str, Any]:
+        return {
+            **super()._params(),
+            "deterministic": self.deterministic,
+            "seed": self.seed,
+            "decide": self.decide,
+        }
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {**self.actor.arrays("actor"), **self.critic.arrays("critic")}
+
+    @classmethod
+    def _from_files(cls, files: PolicyFiles) -> Self:
+        p, a = files.params, files.arrays
+        return cls(
+            NumpyMLP.from_arrays(a, "actor", "tanh"),
+            NumpyMLP.from_arrays(a, "critic", "tanh"),
+            deterministic=bool(p.get("deterministic", True)),
+            seed=int(p.get("seed", 0)),
+            **cls._base_params(files),
+        )
 
 
 def _agent(n_in: int, hidden: int, prior: Sequence[float]) -> Any:
@@ -289,22 +284,20 @@ def train_ppo(
     ``"auto"``, or a fitted predictor); the policy must then run with the same one. ``kwargs``
     are the other fields of :class:`PPOArgs` (``num_envs``, ``num_steps``, ...).
     """
-    b = bank if isinstance(bank, TraceBank) else TraceBank(bank)
-    kwargs.pop("out", None)
-    predictor, difficulty = split_difficulty(difficulty)
-    args = PPOArgs(
-        bank=str(b.path),
+    args, b, predictor = trainer_args(
+        PPOArgs,
+        bank,
+        difficulty,
         split=split,
         total_steps=total_steps,
         lams=tuple(lams),
         seed=seed,
-        difficulty=difficulty,
         **kwargs,
     )
     return _train_ppo(args, b, predictor)
 
 
-def _lam_sampler(
+def lam_sampler(
     how: str, lams: np.ndarray, rng: np.random.Generator
 ) -> Callable[[int], np.ndarray]:
     """Draws episodes' λ: from the grid, or log-uniformly over its range (so the λ-conditioned
@@ -323,7 +316,7 @@ def _train_ppo(args: PPOArgs, bank: TraceBank, predictor: Any = None) -> PPOPoli
     import torch
 
     lams = lam_grid(args.lams)
-    decision_mask(np.zeros((0, N_FEATURES)), args.decide)  # checks the name
+    check_decide(args.decide)
     if args.num_envs * args.num_steps < args.num_minibatches:
         raise ConfigError("num_envs * num_steps must be at least num_minibatches")
     lam_range = (float(lams[0]), float(lams[-1]))
@@ -332,17 +325,10 @@ def _train_ppo(args: PPOArgs, bank: TraceBank, predictor: Any = None) -> PPOPoli
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, args.threads))
     rng = np.random.default_rng(args.seed)
-    draw_lams = _lam_sampler(args.lam_sampling, lams, rng)
+    draw_lams = lam_sampler(args.lam_sampling, lams, rng)
 
     t0 = time.perf_counter()
-    env = BatchedReplayEnv(
-        bank,
-        args.num_envs,
-        split=args.split,
-        seed=args.seed,
-        difficulty=predictor if predictor is not None else args.difficulty,
-        **args.config,
-    )
+    env = replay_env(bank, args, predictor)
     drv = ReplayDriver(env, args.seed)
     n, steps = args.num_envs, args.num_steps
     batch = n * steps
@@ -372,7 +358,7 @@ def _train_ppo(args: PPOArgs, bank: TraceBank, predictor: Any = None) -> PPOPoli
     chain_level = args.decide == "chain"
     recent: deque[tuple[float, float, float]] = deque(maxlen=2000)
     metrics: dict[str, float] = {}
-    bar = _bar(n_updates * batch, "ppo", args.progress)
+    bar = progress_bar(n_updates * batch, "ppo", args.progress)
     t_start = time.perf_counter()
     x = inputs(drv.obs)
     for update in range(n_updates):
@@ -504,6 +490,6 @@ def _train_ppo(args: PPOArgs, bank: TraceBank, predictor: Any = None) -> PPOPoli
         seed=args.seed,
         decide=args.decide,
     )
-    _finish_training(policy, "ppo", args, bank, env, lams, metrics, predictor)
+    finish_training(policy, "ppo", args, bank, env, lams, metrics, predictor)
     log.info("ppo trained in %.1fs: %s", metrics["train/wall_s"], policy.meta["metrics"])
     return policy

@@ -29,267 +29,110 @@ policy (Watkins's Q(λ), :func:`_q_returns`), and fitting runs in rounds, each a
 the greedy policy itself reaches (data aggregation), so that its value estimates are corrected
 where the behaviour policies rarely went.
 
-:func:`train_value_policy` (and ``python -m policies.learned value``) trains one;
-:func:`rollout_pinned` measures any policy on pinned replayed episodes. The replay helpers here
-(:class:`ReplayDriver`) are what :mod:`policies.learned.ppo` trains on too.
+:func:`train_value_policy` (and ``ponder train value``, ``python -m policies.learned value``)
+trains one, CleanRL-style: :class:`ValueArgs` is the whole configuration, seeding comes first,
+metrics are namespaced ``train/...`` and ``eval/...``. The base class and the observation rules
+are :mod:`policies.learned.base`'s; the replay, the transitions and the behaviour policies are
+:mod:`policies.learned.replay`'s.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
 import numpy as np
 
 from env.bank.store import TraceBank
-from env.episode.config import EnvConfig
-from env.episode.observation import FEATURE_NAMES, N_FEATURES
-from env.episode.vector import BatchedReplayEnv
+from env.episode.observation import N_FEATURES
 from features.errors import ConfigError, PolicyError
 from policies.base import STOP, BasePolicy
-from policies.evaluation.runner import run_pinned
-from policies.heuristics import (
-    AdaptiveConsistency,
-    BestOfN,
-    BoundedThinking,
-    BudgetForcing,
-    DeepConfOnline,
-    EarlyStoppingSC,
-    ProbeAgreement,
-    RandomPolicy,
-    SingleChain,
+from policies.learned.base import (
+    DEFAULT_LAMS,
+    EXTRA_FEATURES,
+    LearnedPolicy,
+    chain_scale_of,
+    check_decide,
+    decision_mask,
+    expand,
+    lam_grid,
+    sigmoid,
 )
-from policies.serialize import (
-    NumpyMLP,
-    PolicyFiles,
-    bank_fingerprint,
-    env_config_dict,
-    lam_feature,
-    write_policy_files,
+from policies.learned.replay import (
+    Transitions,
+    collect_transitions,
+    finish_training,
+    progress_bar,
+    replay_env,
+    trainer_args,
 )
+from policies.serialize import NumpyMLP, PolicyFiles, lam_feature
 
-__all__ = [
-    "DECIDE",
-    "DEFAULT_LAMS",
-    "LearnedPolicy",
-    "ReplayDriver",
-    "Transitions",
-    "ValueArgs",
-    "ValuePolicy",
-    "behaviour_policies",
-    "collect_transitions",
-    "decision_mask",
-    "rollout_pinned",
-    "train_value_policy",
-]
+__all__ = ["ValueArgs", "ValuePolicy", "greedy_actions", "train_value_policy"]
 
 log = logging.getLogger(__name__)
 
-#: The λ grid learned policies train over by default (price of a token, in correct answers).
-DEFAULT_LAMS: tuple[float, ...] = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-_CAN = [FEATURE_NAMES.index(n) for n in ("can_continue", "can_branch", "can_verify")]
-_BUDGET, _N_CHAINS = FEATURE_NAMES.index("budget_used"), FEATURE_NAMES.index("n_chains")
-_ENDED = FEATURE_NAMES.index("cur_ended")
-#: Where a learned policy decides (:func:`decision_mask`).
-DECIDE: tuple[str, ...] = ("chunk", "chain")
-#: Features the value policy derives from the observation and appends to it.
-EXTRA_FEATURES: tuple[str, ...] = ("chain_length",)
 
+@dataclass
+class ValueArgs:
+    """Train a ValuePolicy (calibrated stop classifier + fitted-Q gains) on a bank."""
 
-def expand(obs: np.ndarray, chain_scale: float) -> np.ndarray:
-    """The observation with :data:`EXTRA_FEATURES` appended (``float64[B, F + 1]``).
-
-    ``chain_length``: decoded tokens per chain over ``max_chain_tokens`` (``chain_scale`` is
-    ``token_cap / (max_chains * max_chain_tokens)``), clipped to [0, 4]. The vote features do
-    not say whether the chains behind a vote have finished or were cut after a chunk; this does.
-    """
-    x = np.asarray(obs, dtype=np.float64)
-    n = x[:, _N_CHAINS]
-    per = np.where(n > 0, x[:, _BUDGET] / np.maximum(n, 1e-9), 0.0) * chain_scale
-    return np.concatenate([x, np.clip(per, 0.0, 4.0)[:, None]], axis=1)
-
-
-def chain_scale_of(config: EnvConfig) -> float:
-    """``chain_scale`` of :func:`expand` for an environment configuration."""
-    return config.token_cap / (config.max_chains * config.max_chain_tokens)
-
-
-def available(obs: np.ndarray) -> np.ndarray:
-    """``bool[B, 4]``: which actions the observations say can run (stop always can)."""
-    m = np.ones((obs.shape[0], 4), dtype=bool)
-    m[:, :3] = obs[:, _CAN] > 0.5
-    return m
-
-
-def decision_mask(obs: np.ndarray, decide: str = "chunk") -> np.ndarray:
-    """``bool[B, 4]``: the actions a learned policy may pick.
-
-    ``decide="chunk"``: every available action (:func:`available`), at every chunk.
-    ``"chain"``: the policy decides only where the current chain has ended (or cannot go on);
-    while it runs, continue is the only choice, so a chain is always read to its end and the
-    policy's decisions are the few between chains (for PPO the forced steps carry no gradient:
-    their log-probability is 0 whatever the weights).
-    """
-    m = available(obs)
-    if decide == "chain":
-        running = (obs[:, _ENDED] < 0.5) & m[:, 0]
-        m[running, 1:] = False
-    elif decide != "chunk":
-        raise ConfigError(f"decide must be one of {', '.join(DECIDE)}, got {decide!r}")
-    return m
-
-
-# -- the common base of learned policies ----------------------------------------------------
-
-
-class LearnedPolicy(BasePolicy):
-    """What every learned policy shares: the price λ it acts for, cheap clones, saving.
-
-    λ is a network input. ``lam=None`` follows the environment's price (``config.lam`` of the
-    last :meth:`reset`); :meth:`with_lam` pins one. λ outside the trained range is clipped to it.
-
-    Subclasses set ``kind`` and ``version`` and write ``_params``, ``_arrays`` and
-    ``_from_files``.
-    """
-
-    kind: ClassVar[str] = ""
-    version: ClassVar[int] = 1
-
-    def __init__(
-        self,
-        *,
-        lam: float | None,
-        lam_range: tuple[float, float],
-        aggregate: str = "majority",
-        meta: dict[str, Any] | None = None,
-    ) -> None:
-        lo, hi = (float(v) for v in lam_range)
-        if not (0 < lo <= hi and math.isfinite(hi)):
-            raise ConfigError(f"lam_range must be 0 < low <= high, got {lam_range!r}")
-        if lam is not None and not (math.isfinite(lam) and lam >= 0):
-            raise ConfigError(f"lam must be a finite number >= 0, got {lam!r}")
-        if aggregate not in ("majority", "confidence", "verifier"):
-            raise ConfigError(f"unknown aggregate {aggregate!r}")
-        self.lam = None if lam is None else float(lam)
-        self.lam_range = (lo, hi)
-        self.aggregate = aggregate
-        self.meta: dict[str, Any] = dict(meta or {})
-        self.name = self._make_name()
-        super().__init__()
-
-    def _make_name(self) -> str:
-        return self.kind if self.lam is None else f"{self.kind}-lam{self.lam:g}"
-
-    @property
-    def uses_probes(self) -> bool:  # type: ignore[override]
-        """Whether the policy was trained with probes (``probe`` of the replay it trained on, in
-        ``meta["env"]``). One trained without them never saw a probe feature, so it is
-        evaluated and served without probes too, and pays for none."""
-        return bool(self.meta.get("env", {}).get("probe", True))
-
-    @property
-    def finishes_chains(self) -> bool:
-        """Whether the policy decides only between chains (``decide="chain"``): it then runs
-        every chain to its end, and the controller may read a chain ahead."""
-        return getattr(self, "decide", "chunk") == "chain"
-
-    @property
-    def effective_lam(self) -> float:
-        """The λ the policy acts for now."""
-        return self.config.lam if self.lam is None else self.lam
-
-    def _inputs(self, obs: np.ndarray) -> np.ndarray:
-        z = lam_feature(self.effective_lam, self.lam_range)
-        col = np.full((obs.shape[0], 1), z, dtype=np.float64)
-        return np.concatenate([obs.astype(np.float64), col], axis=1)
-
-    def with_lam(self, lam: float | None) -> Self:
-        """A clone acting for price ``lam`` (``None``: the environment's); weights are shared."""
-        if lam is not None and not (math.isfinite(lam) and lam >= 0):
-            raise ConfigError(f"lam must be a finite number >= 0, got {lam!r}")
-        c = self.clone()
-        c.lam = None if lam is None else float(lam)
-        c.name = c._make_name()
-        return c
-
-    def clone(self) -> Self:
-        """A copy with fresh per-episode state; the weights are shared (they are never changed)."""
-        c = copy.copy(self)
-        c.meta = dict(self.meta)
-        c._reset_clone()
-        c.reset(1, config=self.config)
-        return c
-
-    def _reset_clone(self) -> None:
-        """Give a clone its own mutable state (an RNG, ...)."""
-
-    def value(self, obs: np.ndarray) -> np.ndarray:
-        """``float[B]``: the expected gain of going on rather than stopping now, in correct
-        answers, net of the tokens' price at the policy's λ (what the controller's fleet mode
-        ranks pending questions by)."""
-        raise NotImplementedError
-
-    def _check_obs(self, obs: np.ndarray) -> np.ndarray:
-        x = np.asarray(obs, dtype=np.float32)
-        if x.ndim == 1:
-            x = x[None, :]
-        if x.ndim != 2 or x.shape[1] != N_FEATURES:
-            raise PolicyError(
-                f"{self.name}: observations must have shape [{N_FEATURES}] or [B, {N_FEATURES}], "
-                f"got {tuple(np.shape(obs))}"
-            )
-        if not np.isfinite(x).all():
-            raise PolicyError(f"{self.name}: observations contain NaN or infinity")
-        return x
-
-    # -- saving ----------------------------------------------------------------------------
-
-    def _params(self) -> dict[str, Any]:
-        return {"lam": self.lam, "lam_range": list(self.lam_range), "aggregate": self.aggregate}
-
-    def _arrays(self) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    @classmethod
-    def _from_files(cls, files: PolicyFiles) -> Self:
-        raise NotImplementedError
-
-    def save(self, directory: str | Path) -> Path:
-        """Write the policy to ``directory`` (``policy.json`` + ``weights.safetensors``)."""
-        reserved = ("format", "kind", "version", "features", "params", "weights")
-        meta = {k: v for k, v in self.meta.items() if k not in reserved}
-        return write_policy_files(
-            directory,
-            kind=self.kind,
-            version=self.version,
-            params=self._params(),
-            arrays=self._arrays(),
-            meta=meta,
-        )
-
-    @staticmethod
-    def _lam_params(p: dict[str, Any]) -> dict[str, Any]:
-        try:
-            lam = p.get("lam")
-            lr = p["lam_range"]
-            return {
-                "lam": None if lam is None else float(lam),
-                "lam_range": (float(lr[0]), float(lr[1])),
-                "aggregate": str(p.get("aggregate", "majority")),
-            }
-        except (KeyError, TypeError, IndexError, ValueError) as e:
-            raise PolicyError(f"policy params are damaged ({type(e).__name__}: {e})") from e
-
-
-# -- the value policy -----------------------------------------------------------------------
+    bank: str = "data/banks/testbed-arith"
+    """trace bank folder to replay"""
+    out: str = "models/policies/value"
+    """folder to write the policy to (policy.json + weights.safetensors)"""
+    split: str = "train"
+    """question split to train on (fit to tune on dev: see env.questions.select_split)"""
+    lams: tuple[float, ...] = DEFAULT_LAMS
+    """λ grid (price of a token in correct answers) the gains are trained over"""
+    seed: int = 0
+    """seed of the replay, the behaviour policies and the networks"""
+    num_envs: int = 512
+    """episodes replayed at once while collecting"""
+    transitions: int = 200_000
+    """decisions to collect"""
+    eps: tuple[float, ...] = (0.0, 0.1, 0.3)
+    """per-episode chances of a random action mixed into the behaviour policies"""
+    calib_fraction: float = 0.25
+    """share of training questions held out to calibrate the stop classifier"""
+    hidden: tuple[int, ...] = (64, 64)
+    """hidden layer sizes of every network"""
+    stop_epochs: int = 30
+    """epochs of the stop classifier"""
+    decide: str = "chunk"
+    """where the policy decides: chunk (every chunk: it may cut a chain or stop mid-chain on a probe) or chain (only between chains; a chain always runs to its end)"""
+    fqi_iters: int = 10
+    """fitted-Q iterations"""
+    epochs: int = 20
+    """epochs of the gain regressors in the first iteration"""
+    epochs_per_iter: int = 8
+    """epochs of each later iteration (warm-started)"""
+    lam_samples: int = 2
+    """λ values drawn from the grid per transition"""
+    rounds: int = 3
+    """fitting rounds; each after the first adds transitions from the greedy policy (data aggregation)"""
+    refresh: float = 0.5
+    """transitions added per extra round, as a share of ``transitions``"""
+    trace: float = 0.9
+    """Watkins Q(λ) trace: how much of the recorded episode's return a backup carries (0: one-step FQI)"""
+    max_rows: int = 400_000
+    """cap on regression rows (transitions are subsampled above it)"""
+    eval_seeds: int = 8
+    """episodes per held-out question in the final evaluation (test; dev when training on fit; 0: none)"""
+    threads: int = 1
+    """BLAS threads"""
+    progress: bool = True
+    """show progress bars"""
+    difficulty: str | None = None
+    """difficulty predictor of the replay: None (the feature is 0.5) or auto (fitted on the bank's train questions)"""
+    config: dict[str, Any] = field(default_factory=dict)
+    """EnvConfig fields for the replay (chunking is the bank's)"""
 
 
 class ValuePolicy(LearnedPolicy):
@@ -354,13 +197,9 @@ class ValuePolicy(LearnedPolicy):
         self.iso_x, self.iso_y = ix, iy
         self.gain_net = gain_net
         self.cost_scale = float(cost_scale)
-        decision_mask(np.zeros((0, N_FEATURES)), decide)  # checks the name
-        self.decide = decide
-        super().__init__(lam=lam, lam_range=lam_range, aggregate=aggregate, meta=meta)
-
-    def _make_name(self) -> str:
-        base = "value-chain" if self.decide == "chain" else self.kind
-        return base if self.lam is None else f"{base}-lam{self.lam:g}"
+        super().__init__(
+            decide=decide, lam=lam, lam_range=lam_range, aggregate=aggregate, meta=meta
+        )
 
     def p_stop(self, obs: np.ndarray) -> np.ndarray:
         """Calibrated P(correct if stopped now), ``float[B]``."""
@@ -439,9 +278,7 @@ class ValuePolicy(LearnedPolicy):
             NumpyMLP.from_arrays(a, "gain", str(p.get("gain_activation", "relu"))),
             cost_scale=cost_scale,
             chain_scale=chain_scale,
-            decide=str(p.get("decide", "chunk")),
-            meta={k: v for k, v in files.header.items() if k in _META_KEYS},
-            **cls._lam_params(p),
+            **cls._base_params(files),
         )
 
 
@@ -457,7 +294,7 @@ def greedy_actions(gains: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def _calibrated(net: NumpyMLP, iso_x: np.ndarray, iso_y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    raw = 1.0 / (1.0 + np.exp(-np.clip(net(x.astype(np.float64))[:, 0], -50, 50)))
+    raw = sigmoid(net(x.astype(np.float64))[:, 0])
     return np.interp(raw, iso_x, iso_y)
 
 
@@ -491,351 +328,7 @@ def _gains(
     return g.reshape(3, b).T
 
 
-_META_KEYS = ("training", "bank", "lams", "env", "metrics", "created", "ponder_version")
-
-
-# -- replay helpers -------------------------------------------------------------------------
-
-
-def correct_now(env: BatchedReplayEnv, info: dict[str, Any]) -> np.ndarray:
-    """``bool[B]``: whether stopping now would give a correct answer (``info["correct_now"]``)."""
-    v = info.get("correct_now")
-    if v is None or np.shape(v) != (env.num_envs,):
-        raise PolicyError(
-            "the environment reports no info['correct_now']: learned policies need a "
-            "BatchedReplayEnv that does (update env.episode.vector)"
-        )
-    return np.asarray(v, dtype=bool)
-
-
-@dataclass
-class StepOutcome:
-    """One step of :class:`ReplayDriver`."""
-
-    next_obs: np.ndarray  # [B, F]: the state after the action (the last one where it ended)
-    next_correct: np.ndarray  # [B]: correct if stopped in next_obs (the outcome where ended)
-    cost: np.ndarray  # [B]: priced cost of the action
-    done: np.ndarray  # [B]: the episode ended
-    correct: np.ndarray  # [B]: it ended with a correct answer
-    decoded: np.ndarray  # [B]: its decoded tokens (where it ended)
-    total_cost: np.ndarray  # [B]: its priced cost (where it ended)
-
-
-class ReplayDriver:
-    """A :class:`BatchedReplayEnv` driven for learning.
-
-    Ended episodes are restarted at once (a partial reset), so every step is a real decision
-    (no ignored action on an autoreset step); each step reports the priced cost of the action
-    (opening a new episode is not charged to the step before it) and whether stopping would be
-    correct, before and after.
-
-    Attributes:
-        obs: the current observations (``float32[B, F]``).
-        correct_now: whether stopping in ``obs`` would be correct.
-        started: episodes that started on the last step (or at construction).
-    """
-
-    def __init__(self, env: BatchedReplayEnv, seed: int) -> None:
-        self.env = env
-        obs, info = env.reset(seed=seed)
-        self.obs = obs
-        self.correct_now = correct_now(env, info)
-        self.started = np.ones(env.num_envs, dtype=bool)
-        self._cost = env.cost
-
-    def step(self, actions: np.ndarray) -> StepOutcome:
-        env = self.env
-        obs, _, term, trunc, info = env.step(np.asarray(actions, dtype=np.int64))
-        cost = env.cost
-        done = term | trunc
-        out = StepOutcome(
-            next_obs=obs,
-            next_correct=correct_now(env, info),
-            cost=cost - self._cost,
-            done=done,
-            correct=np.zeros(env.num_envs, bool),
-            decoded=np.zeros(env.num_envs, np.int64),
-            total_cost=np.zeros(env.num_envs),
-        )
-        if done.any():
-            out.correct[done] = info["correct"][done]
-            out.next_correct[done] = info["correct"][done]
-            out.decoded[done] = info["decoded"][done]
-            out.total_cost[done] = info["cost"][done]
-            obs, info = env.reset(options={"reset_mask": done})
-            self.correct_now = correct_now(env, info)
-        else:
-            self.correct_now = out.next_correct
-        self.obs = obs
-        self.started = done
-        self._cost = env.cost
-        return out
-
-
-def behaviour_policies(seed: int = 0, max_chains: int = 16) -> list[BasePolicy]:
-    """The behaviour policies transitions are collected with: random ones stopping at several
-    rates, and every fixed heuristic at a few settings (for states a good policy visits)."""
-    ps: list[BasePolicy] = [
-        RandomPolicy(seed + i, p) for i, p in enumerate((0.02, 0.05, 0.1, 0.2, 0.4))
-    ]
-    ps += [
-        SingleChain(),
-        BestOfN(2),
-        BestOfN(4),
-        BestOfN(8),
-        BestOfN(max_chains),
-        BestOfN(4, "verifier"),
-        AdaptiveConsistency(0.8, max_chains),
-        AdaptiveConsistency(0.95, max_chains),
-        DeepConfOnline(max_n=max_chains),
-        ProbeAgreement(2),
-        BudgetForcing(256),
-        BoundedThinking(),
-    ]
-    if "window_agree" in FEATURE_NAMES:
-        ps.append(EarlyStoppingSC(max_chains))
-    return ps
-
-
-class _Mixture:
-    """Behaviour policies over groups of episodes, each action replaced by a random available
-    one with a per-episode probability ``eps``."""
-
-    def __init__(
-        self,
-        policies: Sequence[BasePolicy],
-        n: int,
-        config: EnvConfig,
-        eps: Sequence[float],
-        seed: int,
-    ) -> None:
-        rng = np.random.default_rng(seed)
-        self.group = np.arange(n) % len(policies)
-        rng.shuffle(self.group)
-        self.rows = [np.flatnonzero(self.group == g) for g in range(len(policies))]
-        self.policies = list(policies)
-        for p, r in zip(self.policies, self.rows, strict=True):
-            if r.size:
-                p.reset(int(r.size), config=config)
-        self.eps = rng.choice(np.asarray(eps, np.float64), size=n)
-        self.random = RandomPolicy(seed + 1000, p_stop=0.1)
-        self.random.reset(n, config=config)
-        self.rng = rng
-
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        a = np.empty(obs.shape[0], np.int64)
-        for p, r in zip(self.policies, self.rows, strict=True):
-            if r.size:
-                a[r] = p.act(obs[r])
-        flip = self.rng.random(obs.shape[0]) < self.eps
-        if flip.any():
-            a = np.where(flip, self.random.act(obs), a)
-        return a
-
-    def end(self, done: np.ndarray) -> None:
-        for p, r in zip(self.policies, self.rows, strict=True):
-            if r.size:
-                p.end(done[r])
-
-
-@dataclass
-class Transitions:
-    """Replayed decisions: state, action, its cost, what followed."""
-
-    obs: np.ndarray  # float32[N, F]
-    action: np.ndarray  # int64[N]
-    cost: np.ndarray  # float64[N]: priced cost of the action
-    next_obs: np.ndarray  # float32[N, F]
-    done: np.ndarray  # bool[N]: the action ended the episode
-    correct: np.ndarray  # bool[N]: correct if stopped in obs
-    next_correct: np.ndarray  # bool[N]: correct if stopped in next_obs (the outcome if done)
-    question: np.ndarray  # int64[N]: question index (into the env's questions)
-    row: np.ndarray  # int64[N]: the environment slot the episode ran in
-    step: np.ndarray  # int64[N]: the collection step (a slot's next decision is at step + 1)
-
-    def concat(self, other: Transitions) -> Transitions:
-        """Both sets; ``other``'s steps are shifted so that no episode runs across them."""
-        shift = int(self.step.max()) + 2 if len(self) else 0
-        parts = {k: np.concatenate([getattr(self, k), getattr(other, k)]) for k in _TR_FIELDS}
-        parts["step"] = np.concatenate([self.step, other.step + shift])
-        return Transitions(**parts)
-
-    def expanded(self, chain_scale: float) -> Transitions:
-        """The same transitions with :func:`expand`'s features appended to the states."""
-        return dataclasses.replace(
-            self, obs=expand(self.obs, chain_scale), next_obs=expand(self.next_obs, chain_scale)
-        )
-
-    def successors(self) -> np.ndarray:
-        """``int64[N]``: the index of the same episode's next transition (-1: it ended, or its
-        next decision was not kept or not collected)."""
-        n_steps = int(self.step.max()) + 2 if len(self) else 1
-        n_rows = int(self.row.max()) + 1 if len(self) else 1
-        pos = np.full((n_steps, n_rows), -1, np.int64)
-        pos[self.step, self.row] = np.arange(len(self))
-        nxt = pos[self.step + 1, self.row]
-        return np.where(self.done, -1, nxt)
-
-    def __len__(self) -> int:
-        return int(self.action.shape[0])
-
-
-_TR_FIELDS = tuple(f.name for f in dataclasses.fields(Transitions))
-
-
-def collect_transitions(
-    env: BatchedReplayEnv,
-    n: int,
-    *,
-    seed: int = 0,
-    eps: Sequence[float] = (0.0, 0.1, 0.3),
-    policies: Sequence[BasePolicy] | None = None,
-    progress: bool = False,
-) -> Transitions:
-    """At least ``n`` transitions from ``env`` under a mix of behaviour policies.
-
-    Only decisions whose action could run are kept (a behaviour that picks an unavailable
-    action ends its episode; the learned policies never do).
-    """
-    drv = ReplayDriver(env, seed)
-    beh = (
-        list(policies) if policies is not None else behaviour_policies(seed, env.config.max_chains)
-    )
-    mix = _Mixture(beh, env.num_envs, env.config, eps, seed)
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in _TR_FIELDS}
-    got = 0
-    bar = _bar(n, "collect", progress)
-    slots = np.arange(env.num_envs)
-    step = 0
-    while got < n:
-        obs, cn = drv.obs, drv.correct_now
-        q = env.episode_questions
-        a = mix.act(obs)
-        ok = available(obs)[np.arange(obs.shape[0]), a]
-        out = drv.step(a)
-        mix.end(out.done)
-        for k, v in (
-            ("obs", obs),
-            ("action", a),
-            ("cost", out.cost),
-            ("next_obs", out.next_obs),
-            ("done", out.done),
-            ("correct", cn),
-            ("next_correct", out.next_correct),
-            ("question", q),
-            ("row", slots),
-            ("step", np.full(env.num_envs, step)),
-        ):
-            parts[k].append(np.asarray(v)[ok])
-        step += 1
-        got += int(ok.sum())
-        bar.update(int(ok.sum()))
-    bar.close()
-    return Transitions(**{k: np.concatenate(v) for k, v in parts.items()})
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def set_postfix_str(self, s: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _bar(total: int, desc: str, on: bool) -> Any:
-    if not on:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", smoothing=0.1)
-
-
-def rollout_pinned(
-    policy: Any,
-    env: BatchedReplayEnv,
-    *,
-    lam: float | None = None,
-    seed: int = 0,
-) -> dict[str, float]:
-    """One episode per environment slot, pinned: slot ``i`` answers question
-    ``i % len(env.questions)`` with chain order ``i // len(env.questions)`` (a generator seed),
-    so every policy sees the same episodes. Returns accuracy, mean decoded tokens, mean priced
-    cost and mean reward ``correct - lam * cost`` (``lam``: the env's if not given)."""
-    b = env.num_envs
-    nq = len(env.questions)
-    qs = np.arange(b) % nq
-    gs = np.arange(b) // nq
-    out = run_pinned(policy, env, qs, gs, ("correct", "decoded", "cost"), seed=seed)
-    correct, dec, cost = out["correct"], out["decoded"].astype(float), out["cost"]
-    price = env.config.lam if lam is None else lam
-    return {
-        "accuracy": float(correct.mean()),
-        "tokens": float(dec.mean()),
-        "cost": float(cost.mean()),
-        "reward": float((correct - price * cost).mean()),
-    }
-
-
 # -- training -------------------------------------------------------------------------------
-
-
-@dataclass
-class ValueArgs:
-    """Train a :class:`ValuePolicy` (calibrated stop classifier + fitted-Q gains) on a bank."""
-
-    bank: str = "data/banks/testbed-arith"
-    """trace bank folder to replay"""
-    out: str = "models/policies/value"
-    """folder to write the policy to (policy.json + weights.safetensors)"""
-    split: str = "train"
-    """question split to train on (``fit`` to tune on ``dev``: see :func:`env.questions.select_split`)"""
-    lams: tuple[float, ...] = DEFAULT_LAMS
-    """λ grid (price of a token in correct answers) the gains are trained over"""
-    seed: int = 0
-    """seed of the replay, the behaviour policies and the networks"""
-    num_envs: int = 512
-    """episodes replayed at once while collecting"""
-    transitions: int = 200_000
-    """decisions to collect"""
-    eps: tuple[float, ...] = (0.0, 0.1, 0.3)
-    """per-episode chances of a random action mixed into the behaviour policies"""
-    calib_fraction: float = 0.25
-    """share of training questions held out to calibrate the stop classifier"""
-    hidden: tuple[int, ...] = (64, 64)
-    """hidden layer sizes of every network"""
-    stop_epochs: int = 30
-    """epochs of the stop classifier"""
-    decide: str = "chunk"
-    """where the policy decides: chunk (every chunk: it may cut a chain or stop mid-chain on a probe) or chain (only between chains; a chain always runs to its end)"""
-    fqi_iters: int = 10
-    """fitted-Q iterations"""
-    epochs: int = 20
-    """epochs of the gain regressors in the first iteration"""
-    epochs_per_iter: int = 8
-    """epochs of each later iteration (warm-started)"""
-    lam_samples: int = 2
-    """λ values drawn from the grid per transition"""
-    rounds: int = 3
-    """fitting rounds; each after the first adds transitions from the greedy policy (data aggregation)"""
-    refresh: float = 0.5
-    """transitions added per extra round, as a share of ``transitions``"""
-    trace: float = 0.9
-    """Watkins Q(λ) trace: how much of the recorded episode's return a backup carries (0: one-step FQI)"""
-    max_rows: int = 400_000
-    """cap on regression rows (transitions are subsampled above it)"""
-    eval_seeds: int = 8
-    """episodes per held-out question in the final evaluation (test; dev when training on fit; 0: none)"""
-    threads: int = 1
-    """BLAS threads"""
-    progress: bool = True
-    """show progress bars"""
-    difficulty: str | None = None
-    """difficulty predictor of the replay: None (the feature is 0.5) or auto (fitted on the bank's train questions)"""
-    config: dict[str, Any] = field(default_factory=dict)
-    """EnvConfig fields for the replay (chunking is the bank's)"""
 
 
 def _mlp(kind: str, args: ValueArgs, epochs: int, seed: int) -> Any:
@@ -887,7 +380,7 @@ def _fit_stop(
         )
     clf.fit(((fit_x - mean) / scale).astype(np.float32), fit_y)
     net = NumpyMLP.from_sklearn(clf, mean, scale)
-    raw = 1.0 / (1.0 + np.exp(-np.clip(net(x[held])[:, 0], -50, 50)))
+    raw = sigmoid(net(x[held])[:, 0])
     iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip", increasing=True)
     iso.fit(raw, y[held])
     ix = np.asarray(iso.X_thresholds_, np.float64)
@@ -918,54 +411,23 @@ def train_value_policy(
     policy must then run with the same one. ``kwargs`` are the other fields of
     :class:`ValueArgs` (``transitions``, ``fqi_iters``, ``rounds``, ...).
     """
-    b = bank if isinstance(bank, TraceBank) else TraceBank(bank)
-    kwargs.pop("out", None)
-    predictor, difficulty = split_difficulty(difficulty)
-    args = ValueArgs(
-        bank=str(b.path),
-        split=split,
-        lams=tuple(lams),
-        seed=seed,
-        difficulty=difficulty,
-        **kwargs,
+    args, b, predictor = trainer_args(
+        ValueArgs, bank, difficulty, split=split, lams=tuple(lams), seed=seed, **kwargs
     )
     return _train_value(args, b, predictor)
-
-
-def split_difficulty(difficulty: Any) -> tuple[Any, Any]:
-    """``(predictor object or None, the name recorded in the training args)`` of a trainer's
-    ``difficulty`` argument (``None``, ``"auto"``, or a fitted predictor)."""
-    if difficulty is not None and not isinstance(difficulty, str):
-        return difficulty, type(difficulty).__name__
-    return None, difficulty
-
-
-def lam_grid(lams: Sequence[float]) -> np.ndarray:
-    """The sorted λ grid a learned policy trains over (positive prices only)."""
-    grid = np.asarray(sorted(lams), np.float64)
-    if grid.size < 1 or (grid <= 0).any():
-        raise ConfigError(f"lams must be positive prices, got {lams}")
-    return grid
 
 
 def _train_value(args: ValueArgs, bank: TraceBank, predictor: Any = None) -> ValuePolicy:
     from threadpoolctl import threadpool_limits
 
     lams = lam_grid(args.lams)
-    decision_mask(np.zeros((0, N_FEATURES)), args.decide)  # checks the name
+    check_decide(args.decide)
     if args.rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {args.rounds}")
     lam_range = (float(lams[0]), float(lams[-1]))
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
-    env = BatchedReplayEnv(
-        bank,
-        args.num_envs,
-        split=args.split,
-        seed=args.seed,
-        difficulty=predictor if predictor is not None else args.difficulty,
-        **args.config,
-    )
+    env = replay_env(bank, args, predictor)
     cost_scale = float(env.config.chunk_tokens + env.config.probe_tokens)
     chain_scale = chain_scale_of(env.config)
     tr = collect_transitions(
@@ -1027,7 +489,7 @@ def _train_value(args: ValueArgs, bank: TraceBank, predictor: Any = None) -> Val
     metrics["train/transitions"] = float(len(tr))
     metrics["train/collect_s"] = t_collect
     metrics["train/wall_s"] = time.perf_counter() - t0
-    _finish_training(policy, "fitted-q-iteration", args, bank, env, lams, metrics, predictor)
+    finish_training(policy, "fitted-q-iteration", args, bank, env, lams, metrics, predictor)
     log.info("value policy trained in %.1fs: %s", metrics["train/wall_s"], policy.meta["metrics"])
     return policy
 
@@ -1088,7 +550,7 @@ def _fit_gains(
     model = _mlp("reg", args, args.epochs, args.seed + 10)
     net: NumpyMLP | None = None
     metrics: dict[str, float] = {}
-    bar = _bar(args.fqi_iters, "fqi", args.progress)
+    bar = progress_bar(args.fqi_iters, "fqi", args.progress)
     for it in range(args.fqi_iters):
         y_all = _q_returns(tr, nxt, p_n, net, lams, lam_range, cost_scale, args.trace, args.decide)
         y = np.stack([y_all[rows, li] - p_s[rows], tr.cost[rows] / cost_scale], axis=1)
@@ -1163,60 +625,3 @@ def _q_returns(
             v = np.where(f, (1.0 - trace) * v + trace * yn, v)
         y[idx] = v - cost[idx]
     return y
-
-
-def _finish_training(
-    policy: LearnedPolicy,
-    algo: str,
-    args: Any,
-    bank: TraceBank,
-    env: BatchedReplayEnv,
-    lams: np.ndarray,
-    metrics: dict[str, float],
-    predictor: Any,
-) -> None:
-    """Record how ``policy`` was trained in its ``meta`` (the arguments, the bank's questions,
-    the λ grid, the env, the training metrics) and, with ``args.eval_seeds``, add its held-out
-    metrics (:func:`_final_eval`). ``args`` is the trainer's arguments dataclass."""
-    policy.meta = {
-        "training": {"algo": algo, **asdict(args)},
-        "bank": bank_fingerprint(bank, [q.qid for q in env.questions]),
-        "lams": [float(v) for v in lams],
-        "env": env_config_dict(env.config),
-        "metrics": metrics,
-    }
-    if args.eval_seeds > 0:
-        held_out = "dev" if args.split == "fit" else "test"
-        difficulty = predictor if predictor is not None else args.difficulty
-        metrics.update(
-            _final_eval(policy, bank, held_out, args.eval_seeds, lams, args.config, difficulty)
-        )
-
-
-def _final_eval(
-    policy: LearnedPolicy,
-    bank: TraceBank,
-    split: str,
-    seeds: int,
-    lams: np.ndarray,
-    config: dict[str, Any],
-    difficulty: Any = None,
-) -> dict[str, float]:
-    """Accuracy and tokens on the held-out ``split`` (``test``, or ``dev`` for a policy trained
-    on ``fit``), if the bank has any, at the grid's ends and middle."""
-    from env.questions import select_split
-
-    nq = len(select_split(bank.questions, split))
-    if not nq:
-        return {}
-    env = BatchedReplayEnv(bank, nq * seeds, split=split, seed=0, difficulty=difficulty, **config)
-    out: dict[str, float] = {}
-    for lam in _eval_lams(lams):
-        r = rollout_pinned(policy.with_lam(lam), env, lam=lam)
-        for k, v in r.items():
-            out[f"eval/{k}@{lam:g}"] = v
-    return out
-
-
-def _eval_lams(lams: np.ndarray) -> list[float]:
-    return sorted({float(lams[0]), float(lams[len(lams) // 2]), float(lams[-1])})

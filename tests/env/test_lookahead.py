@@ -12,6 +12,7 @@ import pytest
 from controller.controller import Controller
 from env.episode.config import Action, EnvConfig, decode_tokens
 from env.episode.single import ComputeAllocationEnv
+from env.generators.base import GeneratorBase
 from env.generators.fake import FakeGenerator
 from env.generators.lookahead import Lookahead
 from env.types import Chunk, Question, TokenUsage
@@ -347,8 +348,8 @@ def test_a_chain_cut_after_read_ahead_leaves_the_rest_unused() -> None:
 
 
 def test_read_ahead_needs_a_generator_that_splits_chunks() -> None:
-    class Opaque:
-        """A generator that cannot split its chunks."""
+    class Opaque(GeneratorBase):
+        """A generator that cannot split its chunks (the default traits)."""
 
     with pytest.raises(ConfigError, match="split chunks"):
         Lookahead(Opaque(), 1, token_cap=100, read_ahead=96)  # type: ignore[arg-type]

@@ -28,7 +28,7 @@ from env.episode.vector import BatchedReplayEnv  # noqa: E402
 from policies import BestOfN, BoundedThinking, DeepConfOnline, ProbeAgreement  # noqa: E402
 from policies.base import Policy  # noqa: E402
 from policies.evaluation.runner import EvalResult, Evaluator  # noqa: E402
-from policies.pyfunc import heuristic_from_spec, heuristic_spec  # noqa: E402
+from policies.registry import heuristic_to_json, load_policy, save_policy  # noqa: E402
 from policies.tracking import (  # noqa: E402
     Tracker,
     default_tracking_uri,
@@ -184,14 +184,14 @@ def test_policies_reload_as_pyfunc_models(local: Tracker) -> None:
                 )
 
 
-def test_heuristic_specs_round_trip() -> None:
+def test_saved_heuristics_round_trip(tmp_path: Path) -> None:
     from policies.evaluation.sweeps import heuristic_sweeps
 
     for fam in heuristic_sweeps(16):
         for _, p in fam.points:
-            q = heuristic_from_spec(heuristic_spec(p))
+            q = load_policy(save_policy(p, tmp_path / p.name))
             assert type(q) is type(p) and q.name == p.name
-            assert heuristic_spec(q) == heuristic_spec(p)
+            assert heuristic_to_json(q) == heuristic_to_json(p)
 
 
 def _free_port() -> int:
@@ -336,7 +336,7 @@ def test_ponder_run_quick_smoke(tmp_path: Path) -> None:
 def test_policy_names_resolve(capsys: pytest.CaptureFixture[str]) -> None:
     from env.episode.config import EnvConfig
     from features.errors import PolicyError
-    from policies.main import evaluate_main, resolve_policy
+    from policies.main import evaluate_main
 
     cfg = EnvConfig()
     for spec, kind in (
@@ -347,11 +347,11 @@ def test_policy_names_resolve(capsys: pytest.CaptureFixture[str]) -> None:
         ("esc-4", "EarlyStoppingSC"),
         ("single", "SingleChain"),
     ):
-        p = resolve_policy(spec, cfg)
+        p = load_policy(spec, config=cfg)
         assert (type(p).__name__, p.name) == (kind, spec)
-    assert resolve_policy("best-of-3-verifier", cfg).aggregate == "verifier"
+    assert load_policy("best-of-3-verifier", config=cfg).aggregate == "verifier"
     with pytest.raises(PolicyError, match="did you mean"):
-        resolve_policy("best-of-four", cfg)
+        load_policy("best-of-four", config=cfg)
     assert evaluate_main(["--policy", "probe-agree-2", "--bank", str(BANK), "--no-track"]) == 0
     out = capsys.readouterr().out
     assert "probe-agree-2 on testbed-arith" in out and "L8" in out and "oracle" in out

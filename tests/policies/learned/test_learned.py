@@ -30,7 +30,7 @@ from policies.learned import (
     train_ppo,
     train_value_policy,
 )
-from policies.learned.value import EXTRA_FEATURES
+from policies.learned.base import EXTRA_FEATURES, available, decision_mask
 from policies.serialize import NumpyMLP
 
 BANK = Path(__file__).resolve().parents[3] / "data" / "banks" / "testbed-arith"
@@ -241,7 +241,7 @@ def test_weights_of_the_wrong_shape_are_refused(tmp_path: Path) -> None:
 
 
 def test_controller_loads_a_policy_folder(tmp_path: Path) -> None:
-    from controller.policy_spec import load_policy as spec_load
+    from policies.registry import load_policy as spec_load
 
     p = _tiny_value_policy()
     p.with_lam(1e-3).save(tmp_path / "value")
@@ -330,8 +330,6 @@ def test_value_policy_at_a_middle_lam_matches_single_chain_with_fewer_tokens_tha
 def test_policies_only_pick_available_actions(
     value_policy: ValuePolicy, ppo_policy: PPOPolicy, observations: np.ndarray
 ) -> None:
-    from policies.learned.value import available
-
     ok = available(observations)
     for p in (value_policy, ppo_policy, ppo_policy.with_lam(1e-4)):
         p.reset(len(observations))
@@ -353,8 +351,6 @@ def test_chain_deciding_ppo_reads_every_chain_to_its_end(
     choice, in training and in acting; elsewhere the policy picks among the available actions.
     The setting survives save / load; an unknown one is refused."""
     from features.errors import ConfigError
-    from policies.learned.ppo import decision_mask
-    from policies.learned.value import available
 
     ok = available(observations)
     running = (observations[:, FEATURE_NAMES.index("cur_ended")] < 0.5) & ok[:, 0]
@@ -425,7 +421,6 @@ def test_chain_deciding_value_policy_reads_every_chain_to_its_end(
     refused. Every episode it plays ends with its last chain finished or out of room, so it
     never answers from a probe of a chain it cut."""
     from features.errors import ConfigError
-    from policies.learned.value import available
 
     ok = available(observations)
     running = (observations[:, FEATURE_NAMES.index("cur_ended")] < 0.5) & ok[:, 0]
@@ -496,27 +491,62 @@ def test_cli_trains_tiny_runs(tmp_path: Path) -> None:
         header = json.loads((out / "policy.json").read_text())
         assert header["kind"] == kind and header["training"]["seed"] == 1
         assert any(k.startswith("eval/accuracy@") for k in header["metrics"])
-        from controller.policy_spec import load_policy as spec_load
+        from policies.registry import load_policy as spec_load
 
         assert isinstance(spec_load(str(out)), LearnedPolicy)
+
+
+def test_ponder_train_value_trains_and_saves(tmp_path: Path) -> None:
+    """``ponder train value`` is the same entry as ``python -m policies.learned value``: its help
+    shows the arguments' docstrings, and a tiny run trains, evaluates and saves a policy."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "200"}
+    ponder = [sys.executable, "-m", "controller.cli", "train"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*ponder, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
+
+    top = run("--help")
+    assert top.returncode == 0, top.stderr
+    assert "usage: ponder train" in top.stdout
+    assert "Train a ValuePolicy" in top.stdout and "Train a PPOPolicy" in top.stdout
+    for kind, doc in (("value", "fitted-Q iterations"), ("ppo", "GAE λ")):
+        h = run(kind, "--help")
+        assert h.returncode == 0, h.stderr
+        assert f"usage: ponder train {kind}" in h.stdout
+        assert doc in h.stdout and "trace bank folder to replay" in h.stdout
+    out = tmp_path / "value"
+    r = run(
+        "value", "--bank", str(BANK), "--out", str(out), "--no-progress", "--seed", "2",
+        "--transitions", "2000", "--fqi-iters", "1", "--rounds", "1", "--epochs", "2",
+        "--stop-epochs", "2", "--num-envs", "64", "--eval-seeds", "1",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    header = json.loads((out / "policy.json").read_text())
+    assert header["kind"] == "value" and header["training"]["seed"] == 2
+    assert header["training"]["algo"] == "fitted-q-iteration"
+    assert any(k.startswith("eval/accuracy@") for k in header["metrics"])
+    assert all(k.split("/")[0] in ("train", "eval") for k in header["metrics"])
+    assert isinstance(load_policy(out), ValuePolicy)
 
 
 def test_ppo_lam_sampling_draws_from_the_grid_or_its_log_range() -> None:
     """``lam_sampling``: grid draws are grid values; log-uniform ones cover the grid's range
     evenly in log λ (so the network also trains between grid values); a typo is refused."""
     from features.errors import ConfigError
-    from policies.learned.ppo import _lam_sampler
+    from policies.learned.ppo import lam_sampler
 
     lams = np.array([1e-6, 1e-4, 1e-2])
-    grid = _lam_sampler("grid", lams, np.random.default_rng(0))(5_000)
+    grid = lam_sampler("grid", lams, np.random.default_rng(0))(5_000)
     assert set(np.unique(grid)) == set(lams)
-    z = np.log10(_lam_sampler("log-uniform", lams, np.random.default_rng(0))(20_000))
+    z = np.log10(lam_sampler("log-uniform", lams, np.random.default_rng(0))(20_000))
     assert z.min() >= -6 and z.max() <= -2
     counts, _ = np.histogram(z, bins=4, range=(-6, -2))
     assert counts.min() > 0.9 * 5_000 and counts.max() < 1.1 * 5_000
     assert not np.isin(10.0**z, lams).any()
     with pytest.raises(ConfigError, match="lam_sampling must be grid or log-uniform"):
-        _lam_sampler("uniform", lams, np.random.default_rng(0))
+        lam_sampler("uniform", lams, np.random.default_rng(0))
     with pytest.raises(ConfigError, match="lam_sampling must be grid or log-uniform"):
         train_ppo(BANK, total_steps=64, num_envs=8, eval_seeds=0, progress=False, lam_sampling="x")
     trained = train_ppo(
