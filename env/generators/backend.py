@@ -93,6 +93,7 @@ class Backend(Protocol):
     model_name: str
     #: End-of-sequence token id.
     eos_token_id: int
+
     @property
     def max_model_len(self) -> int | None:
         """The context size in tokens (``None``: unknown or unbounded)."""
