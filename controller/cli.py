@@ -98,9 +98,20 @@ COMMANDS: tuple[Command, ...] = (
         "evaluate one policy (a heuristic's name or a saved policy folder) on a bank",
     ),
     Command(
+        "report",
+        "policies.main:report_main",
+        "the README's report tables (and figures) from the results files `ponder run` writes",
+    ),
+    Command(
         "train",
         "policies.learned:main",
         "train a learned policy on a bank and save it: `train value` (fitted-Q) or `train ppo`",
+    ),
+    Command(
+        "probes",
+        "policies.evaluation.probes:main",
+        "fit the hidden-state probes (difficulty, chain correctness) on a bank's training "
+        "questions and report them on its test questions against the current signals",
     ),
     Command("bank info", "env.bank.cli:main", "summarise a trace bank by difficulty"),
     Command(
@@ -112,6 +123,11 @@ COMMANDS: tuple[Command, ...] = (
         "bank stamp",
         "env.bank.cli:stamp_main",
         "give an older bank its identity: a bank id and settings fingerprint in every file",
+    ),
+    Command(
+        "bank annotate",
+        "env.bank.annotate:main",
+        "add the model's hidden states (chosen layers, every chunk boundary) to a bank (resumable)",
     ),
     Command(
         "testbed train", "env.models.testbed.train:main", "train the testbed model (CPU, resumable)"

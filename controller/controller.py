@@ -11,21 +11,26 @@ reason                     what ended the episode
 =========================  =====================================================================
 ``stop``                   the policy stopped
 ``token cap``              the next action could exceed the token cap (never exceeded: the env
-                           refuses an action whose worst case does not fit)
+                           refuses an action whose worst case does not fit), or the policy
+                           stopped only because the cap left no room for what it would have
+                           done next (``Result.cut_short`` names that action)
 ``latency cap``            the wall-clock cap: checked between steps (a step that would likely not
                            finish in time is not started) and enforced around generator calls
                            (the episode runs in a worker thread; at the deadline the controller
                            stops waiting and answers with the state after the last finished step)
 ``generator fault: ...``   the generator failed (an error, a timeout, an empty first chunk)
 ``fleet budget``           :meth:`Controller.solve_fleet` had no tokens left for this question
-``cancelled``              :meth:`Controller.asolve` was cancelled
+``cancelled``              :meth:`Controller.asolve` was cancelled, or its ``cancel`` event set
 others                     the env's own truncations (``max steps``, an unavailable action)
 =========================  =====================================================================
 
 Tokens are counted once, by the env: a result's ``decoded`` equals the sum of its trace's
-``delta`` and of its decoded kinds plus ``unused``. A step abandoned at the latency cap is not in the result
-(its tokens are not known yet), but it was admitted under the token cap, so even then the engine
-never decodes more than the cap for a question.
+``delta`` and of its decoded kinds plus ``unused``. A step abandoned at the latency cap or on
+cancellation is not in the result (its tokens are not known), but it was admitted under the token
+cap, so even then the engine never decodes more than the cap for a question; its worst case is
+``Result.in_flight``. Abandoning an episode cancels its engine work
+(:class:`~env.generators.cancel.CancelScope`): no new engine call starts, and the calls in flight
+are closed (an OpenAI-server generator cancels its HTTP requests; vLLM aborts them).
 
 A policy that plans several chains (``planned_chains > 1``: best-of-N, ESC) gets them generated
 side by side (:class:`~env.generators.lookahead.Lookahead`): each engine call extends the current
@@ -52,6 +57,7 @@ import contextlib
 import itertools
 import logging
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -65,18 +71,26 @@ from env.episode.config import Action, EnvConfig
 from env.episode.observation import FEATURE_NAMES
 from env.episode.single import ComputeAllocationEnv
 from env.generators.base import Generator
+from env.generators.cancel import CancelScope
 from env.generators.lookahead import Lookahead
 from env.types import INJECT_ALLOWANCE, Question, TokenUsage
 from features.errors import ConfigError, GeneratorError
 from policies.base import HasValue, Policy
 
-__all__ = ["NO_GOLD", "Controller", "FleetResult", "Result", "Step"]
+__all__ = ["MIN_LATENCY_CAP_S", "NO_GOLD", "Controller", "FleetResult", "Result", "Step"]
 
 log = logging.getLogger(__name__)
 
 #: The gold answer given to the env for questions that have none (never reported).
 NO_GOLD = "ponder:no-gold-answer"
+#: The smallest latency cap (seconds) a controller (``latency_cap_s``, ``ponder serve
+#: --latency-cap``) or a request to the proxy may set: no engine answers sooner, so a smaller cap
+#: could only ever answer "nothing yet" (0 means no cap). Per-call caps are not held to it: the
+#: proxy passes what is left of a request's cap after it waited for a slot.
+MIN_LATENCY_CAP_S = 0.1
 _ACTION_NAMES = {int(a): a.name.lower() for a in Action}
+#: The observation features that say which of continue, branch, verify can run.
+_MASK_FEATURES = ("can_continue", "can_branch", "can_verify")
 #: Weight of the latest step in the estimate of the next step's duration.
 _STEP_EMA = 0.5
 #: Smallest difficulty used by the proportional fleet split (so an easy question is not starved).
@@ -123,6 +137,12 @@ class Result:
         unused: tokens decoded ahead for planned chains the policy never took (see the module
             docstring); they are in ``decoded`` but in none of ``tokens``' kinds.
         chain_tokens: each chain's generated tokens, in the order the chains were opened.
+        cut_short: the action (``continue``, ``branch`` or ``verify``) the policy would have
+            taken instead of stopping had the token cap left room for it: the cap, not the
+            policy, ended the episode (``reason`` is then ``token cap``). ``None`` otherwise.
+        in_flight: the most decoded tokens a step still running when the episode was abandoned
+            (``latency cap``, ``cancelled``) could have cost: its engine calls were cancelled,
+            so its exact cost is unknown and not in ``decoded``. 0 when none was running.
     """
 
     answer: str | None
@@ -138,6 +158,8 @@ class Result:
     prompt_tokens: int = 0
     unused: int = 0
     chain_tokens: tuple[int, ...] = ()
+    cut_short: str | None = None
+    in_flight: int = 0
 
     @property
     def fault(self) -> bool:
@@ -219,7 +241,7 @@ class Controller:
         self.generator = generator
         self.policy = policy
         self.config = config
-        self.latency_cap_s = _latency(latency_cap_s)
+        self.latency_cap_s = _latency(latency_cap_s, MIN_LATENCY_CAP_S)
         self.difficulty = difficulty
         self.verifier = verifier
         self.seed = int(seed)
@@ -279,11 +301,15 @@ class Controller:
         token_cap: int | None = None,
         latency_cap_s: float | None = None,
         seed: int | None = None,
+        cancel: asyncio.Event | None = None,
     ) -> Result:
         """Answer one question without blocking the event loop (see :meth:`solve`).
 
         The episode runs in a worker thread; the coroutine waits for it until the latency cap.
-        Cancelling the coroutine stops the episode after its current step.
+        Cancelling the coroutine, or setting ``cancel`` (the proxy sets it when the client
+        disconnects), abandons the episode and cancels its engine work: no new engine call
+        starts and those in flight are closed. With ``cancel`` the result so far comes back
+        with reason ``cancelled``; a cancelled coroutine raises ``CancelledError``.
         """
         t0 = time.monotonic()
         run = self._run(question, token_cap, latency_cap_s, seed, t0)
@@ -298,17 +324,24 @@ class Controller:
                     loop.call_soon_threadsafe(done.set)
 
         threading.Thread(target=target, name="ponder-question", daemon=True).start()
+        finished = asyncio.ensure_future(done.wait())
+        waits = {finished}
+        if cancel is not None:
+            waits.add(asyncio.ensure_future(cancel.wait()))
+        timeout = None if run.deadline is None else max(0.0, run.deadline - time.monotonic())
         try:
-            if run.deadline is None:
-                await done.wait()
-            else:
-                await asyncio.wait_for(done.wait(), max(0.0, run.deadline - time.monotonic()))
-        except TimeoutError:
-            return run.abandon("latency cap")
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             run.abandon("cancelled")
             raise
-        return run.outcome()
+        finally:
+            for w in waits:
+                w.cancel()
+        if finished.done() and not finished.cancelled():
+            return run.outcome()
+        if cancel is not None and cancel.is_set():
+            return run.abandon("cancelled")
+        return run.abandon("latency cap")
 
     # -- many questions ---------------------------------------------------------------------
 
@@ -554,6 +587,10 @@ class _Run:
         self.step_s = 0.0
         #: Worst case of the step in flight (fleet accounting).
         self.in_flight = 0
+        #: The engine work of the episode: cancelled when the episode is abandoned.
+        self.scope = CancelScope()
+        #: What the policy would have done instead of stopping, had the token cap left room.
+        self.cut_short: str | None = None
 
     # -- state read by other threads ----------------------------------------------------------
 
@@ -585,15 +622,20 @@ class _Run:
         return self._result(info, "cancelled", trace)
 
     def abandon(self, reason: str) -> Result:
-        """Stop waiting: the state after the last finished step, with ``reason``."""
+        """Stop waiting: the state after the last finished step, with ``reason``; the engine
+        work still running is cancelled (its calls closed, no new ones)."""
         with self.lock:
             if self.final is not None:
                 return self.final
             if self.error is not None:
                 raise self.error
             self.cancelled = True
-            self.final = self._result(self.info, reason, list(self.trace))
-            return self.final
+            self.final = replace(
+                self._result(self.info, reason, list(self.trace)), in_flight=self.in_flight
+            )
+            final = self.final
+        self.scope.cancel(reason)
+        return final
 
     # -- the episode (one thread at a time) ---------------------------------------------------
 
@@ -606,7 +648,11 @@ class _Run:
 
     def advance(self) -> None:
         """Open the episode if needed, then step while the policy's next action fits the
-        allowance; pause with it pending otherwise."""
+        allowance; pause with it pending otherwise (inside the episode's cancel scope)."""
+        with self.scope.active():
+            self._advance()
+
+    def _advance(self) -> None:
         if not self.opened:
             self.opened = True
             if not self._open():
@@ -682,7 +728,27 @@ class _Run:
 
     def _decide(self) -> int:
         assert self.obs is not None
-        return int(self.policy.act(self.obs))
+        a = int(self.policy.act(self.obs))
+        if a == Action.STOP:
+            self.cut_short = self._cap_refused(self.obs)
+        return a
+
+    def _cap_refused(self, obs: np.ndarray) -> str | None:
+        """The action the policy would take instead of stopping if the token cap left room for
+        it (asked of a copy of the policy, on the observation without the cap's refusals)."""
+        actual = self.env.action_mask()
+        free = self.env.action_mask(room=sys.maxsize)
+        if not (free[:3] & ~actual[:3]).any():
+            return None  # the cap refused nothing: the policy stopped of its own accord
+        x = np.array(obs, copy=True)
+        for i, name in enumerate(_MASK_FEATURES):
+            x[FEATURE_NAMES.index(name)] = float(free[i])
+        try:
+            a = int(self.policy.clone().act(x))
+        except Exception:  # a policy that cannot answer the question: say nothing
+            log.debug("policy %s: the uncapped counterfactual failed", self.policy.name)
+            return None
+        return _ACTION_NAMES[a] if a != Action.STOP and free[a] and not actual[a] else None
 
     def _step(self, a: int) -> None:
         assert self.obs is not None
@@ -707,7 +773,11 @@ class _Run:
         record = Step(name, features, decoded, decoded - before, self._elapsed())
         final = None
         if terminated or truncated:
-            final = self._result(info, str(info.get("reason", "")), [*self.trace, record])
+            reason = str(info.get("reason", ""))
+            cut = self.cut_short if a == Action.STOP else None
+            if cut is not None:
+                reason = "token cap"  # the policy stopped only because the cap left no room
+            final = replace(self._result(info, reason, [*self.trace, record]), cut_short=cut)
         if not self._publish(info, record, final):
             return
         if final is not None:
@@ -917,11 +987,16 @@ def _positive_int(v: Any, what: str) -> int:
     return int(v)
 
 
-def _latency(v: float | None) -> float:
+def _latency(v: float | None, minimum: float = 0.0) -> float:
     if v is None:
         return 0.0
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
         raise ConfigError(f"latency_cap_s must be a finite number >= 0 (0: none), got {v!r}")
+    if 0 < v < minimum:
+        raise ConfigError(
+            f"latency_cap_s must be 0 (none) or at least {minimum:g} s (no answer comes back "
+            f"sooner), got {v!r}"
+        )
     return float(v)
 
 

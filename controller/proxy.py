@@ -13,12 +13,16 @@ Endpoints:
 ``GET /v1/models``              the one model the proxy serves
 ``GET /health``                 ``{"status": "ok"}`` when the proxy is up (no upstream call)
 ``GET /metrics``                Prometheus text: requests by endpoint and status, tokens by kind,
-                                answers by reason, requests in flight, a latency histogram
+                                answers by reason, requests in flight, a latency histogram,
+                                requests whose client left and the tokens they cost
+``GET /openapi.json``           the OpenAPI schema of these endpoints (open, like ``/health``)
 ==============================  =================================================================
 
 The answer is ``The answer is \\boxed{ANSWER}.`` as the message content (chat) or text
 (completions); an empty string when no chain produced an answer. ``finish_reason`` is ``stop``
-when the policy stopped and ``length`` when a cap or a generator fault ended the episode.
+when the policy stopped and ``length`` when a cap or a generator fault ended the episode: also
+when the policy stopped only because the token cap left no room for what it would have done next
+(``ponder.reason`` is then ``token cap`` and ``ponder.cut_short`` names that action).
 ``usage`` has ``prompt_tokens`` (the question's prompt as the model saw it), ``completion_tokens``
 (the decoded tokens ponder spent: chains, probes, verifier, injected, and ``unused``: tokens
 generated ahead for planned chains the policy never opened) and their total. The
@@ -30,19 +34,28 @@ generated ahead for planned chains the policy never opened) and their total. The
                 "decoded": 512, "unused": 0, "chain_tokens": [98, 120, 87, 135],
                 "tokens": {"generated": 440, "probe": 72, "judge": 0, "injected": 0,
                            "prefill": 310, "cached": 1900},
-                "latency_s": 1.9, "trace_length": 9, "policy": "best-of-4"}}
+                "latency_s": 1.9, "trace_length": 9, "policy": "best-of-4",
+                "cut_short": null, "in_flight": 0}}
 
-Requests may carry a ``ponder`` object: ``token_cap`` (int), ``latency_cap_s`` (seconds) and
-``trace`` (bool: include the decisions with their features). Caps, like ``max_tokens`` /
-``max_completion_tokens``, only tighten the server's own (they are clamped to them). Sampling
-fields (``temperature``, ...) are ignored: the server's settings hold.
+Requests may carry a ``ponder`` object: ``token_cap`` (int), ``latency_cap_s`` (seconds, at
+least :data:`~controller.controller.MIN_LATENCY_CAP_S`) and ``trace`` (bool: include the
+decisions with their features). Caps, like ``max_tokens`` / ``max_completion_tokens``, only
+tighten the server's own (they are clamped to them). Sampling fields (``temperature``, ...) are
+ignored: the server's settings hold.
 
-Errors use OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for malformed
-JSON, missing messages, streaming or bad fields; 401 for a missing or wrong API key (when the
-server has one; ``/health`` and ``/metrics`` are open); 413 for a body over ``--max-body-bytes``;
-502 when the upstream failed before any chain had an answer (with an answer, the response is 200
-with ``finish_reason: length`` and ``ponder.reason`` saying ``generator fault: ...``); 503 when the
-request waited for a slot for its whole latency cap.
+A client that disconnects before its answer stops its work: the episode is abandoned, no new
+upstream call starts and those in flight are cancelled (vLLM aborts them). What it had cost is
+logged and counted in ``/metrics`` (``ponder_cancelled_requests_total``,
+``ponder_cancelled_tokens_total``); its status there is 499 (client closed request).
+
+Errors use OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``, and every error a
+client causes is a 4xx that names the field: 400 for malformed JSON (also ``NaN``, nesting deeper
+than :data:`MAX_JSON_DEPTH`, text that is not valid Unicode such as a lone surrogate), missing
+messages, streaming or bad fields; 401 for a missing or wrong API key (when the server has one;
+``/health``, ``/metrics`` and ``/openapi.json`` are open); 413 for a body over
+``--max-body-bytes``; 502 when the upstream failed before any chain had an answer (with an
+answer, the response is 200 with ``finish_reason: length`` and ``ponder.reason`` saying
+``generator fault: ...``); 503 when the request waited for a slot for its whole latency cap.
 """
 
 from __future__ import annotations
@@ -54,28 +67,48 @@ import json
 import logging
 import math
 import os
+import socket
+import sys
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from controller.controller import Controller, Result
+from controller.controller import MIN_LATENCY_CAP_S, Controller, Result
+from controller.openapi import ROLES, openapi_schema
+from env.episode.config import Action
 from features.errors import ConfigError, PonderError
 
-__all__ = ["Metrics", "ProxyServer", "ServeArgs", "build_controller", "create_app", "main"]
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "Metrics",
+    "ProxyServer",
+    "ServeArgs",
+    "build_controller",
+    "check_serve_args",
+    "create_app",
+    "main",
+    "resolve_api_key",
+]
 
 log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _PONDER_FIELDS = frozenset({"token_cap", "latency_cap_s", "trace"})
+#: Deepest nesting of arrays and objects a request body may have (OpenAI's bodies need 5).
+MAX_JSON_DEPTH = 32
+#: The status recorded for a request whose client disconnected first (nginx's convention).
+CLIENT_CLOSED = 499
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 @dataclass
@@ -91,9 +124,11 @@ class ServeArgs:
     port: int = 8100
     """port to bind"""
     api_key: str | None = None
-    """required bearer token (default: $PONDER_API_KEY; none: open)"""
+    """required bearer token (default: $PONDER_API_KEY; neither given: open; an empty key is refused)"""
     upstream_api_key: str | None = None
     """bearer token for the upstream server"""
+    eos_token_id: int | None = None
+    """the model's EOS token id, when the upstream cannot say (no --enable-tokenizer-info-endpoint)"""
     max_body_bytes: int = 1_000_000
     """largest request body accepted (413 above)"""
     token_cap: int = 4096
@@ -117,7 +152,7 @@ class ServeArgs:
     model_name: str | None = None
     """the model name the proxy reports (default: ponder/<policy>)"""
     log_level: str = "info"
-    """uvicorn's log level"""
+    """log level: critical, error, warning, info, debug or trace"""
 
 
 class Metrics:
@@ -132,6 +167,8 @@ class Metrics:
         self.latency_sum = 0.0
         self.latency_count = 0
         self.in_flight = 0
+        self.cancelled = 0
+        self.cancelled_tokens: Counter[str] = Counter()
 
     def started(self) -> None:
         with self._lock:
@@ -139,6 +176,11 @@ class Metrics:
 
     def finished(self, endpoint: str, status: int, latency_s: float, result: Result | None) -> None:
         with self._lock:
+            if status == CLIENT_CLOSED:
+                self.cancelled += 1
+                if result is not None:
+                    self.cancelled_tokens["decoded"] += int(result.decoded)
+                    self.cancelled_tokens["in_flight_max"] += int(result.in_flight)
             self.in_flight -= 1
             self.requests[(endpoint, status)] += 1
             self.latency_sum += latency_s
@@ -175,6 +217,20 @@ class Metrics:
             for reason, n in sorted(self.reasons.items()):
                 lines.append(f'ponder_answers_total{{reason="{_label(reason)}"}} {n}')
             lines += [
+                "# HELP ponder_cancelled_requests_total Requests whose client disconnected before "
+                "the answer (their upstream work was cancelled).",
+                "# TYPE ponder_cancelled_requests_total counter",
+                f"ponder_cancelled_requests_total {self.cancelled}",
+                "# HELP ponder_cancelled_tokens_total Tokens those requests cost: decoded (steps "
+                "finished before the disconnect) and in_flight_max (the worst case of the steps "
+                "cancelled mid-way).",
+                "# TYPE ponder_cancelled_tokens_total counter",
+            ]
+            for kind in ("decoded", "in_flight_max"):
+                lines.append(
+                    f'ponder_cancelled_tokens_total{{kind="{kind}"}} {self.cancelled_tokens[kind]}'
+                )
+            lines += [
                 "# HELP ponder_requests_in_flight Requests being answered now.",
                 "# TYPE ponder_requests_in_flight gauge",
                 f"ponder_requests_in_flight {self.in_flight}",
@@ -192,22 +248,36 @@ class Metrics:
 
 
 class _HTTPError(Exception):
-    def __init__(self, status: int, message: str, kind: str, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str,
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.kind = kind
         self.code = code
+        self.param = param
 
 
-def _error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
+class _ClientGone(Exception):
+    """The client disconnected before its answer (nobody reads one now)."""
+
+
+def _error(
+    status: int, message: str, kind: str, code: str | None = None, param: str | None = None
+) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _bad(message: str, code: str | None = None) -> _HTTPError:
-    return _HTTPError(400, message, "invalid_request_error", code)
+def _bad(message: str, code: str | None = None, param: str | None = None) -> _HTTPError:
+    return _HTTPError(400, message, "invalid_request_error", code, param)
 
 
 def _label(v: str) -> str:
@@ -246,6 +316,8 @@ def create_app(
     """
     if max_body_bytes < 1 or max_concurrency < 1:
         raise ConfigError("max_body_bytes and max_concurrency must be >= 1")
+    if api_key is not None:
+        _check_key_text(api_key, "api_key")
     name = model or f"ponder/{controller.policy.name}"
     metrics = Metrics()
     slots: dict[str, asyncio.Semaphore] = {}  # made on first use, inside the server's loop
@@ -282,11 +354,16 @@ def create_app(
             if len(raw) > max_body_bytes:
                 raise _too_large(len(raw))
         try:
-            body = json.loads(bytes(raw))
+            body = json.loads(bytes(raw), parse_constant=_no_constant)
+        except RecursionError:
+            raise _bad(
+                f"the body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels"
+            ) from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise _bad(f"the body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise _bad("the body must be a JSON object")
+        _check_json(body)
         return body
 
     def _too_large(n: int) -> _HTTPError:
@@ -305,12 +382,34 @@ def create_app(
         try:
             check_key(request)
             ask = _parse(kind, await read_json(request))
-            result = await _solve(ask, t0)
+            gone = asyncio.Event()
+            watcher = asyncio.create_task(_watch_disconnect(request, gone))
+            try:
+                result = await _solve(ask, t0, gone)
+            finally:
+                watcher.cancel()
+            if gone.is_set():
+                raise _ClientGone
             status, body = _respond(kind, ask, result, name)
             return JSONResponse(body, status_code=status)
+        except (_ClientGone, ClientDisconnect):
+            # Nobody reads the answer: its work was cancelled (see Controller.asolve's cancel).
+            status = CLIENT_CLOSED
+            spent = f"{result.decoded} tokens" if result is not None else "nothing"
+            cut = (
+                f" (+ at most {result.in_flight} cut short)" if result and result.in_flight else ""
+            )
+            log.info(
+                "%s: the client left after %.2f s; its upstream work was cancelled, having cost %s%s",
+                endpoint,
+                time.monotonic() - t0,
+                spent,
+                cut,
+            )
+            return Response(status_code=CLIENT_CLOSED)
         except _HTTPError as exc:
             status = exc.status
-            return _error(exc.status, exc.message, exc.kind, exc.code)
+            return _error(exc.status, exc.message, exc.kind, exc.code, exc.param)
         except ConfigError as exc:  # the question does not fit (too long, caps too small)
             status = 400
             return _error(400, str(exc), "invalid_request_error")
@@ -325,16 +424,13 @@ def create_app(
         finally:
             metrics.finished(endpoint, status, time.monotonic() - t0, result)
 
-    async def _solve(ask: _Ask, t0: float) -> Result:
+    async def _solve(ask: _Ask, t0: float, gone: asyncio.Event) -> Result:
         server_lat = controller.latency_cap_s
         lat = ask.latency_cap_s
         lat = min(lat, server_lat) if lat and server_lat else (lat or server_lat or None)
         sem = slots.setdefault("sem", asyncio.Semaphore(max_concurrency))
         try:
-            if lat:
-                await asyncio.wait_for(sem.acquire(), lat)
-            else:
-                await sem.acquire()
+            taken = await _acquire(sem, gone, lat)
         except TimeoutError:
             raise _HTTPError(
                 503,
@@ -342,14 +438,21 @@ def create_app(
                 "server_error",
                 "overloaded",
             ) from None
+        if not taken:
+            raise _ClientGone
         try:
             left = None
             if lat:
                 left = lat - (time.monotonic() - t0)
                 if left <= 0:
-                    raise _HTTPError(503, "server busy: the latency cap ran out", "server_error")
+                    raise _HTTPError(
+                        503,
+                        f"server busy: the latency cap of {lat:g} s ran out waiting for a slot",
+                        "server_error",
+                        "overloaded",
+                    )
             return await controller.asolve(
-                ask.question, token_cap=ask.token_cap, latency_cap_s=left
+                ask.question, token_cap=ask.token_cap, latency_cap_s=left, cancel=gone
             )
         finally:
             sem.release()
@@ -364,7 +467,7 @@ def create_app(
         try:
             check_key(request)
         except _HTTPError as exc:
-            return _error(exc.status, exc.message, exc.kind, exc.code)
+            return _error(exc.status, exc.message, exc.kind, exc.code, exc.param)
         entry = {"id": name, "object": "model", "created": 0, "owned_by": "ponder"}
         return JSONResponse({"object": "list", "data": [entry]})
 
@@ -373,6 +476,13 @@ def create_app(
 
     async def metrics_text(request: Request) -> Response:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    schema = openapi_schema(
+        name, min_tokens=controller.config.bound(Action.BRANCH), max_body_bytes=max_body_bytes
+    )
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(schema)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = int(getattr(exc, "status_code", 500))
@@ -394,6 +504,7 @@ def create_app(
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics_text, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
         ],
         exception_handlers={404: http_error, 405: http_error},
         lifespan=lifespan,
@@ -403,28 +514,112 @@ def create_app(
     return app
 
 
+async def _watch_disconnect(request: Request, gone: asyncio.Event) -> None:
+    """Set ``gone`` when the client disconnects (the body has been read: what the server
+    receives next on this request is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            return
+
+
+async def _acquire(sem: asyncio.Semaphore, gone: asyncio.Event, timeout: float | None) -> bool:
+    """Take a slot: ``True`` once taken, ``False`` if the client left first.
+
+    Raises:
+        TimeoutError: no slot within ``timeout`` seconds.
+    """
+    take = asyncio.ensure_future(sem.acquire())
+    leave = asyncio.ensure_future(gone.wait())
+    try:
+        await asyncio.wait({take, leave}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leave.cancel()
+        if not take.done():
+            take.cancel()
+    if take.done() and not take.cancelled():
+        if gone.is_set():
+            sem.release()
+            return False
+        return True
+    if gone.is_set():
+        return False
+    raise TimeoutError
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value (JSON numbers are finite)")
+
+
+def _check_json(body: Any) -> None:
+    """Refuse a body nested deeper than :data:`MAX_JSON_DEPTH` or holding text that is not
+    valid Unicode (a lone surrogate: it could not be sent upstream or answered)."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, path or "the body")
+        elif isinstance(value, dict | list):
+            if depth >= MAX_JSON_DEPTH:
+                raise _bad(
+                    f"the body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels "
+                    f"(at {path or 'the top'})",
+                    param=path or None,
+                )
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    _check_text(k, f"a key of {path or 'the body'}")
+                    stack.append((v, f"{path}.{k}" if path else k, depth + 1))
+            else:
+                stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start : exc.end].encode("utf-8", "backslashreplace").decode()
+        raise _bad(
+            f"{where} is not valid Unicode: it holds a lone surrogate ({bad}) at character "
+            f"{exc.start}; encode the text as UTF-8",
+            param=where,
+        ) from None
+
+
 def _parse(kind: str, body: dict[str, Any]) -> _Ask:
-    if body.get("stream"):
-        raise _bad("stream is not supported: ponder decides the answer before it sends it")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _bad(f"stream must be true or false, got {stream!r}", param="stream")
+    if stream:
+        raise _bad(
+            "stream is not supported: ponder decides the answer before it sends it",
+            param="stream",
+        )
     n = body.get("n")
-    if n not in (None, 1):
-        raise _bad(f"n must be 1 (ponder answers each question once), got {n!r}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int | float) or n != 1):
+        raise _bad(f"n must be 1 (ponder answers each question once), got {n!r}", param="n")
     if kind == "chat":
         question = _last_user_message(body.get("messages"))
     else:
         question = _prompt(body.get("prompt"))
     model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad(f"model must be a string, got {model!r}", param="model")
     cap = None
     for field in ("max_completion_tokens", "max_tokens"):
         v = body.get(field)
         if v is not None:
             cap = _int_field(v, field) if cap is None else min(cap, _int_field(v, field))
-    extra = body.get("ponder") or {}
+    extra = body.get("ponder")
+    extra = {} if extra is None else extra
     if not isinstance(extra, dict):
-        raise _bad("'ponder' must be an object such as {\"token_cap\": 512}")
+        raise _bad("'ponder' must be an object such as {\"token_cap\": 512}", param="ponder")
     unknown = sorted(set(extra) - _PONDER_FIELDS)
     if unknown:
-        raise _bad(f"unknown 'ponder' fields {unknown}; use {sorted(_PONDER_FIELDS)}")
+        raise _bad(
+            f"unknown 'ponder' fields {unknown}; use {sorted(_PONDER_FIELDS)}", param="ponder"
+        )
     if extra.get("token_cap") is not None:
         v = _int_field(extra["token_cap"], "ponder.token_cap")
         cap = v if cap is None else min(cap, v)
@@ -436,51 +631,87 @@ def _parse(kind: str, body: dict[str, Any]) -> _Ask:
             or not math.isfinite(lat)
             or lat <= 0
         ):
-            raise _bad(f"ponder.latency_cap_s must be a number > 0, got {lat!r}")
+            raise _bad(
+                f"ponder.latency_cap_s must be a number > 0, got {lat!r}",
+                param="ponder.latency_cap_s",
+            )
+        if lat < MIN_LATENCY_CAP_S:
+            raise _bad(
+                f"ponder.latency_cap_s must be at least {MIN_LATENCY_CAP_S:g} s (no answer comes "
+                f"back sooner), got {lat!r}",
+                param="ponder.latency_cap_s",
+            )
         lat = float(lat)
-    trace = extra.get("trace", False)
+    trace = extra.get("trace")
+    trace = False if trace is None else trace
     if not isinstance(trace, bool):
-        raise _bad(f"ponder.trace must be true or false, got {trace!r}")
-    return _Ask(question, model if isinstance(model, str) else None, cap, lat, trace)
+        raise _bad(f"ponder.trace must be true or false, got {trace!r}", param="ponder.trace")
+    return _Ask(question, model, cap, lat, trace)
 
 
 def _int_field(v: Any, field: str) -> int:
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)  # (JSON does not tell 512 from 512.0)
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise _bad(f"{field} must be a positive integer, got {v!r}")
+        raise _bad(f"{field} must be a positive integer, got {v!r}", param=field)
     return v
 
 
 def _last_user_message(messages: Any) -> str:
     if not isinstance(messages, list) or not messages:
-        raise _bad("'messages' must be a non-empty list of {role, content} objects", "messages")
-    for m in reversed(messages):
+        raise _bad(
+            "'messages' must be a non-empty list of {role, content} objects",
+            "messages",
+            param="messages",
+        )
+    last = None
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise _bad("every message must be an object with 'role' and 'content'")
-        if m.get("role") != "user":
-            continue
+            raise _bad("every message must be an object with 'role' and 'content'", param=where)
+        role = m.get("role")
+        if role not in ROLES:
+            raise _bad(
+                f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}",
+                param=f"{where}.role",
+            )
         content = m.get("content")
-        if isinstance(content, list):
-            parts = [
-                p.get("text", "")
-                for p in content
-                if isinstance(p, dict)
-                and p.get("type") == "text"
-                and isinstance(p.get("text"), str)
-            ]
-            content = "\n".join(parts)
-        if not isinstance(content, str) or not content.strip():
-            raise _bad("the last user message has no text")
-        return content
-    raise _bad("'messages' has no user message: the question is the last user message")
+        if content is not None and not isinstance(content, str | list):
+            raise _bad(
+                f"{where}.content must be a string or a list of parts, got {content!r}",
+                param=f"{where}.content",
+            )
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            at = f"{where}.content[{j}]"
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise _bad(f"{at} must be an object with a 'type'", param=at)
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                raise _bad(f"{at}.text must be a string", param=f"{at}.text")
+        if role == "user":
+            last = i
+    if last is None:
+        raise _bad(
+            "'messages' has no user message: the question is the last user message",
+            param="messages",
+        )
+    content = messages[last].get("content")
+    if isinstance(content, list):
+        content = "\n".join(p["text"] for p in content if p["type"] == "text")
+    if not isinstance(content, str) or not content.strip():
+        raise _bad("the last user message has no text", param=f"messages[{last}].content")
+    return content
 
 
 def _prompt(prompt: Any) -> str:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, list):
-        raise _bad("'prompt' must be one string (token-id and batched prompts are not supported)")
+        raise _bad(
+            "'prompt' must be one string (token-id and batched prompts are not supported)",
+            param="prompt",
+        )
     if not isinstance(prompt, str) or not prompt.strip():
-        raise _bad("'prompt' must be a non-empty string: the question")
+        raise _bad("'prompt' must be a non-empty string: the question", param="prompt")
     return prompt
 
 
@@ -506,6 +737,8 @@ def _respond(kind: str, ask: _Ask, r: Result, model: str) -> tuple[int, dict[str
         "latency_s": round(r.latency_s, 6),
         "trace_length": len(r.trace),
         "policy": r.policy,
+        "cut_short": r.cut_short,
+        "in_flight": r.in_flight,
     }
     if ask.trace:
         extra["trace"] = [
@@ -590,12 +823,107 @@ class ProxyServer:
         self.stop()
 
 
+def _check_key_text(key: str, source: str) -> None:
+    if not key.strip():
+        raise ConfigError(
+            f"{source} is empty: give the key clients must send, or leave out both --api-key "
+            "and $PONDER_API_KEY to serve without one"
+        )
+    if any(c.isspace() or not c.isprintable() or not c.isascii() for c in key):
+        raise ConfigError(
+            f"{source} holds white space, control or non-ASCII characters: an HTTP header "
+            "cannot carry it as sent; use printable ASCII only"
+        )
+
+
+def resolve_api_key(
+    flag: str | None, environ: Mapping[str, str], argv: Sequence[str] = ()
+) -> str | None:
+    """The key ``ponder serve`` requires: ``--api-key``, else ``$PONDER_API_KEY``.
+
+    Serving without a key is a choice made by giving neither; a key that is given but empty
+    (``--api-key ""``, an unset variable expanded into the flag, ``PONDER_API_KEY=``) is refused,
+    so that a mistake never opens the server.
+
+    Raises:
+        ConfigError: an empty key, or one no HTTP header can carry.
+    """
+    if flag is None and any(a == "--api-key" or a.startswith("--api-key=") for a in argv):
+        # (tyro reads the word None as no value: a flag that was given is never "no key")
+        raise ConfigError(
+            "--api-key None does not turn the key off: leave out --api-key (and "
+            "$PONDER_API_KEY) to serve without one"
+        )
+    if flag is not None:
+        _check_key_text(flag, "--api-key")
+        return flag
+    if "PONDER_API_KEY" in environ:
+        key = environ["PONDER_API_KEY"]
+        _check_key_text(key, "$PONDER_API_KEY")
+        return key
+    return None
+
+
+def check_serve_args(args: ServeArgs) -> None:
+    """Check every ``ponder serve`` setting before anything starts (one clear error each).
+
+    Raises:
+        ConfigError: the first bad setting, with what it must be.
+    """
+    parts = urlsplit(args.upstream)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"--upstream must be an http:// or https:// URL such as http://127.0.0.1:8000/v1, "
+            f"got {args.upstream!r}"
+        )
+    try:
+        parts.port  # noqa: B018 (raises for a port out of range)
+    except ValueError as exc:
+        raise ConfigError(f"--upstream {args.upstream!r}: {exc}") from None
+    if not args.host.strip():
+        raise ConfigError("--host is empty: give an address to bind, such as 127.0.0.1")
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    for flag, v in (
+        ("--max-body-bytes", args.max_body_bytes),
+        ("--token-cap", args.token_cap),
+        ("--chunk-tokens", args.chunk_tokens),
+        ("--max-chains", args.max_chains),
+        ("--max-chain-tokens", args.max_chain_tokens),
+        ("--max-concurrency", args.max_concurrency),
+    ):
+        if v < 1:
+            raise ConfigError(f"{flag} must be a positive integer, got {v}")
+    lat = args.latency_cap
+    if not math.isfinite(lat) or lat < 0 or 0 < lat < MIN_LATENCY_CAP_S:
+        raise ConfigError(
+            f"--latency-cap must be 0 (none) or a number of seconds >= {MIN_LATENCY_CAP_S:g}, "
+            f"got {lat}"
+        )
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ConfigError(
+            f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}"
+        )
+    if args.eos_token_id is not None and args.eos_token_id < 0:
+        raise ConfigError(f"--eos-token-id must be a token id >= 0, got {args.eos_token_id}")
+    if args.upstream_api_key is not None:
+        _check_key_text(args.upstream_api_key, "--upstream-api-key")
+    if args.model_name is not None and not args.model_name.strip():
+        raise ConfigError("--model-name is empty: leave it out for ponder/<policy>")
+    if args.log_level.lower() not in _LOG_LEVELS:
+        raise ConfigError(
+            f"--log-level must be one of {', '.join(_LOG_LEVELS)}, got {args.log_level!r}"
+        )
+
+
 def build_controller(args: ServeArgs) -> tuple[Controller, Any]:
     """The controller ``ponder serve`` runs, and its generator (to close at shutdown).
 
-    The policy is parsed first, so an unknown policy fails before the upstream is contacted.
+    The settings are checked and the policy parsed first, so that a bad flag or an unknown
+    policy fails before the upstream is contacted.
 
     Raises:
+        ConfigError: a bad setting (see :func:`check_serve_args`).
         PolicyError: an unknown policy or a policy file.
         GeneratorError: no server at ``args.upstream``.
     """
@@ -604,9 +932,8 @@ def build_controller(args: ServeArgs) -> tuple[Controller, Any]:
     from env.types import SamplingConfig
     from policies.registry import check_policy, load_policy
 
+    check_serve_args(args)
     policy = check_policy(load_policy(args.policy))
-    if args.latency_cap < 0:
-        raise ConfigError(f"--latency-cap must be >= 0 (0: none), got {args.latency_cap}")
     config = EnvConfig(
         chunk_tokens=args.chunk_tokens,
         max_chains=args.max_chains,
@@ -623,6 +950,7 @@ def build_controller(args: ServeArgs) -> tuple[Controller, Any]:
         template=None if args.template == "auto" else args.template,
         sampling=sampling,
         api_key=args.upstream_api_key,
+        eos_token_id=args.eos_token_id,
         # A call cannot outlive the request it serves by much: the controller stops waiting at
         # the latency cap, and the request behind it ends soon after.
         read_timeout=args.latency_cap + 5.0 if args.latency_cap else 300.0,
@@ -642,15 +970,50 @@ def build_controller(args: ServeArgs) -> tuple[Controller, Any]:
     return controller, generator
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (uvicorn listens on it), or a clear error."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"--host {host!r} is not an address to bind ({exc})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc} (another server there? "
+            "pick another --port, or another --host)"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``ponder serve``: parse the arguments, build the controller and serve until stopped."""
+    """``ponder serve``: check the arguments, bind the port, build the controller and serve
+    until stopped."""
     import tyro
     import uvicorn
 
     args = tyro.cli(ServeArgs, args=argv, prog="ponder serve")
+    check_serve_args(args)
+    words = sys.argv[1:] if argv is None else argv
+    api_key = resolve_api_key(args.api_key, os.environ, words)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    api_key = args.api_key or os.environ.get("PONDER_API_KEY") or None
-    controller, generator = build_controller(args)
+    sock = _bind(args.host, args.port)
+    try:
+        controller, generator = build_controller(args)
+    except BaseException:
+        sock.close()
+        raise
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(
             "serving on %s without an API key: anyone who can reach it can use it", args.host
@@ -664,10 +1027,7 @@ def main(argv: list[str] | None = None) -> None:
         on_shutdown=generator.close,
     )
     log.info(
-        "ponder serve: %s in front of %s on http://%s:%d/v1",
-        controller,
-        args.upstream,
-        args.host,
-        args.port,
+        "ponder serve: %s in front of %s, listening on %s", controller, args.upstream, _url(sock)
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    uvicorn.Server(config).run(sockets=[sock])

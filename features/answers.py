@@ -24,7 +24,7 @@ functions run in the controller's inner loop.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from functools import lru_cache
 
@@ -80,8 +80,31 @@ def _match_brace(text: str, start: int) -> int | None:
     return None
 
 
-def _boxed_at(text: str, start: int) -> str | None:
-    """The content of the ``\\boxed``/``\\fbox`` whose command ends at ``start``, if well formed."""
+def _closing_braces(text: str) -> dict[int, int]:
+    """Index of the ``}`` that closes each closed ``{`` (escaped braces are content), in one
+    pass: :func:`_match_brace` for every brace at once."""
+    pairs: dict[int, int] = {}
+    stack: list[int] = []
+    i = 0
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\" and i + 1 < n and text[i + 1] in "{}":
+            i += 2
+            continue
+        if c == "{":
+            stack.append(i)
+        elif c == "}" and stack:
+            pairs[stack.pop()] = i
+        i += 1
+    return pairs
+
+
+def _boxed_at(
+    text: str, start: int, closing: Callable[[str, int], int | None] = _match_brace
+) -> str | None:
+    """The content of the ``\\boxed``/``\\fbox`` whose command ends at ``start``, if well formed
+    (``closing(text, i)``: the index of the ``}`` that closes the ``{`` at ``i``)."""
     i = start
     n = len(text)
     while i < n and text[i] in " \t":
@@ -89,7 +112,7 @@ def _boxed_at(text: str, start: int) -> str | None:
     if i >= n:
         return None
     if text[i] == "{":
-        close = _match_brace(text, i)
+        close = closing(text, i)
         if close is None:
             return None
         return text[i + 1 : close]
@@ -113,8 +136,16 @@ def extract_boxed(text: str) -> str | None:
         The box content, stripped, or None when there is no complete box.
     """
     starts = [m.end() for m in _BOX_START_RE.finditer(text)]
-    for start in reversed(starts):
-        content = _boxed_at(text, start)
+    if not starts:
+        return None
+    content = _boxed_at(text, starts[-1])  # the usual case: the last box is complete
+    if content is not None:
+        return content.strip()
+    # Earlier boxes: their braces from one pass, not one scan each (which is quadratic in a
+    # text of many unclosed boxes, such as a model steered to repeat "\\boxed{").
+    pairs = _closing_braces(text)
+    for start in reversed(starts[:-1]):
+        content = _boxed_at(text, start, lambda _, i: pairs.get(i))
         if content is not None:
             return content.strip()
     return None

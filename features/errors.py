@@ -13,6 +13,7 @@ __all__ = [
     "PonderError",
     "ConfigError",
     "GeneratorError",
+    "Cancelled",
     "ModelError",
     "BankError",
     "BudgetExhausted",
@@ -31,6 +32,11 @@ class ConfigError(PonderError, ValueError):
 
 class GeneratorError(PonderError):
     """The generator could not produce what was asked (engine failure, server down, timeout)."""
+
+
+class Cancelled(GeneratorError):
+    """The work was cancelled before the generator finished it (the client that asked left, or a
+    latency cap gave up on it): in-flight engine requests were closed, no new ones were sent."""
 
 
 class ModelError(PonderError):

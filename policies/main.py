@@ -34,6 +34,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,11 +67,13 @@ from policies.evaluation.report import (
     headline_rows,
     plot_by_difficulty,
     plot_frontier,
+    print_differences,
     print_floors,
     print_tables,
     print_targets,
     target_metrics,
 )
+from policies.evaluation.results import results_document, write_results
 from policies.evaluation.runner import MATCH_TOLERANCE, EvalResult, Evaluator, write_rows
 from policies.evaluation.sweeps import (
     Family,
@@ -83,6 +86,7 @@ from policies.registry import load_policy, save_policy
 
 __all__ = [
     "EvaluateArgs",
+    "ReportArgs",
     "RunArgs",
     "evaluate_main",
     "main",
@@ -91,7 +95,13 @@ __all__ = [
     "FALLBACK_BANK",
     "SWEEP_LAMS",
     "BankRun",
+    "FULL_TRAIN_SEEDS",
+    "TRAIN_SEED_STRIDE",
+    "Trained",
+    "report_main",
     "train_learned",
+    "train_one",
+    "train_seeds",
     "vote_floors",
     "pick_banks",
 ]
@@ -122,7 +132,18 @@ class RunArgs:
     seeds: int = 5
     """episodes per test question (generator seeds 0..seeds-1)"""
     seed: int = 0
-    """seed of the learned policies' training"""
+    """first training seed of the learned policies (training seed i is seed + 10000 i)"""
+    # 3 by default, so that a stranger's `make run` reports the spread of training as well as
+    # of the questions (one seed put ppo-chain's tokens to match maj@16 anywhere from 55% to
+    # 72% of maj@16's); 5 with --full.
+    train_seeds: int = 3
+    """training seeds per learned family: each seed is trained and evaluated on its own; the headline reads the mean of their frontiers, with intervals over questions and training seeds together"""
+    full: bool = False
+    """the full report: at least 5 training seeds"""
+    jobs: int = 0
+    """trainings run at once, each in its own process with --threads threads (0: one per CPU this process may use); the results do not depend on it"""
+    results_dir: str = "results"
+    """folder for <bank>.json, the results file the README's report is made of (written by runs on the test questions without --quick; "" for none); <out>/results.json is always written"""
     learned: bool = True
     """train and evaluate the learned policies (value / fitted-Q deciding between chains, PPO deciding at every chunk, PPO deciding between chains)"""
     # 25 log-spaced values (SWEEP_LAMS): evaluating a trained policy at a λ costs well under a
@@ -158,7 +179,7 @@ class RunArgs:
     budgets: tuple[float, ...] = ()
     """mean-token budgets for the accuracy-at-budget columns (default: 1/8, 1/4, 1/2 of maj@16's tokens)"""
     quick: bool = False
-    """a smoke run: tiny training budgets, two λ values (well under a minute)"""
+    """a smoke run: tiny training budgets, two λ values (about a minute)"""
     tracking_uri: str = ""
     """MLflow tracking URI (an `mlflow server` URL, ...); default MLFLOW_TRACKING_URI or sqlite in --mlruns"""
     mlruns: str = "mlruns"
@@ -168,14 +189,36 @@ class RunArgs:
     log_models: bool = True
     """log the learned policies as MLflow models (pyfunc, from code)"""
     threads: int = 1
-    """BLAS / torch threads for training"""
+    """BLAS / torch threads of each training and of the evaluation (fixed, so that a seed gives the same numbers on every run)"""
     progress: bool = True
     """show progress bars"""
 
 
+#: Training seed ``i`` of the job is ``seed + TRAIN_SEED_STRIDE * i``. The trainers derive
+#: their random streams from their seed by small offsets (the value policy's rounds, its
+#: behaviour policies and their random actions use seed + 0 to seed + 1002): consecutive seeds
+#: would share streams, and their spread would understate training's.
+TRAIN_SEED_STRIDE = 10_000
+#: Training seeds of ``--full``, at least.
+FULL_TRAIN_SEEDS = 5
+
+
+def train_seeds(args: RunArgs) -> tuple[int, ...]:
+    """The job's training seeds: ``--train-seeds`` of them (at least
+    :data:`FULL_TRAIN_SEEDS` with ``--full``), from ``--seed`` on, :data:`TRAIN_SEED_STRIDE`
+    apart."""
+    n = max(args.train_seeds, FULL_TRAIN_SEEDS) if args.full else args.train_seeds
+    if n < 1:
+        raise ConfigError("--train-seeds must be >= 1")
+    return tuple(args.seed + TRAIN_SEED_STRIDE * i for i in range(n))
+
+
 @dataclass
 class BankRun:
-    """What :func:`run` produced for one bank."""
+    """What :func:`run` produced for one bank.
+
+    ``train_s`` holds each training's seconds by family and training seed; ``results_path``
+    the results file written to ``--results-dir`` (``None``: not a report run)."""
 
     bank: str
     out: Path
@@ -183,37 +226,44 @@ class BankRun:
     oracle: OracleResult
     summaries: list[FamilySummary]
     reference: EvalResult
-    train_s: dict[str, float]
+    train_s: dict[str, dict[int, float]]
     wall_s: float
     parent_run_id: str | None = None
     targets: list[TargetCheck] = dataclasses.field(default_factory=list)
     floors: list[VoteFloor] = dataclasses.field(default_factory=list)
+    seeds: tuple[int, ...] = ()
+    document: dict[str, Any] = dataclasses.field(default_factory=dict)
+    results_path: Path | None = None
 
 
 # -- policies ----------------------------------------------------------------------------------
 
 
-def train_learned(
-    bank: TraceBank, args: RunArgs, *, difficulty: Any, console: Console
-) -> tuple[dict[str, Any], dict[str, float], dict[str, dict[str, Any]]]:
-    """Train the learned policies (:mod:`policies.learned`) on ``bank``'s train questions
-    (their ``fit`` part when evaluating on ``dev``).
+@dataclass
+class Trained:
+    """The learned policies :func:`train_learned` trained.
 
-    They train on the observations they are evaluated on: with the difficulty predictor
-    fitted on the train questions (``difficulty="auto"`` is the same fit) when there is one.
-    Returns the policies by family name, their training seconds and the arguments used.
+    Attributes:
+        policies: by family, then training seed (both in training order).
+        seconds: each training's seconds, likewise.
+        used: each family's training arguments (without the seed).
+        wall_s: the training phase's wall time (trainings run side by side with ``--jobs``).
+        jobs: trainings run at once.
     """
-    from policies import learned  # (imports torch: only when training)
+
+    policies: dict[str, dict[int, Policy]]
+    seconds: dict[str, dict[int, float]]
+    used: dict[str, dict[str, Any]]
+    wall_s: float
+    jobs: int
+
+
+def _training_jobs(args: RunArgs) -> list[tuple[str, str, type, dict[str, Any]]]:
+    """``(family, trainer, its arguments' dataclass, budgets)`` of each learned family."""
+    from policies import learned  # (imports torch only when training)
 
     quick = args.quick
-    common: dict[str, Any] = {
-        "split": training_split(args.eval_split),
-        "lams": tuple(learned.DEFAULT_LAMS),
-        "seed": args.seed,
-        "config": {"aggregate": args.aggregate},
-    }
-    common |= {"eval_seeds": 0, "threads": args.threads, "progress": args.progress}
-    jobs = (
+    return [
         # The value policy decides only between chains (a running chain is always continued):
         # on the dev split of testbed-arith-xl, deciding at every chunk stopped mid-chain on
         # probes and stayed below a single chain's accuracy at low budgets (45% at 52 tokens,
@@ -223,7 +273,7 @@ def train_learned(
         # 41.5% at 74 tokens; between chains 51.5% at best, 47.0% at 165 (one chain: 45% at 110).
         (
             "value-chain",
-            learned.train_value_policy,
+            "value",
             learned.ValueArgs,
             {
                 "transitions": 4_000 if quick else args.value_transitions,
@@ -234,7 +284,7 @@ def train_learned(
         ),
         (
             "ppo",
-            learned.train_ppo,
+            "ppo",
             learned.PPOArgs,
             {"total_steps": 4_096 if quick else args.ppo_steps, "num_envs": 64 if quick else 256},
         ),
@@ -244,7 +294,7 @@ def train_learned(
         # chunk-level PPO got 53-55% at 300-900 and one seed never left one chain).
         (
             "ppo-chain",
-            learned.train_ppo,
+            "ppo",
             learned.PPOArgs,
             {
                 "total_steps": 4_096 if quick else args.ppo_steps,
@@ -253,11 +303,61 @@ def train_learned(
                 "ent_coef": 0.1,
             },
         ),
-    )
-    policies: dict[str, Any] = {}
-    seconds: dict[str, float] = {}
+    ]
+
+
+def train_one(bank: str, trainer: str, kwargs: dict[str, Any], folder: str, threads: int) -> float:
+    """Train one learned policy (``trainer``: ``value`` or ``ppo``) on ``bank`` and save it to
+    ``folder``; returns the training's seconds. Runs in a worker process of
+    :func:`train_learned` (or in this one): with ``threads`` BLAS and torch threads and torch's
+    deterministic algorithms, so one seed gives the same policy in any process."""
+    from threadpoolctl import threadpool_limits
+
+    from policies import learned
+
+    if trainer == "ppo":
+        import torch
+
+        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(max(1, threads))
+    fn = learned.train_ppo if trainer == "ppo" else learned.train_value_policy
+    with threadpool_limits(max(1, threads)):
+        t0 = time.perf_counter()
+        policy = fn(bank, **kwargs)
+        seconds = time.perf_counter() - t0
+    save_policy(policy, folder)
+    return seconds
+
+
+def train_learned(
+    bank: Path, args: RunArgs, *, difficulty: Any, console: Console, out: Path
+) -> Trained:
+    """Train the learned policies (:mod:`policies.learned`) on ``bank``'s train questions
+    (their ``fit`` part when evaluating on ``dev``), each family once per training seed
+    (:func:`train_seeds`), and save them to ``out/policies/<family>/seed-<seed>/``.
+
+    They train on the observations they are evaluated on: with the difficulty predictor
+    fitted on the train questions (``difficulty="auto"`` is the same fit) when there is one.
+    ``--jobs`` trainings run at once, each in its own process (spawned: nothing is shared)
+    with ``--threads`` threads; every training is seeded and single-threaded by default, so
+    the policies, and every number made from them, do not depend on ``--jobs``. The policies
+    are read back from their files: what is evaluated is what was saved.
+    """
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    seeds = train_seeds(args)
+    common: dict[str, Any] = {
+        "split": training_split(args.eval_split),
+        "lams": tuple(_default_lams()),
+        "config": {"aggregate": args.aggregate},
+        "eval_seeds": 0,
+        "threads": args.threads,
+        "progress": False,
+    }
+    tasks: list[tuple[str, int, str, dict[str, Any], Path]] = []
     used: dict[str, dict[str, Any]] = {}
-    for name, fn, fields_of, extra in jobs:
+    for name, trainer, fields_of, extra in _training_jobs(args):
         kwargs: dict[str, Any] = {**common, **extra}
         if extra.get("decide") == "chain" and not args.chain_probes:
             # trained (and so evaluated and served) without probes: see ``uses_probes``
@@ -267,13 +367,54 @@ def train_learned(
                 kwargs["difficulty"] = "auto"
             else:
                 log.warning("%s trains without the difficulty predictor (difficulty = 0.5)", name)
-        console.print(f"training [bold]{name}[/] on the {common['split']} questions ...")
-        t0 = time.perf_counter()
-        policies[name] = fn(bank, **kwargs)
-        seconds[name] = time.perf_counter() - t0
         used[name] = kwargs
-        console.print(f"  {name}: {seconds[name]:.1f} s")
-    return policies, seconds, used
+        for s in seeds:
+            folder = out / "policies" / name / f"seed-{s}"
+            tasks.append((name, s, trainer, {**kwargs, "seed": s}, folder))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    jobs = max(1, min(args.jobs or usable or 1, len(tasks)))
+    console.print(
+        f"training {len(used)} learned families x {len(seeds)} seeds ({', '.join(map(str, seeds))}) "
+        f"on the {common['split']} questions, {jobs} at once ..."
+    )
+    seconds: dict[str, dict[int, float]] = {name: {} for name in used}
+    t0 = time.perf_counter()
+    # the value policy's trainings take most of the time: start them first
+    order = sorted(tasks, key=lambda t: t[2] != "value")
+    if jobs == 1:
+        for name, s, trainer, kwargs, folder in order:
+            seconds[name][s] = train_one(str(bank), trainer, kwargs, str(folder), args.threads)
+            console.print(f"  {name} seed {s}: {seconds[name][s]:.1f} s")
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            futures = {
+                pool.submit(train_one, str(bank), trainer, kwargs, str(folder), args.threads): (
+                    name,
+                    s,
+                )
+                for name, s, trainer, kwargs, folder in order
+            }
+            try:
+                for fut in as_completed(futures):
+                    name, s = futures[fut]
+                    seconds[name][s] = fut.result()
+                    console.print(f"  {name} seed {s}: {seconds[name][s]:.1f} s")
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # the first failure ends the job
+                raise
+    wall = time.perf_counter() - t0
+    policies: dict[str, dict[int, Policy]] = {
+        name: {s: load_policy(out / "policies" / name / f"seed-{s}") for s in seeds}
+        for name in used
+    }
+    seconds = {name: dict(sorted(v.items())) for name, v in seconds.items()}
+    return Trained(policies, seconds, used, wall, jobs)
+
+
+def _default_lams() -> tuple[float, ...]:
+    from policies.learned import DEFAULT_LAMS
+
+    return tuple(DEFAULT_LAMS)
 
 
 # -- tables and plots --------------------------------------------------------------------------
@@ -380,6 +521,15 @@ def run(args: RunArgs, console: Console | None = None) -> list[BankRun]:
 
 
 def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
+    from threadpoolctl import threadpool_limits
+
+    # numpy's BLAS threads fixed for the whole job (the learned policies act through matrix
+    # products): the same seed gives the same numbers on every run of one machine.
+    with threadpool_limits(max(1, args.threads)):
+        return _run_bank_fixed(path, args, console)
+
+
+def _run_bank_fixed(path: Path, args: RunArgs, console: Console) -> BankRun:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     t_start = time.perf_counter()
@@ -391,6 +541,7 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
     out = Path(args.out) if args.out else Path("runs") / f"{name}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
     train_n, test_n = _counts(bank, split)
+    seeds = train_seeds(args) if args.learned else ()
     if split == "dev":
         console.print(
             f"tuning run: training on {train_n} fit questions, evaluating on {test_n} dev "
@@ -418,6 +569,7 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
         **{k: v for k, v in dataclasses.asdict(args).items() if k not in ("tracking_uri",)},
         "bank": str(path),
         "lams": ",".join(f"{x:g}" for x in lams),
+        "train_seed_list": ",".join(map(str, seeds)),
         "train_questions": train_n,
         "eval_questions": test_n,
         "train_split": trained_on,
@@ -439,15 +591,18 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
             if diff is not None:
                 mlflow.log_artifact(str(out / "difficulty.json"))
 
-        learned: dict[str, Any] = {}
-        train_s: dict[str, float] = {}
+        trained = Trained({}, {}, {}, 0.0, 0)
         if args.learned:
-            learned, train_s, used = train_learned(bank, args, difficulty=diff, console=console)
-            for lname, pol in learned.items():
-                save_policy(pol, out / "policies" / lname)
-                if tracker is not None:
-                    _log_training(tracker, lname, pol, used[lname], train_s[lname], cfg, args)
+            trained = train_learned(path, args, difficulty=diff, console=console, out=out)
+            for lname, by_seed in trained.policies.items():
+                for s, pol in by_seed.items():
+                    if tracker is not None:
+                        _log_training(
+                            tracker, lname, s, pol, trained.used[lname],
+                            trained.seconds[lname][s], cfg, args,
+                        )  # fmt: skip
 
+        t_eval = time.perf_counter()
         families: list[Family] = heuristic_sweeps(
             cfg.max_chains,
             max_chain_tokens=cfg.max_chain_tokens,
@@ -455,10 +610,11 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
             extension_chunks=cfg.extension_chunks,
         )
         kinds = {f.name: f.kind for f in families}
-        for lname, pol in learned.items():
-            fam = learned_sweep(lname, pol, lams)
-            families.append(fam)
-            kinds[fam.name] = "learned"
+        for lname, by_seed in trained.policies.items():
+            for s, pol in by_seed.items():
+                fam = learned_sweep(lname, pol, lams, train_seed=s)
+                families.append(fam)
+                kinds[fam.name] = "learned"
 
         total = sum(len(f.points) for f in families)
         with Progress(
@@ -476,7 +632,8 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
 
             def done(r: EvalResult) -> None:
                 if tracker is not None:
-                    tracker.log_eval(r)
+                    extra = {} if r.train_seed is None else {"train_seed": r.train_seed}
+                    tracker.log_eval(r, extra=extra)
                 bar.update(task, advance=1, description=f"evaluated {r.label}")
 
             with warnings.catch_warnings():
@@ -484,12 +641,20 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
                 warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
                 results = evaluate_families(evaluator, families, on_result=done)
                 refine = min(args.refine, 1) if args.quick else args.refine
-                if refine > 0 and learned:
-                    bar.update(task, total=total + refine * len(learned))
-                    for lname, pol in learned.items():
-                        results[lname] = refine_sweep(
-                            evaluator, lname, pol, results[lname], extra=refine, on_result=done
-                        )
+                n_runs = sum(len(v) for v in trained.policies.values())
+                if refine > 0 and n_runs:
+                    bar.update(task, total=total + refine * n_runs)
+                    for lname, by_seed in trained.policies.items():
+                        refined: list[EvalResult] = []
+                        for s, pol in by_seed.items():
+                            mine = [r for r in results[lname] if r.train_seed == s]
+                            assert isinstance(pol, LamConditioned)  # learned_sweep checked it
+                            refined += refine_sweep(
+                                evaluator, lname, pol, mine, extra=refine, on_result=done,
+                                train_seed=s,
+                            )  # fmt: skip
+                        results[lname] = refined
+        eval_s = time.perf_counter() - t_eval
 
         beaten = [m for res in results.values() for r in res for m in oracle_check(r, orc)]
         if beaten:  # cannot happen if the oracle counts as the env does: say so loudly
@@ -516,10 +681,12 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
             console, name, results, summaries, orc, reference, budgets, area_range,
             len(evaluator.questions), len(evaluator.seeds), split,
         )  # fmt: skip
+        print_differences(console, summaries)
         targets = target_check(results, reference=reference, kinds=kinds)
         print_targets(console, targets)
         floors = vote_floors(bank, split, cfg, reference)
         print_floors(console, floors, reference)
+        _representatives(out, summaries)
 
         title = (
             f"{name}: {len(evaluator.questions)} {split} questions x {len(evaluator.seeds)} seeds"
@@ -534,6 +701,38 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
         head = write_rows(out / "headline.csv", headline_rows(summaries))
         oracle_csv = write_rows(out / "oracle.csv", orc.rows())
         wall = time.perf_counter() - t_start
+        doc = results_document(
+            bank={
+                "name": name,
+                "id": bank.manifest.bank_id or None,
+                "recorded_questions": len(bank),
+                "split": split,
+                "train_split": trained_on,
+                "train_questions": train_n,
+                "eval_questions": test_n,
+            },
+            settings=_settings(args, seeds, lams, budgets, evaluator, trained),
+            results=results,
+            kinds=kinds,
+            reference=reference,
+            oracle=orc,
+            summaries=summaries,
+            targets=targets,
+            floors=floors,
+            timings={
+                "wall_s": round(wall, 1),
+                "train_wall_s": round(trained.wall_s, 1),
+                "eval_s": round(eval_s, 1),
+                "jobs": trained.jobs,
+                "train_s": {
+                    k: [round(x, 1) for x in v.values()] for k, v in trained.seconds.items()
+                },
+            },
+        )
+        res_file = write_results(out / "results.json", doc)
+        published = None
+        if args.results_dir and split == "test" and not args.quick:
+            published = write_results(Path(args.results_dir) / f"{name}.json", doc)
         run_id = None
         if tracker is not None:
             import mlflow
@@ -546,15 +745,17 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
                     "maj16/accuracy": reference.accuracy.mean,
                     "maj16/tokens": reference.tokens.mean,
                     "job/wall_s": wall,
-                    **{f"train/{k}_wall_s": v for k, v in train_s.items()},
+                    "job/train_wall_s": trained.wall_s,
+                    **{f"train/{k}_wall_s": sum(v.values()) for k, v in trained.seconds.items()},
                 }
             )
-            for p in (frontier, by_level, comp, head, oracle_csv):
+            for p in (frontier, by_level, comp, head, oracle_csv, res_file):
                 mlflow.log_artifact(str(p))
             run_id = str(parent.info.run_id) if parent is not None else None
         console.print(
-            f"wrote {frontier}, {by_level}, {comp}, {head} "
-            f"({wall:.0f} s; training {sum(train_s.values()):.0f} s)"
+            f"wrote {frontier}, {by_level}, {comp}, {head}, {res_file}"
+            + (f", {published}" if published else "")
+            + f" ({wall:.0f} s; training {trained.wall_s:.0f} s, {trained.jobs} at once)"
         )
     return BankRun(
         bank=name,
@@ -563,17 +764,68 @@ def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
         oracle=orc,
         summaries=summaries,
         reference=reference,
-        train_s=train_s,
+        train_s=trained.seconds,
         wall_s=wall,
         parent_run_id=run_id,
         targets=targets,
         floors=floors,
+        seeds=seeds,
+        document=doc,
+        results_path=published,
     )
+
+
+def _settings(
+    args: RunArgs,
+    seeds: Sequence[int],
+    lams: Sequence[float],
+    budgets: Sequence[float],
+    evaluator: Evaluator,
+    trained: Trained,
+) -> dict[str, Any]:
+    """The arguments that shape the numbers (what two runs must share to agree)."""
+    return {
+        "train_seeds": list(seeds),
+        "replay_seeds": list(evaluator.seeds),
+        "lams": [float(x) for x in lams],
+        "refine": args.refine,
+        "budgets": [float(b) for b in budgets],
+        "aggregate": args.aggregate,
+        "chain_probes": args.chain_probes,
+        "threads": args.threads,
+        "quick": args.quick,
+        "bootstrap": {"resamples": 2000, "seed": 0, "level": 0.95},
+        "training": {
+            name: {
+                k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in kw.items()
+                if k not in ("progress", "threads")
+            }
+            for name, kw in trained.used.items()
+        },
+    }
+
+
+def _representatives(out: Path, summaries: Sequence[FamilySummary]) -> None:
+    """Copy each learned family's representative seed (the median one,
+    :attr:`FamilySummary.representative`) to ``out/policies/<family>/``, so that folder is a
+    policy ``ponder serve`` and ``ponder evaluate`` take."""
+    import shutil
+
+    for s in summaries:
+        seed = s.representative
+        if s.kind != "learned" or seed is None:
+            continue
+        src = out / "policies" / s.family / f"seed-{seed}"
+        for f in src.iterdir():
+            if f.is_file():
+                shutil.copy2(f, out / "policies" / s.family / f.name)
 
 
 def _log_training(
     tracker: Any,
     name: str,
+    seed: int,
     policy: Policy,
     used: dict[str, Any],
     seconds: float,
@@ -584,10 +836,10 @@ def _log_training(
 
     from policies.tracking import flat_config, log_policy_model
 
-    params = {f"train.{k}": v for k, v in used.items()}
+    params = {f"train.{k}": v for k, v in {**used, "seed": seed}.items()}
     with tracker.run(
-        f"train {name}",
-        params={"policy": name, **params, **flat_config(config)},
+        f"train {name} seed={seed}",
+        params={"policy": name, "train_seed": seed, **params, **flat_config(config)},
         tags={"ponder.kind": "training"},
         nested=True,
     ):
@@ -695,4 +947,64 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         tracker = Tracker(ev.bank, tracking_uri=args.tracking_uri or None, root=args.mlruns)
         run_id = tracker.log_eval(r, nested=False)
         console.print(f"MLflow run {run_id} in experiment {tracker.experiment!r} ({tracker.uri})")
+    return 0
+
+
+# -- ponder report -----------------------------------------------------------------------------
+
+
+@dataclass
+class ReportArgs:
+    """Render the README's report from the results files that `ponder run` writes: print it as Markdown, or write it into the README."""
+
+    results_dir: str = "results"
+    """folder of the results files (<bank>.json)"""
+    bank: tuple[str, ...] = ()
+    """only these banks (by name; default: every results file in --results-dir)"""
+    readme: str = "README.md"
+    """the README that --write-readme rewrites"""
+    write_readme: bool = False
+    """rewrite each bank's block of the README (between <!-- report:<bank>:start --> and <!-- report:<bank>:end -->) instead of printing"""
+    figures: str = ""
+    """draw each bank's frontier and per-level figures from its results file into <figures>/<bank>/ ("" for none)"""
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    """``ponder report``: the README's tables (and figures) from the results files alone."""
+    from policies.evaluation.markdown import end_marker, render, replace_blocks, start_marker
+    from policies.evaluation.report import plot_results
+    from policies.evaluation.results import read_results
+
+    args = tyro.cli(ReportArgs, args=argv, prog="ponder report")
+    folder = Path(args.results_dir)
+    files = sorted(folder.glob("*.json"))
+    if args.bank:
+        missing = sorted(set(args.bank) - {f.stem for f in files})
+        if missing:
+            raise ConfigError(
+                f"no results file for {', '.join(missing)} in {folder}: run `ponder run` on it"
+            )
+        files = [f for f in files if f.stem in args.bank]
+    if not files:
+        raise ConfigError(f"no results files in {folder}: run `ponder run` first")
+    bodies: dict[str, str] = {}
+    for f in files:
+        doc = read_results(f)
+        name = str(doc["bank"]["name"])
+        bodies[name] = render(doc)
+        if args.figures:
+            for p in plot_results(doc, Path(args.figures) / name):
+                sys.stderr.write(f"wrote {p}\n")
+    if args.write_readme:
+        readme = Path(args.readme)
+        text = readme.read_text()
+        new = replace_blocks(text, bodies)
+        if new != text:
+            readme.write_text(new)
+        sys.stderr.write(
+            f"{readme}: {'rewrote' if new != text else 'already up to date:'} {', '.join(bodies)}\n"
+        )
+        return 0
+    for name, body in bodies.items():
+        sys.stdout.write(f"{start_marker(name)}\n{body}{end_marker(name)}\n\n")
     return 0

@@ -37,7 +37,9 @@ A spec with a path separator, one of ponder's file suffixes (``.json``, ``.safet
 * a learned policy's folder (``policy.save(folder)``: ``policy.json`` + ``weights.safetensors``,
   :mod:`policies.learned`), or its ``policy.json``; one trained on other features is refused;
 * a heuristic's folder (:func:`save_policy`: ``heuristic.json``, its class and constructor
-  parameters), or its ``heuristic.json``.
+  parameters), or its ``heuristic.json``. The policy's name is the one its parameters spell: a
+  file whose ``name`` says otherwise (edited by hand, or damaged) is refused rather than served
+  under a name that is not what runs; a file without a ``name`` gets the canonical one.
 
 Nothing is ever unpickled: pickle-like files (``.pkl``, ``.pt``, ``.joblib``, ...) are refused
 by name, before they are opened.
@@ -223,7 +225,12 @@ def _load_saved(path: Path) -> Policy:
         )
     heuristic = path if path.name == HEURISTIC_FILE else path / HEURISTIC_FILE
     if heuristic.is_file():
-        return _heuristic_from_json(_read_json(heuristic))
+        try:
+            return _heuristic_from_json(_read_json(heuristic))
+        except PolicyError as e:
+            if str(heuristic) in str(e):
+                raise
+            raise PolicyError(f"{heuristic}: {e}") from e
     from policies.learned import load_policy as load_learned  # (imports torch: only here)
 
     return load_learned(path)
@@ -231,9 +238,24 @@ def _load_saved(path: Path) -> Policy:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PolicyError(f"{path} is not valid JSON ({e}): save the policy again") from e
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PolicyError(
+            f"cannot read {path} as UTF-8 text ({e}): save the policy again with "
+            "policies.registry.save_policy"
+        ) from e
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise PolicyError(
+            f"{path} is not a policy file: its JSON nests too deeply to read; save the policy "
+            "again with policies.registry.save_policy"
+        ) from None
+    except ValueError as e:  # JSONDecodeError, or a number Python refuses (4300+ digits)
+        raise PolicyError(
+            f"{path} is not valid JSON ({e}): fix it, or save the policy again with "
+            "policies.registry.save_policy"
+        ) from e
 
 
 def save_policy(policy: Policy, folder: str | os.PathLike[str]) -> Path:
@@ -288,15 +310,26 @@ def _heuristic_from_json(data: Mapping[str, Any]) -> Policy:
             "policies.registry.save_policy"
         )
     cls = data.get("class")
-    if cls not in heuristics.__all__:
+    if not isinstance(cls, str) or cls not in heuristics.__all__:
         raise PolicyError(f"unknown heuristic class {cls!r}: use one of {heuristics.__all__}")
     params = data.get("params", {})
+    if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
+        raise PolicyError(
+            f"heuristic {cls}: 'params' must be an object of constructor arguments, got {params!r}"
+        )
     try:
         policy: Policy = getattr(heuristics, cls)(**params)
     except Exception as e:  # TypeError (unknown argument), ConfigError (a bad value)
         raise PolicyError(f"heuristic {cls}: bad parameters {params}: {e}") from e
-    if data.get("name"):
-        policy.name = str(data["name"])
+    name = data.get("name")
+    if name is not None and name != policy.name:
+        # The name is what reports, tables and the proxy's answers call the policy: one that
+        # is not what the parameters run would mislabel every result.
+        raise PolicyError(
+            f"heuristic {cls} with parameters {dict(params)} is {policy.name!r}, but the file "
+            f"names it {name!r}: correct the name (or remove it: the canonical name is used), "
+            "or save the policy again with policies.registry.save_policy"
+        )
     return policy
 
 

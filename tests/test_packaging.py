@@ -26,6 +26,7 @@ PACKAGES = ("controller", "env", "features", "policies")
 ALLOWED_TOP_LEVEL = {
     "pyproject.toml",
     "README.md",
+    "SECURITY.md",  # the security policy, where open-source tools keep it
     "Makefile",
     "controller",
     "env",

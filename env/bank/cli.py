@@ -11,7 +11,8 @@ from typing import Annotated
 
 import tyro
 
-from env.bank.store import TraceBank, compact, correct_mismatches, stamp, summarize
+from env.bank.maintain import compact, correct_mismatches, stamp, summarize
+from env.bank.store import TraceBank
 
 __all__ = [
     "BankCompactArgs",
@@ -102,6 +103,9 @@ def info(args: BankInfoArgs) -> dict[str, dict[str, float]]:
         splits[split] = splits.get(split, 0) + 1
     if len(splits) > 1:
         console.print("by split: " + ", ".join(f"{s}: {n}" for s, n in sorted(splits.items())))
+    from env.bank.hidden import describe
+
+    console.print(describe(bank))
     return stats
 
 

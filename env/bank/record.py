@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -35,7 +35,7 @@ from env.generators.base import Generator
 from env.types import Chain, Chunk, JudgeResult, ProbeResult, PromptMode, Question
 from features.errors import ConfigError
 
-__all__ = ["RecordArgs", "record", "record_question", "question_seed"]
+__all__ = ["RecordArgs", "record", "record_as", "record_question", "question_seed"]
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,23 @@ def record_question(
     return cols
 
 
+def record_as(gen: Generator, question: Question, manifest: BankManifest) -> dict[str, list[Any]]:
+    """Record ``question`` as the bank of ``manifest`` records it (``ponder record``): with its
+    settings and the question's seed (:func:`question_seed`)."""
+    return record_question(
+        gen,
+        question,
+        chains=manifest.chains,
+        chunk_tokens=manifest.chunk_tokens,
+        max_tokens=manifest.max_tokens,
+        extension_chunks=manifest.extension_chunks,
+        probe_tokens=manifest.probe_tokens,
+        judge=manifest.judge,
+        mode=cast(PromptMode, manifest.mode),
+        seed=question_seed(manifest.seed, question.qid),
+    )
+
+
 def _make_generator(args: RecordArgs):  # type: ignore[no-untyped-def]
     from env.types import SamplingConfig
 
@@ -391,18 +408,7 @@ def _record(args: RecordArgs) -> Path:
         unit="q",
     )
     for i, q in todo:
-        cols = record_question(
-            gen,
-            q,
-            chains=args.chains,
-            chunk_tokens=args.chunk_tokens,
-            max_tokens=args.max_tokens,
-            extension_chunks=args.extension_chunks,
-            probe_tokens=args.probe_tokens,
-            judge=args.judge,
-            mode=args.mode,
-            seed=question_seed(args.seed, q.qid),
-        )
+        cols = record_as(gen, q, manifest)
         writer.write(i, cols)
         tokens += int(sum(cols["n_tokens"])) + int(sum(cols["probe_tokens"]))
         bar.update(1)

@@ -84,7 +84,6 @@ import json
 import logging
 import os
 import uuid
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +91,6 @@ from typing import Any
 
 import numpy as np
 
-from env.bank.lock import BankLock
 from env.types import Question
 from features.errors import BankError
 
@@ -104,16 +102,19 @@ __all__ = [
     "TraceBank",
     "BankWriter",
     "CHUNK_SCHEMA",
-    "CompactReport",
-    "compact",
-    "StampReport",
-    "stamp",
     "answer_correct",
     "question_sha256",
-    "correct_mismatches",
     "encode_chunk_table",
     "model_sha256",
     "atomic_write_bytes",
+    "BANK_ID_KEY",
+    "FINGERPRINT_KEY",
+    "QUESTION_KEY",
+    "chunk_identity",
+    "check_qids",
+    "check_identity",
+    "read_chunk_table",
+    "read_question_file",
 ]
 
 SCHEMA_VERSION = 1
@@ -122,9 +123,9 @@ _PONDER_VERSION = "0.1.0"
 log = logging.getLogger(__name__)
 
 # Keys of a chunk file's Parquet key-value metadata that bind it to its bank and question.
-_BANK_ID = b"ponder.bank_id"
-_FINGERPRINT = b"ponder.fingerprint"
-_QUESTION = b"ponder.question_sha256"
+BANK_ID_KEY = b"ponder.bank_id"
+FINGERPRINT_KEY = b"ponder.fingerprint"
+QUESTION_KEY = b"ponder.question_sha256"
 
 
 def _schema():  # type: ignore[no-untyped-def]
@@ -165,6 +166,73 @@ def _schema():  # type: ignore[no-untyped-def]
 
 
 CHUNK_SCHEMA = _schema()
+#: Columns every chunk row has (the others are empty where a chunk had no probe, judge or answer).
+_REQUIRED_COLUMNS = (
+    "qid",
+    "chain",
+    "chunk",
+    "ext",
+    "start",
+    "n_tokens",
+    "n_injected",
+    "text",
+    "finish_reason",
+    "token_ids",
+    "logprob",
+    "prefill",
+    "cached",
+)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _mapping_of(check: Any) -> Any:
+    return lambda v: (
+        isinstance(v, dict) and all(isinstance(k, str) and check(x) for k, x in v.items())
+    )
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+#: What each manifest field holds, and in words (a hand-edited manifest is refused by name).
+_MANIFEST_TYPES: dict[str, tuple[Any, str]] = {
+    "model": (_mapping_of(_is_str), "an object of strings"),
+    "dataset": (_is_str, "a string"),
+    "questions": (lambda v: isinstance(v, list) and all(map(_is_str, v)), "a list of ids"),
+    "template": (_is_str, "a string"),
+    "mode": (_is_str, "a string"),
+    "sampling": (_mapping_of(_is_number), "an object of numbers"),
+    "chains": (_is_int, "an integer"),
+    "chunk_tokens": (_is_int, "an integer"),
+    "max_tokens": (_is_int, "an integer"),
+    "extension_chunks": (_is_int, "an integer"),
+    "probe_tokens": (_is_int, "an integer"),
+    "judge": (lambda v: isinstance(v, bool), "true or false"),
+    "seed": (_is_int, "an integer"),
+    "prompts": (_mapping_of(_is_str), "an object of strings"),
+    "schema_version": (_is_int, "an integer"),
+    "ponder_version": (_is_str, "a string"),
+    "created": (_is_str, "a string"),
+    "bank_id": (_is_str, "a string"),
+    "fingerprint": (_is_str, "a string"),
+}
+
+
+def _check_manifest_types(path: Path, raw: dict[str, Any]) -> None:
+    for name, (ok, what) in _MANIFEST_TYPES.items():
+        if name in raw and not ok(raw[name]):
+            raise BankError(
+                f"{path}: {name} must be {what}, got {str(raw[name])[:80]!r}: the manifest is "
+                "damaged; restore it from version control or re-record"
+            )
 
 
 @dataclass(frozen=True)
@@ -236,10 +304,17 @@ class BankManifest:
             )
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # (bad UTF-8 and JSON are ValueErrors)
             raise BankError(
-                f"{path} is not valid JSON ({e}); restore it from version control or re-record"
+                f"{path} is not valid JSON ({type(e).__name__}: {e}); restore it from version "
+                "control or re-record"
             ) from e
+        if not isinstance(raw, dict):
+            raise BankError(
+                f"{path} holds a JSON {type(raw).__name__}, not a manifest object: the manifest "
+                "is damaged; restore it from version control or re-record"
+            )
+        _check_manifest_types(path, raw)
         version = raw.get("schema_version")
         if version != SCHEMA_VERSION:
             raise BankError(
@@ -385,22 +460,30 @@ def answer_correct(answer: str | None, gold: str | None) -> bool:
     return bool(gold is not None and answers_equal(answer, gold))
 
 
-def _identity(manifest: BankManifest, question: Question) -> dict[bytes, bytes]:
+def chunk_identity(manifest: BankManifest, question: Question) -> dict[bytes, bytes]:
     """The key-value metadata every chunk file of a bank with an identity carries."""
     return {
-        _BANK_ID: manifest.bank_id.encode(),
-        _FINGERPRINT: manifest.fingerprint.encode(),
-        _QUESTION: question_sha256(question).encode(),
+        BANK_ID_KEY: manifest.bank_id.encode(),
+        FINGERPRINT_KEY: manifest.fingerprint.encode(),
+        QUESTION_KEY: question_sha256(question).encode(),
     }
 
 
-def _check_identity(
+def check_qids(path: Path, table: Any, question: Question) -> None:
+    if any(q != question.qid for q in table.column("qid").to_pylist()):
+        raise BankError(
+            f"{path} holds chunks of another question than {question.qid!r}: the bank is "
+            "inconsistent. Move the file away and re-run `ponder record` on this bank"
+        )
+
+
+def check_identity(
     path: Path, meta: dict[bytes, bytes] | None, manifest: BankManifest, question: Question
 ) -> None:
     """Refuse a chunk file that is not this bank's recording of ``question``."""
     meta = meta or {}
     bank = path.parent.parent
-    theirs = meta.get(_BANK_ID, b"").decode()
+    theirs = meta.get(BANK_ID_KEY, b"").decode()
     redo = (
         f"move it away and re-run `ponder record` with this bank's settings to record question "
         f"{question.qid!r} again"
@@ -426,13 +509,13 @@ def _check_identity(
             f"{path} belongs to another bank ({theirs}), not to {bank} (bank {manifest.bank_id}): "
             f"it was copied in from a bank whose question ids collide with this one's: {redo}"
         )
-    if meta.get(_FINGERPRINT, b"").decode() != manifest.fingerprint:
+    if meta.get(FINGERPRINT_KEY, b"").decode() != manifest.fingerprint:
         raise BankError(
             f"{path} was recorded with other settings than {bank / 'manifest.json'} lists "
-            f"(fingerprint {meta.get(_FINGERPRINT, b'').decode()[:12] or 'none'}, the manifest's "
+            f"(fingerprint {meta.get(FINGERPRINT_KEY, b'').decode()[:12] or 'none'}, the manifest's "
             f"{manifest.fingerprint[:12]}): the bank is inconsistent; {redo}"
         )
-    if meta.get(_QUESTION, b"").decode() != question_sha256(question):
+    if meta.get(QUESTION_KEY, b"").decode() != question_sha256(question):
         raise BankError(
             f"{path} was recorded for another question {question.qid!r} than "
             f"{bank / 'questions.parquet'} holds (its text or gold answer differ, e.g. drawn with "
@@ -605,12 +688,18 @@ def _questions_file(path: Path) -> dict[str, Question]:
 
     if not path.exists():
         return {}
+    redo = "delete it and re-run `ponder record` on this folder"
     try:
-        t = pq.read_table(path).to_pydict()
+        table = pq.read_table(path)
+        table.validate(full=True)  # damaged values (such as text that is not UTF-8) fail here
+        t = table.to_pydict()
     except Exception as e:  # pyarrow raises several types for damaged files
-        raise BankError(
-            f"{path} is corrupt ({e}); delete it and re-run `ponder record` on this folder"
-        ) from e
+        raise BankError(f"{path} is corrupt ({e}); {redo}") from e
+    missing = sorted({"qid", "text", "gold", "dataset", "difficulty"} - set(t))
+    if missing:
+        raise BankError(f"{path} is corrupt: it lacks the columns {missing}; {redo}")
+    if not all(isinstance(v, str) for k in ("qid", "text") for v in t[k]):
+        raise BankError(f"{path} is corrupt: a question has no id or no text; {redo}")
     return {
         qid: Question(qid=qid, text=text, gold=gold, dataset=ds, difficulty=diff)
         for qid, text, gold, ds, diff in zip(
@@ -619,22 +708,26 @@ def _questions_file(path: Path) -> dict[str, Question]:
     }
 
 
-def _read_chunk_table(path: Path, kept: str) -> Any:
+def read_chunk_table(path: Path, kept: str) -> Any:
     """A chunk file's Arrow table; a damaged file or one of another schema is a
     :class:`BankError` that names it and says (``kept``) that nothing else was touched."""
     import pyarrow.parquet as pq
 
+    redo = (
+        f"{kept}: move it away and re-run `ponder record` on this bank to re-record that question"
+    )
     try:
         table = pq.read_table(path)
+        table.validate(full=True)  # damaged values (such as text that is not UTF-8) fail here
     except Exception as e:  # truncated or corrupt Parquet
-        raise BankError(
-            f"{path} is corrupt or truncated ({type(e).__name__}: {e}). {kept}: "
-            f"move it away and re-run `ponder record` on this bank to re-record that question"
-        ) from e
+        raise BankError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}). {redo}") from e
     if table.schema.names != CHUNK_SCHEMA.names:
         raise BankError(
             f"{path} has columns {table.schema.names}, expected schema version {SCHEMA_VERSION}"
         )
+    missing = [n for n in _REQUIRED_COLUMNS if table.column(n).null_count]
+    if missing:
+        raise BankError(f"{path} is corrupt: columns {missing} have missing values. {redo}")
     return table
 
 
@@ -643,10 +736,10 @@ def read_question_file(
 ) -> QuestionTrace:
     """Read one question's chunk file, with clear errors for damaged files and (given the
     bank's manifest) for files that are not this bank's recording of ``question``."""
-    table = _read_chunk_table(path, "Nothing else is affected")
-    _check_qids(path, table, question)
+    table = read_chunk_table(path, "Nothing else is affected")
+    check_qids(path, table, question)
     if manifest is not None:
-        _check_identity(path, table.schema.metadata, manifest, question)
+        check_identity(path, table.schema.metadata, manifest, question)
     d = table.to_pydict()
     chains: dict[int, dict[str, list[Any]]] = {}
     for i in range(table.num_rows):
@@ -764,7 +857,7 @@ class BankWriter:
             ) from e
         question = self._by_id.get(self.manifest.questions[index])
         if question is not None:
-            _check_identity(path, meta, self.manifest, question)
+            check_identity(path, meta, self.manifest, question)
         return True
 
     def write(self, index: int, rows: dict[str, list[Any]]) -> Path:
@@ -783,7 +876,7 @@ class BankWriter:
             question = self._by_id.get(qid)
             if question is None:
                 raise BankError(f"question {qid!r} (index {index}) was not given to the writer")
-            schema = schema.with_metadata(_identity(self.manifest, question))
+            schema = schema.with_metadata(chunk_identity(self.manifest, question))
         table = pa.Table.from_arrays(arrays, schema=schema)
         path = self.path / "chunks" / f"{index:05d}.parquet"
         atomic_write_bytes(path, encode_chunk_table(table))
@@ -813,241 +906,3 @@ def encode_chunk_table(table: Any) -> bytes:
         use_byte_stream_split=floats,
     )
     return buf.getvalue().to_pybytes()
-
-
-@dataclass(frozen=True)
-class CompactReport:
-    """What :func:`compact` did: files rewritten (smaller) and bytes before and after."""
-
-    files: int
-    rewritten: int
-    before: int
-    after: int
-
-
-def compact(path: str | Path) -> CompactReport:
-    """Re-encode every chunk file of the bank at ``path`` as :meth:`BankWriter.write` writes it
-    now (older ponder wrote the float columns without byte-stream-split).
-
-    Each file is read, checked to be this bank's (its identity, see the module docstring),
-    re-encoded with its metadata, read back and compared column by column (float bits included)
-    before it atomically replaces the old one, and only if it is smaller: an interruption at any
-    point leaves every file whole. It holds the bank's :class:`BankLock`, so it refuses to run
-    beside a ``ponder record`` or ``ponder bank stamp`` of the same bank (run it afterwards)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    root = _bank_root(path)
-    with BankLock(root, "ponder bank compact"):
-        bank = TraceBank(root)
-        rewritten = before = after = 0
-        files = _recorded_files(bank)
-        for f, question in files:
-            table = _read_chunk_table(f, "Nothing was changed in it")
-            _check_file(f, table, bank.manifest, question)
-            data = encode_chunk_table(table)
-            size = f.stat().st_size
-            before += size
-            if len(data) >= size:
-                after += size
-                continue
-            back = pq.read_table(pa.BufferReader(data))
-            if not _same_table(table, back) or back.schema.metadata != table.schema.metadata:
-                raise BankError(
-                    f"re-encoding {f} did not read back identically; it was left as it was"
-                )
-            atomic_write_bytes(f, data)
-            rewritten += 1
-            after += len(data)
-    return CompactReport(files=len(files), rewritten=rewritten, before=before, after=after)
-
-
-@dataclass(frozen=True)
-class StampReport:
-    """What :func:`stamp` did: the bank's identity, whether it is new, files stamped."""
-
-    bank_id: str
-    fingerprint: str
-    new_identity: bool
-    files: int
-    stamped: int
-
-
-def stamp(path: str | Path) -> StampReport:
-    """Give the bank at ``path`` an identity (``ponder bank stamp``): a bank id and settings
-    fingerprint in ``manifest.json``, and both with the question's hash in every chunk file.
-
-    For banks recorded before ponder wrote identities, and for files such a ponder added to a
-    bank that has one (stamping vouches for them: run it only on files you know are this bank's
-    own). Every file is checked first (it holds its question's chunks; a file that carries an
-    identity must be this bank's), and nothing is written if one fails. Then the manifest is
-    written, and each file lacking its identity is re-encoded with it, read back and compared
-    bit for bit, and atomically replaces the old one: values never change, and an interrupted
-    run is finished by running it again. If the manifest has no identity but files carry one (a
-    manifest replaced by an older copy), their bank id is kept. Holds the bank's
-    :class:`BankLock`."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    root = _bank_root(path)
-    with BankLock(root, "ponder bank stamp"):
-        bank = TraceBank(root)
-        files = _recorded_files(bank)
-        metas: list[dict[bytes, bytes]] = []
-        for f, question in files:
-            try:
-                metas.append(pq.read_metadata(f).metadata or {})
-                _check_qids(f, pq.read_table(f, columns=["qid"]), question)
-            except BankError:
-                raise
-            except Exception as e:
-                raise BankError(
-                    f"{f} is corrupt or truncated ({e}). Nothing was changed: move it away, then "
-                    "re-run `ponder record` on this bank to re-record that question"
-                ) from e
-        m = bank.manifest
-        new_identity = not m.bank_id
-        if new_identity:
-            m = m.identified()
-            carried = Counter(meta[_BANK_ID].decode() for meta in metas if _BANK_ID in meta)
-            if carried:
-                m = dataclasses.replace(m, bank_id=carried.most_common(1)[0][0])
-        for (f, question), meta in zip(files, metas, strict=True):
-            if _BANK_ID in meta:  # vouched for once already: must be this bank's
-                _check_identity(f, meta, m, question)
-        if new_identity:
-            atomic_write_bytes(root / "manifest.json", m.to_json().encode())
-        stamped = 0
-        for (f, question), meta in zip(files, metas, strict=True):
-            want = _identity(m, question)
-            if all(meta.get(k) == v for k, v in want.items()):
-                continue
-            table = _read_chunk_table(f, "Nothing was changed in it")
-            marked = table.replace_schema_metadata({**(table.schema.metadata or {}), **want})
-            data = encode_chunk_table(marked)
-            back = pq.read_table(pa.BufferReader(data))
-            if not _same_table(table, back) or back.schema.metadata != marked.schema.metadata:
-                raise BankError(
-                    f"stamping {f} did not read back identically; it was left as it was"
-                )
-            atomic_write_bytes(f, data)
-            stamped += 1
-    return StampReport(
-        bank_id=m.bank_id,
-        fingerprint=m.fingerprint,
-        new_identity=new_identity,
-        files=len(files),
-        stamped=stamped,
-    )
-
-
-def _bank_root(path: str | Path) -> Path:
-    root = Path(path)
-    if not (root / "manifest.json").is_file():
-        raise BankError(f"{root} is not a trace bank (no manifest.json)")
-    return root
-
-
-def _recorded_files(bank: TraceBank) -> list[tuple[Path, Question]]:
-    """Each recorded question's chunk file and question, in recording order."""
-    return [
-        (bank.chunk_file(i), bank.question(qid))
-        for i, qid in enumerate(bank.manifest.questions)
-        if qid in bank
-    ]
-
-
-def _check_qids(path: Path, table: Any, question: Question) -> None:
-    if any(q != question.qid for q in table.column("qid").to_pylist()):
-        raise BankError(
-            f"{path} holds chunks of another question than {question.qid!r}: the bank is "
-            "inconsistent. Move the file away and re-run `ponder record` on this bank"
-        )
-
-
-def _check_file(path: Path, table: Any, manifest: BankManifest, question: Question) -> None:
-    """Refuse a chunk table that is not this bank's recording of ``question``."""
-    _check_qids(path, table, question)
-    _check_identity(path, table.schema.metadata, manifest, question)
-
-
-def _same_table(a: Any, b: Any) -> bool:
-    """Equal schemas and columns; float lists compared bit for bit (NaN equals NaN)."""
-    import pyarrow as pa
-
-    if not a.schema.equals(b.schema):
-        return False
-    for name in a.schema.names:
-        x, y = a[name].combine_chunks(), b[name].combine_chunks()
-        t = a.schema.field(name).type
-        if pa.types.is_list(t) and pa.types.is_floating(t.value_type):
-            if not x.offsets.equals(y.offsets) or x.null_count != y.null_count:
-                return False
-            vx = x.flatten().to_numpy(zero_copy_only=False)
-            vy = y.flatten().to_numpy(zero_copy_only=False)
-            if vx.dtype != vy.dtype or not np.array_equal(vx.view(np.uint8), vy.view(np.uint8)):
-                return False
-        elif not x.equals(y):
-            return False
-    return True
-
-
-def correct_mismatches(bank: TraceBank) -> list[tuple[Path, str, list[int]]]:
-    """Chunk files whose stored ``correct`` column disagrees with :func:`answer_correct` of
-    their answers and the gold answer: ``(file, question id, chains)`` for each."""
-    out = []
-    for i, qid in enumerate(bank.manifest.questions):
-        if qid not in bank:
-            continue
-        qt = bank[qid]
-        wrong = [
-            c.chain for c in qt.chains if c.correct != answer_correct(c.answer, qt.question.gold)
-        ]
-        if wrong:
-            out.append((bank.chunk_file(i), qid, wrong))
-    return out
-
-
-def summarize(bank: TraceBank) -> dict[str, dict[str, float]]:
-    """Per-difficulty and overall statistics: questions, chains, tokens, pass@1, maj@k, pass@k.
-
-    Correctness is recomputed from each chain's answer and the gold answer
-    (:func:`answer_correct`, as evaluation does), not read from the stored ``correct`` column
-    (:func:`correct_mismatches` finds files where the two disagree)."""
-    groups: dict[str, list[QuestionTrace]] = {}
-    for qt in bank:
-        key = str(qt.question.difficulty) if qt.question.difficulty is not None else "-"
-        groups.setdefault(key, []).append(qt)
-        groups.setdefault("all", []).append(qt)
-    out: dict[str, dict[str, float]] = {}
-    for key, qts in groups.items():
-        pass1: list[float] = []
-        maj: list[float] = []
-        passk: list[float] = []
-        toks: list[int] = []
-        chains = 0
-        for qt in qts:
-            gold = qt.question.gold
-            corr = [answer_correct(c.answer, gold) for c in qt.chains]
-            pass1.append(float(np.mean(corr)))
-            passk.append(float(any(corr)))
-            votes = Counter(c.answer for c in qt.chains if c.answer is not None)
-            if votes:
-                top = max(votes.values())
-                leaders = sorted(a for a, v in votes.items() if v == top)
-                lead_correct = [answer_correct(a, gold) for a in leaders]
-                maj.append(float(np.mean(lead_correct)))  # ties split evenly
-            else:
-                maj.append(0.0)
-            toks.extend(c.main_tokens for c in qt.chains)
-            chains += qt.k
-        out[key] = {
-            "questions": len(qts),
-            "chains": chains,
-            "tokens": float(np.sum(toks)),
-            "tokens_per_chain": float(np.mean(toks)) if toks else 0.0,
-            "pass@1": float(np.mean(pass1)),
-            "maj@k": float(np.mean(maj)),
-            "pass@k": float(np.mean(passk)),
-        }
-    return out

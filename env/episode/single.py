@@ -314,8 +314,12 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
 
     # -- actions -------------------------------------------------------------------------------
 
-    def action_mask(self) -> np.ndarray:
-        """Which actions can run now: ``[continue, branch, verify, stop]``."""
+    def action_mask(self, *, room: int | None = None) -> np.ndarray:
+        """Which actions can run now: ``[continue, branch, verify, stop]``.
+
+        ``room``: as if the token cap left that many decoded tokens (default: what it leaves);
+        the controller asks with no limit to tell whether the cap is what stopped a policy.
+        """
         ep = self._ep
         if ep is None:
             return np.array([False, False, False, True])
@@ -326,7 +330,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             chains_left=left is None or left > 0,
             to_verify=len(self._to_verify()),
             can_judge=self._can_judge(),
-            room=self._room(),
+            room=self._room() if room is None else room,
             config=self.config,
         )
         return np.array([can_cont, can_branch, can_verify, True])

@@ -42,6 +42,7 @@ from env.generators.base import (
     validate_k,
     validate_question,
 )
+from env.generators.cancel import check_cancelled
 from env.generators.prompts import TESTBED, PromptTemplate, get_template
 from env.types import (
     BudgetForcing,
@@ -202,7 +203,12 @@ class LiveGenerator(GeneratorBase):
         return str(self.backend.model_name)
 
     def _guard(self, op: str, fn: Callable[..., T], *args: Any) -> T:
-        """Run a backend call; wrap unexpected failures in :class:`GeneratorError`."""
+        """Run a backend call; wrap unexpected failures in :class:`GeneratorError`.
+
+        Inside a cancelled :class:`~env.generators.cancel.CancelScope` no call starts: it raises
+        :class:`~features.errors.Cancelled`.
+        """
+        check_cancelled()
         try:
             return fn(*args)
         except PonderError:

@@ -4,7 +4,8 @@
 over HTTP with a synchronous ``httpx`` client:
 
 * :meth:`~OpenAIBackend.complete` sends one ``POST /v1/completions`` per request, concurrently
-  (a bounded thread pool), with the prompt as token ids and vLLM's extra fields
+  (an ``httpx.AsyncClient`` on the backend's own event-loop thread, so that a request in flight
+  can be cancelled), with the prompt as token ids and vLLM's extra fields
   ``return_token_ids`` (generated ids in ``choices[0].token_ids``) and
   ``return_tokens_as_token_ids`` (top-logprob keys ``token_id:N``). Prompt-cache hits are read from
   ``usage.prompt_tokens_details.cached_tokens``, which the server reports only when started with
@@ -17,6 +18,15 @@ over HTTP with a synchronous ``httpx`` client:
   ``/detokenize`` (cached); :meth:`~OpenAIBackend.apply_chat` uses ``/tokenize`` with messages.
 
 A per-request ``seed`` is never sent (it crashes vLLM's CPU engine): seed the server instead.
+Inside a cancelled :class:`~env.generators.cancel.CancelScope` no request starts, and the
+completions in flight are cancelled: their connections close, and vLLM aborts a request whose
+client disconnected, so an abandoned question stops costing engine time at once.
+
+The EOS token comes from ``/tokenizer_info`` (server flag ``--enable-tokenizer-info-endpoint``),
+else from the model folder's config when the server is on this machine and names its model by an
+absolute path (``root`` in ``GET /v1/models``); a relative model id is never read as a local
+path (it is relative to the server's working folder, not ours). Otherwise pass ``eos_token_id``.
+
 Every failure ends as a :class:`~features.errors.GeneratorError` that names the URL, after at most
 ``retries`` retries (with exponential backoff) of connection errors and 5xx answers; read timeouts
 are not retried, so nothing hangs for longer than ``read_timeout``.
@@ -27,22 +37,27 @@ processors), as the in-process engine does by default.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ipaddress
 import json
 import logging
 import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 
 from env.generators.backend import Completion, CompletionRequest, TipRequest
 from env.generators.base import GeneratorTraits
+from env.generators.cancel import check_cancelled, current_scope
 from env.generators.live import LiveGenerator
 from env.generators.prompts import CHAT, TESTBED, PromptTemplate
 from env.types import SamplingConfig
@@ -98,7 +113,8 @@ class OpenAIBackend:
         model: the served model name; asked from ``GET /v1/models`` when ``None``.
         api_key: sent as a bearer token when given.
         eos_token_id: the EOS id; found from ``/tokenizer_info`` (server flag
-            ``--enable-tokenizer-info-endpoint``) or the model folder's config when ``None``.
+            ``--enable-tokenizer-info-endpoint``) or, for a server on this machine that names
+            its model by an absolute path, the model folder's config when ``None``.
         connect_timeout: seconds to open a connection.
         read_timeout: seconds to wait for an answer (a long completion must fit in it).
         retries: how many times a connection error or a 5xx answer is retried.
@@ -155,15 +171,21 @@ class OpenAIBackend:
             )
         self.extra_body = dict(extra_body or {})
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-            headers=headers,
-            limits=httpx.Limits(
+        self._client_kw: dict[str, Any] = {
+            "timeout": httpx.Timeout(read_timeout, connect=connect_timeout),
+            "headers": headers,
+            "limits": httpx.Limits(
                 max_connections=max_concurrency, max_keepalive_connections=max_concurrency
             ),
-        )
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
+        }
+        self._client = httpx.Client(**self._client_kw)
+        # Completions go through an async client on a private loop (started on first use): an
+        # asyncio task can be cancelled mid-request, which closes its connection.
+        self._aclient = httpx.AsyncClient(**self._client_kw)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._loop_lock = threading.Lock()
+        self._closed = False
         self._encode_cache: _LRU[str, tuple[int, ...]] = _LRU(cache_size)
         self._decode_cache: _LRU[tuple[int, ...], str] = _LRU(cache_size)
         self._chat_cache: _LRU[str, str | None] = _LRU(256)
@@ -184,10 +206,20 @@ class OpenAIBackend:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the HTTP client and the thread pool."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        """Close the HTTP clients (completions still in flight are cancelled)."""
+        with self._loop_lock:
+            loop, thread = self._loop, self._loop_thread
+            self._loop = self._loop_thread = None
+            self._closed = True
+        if loop is not None:  # (an async client never used holds no connection)
+            with contextlib.suppress(Exception):
+                fut = asyncio.run_coroutine_threadsafe(_shutdown(self._aclient), loop)
+                fut.result(timeout=10)
+            loop.call_soon_threadsafe(loop.stop)
+            if thread is not None:
+                thread.join(timeout=10)
+            if not loop.is_running():
+                loop.close()
         self._client.close()
 
     def __enter__(self) -> OpenAIBackend:
@@ -205,46 +237,70 @@ class OpenAIBackend:
         """One call with retries; returns the decoded JSON body."""
         attempt = 0
         while True:
+            check_cancelled()
             try:
-                return self._request_once(method, url, payload)
+                try:
+                    resp = self._client.request(method, url, json=payload)
+                except httpx.HTTPError as exc:
+                    raise self._transport_error(method, url, exc) from None
+                return self._answer(method, url, resp)
             except _Retryable as exc:
-                if attempt >= self.retries:
-                    if exc.refused:
-                        raise GeneratorError(
-                            f"no server at {self.base_url}: is `vllm serve` running? "
-                            f"({method} {url}: {exc}; tried {attempt + 1} times)"
-                        ) from None
-                    raise GeneratorError(
-                        f"server at {self.base_url} failed: {method} {url}: {exc} "
-                        f"(tried {attempt + 1} times)"
-                    ) from None
-                delay = self.backoff * (2**attempt)
-                log.warning("%s %s failed (%s); retrying in %.1f s", method, url, exc, delay)
+                delay = self._retry_delay(method, url, exc, attempt)
                 time.sleep(delay)
                 attempt += 1
 
-    def _request_once(self, method: str, url: str, payload: dict[str, Any] | None) -> Any:
-        try:
-            resp = self._client.request(method, url, json=payload)
-        except httpx.ConnectError as exc:
-            raise _Retryable(f"cannot connect ({exc})", refused=True) from None
-        except httpx.ConnectTimeout as exc:
-            raise _Retryable(f"connection timed out ({exc})", refused=True) from None
-        except httpx.ReadTimeout:
+    async def _arequest(self, method: str, url: str, payload: dict[str, Any] | None) -> Any:
+        """:meth:`_request` on the async client (runs on the backend's loop)."""
+        attempt = 0
+        while True:
+            try:
+                try:
+                    resp = await self._aclient.request(method, url, json=payload)
+                except httpx.HTTPError as exc:
+                    raise self._transport_error(method, url, exc) from None
+                return self._answer(method, url, resp)
+            except _Retryable as exc:
+                delay = self._retry_delay(method, url, exc, attempt)
+                await asyncio.sleep(delay)
+                attempt += 1
+
+    def _retry_delay(self, method: str, url: str, exc: _Retryable, attempt: int) -> float:
+        """Seconds before the next try, or the final error when the retries are spent."""
+        if attempt >= self.retries:
+            if exc.refused:
+                raise GeneratorError(
+                    f"no server at {self.base_url}: is `vllm serve` running? "
+                    f"({method} {url}: {exc}; tried {attempt + 1} times)"
+                ) from None
             raise GeneratorError(
+                f"server at {self.base_url} failed: {method} {url}: {exc} "
+                f"(tried {attempt + 1} times)"
+            ) from None
+        delay = self.backoff * (2**attempt)
+        log.warning("%s %s failed (%s); retrying in %.1f s", method, url, exc, delay)
+        return delay
+
+    def _transport_error(self, method: str, url: str, exc: httpx.HTTPError) -> Exception:
+        """What a failed HTTP exchange becomes: a retryable failure or a :class:`GeneratorError`."""
+        if isinstance(exc, httpx.ConnectError):
+            return _Retryable(f"cannot connect ({exc})", refused=True)
+        if isinstance(exc, httpx.ConnectTimeout):
+            return _Retryable(f"connection timed out ({exc})", refused=True)
+        if isinstance(exc, httpx.ReadTimeout):
+            return GeneratorError(
                 f"server at {self.base_url} did not answer {method} {url} within "
                 f"{self.read_timeout:g} s (raise read_timeout for long completions)"
-            ) from None
-        except httpx.TimeoutException as exc:
-            raise GeneratorError(
-                f"server at {self.base_url}: {method} {url} timed out: {exc}"
-            ) from None
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-            raise _Retryable(f"connection lost ({type(exc).__name__}: {exc})") from None
-        except httpx.HTTPError as exc:
-            raise GeneratorError(
-                f"server at {self.base_url}: {method} {url} failed: {type(exc).__name__}: {exc}"
-            ) from None
+            )
+        if isinstance(exc, httpx.TimeoutException):
+            return GeneratorError(f"server at {self.base_url}: {method} {url} timed out: {exc}")
+        if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
+            return _Retryable(f"connection lost ({type(exc).__name__}: {exc})")
+        return GeneratorError(
+            f"server at {self.base_url}: {method} {url} failed: {type(exc).__name__}: {exc}"
+        )
+
+    def _answer(self, method: str, url: str, resp: httpx.Response) -> Any:
+        """The JSON body of an answer (5xx: retryable; 4xx: :class:`_HTTPStatus`)."""
         if resp.status_code >= 500:
             raise _Retryable(f"HTTP {resp.status_code}: {_error_message(resp)}")
         if resp.status_code >= 400:
@@ -256,13 +312,38 @@ class OpenAIBackend:
                 f"server at {self.base_url}: {method} {url} answered non-JSON: {resp.text[:200]!r}"
             ) from None
 
+    def _rejected(self, method: str, url: str, exc: _HTTPStatus) -> GeneratorError:
+        return GeneratorError(
+            f"server at {self.base_url} rejected {method} {url}: HTTP {exc.status}: {exc.message}"
+        )
+
     def _call(self, method: str, url: str, payload: dict[str, Any] | None = None) -> Any:
         try:
             return self._request(method, url, payload)
         except _HTTPStatus as exc:
-            raise GeneratorError(
-                f"server at {self.base_url} rejected {method} {url}: HTTP {exc.status}: {exc.message}"
-            ) from None
+            raise self._rejected(method, url, exc) from None
+
+    async def _acall(self, method: str, url: str, payload: dict[str, Any] | None = None) -> Any:
+        try:
+            return await self._arequest(method, url, payload)
+        except _HTTPStatus as exc:
+            raise self._rejected(method, url, exc) from None
+
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        """Run ``coro`` on the backend's event loop (started on first use)."""
+        with self._loop_lock:
+            if self._closed:
+                coro.close()
+                raise GeneratorError(f"{self!r} is closed: make a new backend")
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever, name="ponder-openai", daemon=True
+                )
+                thread.start()
+                self._loop, self._loop_thread = loop, thread
+            loop = self._loop
+        return asyncio.run_coroutine_threadsafe(coro, loop)
 
     # -- discovery ----------------------------------------------------------------------------
 
@@ -291,13 +372,19 @@ class OpenAIBackend:
                     return ids[0]
         except _HTTPStatus:
             pass  # the endpoint is off (no --enable-tokenizer-info-endpoint)
-        for folder in (self._model_root, self.model_name):
-            eos_id = _eos_from_folder(folder)
-            if eos_id is not None:
-                return eos_id
+        # The model's own folder, where it really is: only a server on this machine that names
+        # its model by an absolute path says where that is (a relative id is relative to the
+        # server's working folder, which we do not know).
+        if _is_local(self.base_url):
+            for folder in dict.fromkeys((self._model_root, self.model_name)):
+                if folder and Path(folder).is_absolute():
+                    eos_id = _eos_from_folder(folder)
+                    if eos_id is not None:
+                        return eos_id
         raise GeneratorError(
-            f"cannot tell the EOS token of the model at {self.base_url}: start the server with "
-            "--enable-tokenizer-info-endpoint or pass eos_token_id"
+            f"cannot tell the EOS token of the model at {self.base_url} (model "
+            f"{self.model_name!r}): start the server with --enable-tokenizer-info-endpoint, or "
+            "give the EOS id (eos_token_id; `ponder serve --eos-token-id N`)"
         )
 
     # -- Backend ------------------------------------------------------------------------------
@@ -365,46 +452,48 @@ class OpenAIBackend:
         cache.
 
         Raises:
-            GeneratorError: on the first request that fails (the others are abandoned).
+            GeneratorError: on the first request that fails (the others are cancelled).
+            Cancelled: the current :class:`~env.generators.cancel.CancelScope` was cancelled
+                (the requests in flight are cancelled, their connections closed).
         """
         if not requests:
             return []
+        check_cancelled()
         groups: dict[Any, list[int]] = {}
         for i, r in enumerate(requests):
             # Greedy requests are never merged: vLLM may refuse n > 1 without sampling.
             key = r if r.temperature > 0 else ("single", i)
             groups.setdefault(key, []).append(i)
         jobs = [(requests[ix[0]], ix) for ix in groups.values()]
+        payloads = [self.payload(r) for r, _ in jobs]  # (a bad request fails before any is sent)
         out: list[Completion | None] = [None] * len(requests)
-        if len(jobs) == 1:
-            r, ix = jobs[0]
-            results = [self._complete_n(r, len(ix))]
-        else:
-            pool = self._get_pool()
-            futures: list[Future[list[Completion]]] = [
-                pool.submit(self._complete_n, r, len(ix)) for r, ix in jobs
-            ]
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        futures = [
+            self._submit(self._complete_n(r, len(ix), body))
+            for (r, ix), body in zip(jobs, payloads, strict=True)
+        ]
+
+        def cancel_all() -> None:
             for f in futures:
-                if f in done and f.exception() is not None:
-                    for p in pending:
-                        p.cancel()
+                f.cancel()  # cancels the task on the loop: its connection is closed
+
+        scope = current_scope()
+        try:
+            with scope.on_cancel(cancel_all) if scope is not None else contextlib.nullcontext():
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            check_cancelled()
+            for f in futures:
+                if f in done and not f.cancelled() and f.exception() is not None:
                     exc = f.exception()
                     assert exc is not None
                     raise exc
             results = [f.result() for f in futures]
+        except BaseException:
+            cancel_all()
+            raise
         for (_, ix), comps in zip(jobs, results, strict=True):
             for i, c in zip(ix, comps, strict=True):
                 out[i] = c
         return [c for c in out if c is not None]
-
-    def _get_pool(self) -> ThreadPoolExecutor:
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    max_workers=self.max_concurrency, thread_name_prefix="ponder-openai"
-                )
-            return self._pool
 
     def payload(self, r: CompletionRequest) -> dict[str, Any]:
         """The JSON body of ``POST /v1/completions`` for one request."""
@@ -432,11 +521,12 @@ class OpenAIBackend:
                 body["logit_bias"] = {str(int(t)): -float(r.tip.penalty) for t in r.tip.token_ids}
         return body
 
-    def _complete_n(self, r: CompletionRequest, n: int) -> list[Completion]:
-        payload = self.payload(r)
+    async def _complete_n(
+        self, r: CompletionRequest, n: int, payload: dict[str, Any]
+    ) -> list[Completion]:
         if n > 1:
             payload["n"] = n
-        body = self._call("POST", f"{self.base_url}/completions", payload)
+        body = await self._acall("POST", f"{self.base_url}/completions", payload)
         try:
             choices = sorted(body["choices"], key=lambda c: int(c.get("index", 0)))
             if len(choices) != n:
@@ -545,6 +635,27 @@ def _tip_json(tip: TipRequest) -> str:
             "since_switch": int(tip.since_switch),
         }
     )
+
+
+async def _shutdown(client: httpx.AsyncClient) -> None:
+    """Cancel the loop's other tasks (completions in flight), then close ``client``."""
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await client.aclose()
+
+
+def _is_local(url: str) -> bool:
+    """Whether ``url``'s host is this machine (a loopback address or ``localhost``)."""
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _eos_from_folder(folder: str | None) -> int | None:

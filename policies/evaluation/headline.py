@@ -1,24 +1,38 @@
-"""Headline metrics of a comparison: per-family summaries against the reference vote, and the target check."""
+"""Headline metrics of a comparison: per-family summaries against the reference vote, paired
+differences to the best heuristic, and the target check.
+
+A learned family is trained with several seeds; its numbers are read from the mean of its
+seeds' frontiers and come with intervals over the test questions and the training seeds
+together (:mod:`policies.evaluation.bootstrap`, which says how and why).
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from features.errors import ConfigError
+from policies.evaluation.bootstrap import (
+    Draws,
+    ScoredPoint,
+    SeededFamily,
+    draws,
+    interval,
+)
 from policies.evaluation.metrics import (
     Interval,
-    accuracy_at_budget,
     frontier_area,
     tokens_to_match,
 )
 from policies.evaluation.runner import MATCH_TOLERANCE, EvalResult
 
 __all__ = [
+    "BudgetDiff",
     "FamilySummary",
+    "comparison_budgets",
     "reference_result",
     "headline",
     "TARGET_SHARE",
@@ -29,20 +43,67 @@ __all__ = [
 
 
 @dataclass
+class BudgetDiff:
+    """A learned family against the best heuristic at one budget (accuracies as fractions).
+
+    Attributes:
+        budget: mean tokens per question.
+        heuristic: the best heuristic point at <= ``budget`` (its label).
+        heuristic_accuracy: its accuracy.
+        accuracy: the family's (the mean over its seeds of each seed's best point at <=
+            ``budget``; ``nan`` if a seed has no point that cheap).
+        diff: ``accuracy - heuristic_accuracy`` with its paired 95% interval over questions
+            and training seeds.
+        per_seed: the same difference for each training seed's point.
+    """
+
+    budget: float
+    heuristic: str
+    heuristic_accuracy: float
+    accuracy: float
+    diff: Interval
+    per_seed: dict[int | None, float] = field(default_factory=dict)
+
+    @property
+    def above(self) -> bool:
+        """Above the best heuristic with 95% confidence (the interval's lower end > 0)."""
+        return self.diff.low > 0
+
+    @property
+    def below(self) -> bool:
+        """Below the best heuristic with 95% confidence (the interval's upper end < 0)."""
+        return self.diff.high < 0
+
+
+@dataclass
 class FamilySummary:
     """A family's headline numbers (see :func:`headline`).
 
+    Every number is read from the family's frontier: for a learned family the mean of its
+    training seeds' frontiers (:mod:`policies.evaluation.bootstrap`), for a heuristic its own.
+
     Attributes:
         family: its name; ``kind``: heuristic / learned.
-        best: its most accurate point (fewest tokens among equals).
-        match: its cheapest point within :data:`MATCH_TOLERANCE` of the reference (maj@16)
-            accuracy (``None`` if none reaches it).
-        tokens_to_match: that point's mean tokens, with a paired bootstrap interval over
-            questions (the reference's accuracy recomputed on each resample); ``nan`` if none.
-        match_rate: share of bootstrap resamples in which some point matched.
-        accuracy_at: best accuracy with mean tokens <= each budget (``nan``: none that cheap).
-        area: mean best accuracy over the budget range (:func:`policies.evaluation.metrics.frontier_area`).
-        oracle_gap: oracle accuracy - the family's best accuracy (``nan`` without an oracle).
+        points: every operating point (of every seed).
+        best: the most accurate point (fewest tokens among equals) of its representative seed
+            (:attr:`representative`).
+        match: that seed's cheapest point within :data:`MATCH_TOLERANCE` of the reference
+            (maj@16) accuracy (``None`` if none reaches it).
+        tokens_to_match: the fewest mean tokens at which the family's frontier reaches the
+            reference accuracy (within the tolerance), with its paired interval over questions
+            and training seeds (the reference's accuracy recomputed on each resample; ``inf``
+            upper end: it does not match in more than 2.5% of them); ``nan`` if it never does.
+        match_rate: share of resamples in which it matches.
+        accuracy_at: the frontier's accuracy at <= each budget (``nan``: a seed has no point
+            that cheap); ``accuracy_at_interval`` the same with intervals.
+        area: mean best accuracy over the budget range (:func:`~policies.evaluation.metrics.frontier_area`),
+            averaged over the seeds.
+        oracle_gap: oracle accuracy - :attr:`best_accuracy` (``nan`` without an oracle).
+        seeds: its training seeds (``(None,)`` for a heuristic).
+        seed_tokens_to_match, seed_area: each seed's own (``nan``: it never matches).
+        best_accuracy: the mean over seeds of each seed's best accuracy.
+        diffs: learned families: the paired difference to the best heuristic at every budget
+            :func:`comparison_budgets` lists; ``diff_at``: at the headline budgets.
     """
 
     family: str
@@ -55,7 +116,43 @@ class FamilySummary:
     accuracy_at: dict[float, float]
     area: float
     oracle_gap: float
+    seeds: tuple[int | None, ...] = (None,)
+    seed_tokens_to_match: dict[int | None, float] = field(default_factory=dict)
+    seed_area: dict[int | None, float] = field(default_factory=dict)
+    best_accuracy: float = float("nan")
+    accuracy_at_interval: dict[float, Interval] = field(default_factory=dict)
+    diffs: list[BudgetDiff] = field(default_factory=list)
+    diff_at: dict[float, BudgetDiff] = field(default_factory=dict)
     extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def representative(self) -> int | None:
+        """The seed whose tokens to match is the median of the seeds' (the lower one of two
+        middles; a seed that never matches counts as more than any; then by area): its
+        points stand for the family in the per-level figure and table."""
+        order = sorted(
+            range(len(self.seeds)),
+            key=lambda i: (
+                _inf_if_nan(self.seed_tokens_to_match.get(self.seeds[i], math.nan)),
+                -self.seed_area.get(self.seeds[i], 0.0),
+                i,
+            ),
+        )
+        return self.seeds[order[(len(order) - 1) // 2]]
+
+    @property
+    def above(self) -> list[float]:
+        """Budgets where it is above the best heuristic with 95% confidence."""
+        return [d.budget for d in self.diffs if d.above]
+
+    @property
+    def below(self) -> list[float]:
+        """Budgets where it is below the best heuristic with 95% confidence."""
+        return [d.budget for d in self.diffs if d.below]
+
+
+def _inf_if_nan(x: float) -> float:
+    return math.inf if math.isnan(x) else x
 
 
 def reference_result(results: dict[str, list[EvalResult]], n: int = 16) -> EvalResult | None:
@@ -69,8 +166,88 @@ def reference_result(results: dict[str, list[EvalResult]], n: int = 16) -> EvalR
     return best
 
 
-def _bootstrap_idx(nq: int, n_boot: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, nq, size=(n_boot, nq))
+def _seed_key(seed: int | None) -> int:
+    return -1 if seed is None else int(seed)
+
+
+def by_seed(points: Iterable[ScoredPoint]) -> dict[int | None, list[Any]]:
+    """Points grouped by training seed (ascending; a heuristic's points under ``None``)."""
+    out: dict[int | None, list[Any]] = {}
+    for p in points:
+        out.setdefault(p.train_seed, []).append(p)
+    return dict(sorted(out.items(), key=lambda kv: _seed_key(kv[0])))
+
+
+def comparison_budgets(
+    results: dict[str, list[EvalResult]], *, reference: EvalResult, kinds: dict[str, str]
+) -> list[float]:
+    """The budgets a learned family is compared with the heuristics at: every heuristic
+    operating point's mean tokens up to maj@16's."""
+    ref_tokens = reference.tokens.mean
+    return sorted(
+        {
+            r.tokens.mean
+            for fam, res in results.items()
+            if kinds.get(fam, "heuristic") == "heuristic"
+            for r in res
+            if r.tokens.mean <= ref_tokens * (1 + 1e-9)
+        }
+    )
+
+
+class _Comparison:
+    """The resamples, the reference and the envelope of every heuristic, shared by
+    :func:`headline` and :func:`target_check`."""
+
+    def __init__(
+        self,
+        results: dict[str, list[EvalResult]],
+        reference: EvalResult,
+        kinds: dict[str, str],
+        n_boot: int,
+        seed: int,
+    ) -> None:
+        self.kinds = kinds
+        qids, ref_acc, _ = reference.per_question()
+        self.qids = qids
+        self.d: Draws = draws(len(qids), n_boot, seed)
+        self.ref = self.d.means(np.asarray(ref_acc, np.float64))  # [R]
+        self.ref[0] = reference.accuracy.mean
+        heur = [
+            r
+            for fam, res in results.items()
+            if kinds.get(fam, "heuristic") == "heuristic"
+            for r in res
+        ]
+        self.heuristics = SeededFamily("heuristics", {None: heur}, qids, self.d) if heur else None
+        self.budgets = comparison_budgets(results, reference=reference, kinds=kinds)
+
+    def diff(self, fam: SeededFamily, budget: float) -> BudgetDiff | None:
+        """``fam`` minus the best heuristic at ``budget`` (``None``: no heuristic that cheap)."""
+        if self.heuristics is None:
+            return None
+        h_pick = self.heuristics.chosen(budget)
+        if h_pick is None:
+            return None
+        h = self.heuristics.at_budget(budget)
+        mine = fam.at_budget(budget)
+        picked = fam.chosen(budget)
+        per_seed = (
+            {
+                s: float(fam.acc[i][j, 0] - h[0])
+                for i, (s, j) in enumerate(zip(fam.seeds, picked, strict=True))
+            }
+            if picked is not None
+            else {}
+        )
+        return BudgetDiff(
+            budget=float(budget),
+            heuristic=self.heuristics.points[0][h_pick[0]].label,
+            heuristic_accuracy=float(h[0]),
+            accuracy=float(mine[0]),
+            diff=interval(mine - h),
+            per_seed=per_seed,
+        )
 
 
 def headline(
@@ -85,66 +262,69 @@ def headline(
     n_boot: int = 2000,
     seed: int = 0,
 ) -> list[FamilySummary]:
-    """Per-family headline metrics against ``reference`` (maj@16).
+    """Per-family headline metrics against ``reference`` (maj@16), and for each learned family
+    the paired differences to the best heuristic.
 
-    Every result must cover the same questions (one :class:`Evaluator`): the bootstrap for
-    tokens-to-match resamples questions once for all points and the reference together.
+    Every result must cover the same questions (one :class:`Evaluator`): the bootstrap
+    resamples questions once for all points and the reference together, and training seeds
+    once for every learned family (:mod:`policies.evaluation.bootstrap`).
     """
-    ref_q, ref_acc, _ = reference.per_question()
-    idx = _bootstrap_idx(len(ref_q), n_boot, seed)
-    ref_b = ref_acc[idx].mean(axis=1)
+    kinds = kinds or {}
+    cmp = _Comparison(results, reference, kinds, n_boot, seed)
+    target = float(cmp.ref[0])
+    lo_t, hi_t = area_range
     out = []
     for fam, res in results.items():
         if not res:
             continue
-        pts = [(r.tokens.mean, r.accuracy.mean) for r in res]
-        best = max(res, key=lambda r: (r.accuracy.mean, -r.tokens.mean))
-        target = reference.accuracy.mean
-        t_match = tokens_to_match(pts, target, tolerance)
-        match = None
-        if not math.isnan(t_match):
-            match = min(
-                (r for r in res if r.accuracy.mean >= target - tolerance),
-                key=lambda r: r.tokens.mean,
-            )
-        accs, toks = [], []
-        for r in res:
-            q, a, t = r.per_question()
-            if q != ref_q:
-                raise ConfigError(f"{r.label} was evaluated on other questions than the reference")
-            accs.append(a[idx].mean(axis=1))
-            toks.append(t[idx].mean(axis=1))
-        a_b, t_b = np.stack(accs), np.stack(toks)  # [points, n_boot]
-        ok = a_b >= ref_b[None, :] - tolerance
-        tm = np.where(ok, t_b, np.inf).min(axis=0)
+        groups = by_seed(res)
+        sf = SeededFamily(fam, groups, cmp.qids, cmp.d)
+        tm = sf.tokens_to_match(cmp.ref, tolerance)
         found = np.isfinite(tm)
-        rate = float(found.mean())
-        if math.isnan(t_match):
-            interval = Interval(float("nan"), float("nan"), float("nan"))
-        else:
-            # Resamples where nothing matches count as "more than any point": the upper end
-            # is then unbounded (inf), which the table shows as such.
-            # (quantiles without interpolation: between two inf resamples it would give nan)
-            lo, hi = np.quantile(np.where(found, tm, np.inf), [0.025, 0.975], method="inverted_cdf")
-            interval = Interval(t_match, float(lo), float(hi))
-        acc_at = {float(b): accuracy_at_budget(pts, float(b)) for b in budgets}
-        lo_t, hi_t = area_range
-        area = frontier_area(pts, lo_t, hi_t) if hi_t > lo_t else float("nan")
-        gap = oracle_accuracy - best.accuracy.mean if oracle_accuracy is not None else float("nan")
-        out.append(
-            FamilySummary(
-                family=fam,
-                kind=(kinds or {}).get(fam, "heuristic"),
-                points=res,
-                best=best,
-                match=match,
-                tokens_to_match=interval,
-                match_rate=rate,
-                accuracy_at=acc_at,
-                area=area,
-                oracle_gap=gap,
-            )
+        rate = float(found[1:].mean())
+        ttm = interval(tm) if found[0] else Interval(math.nan, math.nan, math.nan)
+        seed_ttm = {
+            s: tokens_to_match(sf.seed_points(i), target, tolerance) for i, s in enumerate(sf.seeds)
+        }
+        seed_area = {
+            s: frontier_area(sf.seed_points(i), lo_t, hi_t) if hi_t > lo_t else math.nan
+            for i, s in enumerate(sf.seeds)
+        }
+        acc_iv = {float(b): interval(sf.at_budget(float(b))) for b in budgets}
+        kind = kinds.get(fam, "heuristic")
+        summary = FamilySummary(
+            family=fam,
+            kind=kind,
+            points=res,
+            best=res[0],
+            match=None,
+            tokens_to_match=ttm,
+            match_rate=rate,
+            accuracy_at={b: i.mean for b, i in acc_iv.items()},
+            area=float(np.mean(list(seed_area.values()))),
+            oracle_gap=math.nan,
+            seeds=tuple(sf.seeds),
+            seed_tokens_to_match=seed_ttm,
+            seed_area=seed_area,
+            best_accuracy=sf.best_accuracy(),
+            accuracy_at_interval=acc_iv,
         )
+        rep = groups[summary.representative]
+        summary.best = max(rep, key=lambda r: (r.accuracy.mean, -r.tokens.mean))
+        matching = [r for r in rep if r.accuracy.mean >= reference.accuracy.mean - tolerance]
+        summary.match = min(matching, key=lambda r: r.tokens.mean) if matching else None
+        if oracle_accuracy is not None:
+            summary.oracle_gap = oracle_accuracy - summary.best_accuracy
+        if kind == "learned":
+            for b in cmp.budgets:
+                d = cmp.diff(sf, b)
+                if d is not None:
+                    summary.diffs.append(d)
+            for b in budgets:
+                d = cmp.diff(sf, float(b))
+                if d is not None:
+                    summary.diff_at[float(b)] = d
+        out.append(summary)
     return out
 
 
@@ -239,53 +419,41 @@ def target_check(
     seed: int = 0,
 ) -> list[TargetCheck]:
     """Each learned family against the target: it matches maj@16 (within ``tolerance``) with at
-    most :data:`TARGET_SHARE` of its tokens, and at every budget up to maj@16's tokens its best
-    accuracy is at or above the best heuristic's (within ``tolerance``). Point estimates decide;
-    each shortfall is also tested with a paired bootstrap over questions (``n_boot`` resamples,
-    the same for every comparison), and :attr:`TargetCheck.clear` lists those beyond noise.
+    most :data:`TARGET_SHARE` of its tokens, and at every budget up to maj@16's tokens its
+    accuracy is at or above the best heuristic's (within ``tolerance``). A family with several
+    training seeds is read from the mean of their frontiers (:mod:`policies.evaluation.bootstrap`).
+    Point estimates decide; each shortfall is also tested with the paired bootstrap over
+    questions and training seeds (``n_boot`` resamples, the same for every comparison), and
+    :attr:`TargetCheck.clear` lists those beyond noise.
 
     With two or more learned families a last row, :data:`ANY_LEARNED`, checks the envelope of
     all their points, which is what the heuristics are held to (the best of every heuristic
-    family at each budget)."""
+    family at each budget); its seeds pair the families' seeds by position (the first seed of
+    every family, the second, ...: what one run of the job with one seed would give)."""
+    cmp = _Comparison(results, reference, kinds, n_boot, seed)
     ref_tokens = reference.tokens.mean
-    heur = [
-        r
-        for fam, res in results.items()
-        if kinds.get(fam, "heuristic") == "heuristic"
-        for r in res
-        if r.tokens.mean <= ref_tokens * (1 + 1e-9)
-    ]
-    budgets = sorted({r.tokens.mean for r in heur})
-    ref_q = reference.per_question()[0]
-    idx = _bootstrap_idx(len(ref_q), n_boot, seed)
 
-    def clearly_below(heuristic: EvalResult, mine: EvalResult) -> bool:
-        (qh, ah, _), (qm, am, _) = heuristic.per_question(), mine.per_question()
-        if qh != ref_q or qm != ref_q:
-            raise ConfigError(f"{mine.label} was evaluated on other questions than the reference")
-        gap = (ah - am)[idx].mean(axis=1)
-        return bool(np.quantile(gap, 0.025) > tolerance)
-
-    def check(fam: str, res: list[EvalResult]) -> TargetCheck:
-        pts = [(r.tokens.mean, r.accuracy.mean) for r in res]
-        t_match = tokens_to_match(pts, reference.accuracy.mean, tolerance)
+    def check(fam: SeededFamily) -> TargetCheck:
+        t_match = float(fam.tokens_to_match(cmp.ref, tolerance)[0])
         shortfalls, clear = [], []
-        for b in budgets:
-            best_h = max((r for r in heur if r.tokens.mean <= b), key=lambda r: r.accuracy.mean)
-            mine = accuracy_at_budget(pts, b)
-            if math.isnan(mine) or mine < best_h.accuracy.mean - tolerance:
-                shortfalls.append((b, best_h.label, best_h.accuracy.mean, mine))
-                if not math.isnan(mine):
-                    at_b = max(
-                        (r for r in res if r.tokens.mean <= b),
-                        key=lambda r: (r.accuracy.mean, -r.tokens.mean),
-                    )
-                    if clearly_below(best_h, at_b):
-                        clear.append(b)
-        return TargetCheck(fam, t_match / ref_tokens, budgets, shortfalls, clear)
+        for b in cmp.budgets:
+            d = cmp.diff(fam, b)
+            if d is None:
+                continue
+            if math.isnan(d.accuracy) or d.accuracy < d.heuristic_accuracy - tolerance:
+                shortfalls.append((b, d.heuristic, d.heuristic_accuracy, d.accuracy))
+                if not math.isnan(d.accuracy) and d.diff.high < -tolerance:
+                    clear.append(b)
+        share = t_match / ref_tokens if math.isfinite(t_match) else math.nan
+        return TargetCheck(fam.name, share, list(cmp.budgets), shortfalls, clear)
 
     learned = {f: res for f, res in results.items() if kinds.get(f) == "learned" and res}
-    out = [check(f, res) for f, res in learned.items()]
-    if len(learned) > 1:
-        out.append(check(ANY_LEARNED, [r for res in learned.values() for r in res]))
+    fams = {f: SeededFamily(f, by_seed(res), cmp.qids, cmp.d) for f, res in learned.items()}
+    out = [check(sf) for sf in fams.values()]
+    if len(fams) > 1:
+        n = min(len(sf.seeds) for sf in fams.values())
+        pooled: dict[int | None, list[ScoredPoint]] = {
+            i: [p for sf in fams.values() for p in sf.points[i]] for i in range(n)
+        }
+        out.append(check(SeededFamily(ANY_LEARNED, pooled, cmp.qids, cmp.d)))
     return out

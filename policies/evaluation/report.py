@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from rich.console import Console
@@ -31,8 +31,11 @@ __all__ = [
     "floor_metrics",
     "print_floors",
     "print_tables",
+    "print_differences",
     "plot_frontier",
     "plot_by_difficulty",
+    "plot_levels",
+    "plot_results",
 ]
 
 
@@ -61,6 +64,7 @@ def comparison_rows(
                 {
                     "family": r.family,
                     "param": r.param,
+                    "train_seed": "" if r.train_seed is None else r.train_seed,
                     "policy": r.policy,
                     "accuracy": r.accuracy.mean,
                     "accuracy_low": r.accuracy.low,
@@ -76,6 +80,7 @@ def comparison_rows(
         {
             "family": "oracle",
             "param": "",
+            "train_seed": "",
             "policy": "oracle",
             "accuracy": orc.accuracy.mean,
             "accuracy_low": orc.accuracy.low,
@@ -90,26 +95,51 @@ def comparison_rows(
     return rows
 
 
+def _seed_list(values: dict[int | None, float], seeds: Sequence[int | None]) -> str:
+    """Per-seed values joined by ``;`` in seed order (``inf``: never)."""
+    return ";".join(f"{_inf_if_nan(values.get(s, math.nan)):.6g}" for s in seeds)
+
+
+def _inf_if_nan(x: float) -> float:
+    return math.inf if math.isnan(x) else x
+
+
 def headline_rows(summaries: Sequence[FamilySummary]) -> list[dict[str, Any]]:
-    """The per-family headline metrics as flat rows."""
+    """The per-family headline metrics as flat rows (a learned family's per-seed values joined
+    by ``;`` in the order of ``train_seeds``; ``inf`` there: that seed never matches)."""
     rows = []
     for s in summaries:
+        learned = s.kind == "learned"
         row: dict[str, Any] = {
             "family": s.family,
             "kind": s.kind,
+            "train_seeds": ";".join(str(x) for x in s.seeds) if learned else "",
+            "representative_seed": s.representative if learned else "",
             "best": s.best.label,
-            "best_accuracy": s.best.accuracy.mean,
+            "best_accuracy": s.best_accuracy,
             "best_tokens": s.best.tokens.mean,
             "tokens_to_match": s.tokens_to_match.mean,
             "tokens_to_match_low": s.tokens_to_match.low,
             "tokens_to_match_high": s.tokens_to_match.high,
+            "tokens_to_match_per_seed": (
+                _seed_list(s.seed_tokens_to_match, s.seeds) if learned else ""
+            ),
             "match_point": s.match.label if s.match is not None else "",
             "match_rate": s.match_rate,
             "area": s.area,
+            "area_per_seed": _seed_list(s.seed_area, s.seeds) if learned else "",
             "oracle_gap": s.oracle_gap,
         }
         for b, a in s.accuracy_at.items():
             row[f"accuracy_at_{b:.0f}"] = a
+        for b in s.accuracy_at:
+            d = s.diff_at.get(b)
+            row[f"diff_at_{b:.0f}"] = d.diff.mean if d is not None else ""
+            row[f"diff_at_{b:.0f}_low"] = d.diff.low if d is not None else ""
+            row[f"diff_at_{b:.0f}_high"] = d.diff.high if d is not None else ""
+        row["budgets_compared"] = len(s.diffs) if learned else ""
+        row["budgets_above"] = ";".join(f"{b:.0f}" for b in s.above) if learned else ""
+        row["budgets_below"] = ";".join(f"{b:.0f}" for b in s.below) if learned else ""
         rows.append(row)
     return rows
 
@@ -118,12 +148,24 @@ def headline_metrics(summaries: Sequence[FamilySummary]) -> dict[str, float]:
     out: dict[str, float] = {}
     for s in summaries:
         f = s.family
-        out[f"headline/{f}/best_accuracy"] = s.best.accuracy.mean
+        out[f"headline/{f}/best_accuracy"] = s.best_accuracy
         out[f"headline/{f}/tokens_to_match"] = s.tokens_to_match.mean
+        out[f"headline/{f}/tokens_to_match_low"] = s.tokens_to_match.low
+        out[f"headline/{f}/tokens_to_match_high"] = s.tokens_to_match.high
         out[f"headline/{f}/area"] = s.area
         out[f"headline/{f}/oracle_gap"] = s.oracle_gap
         for b, a in s.accuracy_at.items():
             out[f"headline/{f}/accuracy_at_{b:.0f}"] = a
+        if s.kind == "learned":
+            for seed in s.seeds:
+                out[f"headline/{f}/seed_{seed}/tokens_to_match"] = s.seed_tokens_to_match[seed]
+                out[f"headline/{f}/seed_{seed}/area"] = s.seed_area[seed]
+            for b, d in s.diff_at.items():
+                out[f"headline/{f}/diff_at_{b:.0f}"] = d.diff.mean
+                out[f"headline/{f}/diff_at_{b:.0f}_low"] = d.diff.low
+                out[f"headline/{f}/diff_at_{b:.0f}_high"] = d.diff.high
+            out[f"headline/{f}/budgets_above"] = float(len(s.above))
+            out[f"headline/{f}/budgets_below"] = float(len(s.below))
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
@@ -194,24 +236,29 @@ def print_tables(
     seeds: int,
     split: str = "test",
 ) -> None:
-    """The full comparison (every point) and the per-family headline table."""
+    """The full comparison (every point, of every training seed) and the per-family headline
+    table (a learned family: the mean of its seeds' frontiers, intervals over questions and
+    training seeds, and each seed's tokens to match)."""
     t = Table(
         title=f"{bank}: every operating point on {questions} {split} questions x {seeds} seeds; "
         "accuracy in %, mean [95% bootstrap interval over questions]",
         title_justify="left",
     )
-    for c in ("family", "point", "accuracy %", "decoded tokens", "chains"):
+    for c in ("family", "training seed", "point", "accuracy %", "decoded tokens", "chains"):
         t.add_column(c, justify="left" if c in ("family", "point") else "right")
     for res in results.values():
         for r in res:
             t.add_row(
                 r.family,
+                "" if r.train_seed is None else str(r.train_seed),
                 r.param,
                 fmt_accuracy(r.accuracy),
                 fmt_tokens(r.tokens),
                 f"{np.mean([e.chains for e in r.episodes]):.1f}",
             )
-    t.add_row("oracle", "", fmt_accuracy(orc.accuracy), fmt_tokens(orc.tokens), "1.0", style="bold")
+    t.add_row(
+        "oracle", "", "", fmt_accuracy(orc.accuracy), fmt_tokens(orc.tokens), "1.0", style="bold"
+    )
     console.print(t)
     ref = reference
     b_cols = [f"acc@{b:.0f}" for b in budgets]
@@ -220,47 +267,123 @@ def print_tables(
             f"{bank}: headline per family (accuracy in %). maj@16 ({ref.label}): "
             f"{fmt_accuracy(ref.accuracy)} at {ref.tokens.mean:.0f} tokens; oracle: {fmt_accuracy(orc.accuracy)} "
             f"at {orc.tokens.mean:.0f} tokens.\n"
-            "tokens to match: fewest mean tokens within 0.5 pt of maj@16 (paired bootstrap "
-            "interval; the point); acc@B: best accuracy at <= B mean tokens; area: mean best "
+            "A learned family is the mean of its training seeds' frontiers; intervals (95%) are "
+            "over questions and training seeds together. tokens to match: fewest mean tokens "
+            "within 0.5 pt of maj@16 (paired interval; ∞: not matched in > 2.5% of resamples); "
+            "per seed: each seed's own; acc@B: accuracy at <= B mean tokens; area: mean best "
             f"accuracy over [{area_range[0]:.0f}, {area_range[1]:.0f}] tokens; oracle gap: oracle "
             "accuracy - best accuracy (pt)"
         ),
         title_justify="left",
     )
-    for c in ("family", "best point", "best accuracy", "tokens", "tokens to match maj@16",
+    for c in ("family", "seeds", "best accuracy", "tokens to match maj@16", "per seed",
               *b_cols, "area", "oracle gap"):  # fmt: skip
-        h.add_column(c, justify="left" if c in ("family", "best point") else "right")
+        h.add_column(c, justify="left" if c == "family" else "right")
     for s in sorted(summaries, key=lambda s: -s.area if math.isfinite(s.area) else 0.0):
+        learned = s.kind == "learned"
         match = fmt_tokens(s.tokens_to_match)
-        if s.match is not None:
-            match += f" ({s.match.param})"
+        if not math.isnan(s.tokens_to_match.mean):
+            match += f" ({100 * s.tokens_to_match.mean / ref.tokens.mean:.0f}%)"
+        per_seed = (
+            " / ".join(_fmt_never(s.seed_tokens_to_match[x]) for x in s.seeds) if learned else ""
+        )
         h.add_row(
             s.family,
-            s.best.param,
-            fmt_accuracy(s.best.accuracy),
-            f"{s.best.tokens.mean:.0f}",
+            str(len(s.seeds)) if learned else "",
+            f"{100 * s.best_accuracy:.1f}",
             match,
-            *("-" if math.isnan(a) else f"{100 * a:.1f}" for a in s.accuracy_at.values()),
+            per_seed,
+            *(
+                "-"
+                if math.isnan(i.mean)
+                else f"{100 * i.mean:.1f} [{100 * i.low:.1f}, {100 * i.high:.1f}]"
+                for i in s.accuracy_at_interval.values()
+            ),
             "-" if math.isnan(s.area) else f"{100 * s.area:.1f}",
             f"{100 * s.oracle_gap:.1f}",
-            style="bold" if s.kind == "learned" else None,
+            style="bold" if learned else None,
         )
     console.print(h)
 
 
+def _fmt_never(x: float) -> str:
+    return "never" if math.isnan(x) or math.isinf(x) else f"{x:.0f}"
+
+
+def print_differences(console: Console, summaries: Sequence[FamilySummary]) -> None:
+    """Each learned family minus the best heuristic, paired on the same questions, with the
+    95% interval over questions and training seeds: at the headline budgets, and the budgets
+    (of all where a heuristic has a point, up to maj@16's tokens) where it is above or below
+    zero with 95% confidence."""
+    learned = [s for s in summaries if s.kind == "learned"]
+    if not learned:
+        return
+    budgets = list(learned[0].accuracy_at)
+    t = Table(
+        title="learned minus the best heuristic (pt of accuracy; paired, 95% interval over "
+        "questions and training seeds)",
+        title_justify="left",
+    )
+    for c in ("family", *(f"at {b:.0f}" for b in budgets), "above 0 at", "below 0 at"):
+        t.add_column(c, justify="left" if c == "family" else "right")
+    for s in learned:
+        cells = []
+        for b in budgets:
+            d = s.diff_at.get(b)
+            if d is None or math.isnan(d.diff.mean):
+                cells.append("-")
+            else:
+                cells.append(
+                    f"{100 * d.diff.mean:+.1f} [{100 * d.diff.low:+.1f}, {100 * d.diff.high:+.1f}]"
+                    f" vs {d.heuristic}"
+                )
+        n = len(s.diffs)
+        above = ", ".join(f"{b:.0f}" for b in s.above) or "none"
+        below = ", ".join(f"{b:.0f}" for b in s.below) or "none"
+        t.add_row(
+            s.family, *cells, f"{len(s.above)} of {n}: {above}", f"{len(s.below)} of {n}: {below}"
+        )
+    console.print(t)
+
+
+class Plotted(Protocol):
+    """What the plots read from a point (an :class:`EvalResult`, the oracle, or a point read
+    back from a results file)."""
+
+    @property
+    def tokens(self) -> Interval: ...
+
+    @property
+    def accuracy(self) -> Interval: ...
+
+
+class PlottedPoint(Plotted, Protocol):
+    @property
+    def train_seed(self) -> int | None: ...
+
+
+class LevelLike(Protocol):
+    @property
+    def tokens(self) -> Interval: ...
+
+    @property
+    def accuracy(self) -> Interval: ...
+
+
 def plot_frontier(
     path: str | Path,
-    results: dict[str, list[EvalResult]],
-    orc: OracleResult,
-    reference: EvalResult,
+    results: Mapping[str, Sequence[PlottedPoint]],
+    orc: Plotted,
+    reference: Plotted,
     *,
     title: str = "",
-    kinds: dict[str, str] | None = None,
+    kinds: Mapping[str, str] | None = None,
     floors: Sequence[VoteFloor] = (),
 ) -> Path:
-    """Accuracy vs mean decoded tokens: one line per family through its sweep (error bars: the
-    bootstrap intervals), the oracle point, the maj@16 accuracy as a line, and the vote floors
-    (grey markers on that line: the fewest tokens an oracle voter needs to match it)."""
+    """Accuracy vs mean decoded tokens: one line per family through its sweep (a learned family:
+    one line per training seed, in one colour; error bars: the bootstrap intervals over
+    questions), the oracle point, the maj@16 accuracy as a line, and the vote floors (grey
+    markers on that line: the fewest tokens an oracle voter needs to match it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,30 +392,35 @@ def plot_frontier(
     fig, ax = plt.subplots(figsize=(11, 6.5))
     cmap = plt.get_cmap("tab20")
     for i, (fam, res) in enumerate(results.items()):
-        pts = sorted(res, key=lambda r: r.tokens.mean)
-        x = np.array([r.tokens.mean for r in pts])
-        y = np.array([r.accuracy.mean for r in pts])
-        xerr = np.array([[r.tokens.mean - r.tokens.low for r in pts],
-                         [r.tokens.high - r.tokens.mean for r in pts]])  # fmt: skip
-        yerr = np.array([[r.accuracy.mean - r.accuracy.low for r in pts],
-                         [r.accuracy.high - r.accuracy.mean for r in pts]])  # fmt: skip
         learned = (kinds or {}).get(fam) == "learned"
-        eb = ax.errorbar(
-            x,
-            y,
-            xerr=np.maximum(xerr, 0),
-            yerr=np.maximum(yerr, 0),
-            marker="o" if not learned else "D",
-            ms=4 if not learned else 6,
-            lw=1.2 if not learned else 2.4,
-            elinewidth=0.6,
-            capsize=2,
-            alpha=0.9,
-            color=cmap(i % 20),
-            label=fam,
-        )
-        for bars in eb[2]:
-            bars.set_alpha(0.35)
+        seeds: dict[int | None, list[PlottedPoint]] = {}
+        for r in res:
+            seeds.setdefault(r.train_seed, []).append(r)
+        for k, (seed, group) in enumerate(seeds.items()):
+            pts = sorted(group, key=lambda r: r.tokens.mean)
+            x = np.array([r.tokens.mean for r in pts])
+            y = np.array([r.accuracy.mean for r in pts])
+            xerr = np.array([[r.tokens.mean - r.tokens.low for r in pts],
+                             [r.tokens.high - r.tokens.mean for r in pts]])  # fmt: skip
+            yerr = np.array([[r.accuracy.mean - r.accuracy.low for r in pts],
+                             [r.accuracy.high - r.accuracy.mean for r in pts]])  # fmt: skip
+            label = fam if seed is None else f"{fam} ({len(seeds)} training seeds)"
+            eb = ax.errorbar(
+                x,
+                y,
+                xerr=np.maximum(xerr, 0),
+                yerr=np.maximum(yerr, 0),
+                marker="o" if not learned else "D",
+                ms=4 if not learned else 5,
+                lw=1.2 if not learned else 1.8,
+                elinewidth=0.6,
+                capsize=2,
+                alpha=0.9 if len(seeds) == 1 else 0.7,
+                color=cmap(i % 20),
+                label=label if k == 0 else None,
+            )
+            for bars in eb[2]:
+                bars.set_alpha(0.3)
     ax.axhline(reference.accuracy.mean, color="0.3", ls="--", lw=1, label="maj@16")
     ax.axhspan(reference.accuracy.low, reference.accuracy.high, color="0.5", alpha=0.08)
     ax.errorbar(
@@ -334,30 +462,47 @@ def plot_by_difficulty(
     title: str = "",
 ) -> Path:
     """Accuracy and mean tokens per difficulty level: the oracle, maj@16 and each family's
-    cheapest point matching maj@16 (else its most accurate one)."""
+    cheapest point matching maj@16 (else its most accurate one; a learned family's from its
+    representative seed)."""
+    lines: list[tuple[str, Mapping[str, LevelLike]]] = [
+        ("oracle", orc.by_level),
+        (f"maj@16 ({reference.label})", reference.by_level),
+    ]
+    for s in summaries:
+        r = s.match if s.match is not None else s.best
+        if r is not reference:
+            lines.append((r.label, r.by_level))
+    return plot_levels(path, lines, title=title)
+
+
+def plot_levels(
+    path: str | Path, lines: Sequence[tuple[str, Mapping[str, LevelLike]]], *, title: str = ""
+) -> Path:
+    """Accuracy and mean tokens per difficulty level, one line per ``(label, by_level)``; the
+    first two are drawn as the oracle and the reference (maj@16), the levels are the first's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = list(orc.by_level)
+    levels = list(lines[0][1])
     xs = np.arange(len(levels))
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
     cmap = plt.get_cmap("tab20")
 
-    def line(by: dict[str, Any], label: str, **kw: Any) -> None:
+    def line(by: Mapping[str, LevelLike], label: str, **kw: Any) -> None:
         acc = [by[lv].accuracy.mean if lv in by else np.nan for lv in levels]
-        fmt_tokens = [by[lv].tokens.mean if lv in by else np.nan for lv in levels]
+        toks = [by[lv].tokens.mean if lv in by else np.nan for lv in levels]
         a1.plot(xs, acc, marker="o", label=label, **kw)
-        a2.plot(xs, fmt_tokens, marker="o", label=label, **kw)
+        a2.plot(xs, toks, marker="o", label=label, **kw)
 
-    line(orc.by_level, "oracle", color="black", lw=2.5)
-    line(reference.by_level, f"maj@16 ({reference.label})", color="0.4", lw=2, ls="--")
-    for i, s in enumerate(summaries):
-        r = s.match if s.match is not None else s.best
-        if r is reference:
-            continue
-        line(r.by_level, r.label, color=cmap(i % 20), lw=1.2, alpha=0.85)
+    for i, (label, by) in enumerate(lines):
+        if i == 0:
+            line(by, label, color="black", lw=2.5)
+        elif i == 1:
+            line(by, label, color="0.4", lw=2, ls="--")
+        else:
+            line(by, label, color=cmap((i - 2) % 20), lw=1.2, alpha=0.85)
     for ax, what in ((a1, "accuracy"), (a2, "mean decoded tokens")):
         ax.set_xticks(xs, levels)
         ax.set_xlabel("difficulty level")
@@ -374,4 +519,42 @@ def plot_by_difficulty(
     return p
 
 
-# -- the job -----------------------------------------------------------------------------------
+def plot_results(doc: Mapping[str, Any], folder: str | Path) -> list[Path]:
+    """The frontier and per-level figures of a results file
+    (:mod:`policies.evaluation.results`), drawn from it alone into ``folder``."""
+    from policies.evaluation.oracle import VoteFloor
+    from policies.evaluation.results import PointRecord, to_float
+
+    out = Path(folder)
+    points = PointRecord.points(doc)
+    kinds = {f: str(v["kind"]) for f, v in doc["families"].items()}
+    orc = PointRecord.featured(doc["oracle"])
+    ref = PointRecord.featured(doc["reference"])
+    floors = [
+        VoteFloor(
+            vote=str(f["vote"]),
+            target=ref.accuracy.mean,
+            tokens=to_float(f["tokens"]),
+            accuracy=to_float(f["accuracy"]),
+            all_chains=math.nan,
+        )
+        for f in doc.get("floors", [])
+    ]
+    bank = doc["bank"]
+    title = (
+        f"{bank['name']}: {bank['eval_questions']} {bank['split']} questions x "
+        f"{len(doc['settings']['replay_seeds'])} seeds"
+    )
+    frontier = plot_frontier(
+        out / "frontier.png", points, orc, ref, title=title, kinds=kinds, floors=floors
+    )
+    lines: list[tuple[str, Mapping[str, LevelLike]]] = [
+        ("oracle", orc.by_level),
+        (f"maj@16 ({ref.family})", ref.by_level),
+    ]
+    for s in doc["headline"].values():
+        shown = PointRecord.featured(s["shown"])
+        if shown.family != ref.family:
+            lines.append((shown.family, shown.by_level))
+    levels = plot_levels(out / "difficulty.png", lines, title=title)
+    return [frontier, levels]

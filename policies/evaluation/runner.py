@@ -162,6 +162,8 @@ class EvalResult:
         tokens: mean decoded tokens, per-question bootstrap interval.
         by_level: the same per difficulty level.
         wall_s: seconds the episodes took.
+        lam: the price the policy acted for (learned policies; ``None`` for heuristics).
+        train_seed: the training seed of a learned policy (``None``: a heuristic, or not said).
     """
 
     policy: str
@@ -177,11 +179,14 @@ class EvalResult:
     by_level: dict[str, LevelStats]
     wall_s: float = 0.0
     lam: float | None = None
+    train_seed: int | None = None
 
     @property
     def label(self) -> str:
-        """``family`` and ``param`` (``best-of-N N=16``), or the policy's name."""
-        return f"{self.family} {self.param}".strip() if self.param else self.policy
+        """``family`` and ``param`` (``best-of-N N=16``), or the policy's name; with the
+        training seed when there is one (``ppo lam=0.0001 seed=1``)."""
+        label = f"{self.family} {self.param}".strip() if self.param else self.policy
+        return label if self.train_seed is None else f"{label} seed={self.train_seed}"
 
     def point(self) -> FrontierPoint:
         return FrontierPoint(self.family, self.param, self.tokens, self.accuracy)
@@ -209,7 +214,12 @@ class EvalResult:
 
     def rows(self) -> list[dict[str, Any]]:
         """The per-episode table, one dict per episode."""
-        base = {"policy": self.policy, "family": self.family, "param": self.param}
+        base = {
+            "policy": self.policy,
+            "family": self.family,
+            "param": self.param,
+            "train_seed": "" if self.train_seed is None else self.train_seed,
+        }
         return [{**base, **dataclasses.asdict(e)} for e in self.episodes]
 
     def write_csv(self, path: str | Path) -> Path:
@@ -321,8 +331,16 @@ class Evaluator:
             self._envs[config] = env
         return env
 
-    def __call__(self, policy: Policy, *, family: str | None = None, param: str = "") -> EvalResult:
-        """Evaluate ``policy``: every (question x seed) episode once."""
+    def __call__(
+        self,
+        policy: Policy,
+        *,
+        family: str | None = None,
+        param: str = "",
+        train_seed: int | None = None,
+    ) -> EvalResult:
+        """Evaluate ``policy``: every (question x seed) episode once (``train_seed``: the seed
+        a learned policy was trained with, kept with the result)."""
         # A policy that never reads a probe is not charged for probes.
         env = self._env(policy.aggregate, bool(policy.uses_probes))
         lam = policy.lam if isinstance(policy, LamConditioned) else None
@@ -384,6 +402,7 @@ class Evaluator:
             by_level=by,
             wall_s=wall,
             lam=lam_used if lam is not None else None,
+            train_seed=train_seed,
         )
 
     def _run_batch(

@@ -28,12 +28,14 @@ __all__ = [
 class Family:
     """A strategy and its operating points: ``(parameter label, policy)`` pairs.
 
-    ``kind`` is ``heuristic`` or ``learned``.
+    ``kind`` is ``heuristic`` or ``learned``; ``train_seed`` the seed a learned one was trained
+    with (kept with its results).
     """
 
     name: str
     points: tuple[tuple[str, Policy], ...]
     kind: str = "heuristic"
+    train_seed: int | None = None
 
 
 def heuristic_sweeps(
@@ -106,12 +108,17 @@ def heuristic_sweeps(
     return fams
 
 
-def learned_sweep(name: str, policy: Policy, lams: Iterable[float]) -> Family:
+def learned_sweep(
+    name: str, policy: Policy, lams: Iterable[float], *, train_seed: int | None = None
+) -> Family:
     """A learned policy over ``lam``: ``policy.with_lam(lam)`` for each value."""
     if not isinstance(policy, LamConditioned):
         raise ConfigError(f"{name}: a learned sweep needs a policy with with_lam(lam)")
     return Family(
-        name, tuple((f"lam={lam:g}", policy.with_lam(float(lam))) for lam in lams), "learned"
+        name,
+        tuple((f"lam={lam:g}", policy.with_lam(float(lam))) for lam in lams),
+        "learned",
+        train_seed,
     )
 
 
@@ -121,16 +128,16 @@ def evaluate_families(
     *,
     on_result: Callable[[EvalResult], None] | None = None,
 ) -> dict[str, list[EvalResult]]:
-    """Evaluate every point of every family; ``on_result`` is called after each (progress)."""
+    """Evaluate every point of every family; ``on_result`` is called after each (progress).
+    Families of one name (a learned family's training seeds) share its list of results."""
     out: dict[str, list[EvalResult]] = {}
     for fam in families:
-        res = []
+        res = out.setdefault(fam.name, [])
         for param, policy in fam.points:
-            r = evaluator(policy, family=fam.name, param=param)
+            r = evaluator(policy, family=fam.name, param=param, train_seed=fam.train_seed)
             res.append(r)
             if on_result is not None:
                 on_result(r)
-        out[fam.name] = res
     return out
 
 
@@ -154,6 +161,7 @@ def refine_sweep(
     ratio: float = 2.0,
     min_step: float = 1.05,
     on_result: Callable[[EvalResult], None] | None = None,
+    train_seed: int | None = None,
 ) -> list[EvalResult]:
     """A learned sweep with up to ``extra`` λ values added where its spending jumps.
 
@@ -195,7 +203,9 @@ def refine_sweep(
             if l1 * min_step <= x * (1 + 1e-9) and x <= l2 / min_step * (1 + 1e-9):
                 lam = x
                 break
-        r = evaluator(policy.with_lam(lam), family=name, param=f"lam={lam:g}")
+        r = evaluator(
+            policy.with_lam(lam), family=name, param=f"lam={lam:g}", train_seed=train_seed
+        )
         if on_result is not None:
             on_result(r)
         pts = sorted([*pts, (lam, r)], key=lambda p: p[0])

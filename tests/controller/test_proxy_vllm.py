@@ -232,6 +232,56 @@ def test_a_chain_deciding_learned_policy_is_read_ahead(upstream: ServerHandle) -
     assert controller.lookahead is False
 
 
+def _generated(upstream: ServerHandle) -> float:
+    """Tokens the upstream engine has decoded so far (its Prometheus counter)."""
+    text = httpx.get(upstream.url.removesuffix("/v1") + "/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:generation_tokens_total")
+    )
+
+
+def test_a_client_that_leaves_stops_the_upstream(upstream: ServerHandle) -> None:
+    """The reproduction: a client that disconnected after 0.5 s left its request running on the
+    upstream to the token cap. Chains that never end (ignore_eos), read whole (best-of-4 with
+    lookahead: one request for 4 x ~1000 tokens, tens of seconds on a CPU), keep the engine
+    decoding long after the disconnect unless the request in flight is aborted. Now the engine
+    stops decoding at once, and the proxy counts the request as cancelled with a step cut
+    short."""
+    from env.generators.openai import OpenAIGenerator
+    from policies.heuristics import BestOfN
+
+    gen = OpenAIGenerator(
+        upstream.url,
+        template="testbed",
+        sampling=SamplingConfig(max_chain_tokens=1024),
+        extra_body={"ignore_eos": True},
+    )
+    config = EnvConfig(chunk_tokens=64, max_chain_tokens=1024, token_cap=8192)
+    ctl = Controller(gen, BestOfN(4), config=config)
+    with ProxyServer(create_app(ctl, on_shutdown=gen.close)) as server:
+        before = _generated(upstream)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{server.url}/completions",
+                json={"prompt": Q},
+                timeout=httpx.Timeout(0.5, connect=10.0),
+            )
+        time.sleep(1.0)  # the disconnect reaches the proxy, the abort the engine
+        settled = _generated(upstream)
+        time.sleep(2.0)
+        after = _generated(upstream)
+        metrics = httpx.get(server.url.removesuffix("/v1") + "/metrics").text
+    print(f"decoded {settled - before:.0f} tokens, {after - settled:.0f} after the abort settled")
+    assert after == settled, "the engine went on decoding the abandoned request"
+    assert settled - before < 4 * 1000  # far from what the request would have cost
+    assert "ponder_cancelled_requests_total 1" in metrics
+    assert 'ponder_requests_total{endpoint="/v1/completions",status="499"} 1' in metrics
+    cut = re.search(r'ponder_cancelled_tokens_total\{kind="in_flight_max"\} (\d+)', metrics)
+    assert cut is not None and int(cut.group(1)) > 0, "no step was in flight: nothing aborted"
+
+
 def test_killing_the_upstream_mid_request(upstream: ServerHandle) -> None:
     # Runs last: it kills the module's vLLM server. Chains that never end (ignore_eos) keep the
     # request going; the kill lands mid-request and the proxy must answer, not hang.

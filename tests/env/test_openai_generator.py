@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -174,7 +175,11 @@ def test_identical_sampled_requests_go_as_one_request_with_n(backend: OpenAIBack
     sampled = _req(backend, max_tokens=8)
     greedy = _req(backend, PROMPT + "b = ", temperature=0.0, max_tokens=6)
     posts: list[str] = []
-    backend._client.event_hooks["request"].append(lambda req: posts.append(str(req.url)))
+
+    async def record(req: Any) -> None:  # completions go through the async client
+        posts.append(str(req.url))
+
+    backend._aclient.event_hooks["request"].append(record)
     outs = backend.complete([sampled, sampled, greedy, sampled])
     # Three chains opened on one prompt: one request with n=3; the greedy probe on its own.
     assert len(posts) == 2 and all(u.endswith("/v1/completions") for u in posts)

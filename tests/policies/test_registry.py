@@ -320,3 +320,57 @@ def test_help_points_to_the_grammar(
         with pytest.raises(SystemExit):
             main(["--help"])
         assert "policies/registry.py" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{", "is not valid JSON"),
+        ("[" * 100_000 + "]" * 100_000, "nests too deeply"),
+        (
+            '{"kind": "ponder.heuristic", "version": 1, "class": "BestOfN", "params": {"n": '
+            + "9" * 5000
+            + "}}",
+            "is not valid JSON",
+        ),
+        ('{"kind": "ponder.heuristic", "version": 1, "class": ["x"]}', "unknown heuristic class"),
+        (
+            '{"kind": "ponder.heuristic", "version": 1, "class": "BestOfN", "params": [4]}',
+            "'params' must be an object",
+        ),
+    ],
+)
+def test_damaged_heuristic_files_are_policy_errors(
+    text: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The reproduction: a heuristic.json that was not JSON Python reads (nested 100k deep, a
+    5000-digit number) printed a raw traceback. Now it is a PolicyError naming the file and what
+    to do, and `ponder serve` prints one line."""
+    from controller.cli import main as cli_main
+
+    (tmp_path / "h").mkdir()
+    path = tmp_path / "h" / "heuristic.json"
+    path.write_text(text)
+    with pytest.raises(PolicyError, match=message) as err:
+        load_policy(str(tmp_path / "h"))
+    assert str(path) in str(err.value)
+    code = cli_main(["serve", "--upstream", "http://127.0.0.1:1/v1", "--policy", str(path.parent)])
+    out = capsys.readouterr().err.strip()
+    assert code == 1 and out.startswith("error: ") and "\n" not in out, out
+
+
+def test_a_heuristic_named_otherwise_than_its_parameters_is_refused(tmp_path: Path) -> None:
+    """The reproduction: a heuristic.json saying best-of-4's parameters under the name
+    best-of-8 was served and reported as best-of-8. Now it is refused (the name is what every
+    result is reported under); without a name the canonical one is used."""
+    data = heuristic_to_json(H.BestOfN(4))
+    (tmp_path / "h").mkdir()
+    path = tmp_path / "h" / "heuristic.json"
+    for name in ("best-of-8", "", ["best-of-4"]):
+        path.write_text(json.dumps({**data, "name": name}))
+        with pytest.raises(PolicyError, match=r"is 'best-of-4', but the file names it"):
+            load_policy(str(path))
+    path.write_text(json.dumps({k: v for k, v in data.items() if k != "name"}))
+    assert load_policy(str(path)).name == "best-of-4"
+    path.write_text(json.dumps(data))
+    assert load_policy(str(path)).name == "best-of-4"

@@ -298,7 +298,8 @@ def test_ponder_run_quick_smoke(tmp_path: Path) -> None:
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     kinds = [r.data.tags.get("ponder.kind") for r in runs]
     assert kinds.count("main") == 1 and kinds.count("evaluation") >= 30
-    assert kinds.count("training") == 3  # value-chain and two PPOs, each logged as a pyfunc model
+    # value-chain and two PPOs, 3 training seeds each, each logged as a pyfunc model
+    assert kinds.count("training") == 9
     assert "value-chain" in text and "ppo" in text and "ppo-chain" in text
     for r in runs:
         if r.data.tags.get("ponder.kind") == "training":
@@ -307,6 +308,10 @@ def test_ponder_run_quick_smoke(tmp_path: Path) -> None:
     main = next(r for r in runs if r.data.tags.get("ponder.kind") == "main")
     arts = {a.path for a in client.list_artifacts(main.info.run_id)}
     assert {"frontier.png", "difficulty.png", "comparison.csv", "headline.csv"} <= arts
+    assert "results.json" in arts
+    # the headline per family: each learned family's tokens to match per training seed
+    assert "per seed" in text and "learned minus the best heuristic" in text
+    assert "headline/ppo-chain/seed_0/area" in main.data.metrics
     assert "oracle/accuracy" in main.data.metrics
     # the product's target, per learned family, in the output and in MLflow
     assert "target: a learned policy matches maj@16" in text
@@ -329,8 +334,16 @@ def test_ponder_run_quick_smoke(tmp_path: Path) -> None:
 
     rows = list(csv.DictReader((out / "comparison.csv").open()))
     for fam in ("value-chain", "ppo", "ppo-chain"):
-        params = [r["param"] for r in rows if r["family"] == fam]
-        assert 2 <= len(params) <= 3 and len(set(params)) == len(params), params
+        assert {r["train_seed"] for r in rows if r["family"] == fam} == {"0", "10000", "20000"}
+        for seed in ("0", "10000", "20000"):
+            params = [r["param"] for r in rows if r["family"] == fam and r["train_seed"] == seed]
+            assert 2 <= len(params) <= 3 and len(set(params)) == len(params), params
+        # every seed's policy, and the representative one where `ponder serve` finds it
+        assert (out / "policies" / fam / "seed-10000" / "policy.json").exists()
+    head = list(csv.DictReader((out / "headline.csv").open()))
+    ppo_chain = next(r for r in head if r["family"] == "ppo-chain")
+    assert ppo_chain["train_seeds"] == "0;10000;20000"
+    assert len(ppo_chain["tokens_to_match_per_seed"].split(";")) == 3
 
 
 def test_policy_names_resolve(capsys: pytest.CaptureFixture[str]) -> None:

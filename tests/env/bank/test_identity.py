@@ -21,16 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from env.bank.store import (
-    BankWriter,
-    TraceBank,
-    _same_table,
-    atomic_write_bytes,
-    compact,
-    encode_chunk_table,
-    stamp,
-    summarize,
-)
+from env.bank.maintain import compact, same_table, stamp, summarize
+from env.bank.store import BankWriter, TraceBank, atomic_write_bytes, encode_chunk_table
 from env.questions import load_questions
 from features.errors import BankError
 
@@ -196,7 +188,7 @@ def test_stamp_gives_an_old_bank_its_identity_values_unchanged(make_bank: MakeBa
     assert new.manifest.bank_id and new.manifest.fingerprint
     for name, before in tables.items():
         after = pq.read_table(a.path / "chunks" / name)
-        assert _same_table(before, after)
+        assert same_table(before, after)
         assert after.schema.metadata[b"ponder.bank_id"] == new.manifest.bank_id.encode()
     assert {
         q: [(c.answer, c.correct, c.n_chunks) for c in new[q].chains] for q in new.recorded

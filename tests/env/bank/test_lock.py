@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from env.bank.lock import LOCK_NAME, BankLock, _proc_start
-from env.bank.store import TraceBank, compact, stamp
+from env.bank.maintain import compact, stamp
+from env.bank.store import TraceBank
 from features.errors import BankError
 
 ROOT = Path(__file__).resolve().parents[3]

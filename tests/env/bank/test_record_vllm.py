@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from env.bank.record import question_seed, record_question
-from env.bank.store import BankManifest, BankWriter, TraceBank
+from env.bank.record import record_as
+from env.bank.store import BankWriter, TraceBank
+from env.bank.synthetic import synthetic_manifest
 from env.generators.replay import ReplayGenerator
 from env.questions import load_testbed
 from env.types import SamplingConfig
@@ -19,20 +20,6 @@ pytestmark = pytest.mark.vllm
 K, T, CAP = 4, 32, 160
 
 
-def _record(gen: Any, q: Any) -> dict[str, list]:
-    return record_question(
-        gen,
-        q,
-        chains=K,
-        chunk_tokens=T,
-        max_tokens=CAP,
-        extension_chunks=2,
-        probe_tokens=12,
-        judge=True,
-        seed=question_seed(0, q.qid),
-    )
-
-
 def test_recording_a_question_is_reproducible_and_replays_exactly(
     testbed_llm: Any, tmp_path: Path
 ) -> None:
@@ -40,28 +27,22 @@ def test_recording_a_question_is_reproducible_and_replays_exactly(
 
     gen = VLLMGenerator(testbed_llm, sampling=SamplingConfig(temperature=0.7, max_chain_tokens=CAP))
     qs = load_testbed("test", 1)
-    a = _record(gen, qs[3])
-    _record(gen, qs[6])  # other work in between changes the engine's state
-    b = _record(gen, qs[3])
+    manifest = synthetic_manifest(
+        [qs[3].qid],
+        model={"name": "testbed", "path": "", "sha256": "t"},
+        dataset="arith",
+        chains=K,
+        chunk_tokens=T,
+        max_tokens=CAP,
+        probe_tokens=12,
+    )
+    a = record_as(gen, qs[3], manifest)
+    record_as(gen, qs[6], manifest)  # other work in between changes the engine's state
+    b = record_as(gen, qs[3], manifest)
     assert a["token_ids"] == b["token_ids"]
     assert a["text"] == b["text"] and a["probe_text"] == b["probe_text"]
     np.testing.assert_array_equal(np.array(a["judge_p_yes"]), np.array(b["judge_p_yes"]))
 
-    manifest = BankManifest(
-        model={"name": "testbed", "path": "", "sha256": "t"},
-        dataset="arith",
-        questions=[qs[3].qid],
-        template="testbed",
-        mode="cot",
-        sampling={"temperature": 0.7, "top_p": 1.0, "top_logprobs": 5},
-        chains=K,
-        chunk_tokens=T,
-        max_tokens=CAP,
-        extension_chunks=2,
-        probe_tokens=12,
-        judge=True,
-        seed=0,
-    )
     BankWriter(tmp_path, manifest, [qs[3]]).write(0, a)
     replay = ReplayGenerator(TraceBank(tmp_path), seed=0)
     chains = replay.start(qs[3], K)

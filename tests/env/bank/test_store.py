@@ -8,63 +8,32 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from env.bank.record import RecordArgs, question_seed, record, record_question
-from env.bank.store import BankManifest, BankWriter, TraceBank, summarize
-from env.generators.fake import FakeGenerator
+from env.bank.maintain import summarize
+from env.bank.record import RecordArgs, record
+from env.bank.store import BankWriter, TraceBank
+from env.bank.synthetic import record_fake_bank, record_fake_question
 from env.generators.replay import ReplayGenerator
 from env.questions import load_testbed
-from env.types import SamplingConfig
 from features.errors import BankError, BudgetExhausted, ConfigError
 
 ROOT = Path(__file__).resolve().parents[3]
 K, T, CAP = 4, 16, 128
 
 
-def _manifest(qids: list[str], sha: str = "fake") -> BankManifest:
-    return BankManifest(
-        model={"name": "fake", "path": "", "sha256": sha},
-        dataset="arith",
-        questions=qids,
-        template="testbed",
-        mode="cot",
-        sampling={"temperature": 0.7, "top_p": 1.0, "top_logprobs": 5},
-        chains=K,
-        chunk_tokens=T,
-        max_tokens=CAP,
-        extension_chunks=2,
-        probe_tokens=16,
-        judge=True,
-        seed=0,
-    )
-
-
 @pytest.fixture
 def recorded(tmp_path: Path):
-    """A small bank recorded from the fake generator, and the live chains it came from."""
+    """A small bank recorded from the fake generator, and the live chains it came from (the
+    fake records a question the same way every time)."""
     questions = load_testbed("test", 1)[:3]
-    gen = FakeGenerator(sampling=SamplingConfig(max_chain_tokens=CAP))
-    writer = BankWriter(tmp_path / "bank", _manifest([q.qid for q in questions]), questions)
-    live: dict[str, dict[str, list]] = {}
-    for i, q in enumerate(questions):
-        cols = record_question(
-            gen,
-            q,
-            chains=K,
-            chunk_tokens=T,
-            max_tokens=CAP,
-            extension_chunks=2,
-            probe_tokens=16,
-            judge=True,
-            seed=question_seed(0, q.qid),
-        )
-        writer.write(i, cols)
-        live[q.qid] = cols
-    return TraceBank(tmp_path / "bank"), questions, live
+    bank = record_fake_bank(tmp_path / "bank", questions, chains=K, chunk_tokens=T, max_tokens=CAP)
+    live = {q.qid: record_fake_question(q, bank.manifest) for q in questions}
+    return bank, questions, live
 
 
 def test_bank_round_trip_is_exact(recorded) -> None:
@@ -164,7 +133,7 @@ def test_corrupt_chunk_file_is_named_and_kept(recorded, tmp_path: Path) -> None:
     with pytest.raises(BankError, match=r"00001\.parquet is corrupt"):
         TraceBank(bank.path)[questions[1].qid]
     with pytest.raises(BankError, match=r"00001\.parquet is corrupt"):
-        BankWriter(bank.path, _manifest([q.qid for q in questions]), questions).done(1)
+        BankWriter(bank.path, bank.manifest, questions).done(1)
     assert path.read_bytes() == data[: len(data) // 2]  # nothing overwritten
 
 
@@ -180,8 +149,9 @@ def test_unknown_schema_version(recorded) -> None:
 def test_model_sha_mismatch_refuses_to_resume(recorded) -> None:
     bank, questions, _ = recorded
     before = {p.name: p.read_bytes() for p in (bank.path / "chunks").iterdir()}
+    other = replace(bank.manifest, model={**bank.manifest.model, "sha256": "other"})
     with pytest.raises(BankError, match="model sha256"):
-        BankWriter(bank.path, _manifest([q.qid for q in questions], sha="other"), questions)
+        BankWriter(bank.path, other, questions)
     assert {p.name: p.read_bytes() for p in (bank.path / "chunks").iterdir()} == before
 
 
@@ -323,7 +293,7 @@ def test_compact_rewrites_smaller_and_reads_back_the_same(recorded, capsys) -> N
     import pyarrow.parquet as pq
 
     from controller.cli import main as ponder
-    from env.bank.store import compact
+    from env.bank.maintain import compact
 
     bank, questions, _ = recorded
     for i in range(len(questions)):  # as ponder before byte-stream-split wrote them
@@ -349,7 +319,7 @@ def test_compact_rewrites_smaller_and_reads_back_the_same(recorded, capsys) -> N
 
 
 def test_compact_refuses_a_corrupt_file_and_changes_nothing(recorded) -> None:
-    from env.bank.store import compact
+    from env.bank.maintain import compact
 
     bank, _, _ = recorded
     path = bank.chunk_file(1)

@@ -11,6 +11,7 @@ chains for some questions).
 from __future__ import annotations
 
 import collections
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import env  # noqa: F401  (registers ponder/ComputeAllocation-v0)
-from env.bank.store import CHUNK_SCHEMA, BankManifest, BankWriter, TraceBank
+from env.bank.store import TraceBank
+from env.bank.synthetic import SyntheticChunk, write_synthetic_bank
 from env.episode.config import Prices
 from env.episode.observation import FEATURE_NAMES, N_FEATURES
 from env.episode.rules import REASONS
@@ -30,7 +32,7 @@ from env.episode.single import ComputeAllocationEnv
 from env.episode.vector import REPLAY_ENDS, BatchedReplayEnv, replay_order
 from env.generators.replay import chain_order
 from env.types import Question
-from features.answers import answers_equal, extract_answer, normalize_answer
+from features.answers import answers_equal
 from features.errors import ConfigError, PolicyError
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -52,66 +54,35 @@ _POOL = ["1/2", "0.5", "\\frac{1}{2}", "2", "2.0", "3", "-1", "x+1", "1,000", "1
 _WORDS = ["Let me see. ", "Wait, ", "Hmm, ", "Alternatively, ", "so x = 3. ", "then 12 - 5. "]
 
 
-def _chunk_rows(
-    rng: np.random.Generator, qid: str, chain: int, chunks: list[tuple[bool, str, int]]
-) -> dict[str, list[Any]]:
-    """Rows of one chain: ``chunks`` lists (ext, finish_reason, n_tokens)."""
-    rows: dict[str, list[Any]] = {f.name: [] for f in CHUNK_SCHEMA}
-    start = 0
-    for i, (ext, fr, n) in enumerate(chunks):
-        inj = min(2, n) if ext else 0
-        words = list(rng.choice(_WORDS, size=int(rng.integers(1, 4))))
-        if rng.random() < 0.6:
-            words.append(f"The answer is \\boxed{{{rng.choice([a for a in _POOL if a])}}}. ")
-        text = "".join(words)
-        conf = rng.uniform(0.0, 8.0, n)
-        ent = rng.uniform(0.0, 3.0, n)
-        if n and rng.random() < 0.2:
-            conf[:] = np.nan
-        elif n and rng.random() < 0.3:
-            conf[rng.integers(n)] = np.nan
-        if n and rng.random() < 0.2:
-            ent[:] = np.nan
-        probe = _POOL[int(rng.integers(len(_POOL)))]
-        judge = float(rng.random()) if rng.random() > 0.15 else float("nan")
-        lp = np.full(n, -0.5)
-        lp[:inj] = np.nan
-        for name, value in (
-            ("qid", qid),
-            ("chain", chain),
-            ("chunk", i),
-            ("ext", ext),
-            ("start", start),
-            ("n_tokens", n),
-            ("n_injected", inj),
-            ("text", text),
-            ("finish_reason", fr),
-            ("token_ids", list(range(5, 5 + n))),
-            ("logprob", lp),
-            ("confidence", conf),
-            ("entropy", ent),
-            ("top1_logprob", lp),
-            ("prefill", int(rng.integers(0, 40))),
-            ("cached", int(rng.integers(0, 40))),
-            ("probe_text", f"{probe}}}" if probe else ""),
-            ("probe_answer", probe),
-            ("probe_correct", False),
-            ("probe_tokens", int(rng.integers(1, 5))),
-            ("probe_prefill", int(rng.integers(0, 10))),
-            ("probe_cached", int(rng.integers(0, 40))),
-            ("judge_p_yes", judge),
-            ("judge_prefill", int(rng.integers(0, 60))),
-            ("judge_cached", int(rng.integers(0, 40))),
-        ):
-            rows[name].append(value)
-        start += n
-    final = normalize_answer(extract_answer("".join(rows["text"])))
-    rows["answer"] = [final] * len(chunks)
-    rows["correct"] = [False] * len(chunks)
-    return rows
+def _chunk(rng: np.random.Generator, ext: bool, fr: str, n: int) -> SyntheticChunk:
+    inj = min(2, n) if ext else 0
+    words = list(rng.choice(_WORDS, size=int(rng.integers(1, 4))))
+    if rng.random() < 0.6:
+        words.append(f"The answer is \\boxed{{{rng.choice([a for a in _POOL if a])}}}. ")
+    conf = rng.uniform(0.0, 8.0, n)
+    ent = rng.uniform(0.0, 3.0, n)
+    if n and rng.random() < 0.2:
+        conf[:] = np.nan
+    elif n and rng.random() < 0.3:
+        conf[rng.integers(n)] = np.nan
+    if n and rng.random() < 0.2:
+        ent[:] = np.nan
+    probe = _POOL[int(rng.integers(len(_POOL)))]
+    judge = float(rng.random()) if rng.random() > 0.15 else float("nan")
+    lp = np.full(n, -0.5)
+    lp[:inj] = np.nan
+    return SyntheticChunk(
+        "".join(words), n, fr, probe, judge_p_yes=judge, confidence=conf, entropy=ent,
+        logprob=lp, top1_logprob=lp, token_ids=range(5, 5 + n),
+        prefill=int(rng.integers(0, 40)), cached=int(rng.integers(0, 40)),
+        probe_tokens=int(rng.integers(1, 5)), probe_prefill=int(rng.integers(0, 10)),
+        probe_cached=int(rng.integers(0, 40)), judge_prefill=int(rng.integers(0, 60)),
+        judge_cached=int(rng.integers(0, 40)),
+    )  # fmt: skip
 
 
 def _chain_shape(rng: np.random.Generator, t: int) -> list[tuple[bool, str, int]]:
+    """(ext, finish_reason, n_tokens) of each chunk of a chain."""
     n_main = int(rng.integers(1, 6))
     end = str(rng.choice(["stop", "stop", "length", "cap"]))
     shape = [(False, "length", t) for _ in range(n_main - 1)]
@@ -128,52 +99,29 @@ def _chain_shape(rng: np.random.Generator, t: int) -> list[tuple[bool, str, int]
 def _write_synthetic(path: Path, seed: int = 0, n_questions: int = 10, t: int = 8) -> TraceBank:
     rng = np.random.default_rng(seed)
     golds = ["1/2", "2", "1000", "7"]
-    questions = [
-        Question(
-            qid=f"synthetic/{'train' if i % 2 == 0 else 'test'}/{i}",
-            text=f"question {i}",
-            gold=golds[i % len(golds)],
+    questions = []
+    for qi in range(n_questions):
+        q = Question(
+            qid=f"synthetic/{'train' if qi % 2 == 0 else 'test'}/{qi}",
+            text=f"question {qi}",
+            gold=golds[qi % len(golds)],
             dataset="synthetic",
             difficulty=1,
         )
-        for i in range(n_questions)
-    ]
-    manifest = BankManifest(
-        model={"name": "synthetic", "path": "", "sha256": "synthetic"},
-        dataset="synthetic",
-        questions=[q.qid for q in questions],
-        template="testbed",
-        mode="cot",
-        sampling={"temperature": 0.7, "top_p": 1.0, "top_logprobs": 5},
-        chains=6,
-        chunk_tokens=t,
-        max_tokens=5 * t,
-        extension_chunks=2,
-        probe_tokens=4,
-        judge=True,
-        seed=seed,
-    )
-    writer = BankWriter(path, manifest, questions)
-    for qi, q in enumerate(questions):
         k = 4 if qi % 3 == 0 else 6  # some questions hold fewer chains than the bank's K
-        cols: dict[str, list[Any]] = {f.name: [] for f in CHUNK_SCHEMA}
-        first: dict[str, list[Any]] = {}
-        for c in range(k):
-            rows = _chunk_rows(rng, q.qid, c, _chain_shape(rng, t))
-            if c == 0:
-                first = rows
-            elif c == 1 and qi % 2 == 0:
-                # A twin of chain 0 whose probes answer otherwise: exactly equal vote weights
-                # behind different answers (ties must break as features.votes breaks them).
-                rows = {key: list(v) for key, v in first.items()}
-                rows["chain"] = [1] * len(rows["chain"])
-                rows["probe_answer"] = [
-                    _POOL[(j + 3) % len(_POOL)] for j in range(len(rows["chain"]))
-                ]
-            for key in cols:
-                cols[key].extend(rows[key])
-        writer.write(qi, cols)
-    return TraceBank(path)
+        chains = [[_chunk(rng, *c) for c in _chain_shape(rng, t)] for _ in range(k)]
+        if qi % 2 == 0:
+            # Chain 1 a twin of chain 0 whose probes answer otherwise: exactly equal vote weights
+            # behind different answers (ties must break as features.votes breaks them).
+            chains[1] = [
+                replace(c, probe_answer=_POOL[(j + 3) % len(_POOL)])
+                for j, c in enumerate(chains[0])
+            ]
+        questions.append((q, chains))
+    # Stored all wrong: the auto difficulty is constant on this bank (see the tests below).
+    return write_synthetic_bank(
+        path, questions, all_wrong=True, chunk_tokens=t, max_tokens=5 * t, probe_tokens=4, seed=seed
+    )
 
 
 @pytest.fixture(scope="module")

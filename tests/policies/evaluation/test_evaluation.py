@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from env.bank.store import CHUNK_SCHEMA, BankManifest, BankWriter, TraceBank
+from env.bank.store import TraceBank
+from env.bank.synthetic import write_synthetic_bank
 from env.episode.config import EnvConfig
 from env.episode.single import ComputeAllocationEnv
 from env.episode.vector import BatchedReplayEnv, replay_order
 from env.types import Question
-from features.answers import answers_equal, extract_answer, normalize_answer
+from features.answers import answers_equal
 from features.errors import ConfigError
 from policies import BestOfN, ProbeAgreement, SingleChain
 from policies.base import CONTINUE, STOP
@@ -223,7 +224,7 @@ def test_tokens_to_match_interval_is_unbounded_not_nan() -> None:
 
     class Point:
         def __init__(self, label: str, acc: list[float], tok: float) -> None:
-            self.label, self.param = label, label
+            self.label, self.param, self.train_seed = label, label, None
             self._acc = np.asarray(acc, float)
             self._tok = np.full(len(acc), tok)
             self.accuracy = Interval(float(self._acc.mean()), 0.0, 1.0)
@@ -259,7 +260,7 @@ def test_target_check_pins_both_halves_of_the_target() -> None:
         # every question answered right in the same share of seeds: paired differences are exact
         return SimpleNamespace(
             label=label, accuracy=Interval(acc, acc, acc), tokens=Interval(tok, tok, tok),
-            per_question=lambda: (qids, np.full(20, acc), np.full(20, tok)),
+            per_question=lambda: (qids, np.full(20, acc), np.full(20, tok)), train_seed=None,
         )  # fmt: skip
 
     maj = pt("N=16", 0.80, 1000.0)
@@ -326,7 +327,7 @@ def test_target_check_tells_a_shortfall_from_noise() -> None:
         acc = float(np.mean(per_q))
         return SimpleNamespace(
             label=label, accuracy=Interval(acc, acc, acc), tokens=Interval(tok, tok, tok),
-            per_question=lambda: (qids, np.array(per_q), np.full(40, tok)),
+            per_question=lambda: (qids, np.array(per_q), np.full(40, tok)), train_seed=None,
         )  # fmt: skip
 
     maj = pt("N=16", [1.0] * 30 + [0.0] * 10, 1000.0)
@@ -359,56 +360,9 @@ NO_PROBE = EnvConfig(
 )
 
 
-def _rows(qid: str, chain: int, chunks: list[tuple[str, int, str, str | None, int]]) -> dict:
-    """Rows of one chain: chunks are (text, n_tokens, finish_reason, probe_answer, probe_tokens);
-    a chunk after the first one whose finish reason is ``stop`` is a budget-forced extension."""
-    rows: dict[str, list[Any]] = {f.name: [] for f in CHUNK_SCHEMA}
-    start, ended = 0, False
-    for i, (text, n, fr, probe, pt) in enumerate(chunks):
-        for name, value in (
-            ("qid", qid), ("chain", chain), ("chunk", i), ("ext", ended), ("start", start),
-            ("n_tokens", n), ("n_injected", 2 if ended else 0), ("text", text),
-            ("finish_reason", fr), ("token_ids", list(range(n))), ("logprob", [-0.5] * n),
-            ("confidence", [1.0] * n), ("entropy", [0.5] * n), ("top1_logprob", [-0.1] * n),
-            ("prefill", 0), ("cached", 0), ("probe_text", f"{probe}}}" if probe else ""),
-            ("probe_answer", probe), ("probe_correct", False), ("probe_tokens", pt),
-            ("probe_prefill", 0), ("probe_cached", 0), ("judge_p_yes", 0.5),
-            ("judge_prefill", 0), ("judge_cached", 0),
-        ):  # fmt: skip
-            rows[name].append(value)
-        start += n
-        ended = ended or fr == "stop"
-    main = [c for c, e in zip(chunks, rows["ext"], strict=True) if not e]
-    final = normalize_answer(extract_answer("".join(c[0] for c in main)))
-    rows["answer"] = [final] * len(chunks)
-    rows["correct"] = [False] * len(chunks)
-    return rows
-
-
-def _write_bank(path: Path, questions: list[tuple[Question, list[list[tuple]]]]) -> TraceBank:
-    manifest = BankManifest(
-        model={"name": "hand", "path": "", "sha256": "hand"},
-        dataset="hand",
-        questions=[q.qid for q, _ in questions],
-        template="testbed",
-        mode="cot",
-        sampling={"temperature": 0.7, "top_p": 1.0, "top_logprobs": 5},
-        chains=max(len(c) for _, c in questions),
-        chunk_tokens=T,
-        max_tokens=4 * T,
-        extension_chunks=1,
-        probe_tokens=4,
-        judge=True,
-        seed=0,
-    )
-    w = BankWriter(path, manifest, [q for q, _ in questions])
-    for i, (q, chains) in enumerate(questions):
-        rows: dict[str, list[Any]] = {f.name: [] for f in CHUNK_SCHEMA}
-        for h, chunks in enumerate(chains):
-            for k, v in _rows(q.qid, h, chunks).items():
-                rows[k].extend(v)
-        w.write(i, rows)
-    return TraceBank(path)
+# The hand-made banks' settings; their chunks are (text, n_tokens, finish_reason, probe_answer,
+# probe_tokens) (env.bank.synthetic.SyntheticChunk's first fields).
+HAND = {"chunk_tokens": T, "max_tokens": 4 * T, "extension_chunks": 1, "probe_tokens": 4}
 
 
 def _q(i: int, gold: str, level: int = 1) -> Question:
@@ -417,7 +371,7 @@ def _q(i: int, gold: str, level: int = 1) -> Question:
 
 @pytest.fixture
 def hand_bank(tmp_path: Path) -> TraceBank:
-    return _write_bank(
+    return write_synthetic_bank(
         tmp_path / "hand",
         [
             # right by a probe after 2 chunks of chain 0 (8+3 + 8+3 = 22) or at chain 1's end,
@@ -468,6 +422,7 @@ def hand_bank(tmp_path: Path) -> TraceBank:
                 ],
             ),
         ],
+        **HAND,
     )
 
 
@@ -562,7 +517,7 @@ def test_vote_floor_on_a_hand_made_bank(tmp_path: Path) -> None:
     def chain(answer: str, n: int) -> list[tuple]:
         return [(f"\\boxed{{{answer}}}", n, "stop", None, 0)]
 
-    bank = _write_bank(
+    bank = write_synthetic_bank(
         tmp_path / "votes",
         [
             # first chain: 10 tokens, right half the time. Until right: any chain 15 tokens on
@@ -574,6 +529,7 @@ def test_vote_floor_on_a_hand_made_bank(tmp_path: Path) -> None:
             # never right
             (_q(2, "1", 3), [chain("9", 6)]),
         ],
+        **HAND,
     )
     # one chain everywhere: (10 + 4 + 6) / 3 tokens, (0.5 + 2/3 + 0) / 3 right
     low = vote_floor(bank, target=0.3, split=None)
@@ -612,7 +568,7 @@ def test_refine_sweep_adds_lams_where_the_spending_jumps() -> None:
     def tokens(lam: float) -> float:  # 16 chains below 5e-5, one chain above; a slow slide after
         return 4000.0 if lam < 5e-5 else 300.0 * (1e-4 / max(lam, 1e-4)) ** 0.1
 
-    def evaluator(policy: Stepped, *, family: str, param: str) -> Any:
+    def evaluator(policy: Stepped, *, family: str, param: str, train_seed: Any = None) -> Any:
         t = tokens(policy.lam)
         return SimpleNamespace(
             param=param, label=f"{family} {param}", tokens=Interval(t, t, t), lam=policy.lam

@@ -1,0 +1,316 @@
+"""The README's report, rendered from results files (:mod:`policies.evaluation.results`).
+
+``ponder report`` prints, for each ``results/<bank>.json``, the Markdown the README shows for
+that bank; ``--write-readme`` puts it between the bank's marker comments::
+
+    <!-- report:gsm8k-qwen2.5-coder-1.5b:start -->
+    ... (generated: do not edit by hand) ...
+    <!-- report:gsm8k-qwen2.5-coder-1.5b:end -->
+
+and a test fails when a block differs from what its results file renders, so the README's
+numbers are the committed results' numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from features.errors import ConfigError
+from policies.evaluation.results import interval_of, to_float
+
+__all__ = ["render", "blocks", "replace_blocks", "start_marker", "end_marker"]
+
+
+def start_marker(key: str) -> str:
+    return f"<!-- report:{key}:start -->"
+
+
+def end_marker(key: str) -> str:
+    return f"<!-- report:{key}:end -->"
+
+
+_BLOCK = re.compile(
+    r"<!-- report:(?P<key>[^:>\s]+):start -->\n(?P<body>.*?)<!-- report:(?P=key):end -->", re.S
+)
+
+
+def blocks(text: str) -> dict[str, str]:
+    """The generated blocks of a README: body (between the markers) by bank name."""
+    return {m["key"]: m["body"] for m in _BLOCK.finditer(text)}
+
+
+def replace_blocks(text: str, bodies: Mapping[str, str]) -> str:
+    """``text`` with each bank's block replaced by ``bodies[bank]``.
+
+    Raises:
+        ConfigError: a bank's markers are not in ``text``.
+    """
+    for key, body in bodies.items():
+        start, end = start_marker(key), end_marker(key)
+        i, j = text.find(start), text.find(end)
+        if i < 0 or j < i:
+            raise ConfigError(
+                f"the README has no block for {key}: add the lines {start} and {end} where its "
+                "report goes"
+            )
+        text = text[: i + len(start)] + "\n" + body + text[j:]
+    return text
+
+
+# -- formatting --------------------------------------------------------------------------------
+
+
+def _tok(x: Any) -> str:
+    v = to_float(x)
+    if math.isnan(v):
+        return "-"
+    return "never" if math.isinf(v) else f"{v:,.0f}"
+
+
+def _pct(x: Any, digits: int = 1) -> str:
+    v = to_float(x)
+    return "-" if math.isnan(v) else f"{100 * v:.{digits}f}"
+
+
+def _acc_iv(v: Sequence[Any]) -> str:
+    i = interval_of(v)
+    if math.isnan(i.mean):
+        return "-"
+    return f"{100 * i.mean:.1f} [{100 * i.low:.1f}, {100 * i.high:.1f}]"
+
+
+def _diff_iv(v: Sequence[Any]) -> str:
+    i = interval_of(v)
+    if math.isnan(i.mean):
+        return "no point that cheap"
+    return f"{100 * i.mean:+.1f} [{100 * i.low:+.1f}, {100 * i.high:+.1f}]"
+
+
+def _budgets(bs: Sequence[Any]) -> str:
+    return ", ".join(_tok(b) for b in bs) if bs else "none"
+
+
+def _seeds(seeds: Sequence[Any]) -> str:
+    return ", ".join(str(s) for s in seeds)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def render(doc: Mapping[str, Any]) -> str:
+    """The Markdown of one results file: the set-up and reference numbers, the headline table
+    (tokens to match maj@16 with intervals over questions and training seeds and per-seed
+    values, area, accuracy at the budgets), the paired differences to the best heuristic, the
+    target, tokens per difficulty level, and where the numbers were made. Ends with a newline."""
+    bank, st, head = doc["bank"], doc["settings"], doc["headline"]
+    ref, orc, one = doc["reference"], doc["oracle"], doc.get("one_chain")
+    ref_tok = to_float(ref["tokens"][0])
+    seeds = st["train_seeds"]
+    learned = [f for f, s in head.items() if s["kind"] == "learned"]
+    out: list[str] = []
+    intro = (
+        f"**{bank['name']}**: {bank['eval_questions']} {bank['split']} questions x "
+        f"{len(st['replay_seeds'])} replay seeds"
+    )
+    if learned:
+        intro += (
+            f"; each learned family trained on the {bank['train_questions']} "
+            f"{bank['train_split']} questions with {len(seeds)} seeds ({_seeds(seeds)})"
+        )
+    intro += (
+        "; intervals are 95%, over questions (heuristics) and over questions and training seeds "
+        "together (learned families: the two-way bootstrap of `policies/evaluation/bootstrap.py`). "
+        f"maj@16 {_acc_iv(ref['accuracy'])}% at {_tok(ref['tokens'][0])} decoded tokens"
+    )
+    if one is not None:
+        intro += f"; one chain {_acc_iv(one['accuracy'])}% at {_tok(one['tokens'][0])}"
+    intro += f"; the oracle {_acc_iv(orc['accuracy'])}% at {_tok(orc['tokens'][0])}."
+    out += [intro, ""]
+
+    budgets = [to_float(x["budget"]) for x in next(iter(head.values()))["accuracy_at"]]
+    order = sorted(
+        head, key=lambda f: -(to_float(head[f]["area"]) if head[f]["area"] is not None else -1.0)
+    )
+    rows = []
+    for f in order:
+        s = head[f]
+        ttm = interval_of(s["tokens_to_match"])
+        if math.isnan(ttm.mean):
+            match = "never"
+        else:
+            match = (
+                f"{ttm.mean:,.0f}, {100 * ttm.mean / ref_tok:.0f}% "
+                f"[{_tok(ttm.low)}, {_tok(ttm.high)}]"
+            )
+        per_seed = (
+            " / ".join(_tok(x) for x in s["tokens_to_match_per_seed"])
+            if s["kind"] == "learned"
+            else ""
+        )
+        name = f"{f} (learned)" if s["kind"] == "learned" else f
+        rows.append(
+            [
+                name,
+                match,
+                per_seed,
+                _pct(s["area"]),
+                *(_acc_iv(a["accuracy"]) for a in s["accuracy_at"]),
+            ]
+        )
+    out += _table(
+        [
+            "family",
+            "tokens to match maj@16 (share of its tokens) [95% interval]",
+            "per training seed",
+            "area",
+            *(f"acc@{b:,.0f}" for b in budgets),
+        ],
+        rows,
+    )
+    out += [
+        "",
+        "Tokens to match: the fewest mean decoded tokens at which the family's frontier (for a "
+        "learned family the mean of its training seeds' frontiers) is within 0.5 pt of maj@16; "
+        "never: not within the recorded chains; an upper end of never: it does not match in "
+        "more than 2.5% of the resamples. Area: mean best accuracy (%) over the budgets from the "
+        "cheapest point to maj@16's tokens. acc@B: accuracy (%) at <= B mean tokens.",
+        "",
+    ]
+
+    if learned:
+        rows = []
+        for f in learned:
+            s = head[f]
+            n = len(s["diffs"])
+            cells = [f"{_diff_iv(d['diff'])} vs {d['heuristic']}" for d in s["diff_at"]]
+            cells += ["-"] * (len(budgets) - len(cells))
+            rows.append(
+                [
+                    f,
+                    *cells,
+                    f"{len(s['above'])} of {n}: {_budgets(s['above'])}",
+                    f"{len(s['below'])} of {n}: {_budgets(s['below'])}",
+                ]
+            )
+        out += [
+            "Learned minus the best heuristic (points of accuracy, paired on the same questions; "
+            "95% interval over questions and training seeds), at the budgets above and at every "
+            "budget a heuristic has a point at, up to maj@16's tokens:",
+            "",
+        ]
+        out += _table(
+            [
+                "family",
+                *(f"at {b:,.0f}" for b in budgets),
+                "above 0 with 95% confidence at",
+                "below 0 with 95% confidence at",
+            ],
+            rows,
+        )
+        out.append("")
+
+    targets = doc.get("targets", [])
+    if targets:
+        rows = []
+        for t in targets:
+            share = to_float(t["share"])
+            rows.append(
+                [
+                    t["family"],
+                    "never"
+                    if math.isnan(share)
+                    else f"{share * ref_tok:,.0f} ({100 * share:.0f}%)",
+                    "met" if t["matches"] else "not met",
+                    f"{len(t['shortfalls'])} of {t['budgets']}",
+                    str(len(t["clear"])),
+                ]
+            )
+        out += [
+            "The product's target (match maj@16 with <= 15% of its tokens, and be at or above the "
+            "best heuristic at every budget up to maj@16's tokens; point estimates decide, within "
+            "0.5 pt; any-learned is the envelope of the learned families, seeds paired by "
+            "position):",
+            "",
+        ]
+        out += _table(
+            [
+                "learned",
+                "matches maj@16 with",
+                "<= 15%",
+                "budgets below the best heuristic",
+                "of them beyond the paired 95% interval",
+            ],
+            rows,
+        )
+        out.append("")
+
+    levels = list(orc["by_level"])
+    shown = [("maj@16 (" + ref["label"] + ")", ref)]
+    shown += [
+        (f"{f}: {s['shown']['label']}", s["shown"])
+        for f, s in head.items()
+        if s["match"] is not None and f != "best-of-N"
+    ]
+    shown.append(("oracle", orc))
+    rows = []
+    for label, rec in shown:
+        cells = []
+        for lv in levels:
+            x = rec["by_level"].get(lv)
+            cells.append(
+                "-" if x is None else f"{_tok(x['tokens'][0])} ({_pct(x['accuracy'][0], 0)}%)"
+            )
+        rows.append([label, *cells])
+    out += [
+        "Mean decoded tokens (accuracy) per difficulty level at maj@16, at each family's point "
+        "that matches it (a learned family's from its median seed) and at the oracle:",
+        "",
+    ]
+    out += _table(["point", *levels], rows)
+    out.append("")
+
+    floors = [f for f in doc.get("floors", []) if f["tokens"] is not None]
+    if floors:
+        parts = [
+            f"{_tok(f['tokens'])} tokens ({_pct(f['share'])}% of maj@16's) "
+            + (
+                "answering with the majority"
+                if f["vote"] == "majority"
+                else "answering with any chain it sampled"
+            )
+            for f in floors
+        ]
+        out += [
+            "Vote floor: an oracle that knows which answers are right but samples whole chains "
+            "matches maj@16 with " + "; ".join(parts) + ".",
+            "",
+        ]
+
+    prov, tim = doc.get("provenance", {}), doc.get("timings", {})
+    m, pk = prov.get("machine", {}), prov.get("packages", {})
+    commit = (prov.get("commit") or "unknown")[:10]
+    if prov.get("dirty"):
+        commit += " with uncommitted changes"
+    versions = ", ".join(f"{k} {v}" for k, v in pk.items() if v and k != "ponder")
+    out.append(
+        f"Made by `ponder run` on {prov.get('date', '?')[:10]} at commit {commit}, on "
+        f"{m.get('cpu', '?')} ({m.get('usable_cores', '?')} cores used of {m.get('cores', '?')}); "
+        f"{versions}. The job took {_secs(tim.get('wall_s'))} (training "
+        f"{_secs(tim.get('train_wall_s'))}, {tim.get('jobs', '?')} at once). "
+        f"Data: `results/{bank['name']}.json`."
+    )
+    return "\n".join(out) + "\n"
+
+
+def _secs(x: Any) -> str:
+    v = to_float(x)
+    return "?" if math.isnan(v) else f"{v:,.0f} s"

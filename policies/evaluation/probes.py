@@ -1,0 +1,504 @@
+"""``ponder probes BANK``: fit the hidden-state probes and report them on the test questions.
+
+The probes (:mod:`env.probes`) are fitted on the bank's annotated training questions, every
+choice made on ``dev``, saved in ponder's safe format, read back (refused if they do not fit the
+bank's annotation), and scored on the annotated *test* questions against the signals ponder had
+before, on the same rows:
+
+- **difficulty**: Spearman between predicted and true pass rates, for the probe on the prompt
+  state, the current difficulty predictor (:mod:`env.episode.difficulty`, question length and
+  chain 0's first chunk, fitted on the same training questions), and the two combined (the mean
+  of their predicted pass rates);
+- **chain correctness at a chain's last main boundary**: AUROC over all chains, the mean
+  within-question AUROC (questions with both right and wrong chains), Brier and ECE (10 bins),
+  for the probe, the chain's mean token confidence and the self-verifier's P(yes) at that chunk
+  (both read as probabilities of "right"), with the paired differences probe - baseline;
+- **by layer**: each captured layer alone and all together (the best configuration of each on
+  ``dev``);
+- **how early**: AUROC after each chunk (a chain that ended earlier is scored where it ended).
+
+Intervals: 95% percentile bootstrap over test questions (a question's chains move together;
+one draw shared by every row, so differences are paired).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import numpy as np
+import tyro
+
+from features.errors import BankError, ConfigError
+from policies.evaluation.bootstrap import Draws, draws, interval
+from policies.evaluation.classification import (
+    auroc_rows,
+    brier_rows,
+    ece_rows,
+    group_mean_rows,
+    spearman_rows,
+)
+from policies.evaluation.metrics import Interval
+
+if TYPE_CHECKING:
+    from env.bank.hidden import HiddenStates
+    from env.bank.store import TraceBank
+    from env.probes import BoundarySet, LinearProbe, ProbeFit, PromptSet
+
+__all__ = [
+    "ProbeReport",
+    "ProbesArgs",
+    "Table",
+    "chain_metrics",
+    "dev_table",
+    "main",
+    "platt",
+    "probe_report",
+    "render",
+    "run",
+]
+
+CHAIN_METRICS = ("AUROC", "AUROC within", "Brier", "ECE")
+
+
+@dataclass
+class ProbesArgs:
+    """Fit the hidden-state probes (question difficulty from the prompt state, chain correctness
+    at every chunk boundary) on a bank's annotated training questions, choosing on dev, save them,
+    and report them on its annotated test questions against mean token confidence, the
+    self-verifier and the current difficulty predictor, with bootstrap intervals over questions."""
+
+    bank: Annotated[Path, tyro.conf.Positional]
+    """bank folder (annotated with `ponder bank annotate`)"""
+    out: Path | None = None
+    """where to save the probes (`difficulty/`, `chain-correctness/`); default
+    runs/probes/<bank folder name>"""
+    boot: int = 1000
+    """bootstrap resamples over test questions"""
+    seed: int = 0
+    """seed of the bootstrap"""
+    json: Path | None = None
+    """also write every number to this JSON file"""
+    dev_grid: bool = False
+    """also print every configuration tried on dev"""
+    threads: int = 1
+    """BLAS threads"""
+
+
+@dataclass
+class Table:
+    """A report table: a title, column names, and rows of cells (text or intervals)."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str | Interval | float | int]]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ProbeReport:
+    """Everything ``ponder probes`` prints (and writes as JSON)."""
+
+    bank: str
+    summary: dict[str, Any]
+    tables: list[Table]
+
+    def to_json(self) -> dict[str, Any]:
+        def cell(c: Any) -> Any:
+            if isinstance(c, Interval):
+                return {"mean": c.mean, "low": c.low, "high": c.high}
+            if isinstance(c, float) and not math.isfinite(c):
+                return None
+            return c
+
+        return {
+            "bank": self.bank,
+            "summary": self.summary,
+            "tables": [
+                {
+                    "title": t.title,
+                    "columns": t.columns,
+                    "rows": [[cell(c) for c in r] for r in t.rows],
+                    "notes": t.notes,
+                }
+                for t in self.tables
+            ],
+        }
+
+
+# -- metrics with intervals -------------------------------------------------------------------
+
+
+def _iv(rows: np.ndarray) -> Interval:
+    """Row 0 with the interval of the finite resamples (a resample can lack a class)."""
+    x = np.asarray(rows, np.float64)
+    rest = x[1:][np.isfinite(x[1:])]
+    if not math.isfinite(x[0]) or rest.size == 0:
+        return Interval(float(x[0]), float("nan"), float("nan"))
+    return interval(np.r_[x[0], rest])
+
+
+def _within(y: np.ndarray, score: np.ndarray, question: np.ndarray, nq: int) -> np.ndarray:
+    """Each question's AUROC among its own chains (NaN without both classes): ``[nq]``."""
+    out = np.full(nq, np.nan)
+    for g in range(nq):
+        m = question == g
+        if m.any():
+            out[g] = auroc_rows(y[m], score[m], np.ones((1, int(m.sum()))))[0]
+    return out
+
+
+def chain_metrics(
+    y: np.ndarray,
+    score: np.ndarray,
+    question: np.ndarray,
+    d: Draws,
+    prob: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """AUROC, within-question AUROC, Brier and ECE of one score per chain, on every resample
+    of ``d`` (row 0 the test set itself): ``{name: float[1 + n_boot]}``.
+
+    Args:
+        prob: the probabilities Brier and ECE read, when ``score`` is not one (default
+            ``score``).
+    """
+    wq = d.questions
+    w = wq[:, question]
+    within = _within(y, score, question, wq.shape[1])
+    p = score if prob is None else prob
+    return {
+        "AUROC": auroc_rows(y, score, w),
+        "AUROC within": group_mean_rows(within, wq),
+        "Brier": brier_rows(y, p, w),
+        "ECE": ece_rows(y, p, w),
+    }
+
+
+def platt(score: np.ndarray, y: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Platt scaling: a one-input logistic regression from ``score`` to P(right), fitted on
+    ``(score, y)`` (the training chains), returned as a function of new scores."""
+    from sklearn.linear_model import LogisticRegression
+
+    s = np.asarray(score, np.float64)
+    mu, sd = float(s.mean()), float(s.std()) or 1.0
+    model = LogisticRegression(C=1e6, max_iter=1000).fit(((s - mu) / sd)[:, None], y.astype(int))
+    a, b = float(model.coef_[0, 0]), float(model.intercept_[0])
+
+    def calibrated(x: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-(a * (np.asarray(x, np.float64) - mu) / sd + b)))
+
+    return calibrated
+
+
+def _mixed(y: np.ndarray, question: np.ndarray) -> int:
+    """Questions with both right and wrong chains."""
+    return sum(1 for g in np.unique(question) if 0 < y[question == g].mean() < 1)
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+def _baselines(b: BoundarySet) -> dict[str, np.ndarray]:
+    """The signals ponder had, higher meaning "right" (the episode's defaults for missing
+    values: confidence 0, an unscored chain 0.5)."""
+    from env.episode.rules import UNSCORED
+
+    out = {"mean token confidence": np.where(np.isfinite(b.confidence), b.confidence, 0.0)}
+    if np.isfinite(b.p_yes).any():
+        out["self-verifier P(yes)"] = np.where(np.isfinite(b.p_yes), b.p_yes, UNSCORED)
+    return out
+
+
+def _current_difficulty(bank: TraceBank, train_qids: Sequence[str], test: PromptSet) -> np.ndarray:
+    """The current predictor's pass rate for each test question (1 - its failure probability),
+    fitted on the same training questions as the probes."""
+    from env.episode.difficulty import difficulty_features, fit_difficulty
+
+    model = fit_difficulty(bank, [bank.question(q) for q in train_qids])
+    x = np.stack([difficulty_features(*fc) for fc in test.first_chunk])
+    return 1.0 - model.predict(x)
+
+
+def _layers_name(layers: Sequence[int]) -> str:
+    return "layers " + "+".join(str(la) for la in layers)
+
+
+def _difficulty_table(
+    bank: TraceBank, fit: ProbeFit, diff: LinearProbe, test: PromptSet, d: Draws
+) -> Table:
+    true = test.pass_rate
+    cur = _current_difficulty(bank, fit.splits["train"], test)
+    mine = diff(test.states, test.layers)
+    base = spearman_rows(cur, true, d.questions)
+    preds = {
+        f"hidden-state probe ({_layers_name(diff.layers)})": mine,
+        "current predictor (question + first chunk)": cur,
+        "both (mean of the two predicted pass rates)": (mine + cur) / 2,
+    }
+    for ch, (dp, _) in fit.by_layers.items():
+        preds[f"  probe, {_layers_name(ch)} (alpha {dp.params['alpha']:g})"] = dp(
+            test.states, test.layers
+        )
+    rows: list[list[Any]] = []
+    for name, pred in preds.items():
+        rho = spearman_rows(pred, true, d.questions)
+        rows.append([name, _iv(rho), _iv(rho - base) if pred is not cur else "-"])
+    return Table(
+        "Question difficulty: Spearman(predicted, true pass rate) on test questions",
+        ["predictor", "Spearman", "minus the current predictor's (paired)"],
+        rows,
+        [
+            f"{len(true)} test questions; true pass rate over each question's "
+            f"{bank.manifest.chains} chains; the current predictor reads chain 0's first chunk "
+            "and is fitted on the same training questions"
+        ],
+    )
+
+
+def _last_tables(
+    bank: TraceBank,
+    hidden: HiddenStates,
+    fit: ProbeFit,
+    chain: LinearProbe,
+    last: BoundarySet,
+    d: Draws,
+) -> list[Table]:
+    from env.probes import boundary_set
+
+    y, qi = last.correct, last.question
+    scores = {
+        f"chain probe ({_layers_name(chain.layers)})": chain(last.states, last.layers, last.extras)
+    }
+    scores.update(_baselines(last))
+    train = boundary_set(bank, hidden, [bank.question(q) for q in fit.splits["train"]])
+    train = train.take(train.last)
+    probs = {name: platt(s, train.correct)(scores[name]) for name, s in _baselines(train).items()}
+    mets = {name: chain_metrics(y, s, qi, d, probs.get(name)) for name, s in scores.items()}
+    main = Table(
+        "Chain correctness at a chain's last main boundary (test chains)",
+        ["signal", *CHAIN_METRICS],
+        [[name, *(_iv(m[k]) for k in CHAIN_METRICS)] for name, m in mets.items()],
+        [
+            f"{len(y)} chains of {len(last.qids)} questions ({y.mean():.1%} right); AUROC "
+            f"within: mean over the {_mixed(y, qi)} questions with both right and wrong chains",
+            "Brier and ECE of confidence and P(yes): after Platt scaling fitted on the "
+            "training chains' last boundaries (mean token confidence is not a probability); "
+            "their AUROCs are of the raw signals",
+        ],
+    )
+    probe_name = next(iter(mets))
+    diffs: list[list[Any]] = [
+        [f"probe - {name}", *(_iv(mets[probe_name][k] - mets[name][k]) for k in CHAIN_METRICS)]
+        for name in list(mets)[1:]
+    ]
+    paired = Table("Paired differences (last boundary)", ["difference", *CHAIN_METRICS], diffs)
+    rows: list[list[Any]] = []
+    for ch, (_, cp) in fit.by_layers.items():
+        m = chain_metrics(y, cp(last.states, last.layers, last.extras), qi, d)
+        extras = "+".join(cp.schema.extras) or "none"
+        rows.append(
+            [
+                _layers_name(ch),
+                f"C {cp.params['C']:g}, extras {extras}",
+                *(_iv(m[k]) for k in CHAIN_METRICS),
+            ]
+        )
+    by_layer = Table(
+        "Chain correctness by layer (last boundary; each choice's best configuration on dev)",
+        ["layers", "chosen on dev", *CHAIN_METRICS],
+        rows,
+    )
+    return [main, paired, by_layer]
+
+
+def _early_table(chain: LinearProbe, test: BoundarySet, d: Draws) -> Table:
+    rows: list[list[Any]] = []
+    names: list[str] = []
+    for k in range(int(test.chunk.max()) + 1 if len(test) else 0):
+        at = test.at_boundary(k)
+        sig = {"probe": chain(at.states, at.layers, at.extras), **_baselines(at)}
+        names = list(sig)
+        row: list[Any] = [k + 1, int((at.chunk == k).sum())]
+        for s in sig.values():
+            m = chain_metrics(at.correct, s, at.question, d)
+            row += [_iv(m["AUROC"]), _iv(m["AUROC within"])]
+        rows.append(row)
+    cols = ["after chunk", "chains still running"]
+    for n in names:
+        short = {"mean token confidence": "confidence", "self-verifier P(yes)": "P(yes)"}.get(n, n)
+        cols += [f"{short} AUROC", f"{short} within"]
+    return Table(
+        "How early: AUROC after each main chunk (test chains)",
+        cols,
+        rows,
+        [
+            "every chain at every row: a chain that ended before the chunk is scored at its "
+            "last boundary; confidence is the mean over the chain's main chunks so far"
+        ],
+    )
+
+
+def probe_report(
+    bank: TraceBank,
+    hidden: HiddenStates,
+    fit: ProbeFit,
+    *,
+    probes: tuple[LinearProbe, LinearProbe] | None = None,
+    boot: int = 1000,
+    seed: int = 0,
+) -> ProbeReport:
+    """Score the fitted probes on the annotated test questions (see the module docstring).
+
+    Args:
+        probes: ``(difficulty, chain)`` to report as "the probe" (default the best of ``fit``;
+            pass the ones read back from disk to report what was saved).
+    """
+    from env.probes import boundary_set, prompt_set
+
+    test_q = [bank.question(q) for q in fit.splits["test"]]
+    if len(test_q) < 2:
+        raise ConfigError(
+            f"{bank.path} has {len(test_q)} annotated test question(s); the report needs at "
+            f"least 2: annotate more with `ponder bank annotate {bank.path}`"
+        )
+    diff, chain = probes or (fit.difficulty, fit.chain)
+    b_test = boundary_set(bank, hidden, test_q)
+    d = draws(len(test_q), boot, seed)
+    tables = [
+        _difficulty_table(bank, fit, diff, prompt_set(bank, hidden, test_q), d),
+        *_last_tables(bank, hidden, fit, chain, b_test.take(b_test.last), d),
+        _early_table(chain, b_test, d),
+    ]
+    hm = hidden.manifest
+    summary = {
+        "bank": str(bank.path),
+        "annotation": f"layers {list(hidden.layers)} of {hm.model.get('name')}, "
+        f"{hidden.dims} dims, {hm.engine} {hm.dtype}",
+        "annotated": len(hidden.annotated),
+        "recorded": len(bank),
+        "questions": {k: len(v) for k, v in fit.splits.items()},
+        "difficulty probe": {"layers": list(diff.layers), **diff.params},
+        "chain probe": {
+            "layers": list(chain.layers),
+            "extras": list(chain.schema.extras),
+            **chain.params,
+        },
+        "fit seconds": round(fit.seconds, 1),
+        "bootstrap": {"resamples": boot, "seed": seed, "unit": "test question"},
+    }
+    return ProbeReport(str(bank.path), summary, tables)
+
+
+def dev_table(fit: ProbeFit, *, every: bool = False) -> Table:
+    """The configurations tried on dev: the chosen one per kind and layer choice, or all."""
+    from env.probes import best_of
+
+    rows: list[list[Any]] = []
+    groups: dict[tuple[str, tuple[int, ...]], list[Any]] = {}
+    for s in fit.dev:
+        groups.setdefault((s.kind, s.layers), []).append(s)
+    for (kind, layers), scores in groups.items():
+        chosen = best_of(scores)
+        for s in scores if every else [chosen]:
+            strength = f"alpha {s.strength:g}" if kind == "difficulty" else f"C {s.strength:g}"
+            metrics = ", ".join(f"{k} {v:.3f}" for k, v in s.metrics.items())
+            mark = " *" if every and s is chosen else ""
+            rows.append(
+                [kind, _layers_name(layers), strength + mark, "+".join(s.extras) or "-", metrics]
+            )
+    return Table(
+        f"Choices on dev ({len(fit.splits['fit'])} fit / {len(fit.splits['dev'])} dev questions)",
+        ["probe", "layers", "strength", "extras", "dev metrics"],
+        rows,
+        [
+            "chosen: the lowest dev loss (difficulty: mean squared error of the pass rate; "
+            "chain correctness: log loss over every dev boundary)"
+            + ("; '*' marks it" if every else "")
+        ],
+    )
+
+
+# -- rendering --------------------------------------------------------------------------------
+
+
+def _cell(c: Any) -> str:
+    if isinstance(c, Interval):
+        if not math.isfinite(c.mean):
+            return "-"
+        if not math.isfinite(c.low):
+            return f"{c.mean:.3f}"
+        return f"{c.mean:.3f} [{c.low:.3f}, {c.high:.3f}]"
+    if isinstance(c, float):
+        return f"{c:.3f}"
+    return str(c)
+
+
+def render(tables: Sequence[Table]) -> str:
+    """The tables as Markdown."""
+    out = []
+    for t in tables:
+        out.append(f"### {t.title}\n")
+        out.append("| " + " | ".join(t.columns) + " |")
+        out.append("|" + "|".join("---" for _ in t.columns) + "|")
+        for r in t.rows:
+            out.append("| " + " | ".join(_cell(c) for c in r) + " |")
+        out += [f"\n{n}" for n in t.notes]
+        out.append("")
+    return "\n".join(out)
+
+
+def _open(path: Path) -> tuple[TraceBank, HiddenStates]:
+    from env.bank.hidden import HiddenStates
+    from env.bank.store import TraceBank
+
+    bank = TraceBank(path)
+    hidden = HiddenStates.open(path, bank)
+    if hidden is None:
+        raise BankError(
+            f"{path} has no hidden states: run `ponder bank annotate {path}` first (the probes "
+            "read them)"
+        )
+    return bank, hidden
+
+
+def run(args: ProbesArgs, echo: Callable[[str], None] = print) -> ProbeReport:
+    """Fit, save, read back and report (what ``ponder probes`` does)."""
+    from threadpoolctl import threadpool_limits
+
+    from env.probes import LinearProbe, fit_probes
+
+    bank, hidden = _open(args.bank)
+    with threadpool_limits(max(1, args.threads)):
+        fit = fit_probes(bank, hidden)
+        out = args.out or Path("runs") / "probes" / args.bank.resolve().name
+        paths = (fit.difficulty.save(out / "difficulty"), fit.chain.save(out / "chain-correctness"))
+        loaded = (
+            LinearProbe.load(paths[0], kind="difficulty", hidden=hidden.manifest),
+            LinearProbe.load(paths[1], kind="chain-correctness", hidden=hidden.manifest),
+        )
+        report = probe_report(bank, hidden, fit, probes=loaded, boot=args.boot, seed=args.seed)
+    report.summary["saved"] = [str(p) for p in paths]
+    report.tables.insert(0, dev_table(fit, every=args.dev_grid))
+    s = report.summary
+    q = s["questions"]
+    echo(
+        f"## Probes on {s['bank']}\n\n{s['annotation']}; {s['annotated']}/{s['recorded']} "
+        f"questions annotated: {q['train']} train ({q['fit']} fit + {q['dev']} dev), "
+        f"{q['test']} test. Fitted in {s['fit seconds']} s; saved to {out}/. Intervals: 95% "
+        f"bootstrap over test questions ({args.boot} resamples).\n"
+    )
+    echo(render(report.tables))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``ponder probes``."""
+    args = tyro.cli(ProbesArgs, args=argv, prog="ponder probes")
+    run(args)

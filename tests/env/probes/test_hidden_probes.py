@@ -1,0 +1,208 @@
+"""The hidden-state probes: they find a planted signal, fit on training questions only, save and
+load exactly, and refuse hidden states or files that are not theirs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+from env.bank.hidden import HiddenStates
+from env.bank.store import TraceBank
+from env.probes import (
+    LinearProbe,
+    ProbeFit,
+    ProbeSchema,
+    auroc,
+    boundary_set,
+    fit_probes,
+    prompt_set,
+    spearman,
+    within_auroc,
+)
+from env.probes.synthetic import planted_bank
+from env.questions import select_split
+from features.errors import ConfigError, ModelError
+
+# A small grid keeps the fit well under a second.
+GRID: dict[str, Any] = {
+    "c_grid": (0.01, 1.0),
+    "alpha_grid": (1.0, 100.0),
+    "extra_choices": ((), ("budget_fraction", "ended")),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with threadpool_limits(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[TraceBank, HiddenStates]:
+    return planted_bank(tmp_path_factory.mktemp("probes") / "bank")
+
+
+@pytest.fixture(scope="module")
+def fitted(planted: tuple[TraceBank, HiddenStates]) -> ProbeFit:
+    with threadpool_limits(1):
+        return fit_probes(*planted, **GRID)
+
+
+def test_planted_direction_is_found_on_test_questions(
+    planted: tuple[TraceBank, HiddenStates], fitted: ProbeFit
+) -> None:
+    bank, hs = planted
+    test = [bank.question(q) for q in fitted.splits["test"]]
+    b = boundary_set(bank, hs, test)
+    last = b.take(b.last)
+    p = fitted.chain(last.states, last.layers, last.extras)
+    assert auroc(last.correct, p) > 0.95
+    assert within_auroc(last.correct, p, last.question) > 0.9
+    assert 4 in fitted.chain.layers  # the signal is planted in the last layer only
+    # and at every boundary, not only the last
+    assert auroc(b.correct, fitted.chain(b.states, b.layers, b.extras)) > 0.95
+    ps = prompt_set(bank, hs, test)
+    assert spearman(fitted.difficulty(ps.states, ps.layers), ps.pass_rate) > 0.7
+    # the layer that holds nothing ranks chains at chance
+    _, noise = fitted.by_layers[(2,)]
+    assert abs(auroc(last.correct, noise(last.states, last.layers, last.extras)) - 0.5) < 0.2
+
+
+def test_no_test_question_is_read_while_fitting(
+    planted: tuple[TraceBank, HiddenStates], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bank, hs = planted
+    test_ids = {q.qid for q in select_split(bank.questions, "test")}
+    train_ids = [q.qid for q in select_split(bank.questions, "train")]
+    assert test_ids and train_ids
+    read: set[str] = set()
+    chunks, states = TraceBank.__getitem__, HiddenStates._load
+
+    def spy_chunks(self: TraceBank, qid: str) -> Any:
+        read.add(qid)
+        return chunks(self, qid)
+
+    def spy_states(self: HiddenStates, qid: str) -> Any:
+        read.add(qid)
+        return states(self, qid)
+
+    monkeypatch.setattr(TraceBank, "__getitem__", spy_chunks)
+    monkeypatch.setattr(HiddenStates, "_load", spy_states)
+    fit = fit_probes(bank, hs, **GRID)
+    assert read == set(train_ids)
+    for probe in (fit.chain, fit.difficulty):
+        assert probe.meta["questions"] == train_ids
+        assert not set(probe.meta["questions"]) & test_ids
+        assert set(probe.meta["dev_questions"]) < set(train_ids)
+    assert set(fit.splits["dev"]) | set(fit.splits["fit"]) == set(train_ids)
+
+
+def test_save_and_load_round_trip_exactly(
+    planted: tuple[TraceBank, HiddenStates], fitted: ProbeFit, tmp_path: Path
+) -> None:
+    bank, hs = planted
+    b = boundary_set(bank, hs, bank.questions[:3])
+    for probe, kind in ((fitted.chain, "chain-correctness"), (fitted.difficulty, "difficulty")):
+        back = LinearProbe.load(probe.save(tmp_path / kind), kind=kind, hidden=hs.manifest)
+        for name in ("mean", "scale", "coef"):
+            np.testing.assert_array_equal(getattr(back, name), getattr(probe, name))
+        assert back.intercept == probe.intercept
+        assert back.schema == probe.schema
+        assert back.params == json.loads(json.dumps(probe.params))
+        assert back.meta == probe.meta
+        np.testing.assert_array_equal(
+            back(b.states, b.layers, b.extras), probe(b.states, b.layers, b.extras)
+        )
+        h = json.loads((tmp_path / kind / "probe.json").read_text())
+        assert h["schema"]["features"] == list(probe.schema.features)
+        assert h["schema"]["annotation"]["model"]["sha256"] == "synthetic"
+        assert h["schema"]["annotation"]["projection"]["seed"] == 0
+        assert h["schema"]["layers"] == list(probe.layers)
+
+
+def test_a_probe_refuses_other_hidden_states(
+    planted: tuple[TraceBank, HiddenStates], fitted: ProbeFit, tmp_path: Path
+) -> None:
+    _, hs = planted
+    path = fitted.chain.save(tmp_path / "chain")
+    m = hs.manifest
+    other_model = dataclasses.replace(m, model={**m.model, "sha256": "another"}).fingerprinted()
+    with pytest.raises(ModelError, match=r"model sha256.*ponder probes"):
+        LinearProbe.load(path, hidden=other_model)
+    other_dims = dataclasses.replace(m, dims=8).fingerprinted()
+    with pytest.raises(ModelError, match="projected dimensions"):
+        LinearProbe.load(path, hidden=other_dims)
+    other_seed = dataclasses.replace(m, projection={**m.projection, "seed": 1}).fingerprinted()
+    with pytest.raises(ModelError, match="seed 1"):
+        LinearProbe.load(path, hidden=other_seed)
+    without = dataclasses.replace(m, layers=[la for la in m.layers if la != 4]).fingerprinted()
+    if 4 in fitted.chain.layers:
+        with pytest.raises(ModelError, match=r"lack \[4\]"):
+            LinearProbe.load(path, hidden=without)
+    # the same states from an annotation with more layers are fine
+    more = dataclasses.replace(m, layers=[1, *m.layers]).fingerprinted()
+    assert fitted.chain.schema.mismatches(more) == []
+    with pytest.raises(ModelError, match="not a difficulty probe"):
+        LinearProbe.load(path, kind="difficulty")
+
+
+def test_a_damaged_probe_file_is_refused_by_name(fitted: ProbeFit, tmp_path: Path) -> None:
+    path = fitted.chain.save(tmp_path / "chain")
+    weights = path / "weights.safetensors"
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ModelError, match=r"weights\.safetensors is truncated"):
+        LinearProbe.load(path)
+    weights.write_bytes(blob)
+    LinearProbe.load(path)
+    header = path / "probe.json"
+    text = header.read_text()
+    header.write_text(text[: len(text) // 2])
+    with pytest.raises(ModelError, match=r"probe\.json is not valid JSON"):
+        LinearProbe.load(path)
+    header.write_text(text.replace('"L4/0"', '"L4/zero"'))
+    with pytest.raises(ModelError, match="do not follow from its schema"):
+        LinearProbe.load(path)
+    with pytest.raises(ModelError, match="no probe at"):
+        LinearProbe.load(tmp_path / "nothing")
+
+
+def test_schema_and_inputs(planted: tuple[TraceBank, HiddenStates]) -> None:
+    _, hs = planted
+    schema = ProbeSchema.of(hs.manifest, [4], ["budget_fraction"])
+    assert schema.features[0] == "L4/0" and schema.features[-1] == "budget_fraction"
+    assert len(schema.features) == hs.dims + 1
+    states = np.arange(2 * 2 * hs.dims, dtype=np.float32).reshape(2, 2, hs.dims)
+    x = schema.inputs(states, hs.layers, {"budget_fraction": np.array([0.25, 0.5])})
+    np.testing.assert_array_equal(x[:, : hs.dims], states[:, 1, :])
+    np.testing.assert_array_equal(x[:, -1], [0.25, 0.5])
+    with pytest.raises(ConfigError, match="also reads"):
+        schema.inputs(states, hs.layers)
+    with pytest.raises(ConfigError):
+        ProbeSchema.of(hs.manifest, [3])
+    with pytest.raises(ConfigError):
+        ProbeSchema.of(hs.manifest, [4], ["chain_length"])
+
+
+def test_boundary_rows_follow_the_bank(planted: tuple[TraceBank, HiddenStates]) -> None:
+    bank, hs = planted
+    q = bank.questions[0]
+    b = boundary_set(bank, hs, [q])
+    trace = bank[q.qid]
+    assert len(b) == sum(c.n_main for c in trace.chains)
+    assert int(b.last.sum()) == len(trace.chains)
+    for c in trace.chains:
+        rows = b.chain == c.chain
+        assert list(b.chunk[rows]) == list(range(c.n_main))
+        assert set(b.correct[rows]) == {c.correct}
+    # after chunk k every chain appears once: where it is, or where it ended
+    for k in range(int(b.chunk.max()) + 1):
+        at = b.at_boundary(k)
+        assert sorted(at.chain) == sorted(c.chain for c in trace.chains)
