@@ -55,6 +55,7 @@ __all__ = [
     "ProbeFit",
     "auroc",
     "best_of",
+    "cross_fit",
     "fit_chain_probe",
     "fit_difficulty_probe",
     "fit_probes",
@@ -186,6 +187,29 @@ def fit_difficulty_probe(
         params={"model": "ridge regression of the pass rate", "alpha": alpha, **(params or {})},
         meta=dict(meta or {}),
     )
+
+
+def cross_fit(
+    data: BoundarySet, probe: LinearProbe, manifest: HiddenManifest, *, folds: int = 4
+) -> np.ndarray:
+    """``probe``'s configuration (layers, extras, ``C``) refitted ``folds`` times, each time
+    without a fold of ``data``'s questions, and each row predicted by the fit that did not see
+    its question: out-of-fold P(right) for every row (for stacking the probe with other
+    signals without the probe's in-sample optimism)."""
+    fold = np.arange(len(data.qids)) % max(2, folds)
+    out = np.empty(len(data))
+    for f in np.unique(fold):
+        held = fold[data.question] == f
+        p = fit_chain_probe(
+            data.take(~held),
+            manifest,
+            layers=probe.layers,
+            extras=probe.schema.extras,
+            c=float(probe.params["C"]),
+        )
+        part = data.take(held)
+        out[held] = p(part.states, part.layers, part.extras)
+    return out
 
 
 # -- choosing on dev -----------------------------------------------------------------------------

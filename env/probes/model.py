@@ -156,8 +156,14 @@ class ProbeSchema:
             out.append(f"layers {list(manifest.layers)} lack {lacking}")
         return out
 
-    def check(self, manifest: HiddenManifest, *, what: str = "this probe") -> None:
+    def check(
+        self, manifest: HiddenManifest, *, what: str = "this probe", bank: str | Path | None = None
+    ) -> None:
         """Refuse hidden states that are not this probe's inputs, saying what to run.
+
+        Args:
+            what: names the probe in the message.
+            bank: the bank the hidden states belong to (named in the commands to run).
 
         Raises:
             ModelError: naming every difference.
@@ -166,12 +172,13 @@ class ProbeSchema:
         if diffs:
             a = self.annotation
             layers = " ".join(str(la) for la in a["layers"])
+            where = str(bank) if bank is not None else "BANK"
             raise ModelError(
                 f"{what} reads other hidden states than the bank's annotation "
-                f"({'; '.join(diffs)}, the annotation's value first): "
-                f"{_refit_hint('BANK')}, or annotate the bank as the probe was, with "
-                f"`ponder bank annotate BANK --layers {layers} --dims {self.dims} --seed "
-                f"{a['projection']['seed']}` (into a bank without hidden/)"
+                f"({'; '.join(diffs)}; the annotation's value first): "
+                f"{_refit_hint(where)}, or annotate the bank as the probe's was, with "
+                f"`ponder bank annotate {where} --layers {layers} --dims {self.dims} --seed "
+                f"{a['projection']['seed']}` (after moving its hidden/ folder away)"
             )
 
     def inputs(
@@ -328,6 +335,7 @@ class LinearProbe:
         *,
         kind: str | None = None,
         hidden: HiddenManifest | None = None,
+        bank: str | Path | None = None,
     ) -> LinearProbe:
         """Read a probe folder (or its ``probe.json``), refusing anything else.
 
@@ -335,6 +343,7 @@ class LinearProbe:
             kind: the kind expected (any if ``None``).
             hidden: the annotation the probe will read; refused if it is not the probe's
                 (:meth:`ProbeSchema.check`).
+            bank: the bank of ``hidden`` (named in the message).
 
         Raises:
             ModelError: no probe there, a damaged or truncated file (named), another format,
@@ -364,7 +373,7 @@ class LinearProbe:
         if h.get("kind") not in KINDS or (kind is not None and h.get("kind") != kind):
             want = kind or " or ".join(sorted(KINDS))
             raise ModelError(f"{jpath} holds a {h.get('kind')!r} probe, not a {want} probe")
-        bank = str((h.get("meta") or {}).get("bank", ""))
+        fitted_on = str((h.get("meta") or {}).get("bank", ""))
         try:
             s = h["schema"]
             schema = ProbeSchema(
@@ -393,7 +402,7 @@ class LinearProbe:
         if hashlib.sha256(blob).hexdigest() != wsha:
             raise ModelError(
                 f"{wpath} is truncated or altered (its sha256 is not the one {PROBE_JSON} "
-                f"records): copy the probe folder again, or {_refit_hint(bank)}"
+                f"records): copy the probe folder again, or {_refit_hint(fitted_on)}"
             )
         from safetensors.numpy import load
 
@@ -414,7 +423,7 @@ class LinearProbe:
         except Exception as e:  # safetensors raises its own types for damaged files
             raise ModelError(f"{wpath} cannot be read ({type(e).__name__}: {e}): {redo}") from e
         if hidden is not None:
-            schema.check(hidden, what=f"the probe at {p}")
+            schema.check(hidden, what=f"the probe at {p}", bank=bank)
         return probe
 
 

@@ -75,11 +75,17 @@ def _pct(x: Any, digits: int = 1) -> str:
     return "-" if math.isnan(v) else f"{100 * v:.{digits}f}"
 
 
-def _acc_iv(v: Sequence[Any]) -> str:
+def _acc_iv(v: Sequence[Any], unit: str = "") -> str:
     i = interval_of(v)
     if math.isnan(i.mean):
         return "-"
-    return f"{100 * i.mean:.1f} [{100 * i.low:.1f}, {100 * i.high:.1f}]"
+    return f"{100 * i.mean:.1f}{unit} [{100 * i.low:.1f}, {100 * i.high:.1f}]"
+
+
+def _never(x: Any) -> str:
+    """Tokens to match: a number, or never (``nan``: the point never matches)."""
+    v = to_float(x)
+    return "never" if math.isnan(v) or math.isinf(v) else f"{v:,.0f}"
 
 
 def _diff_iv(v: Sequence[Any]) -> str:
@@ -129,17 +135,15 @@ def render(doc: Mapping[str, Any]) -> str:
     intro += (
         "; intervals are 95%, over questions (heuristics) and over questions and training seeds "
         "together (learned families: the two-way bootstrap of `policies/evaluation/bootstrap.py`). "
-        f"maj@16 {_acc_iv(ref['accuracy'])}% at {_tok(ref['tokens'][0])} decoded tokens"
+        f"maj@16 {_acc_iv(ref['accuracy'], '%')} at {_tok(ref['tokens'][0])} decoded tokens"
     )
     if one is not None:
-        intro += f"; one chain {_acc_iv(one['accuracy'])}% at {_tok(one['tokens'][0])}"
-    intro += f"; the oracle {_acc_iv(orc['accuracy'])}% at {_tok(orc['tokens'][0])}."
+        intro += f"; one chain {_acc_iv(one['accuracy'], '%')} at {_tok(one['tokens'][0])}"
+    intro += f"; the oracle {_acc_iv(orc['accuracy'], '%')} at {_tok(orc['tokens'][0])}."
     out += [intro, ""]
 
     budgets = [to_float(x["budget"]) for x in next(iter(head.values()))["accuracy_at"]]
-    order = sorted(
-        head, key=lambda f: -(to_float(head[f]["area"]) if head[f]["area"] is not None else -1.0)
-    )
+    order = sorted(head, key=lambda f: -_area(head[f]))
     rows = []
     for f in order:
         s = head[f]
@@ -152,7 +156,7 @@ def render(doc: Mapping[str, Any]) -> str:
                 f"[{_tok(ttm.low)}, {_tok(ttm.high)}]"
             )
         per_seed = (
-            " / ".join(_tok(x) for x in s["tokens_to_match_per_seed"])
+            " / ".join(_never(x) for x in s["tokens_to_match_per_seed"])
             if s["kind"] == "learned"
             else ""
         )
@@ -256,7 +260,7 @@ def render(doc: Mapping[str, Any]) -> str:
     levels = list(orc["by_level"])
     shown = [("maj@16 (" + ref["label"] + ")", ref)]
     shown += [
-        (f"{f}: {s['shown']['label']}", s["shown"])
+        (s["shown"]["label"], s["shown"])
         for f, s in head.items()
         if s["match"] is not None and f != "best-of-N"
     ]
@@ -309,6 +313,11 @@ def render(doc: Mapping[str, Any]) -> str:
         f"Data: `results/{bank['name']}.json`."
     )
     return "\n".join(out) + "\n"
+
+
+def _area(summary: Mapping[str, Any]) -> float:
+    a = to_float(summary["area"])
+    return -math.inf if math.isnan(a) else a
 
 
 def _secs(x: Any) -> str:

@@ -12,7 +12,9 @@ before, on the same rows:
 - **chain correctness at a chain's last main boundary**: AUROC over all chains, the mean
   within-question AUROC (questions with both right and wrong chains), Brier and ECE (10 bins),
   for the probe, the chain's mean token confidence and the self-verifier's P(yes) at that chunk
-  (both read as probabilities of "right"), with the paired differences probe - baseline;
+  (their Brier and ECE after Platt scaling on the training chains: a mean token confidence is no
+  probability), and the probe and confidence stacked in one logistic regression (does the state
+  add to confidence?), with paired differences;
 - **by layer**: each captured layer alone and all together (the best configuration of each on
   ``dev``);
 - **how early**: AUROC after each chunk (a chain that ended earlier is scored where it ended).
@@ -60,6 +62,7 @@ __all__ = [
     "probe_report",
     "render",
     "run",
+    "stack",
 ]
 
 CHAIN_METRICS = ("AUROC", "AUROC within", "Brier", "ECE")
@@ -178,20 +181,36 @@ def chain_metrics(
     }
 
 
+def stack(
+    columns: Sequence[np.ndarray], y: np.ndarray
+) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
+    """A logistic regression from a few signals (standardised) to P(right), fitted on
+    ``(columns, y)`` (the training chains), returned as a function of new columns."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.stack([np.asarray(c, np.float64) for c in columns], axis=1)
+    mu, sd = x.mean(axis=0), x.std(axis=0)
+    sd[sd < 1e-12] = 1.0
+    model = LogisticRegression(C=1e6, max_iter=1000).fit((x - mu) / sd, y.astype(int))
+    w, b = model.coef_[0].astype(np.float64), float(model.intercept_[0])
+
+    def predict(new: Sequence[np.ndarray]) -> np.ndarray:
+        z = np.stack([np.asarray(c, np.float64) for c in new], axis=1)
+        return 1.0 / (1.0 + np.exp(-(((z - mu) / sd) @ w + b)))
+
+    return predict
+
+
 def platt(score: np.ndarray, y: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """Platt scaling: a one-input logistic regression from ``score`` to P(right), fitted on
     ``(score, y)`` (the training chains), returned as a function of new scores."""
-    from sklearn.linear_model import LogisticRegression
+    f = stack([score], y)
+    return lambda x: f([x])
 
-    s = np.asarray(score, np.float64)
-    mu, sd = float(s.mean()), float(s.std()) or 1.0
-    model = LogisticRegression(C=1e6, max_iter=1000).fit(((s - mu) / sd)[:, None], y.astype(int))
-    a, b = float(model.coef_[0, 0]), float(model.intercept_[0])
 
-    def calibrated(x: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-(a * (np.asarray(x, np.float64) - mu) / sd + b)))
-
-    return calibrated
+def _logit(p: np.ndarray) -> np.ndarray:
+    q = np.clip(np.asarray(p, np.float64), 1e-9, 1 - 1e-9)
+    return np.log(q / (1 - q))
 
 
 def _mixed(y: np.ndarray, question: np.ndarray) -> int:
@@ -267,16 +286,23 @@ def _last_tables(
     last: BoundarySet,
     d: Draws,
 ) -> list[Table]:
-    from env.probes import boundary_set
+    from env.probes import boundary_set, cross_fit
 
     y, qi = last.correct, last.question
-    scores = {
-        f"chain probe ({_layers_name(chain.layers)})": chain(last.states, last.layers, last.extras)
-    }
+    probe = chain(last.states, last.layers, last.extras)
+    scores = {f"chain probe ({_layers_name(chain.layers)})": probe}
     scores.update(_baselines(last))
-    train = boundary_set(bank, hidden, [bank.question(q) for q in fit.splits["train"]])
-    train = train.take(train.last)
+    every = boundary_set(bank, hidden, [bank.question(q) for q in fit.splits["train"]])
+    train = every.take(every.last)
     probs = {name: platt(s, train.correct)(scores[name]) for name, s in _baselines(train).items()}
+    # Does the state add to what confidence knows? Both in one logistic regression, fitted on
+    # the training chains with the probe's out-of-fold predictions.
+    oof = cross_fit(every, chain, hidden.manifest)[every.last]
+    conf = _baselines(train)["mean token confidence"]
+    both = stack([_logit(oof), conf], train.correct)(
+        [_logit(probe), _baselines(last)["mean token confidence"]]
+    )
+    scores["stacked: probe + mean token confidence"] = both
     mets = {name: chain_metrics(y, s, qi, d, probs.get(name)) for name, s in scores.items()}
     main = Table(
         "Chain correctness at a chain's last main boundary (test chains)",
@@ -288,12 +314,20 @@ def _last_tables(
             "Brier and ECE of confidence and P(yes): after Platt scaling fitted on the "
             "training chains' last boundaries (mean token confidence is not a probability); "
             "their AUROCs are of the raw signals",
+            "stacked: a logistic regression on the probe's logit and mean token confidence, "
+            "fitted on the training chains' last boundaries with the probe's predictions out of "
+            "fold (4 folds of training questions)",
         ],
     )
-    probe_name = next(iter(mets))
+    names = list(mets)
+    conf_name = "mean token confidence"
+    pairs = [(names[0], n) for n in names[1:-1]] + [(names[-1], conf_name)]
     diffs: list[list[Any]] = [
-        [f"probe - {name}", *(_iv(mets[probe_name][k] - mets[name][k]) for k in CHAIN_METRICS)]
-        for name in list(mets)[1:]
+        [
+            f"{'probe' if a == names[0] else 'stacked'} - {b}",
+            *(_iv(mets[a][k] - mets[b][k]) for k in CHAIN_METRICS),
+        ]
+        for a, b in pairs
     ]
     paired = Table("Paired differences (last boundary)", ["difference", *CHAIN_METRICS], diffs)
     rows: list[list[Any]] = []
@@ -477,8 +511,10 @@ def run(args: ProbesArgs, echo: Callable[[str], None] = print) -> ProbeReport:
         out = args.out or Path("runs") / "probes" / args.bank.resolve().name
         paths = (fit.difficulty.save(out / "difficulty"), fit.chain.save(out / "chain-correctness"))
         loaded = (
-            LinearProbe.load(paths[0], kind="difficulty", hidden=hidden.manifest),
-            LinearProbe.load(paths[1], kind="chain-correctness", hidden=hidden.manifest),
+            LinearProbe.load(paths[0], kind="difficulty", hidden=hidden.manifest, bank=bank.path),
+            LinearProbe.load(
+                paths[1], kind="chain-correctness", hidden=hidden.manifest, bank=bank.path
+            ),
         )
         report = probe_report(bank, hidden, fit, probes=loaded, boot=args.boot, seed=args.seed)
     report.summary["saved"] = [str(p) for p in paths]

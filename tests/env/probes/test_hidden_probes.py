@@ -21,6 +21,7 @@ from env.probes import (
     ProbeSchema,
     auroc,
     boundary_set,
+    cross_fit,
     fit_probes,
     prompt_set,
     spearman,
@@ -134,8 +135,8 @@ def test_a_probe_refuses_other_hidden_states(
     path = fitted.chain.save(tmp_path / "chain")
     m = hs.manifest
     other_model = dataclasses.replace(m, model={**m.model, "sha256": "another"}).fingerprinted()
-    with pytest.raises(ModelError, match=r"model sha256.*ponder probes"):
-        LinearProbe.load(path, hidden=other_model)
+    with pytest.raises(ModelError, match=r"model sha256.*`ponder probes my/bank`"):
+        LinearProbe.load(path, hidden=other_model, bank="my/bank")
     other_dims = dataclasses.replace(m, dims=8).fingerprinted()
     with pytest.raises(ModelError, match="projected dimensions"):
         LinearProbe.load(path, hidden=other_dims)
@@ -206,3 +207,17 @@ def test_boundary_rows_follow_the_bank(planted: tuple[TraceBank, HiddenStates]) 
     for k in range(int(b.chunk.max()) + 1):
         at = b.at_boundary(k)
         assert sorted(at.chain) == sorted(c.chain for c in trace.chains)
+
+
+def test_cross_fit_predicts_each_question_from_a_fit_without_it(
+    planted: tuple[TraceBank, HiddenStates], fitted: ProbeFit
+) -> None:
+    bank, hs = planted
+    train = boundary_set(bank, hs, [bank.question(q) for q in fitted.splits["train"]])
+    oof = cross_fit(train, fitted.chain, hs.manifest, folds=4)
+    assert oof.shape == (len(train),) and ((oof > 0) & (oof < 1)).all()
+    assert auroc(train.correct, oof) > 0.9
+    # a question's rows move when its own label flips only if it was in the fit: it is not
+    flipped = dataclasses.replace(train, correct=train.correct ^ (train.question == 0))
+    again = cross_fit(flipped, fitted.chain, hs.manifest, folds=4)
+    np.testing.assert_array_equal(again[train.question == 0], oof[train.question == 0])
