@@ -355,9 +355,12 @@ def read_policy_files(path: str | Path, *, kinds: Mapping[str, Sequence[int]]) -
         )
     try:
         header = json.loads(header_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:
+        # ValueError covers bad JSON, bad UTF-8 and numbers too long to convert; RecursionError
+        # JSON nested deeper than the parser's stack.
         raise PolicyError(
-            f"{header_path} is not valid JSON ({e}): the file is damaged; save the policy again"
+            f"{header_path} is not valid JSON ({type(e).__name__}): the file is damaged; save "
+            "the policy again"
         ) from e
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         got = header.get("format") if isinstance(header, dict) else type(header).__name__
