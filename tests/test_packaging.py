@@ -37,6 +37,7 @@ ALLOWED_TOP_LEVEL = {
     "bench",
     "data",
     "models",
+    "results",  # the main job's committed results files (the README's report is made from them)
 }
 #: What must be there.
 REQUIRED_TOP_LEVEL = {
