@@ -88,11 +88,16 @@ def _never(x: Any) -> str:
     return "never" if math.isnan(v) or math.isinf(v) else f"{v:,.0f}"
 
 
+def _pt(x: float) -> str:
+    """A difference in points, signed (a rounding error around 0 prints as +0.0)."""
+    return f"{round(100 * x, 9) + 0.0:+.1f}"
+
+
 def _diff_iv(v: Sequence[Any]) -> str:
     i = interval_of(v)
     if math.isnan(i.mean):
         return "no point that cheap"
-    return f"{100 * i.mean:+.1f} [{100 * i.low:+.1f}, {100 * i.high:+.1f}]"
+    return f"{_pt(i.mean)} [{_pt(i.low)}, {_pt(i.high)}]"
 
 
 def _budgets(bs: Sequence[Any]) -> str:

@@ -333,10 +333,11 @@ def print_differences(console: Console, summaries: Sequence[FamilySummary]) -> N
             if d is None or math.isnan(d.diff.mean):
                 cells.append("-")
             else:
-                cells.append(
-                    f"{100 * d.diff.mean:+.1f} [{100 * d.diff.low:+.1f}, {100 * d.diff.high:+.1f}]"
-                    f" vs {d.heuristic}"
-                )
+                pt = [
+                    f"{round(100 * x, 9) + 0.0:+.1f}"
+                    for x in (d.diff.mean, d.diff.low, d.diff.high)
+                ]
+                cells.append(f"{pt[0]} [{pt[1]}, {pt[2]}] vs {d.heuristic}")
         n = len(s.diffs)
         above = ", ".join(f"{b:.0f}" for b in s.above) or "none"
         below = ", ".join(f"{b:.0f}" for b in s.below) or "none"

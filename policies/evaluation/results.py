@@ -47,6 +47,8 @@ __all__ = [
     "LevelRecord",
     "PointRecord",
     "comparable",
+    "dumps",
+    "interval_of",
     "machine",
     "num",
     "packages",
@@ -66,12 +68,14 @@ PACKAGES = ("ponder", "numpy", "scipy", "torch", "scikit-learn", "gymnasium", "p
 
 
 def num(x: float | None) -> float | str | None:
-    """A number as JSON holds it: ``nan`` -> ``null``, ``±inf`` -> ``"inf"`` / ``"-inf"``."""
+    """A number as JSON holds it, to 8 significant digits (more than any table shows, and no
+    double rounding of what it shows; a file that diffs by the numbers that matter): ``nan`` ->
+    ``null``, ``±inf`` -> ``"inf"`` / ``"-inf"``."""
     if x is None or math.isnan(x):
         return None
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
-    return float(x)
+    return float(f"{x:.8g}")
 
 
 def to_float(v: Any) -> float:
@@ -214,12 +218,34 @@ def results_document(
     }
 
 
+def dumps(obj: Any, indent: int = 0, width: int = 160) -> str:
+    """JSON laid out for reading and for diffs: a list or object goes on one line when it holds
+    no object and fits in ``width`` characters, else one item per line."""
+    flat = json.dumps(obj, ensure_ascii=False, allow_nan=False)
+    nested = isinstance(obj, dict | list) and any(
+        isinstance(v, dict) or (isinstance(v, list) and any(isinstance(x, dict | list) for x in v))
+        for v in (obj.values() if isinstance(obj, dict) else obj)
+    )
+    if not isinstance(obj, dict | list) or (not nested and indent + len(flat) <= width):
+        return flat
+    pad = " " * (indent + 1)
+    if isinstance(obj, dict):
+        items = [
+            f"{pad}{json.dumps(k, ensure_ascii=False)}: {dumps(v, indent + 1, width)}"
+            for k, v in obj.items()
+        ]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    items = [pad + dumps(v, indent + 1, width) for v in obj]
+    return "[\n" + ",\n".join(items) + "\n" + " " * indent + "]"
+
+
 def write_results(path: str | Path, doc: Mapping[str, Any]) -> Path:
-    """Write ``doc`` as indented JSON (atomically: a temporary file, then a rename)."""
+    """Write ``doc`` as JSON laid out by :func:`dumps` (atomically: a temporary file, then a
+    rename)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+    tmp.write_text(dumps(dict(doc)) + "\n")
     tmp.replace(p)
     return p
 

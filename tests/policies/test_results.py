@@ -26,6 +26,7 @@ from policies.evaluation.results import (
     SCHEMA,
     VOLATILE,
     comparable,
+    dumps,
     num,
     read_results,
     to_float,
@@ -151,11 +152,20 @@ def test_report_renders_and_rewrites_the_readme(
         read_results(res / "bad.json")
 
 
+def test_layout_is_compact_and_exact() -> None:
+    doc = {"a": [1.5, None, "inf"], "b": {"c": [{"d": 1}, {"d": 2}]}, "e": list(range(60))}
+    text = dumps(doc)
+    assert json.loads(text) == doc
+    assert '"a": [1.5, null, "inf"]' in text and '  {"d": 1},' in text
+    assert max(len(line) for line in text.splitlines()) <= 160
+
+
 def test_numbers_json_cannot_hold() -> None:
     assert [num(x) for x in (1.5, math.nan, math.inf, -math.inf, None)] == [
         1.5, None, "inf", "-inf", None,
     ]  # fmt: skip
     assert math.isnan(to_float(None)) and to_float("inf") == math.inf and to_float(2) == 2.0
+    assert num(1 / 3) == 0.33333333 and num(5020.36220472441) == 5020.3622  # 8 digits
 
 
 def test_replace_blocks_keeps_the_rest() -> None:

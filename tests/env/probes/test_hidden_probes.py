@@ -221,3 +221,15 @@ def test_cross_fit_predicts_each_question_from_a_fit_without_it(
     flipped = dataclasses.replace(train, correct=train.correct ^ (train.question == 0))
     again = cross_fit(flipped, fitted.chain, hs.manifest, folds=4)
     np.testing.assert_array_equal(again[train.question == 0], oof[train.question == 0])
+
+
+def test_the_shipped_testbed_bank_is_annotated_and_probes_fit_on_it(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[3] / "data" / "banks" / "testbed-arith"
+    bank = TraceBank(root)
+    hs = HiddenStates.open(root, bank)
+    assert hs is not None and hs.complete and hs.layers == (2, 4)
+    fit = fit_probes(bank, hs, layers=[(4,)], **GRID)
+    assert len(fit.splits["train"]) == 24 and len(fit.splits["test"]) == 24
+    back = LinearProbe.load(fit.chain.save(tmp_path / "c"), hidden=hs.manifest)
+    b = boundary_set(bank, hs, [bank.question(q) for q in fit.splits["test"]])
+    assert auroc(b.correct, back(b.states, b.layers, b.extras)) > 0.6
