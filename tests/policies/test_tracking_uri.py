@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,14 +23,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# MLflow alone retried for about 4 minutes; the check gives up within its 5 s timeout. The
+# bound is a hang guard (pytest-timeout), not a performance target.
+@pytest.mark.timeout(60)
 def test_a_server_with_nothing_listening_is_named_at_once() -> None:
     uri = f"http://127.0.0.1:{_free_port()}"
-    t0 = time.monotonic()
     with pytest.raises(ConfigError, match=f"{uri} did not answer"):
         Tracker(experiment="x", tracking_uri=uri)
-    # MLflow alone retried for about 4 minutes; the check gives up within its short timeout.
-    # (A hang guard, not a performance target.)
-    assert time.monotonic() - t0 < 60
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
