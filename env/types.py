@@ -213,6 +213,11 @@ class Chunk:
         confidence: per-token confidence, ``-mean(top_logprobs)`` (DeepConf), shape ``[n]``;
             filled from ``top_logprobs`` when not given (a replayed bank stores it instead).
         entropy: per-token entropy of the renormalised top-``m`` distribution, shape ``[n]``.
+        hidden: the model's state after the chunk's last token, reduced as the generator's
+            ``traits.hidden`` says (:class:`~env.bank.hidden.HiddenManifest`: layers, projected
+            dimensions), float32 ``[n_layers, dims]``; ``None`` unless the generator captures
+            states (a replayed annotated bank, or a live engine behind
+            :class:`~env.generators.capture.Capturing`).
     """
 
     token_ids: IntArray
@@ -225,6 +230,7 @@ class Chunk:
     n_injected: int = 0
     confidence: FloatArray | None = None
     entropy: FloatArray | None = None
+    hidden: FloatArray | None = None
 
     def __post_init__(self) -> None:
         if self.confidence is None or self.entropy is None:
@@ -257,6 +263,8 @@ class Chain:
         branch_point: generated-token offset in the parent where it branched.
         budget: budget forcing, if any.
         handle: the generator's own reference.
+        prompt_hidden: the model's state at the prompt's last token, reduced as the chunks'
+            ``hidden`` (``None`` unless the generator captures states).
     """
 
     chain_id: int
@@ -273,6 +281,7 @@ class Chain:
     #: For branches: the parent's generated tokens and text before ``branch_point``.
     prefix_ids: list[int] = field(default_factory=list)
     prefix_text: str = ""
+    prompt_hidden: FloatArray | None = None
 
     @property
     def token_ids(self) -> list[int]:

@@ -78,6 +78,7 @@ __all__ = [
     "projection_sha256",
     "read_hidden_file",
     "reduce_states",
+    "require_hidden",
     "tokens_sha256",
 ]
 
@@ -462,6 +463,30 @@ class HiddenStates:
         if chunk < int(chunks.max()):
             raise BankError(f"chunk {chunk} of chain {chain} of {qid!r} has no hidden state")
         return f.boundary[rows[-1]]
+
+
+def require_hidden(bank: TraceBank) -> HiddenStates:
+    """The bank's hidden states, every recorded question annotated.
+
+    Raises:
+        BankError: the bank has none, or some questions lack them (named, with what to run).
+    """
+    hs = HiddenStates.open(bank.path, bank)
+    if hs is None:
+        raise BankError(
+            f"the bank at {bank.path} has no hidden states (no {bank.path / HIDDEN_DIR}): run "
+            f"`ponder bank annotate {bank.path}` (hours for a large bank: it resumes)"
+        )
+    done = set(hs.annotated)
+    missing = [q for q in bank.manifest.questions if q in bank and q not in done]
+    if missing:
+        shown = ", ".join(repr(q) for q in missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise BankError(
+            f"the hidden states of the bank at {bank.path} cover {len(done)} of {len(bank)} "
+            f"recorded questions ({len(missing)} lack them: {shown}): finish them with "
+            f"`ponder bank annotate {bank.path}` (it resumes where it stopped)"
+        )
+    return hs
 
 
 def describe(bank: TraceBank) -> str:

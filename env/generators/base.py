@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -66,12 +66,17 @@ class GeneratorTraits:
         thread_safe: concurrent questions may call it at once (the controller locks any other).
         can_judge: :meth:`Generator.judge` can run (a bank recorded without verifier scores
             cannot).
+        hidden: what the model states its chunks carry are (``Chunk.hidden`` and
+            ``Chain.prompt_hidden``): the :class:`~env.bank.hidden.HiddenManifest` of the
+            capture (model sha256, layers, projection), which a probe checks before it reads
+            them; ``None``: it captures none.
     """
 
     chunk_tokens: int | None = None
     splits_chunks: bool = False
     thread_safe: bool = False
     can_judge: bool = True
+    hidden: Any = None
 
 
 @runtime_checkable

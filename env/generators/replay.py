@@ -28,6 +28,7 @@ from typing import cast
 
 import numpy as np
 
+from env.bank.hidden import HiddenStates, require_hidden
 from env.bank.store import ChainTrace, QuestionTrace, TraceBank
 from env.episode.rules import replay_chain_end, replay_has_chunk
 from env.generators.base import (
@@ -73,12 +74,29 @@ class ReplayGenerator(GeneratorBase):
     Args:
         bank: a bank or its folder.
         seed: seeds which recorded chains each question hands out; :meth:`reset` reseeds.
+        hidden: serve the bank's hidden states (``PATH/hidden/``, :mod:`env.bank.hidden`) with
+            the chains (``Chain.prompt_hidden``) and chunks (``Chunk.hidden``); the traits then
+            carry the annotation's manifest. An extension chunk (not annotated) carries its
+            chain's last main boundary.
+
+    Raises:
+        BankError: ``hidden`` for a bank without hidden states, or one whose annotation does
+            not cover every recorded question (the message says what to run).
     """
 
-    def __init__(self, bank: TraceBank | str | Path, *, seed: int = 0) -> None:
+    def __init__(
+        self, bank: TraceBank | str | Path, *, seed: int = 0, hidden: bool = False
+    ) -> None:
         self.bank = bank if isinstance(bank, TraceBank) else TraceBank(bank)
         m = self.bank.manifest
-        self._traits = GeneratorTraits(chunk_tokens=m.chunk_tokens, can_judge=bool(m.judge))
+        self.hidden: HiddenStates | None = None
+        if hidden:
+            self.hidden = require_hidden(self.bank)
+        self._traits = GeneratorTraits(
+            chunk_tokens=m.chunk_tokens,
+            can_judge=bool(m.judge),
+            hidden=None if self.hidden is None else self.hidden.manifest,
+        )
         self.sampling = SamplingConfig(
             temperature=float(m.sampling.get("temperature", 0.7)),
             top_p=float(m.sampling.get("top_p", 1.0)),
@@ -142,6 +160,11 @@ class ReplayGenerator(GeneratorBase):
                     prompt_ids=[],
                     budget=budget,
                     handle=idx,
+                    prompt_hidden=(
+                        None
+                        if self.hidden is None
+                        else self.hidden.prompt(question.qid).astype(np.float32)
+                    ),
                 )
             )
             self._next_id += 1
@@ -205,7 +228,7 @@ class ReplayGenerator(GeneratorBase):
             key = (chain.question.qid, ct.chain, i)
             chunk = self._chunks.get(key)
             if chunk is None:  # chunks are shared between episodes: treat them as read-only
-                chunk = self._chunks[key] = self._chunk(ct, i)
+                chunk = self._chunks[key] = self._chunk(ct, i, chain.question.qid)
             chain.chunks.append(chunk)
             finished, reason = replay_chain_end(ct, i, self._wants_more(chain))
             chain.finished = finished
@@ -217,7 +240,7 @@ class ReplayGenerator(GeneratorBase):
     def _wants_more(chain: Chain) -> bool:
         return chain.budget is not None and chain.num_tokens < chain.budget.min_tokens
 
-    def _chunk(self, ct: ChainTrace, i: int) -> Chunk:
+    def _chunk(self, ct: ChainTrace, i: int, qid: str) -> Chunk:
         r = ct.rows
         n = int(r["n_tokens"][i])
         inj = int(r["n_injected"][i])
@@ -238,6 +261,11 @@ class ReplayGenerator(GeneratorBase):
             n_injected=inj,
             confidence=np.asarray(r["confidence"][i], dtype=np.float32),
             entropy=np.asarray(r["entropy"][i], dtype=np.float32),
+            hidden=(
+                None
+                if self.hidden is None
+                else self.hidden.at(qid, ct.chain, int(r["chunk"][i])).astype(np.float32)
+            ),
         )
 
     def branch(self, chain: Chain, n: int = 1, *, at: int | None = None) -> list[Chain]:
