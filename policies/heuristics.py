@@ -24,6 +24,7 @@ from typing import Literal
 
 import numpy as np
 
+from env.episode.config import AGGREGATES
 from env.episode.observation import CONF_SCALE, STREAK_SCALE
 from features.errors import ConfigError
 from policies.base import BRANCH, CONTINUE, STOP, VERIFY, BasePolicy, ObsView
@@ -41,7 +42,7 @@ __all__ = [
     "SingleChain",
 ]
 
-Aggregate = Literal["majority", "confidence", "verifier"]
+Aggregate = Literal["majority", "confidence", "verifier", "probe", "probe-best"]
 
 
 def _positive(v: float, what: str) -> None:
@@ -72,16 +73,17 @@ class BestOfN(BasePolicy):
 
     Args:
         n: chains.
-        aggregate: ``majority`` (self-consistency), ``confidence`` (DeepConf offline weighting)
-            or ``verifier`` (verifier-weighted best-of-N).
+        aggregate: ``majority`` (self-consistency), ``confidence`` (DeepConf offline weighting),
+            ``verifier`` (verifier-weighted best-of-N), ``probe`` (votes weighted by the
+            hidden-state probe's P(right)) or ``probe-best`` (the chain the probe rates highest).
     """
 
     def __init__(self, n: int, aggregate: Aggregate = "majority") -> None:
         if n < 1:
             raise ConfigError(f"best-of-N needs n >= 1, got {n}")
-        if aggregate not in ("majority", "confidence", "verifier"):
+        if aggregate not in AGGREGATES:
             raise ConfigError(
-                f"aggregate must be majority, confidence or verifier, got {aggregate!r}"
+                f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}"
             )
         self.n_chains = int(n)
         self.planned_chains = self.n_chains
@@ -144,6 +146,35 @@ class AdaptiveConsistency(BasePolicy):
         sure = v["beta_leader"] >= self.threshold
         more = (v.n_chains < self.max_n) & v.flag("can_branch")
         return np.where(_open(v), CONTINUE, np.where(sure | ~more, STOP, BRANCH))
+
+
+class ProbeStop(BasePolicy):
+    """LYNX-style early exit on the model's own state (arXiv 2512.05325), as a fixed rule.
+
+    Chains are read one at a time, chunk by chunk. Stop as soon as the current chain has an
+    answer (its final one, or its answer-forcing probe's) and the chain-correctness probe gives
+    it P(right) >= ``threshold`` (the ``cur_right`` feature); the answer is then the chain the
+    probe rates highest (``aggregate="probe-best"``). A chain that ends below the threshold
+    gives way to a new one, up to ``max_n``; then stop.
+    """
+
+    aggregate = "probe-best"
+
+    def __init__(self, threshold: float = 0.8, max_n: int = 16) -> None:
+        if not 0 < threshold < 1:
+            raise ConfigError(f"threshold must be in (0, 1), got {threshold}")
+        _positive(max_n, "max_n")
+        self.threshold = float(threshold)
+        self.max_n = int(max_n)
+        self.name = f"probe-stop-{threshold:g}"
+        super().__init__()
+
+    def _act(self, obs: np.ndarray) -> np.ndarray:
+        v = ObsView(obs, self.config)
+        sure = v.flag("cur_has_answer") & (v["cur_right"] >= self.threshold)
+        more = (v.n_chains < self.max_n) & v.flag("can_branch")
+        nxt = np.where(more, BRANCH, STOP)
+        return np.where(sure, STOP, np.where(_open(v), CONTINUE, nxt))
 
 
 class EarlyStoppingSC(BasePolicy):

@@ -13,10 +13,11 @@ matter; a part in brackets may be left out (it then takes the default in parenth
 | spec | policy |
 |---|---|
 | ``single`` | :class:`~policies.heuristics.SingleChain` |
-| ``best-of-N[-AGG]`` | :class:`~policies.heuristics.BestOfN`: ``N`` chains, vote ``AGG`` = ``majority`` (default), ``confidence`` or ``verifier`` |
+| ``best-of-N[-AGG]`` | :class:`~policies.heuristics.BestOfN`: ``N`` chains, vote ``AGG`` = ``majority`` (default), ``confidence``, ``verifier``, ``probe`` (weighted by the hidden-state probe's P(right)) or ``probe-best`` (the chain it rates highest) |
 | ``s1-B`` | :class:`~policies.heuristics.BudgetForcing`: a budget of ``B`` tokens |
 | ``adaptive-consistency[-T]`` | :class:`~policies.heuristics.AdaptiveConsistency`: threshold ``T`` (0.95), up to ``max_chains`` chains |
 | ``esc[-4][-maxM]`` | :class:`~policies.heuristics.EarlyStoppingSC`: windows of 4, up to ``M`` chains (16) |
+| ``probe-stop[-T]`` | :class:`~policies.heuristics.ProbeStop`: LYNX-style, stop once the current chain's P(right) >= ``T`` (0.8) |
 | ``probe-agree[-K]`` | :class:`~policies.heuristics.ProbeAgreement`: ``K`` agreeing probes (3) |
 | ``deepconf-online[-P]`` | :class:`~policies.heuristics.DeepConfOnline`: keep ``P`` percent (90), ``min(4, max_chains)`` warm-up chains, up to ``max_chains`` |
 | ``router[-E-H]`` | :class:`~policies.heuristics.DifficultyRouter`: thresholds ``E`` and ``H`` (0.3, 0.7), ``min(4, max_chains)`` chains when medium |
@@ -122,12 +123,18 @@ class _Family:
 _FAMILIES: tuple[_Family, ...] = (
     _Family(heuristics.SingleChain, "single"),
     _Family(
-        heuristics.BestOfN, rf"best-of-{_int('n')}(?:-(?P<aggregate>majority|confidence|verifier))?"
+        heuristics.BestOfN,
+        rf"best-of-{_int('n')}(?:-(?P<aggregate>majority|confidence|verifier|probe-best|probe))?",
     ),
     _Family(heuristics.BudgetForcing, rf"s1-{_int('budget')}"),
     _Family(
         heuristics.AdaptiveConsistency,
         rf"adaptive-consistency(?:-{_num('threshold')})?",
+        lambda mc: {"max_n": mc},
+    ),
+    _Family(
+        heuristics.ProbeStop,
+        rf"probe-stop(?:-{_num('threshold')})?",
         lambda mc: {"max_n": mc},
     ),
     _Family(heuristics.EarlyStoppingSC, rf"esc(?:-4)?(?:-max{_int('max_n')})?"),

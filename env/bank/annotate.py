@@ -65,6 +65,9 @@ from features.errors import BankError, ConfigError, ModelError
 
 if TYPE_CHECKING:
     from env.bank.store import QuestionTrace
+    from env.generators.backend import HFTokenizer
+    from env.generators.prompts import PromptTemplate
+    from env.types import PromptMode
 
 __all__ = [
     "AnnotateArgs",
@@ -72,9 +75,16 @@ __all__ = [
     "StateCapture",
     "annotate",
     "capture_states",
+    "check_layers",
     "default_layers",
+    "hidden_manifest",
+    "is_model_folder",
+    "load_tokenizer",
     "main",
+    "model_name",
+    "model_shape",
     "prompt_ids",
+    "render_prompt_ids",
     "resolve_model",
 ]
 
@@ -171,7 +181,7 @@ def resolve_model(bank: TraceBank, given: Path | None = None) -> Path:
     elif recorded is not None:
         candidates += places(recorded)
     for c in candidates:
-        if (c / "config.json").is_file() and any(c.glob("*.safetensors")):
+        if is_model_folder(c):
             return c
     raise ModelError(
         f"no Hugging Face folder of the bank's model {m.get('name')!r} ({m.get('path')}) was "
@@ -179,7 +189,12 @@ def resolve_model(bank: TraceBank, given: Path | None = None) -> Path:
     )
 
 
-def _model_shape(folder: Path) -> tuple[int, int]:
+def is_model_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a Hugging Face model: a ``config.json`` and safetensors weights."""
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def model_shape(folder: Path) -> tuple[int, int]:
     """``(num_hidden_layers, hidden_size)`` from the folder's ``config.json``."""
     try:
         cfg = json.loads((folder / "config.json").read_text())
@@ -197,7 +212,12 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, num_layers // 2), num_layers}))
 
 
-def _check_layers(layers: Sequence[int], num_layers: int, folder: Path) -> tuple[int, ...]:
+def check_layers(layers: Sequence[int], num_layers: int, folder: Path) -> tuple[int, ...]:
+    """``layers`` sorted and deduplicated.
+
+    Raises:
+        ConfigError: none given, or one the model in ``folder`` (``num_layers`` layers) lacks.
+    """
     out = tuple(sorted(set(int(x) for x in layers)))
     bad = [x for x in out if not 1 <= x <= num_layers]
     if not out or bad:
@@ -244,8 +264,8 @@ class StateCapture:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         torch.set_num_threads(threads or os.cpu_count() or 1)
-        num_layers, self.hidden_size = _model_shape(folder)
-        self.layers = _check_layers(layers, num_layers, folder)
+        num_layers, self.hidden_size = model_shape(folder)
+        self.layers = check_layers(layers, num_layers, folder)
         deepest = max(self.layers)
         config = AutoConfig.from_pretrained(folder)
         text = getattr(config, "text_config", config)
@@ -346,7 +366,6 @@ def prompt_ids(bank: TraceBank, question_text: str, tokenizer: Any) -> list[int]
     and mode over the question text, through ``tokenizer`` (an
     :class:`~env.generators.backend.HFTokenizer`), no special tokens added."""
     from env.generators.prompts import get_template
-    from env.types import PromptMode
 
     m = bank.manifest
     template = get_template(m.template)
@@ -361,10 +380,30 @@ def prompt_ids(bank: TraceBank, question_text: str, tokenizer: Any) -> list[int]
             f"{m.template!r} than this ponder's ({changed}): the prompts cannot be rebuilt; "
             "annotate with the ponder version that recorded the bank"
         )
+    return render_prompt_ids(template, cast("PromptMode", m.mode), question_text, tokenizer)
+
+
+def render_prompt_ids(
+    template: PromptTemplate, mode: PromptMode, question_text: str, tokenizer: Any
+) -> list[int]:
+    """The prompt's token ids as a live generator renders them: ``template`` in ``mode`` over
+    the question text, through ``tokenizer`` (an :class:`~env.generators.backend.HFTokenizer`),
+    no special tokens added."""
     text = template.question_prompt(
-        question_text, cast(PromptMode, m.mode), _apply_chat(tokenizer) if template.chat else None
+        question_text, mode, _apply_chat(tokenizer) if template.chat else None
     )
     return list(tokenizer.encode(text))
+
+
+def load_tokenizer(folder: Path) -> HFTokenizer:
+    """The tokenizer of a Hugging Face model folder, as the generators' backends wrap it."""
+    from transformers import AutoTokenizer
+
+    from env.generators.backend import HFTokenizer
+
+    tokenizer = HFTokenizer()
+    tokenizer.tokenizer = AutoTokenizer.from_pretrained(folder)
+    return tokenizer
 
 
 def _chains(qt: QuestionTrace, path: Path) -> tuple[list[list[int]], list[list[int]], np.ndarray]:
@@ -417,6 +456,56 @@ def _version(package: str) -> str:
         return ""
 
 
+def model_name(folder: Path) -> str:
+    """The model's name as an annotation records it: ``ponder_model.json``'s, else the folder's."""
+    name = folder.name
+    with contextlib.suppress(OSError, json.JSONDecodeError, AttributeError):
+        name = json.loads((folder / "ponder_model.json").read_text()).get("name", name)
+    return str(name)
+
+
+def hidden_manifest(
+    folder: Path,
+    layers: Sequence[int],
+    *,
+    dims: int,
+    seed: int,
+    dtype: str,
+    sha: str | None = None,
+    bank_id: str = "",
+    bank_model_sha256: str = "",
+) -> HiddenManifest:
+    """The (fingerprinted) :class:`~env.bank.hidden.HiddenManifest` of a capture with these
+    settings by the transformers model in ``folder`` (``sha``: its
+    :func:`~env.bank.store.model_sha256`, computed if not given). ``layers`` are taken as
+    checked (:func:`check_layers`)."""
+    num_layers, hidden = model_shape(folder)
+    return HiddenManifest(
+        engine="transformers",
+        model={
+            "name": model_name(folder),
+            "path": str(folder),
+            "sha256": sha if sha is not None else model_sha256(folder),
+            "num_layers": num_layers,
+            "hidden_size": hidden,
+        },
+        bank_id=bank_id,
+        bank_model_sha256=bank_model_sha256,
+        dtype=dtype,
+        layers=list(layers),
+        dims=int(dims),
+        projection={
+            "kind": "gaussian",
+            "seed": int(seed),
+            "sha256": projection_sha256(seed, layers, hidden, dims),
+        },
+        ponder_version=_version("ponder"),
+        transformers_version=_version("transformers"),
+        torch_version=_version("torch"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    ).fingerprinted()
+
+
 def _open_manifest(root: Path, want: HiddenManifest) -> HiddenManifest:
     """The annotation's manifest: written if new, else checked against this run's settings."""
     mpath = root / HIDDEN_DIR / "manifest.json"
@@ -455,13 +544,11 @@ def _check_done(
 
 def annotate(args: AnnotateArgs) -> AnnotateReport:
     """Annotate the bank at ``args.path`` (see the module docstring); returns what was done."""
-    from env.generators.backend import HFTokenizer
-
     bank = TraceBank(args.path)
     root = bank.path
     folder = resolve_model(bank, args.model)
-    num_layers, hidden = _model_shape(folder)
-    layers = _check_layers(args.layers or default_layers(num_layers), num_layers, folder)
+    num_layers, hidden = model_shape(folder)
+    layers = check_layers(args.layers or default_layers(num_layers), num_layers, folder)
     if not 1 <= args.dims <= hidden:
         raise ConfigError(f"--dims must be between 1 and the model's hidden size {hidden}")
     if args.limit is not None and args.limit < 0:
@@ -476,33 +563,16 @@ def annotate(args: AnnotateArgs) -> AnnotateReport:
             sha[:12],
             str(bank.manifest.model.get("sha256"))[:12],
         )
-    name = folder.name
-    with contextlib.suppress(OSError, json.JSONDecodeError, AttributeError):
-        name = json.loads((folder / "ponder_model.json").read_text()).get("name", name)
-    want = HiddenManifest(
-        engine="transformers",
-        model={
-            "name": name,
-            "path": str(folder),
-            "sha256": sha,
-            "num_layers": num_layers,
-            "hidden_size": hidden,
-        },
+    want = hidden_manifest(
+        folder,
+        layers,
+        dims=args.dims,
+        seed=args.seed,
+        dtype=args.dtype,
+        sha=sha,
         bank_id=bank.manifest.bank_id,
         bank_model_sha256=bank.manifest.model.get("sha256", ""),
-        dtype=args.dtype,
-        layers=list(layers),
-        dims=int(args.dims),
-        projection={
-            "kind": "gaussian",
-            "seed": int(args.seed),
-            "sha256": projection_sha256(args.seed, layers, hidden, args.dims),
-        },
-        ponder_version=_version("ponder"),
-        transformers_version=_version("transformers"),
-        torch_version=_version("torch"),
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-    ).fingerprinted()
+    )
 
     with BankLock(root / HIDDEN_DIR, "ponder bank annotate"):
         manifest = _open_manifest(root, want)
@@ -527,10 +597,7 @@ def annotate(args: AnnotateArgs) -> AnnotateReport:
             return AnnotateReport(0, already, len(bank), 0, 0.0, 0)
 
         t0 = time.perf_counter()
-        from transformers import AutoTokenizer
-
-        tokenizer = HFTokenizer()
-        tokenizer.tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = load_tokenizer(folder)
         capture = StateCapture(folder, layers, args.dtype, args.threads)
         load_seconds = time.perf_counter() - t0
         tokens = written = done = 0

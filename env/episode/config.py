@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from env.bank.store import BankManifest
 
 __all__ = [
+    "AGGREGATES",
+    "PROBE_AGGREGATES",
     "Action",
     "Prices",
     "decode_tokens",
@@ -28,6 +30,12 @@ class Action(enum.IntEnum):
     BRANCH = 1
     VERIFY = 2
     STOP = 3
+
+
+#: The answer aggregations (``EnvConfig.aggregate``); the last two read the hidden-state probe.
+AGGREGATES: tuple[str, ...] = ("majority", "confidence", "verifier", "probe", "probe-best")
+#: Those that need an environment with probes.
+PROBE_AGGREGATES: tuple[str, ...] = ("probe", "probe-best")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +93,10 @@ class EnvConfig:
         lam: λ, the price of one token in units of a correct answer.
         prices: token prices by kind (see :class:`Prices`).
         aggregate: how the answer is chosen at stop: ``majority``, ``confidence`` (votes weighted
-            by chain confidence, DeepConf) or ``verifier`` (weighted by the verifier's P(yes)).
+            by chain confidence, DeepConf), ``verifier`` (weighted by the verifier's P(yes)),
+            ``probe`` (weighted by each chain's latest P(right) from the hidden-state probe) or
+            ``probe-best`` (the answer of the chain with the highest P(right)); the last two
+            need an environment with probes (:mod:`env.episode.hidden`).
         probe: probe every unfinished chain after each of its chunks (answer-forcing, at cost).
         probe_tokens: tokens a probe may read.
         unavailable: an action that cannot run (a chain with nothing left, no chain left to
@@ -103,7 +114,7 @@ class EnvConfig:
     time_cap_s: float = 0.0
     lam: float = 2e-4
     prices: Prices = field(default_factory=Prices)
-    aggregate: Literal["majority", "confidence", "verifier"] = "majority"
+    aggregate: Literal["majority", "confidence", "verifier", "probe", "probe-best"] = "majority"
     probe: bool = True
     probe_tokens: int = 16
     unavailable: Literal["truncate", "raise"] = "truncate"
@@ -121,9 +132,9 @@ class EnvConfig:
             raise ConfigError(f"lam must be a finite number >= 0, got {self.lam!r}")
         if not (math.isfinite(self.time_cap_s) and self.time_cap_s >= 0):
             raise ConfigError(f"time_cap_s must be >= 0, got {self.time_cap_s!r}")
-        if self.aggregate not in ("majority", "confidence", "verifier"):
+        if self.aggregate not in AGGREGATES:
             raise ConfigError(
-                f"aggregate must be majority, confidence or verifier, got {self.aggregate!r}"
+                f"aggregate must be one of {', '.join(AGGREGATES)}, got {self.aggregate!r}"
             )
         if self.unavailable not in ("truncate", "raise"):
             raise ConfigError(f"unavailable must be truncate or raise, got {self.unavailable!r}")

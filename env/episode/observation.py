@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from env.episode.hidden import HIDDEN_FEATURES, HIDDEN_NAMES, NEUTRAL, hidden_features
 from features.probes import probe_stability, probe_streak
 from features.votes import beta_leader_probability, esc_window_agrees, vote_counts
 
@@ -29,6 +30,7 @@ __all__ = [
     "ESC_WINDOW",
     "FEATURES",
     "FEATURE_NAMES",
+    "HIDDEN_SLICE",
     "N_FEATURES",
     "Feature",
     "EpisodeView",
@@ -111,10 +113,15 @@ FEATURES: tuple[Feature, ...] = (
     Feature("can_branch", "1 if branch can run"),
     Feature("can_verify", "1 if verify has something new to score"),
     Feature("steps", "decisions taken / the episode's step limit"),
+    # The model's own state (env.episode.hidden): NEUTRAL without probes.
+    *(Feature(n, m) for n, m in HIDDEN_FEATURES),
 )
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 N_FEATURES = len(FEATURES)
 _IX = {n: i for i, n in enumerate(FEATURE_NAMES)}
+#: Where the hidden-state features sit in the observation (its last columns).
+HIDDEN_SLICE = slice(_IX[HIDDEN_NAMES[0]], _IX[HIDDEN_NAMES[-1]] + 1)
+assert FEATURE_NAMES[HIDDEN_SLICE] == HIDDEN_NAMES and HIDDEN_SLICE.stop == len(FEATURE_NAMES)
 
 
 def feature_table() -> str:
@@ -133,6 +140,8 @@ class EpisodeView:
     difficulty: float | None
     mask: np.ndarray
     config: EnvConfig
+    #: with probes: the question's predicted pass rate (``None``: no probes, NEUTRAL features)
+    pass_rate: float | None = None
 
 
 def clip01(x: float) -> float:
@@ -208,6 +217,7 @@ def observe(v: EpisodeView) -> np.ndarray:
     x[_IX["can_branch"]] = float(v.mask[1])
     x[_IX["can_verify"]] = float(v.mask[2])
     x[_IX["steps"]] = clip01(v.steps / cfg.steps_limit)
+    x[HIDDEN_SLICE] = NEUTRAL
     x[_IX["cur_verifier"]] = 0.5
     x[_IX["verifier_mean"]] = 0.5
     if n == 0:
@@ -241,4 +251,8 @@ def observe(v: EpisodeView) -> np.ndarray:
     x[_IX["verifier_vote_share"]] = clip01(_shares(answers, ver)[1])
     x[_IX["cur_agrees"]] = float(leader is not None and answers_equal(s.answer, leader))
     x[_IX["window_agree"]] = float(esc_window_agrees(answers, ESC_WINDOW))
+    if v.pass_rate is not None:
+        x[HIDDEN_SLICE] = hidden_features(
+            answers, [t.right for t in v.states], v.cur, leader, v.pass_rate
+        )
     return x

@@ -67,6 +67,8 @@ class ChainFold:
         chunk_conf: each chunk's mean finite token confidence (chunks with none are skipped).
         chunk_entropy: each chunk's mean finite token entropy (likewise).
         switches: thought switches in its text.
+        right: the chain-correctness probe's P(right) at its latest boundary (0.5 until a probe
+            reads it; :mod:`env.episode.hidden`).
     """
 
     probes: list[str | None] = field(default_factory=list)
@@ -77,6 +79,7 @@ class ChainFold:
     chunk_conf: list[float] = field(default_factory=list)
     chunk_entropy: list[float] = field(default_factory=list)
     switches: int = 0
+    right: float = 0.5
 
     @property
     def mean_confidence(self) -> float:

@@ -18,8 +18,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from env.episode.config import Action, EnvConfig, Prices, decode_tokens
+from env.episode.config import PROBE_AGGREGATES, Action, EnvConfig, Prices, decode_tokens
 from env.episode.difficulty import bank_difficulty
+from env.episode.hidden import HiddenProbes, probe_answer
 from env.episode.observation import N_FEATURES, EpisodeView, feature_table, observe
 from env.episode.rules import (
     UNSCORED,
@@ -130,6 +131,11 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
     * ``config``: an :class:`EnvConfig` (or its fields as keyword arguments).
     * ``difficulty``: optional ``callable(question, first_chunk) -> float in [0, 1]``, the
       ``difficulty`` feature (0.5 when absent).
+    * ``probes``: :class:`~env.episode.hidden.HiddenProbes`: the hidden-state features (the
+      last five; neutral without) and the ``probe`` / ``probe-best`` aggregations read them.
+      The generator must capture the states they were fitted on (``traits.hidden``: a replayed
+      annotated bank, ``ReplayGenerator(bank, hidden=True)``, or a live engine behind
+      :class:`~env.generators.capture.Capturing`).
     * ``verifier``: what ``verify`` asks: any object with ``judge(chains) -> list[JudgeResult]``
       (see :mod:`env.verifiers`); default: the generator's own self-verification.
 
@@ -150,6 +156,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         config: EnvConfig | None = None,
         *,
         difficulty: Any = None,
+        probes: HiddenProbes | None = None,
         verifier: Verifier | None = None,
         require_gold: bool = True,
         render_mode: str | None = None,
@@ -158,6 +165,22 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         if config is not None and config_fields:
             raise ConfigError("pass either config or its fields, not both")
         config = config if config is not None else EnvConfig(**config_fields)
+        self._layers: tuple[int, ...] = ()
+        if probes is not None:
+            hidden = generator.traits.hidden
+            probes.check(
+                hidden,
+                where=_generator_name(generator),
+                what="the environment's hidden-state features",
+            )
+            self._layers = tuple(hidden.layers)
+        elif config.aggregate in PROBE_AGGREGATES:
+            raise ConfigError(
+                f"aggregate={config.aggregate!r} reads the hidden-state probe: give the "
+                "environment probes=HiddenProbes (fitted with HiddenProbes.fit on an annotated "
+                "bank, or loaded with a policy that reads hidden states)"
+            )
+        self.probes = probes
         bank_k = generator.traits.chunk_tokens
         if bank_k is not None and bank_k != config.chunk_tokens:
             raise ConfigError(
@@ -205,6 +228,8 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
                 raise ConfigError(f"the bank at {bank} has no recorded {split!r} questions")
         if kwargs.get("difficulty") == "auto":
             kwargs["difficulty"] = bank_difficulty(gen.bank, training_split(split))
+        if kwargs.get("probes") is not None:
+            gen = ReplayGenerator(gen.bank, seed=seed, hidden=True)
         cfg = kwargs.pop("config", None)
         if cfg is None:
             fields = {k: kwargs.pop(k) for k in _CONFIG_FIELDS & kwargs.keys()}
@@ -417,6 +442,13 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         if ep.difficulty is None:
             fn = self.difficulty_fn
             ep.difficulty = float(fn(ep.question, chain.chunks[0])) if fn is not None else 0.5
+        if ep.pass_rate is None and self.probes is not None:
+            if chain.prompt_hidden is None:
+                raise GeneratorError(
+                    f"{_generator_name(self.generator)} captures hidden states but gave no "
+                    f"prompt state for {ep.question.qid!r}"
+                )
+            ep.pass_rate = self.probes.pass_rate(ep.question.qid, chain.prompt_hidden, self._layers)
 
     def _after_chunk(self, s: ChainState, chunk: Chunk) -> None:
         ep = self._ep
@@ -424,6 +456,21 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         ep.usage = ep.usage + chunk.usage
         fold_chunk(s, chunk.text, chunk.confidence, chunk.entropy)
         c = s.chain
+        if self.probes is not None:
+            if chunk.hidden is None:
+                raise GeneratorError(
+                    f"{_generator_name(self.generator)} captures hidden states but its chunk of "
+                    f"chain {c.chain_id} of {c.question.qid!r} carries none"
+                )
+            s.right = float(
+                self.probes.right(
+                    c.question.qid,
+                    chunk.hidden[None],
+                    self._layers,
+                    np.array([c.num_tokens]),
+                    np.array([chunk.finish_reason == "stop"]),
+                )[0]
+            )
         fold_answer(
             s,
             final_text=c.text if c.finished else None,
@@ -466,6 +513,8 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         ep = self._ep
         assert ep is not None
         answers = [s.answer for s in ep.states]
+        if self.config.aggregate in PROBE_AGGREGATES:
+            return probe_answer(answers, [s.right for s in ep.states], self.config.aggregate)
         if self.config.aggregate == "confidence":
             conf = [s.confidence_weight for s in ep.states]
             return confidence_weighted_vote(answers, conf)
@@ -486,6 +535,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             difficulty=ep.difficulty,
             mask=self.action_mask(),
             config=self.config,
+            pass_rate=ep.pass_rate,
         )
         return observe(view)
 
@@ -545,6 +595,8 @@ class _Episode:
     steps: int = 0
     usage: TokenUsage = field(default_factory=TokenUsage)
     difficulty: float | None = None
+    #: the difficulty probe's prediction (``None`` without probes)
+    pass_rate: float | None = None
     done: bool = False
     reason: Reason = Reason.NONE
     reason_detail: str = ""
@@ -561,6 +613,13 @@ class _Episode:
 
     def cost(self, prices: Prices) -> float:
         return prices.cost(self.usage)
+
+
+def _generator_name(generator: Generator) -> str:
+    bank = getattr(generator, "bank", None)
+    if bank is not None and hasattr(bank, "path"):
+        return f"the bank at {bank.path}"
+    return f"the generator {type(generator).__name__}"
 
 
 def _as_action(action: Any) -> Action:

@@ -31,12 +31,14 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from env.bank.store import TraceBank
-from env.episode.config import Action, EnvConfig
+from env.episode.config import PROBE_AGGREGATES, Action, EnvConfig
 from env.episode.difficulty import bank_difficulty
+from env.episode.hidden import NEUTRAL, HiddenProbes
 from env.episode.observation import (
     CURRENT_CHAIN_FEATURES,
     ESC_WINDOW,
     FEATURE_NAMES,
+    HIDDEN_SLICE,
     N_FEATURES,
     clip01,
     current_chain_features,
@@ -54,7 +56,7 @@ from env.generators.replay import ReplayGenerator, chain_order
 from env.questions import select_split, training_split
 from env.types import Chain, PromptMode
 from features.answers import answers_equal, normalize_answer
-from features.errors import ConfigError, PolicyError
+from features.errors import BankError, ConfigError, PolicyError
 from features.votes import beta_leader_probability
 
 __all__ = ["REPLAY_ENDS", "BatchedReplayEnv", "replay_order"]
@@ -110,6 +112,40 @@ def _difficulty_table(bank: TraceBank, questions: Sequence[Any], kmax: int, fn: 
             (chunk,) = gen.extend([Chain(0, q, mode, [], handle=h)], bank.manifest.chunk_tokens)
             out[qi * kmax + h] = clip01(float(fn(q, chunk)))
     return out
+
+
+def _hidden_tables(
+    bank: TraceBank, questions: Sequence[Any], cfg: EnvConfig, probes: HiddenProbes
+) -> tuple[FloatArray, FloatArray]:
+    """``([N + 1], [Q])``: each recorded chunk's P(right) as the single environment reads it
+    after reaching it (entry ``N``, the sentinel: 0.5), and each question's predicted pass rate.
+
+    The chunks are walked in :func:`_build_tables`'s order (:func:`replay_chain`); an extension
+    chunk reads its chain's last main boundary, as :class:`ReplayGenerator` serves it.
+    """
+    from env.bank.hidden import require_hidden
+
+    hs = require_hidden(bank)
+    probes.check(hs.manifest, where=str(bank.path), what="the environment's hidden-state features")
+    layers = hs.layers
+    right: list[np.ndarray] = []
+    rates = np.empty(len(questions), np.float64)
+    for qi, q in enumerate(questions):
+        t = bank[q.qid]
+        rates[qi] = probes.pass_rate(q.qid, hs.prompt(q.qid), layers)
+        states, tokens, stopped = [], [], []
+        for ct in t.chains:
+            r = ct.rows
+            for c in replay_chain(ct, cfg, signals=False):
+                states.append(hs.at(q.qid, ct.chain, int(r["chunk"][c.i])))
+                tokens.append(c.tokens)
+                stopped.append(r["finish_reason"][c.i] == "stop")
+        if states:
+            right.append(
+                probes.right(q.qid, np.stack(states), layers, np.array(tokens), np.array(stopped))
+            )
+    right.append(np.array([0.5]))
+    return np.concatenate(right).astype(np.float64), rates
 
 
 def _int_scale(max_weight: float, k: int) -> int:
@@ -370,6 +406,10 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
       ``None`` (0.5), ``"auto"`` (fitted on the bank's training questions, or on ``fit`` for
       ``fit`` / ``dev``, as ``from_bank`` does: :func:`~env.episode.difficulty.bank_difficulty`) or a ``callable(question, first_chunk)
       -> [0, 1]`` such as :class:`~env.episode.difficulty.DifficultyModel`.
+    * ``probes``: :class:`~env.episode.hidden.HiddenProbes` for the hidden-state features and
+      the ``probe`` / ``probe-best`` aggregations, as the single environment's; the bank must be
+      annotated (``ponder bank annotate``) with the states they read. P(right) is computed once
+      per recorded chunk at construction.
     * ``replay_seeds``: hand out chains as :class:`~env.generators.replay.ReplayGenerator` does
       (see below); slower (a hash and a generator per episode).
 
@@ -397,6 +437,7 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         seed: int | None = 0,
         config: EnvConfig | None = None,
         difficulty: Any = None,
+        probes: HiddenProbes | None = None,
         replay_seeds: bool = False,
         **config_fields: Any,
     ) -> None:
@@ -457,6 +498,19 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         self.difficulty_fn = difficulty
         self._t = _build_tables(self.bank, qs, config)
         self._diff = _difficulty_table(self.bank, qs, self._t.kmax, difficulty)
+        self.probes = probes
+        if probes is not None:
+            self._right, self._pass = _hidden_tables(self.bank, qs, config, probes)
+            if self._right.size != self._t.answer.size:
+                raise BankError(  # pragma: no cover - both walk replay_chain
+                    "the hidden-state table does not line up with the bank's chunks"
+                )
+        elif config.aggregate in PROBE_AGGREGATES:
+            raise ConfigError(
+                f"aggregate={config.aggregate!r} reads the hidden-state probe: give the "
+                "environment probes=HiddenProbes (HiddenProbes.fit on an annotated bank, or a "
+                "policy's own)"
+            )
         self._can_judge = ReplayGenerator(self.bank).traits.can_judge
         self._k = min(config.max_chains, self._t.kmax)
         self._steps_limit = config.steps_limit
@@ -997,12 +1051,56 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         obs[:, _IX["difficulty"]] = self._dval
         obs[:, _IX["can_continue"] : _IX["can_verify"] + 1] = self._mask[:, :3]
         obs[:, _IX["steps"]] = self._steps * (1.0 / self._steps_limit)
+        if self.probes is None:
+            obs[:, HIDDEN_SLICE] = NEUTRAL
+        else:
+            p, valid, w_same = self._right_votes(kk, self._ar)
+            tot = (p * valid).sum(0)
+            top = np.where(valid, w_same, 0.0).max(0)
+            best, any_valid = self._best_slot(p, valid)
+            best_cls = np.take_along_axis(self._c16[:kk], best[None], 0)[0]
+            obs[:, _IX["cur_right"]] = self._right[self._fcur]
+            obs[:, _IX["right_vote_share"]] = np.where(tot > 0, top / np.where(tot > 0, tot, 1), 0)
+            obs[:, _IX["right_best"]] = np.where(
+                any_valid, np.take_along_axis(p, best[None], 0)[0], 0.0
+            )
+            obs[:, _IX["right_best_agrees"]] = any_valid & has_lead & (best_cls == lead16)
+            obs[:, _IX["pass_rate"]] = self._pass[self._q]
         return obs, lead
+
+    def _right_votes(self, kk: int, d: IntArray) -> tuple[FloatArray, BoolArray, FloatArray]:
+        """For episodes ``d``: each slot's latest P(right) ``[kk, |d|]``, whether it is a live
+        chain with an answer, and the P(right) summed over the live answered slots of its answer
+        class (its class's weighted vote)."""
+        n = self._n[d]
+        fi = np.take(self._fi[:kk], d, axis=1)
+        cls = np.take(self._c16[:kk], d, axis=1)
+        p = self._right[fi]
+        valid = (self._slot[:kk] < n) & (cls != self._t.n_classes)
+        pw = np.where(valid, p, 0.0)
+        same = cls[:, None, :] == cls[None, :, :]  # [kk, kk, |d|]
+        return p, valid, (same * pw[None, :, :]).sum(1)
+
+    @staticmethod
+    def _best_slot(p: FloatArray, valid: BoolArray) -> tuple[IntArray, BoolArray]:
+        """The live answered slot with the highest P(right) (ties: the first) per column."""
+        best = np.where(valid, p, -1.0).argmax(0)
+        return best.astype(np.int64), np.asarray(valid.any(0), np.bool_)
 
     def _final_answer(self, d: IntArray, lead: IntArray) -> IntArray:
         """The aggregated answer class of episodes ``d`` (-1: none), as ``_aggregate`` picks it."""
         agg = self.config.aggregate
         b = self.num_envs
+        if agg in PROBE_AGGREGATES:
+            kk = int(self._n[d].max()) if d.size else 1
+            p, valid, w_same = self._right_votes(kk, d)
+            if agg == "probe":
+                slot = np.where(valid, w_same, -1.0).argmax(0)  # ties: first appearance
+                ok = (p * valid).sum(0) > 0
+            else:
+                slot, ok = self._best_slot(p, valid)
+            cls = np.take_along_axis(np.take(self._c16[:kk], d, axis=1), slot[None], 0)[0]
+            return np.where(ok, cls.astype(np.int64), -1)
         if agg == "majority":
             cell = lead[d]
         else:

@@ -28,6 +28,7 @@ __all__ = [
     "TESTBED",
     "Backend",
     "BudgetForcing",
+    "Capturing",
     "Chain",
     "Chunk",
     "Completion",
@@ -58,6 +59,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "Capturing": "env.generators.capture",
     "LiveGenerator": "env.generators.live",
     "Lookahead": "env.generators.lookahead",
     "VLLMBackend": "env.generators.vllm",

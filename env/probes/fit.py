@@ -46,6 +46,7 @@ from features.errors import ConfigError
 if TYPE_CHECKING:
     from env.bank.hidden import HiddenManifest, HiddenStates
     from env.bank.store import TraceBank
+    from env.types import Question
 
 __all__ = [
     "ALPHA_GRID",
@@ -327,6 +328,7 @@ def fit_probes(
     bank: TraceBank,
     hidden: HiddenStates,
     *,
+    pool: Sequence[Question] | None = None,
     layers: Sequence[Sequence[int]] | None = None,
     c_grid: Sequence[float] = C_GRID,
     alpha_grid: Sequence[float] = ALPHA_GRID,
@@ -335,6 +337,8 @@ def fit_probes(
     """Fit both probes on the annotated training questions of ``bank``, choosing on ``dev``.
 
     Args:
+        pool: the questions split into train/fit/dev (default: every recorded one); only the
+            annotated ones are read.
         layers: the layer choices to try (default :func:`layer_choices` of the annotation's).
         c_grid, alpha_grid, extra_choices: the rest of the grid tried on ``dev``.
 
@@ -346,7 +350,7 @@ def fit_probes(
     """
     t0 = time.perf_counter()
     annotated = set(hidden.annotated)
-    questions = [q for q in bank.questions if q.qid in annotated]
+    questions = [q for q in (pool if pool is not None else bank.questions) if q.qid in annotated]
     splits = {s: select_split(questions, s) for s in ("train", "fit", "dev", "test")}
     if len(splits["fit"]) < 2 or len(splits["dev"]) < 1:
         raise ConfigError(

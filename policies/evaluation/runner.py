@@ -34,6 +34,7 @@ import numpy as np
 from env.bank.store import TraceBank
 from env.episode.config import EnvConfig
 from env.episode.difficulty import bank_difficulty
+from env.episode.hidden import HiddenProbes
 from env.episode.vector import BatchedReplayEnv
 from env.questions import select_split, training_split
 from features.errors import ConfigError, PolicyError
@@ -252,6 +253,12 @@ class Evaluator:
             policy that reads no probe (``uses_probes = False``).
         difficulty: the ``difficulty`` feature's predictor: ``"auto"`` (fitted once on the
             bank's training questions, ``fit`` ones for ``dev``), ``None`` (0.5) or a ``callable(question, first_chunk)``.
+        hidden: the hidden-state probes for rules that read the model's state and have none of
+            their own (``probe-stop``, ``best-of-N-probe``): ``"auto"`` (fitted once, when
+            first needed, on the bank's annotated training questions, ``fit`` ones for ``dev``:
+            :meth:`~env.episode.hidden.HiddenProbes.fit`), ``None`` (such a rule is refused), or
+            :class:`~env.episode.hidden.HiddenProbes`. A learned policy trained with hidden
+            states always runs with its own.
         max_envs: episodes stepped at once (more are run in batches).
         n_boot: bootstrap resamples for the intervals.
         config_fields: :class:`EnvConfig` fields, instead of ``config``.
@@ -265,6 +272,7 @@ class Evaluator:
         seeds: int | Sequence[int] = 5,
         config: EnvConfig | None = None,
         difficulty: Any = "auto",
+        hidden: HiddenProbes | str | None = "auto",
         max_envs: int = 8192,
         n_boot: int = 2000,
         **config_fields: Any,
@@ -287,9 +295,12 @@ class Evaluator:
                 raise ConfigError(f"difficulty must be 'auto', None or a callable: {difficulty!r}")
             difficulty = bank_difficulty(self.bank, training_split(self.split))
         self.difficulty = difficulty
+        if isinstance(hidden, str) and hidden != "auto":
+            raise ConfigError(f"hidden must be 'auto', None or HiddenProbes, got {hidden!r}")
+        self._hidden = hidden
         self.max_envs = int(max_envs)
         self.n_boot = int(n_boot)
-        self._envs: dict[EnvConfig, BatchedReplayEnv] = {}
+        self._envs: dict[tuple[EnvConfig, int], BatchedReplayEnv] = {}
         n = len(self.questions) * len(self.seeds)
         # Episodes question-major: (q0, s0), (q0, s1), ..., (q1, s0), ...
         self._q = np.repeat(np.arange(len(self.questions)), len(self.seeds))
@@ -309,15 +320,54 @@ class Evaluator:
     def episodes(self) -> int:
         return int(self._q.size)
 
-    def _env(self, aggregate: str, probe: bool = True) -> BatchedReplayEnv:
-        """The env for ``aggregate`` and ``probe`` (one per setting: the flattened bank is
-        reused)."""
+    @property
+    def hidden(self) -> HiddenProbes:
+        """The evaluator's own hidden-state probes (fitted on first use with ``hidden="auto"``).
+
+        Raises:
+            ConfigError: the evaluator was given ``hidden=None``.
+            BankError: the bank is not annotated (the message says what to run).
+        """
+        if self._hidden is None:
+            raise ConfigError(
+                "a policy reads the model's hidden states and has no probes of its own, and "
+                "this evaluator was given hidden=None: pass hidden='auto' (probes fitted on the "
+                "bank's training questions) or HiddenProbes"
+            )
+        if isinstance(self._hidden, str):
+            from threadpoolctl import threadpool_limits
+
+            from env.episode.hidden import HiddenProbes
+
+            train = training_split(self.split)
+            pool = (
+                self.bank.questions
+                if train == "train"
+                else select_split(self.bank.questions, train)
+            )
+            with threadpool_limits(1):  # lbfgs on many threads of a busy CPU is far slower
+                self._hidden = HiddenProbes.fit(self.bank, pool=pool, folds=0)
+        return self._hidden
+
+    def probes_for(self, policy: Policy) -> HiddenProbes | None:
+        """The probes ``policy`` runs with: its own, the evaluator's for a rule that reads
+        hidden states, ``None`` for one that reads none."""
+        if not policy.reads_hidden:
+            return None
+        return policy.hidden_probes if policy.hidden_probes is not None else self.hidden
+
+    def _env(
+        self, aggregate: str, probe: bool = True, probes: HiddenProbes | None = None
+    ) -> BatchedReplayEnv:
+        """The env for ``aggregate``, ``probe`` and ``probes`` (one per setting: the flattened
+        bank is reused)."""
         config = dataclasses.replace(
             self.config,
             aggregate=aggregate,  # type: ignore[arg-type]
             probe=self.config.probe and probe,
         )
-        env = self._envs.get(config)
+        key = (config, id(probes))
+        env = self._envs.get(key)
         if env is None:
             env = BatchedReplayEnv(
                 self.bank,
@@ -325,10 +375,11 @@ class Evaluator:
                 split=self.split or None,
                 config=config,
                 difficulty=self.difficulty,
+                probes=probes,
             )
             if [q.qid for q in env.questions] != [q.qid for q in self.questions]:
                 raise ConfigError("the env's questions differ from the evaluator's")
-            self._envs[config] = env
+            self._envs[key] = env
         return env
 
     def __call__(
@@ -342,7 +393,7 @@ class Evaluator:
         """Evaluate ``policy``: every (question x seed) episode once (``train_seed``: the seed
         a learned policy was trained with, kept with the result)."""
         # A policy that never reads a probe is not charged for probes.
-        env = self._env(policy.aggregate, bool(policy.uses_probes))
+        env = self._env(policy.aggregate, bool(policy.uses_probes), self.probes_for(policy))
         lam = policy.lam if isinstance(policy, LamConditioned) else None
         lam_used = env.config.lam if lam is None else float(lam)
         t0 = time.perf_counter()

@@ -68,7 +68,9 @@ def load_policy(path: str | Path) -> LearnedPolicy:
     files = read_policy_files(path, kinds={k: (c.version,) for k, c in KINDS.items()})
     cls = KINDS[files.kind]
     try:
-        return cls._from_files(files)
+        policy = cls._from_files(files)
+        policy.attach_saved_probes(files)
+        return policy
     except PolicyError as e:
         raise PolicyError(f"{files.path}: {e}") from e
     except (KeyError, TypeError, ValueError, IndexError) as e:

@@ -21,14 +21,16 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
-from env.episode.config import EnvConfig
-from env.episode.observation import FEATURE_NAMES, N_FEATURES
-from features.errors import ConfigError, PolicyError
+from env.episode.config import AGGREGATES, EnvConfig
+from env.episode.hidden import NEUTRAL
+from env.episode.observation import FEATURE_NAMES, HIDDEN_SLICE, N_FEATURES
+from features.errors import ConfigError, ModelError, PolicyError
 from policies.base import BasePolicy
 from policies.serialize import PolicyFiles, lam_feature, write_policy_files
 
 __all__ = [
     "DECIDE",
+    "HIDDEN_PROBES_DIR",
     "DEFAULT_LAMS",
     "EXTRA_FEATURES",
     "META_KEYS",
@@ -48,6 +50,8 @@ DEFAULT_LAMS: tuple[float, ...] = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-
 _CAN = [FEATURE_NAMES.index(n) for n in ("can_continue", "can_branch", "can_verify")]
 _BUDGET, _N_CHAINS = FEATURE_NAMES.index("budget_used"), FEATURE_NAMES.index("n_chains")
 _ENDED = FEATURE_NAMES.index("cur_ended")
+#: The folder, inside a saved policy's, of the probes a ``hidden`` policy reads.
+HIDDEN_PROBES_DIR = "hidden-probes"
 #: Where a learned policy decides (:func:`decision_mask`).
 DECIDE: tuple[str, ...] = ("chunk", "chain")
 #: Features the value policy derives from the observation and appends to it.
@@ -175,7 +179,7 @@ class LearnedPolicy(BasePolicy):
         if not (0 < lo <= hi and math.isfinite(hi)):
             raise ConfigError(f"lam_range must be 0 < low <= high, got {lam_range!r}")
         _check_lam(lam)
-        if aggregate not in ("majority", "confidence", "verifier"):
+        if aggregate not in AGGREGATES:
             raise ConfigError(f"unknown aggregate {aggregate!r}")
         self.decide = decide
         self.lam = None if lam is None else float(lam)
@@ -207,10 +211,25 @@ class LearnedPolicy(BasePolicy):
         """The λ the policy acts for now."""
         return self.config.lam if self.lam is None else self.lam
 
+    @property
+    def feature_set(self) -> str:
+        """``hidden`` for a policy trained with hidden-state features (its
+        :attr:`hidden_probes`), else ``base``: see :meth:`visible`."""
+        return "base" if self.hidden_probes is None else "hidden"
+
+    def visible(self, obs: np.ndarray) -> np.ndarray:
+        """The observation as the policy reads it (float64): a ``base`` policy sees the
+        hidden-state features at their neutral values whatever the environment gives, so it
+        acts the same with or without probes (it was trained without them)."""
+        x = np.array(obs, dtype=np.float64)
+        if self.hidden_probes is None:
+            x[:, HIDDEN_SLICE] = NEUTRAL
+        return x
+
     def _inputs(self, obs: np.ndarray) -> np.ndarray:
         z = lam_feature(self.effective_lam, self.lam_range)
         col = np.full((obs.shape[0], 1), z, dtype=np.float64)
-        return np.concatenate([obs.astype(np.float64), col], axis=1)
+        return np.concatenate([self.visible(obs), col], axis=1)
 
     def with_lam(self, lam: float | None) -> Self:
         """A clone acting for price ``lam`` (``None``: the environment's); weights are shared."""
@@ -266,14 +285,38 @@ class LearnedPolicy(BasePolicy):
         """Write the policy to ``directory`` (``policy.json`` + ``weights.safetensors``)."""
         reserved = ("format", "kind", "version", "features", "params", "weights")
         meta = {k: v for k, v in self.meta.items() if k not in reserved}
+        if self.hidden_probes is not None:
+            self.hidden_probes.save(Path(directory) / HIDDEN_PROBES_DIR)
         return write_policy_files(
             directory,
             kind=self.kind,
             version=self.version,
-            params=self._params(),
+            params={**self._params(), "feature_set": self.feature_set},
             arrays=self._arrays(),
             meta=meta,
         )
+
+    def attach_saved_probes(self, files: PolicyFiles) -> None:
+        """Read back the probes a ``hidden`` policy was saved with (its folder's
+        ``hidden-probes/``).
+
+        Raises:
+            PolicyError: an unknown feature set, or missing or damaged probes.
+        """
+        from env.episode.hidden import HiddenProbes
+
+        fs = files.params.get("feature_set", "base")
+        if fs == "base":
+            self.hidden_probes = None
+            return
+        if fs != "hidden":
+            raise PolicyError(f"unknown feature set {fs!r} (this ponder knows base and hidden)")
+        try:
+            self.hidden_probes = HiddenProbes.load(files.path / HIDDEN_PROBES_DIR)
+        except ModelError as e:
+            raise PolicyError(
+                f"the policy reads hidden-state features and its probes cannot be read ({e})"
+            ) from e
 
     @staticmethod
     def _base_params(files: PolicyFiles) -> dict[str, Any]:

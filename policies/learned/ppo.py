@@ -124,6 +124,8 @@ class PPOArgs:
     """show a progress bar with SPS"""
     difficulty: str | None = None
     """difficulty predictor of the replay: None (the feature is 0.5) or auto (fitted on the bank's train questions)"""
+    hidden_probes: str | None = None
+    """folder of hidden-state probes (HiddenProbes.save(folder, training=True), fitted on the bank's training questions): the policy reads the model's hidden states through them; None: it reads none"""
     config: dict[str, Any] = field(default_factory=dict)
     """EnvConfig fields for the replay (chunking is the bank's)"""
 

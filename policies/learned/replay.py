@@ -24,6 +24,7 @@ import numpy as np
 
 from env.bank.store import TraceBank
 from env.episode.config import EnvConfig
+from env.episode.hidden import HiddenProbes
 from env.episode.observation import FEATURE_NAMES
 from env.episode.vector import BatchedReplayEnv
 from features.errors import PolicyError
@@ -356,6 +357,7 @@ class TrainerArgs(Protocol):
     num_envs: int
     eval_seeds: int
     difficulty: str | None
+    hidden_probes: str | None
     config: dict[str, Any]
 
 
@@ -376,16 +378,29 @@ def _difficulty(args: TrainerArgs, predictor: Any) -> Any:
     return predictor if predictor is not None else args.difficulty
 
 
+def training_probes(args: TrainerArgs) -> HiddenProbes | None:
+    """The hidden-state probes a trainer's replay reads (``args.hidden_probes``: a folder
+    written by ``HiddenProbes.save(folder, training=True)``, with the held-out probes of the
+    training questions), or ``None``: the policy reads no hidden state."""
+    if not args.hidden_probes:
+        return None
+    from env.episode.hidden import HiddenProbes
+
+    return HiddenProbes.load(args.hidden_probes, training=True)
+
+
 def replay_env(bank: TraceBank, args: TrainerArgs, predictor: Any = None) -> BatchedReplayEnv:
     """The replay a trainer learns on: ``args.num_envs`` episodes of ``bank``'s ``args.split``
     questions, seeded by ``args.seed``, with the difficulty predictor ``predictor`` (a fitted
-    one) or else ``args.difficulty``, and ``args.config``'s EnvConfig fields."""
+    one) or else ``args.difficulty``, the hidden-state probes of ``args.hidden_probes`` (if
+    any), and ``args.config``'s EnvConfig fields."""
     return BatchedReplayEnv(
         bank,
         args.num_envs,
         split=args.split,
         seed=args.seed,
         difficulty=_difficulty(args, predictor),
+        probes=training_probes(args),
         **args.config,
     )
 
@@ -403,6 +418,7 @@ def finish_training(
     """Record how ``policy`` was trained in its ``meta`` (the arguments, the bank's questions,
     the λ grid, the env, the training metrics) and, with ``args.eval_seeds``, add its held-out
     metrics (:func:`_final_eval`). ``args`` is the trainer's arguments dataclass."""
+    policy.hidden_probes = env.probes
     policy.meta = {
         "training": {"algo": algo, **asdict(args)},
         "bank": bank_fingerprint(bank, [q.qid for q in env.questions]),
@@ -414,7 +430,9 @@ def finish_training(
         held_out = "dev" if args.split == "fit" else "test"
         difficulty = _difficulty(args, predictor)
         metrics.update(
-            _final_eval(policy, bank, held_out, args.eval_seeds, lams, args.config, difficulty)
+            _final_eval(
+                policy, bank, held_out, args.eval_seeds, lams, args.config, difficulty, env.probes
+            )
         )
 
 
@@ -426,6 +444,7 @@ def _final_eval(
     lams: np.ndarray,
     config: dict[str, Any],
     difficulty: Any = None,
+    probes: HiddenProbes | None = None,
 ) -> dict[str, float]:
     """Accuracy and tokens on the held-out ``split`` (``test``, or ``dev`` for a policy trained
     on ``fit``), if the bank has any, at the grid's ends and middle."""
@@ -434,7 +453,9 @@ def _final_eval(
     nq = len(select_split(bank.questions, split))
     if not nq:
         return {}
-    env = BatchedReplayEnv(bank, nq * seeds, split=split, seed=0, difficulty=difficulty, **config)
+    env = BatchedReplayEnv(
+        bank, nq * seeds, split=split, seed=0, difficulty=difficulty, probes=probes, **config
+    )
     out: dict[str, float] = {}
     for lam in _eval_lams(lams):
         r = rollout_pinned(policy.with_lam(lam), env, lam=lam)

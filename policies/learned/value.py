@@ -131,6 +131,8 @@ class ValueArgs:
     """show progress bars"""
     difficulty: str | None = None
     """difficulty predictor of the replay: None (the feature is 0.5) or auto (fitted on the bank's train questions)"""
+    hidden_probes: str | None = None
+    """folder of hidden-state probes (HiddenProbes.save(folder, training=True), fitted on the bank's training questions): the policy reads the model's hidden states through them; None: it reads none"""
     config: dict[str, Any] = field(default_factory=dict)
     """EnvConfig fields for the replay (chunking is the bank's)"""
 
@@ -206,7 +208,9 @@ class ValuePolicy(LearnedPolicy):
         return self._p_stop(self._check_obs(obs))
 
     def _p_stop(self, x: np.ndarray) -> np.ndarray:
-        return _calibrated(self.stop_net, self.iso_x, self.iso_y, expand(x, self.chain_scale))
+        return _calibrated(
+            self.stop_net, self.iso_x, self.iso_y, expand(self.visible(x), self.chain_scale)
+        )
 
     def gains(self, obs: np.ndarray) -> np.ndarray:
         """``float[B, 3]``: the gain over stopping of continue, branch, verify at the policy's λ,
@@ -216,7 +220,7 @@ class ValuePolicy(LearnedPolicy):
 
     def _gains(self, x: np.ndarray, p: np.ndarray, lam: float | np.ndarray) -> np.ndarray:
         lam_b = np.broadcast_to(np.asarray(lam, np.float64), (x.shape[0],))
-        xe = expand(x, self.chain_scale)
+        xe = expand(self.visible(x), self.chain_scale)
         return _gains(self.gain_net, xe, p, lam_b, self.lam_range, self.cost_scale)
 
     def q_values(self, obs: np.ndarray) -> np.ndarray:
@@ -484,6 +488,7 @@ def _train_value(args: ValueArgs, bank: TraceBank, predictor: Any = None) -> Val
             lam_range=lam_range,
             aggregate=env.config.aggregate,
         )
+        policy.hidden_probes = env.probes  # it reads what it was fitted on in the next round
         log.info("round %d/%d: %d transitions, %s", rnd + 1, args.rounds, len(tr), m)
     assert policy is not None
     metrics["train/transitions"] = float(len(tr))

@@ -1,0 +1,162 @@
+"""The hidden-state features and the probe aggregations (env.episode.hidden), on the annotated
+testbed bank: the single and batched environments agree episode by episode, probes round-trip
+through their files, and every way of running without the states they need is refused with a
+message that says what to do."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from env.bank.hidden import HiddenStates
+from env.bank.store import TraceBank
+from env.episode.hidden import (
+    HIDDEN_NAMES,
+    NEUTRAL,
+    HiddenProbes,
+    hidden_features,
+    probe_answer,
+)
+from env.episode.observation import FEATURE_NAMES, HIDDEN_SLICE
+from env.episode.single import ComputeAllocationEnv
+from env.episode.vector import BatchedReplayEnv
+from env.generators.replay import ReplayGenerator
+from env.questions import select_split
+from features.errors import BankError, ConfigError, ModelError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_vector import _lockstep
+
+ROOT = Path(__file__).resolve().parents[3]
+TESTBED = ROOT / "data" / "banks" / "testbed-arith"
+IX = {n: i for i, n in enumerate(FEATURE_NAMES)}
+
+
+@pytest.fixture(scope="module")
+def bank() -> TraceBank:
+    return TraceBank(TESTBED)
+
+
+@pytest.fixture(scope="module")
+def probes(bank: TraceBank) -> HiddenProbes:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return HiddenProbes.fit(bank, c_grid=(0.01, 0.1), alpha_grid=(10.0, 100.0))
+
+
+def test_the_hidden_features_close_the_observation() -> None:
+    assert FEATURE_NAMES[HIDDEN_SLICE] == HIDDEN_NAMES
+    assert HIDDEN_SLICE.stop == len(FEATURE_NAMES)
+    assert len(NEUTRAL) == len(HIDDEN_NAMES)
+
+
+def test_fit_gives_held_out_probes_for_training_questions_only(
+    bank: TraceBank, probes: HiddenProbes
+) -> None:
+    train = {q.qid for q in select_split(bank.questions, "train")}
+    assert set(probes.held_out) == train
+    assert all(probes.held_out[q][0] is not probes.chain for q in train)
+    hs = HiddenStates.open(bank.path, bank)
+    assert hs is not None
+    q = next(iter(train))
+    # a training question reads the probe that did not see it, a test one the full probe
+    s = hs.prompt(q)
+    assert probes.pass_rate(q, s, hs.layers) != pytest.approx(probes.pass_rate(None, s, hs.layers))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [{}, {"aggregate": "probe"}, {"aggregate": "probe-best", "token_cap": 300}, {"probe": False}],
+    ids=["majority", "probe", "probe-best-capped", "no-answer-probes"],
+)
+def test_single_and_batched_envs_agree_with_probes(
+    bank: TraceBank, probes: HiddenProbes, cfg: dict
+) -> None:
+    reasons, steps = _lockstep(bank, seed=len(str(cfg)), rounds=2, probes=probes, **cfg)
+    assert steps > 0 and sum(reasons.values()) == 16
+
+
+def test_hidden_features_are_read_and_neutral_without_probes(
+    bank: TraceBank, probes: HiddenProbes
+) -> None:
+    with_p = BatchedReplayEnv(bank, 64, seed=1, probes=probes)
+    without = BatchedReplayEnv(bank, 64, seed=1)
+    a, _ = with_p.reset(seed=1)
+    b, _ = without.reset(seed=1)
+    np.testing.assert_array_equal(a[:, : HIDDEN_SLICE.start], b[:, : HIDDEN_SLICE.start])
+    assert (b[:, HIDDEN_SLICE] == np.asarray(NEUTRAL, np.float32)).all()
+    assert len(np.unique(a[:, IX["cur_right"]])) > 5  # the probe's P(right) varies
+    assert len(np.unique(a[:, IX["pass_rate"]])) > 3
+
+
+def test_pure_feature_functions() -> None:
+    answers = ["1", "2", "2", None]
+    rights = [0.9, 0.2, 0.3, 0.99]
+    cur, share, best, agrees, rate = hidden_features(answers, rights, 1, "2", 0.4)
+    assert (cur, rate) == (0.2, 0.4)
+    assert share == pytest.approx(0.9 / 1.4)
+    assert best == 0.9 and agrees == 0.0  # the unanswered chain's 0.99 does not count
+    assert probe_answer(answers, rights, "probe") == ("1", pytest.approx(0.9 / 1.4))
+    assert probe_answer(answers, rights, "probe-best")[0] == "1"
+    assert probe_answer([None], [0.5], "probe-best") == (None, 0.0)
+    with pytest.raises(ConfigError, match="probe"):
+        probe_answer(answers, rights, "best")
+
+
+def test_probes_round_trip_through_their_files(
+    bank: TraceBank, probes: HiddenProbes, tmp_path: Path
+) -> None:
+    served = HiddenProbes.load(probes.save(tmp_path / "p"))
+    assert served.held_out == {}
+    np.testing.assert_array_equal(served.chain.coef, probes.chain.coef)
+    training = HiddenProbes.load(probes.save(tmp_path / "t", training=True), training=True)
+    assert set(training.held_out) == set(probes.held_out)
+    q = next(iter(probes.held_out))
+    np.testing.assert_array_equal(training.held_out[q][0].coef, probes.held_out[q][0].coef)
+    a = BatchedReplayEnv(bank, 32, seed=3, probes=probes).reset(seed=3)[0]
+    b = BatchedReplayEnv(bank, 32, seed=3, probes=training).reset(seed=3)[0]
+    np.testing.assert_array_equal(a, b)
+    (tmp_path / "t" / "hidden_probes.json").write_text("{not json")
+    with pytest.raises(ModelError, match="damaged"):
+        HiddenProbes.load(tmp_path / "t")
+    with pytest.raises(ModelError, match="no hidden-state probes"):
+        HiddenProbes.load(tmp_path / "nothing")
+
+
+def test_refusals_say_what_to_run(bank: TraceBank, probes: HiddenProbes, tmp_path: Path) -> None:
+    gen = ReplayGenerator(bank)  # no hidden=True: the generator captures nothing
+    with pytest.raises(ConfigError, match="ponder bank annotate"):
+        ComputeAllocationEnv(
+            gen, bank.questions, probes=probes, chunk_tokens=gen.traits.chunk_tokens
+        )
+    with pytest.raises(ConfigError, match="probes=HiddenProbes"):
+        BatchedReplayEnv(bank, 4, aggregate="probe")
+    with pytest.raises(ConfigError, match="probes=HiddenProbes"):
+        ComputeAllocationEnv.from_bank(bank.path, aggregate="probe-best")
+    # probes fitted on another model's states
+    other = dataclasses.replace(
+        probes.chain,
+        schema=dataclasses.replace(
+            probes.chain.schema,
+            annotation={
+                **probes.chain.schema.annotation,
+                "model": {**probes.chain.schema.annotation["model"], "sha256": "0" * 64},
+            },
+        ),
+    )
+    with pytest.raises(ModelError, match="model sha256"):
+        BatchedReplayEnv(bank, 4, probes=dataclasses.replace(probes, chain=other))
+    # a bank without hidden states
+    bare = tmp_path / "bare"
+    import shutil
+
+    shutil.copytree(TESTBED, bare, ignore=shutil.ignore_patterns("hidden"))
+    with pytest.raises(BankError, match="ponder bank annotate"):
+        BatchedReplayEnv(bare, 4, probes=probes)
+    with pytest.raises(BankError, match="ponder bank annotate"):
+        ReplayGenerator(bare, hidden=True)
