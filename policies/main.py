@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -47,6 +48,7 @@ from rich.table import Table
 from env.bank.store import TraceBank
 from env.episode.config import EnvConfig
 from env.episode.difficulty import bank_difficulty
+from env.episode.hidden import HiddenProbes
 from env.questions import select_split, training_split
 from features.errors import ConfigError
 from policies.base import LamConditioned, Policy, Saveable
@@ -169,6 +171,8 @@ class RunArgs:
     # value-chain 67.6 -> 68.7 (GSM8K) and 44.2 -> 45.9 (testbed), one seed; ppo-chain
     # 67.8 -> 68.3 and 47.9 -> 48.1, mean of three seeds. One chain costs 307 tokens, not 318.
     chain_probes: bool = False
+    hidden: str = "auto"
+    """the model's hidden states (issue 20): auto (used when every recorded question of the bank has them: `ponder bank annotate`), on (required) or off. With them the job fits the hidden-state probes on the training questions, adds the probe rules (probe-stop, best-of-N-probe-best), trains the chain-level learned policies with hidden-state features beside those without, and prints the fleet allocation table"""
     """run answer-forcing probes for the learned policies that decide only between chains (value-chain, ppo-chain): they then also read the probe features, but pay for a probe at every chunk; without them (the default) their one chain costs what best-of-1's does"""
     value_transitions: int = 60_000
     """decisions collected to train the value policy"""
@@ -341,8 +345,19 @@ def train_one(bank: str, trainer: str, kwargs: dict[str, Any], folder: str, thre
     return seconds
 
 
+#: The learned families also trained with hidden-state features (``<family>-hidden``), when the
+#: bank has hidden states: the chain-level ones, the best of each algorithm on GSM8K without them.
+HIDDEN_FAMILIES: tuple[str, ...] = ("value-chain", "ppo-chain")
+
+
 def train_learned(
-    bank: Path, args: RunArgs, *, difficulty: Any, console: Console, out: Path
+    bank: Path,
+    args: RunArgs,
+    *,
+    difficulty: Any,
+    console: Console,
+    out: Path,
+    hidden_probes: Path | None = None,
 ) -> Trained:
     """Train the learned policies (:mod:`policies.learned`) on ``bank``'s train questions
     (their ``fit`` part when evaluating on ``dev``), each family once per training seed
@@ -379,10 +394,14 @@ def train_learned(
                 kwargs["difficulty"] = "auto"
             else:
                 log.warning("%s trains without the difficulty predictor (difficulty = 0.5)", name)
-        used[name] = kwargs
-        for s in seeds:
-            folder = out / "policies" / name / f"seed-{s}"
-            tasks.append((name, s, trainer, {**kwargs, "seed": s}, folder))
+        variants = [(name, kwargs)]
+        if hidden_probes is not None and name in HIDDEN_FAMILIES:
+            variants.append((f"{name}-hidden", {**kwargs, "hidden_probes": str(hidden_probes)}))
+        for vname, vkw in variants:
+            used[vname] = vkw
+            for s in seeds:
+                folder = out / "policies" / vname / f"seed-{s}"
+                tasks.append((vname, s, trainer, {**vkw, "seed": s}, folder))
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     jobs = max(1, min(args.jobs or usable or 1, len(tasks)))
     console.print(
@@ -565,7 +584,8 @@ def _run_bank_fixed(path: Path, args: RunArgs, console: Console) -> BankRun:
         diff.save(out / "difficulty.json")
         console.print(f"difficulty predictor fitted on {train_n} {trained_on} questions")
 
-    evaluator = Evaluator(bank, split=split, seeds=args.seeds, difficulty=diff)
+    probes, probes_dir = _hidden_probes(bank, args, trained_on, out, console)
+    evaluator = Evaluator(bank, split=split, seeds=args.seeds, difficulty=diff, hidden=probes)
     cfg = evaluator.config
     orc = oracle(bank, split=split, config=cfg)
 
@@ -605,7 +625,9 @@ def _run_bank_fixed(path: Path, args: RunArgs, console: Console) -> BankRun:
 
         trained = Trained({}, {}, {}, 0.0, 0)
         if args.learned:
-            trained = train_learned(path, args, difficulty=diff, console=console, out=out)
+            trained = train_learned(
+                path, args, difficulty=diff, console=console, out=out, hidden_probes=probes_dir
+            )
             for lname, by_seed in trained.policies.items():
                 for s, pol in by_seed.items():
                     if tracker is not None:
@@ -620,6 +642,7 @@ def _run_bank_fixed(path: Path, args: RunArgs, console: Console) -> BankRun:
             max_chain_tokens=cfg.max_chain_tokens,
             chunk_tokens=cfg.chunk_tokens,
             extension_chunks=cfg.extension_chunks,
+            hidden=probes is not None,
         )
         kinds = {f.name: f.kind for f in families}
         for lname, by_seed in trained.policies.items():
@@ -699,6 +722,8 @@ def _run_bank_fixed(path: Path, args: RunArgs, console: Console) -> BankRun:
         floors = vote_floors(bank, split, cfg, reference)
         print_floors(console, floors, reference)
         _representatives(out, summaries)
+        if probes is not None:
+            _fleet(bank, args, probes, out, console)
 
         title = (
             f"{name}: {len(evaluator.questions)} {split} questions x {len(evaluator.seeds)} seeds"
@@ -785,6 +810,54 @@ def _run_bank_fixed(path: Path, args: RunArgs, console: Console) -> BankRun:
         document=doc,
         results_path=published,
     )
+
+
+def _hidden_probes(
+    bank: TraceBank, args: RunArgs, trained_on: str, out: Path, console: Console
+) -> tuple[HiddenProbes | None, Path | None]:
+    """The hidden-state probes of the run (``--hidden``): fitted on the training questions
+    (``fit`` ones for a dev run), with the held-out probes the trainers read, saved to
+    ``out/hidden-probes``; ``(None, None)`` when the run goes without."""
+    from env.bank.hidden import HiddenStates, require_hidden
+
+    if args.hidden not in ("auto", "on", "off"):
+        raise ConfigError(f"--hidden must be auto, on or off, got {args.hidden!r}")
+    if args.hidden == "off":
+        return None, None
+    hs = HiddenStates.open(bank.path, bank)
+    if args.hidden == "auto" and (hs is None or not hs.complete):
+        have = 0 if hs is None else len(hs.annotated)
+        console.print(
+            f"no hidden-state families: {have} of {len(bank)} questions have hidden states "
+            f"(`ponder bank annotate {bank.path}` adds them; --hidden off silences this)"
+        )
+        return None, None
+    hs = require_hidden(bank)  # --hidden on: refuses a bank without them, saying what to run
+    pool = bank.questions if trained_on == "train" else select_split(bank.questions, trained_on)
+    t0 = time.perf_counter()
+    probes = HiddenProbes.fit(bank, hs, pool=pool)
+    folder = probes.save(out / "hidden-probes", training=True)
+    console.print(
+        f"hidden-state probes fitted on the {trained_on} questions in "
+        f"{time.perf_counter() - t0:.0f} s: {probes.describe()}"
+    )
+    return probes, folder
+
+
+def _fleet(
+    bank: TraceBank, args: RunArgs, probes: HiddenProbes, out: Path, console: Console
+) -> None:
+    """One token budget shared by the test questions, allocated uniformly, by the difficulty
+    probe and by the oracle (:mod:`policies.evaluation.fleet`): printed and saved."""
+    from policies.evaluation.fleet import fleet_table
+
+    if args.eval_split != "test":
+        return
+    report = fleet_table(bank, seeds=args.seeds, probe=probes.difficulty, n_boot=400)
+    (out / "fleet.md").write_text(report.markdown() + "\n")
+    (out / "fleet.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    console.print("\n[bold]one budget shared by the test questions[/] (fleet.md)")
+    console.print(report.markdown())
 
 
 def _settings(

@@ -44,6 +44,7 @@ def heuristic_sweeps(
     max_chain_tokens: int = 512,
     chunk_tokens: int = 64,
     extension_chunks: int = 2,
+    hidden: bool = False,
 ) -> list[Family]:
     """Every fixed heuristic family with its parameter grid, for chains of at most
     ``max_chain_tokens`` in chunks of ``chunk_tokens`` and up to ``max_chains`` chains.
@@ -61,6 +62,8 @@ def heuristic_sweeps(
     | probe agreement | k = 1, 2, 3, 4, 6 agreeing probes |
     | difficulty router | (easy, hard) thresholds (0.2, 0.5), (0.3, 0.7), (0.5, 0.9) |
     | bounded thinking | start 1, 2, 4 chunks, up to the chain cap |
+    | with ``hidden`` (the bank's hidden states): probe-stop | thresholds 0.5, 0.6, 0.7, 0.8, 0.9, 0.95 |
+    | with ``hidden``: best-of-N, the chain the probe rates highest | N as best-of-N |
     """
     if max_chains < 1:
         raise ConfigError(f"max_chains must be >= 1, got {max_chains}")
@@ -98,6 +101,16 @@ def heuristic_sweeps(
     )
     fams.append(family("probe-agree", ((f"k={k}", f"probe-agree-{k}") for k in (1, 2, 3, 4, 6))))
     routes = ((0.2, 0.5), (0.3, 0.7), (0.5, 0.9))
+    if hidden:
+        fams.append(
+            family(
+                "probe-stop",
+                ((f"t={t:g}", f"probe-stop-{t:g}") for t in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)),
+            )
+        )
+        fams.append(
+            family("best-of-N-probe-best", ((f"N={n}", f"best-of-{n}-probe-best") for n in ns))
+        )
     fams.append(family("router", ((f"{e:g}-{h:g}", f"router-{e:g}-{h:g}") for e, h in routes)))
     starts = [
         s for s in (chunk_tokens, 2 * chunk_tokens, 4 * chunk_tokens) if s <= max_chain_tokens
