@@ -68,6 +68,7 @@ from typing import Any
 import numpy as np
 
 from env.episode.config import Action, EnvConfig
+from env.episode.hidden import HiddenProbes
 from env.episode.observation import FEATURE_NAMES
 from env.episode.single import ComputeAllocationEnv
 from env.generators.base import Generator
@@ -203,6 +204,10 @@ class Controller:
         seed: the env seed of every question (the same question gets the same generator seed).
         lookahead: generate a policy's planned chains side by side, and read chains ahead for a
             policy that finishes them (see the module docstring).
+        probes: hidden-state probes for a rule that reads the model's state and has none of
+            its own (a learned policy trained with hidden-state features brings its own); the
+            generator must capture the states they read (``traits.hidden``:
+            :class:`~env.generators.capture.Capturing`).
 
     Raises:
         ConfigError: a cap below what opening one chain costs, or a bad value.
@@ -220,11 +225,26 @@ class Controller:
         verifier: Any = None,
         seed: int = 0,
         lookahead: bool = True,
+        probes: HiddenProbes | None = None,
     ) -> None:
         if not isinstance(policy, Policy):
             raise ConfigError(
                 "policy must follow the Policy protocol (policies.base: subclass BasePolicy), "
                 f"got {policy!r}"
+            )
+        self.probes: HiddenProbes | None = None
+        if policy.reads_hidden:
+            self.probes = policy.hidden_probes if policy.hidden_probes is not None else probes
+            if self.probes is None:
+                raise ConfigError(
+                    f"policy {policy.name!r} reads the model's hidden states and has no probes "
+                    "of its own: give the controller probes=HiddenProbes (fitted on an "
+                    "annotated bank: HiddenProbes.fit)"
+                )
+            self.probes.check(
+                generator.traits.hidden,
+                where=f"the generator {type(generator).__name__}",
+                what=f"policy {policy.name!r}",
             )
         if config is None:
             config = EnvConfig(aggregate=policy.aggregate)  # type: ignore[arg-type]
@@ -533,7 +553,12 @@ class Controller:
                 read_ahead=config.max_chain_tokens if read_ahead else None,
             )
         env = ComputeAllocationEnv(
-            gen, [q], config, difficulty=self.difficulty, verifier=self.verifier
+            gen,
+            [q],
+            config,
+            difficulty=self.difficulty,
+            verifier=self.verifier,
+            probes=self.probes,
         )
         if lookahead is not None:
             lookahead.spent = lambda: env.episode.decoded if env.episode is not None else 0

@@ -86,7 +86,7 @@ from starlette.routing import Route
 from controller.controller import MIN_LATENCY_CAP_S, Controller, Result
 from controller.openapi import ROLES, openapi_schema
 from env.episode.config import Action
-from features.errors import ConfigError, PonderError
+from features.errors import ConfigError, ModelError, PonderError
 
 __all__ = [
     "MAX_JSON_DEPTH",
@@ -149,6 +149,10 @@ class ServeArgs:
     """requests answered at once (others wait, within their latency cap)"""
     lookahead: bool = True
     """generate ahead: a policy's planned chains side by side, and each chain of a policy that finishes its chains in one upstream request (--no-lookahead: chunk by chunk, nothing decoded before the policy asks for it)"""
+    hidden_model: str = ""
+    """for a policy that reads the model's hidden states: the upstream model's Hugging Face folder (or its GGUF file, beside the folder `ponder model prepare` writes); ponder computes the states at every chunk boundary with transformers beside the upstream (env.generators.Capturing)"""
+    hidden_probes: str = ""
+    """for a rule that reads hidden states (probe-stop, best-of-N-probe-best) and has no probes of its own: a folder written by HiddenProbes.save (e.g. runs/<bank>/hidden-probes from `ponder run`)"""
     model_name: str | None = None
     """the model name the proxy reports (default: ponder/<policy>)"""
     log_level: str = "info"
@@ -934,6 +938,7 @@ def build_controller(args: ServeArgs) -> tuple[Controller, Any]:
 
     check_serve_args(args)
     policy = check_policy(load_policy(args.policy))
+    probes = _hidden_probes(args, policy)
     config = EnvConfig(
         chunk_tokens=args.chunk_tokens,
         max_chains=args.max_chains,
@@ -957,17 +962,54 @@ def build_controller(args: ServeArgs) -> tuple[Controller, Any]:
         max_concurrency=max(16, args.max_concurrency),
     )
     try:
+        gen: Any = generator
+        if probes is not None:
+            from env.generators.capture import capture_from_manifest
+
+            gen = capture_from_manifest(generator, probes.manifest(), args.hidden_model)
         controller = Controller(
-            generator,
+            gen,
             policy,
             config=config,
             latency_cap_s=args.latency_cap,
             lookahead=args.lookahead,
+            probes=probes,
         )
     except BaseException:
         generator.close()
         raise
     return controller, generator
+
+
+def _hidden_probes(args: ServeArgs, policy: Any) -> Any:
+    """The hidden-state probes ``policy`` serves with (``None``: it reads no hidden state).
+
+    Raises:
+        ConfigError: a policy that reads hidden states without ``--hidden-model``, or a rule
+            without probes of its own and no ``--hidden-probes``.
+    """
+    if not policy.reads_hidden:
+        return None
+    if not args.hidden_model:
+        raise ConfigError(
+            f"policy {policy.name!r} reads the model's hidden states: pass --hidden-model "
+            "FOLDER, the upstream model's Hugging Face folder (`ponder model prepare --name "
+            "...` writes it beside the GGUF file), so that ponder can compute them"
+        )
+    if policy.hidden_probes is not None:
+        return policy.hidden_probes
+    if not args.hidden_probes:
+        raise ConfigError(
+            f"policy {policy.name!r} reads the hidden-state probes and has none of its own: "
+            "pass --hidden-probes FOLDER (probes fitted on an annotated bank, e.g. "
+            "runs/<bank>/hidden-probes written by `ponder run`)"
+        )
+    from env.episode.hidden import HiddenProbes
+
+    try:
+        return HiddenProbes.load(args.hidden_probes)
+    except ModelError as e:
+        raise ConfigError(f"--hidden-probes: {e}") from e
 
 
 def _bind(host: str, port: int) -> socket.socket:

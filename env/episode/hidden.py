@@ -191,6 +191,25 @@ class HiddenProbes:
             f"{list(self.chain.layers)} / {list(self.difficulty.layers)}, {a['dims']} dims"
         )
 
+    def manifest(self, model_path: str = "") -> HiddenManifest:
+        """The annotation the probes were fitted on (their schema's), as a
+        :class:`~env.bank.hidden.HiddenManifest`: what a live capture must reproduce
+        (:func:`~env.generators.capture.capture_from_manifest`)."""
+        from env.bank.hidden import HiddenManifest
+
+        a = self.chain.schema.annotation
+        return HiddenManifest(
+            engine=str(a["engine"]),
+            model={**a["model"], "path": model_path},
+            bank_id=str(a.get("bank_id", "")),
+            bank_model_sha256="",
+            dtype=str(a["dtype"]),
+            layers=[int(x) for x in a["layers"]],
+            dims=int(a["dims"]),
+            projection=dict(a["projection"]),
+            schema_version=int(a["schema_version"]),
+        )
+
     def check(self, manifest: HiddenManifest | None, *, where: str, what: str) -> None:
         """Refuse states that are not the probes' inputs.
 

@@ -223,6 +223,7 @@ class Lookahead(GeneratorBase):
             mode=c.mode,
             prompt_ids=list(c.prompt_ids),
             handle=c.handle,
+            prompt_hidden=c.prompt_hidden,
         )
         self._serving[c.chain_id] = p
         return [p.public]
