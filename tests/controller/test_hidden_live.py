@@ -88,7 +88,7 @@ def test_serve_says_what_to_pass(tmp_path: Path, probes: HiddenProbes) -> None:
         build_controller(ServeArgs(policy="probe-stop-0.7"))
     with pytest.raises(ConfigError, match="--hidden-probes"):
         build_controller(ServeArgs(policy="probe-stop-0.7", hidden_model=str(TESTBED_DIR)))
-    with pytest.raises(ConfigError, match="--hidden-probes: .*no hidden-state probes"):
+    with pytest.raises(ConfigError, match=r"--hidden-probes: .*no hidden-state probes"):
         build_controller(
             ServeArgs(
                 policy="probe-stop-0.7",
