@@ -49,9 +49,10 @@ from env.bank.store import TraceBank
 from env.episode.config import EnvConfig
 from env.episode.difficulty import bank_difficulty
 from env.episode.hidden import HiddenProbes
+from env.episode.vector import BatchedReplayEnv
 from env.questions import select_split, training_split
 from features.errors import ConfigError
-from policies.base import LamConditioned, Policy, Saveable
+from policies.base import HasValue, LamConditioned, Policy, Saveable
 from policies.evaluation.headline import (
     FamilySummary,
     TargetCheck,
@@ -723,7 +724,7 @@ def _run_bank_fixed(path: Path, args: RunArgs, console: Console) -> BankRun:
         print_floors(console, floors, reference)
         _representatives(out, summaries)
         if probes is not None:
-            _fleet(bank, args, probes, out, console)
+            _fleet(bank, args, probes, out, console, trained, lams)
 
         title = (
             f"{name}: {len(evaluator.questions)} {split} questions x {len(evaluator.seeds)} seeds"
@@ -845,19 +846,64 @@ def _hidden_probes(
 
 
 def _fleet(
-    bank: TraceBank, args: RunArgs, probes: HiddenProbes, out: Path, console: Console
+    bank: TraceBank,
+    args: RunArgs,
+    probes: HiddenProbes,
+    out: Path,
+    console: Console,
+    trained: Trained,
+    lams: Sequence[float],
 ) -> None:
     """One token budget shared by the test questions, allocated uniformly, by the difficulty
-    probe and by the oracle (:mod:`policies.evaluation.fleet`): printed and saved."""
+    probe, by the learned value and by the oracle (:mod:`policies.evaluation.fleet`): printed
+    and saved."""
     from policies.evaluation.fleet import fleet_table
 
     if args.eval_split != "test":
         return
-    report = fleet_table(bank, seeds=args.seeds, probe=probes.difficulty, n_boot=400)
+    extra = {}
+    for fam in ("value-chain-hidden", "value-chain"):
+        by_seed = trained.policies.get(fam)
+        if by_seed:
+            seed = min(by_seed)
+            lam = float(np.exp(np.mean(np.log(lams))))  # the middle of the λ grid
+            extra[f"learned value ({fam}, seed {seed})"] = _value_curves(by_seed[seed], lam)
+    report = fleet_table(
+        bank, seeds=args.seeds, probe=probes.difficulty, extra=extra or None, n_boot=400
+    )
     (out / "fleet.md").write_text(report.markdown() + "\n")
     (out / "fleet.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
     console.print("\n[bold]one budget shared by the test questions[/] (fleet.md)")
     console.print(report.markdown())
+
+
+def _value_curves(policy: Policy, lam: float) -> Any:
+    """A fleet allocator (:data:`~policies.evaluation.fleet.CurveFn`) that scores each question
+    by the learned policy's value of going on at its opening state (price ``lam``), averaged
+    over nothing but that seed's opening chain, and reads curves off the training questions with
+    similar scores. The training questions are ones the policy was trained on: their scores are
+    in-sample (said in the table's notes)."""
+    from policies.evaluation.fleet import kernel_curves
+
+    assert isinstance(policy, HasValue) and isinstance(policy, LamConditioned)
+    acting = policy.with_lam(lam)
+
+    def scores(setup: Any, questions: Sequence[Any], seed: int) -> np.ndarray:
+        env = BatchedReplayEnv(setup.bank, len(questions), seed=0, probes=policy.hidden_probes)
+        index = {q.qid: i for i, q in enumerate(env.questions)}
+        qs = np.array([index[q.qid] for q in questions], np.int64)
+        obs, _ = env.reset(options={"questions": qs, "gen_seeds": np.full(len(qs), seed)})
+        return np.asarray(acting.value(obs), np.float64)  # type: ignore[attr-defined]
+
+    def fn(setup: Any, seed: int) -> Any:
+        return kernel_curves(
+            scores(setup, setup.train, seed),
+            setup.train_curves,
+            scores(setup, setup.test, seed),
+            setup.k_test,
+        )
+
+    return fn
 
 
 def _settings(
@@ -877,12 +923,16 @@ def _settings(
         "budgets": [float(b) for b in budgets],
         "aggregate": args.aggregate,
         "chain_probes": args.chain_probes,
+        "hidden": args.hidden,
         "threads": args.threads,
         "quick": args.quick,
         "bootstrap": {"resamples": 2000, "seed": 0, "level": 0.95},
         "training": {
             name: {
-                k: (list(v) if isinstance(v, tuple) else v)
+                # the probes' folder is the run's own: named relative to it
+                k: (
+                    list(v) if isinstance(v, tuple) else Path(v).name if k == "hidden_probes" else v
+                )
                 for k, v in kw.items()
                 if k not in ("progress", "threads")
             }
