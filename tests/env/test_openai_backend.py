@@ -94,10 +94,13 @@ def _wait(cond: Any, timeout: float = 10.0) -> None:
 def test_cancelling_closes_the_completions_in_flight(n_requests: int) -> None:
     """The reproduction: work went on after its question was abandoned. Now cancelling the
     scope ends ``complete`` at once with ``Cancelled`` and the upstream sees its client leave
-    (vLLM then aborts the request), for one request or several in parallel."""
+    (vLLM then aborts the request), for one request or several in parallel.
+
+    The read timeout is far beyond the waits below (hang guards, not speed targets): a
+    connection the upstream sees close within them was closed by the cancel."""
     upstream = Upstream()
     with serving(upstream) as url:
-        backend = OpenAIBackend(url, model="m", eos_token_id=0, read_timeout=60)
+        backend = OpenAIBackend(url, model="m", eos_token_id=0, read_timeout=600)
         scope = CancelScope()
         got: list[BaseException] = []
 
@@ -115,14 +118,12 @@ def test_cancelling_closes_the_completions_in_flight(n_requests: int) -> None:
         thread = threading.Thread(target=work)
         thread.start()
         _wait(lambda: len(upstream.started) == n_requests)
-        t0 = time.monotonic()
         scope.cancel("the client left")
-        thread.join(5)
+        thread.join(30)
         assert not thread.is_alive(), "complete() did not return after the cancel"
         assert len(got) == 1 and isinstance(got[0], Cancelled), got
         assert "the client left" in str(got[0])
-        _wait(lambda: len(upstream.left) == n_requests, timeout=5)
-        assert max(upstream.left) - t0 < 2.0
+        _wait(lambda: len(upstream.left) == n_requests, timeout=30)
         # Nothing new starts in a cancelled scope.
         with pytest.raises(Cancelled), scope.active():
             backend.complete([CompletionRequest((1,), max_tokens=4, temperature=0.0)])

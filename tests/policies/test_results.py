@@ -92,7 +92,9 @@ def test_same_seeds_same_results_file(twice: tuple[dict[str, Any], dict[str, Any
     assert prov["machine"]["cores"] >= 1 and prov["machine"]["cpu"]
     assert prov["packages"]["numpy"] and prov["packages"]["torch"]
     assert prov["packages"]["scikit-learn"] and prov["date"]
-    assert set(a["timings"]["train_s"]) == {"value-chain", "ppo", "ppo-chain"}
+    # the testbed bank has hidden states: the chain-level families train with them too
+    learned = {"value-chain", "ppo", "ppo-chain", "value-chain-hidden", "ppo-chain-hidden"}
+    assert set(a["timings"]["train_s"]) == learned
     # every learned point carries its training seed; a heuristic's none
     for fam, f in a["families"].items():
         seeds = {p["train_seed"] for p in f["points"]}
@@ -101,7 +103,8 @@ def test_same_seeds_same_results_file(twice: tuple[dict[str, Any], dict[str, Any
     assert head["seeds"] == [0, 10000] and len(head["tokens_to_match_per_seed"]) == 2
     assert head["representative_seed"] in (0, 10000)
     assert head["diffs"] and all(len(d["per_seed"]) == 2 for d in head["diffs"])
-    assert {t["family"] for t in a["targets"]} == {"value-chain", "ppo", "ppo-chain", "any-learned"}
+    assert {t["family"] for t in a["targets"]} == learned | {"any-learned"}
+    assert a["settings"]["training"]["ppo-chain-hidden"]["hidden_probes"] == "hidden-probes"
 
 
 def test_report_renders_and_rewrites_the_readme(

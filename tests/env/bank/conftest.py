@@ -1,7 +1,9 @@
-"""Small banks recorded from the fake generator into tmp_path, for the bank tests."""
+"""Small banks recorded from the fake generator into tmp_path, and the `record` command line that
+records one, for the bank tests."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from env.bank.synthetic import record_fake_bank
 from env.questions import load_questions
 
 MakeBank = Callable[..., TraceBank]
+RecordCmd = Callable[..., list[str]]
 
 
 @pytest.fixture
@@ -24,3 +27,19 @@ def make_bank(tmp_path: Path) -> MakeBank:
         return record_fake_bank(tmp_path / name, questions, seed=seed)
 
     return make
+
+
+@pytest.fixture
+def record_cmd() -> RecordCmd:
+    """``record_cmd(out, *extra, n=...)``: the ``python -m env.bank.record`` command that records
+    ``n`` arith questions from the fake generator into ``out`` (4 chains, 8-token chunks, 96
+    tokens a chain), ``extra`` flags added."""
+
+    def cmd(out: Path, *extra: str, n: int) -> list[str]:
+        return [
+            sys.executable, "-m", "env.bank.record", "--out", str(out), "--model", "fake",
+            "--dataset", "arith", "--n", str(n), "--chains", "4", "--chunk-tokens", "8",
+            "--max-tokens", "96", *extra,
+        ]  # fmt: skip
+
+    return cmd

@@ -28,27 +28,7 @@ ROOT = Path(__file__).resolve().parents[3]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 MakeBank = Callable[..., TraceBank]
-
-
-def _record_cmd(out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "env.bank.record",
-        "--out",
-        str(out),
-        "--model",
-        "fake",
-        "--n",
-        "200",
-        "--chains",
-        "4",
-        "--chunk-tokens",
-        "8",
-        "--max-tokens",
-        "96",
-        *extra,
-    ]
+RecordCmd = Callable[..., list[str]]  # the `record_cmd` fixture (conftest.py)
 
 
 def _files(bank: Path) -> dict[str, tuple[int, int, bytes]]:
@@ -80,10 +60,13 @@ def _write_lock(bank: Path, **fields: object) -> None:
     (bank / LOCK_NAME).write_text(json.dumps(owner))
 
 
-def test_second_recorder_on_one_folder_is_refused_and_rewrites_nothing(tmp_path: Path) -> None:
+def test_second_recorder_on_one_folder_is_refused_and_rewrites_nothing(
+    tmp_path: Path, record_cmd: RecordCmd
+) -> None:
     bank = tmp_path / "bank"
+    n = 200  # questions: the first recorder is still at it when the second starts
     first = subprocess.Popen(
-        _record_cmd(bank), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        record_cmd(bank, n=n), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
         deadline = time.monotonic() + 120
@@ -96,7 +79,7 @@ def test_second_recorder_on_one_folder_is_refused_and_rewrites_nothing(tmp_path:
         before = _files(bank)
 
         second = subprocess.run(
-            _record_cmd(bank), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120
+            record_cmd(bank, n=n), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120
         )
         assert first.poll() is None  # the first was still recording throughout
         assert second.returncode != 0
@@ -118,7 +101,7 @@ def test_second_recorder_on_one_folder_is_refused_and_rewrites_nothing(tmp_path:
     assert (bank / LOCK_NAME).exists()
     recorded = _files(bank)
     third = subprocess.run(
-        _record_cmd(bank, "--limit-minutes", "0.0001"),
+        record_cmd(bank, "--limit-minutes", "0.0001", n=n),
         env=ENV,
         cwd=ROOT,
         capture_output=True,

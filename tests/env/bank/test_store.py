@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from features.errors import BankError, BudgetExhausted, ConfigError
 
 ROOT = Path(__file__).resolve().parents[3]
 K, T, CAP = 4, 16, 128
+RecordCmd = Callable[..., list[str]]  # the `record_cmd` fixture (conftest.py)
 
 
 @pytest.fixture
@@ -171,28 +173,6 @@ def test_summary_counts(recorded) -> None:
     assert 0.0 <= s["all"]["pass@1"] <= s["all"]["pass@k"] <= 1.0
 
 
-def _record_cmd(out: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "env.bank.record",
-        "--out",
-        str(out),
-        "--model",
-        "fake",
-        "--dataset",
-        "arith",
-        "--n",
-        "24",
-        "--chains",
-        "4",
-        "--chunk-tokens",
-        "8",
-        "--max-tokens",
-        "96",
-    ]
-
-
 def _tables(path: Path) -> dict[str, bytes]:
     """Each question file's bytes (the Parquet writer is deterministic; NaNs compare equal)."""
     return {p.name: p.read_bytes() for p in sorted((path / "chunks").glob("*.parquet"))}
@@ -215,9 +195,11 @@ def _values(path: Path) -> dict[str, bytes]:
     return out
 
 
-def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path, record_cmd: RecordCmd) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run(_record_cmd(tmp_path / "a"), check=True, env=env, cwd=ROOT, capture_output=True)
+    subprocess.run(
+        record_cmd(tmp_path / "a", n=24), check=True, env=env, cwd=ROOT, capture_output=True
+    )
     reference = _values(tmp_path / "a")
     assert len(reference) == 24
 
@@ -229,7 +211,11 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     kills = 0
     for target in sorted(rng.choice(np.arange(2, 20), size=5, replace=False)):
         proc = subprocess.Popen(
-            _record_cmd(b), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            record_cmd(b, n=24),
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
@@ -242,7 +228,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
             kills += 1
         proc.wait()
     assert 0 < len(_tables(b)) < 24  # it was killed part-way
-    subprocess.run(_record_cmd(b), check=True, env=env, cwd=ROOT, capture_output=True)
+    subprocess.run(record_cmd(b, n=24), check=True, env=env, cwd=ROOT, capture_output=True)
     assert kills >= 3
     assert not list((b / "chunks").glob("*.tmp"))
     assert not (b / "bank.lock").exists()
