@@ -48,7 +48,7 @@ __all__ = [
 _BOX_START_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 _GSM_MARK_RE = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_IS_RE = re.compile(
-    r"\b(?:final\s+answer|the\s+answer|answer)\s*(?:\*\*)?\s*(?:is\b\s*:?|:|=)\s*(?:\*\*)?[ \t]*(?=([^\n]*))",
+    r"\b(?:final\s+answer|the\s+answer|answer)\s*(?:\*\*)?\s*(?:is\b\s*:?|:|=)\s*(?:\*\*)?[ \t]*",
     re.IGNORECASE,
 )
 # A number as written in running text: sign, thousands commas, decimals, an optional "/denominator".
@@ -163,12 +163,16 @@ def _after_gsm8k_mark(text: str) -> str | None:
 
 
 def _after_answer_is(text: str) -> str | None:
-    last: str | None = None
-    for m in _ANSWER_IS_RE.finditer(text):
-        candidate = _answer_phrase(m.group(1))
+    """The answer after the last "The answer is" whose line has one. Matches are read from the
+    last back, each with the rest of its line cut only then: a line of many matches costs time
+    linear in its length (copying each match's rest of line was quadratic)."""
+    ends = [m.end() for m in _ANSWER_IS_RE.finditer(text)]
+    for end in reversed(ends):
+        stop = text.find("\n", end)
+        candidate = _answer_phrase(text[end : stop if stop >= 0 else len(text)])
         if candidate:
-            last = candidate
-    return last
+            return candidate
+    return None
 
 
 def _answer_phrase(rest: str) -> str | None:
