@@ -37,6 +37,7 @@ from features.errors import ConfigError, ModelError
 if TYPE_CHECKING:
     from env.bank.hidden import HiddenManifest, HiddenStates
     from env.bank.store import TraceBank
+    from env.episode.rules import ChainFold
     from env.probes.model import LinearProbe
     from env.types import Question
 
@@ -157,8 +158,8 @@ class HiddenProbes:
     Attributes:
         chain: the chain-correctness probe (P(right) at a boundary).
         difficulty: the difficulty probe (pass rate from the prompt's state).
-        max_tokens: the chain token budget its ``budget_fraction`` input is relative to (the
-            bank's ``max_tokens`` when it was fitted).
+        max_tokens: the chain token budget its ``budget_fraction`` and ``budget_open`` inputs
+            are relative to (the bank's ``max_tokens`` when it was fitted).
         held_out: per training question, the probes fitted without its fold (see the module
             docstring); empty for probes loaded from a file.
     """
@@ -235,23 +236,32 @@ class HiddenProbes:
             return self.held_out[qid]
         return self.chain, self.difficulty
 
+    def extras(self, fold: ChainFold, tokens: int, stopped: bool) -> dict[str, float]:
+        """A boundary's extra inputs (:func:`~env.probes.data.boundary_extras`, their one
+        definition): the chain's state ``fold`` with the boundary's chunk folded in, its tokens
+        there and whether its sampling stopped there (end of sequence). Both environments call
+        it after folding each chunk, a budget-forced extension chunk included (whose hidden
+        state is the chain's last main boundary's)."""
+        from env.probes.data import boundary_extras
+
+        return boundary_extras(fold, tokens=tokens, stopped=stopped, max_tokens=self.max_tokens)
+
     def right(
         self,
         qid: str | None,
         states: np.ndarray,
         layers: Sequence[int],
-        tokens: np.ndarray,
-        stopped: np.ndarray,
+        extras: Sequence[Mapping[str, float]],
     ) -> np.ndarray:
         """P(right) at boundaries: ``states [n, n_layers, dims]`` of question ``qid`` (the
-        probes that did not see it, for a training question), the chain's tokens there and
-        whether its sampling stopped at the boundary (end of sequence)."""
+        probes that did not see it, for a training question) and each boundary's extra inputs
+        (:meth:`extras`)."""
         chain, _ = self._pick(qid)
-        extras = {
-            "budget_fraction": np.minimum(np.asarray(tokens, np.float64) / self.max_tokens, 1.0),
-            "ended": np.asarray(stopped, np.float64),
-        }
-        return np.asarray(chain(np.asarray(states, np.float32), layers, extras), np.float64)
+        if len(extras) != len(states):
+            raise ConfigError(f"{len(states)} states but {len(extras)} rows of extra inputs")
+        names = extras[0].keys() if len(extras) else ()
+        cols = {k: np.array([e[k] for e in extras], np.float64) for k in names}
+        return np.asarray(chain(np.asarray(states, np.float32), layers, cols), np.float64)
 
     def pass_rate(self, qid: str | None, prompt_state: np.ndarray, layers: Sequence[int]) -> float:
         """The difficulty probe's predicted pass rate from the prompt's state ``[n_layers,
@@ -347,11 +357,12 @@ class HiddenProbes:
             pool: the questions to split into train/fit/dev (default: every annotated one;
                 the ``fit`` questions when a run is tuned on ``dev``).
             folds: folds of the training questions for the held-out probes (0: none).
-            grid: ``c_grid``, ``alpha_grid``, ``extra_choices``, ``layers`` for ``fit_probes``.
+            grid: ``c_grid``, ``alpha_grid``, ``extra_choices``, ``weight_grid``,
+                ``ended_states``, ``layers`` for ``fit_probes``.
         """
         from env.bank.hidden import require_hidden
         from env.probes.data import boundary_set, prompt_set
-        from env.probes.fit import fit_chain_probe, fit_difficulty_probe, fit_probes
+        from env.probes.fit import fit_chain_like, fit_difficulty_probe, fit_probes
         from env.questions import select_split
 
         hs = hidden if hidden is not None else require_hidden(bank)
@@ -366,13 +377,7 @@ class HiddenProbes:
             for f in range(k):
                 out = [q for i, q in enumerate(train) if i % k == f]
                 keep = [q for i, q in enumerate(train) if i % k != f]
-                c = fit_chain_probe(
-                    boundary_set(bank, hs, keep),
-                    hs.manifest,
-                    layers=chain.layers,
-                    extras=chain.schema.extras,
-                    c=float(chain.params["C"]),
-                )
+                c = fit_chain_like(boundary_set(bank, hs, keep), chain, hs.manifest)
                 d = fit_difficulty_probe(
                     prompt_set(bank, hs, keep),
                     hs.manifest,

@@ -462,14 +462,9 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
                     f"{_generator_name(self.generator)} captures hidden states but its chunk of "
                     f"chain {c.chain_id} of {c.question.qid!r} carries none"
                 )
+            extras = self.probes.extras(s, c.num_tokens, chunk.finish_reason == "stop")
             s.right = float(
-                self.probes.right(
-                    c.question.qid,
-                    chunk.hidden[None],
-                    self._layers,
-                    np.array([c.num_tokens]),
-                    np.array([chunk.finish_reason == "stop"]),
-                )[0]
+                self.probes.right(c.question.qid, chunk.hidden[None], self._layers, [extras])[0]
             )
         fold_answer(
             s,

@@ -120,8 +120,9 @@ def _hidden_tables(
     """``([N + 1], [Q])``: each recorded chunk's P(right) as the single environment reads it
     after reaching it (entry ``N``, the sentinel: 0.5), and each question's predicted pass rate.
 
-    The chunks are walked in :func:`_build_tables`'s order (:func:`replay_chain`); an extension
-    chunk reads its chain's last main boundary, as :class:`ReplayGenerator` serves it.
+    The chunks are walked in :func:`_build_tables`'s order (:func:`replay_chain`, folding the
+    signals the probe's extra inputs read, as the single environment folds each chunk); an
+    extension chunk reads its chain's last main boundary, as :class:`ReplayGenerator` serves it.
     """
     from env.bank.hidden import require_hidden
 
@@ -133,17 +134,14 @@ def _hidden_tables(
     for qi, q in enumerate(questions):
         t = bank[q.qid]
         rates[qi] = probes.pass_rate(q.qid, hs.prompt(q.qid), layers)
-        states, tokens, stopped = [], [], []
+        states, extras = [], []
         for ct in t.chains:
             r = ct.rows
-            for c in replay_chain(ct, cfg, signals=False):
+            for c in replay_chain(ct, cfg, signals=True):
                 states.append(hs.at(q.qid, ct.chain, int(r["chunk"][c.i])))
-                tokens.append(c.tokens)
-                stopped.append(r["finish_reason"][c.i] == "stop")
+                extras.append(probes.extras(c.fold, c.tokens, r["finish_reason"][c.i] == "stop"))
         if states:
-            right.append(
-                probes.right(q.qid, np.stack(states), layers, np.array(tokens), np.array(stopped))
-            )
+            right.append(probes.right(q.qid, np.stack(states), layers, extras))
     right.append(np.array([0.5]))
     return np.concatenate(right).astype(np.float64), rates
 

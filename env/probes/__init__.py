@@ -4,7 +4,8 @@ Two linear probes, fitted on a bank's training questions with every choice made 
 
 - **difficulty**: the question's pass rate from the state at the prompt's last token;
 - **chain correctness**: whether a chain's final answer will be right, from the state at any
-  main chunk boundary (and, if ``dev`` says so, how far into its budget the chain is).
+  main chunk boundary (and at ended ones, and, if ``dev`` says so, how far into its budget the
+  open chain is and its token confidence so far).
 
 ``data.py`` gathers the rows, ``model.py`` is the fitted probe with its schema and its safe file
 format (JSON + safetensors), ``fit.py`` fits and chooses. They live in ``env`` because the
@@ -15,16 +16,25 @@ report that compares them with the signals ponder had before is
 
 from __future__ import annotations
 
-from env.probes.data import BOUNDARY_EXTRAS, BoundarySet, PromptSet, boundary_set, prompt_set
+from env.probes.data import (
+    BOUNDARY_EXTRAS,
+    BoundarySet,
+    PromptSet,
+    boundary_extras,
+    boundary_set,
+    prompt_set,
+)
 from env.probes.fit import (
     ALPHA_GRID,
     C_GRID,
     EXTRA_CHOICES,
+    EXTRAS_WEIGHTS,
     DevScore,
     ProbeFit,
     auroc,
     best_of,
     cross_fit,
+    fit_chain_like,
     fit_chain_probe,
     fit_difficulty_probe,
     fit_probes,
@@ -38,6 +48,7 @@ __all__ = [
     "ALPHA_GRID",
     "BOUNDARY_EXTRAS",
     "C_GRID",
+    "EXTRAS_WEIGHTS",
     "EXTRA_CHOICES",
     "KINDS",
     "BoundarySet",
@@ -48,8 +59,10 @@ __all__ = [
     "PromptSet",
     "auroc",
     "best_of",
+    "boundary_extras",
     "boundary_set",
     "cross_fit",
+    "fit_chain_like",
     "fit_chain_probe",
     "fit_difficulty_probe",
     "fit_probes",

@@ -11,8 +11,11 @@ them, read the way the episode reads them, so a report compares on exactly the s
   (:mod:`env.episode.difficulty`) sees in an episode before it decides.
 
 A boundary's extra inputs (:data:`BOUNDARY_EXTRAS`) are known online, when the boundary is
-reached: the share of the token budget spent and whether the chain ended there. The chain's own
-length is not (it is known only once the chain ends), so no feature is relative to it.
+reached, from what the episode holds of the chain: its tokens so far, whether its sampling ended
+there, and its :class:`~env.episode.rules.ChainFold` (its token confidences and entropies so far).
+:func:`boundary_extras` is their one definition, read here and by the environments
+(:meth:`~env.episode.hidden.HiddenProbes.extras`). The chain's own length is not known before it
+ends, so no input is relative to it.
 """
 
 from __future__ import annotations
@@ -35,14 +38,53 @@ __all__ = [
     "BOUNDARY_EXTRAS",
     "BoundarySet",
     "PromptSet",
+    "boundary_extras",
     "boundary_set",
     "prompt_set",
 ]
 
-#: Inputs of a boundary beyond its hidden state, each in [0, 1]:
-#: ``budget_fraction`` the chain's main tokens so far over the bank's ``max_tokens``;
-#: ``ended`` 1 when the chain's sampling ended at this chunk (its answer is written), else 0.
-BOUNDARY_EXTRAS: tuple[str, ...] = ("budget_fraction", "ended")
+#: Inputs of a boundary beyond its hidden state (:func:`boundary_extras`):
+#: ``budget_fraction`` the chain's tokens so far over the bank's ``max_tokens`` (at most 1);
+#: ``ended`` 1 when the chain's sampling ended at this chunk (its answer is written), else 0;
+#: ``budget_open`` ``budget_fraction`` while the chain is open, 0 once it has ended (a chain's
+#: final length ranks questions, not the chains of one question: read at the end it cost the
+#: within-question ranking on dev);
+#: ``mean_confidence`` the chain's mean token confidence so far (DeepConf, what confidence votes
+#: read); ``chunk_confidence`` and ``chunk_entropy`` its latest chunk's mean token confidence and
+#: entropy. The last three are NaN while the chain has no finite value; a probe reads a missing
+#: value as its training mean (:meth:`~env.probes.model.LinearProbe.inputs`).
+BOUNDARY_EXTRAS: tuple[str, ...] = (
+    "budget_fraction",
+    "ended",
+    "budget_open",
+    "mean_confidence",
+    "chunk_confidence",
+    "chunk_entropy",
+)
+
+
+def boundary_extras(
+    fold: ChainFold, *, tokens: int, stopped: bool, max_tokens: int
+) -> dict[str, float]:
+    """The :data:`BOUNDARY_EXTRAS` of a chain at a boundary.
+
+    Args:
+        fold: the chain's chunks so far, this one included (:func:`~env.episode.rules.fold_chunk`).
+        tokens: the chain's tokens so far.
+        stopped: its sampling ended at this chunk (finish reason ``stop``).
+        max_tokens: the token budget ``budget_fraction`` is relative to (the bank's).
+    """
+    budget = min(tokens / max_tokens, 1.0)
+    ended = 1.0 if stopped else 0.0
+    nan = float("nan")
+    return {
+        "budget_fraction": budget,
+        "ended": ended,
+        "budget_open": budget * (1.0 - ended),
+        "mean_confidence": fold.mean_confidence,
+        "chunk_confidence": fold.chunk_conf[-1] if fold.chunk_conf else nan,
+        "chunk_entropy": fold.chunk_entropy[-1] if fold.chunk_entropy else nan,
+    }
 
 
 @dataclass(frozen=True)
@@ -159,7 +201,7 @@ def boundary_set(
     Raises:
         BankError: the hidden states name other boundaries than the bank's main chunks.
     """
-    max_tokens = float(bank.manifest.max_tokens)
+    max_tokens = int(bank.manifest.max_tokens)
     cols: dict[str, list[object]] = {
         k: [] for k in ("question", "chain", "chunk", "last", "correct", "conf", "p_yes")
     }
@@ -191,8 +233,14 @@ def boundary_set(
                 p = r["judge_p_yes"][j]
                 cols["p_yes"].append(float("nan") if p is None else float(p))
                 tokens = int(r["start"][j]) + int(r["n_tokens"][j])
-                extras["budget_fraction"].append(min(tokens / max_tokens, 1.0))
-                extras["ended"].append(1.0 if r["finish_reason"][j] == "stop" else 0.0)
+                values = boundary_extras(
+                    fold,
+                    tokens=tokens,
+                    stopped=r["finish_reason"][j] == "stop",
+                    max_tokens=max_tokens,
+                )
+                for k, v in values.items():
+                    extras[k].append(v)
     dims = hidden.dims
     return BoundarySet(
         qids=[q.qid for q in questions],

@@ -10,8 +10,13 @@ all of ``train``. Test questions are never read here.
   on the standardised prompt state; ``alpha`` from :data:`ALPHA_GRID`.
 - **Chain correctness** (:func:`fit_chain_probe`): logistic regression of the chain's final
   correctness on the standardised state at every main boundary of every training chain (each
-  boundary a row, labelled with its chain's outcome); ``C`` from :data:`C_GRID`, and the extra
-  inputs (how far into its budget the chain is, whether it ended) from :data:`EXTRA_CHOICES`.
+  boundary a row, labelled with its chain's outcome), and the state again at the boundaries
+  where the chain ended (``ended_states``: the end, where the answer is written, gets its own
+  direction); ``C`` from :data:`C_GRID`, the extra inputs (how far into its budget the open
+  chain is, whether it ended, its token confidence and entropy so far) from
+  :data:`EXTRA_CHOICES`, and how much less the extras are penalised than the state's
+  coordinates from :data:`EXTRAS_WEIGHTS` (a few extras beside 256 coordinates under one ``C``
+  are squashed with them).
 
 What is minimised on ``dev`` is each model's own loss, a proper score of the predictions: the
 pass rate's mean squared error, and the log loss over every dev boundary (the probe is read at
@@ -25,6 +30,14 @@ into a narrow band.
 Both choose the layers read too: each captured layer alone and all of them together
 (:func:`layer_choices`); :class:`ProbeFit` keeps the best probe of each choice for a report
 by layer, and the best overall.
+
+What the grid offers was itself decided on ``dev`` of the GSM8K bank (71 fit / 24 dev
+questions, layers 14+28; dev log loss over every boundary / AUROC within a question at the last
+boundary), an input kept only where it helped both. Kept: the chain's token confidence and
+entropy (0.658 / 0.731 without, 0.600 / 0.779 with), the state again at ended boundaries (0.589
+/ 0.847). Not kept: the chain's budget fraction once it has ended in place of ``budget_open``
+(0.592 / 0.773: a hard question's chains run long, so it ranks questions, not the chains of
+one), and the running mean of the chain's boundary states beside its state (0.590 / 0.792).
 """
 
 from __future__ import annotations
@@ -51,12 +64,14 @@ if TYPE_CHECKING:
 __all__ = [
     "ALPHA_GRID",
     "C_GRID",
+    "EXTRAS_WEIGHTS",
     "EXTRA_CHOICES",
     "DevScore",
     "ProbeFit",
     "auroc",
     "best_of",
     "cross_fit",
+    "fit_chain_like",
     "fit_chain_probe",
     "fit_difficulty_probe",
     "fit_probes",
@@ -66,15 +81,20 @@ __all__ = [
 ]
 
 #: Inverse L2 strengths tried for the chain-correctness probe (on standardised inputs).
-C_GRID: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0)
+C_GRID: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 #: L2 strengths tried for the difficulty probe (on standardised inputs).
 ALPHA_GRID: tuple[float, ...] = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
-#: Extra inputs tried for the chain-correctness probe, beside the state.
+#: Extra inputs tried for the chain-correctness probe, beside the state
+#: (:data:`~env.probes.data.BOUNDARY_EXTRAS`).
 EXTRA_CHOICES: tuple[tuple[str, ...], ...] = (
     (),
-    ("budget_fraction",),
-    ("budget_fraction", "ended"),
+    ("budget_open", "ended"),
+    ("budget_open", "ended", "mean_confidence"),
+    ("budget_open", "ended", "mean_confidence", "chunk_confidence", "chunk_entropy"),
 )
+#: Factors the standardised extra inputs are multiplied by before the fit (their L2 penalty
+#: divided by the square), tried with each choice of extras.
+EXTRAS_WEIGHTS: tuple[float, ...] = (1.0, 3.0, 10.0)
 
 
 def layer_choices(layers: Sequence[int]) -> list[tuple[int, ...]]:
@@ -125,6 +145,19 @@ def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, scale
 
 
+def _fill_missing(x: np.ndarray, n_extras: int) -> None:
+    """Missing extra values (NaN) in place: their column's mean (0 for a column with none)."""
+    if not n_extras:
+        return
+    tail = x[:, -n_extras:]
+    bad = ~np.isfinite(tail)
+    if bad.any():
+        ok = np.where(bad, 0.0, tail)
+        n = (~bad).sum(axis=0)
+        fill = np.where(n > 0, ok.sum(axis=0) / np.maximum(n, 1), 0.0)
+        tail[bad] = np.broadcast_to(fill, tail.shape)[bad]
+
+
 def fit_chain_probe(
     data: BoundarySet,
     manifest: HiddenManifest,
@@ -132,30 +165,64 @@ def fit_chain_probe(
     layers: Sequence[int],
     extras: Sequence[str] = (),
     c: float,
+    extras_weight: float = 1.0,
+    ended_states: bool = True,
     params: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> LinearProbe:
     """Logistic regression (L2, inverse strength ``c``) of chain correctness on every boundary
-    row of ``data`` (standardised inputs)."""
+    row of ``data`` (standardised inputs).
+
+    Args:
+        extras: the extra inputs read (:data:`~env.probes.data.BOUNDARY_EXTRAS`).
+        extras_weight: the standardised extras are multiplied by it for the fit (their penalty
+            divided by its square); the probe's coefficients are those of the unscaled inputs.
+        ended_states: also read the state at ended boundaries (:class:`ProbeSchema`).
+    """
     from sklearn.linear_model import LogisticRegression
 
     y = data.correct.astype(int)
     if len(np.unique(y)) < 2:
         raise ConfigError("the chain-correctness probe needs both right and wrong chains to fit")
-    schema = ProbeSchema.of(manifest, layers, extras)
+    if not extras_weight > 0:
+        raise ConfigError(f"extras_weight must be positive, got {extras_weight}")
+    schema = ProbeSchema.of(manifest, layers, extras, ended_states=ended_states)
     x = schema.inputs(data.states, data.layers, data.extras)
+    _fill_missing(x, len(schema.extras))
     mean, scale = _standardise(x)
+    weight = np.ones(x.shape[1])
+    if schema.extras:
+        weight[-len(schema.extras) :] = extras_weight
     model = LogisticRegression(C=c, max_iter=2000, tol=1e-6)
-    model.fit((x - mean) / scale, y)
+    model.fit((x - mean) / scale * weight, y)
     return LinearProbe(
         "chain-correctness",
         schema,
         mean,
         scale,
-        model.coef_[0].astype(np.float64),
+        model.coef_[0].astype(np.float64) * weight,
         float(model.intercept_[0]),
-        params={"model": "logistic regression (L2)", "C": c, **(params or {})},
+        params={
+            "model": "logistic regression (L2)",
+            "C": c,
+            "extras_weight": extras_weight,
+            **(params or {}),
+        },
         meta=dict(meta or {}),
+    )
+
+
+def fit_chain_like(data: BoundarySet, probe: LinearProbe, manifest: HiddenManifest) -> LinearProbe:
+    """A chain-correctness probe fitted on ``data`` with ``probe``'s configuration (layers,
+    extras, ``ended_states``, ``C``, extras weight)."""
+    return fit_chain_probe(
+        data,
+        manifest,
+        layers=probe.layers,
+        extras=probe.schema.extras,
+        c=float(probe.params["C"]),
+        extras_weight=float(probe.params.get("extras_weight", 1.0)),
+        ended_states=probe.schema.ended_states,
     )
 
 
@@ -193,7 +260,7 @@ def fit_difficulty_probe(
 def cross_fit(
     data: BoundarySet, probe: LinearProbe, manifest: HiddenManifest, *, folds: int = 4
 ) -> np.ndarray:
-    """``probe``'s configuration (layers, extras, ``C``) refitted ``folds`` times, each time
+    """``probe``'s configuration (:func:`fit_chain_like`) refitted ``folds`` times, each time
     without a fold of ``data``'s questions, and each row predicted by the fit that did not see
     its question: out-of-fold P(right) for every row (for stacking the probe with other
     signals without the probe's in-sample optimism)."""
@@ -201,13 +268,7 @@ def cross_fit(
     out = np.empty(len(data))
     for f in np.unique(fold):
         held = fold[data.question] == f
-        p = fit_chain_probe(
-            data.take(~held),
-            manifest,
-            layers=probe.layers,
-            extras=probe.schema.extras,
-            c=float(probe.params["C"]),
-        )
+        p = fit_chain_like(data.take(~held), probe, manifest)
         part = data.take(held)
         out[held] = p(part.states, part.layers, part.extras)
     return out
@@ -228,6 +289,7 @@ class DevScore:
             ``log_loss`` over every boundary, ``auroc`` and ``auroc_within`` at the last
             boundary (chain correctness).
         score: the number maximised: minus ``mse`` or minus ``log_loss``.
+        extras_weight: the chain probe's extras weight (:func:`fit_chain_probe`).
     """
 
     kind: str
@@ -236,6 +298,7 @@ class DevScore:
     strength: float
     metrics: dict[str, float]
     score: float
+    extras_weight: float = 1.0
 
 
 def best_of(scores: Sequence[DevScore]) -> DevScore:
@@ -254,27 +317,30 @@ def _chain_dev(
     layers: tuple[int, ...],
     c_grid: Sequence[float],
     extra_choices: Sequence[tuple[str, ...]],
+    weight_grid: Sequence[float],
+    ended_states: bool,
 ) -> list[DevScore]:
     out = []
     last = dev.last
+    y = dev.correct
     for extras in extra_choices:
-        for c in c_grid:
-            probe = fit_chain_probe(fit, manifest, layers=layers, extras=extras, c=c)
-            p = probe(dev.states, dev.layers, dev.extras)
-            y = dev.correct
-            ll = float(-np.mean(np.where(y, np.log(p + 1e-12), np.log(1 - p + 1e-12))))
-            a = auroc(y[last], p[last])
-            w = within_auroc(y[last], p[last], dev.question[last])
-            out.append(
-                DevScore(
-                    "chain-correctness",
-                    layers,
-                    extras,
-                    c,
-                    {"log_loss": ll, "auroc": a, "auroc_within": w},
-                    -ll,
+        for weight in weight_grid if extras else (1.0,):
+            for c in c_grid:
+                probe = fit_chain_probe(
+                    fit,
+                    manifest,
+                    layers=layers,
+                    extras=extras,
+                    c=c,
+                    extras_weight=weight,
+                    ended_states=ended_states,
                 )
-            )
+                p = probe(dev.states, dev.layers, dev.extras)
+                ll = float(-np.mean(np.where(y, np.log(p + 1e-12), np.log(1 - p + 1e-12))))
+                a = auroc(y[last], p[last])
+                w = within_auroc(y[last], p[last], dev.question[last])
+                metrics = {"log_loss": ll, "auroc": a, "auroc_within": w}
+                out.append(DevScore("chain-correctness", layers, extras, c, metrics, -ll, weight))
     return out
 
 
@@ -333,6 +399,8 @@ def fit_probes(
     c_grid: Sequence[float] = C_GRID,
     alpha_grid: Sequence[float] = ALPHA_GRID,
     extra_choices: Sequence[tuple[str, ...]] = EXTRA_CHOICES,
+    weight_grid: Sequence[float] = EXTRAS_WEIGHTS,
+    ended_states: bool = True,
 ) -> ProbeFit:
     """Fit both probes on the annotated training questions of ``bank``, choosing on ``dev``.
 
@@ -340,7 +408,9 @@ def fit_probes(
         pool: the questions split into train/fit/dev (default: every recorded one); only the
             annotated ones are read.
         layers: the layer choices to try (default :func:`layer_choices` of the annotation's).
-        c_grid, alpha_grid, extra_choices: the rest of the grid tried on ``dev``.
+        c_grid, alpha_grid, extra_choices, weight_grid: the rest of the grid tried on ``dev``
+            (``weight_grid``: the chain probe's extras weights).
+        ended_states: the chain probe also reads the state at ended boundaries.
 
     Fitting is BLAS-bound: on a small machine run it under ``threadpoolctl.threadpool_limits(1)``
     (lbfgs on many threads of a busy CPU was 25 times slower here).
@@ -377,7 +447,9 @@ def fit_probes(
     best_overall: dict[str, DevScore] = {}
     for ch in choices:
         d_scores = _difficulty_dev(p_fit, p_dev, manifest, ch, alpha_grid)
-        c_scores = _chain_dev(b_fit, b_dev, manifest, ch, c_grid, extra_choices)
+        c_scores = _chain_dev(
+            b_fit, b_dev, manifest, ch, c_grid, extra_choices, weight_grid, ended_states
+        )
         dev += d_scores + c_scores
         bd, bc = best_of(d_scores), best_of(c_scores)
         for b in (bd, bc):
@@ -399,10 +471,14 @@ def fit_probes(
             layers=ch,
             extras=bc.extras,
             c=bc.strength,
+            extras_weight=bc.extras_weight,
+            ended_states=ended_states,
             params={
-                "chosen": how.format("log loss over every boundary") + " (C and extras)",
+                "chosen": how.format("log loss over every boundary")
+                + " (C, extras and their weight)",
                 "grid": list(c_grid),
                 "extra_choices": [list(e) for e in extra_choices],
+                "weight_grid": list(weight_grid),
                 "rows": "every main boundary of every training chain",
             },
             meta={**meta, "dev": bc.metrics},

@@ -12,7 +12,9 @@ swapped weights file is refused by name. Never pickled.
 The schema (:class:`ProbeSchema`) says what the inputs are: the annotation the probe was fitted
 on (its model's sha256 and size, the captured layers, the dimensions, the projection's kind, seed
 and sha256, the annotation schema version; :mod:`env.bank.hidden`), the layers the probe reads,
-its extra inputs, and the feature list (``L14/0`` .. ``L14/127``, then the extras). A probe
+whether it also reads the state a second time at boundaries where the chain ended
+(``ended_states``), its extra inputs, and the feature list (``L14/0`` .. ``L14/127``, then
+``ended*L14/0`` .. with ``ended_states``, then the extras). A probe
 refuses hidden states whose model, size or projection differ, or that lack a layer it reads:
 the projected coordinates would mean something else.
 """
@@ -47,7 +49,9 @@ __all__ = [
 ]
 
 FORMAT = "ponder-probe"
-VERSION = 1
+#: Version 2 added ``ended_states`` to the schema; version 1 files (without it) still load.
+VERSION = 2
+_READS = (1, 2)
 PROBE_JSON = "probe.json"
 WEIGHTS_FILE = "weights.safetensors"
 #: kind -> link: what each probe predicts, and how its linear score becomes that.
@@ -73,17 +77,28 @@ class ProbeSchema:
             ``fingerprint``.
         layers: the layers it reads, in input order.
         extras: its inputs beyond the states (:data:`~env.probes.data.BOUNDARY_EXTRAS`).
+        ended_states: it also reads the states of ``layers`` multiplied by ``ended`` (the
+            state again where the chain's sampling ended, zeros elsewhere): its own direction
+            at a chain's end, where its answer is written, beside the one it reads at every
+            boundary.
     """
 
     annotation: dict[str, Any]
     layers: tuple[int, ...]
     extras: tuple[str, ...] = ()
+    ended_states: bool = False
 
     @classmethod
     def of(
-        cls, manifest: HiddenManifest, layers: Sequence[int], extras: Sequence[str] = ()
+        cls,
+        manifest: HiddenManifest,
+        layers: Sequence[int],
+        extras: Sequence[str] = (),
+        *,
+        ended_states: bool = False,
     ) -> ProbeSchema:
-        """The schema of a probe reading ``layers`` (and ``extras``) of an annotation."""
+        """The schema of a probe reading ``layers`` (and ``extras``, and with ``ended_states``
+        the states again at ended boundaries) of an annotation."""
         missing = [la for la in layers if la not in manifest.layers]
         if not layers or missing:
             raise ConfigError(
@@ -110,7 +125,7 @@ class ProbeSchema:
         for k in _ANNOTATION_KEYS:
             v = getattr(manifest, k)
             annotation[k] = list(v) if isinstance(v, list | tuple) else v
-        return cls(annotation, tuple(int(la) for la in layers), tuple(extras))
+        return cls(annotation, tuple(int(la) for la in layers), tuple(extras), bool(ended_states))
 
     @property
     def dims(self) -> int:
@@ -118,11 +133,11 @@ class ProbeSchema:
 
     @property
     def features(self) -> tuple[str, ...]:
-        """The input names, in order: ``L<layer>/<i>`` for each layer read, then the extras."""
-        return (
-            *(f"L{la}/{i}" for la in self.layers for i in range(self.dims)),
-            *self.extras,
-        )
+        """The input names, in order: ``L<layer>/<i>`` for each layer read, then
+        ``ended*L<layer>/<i>`` with ``ended_states``, then the extras."""
+        states = tuple(f"L{la}/{i}" for la in self.layers for i in range(self.dims))
+        ended = tuple(f"ended*{f}" for f in states) if self.ended_states else ()
+        return (*states, *ended, *self.extras)
 
     def mismatches(self, manifest: HiddenManifest) -> list[str]:
         """Why hidden states of ``manifest`` are not this probe's inputs (empty: they are)."""
@@ -188,7 +203,8 @@ class ProbeSchema:
         extras: Mapping[str, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Input rows from states ``[..., len(layers), dims]`` (and, for a schema with extra
-        inputs, their values ``[...]`` by name): float64 ``[..., n_features]``.
+        inputs or ``ended_states``, their values ``[...]`` by name, ``ended`` for the latter):
+        float64 ``[..., n_features]``. A missing extra value (NaN) stays NaN here.
 
         Args:
             layers: the layers along the states' second-to-last axis (the annotation's).
@@ -207,18 +223,23 @@ class ProbeSchema:
             )
         lead = s.shape[:-2]
         x = s[..., idx, :].astype(np.float64).reshape(*lead, len(idx) * self.dims)
-        if not self.extras:
+        needs = [*self.extras, *(["ended"] if self.ended_states else [])]
+        if not needs:
             return x
-        if extras is None or any(e not in extras for e in self.extras):
-            raise ConfigError(f"the probe also reads {list(self.extras)}")
-        cols = [np.asarray(extras[e], np.float64).reshape(*lead, 1) for e in self.extras]
-        return np.concatenate([x, *cols], axis=-1)
+        if extras is None or any(e not in extras for e in needs):
+            raise ConfigError(f"the probe also reads {sorted(set(needs))}")
+        blocks = [x]
+        if self.ended_states:
+            blocks.append(x * np.asarray(extras["ended"], np.float64).reshape(*lead, 1))
+        blocks += [np.asarray(extras[e], np.float64).reshape(*lead, 1) for e in self.extras]
+        return np.concatenate(blocks, axis=-1)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "annotation": self.annotation,
             "layers": list(self.layers),
             "extras": list(self.extras),
+            "ended_states": self.ended_states,
             "features": list(self.features),
         }
 
@@ -274,8 +295,15 @@ class LinearProbe:
         layers: Sequence[int],
         extras: Mapping[str, np.ndarray] | None = None,
     ) -> np.ndarray:
-        """The probe's input rows (:meth:`ProbeSchema.inputs`)."""
-        return self.schema.inputs(states, layers, extras)
+        """The probe's input rows (:meth:`ProbeSchema.inputs`), a missing extra value (NaN:
+        a chain with no token confidence yet) read as its training mean, so it moves nothing."""
+        x = self.schema.inputs(states, layers, extras)
+        if self.schema.extras:
+            tail = x[..., -len(self.schema.extras) :]
+            bad = ~np.isfinite(tail)
+            if bad.any():
+                tail[bad] = np.broadcast_to(self.mean[-len(self.schema.extras) :], tail.shape)[bad]
+        return x
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """The prediction for input rows ``[..., n_features]``: P(right) (chain correctness) or
@@ -365,10 +393,10 @@ class LinearProbe:
             raise ModelError(f"{jpath} is not valid JSON ({e}): {redo}") from e
         if not isinstance(h, dict) or h.get("format") != FORMAT:
             raise ModelError(f"{jpath} is not a ponder probe file (format {FORMAT!r} expected)")
-        if h.get("version") != VERSION:
+        if h.get("version") not in _READS:
             raise ModelError(
                 f"{jpath} is probe format version {h.get('version')!r}; this ponder reads "
-                f"version {VERSION}: upgrade ponder or fit the probe again"
+                f"versions {', '.join(map(str, _READS))}: upgrade ponder or fit the probe again"
             )
         if h.get("kind") not in KINDS or (kind is not None and h.get("kind") != kind):
             want = kind or " or ".join(sorted(KINDS))
@@ -380,6 +408,7 @@ class LinearProbe:
                 annotation=dict(s["annotation"]),
                 layers=tuple(int(la) for la in s["layers"]),
                 extras=tuple(str(e) for e in s["extras"]),
+                ended_states=bool(s.get("ended_states", False)),
             )
             features = [str(f) for f in s["features"]]
             wname = str(h["weights"]["file"])
@@ -389,8 +418,8 @@ class LinearProbe:
         if features != list(schema.features):
             raise ModelError(
                 f"{jpath} lists {len(features)} features that do not follow from its schema "
-                f"({len(schema.features)} for layers {list(schema.layers)} and extras "
-                f"{list(schema.extras)}): {redo}"
+                f"({len(schema.features)} for layers {list(schema.layers)}, extras "
+                f"{list(schema.extras)} and ended_states {schema.ended_states}): {redo}"
             )
         if wname != WEIGHTS_FILE:
             raise ModelError(f"{jpath} names weights {wname!r}, expected {WEIGHTS_FILE!r}")

@@ -693,7 +693,9 @@ def _questions(
     if probe is None:
         # The difficulty half of fit_probes, as `ponder probes` fits it; its chain-correctness
         # grid is cut to one point, since that probe is not read here.
-        fit = fit_probes(bank, hs, c_grid=(1.0,), extra_choices=((),))
+        fit = fit_probes(
+            bank, hs, c_grid=(1.0,), extra_choices=((),), weight_grid=(1.0,), ended_states=False
+        )
         probe = fit.difficulty
         train = [bank.question(q) for q in fit.splits["train"]]
         test = [bank.question(q) for q in fit.splits["test"]]

@@ -334,10 +334,12 @@ def _last_tables(
     for ch, (_, cp) in fit.by_layers.items():
         m = chain_metrics(y, cp(last.states, last.layers, last.extras), qi, d)
         extras = "+".join(cp.schema.extras) or "none"
+        weight = f" (x{cp.params.get('extras_weight', 1.0):g})" if cp.schema.extras else ""
+        ended = ", state at ended boundaries" if cp.schema.ended_states else ""
         rows.append(
             [
                 _layers_name(ch),
-                f"C {cp.params['C']:g}, extras {extras}",
+                f"C {cp.params['C']:g}, extras {extras}{weight}{ended}",
                 *(_iv(m[k]) for k in CHAIN_METRICS),
             ]
         )
@@ -419,6 +421,7 @@ def probe_report(
         "chain probe": {
             "layers": list(chain.layers),
             "extras": list(chain.schema.extras),
+            "ended_states": chain.schema.ended_states,
             **chain.params,
         },
         "fit seconds": round(fit.seconds, 1),
@@ -439,6 +442,8 @@ def dev_table(fit: ProbeFit, *, every: bool = False) -> Table:
         chosen = best_of(scores)
         for s in scores if every else [chosen]:
             strength = f"alpha {s.strength:g}" if kind == "difficulty" else f"C {s.strength:g}"
+            if kind != "difficulty" and s.extras:
+                strength += f", extras x{s.extras_weight:g}"
             metrics = ", ".join(f"{k} {v:.3f}" for k, v in s.metrics.items())
             mark = " *" if every and s is chosen else ""
             rows.append(

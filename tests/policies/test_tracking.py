@@ -298,9 +298,9 @@ def test_ponder_run_quick_smoke(tmp_path: Path) -> None:
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     kinds = [r.data.tags.get("ponder.kind") for r in runs]
     assert kinds.count("main") == 1 and kinds.count("evaluation") >= 30
-    # value-chain and two PPOs, and (the testbed bank has hidden states) value-chain-hidden and
-    # ppo-chain-hidden: 3 training seeds each, each logged as a pyfunc model
-    assert kinds.count("training") == 15
+    # value-chain and two PPOs, each also with hidden-state features (the testbed bank has
+    # them): 3 training seeds each, each logged as a pyfunc model
+    assert kinds.count("training") == 18
     assert "value-chain" in text and "ppo" in text and "ppo-chain" in text
     assert "ppo-chain-hidden" in text and "probe-stop" in text
     for r in runs:

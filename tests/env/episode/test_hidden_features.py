@@ -1,5 +1,6 @@
 """The hidden-state features and the probe aggregations (env.episode.hidden), on the annotated
-testbed bank: the single and batched environments agree episode by episode, probes round-trip
+testbed bank: the single and batched environments agree episode by episode (with a probe that
+reads every extra input the environments compute, on extension chunks too), probes round-trip
 through their files, and every way of running without the states they need is refused with a
 message that says what to do."""
 
@@ -11,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gymnasium.utils import seeding
 
 from env.bank.hidden import HiddenStates
 from env.bank.store import TraceBank
+from env.episode.config import Action
 from env.episode.hidden import (
     HIDDEN_NAMES,
     NEUTRAL,
@@ -25,6 +28,7 @@ from env.episode.observation import FEATURE_NAMES, HIDDEN_SLICE
 from env.episode.single import ComputeAllocationEnv
 from env.episode.vector import BatchedReplayEnv
 from env.generators.replay import ReplayGenerator
+from env.probes import BOUNDARY_EXTRAS
 from env.questions import select_split
 from features.errors import BankError, ConfigError, ModelError
 
@@ -47,6 +51,21 @@ def probes(bank: TraceBank) -> HiddenProbes:
 
     with threadpool_limits(1):
         return HiddenProbes.fit(bank, c_grid=(0.01, 0.1), alpha_grid=(10.0, 100.0))
+
+
+@pytest.fixture(scope="module")
+def reads_all(bank: TraceBank) -> HiddenProbes:
+    """Probes whose chain probe reads every extra input and the state at ended boundaries."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return HiddenProbes.fit(
+            bank,
+            c_grid=(0.1,),
+            alpha_grid=(10.0,),
+            extra_choices=(BOUNDARY_EXTRAS,),
+            weight_grid=(3.0,),
+        )
 
 
 def test_the_hidden_features_close_the_observation() -> None:
@@ -79,6 +98,51 @@ def test_single_and_batched_envs_agree_with_probes(
 ) -> None:
     reasons, steps = _lockstep(bank, seed=len(str(cfg)), rounds=2, probes=probes, **cfg)
     assert steps > 0 and sum(reasons.values()) == 16
+
+
+@pytest.mark.parametrize(
+    "cfg", [{}, {"aggregate": "probe-best", "token_cap": 300}], ids=["majority", "probe-best"]
+)
+def test_single_and_batched_envs_agree_with_every_extra_input(
+    bank: TraceBank, reads_all: HiddenProbes, cfg: dict
+) -> None:
+    chain = reads_all.chain
+    assert chain.schema.extras == BOUNDARY_EXTRAS and chain.schema.ended_states
+    assert all(c.schema == chain.schema for c, _ in reads_all.held_out.values())
+    reasons, steps = _lockstep(bank, seed=7 + len(cfg), rounds=2, probes=reads_all, **cfg)
+    assert steps > 0 and sum(reasons.values()) == 16
+
+
+def test_extension_chunks_read_the_same_extras_in_both_envs(
+    bank: TraceBank, reads_all: HiddenProbes
+) -> None:
+    """Continue every chain past its end (budget forcing): the state stays the last main
+    boundary's, the confidences and tokens go on, in both environments alike."""
+    n = 6
+    venv = BatchedReplayEnv(bank, n, seed=0, probes=reads_all)
+    singles = [ComputeAllocationEnv.from_bank(bank, probes=reads_all) for _ in range(n)]
+    qs = np.arange(n) * 3
+    seeds = np.arange(n) + 11
+    # what ComputeAllocationEnv.reset(seed=s) draws for its generator (as test_vector does)
+    gen_seeds = np.array([seeding.np_random(int(s))[0].integers(2**31 - 1) for s in seeds])
+    obs, info = venv.reset(options={"questions": qs, "gen_seeds": gen_seeds})
+    for i, e in enumerate(singles):
+        o, _ = e.reset(seed=int(seeds[i]), options={"question": int(qs[i])})
+        np.testing.assert_allclose(o, obs[i], atol=1e-5, err_msg=f"reset, episode {i}")
+    running = np.ones(n, bool)
+    extended = 0
+    for _ in range(40):
+        if not running.any():
+            break
+        acts = np.where(info["action_mask"][:, Action.CONTINUE], Action.CONTINUE, Action.STOP)
+        obs, _, term, trunc, info = venv.step(acts)
+        for i in np.flatnonzero(running):
+            o, _, te, tr, _ = singles[i].step(int(acts[i]))
+            np.testing.assert_allclose(o, obs[i], atol=1e-5, err_msg=f"episode {i}")
+            extended += int(o[IX["cur_extensions"]] > 0)
+            running[i] = not (te or tr)
+    assert extended > 0
+    assert not running.any()
 
 
 def test_hidden_features_are_read_and_neutral_without_probes(

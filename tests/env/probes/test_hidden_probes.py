@@ -1,10 +1,12 @@
 """The hidden-state probes: they find a planted signal, fit on training questions only, save and
-load exactly, and refuse hidden states or files that are not theirs."""
+load exactly, read their extra inputs as the environments compute them, and refuse hidden states
+or files that are not theirs."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,13 +17,18 @@ from threadpoolctl import threadpool_limits
 
 from env.bank.hidden import HiddenStates
 from env.bank.store import TraceBank
+from env.episode.rules import ChainFold, fold_chunk
 from env.probes import (
+    BOUNDARY_EXTRAS,
     LinearProbe,
     ProbeFit,
     ProbeSchema,
     auroc,
+    boundary_extras,
     boundary_set,
     cross_fit,
+    fit_chain_like,
+    fit_chain_probe,
     fit_probes,
     prompt_set,
     spearman,
@@ -35,7 +42,8 @@ from features.errors import ConfigError, ModelError
 GRID: dict[str, Any] = {
     "c_grid": (0.01, 1.0),
     "alpha_grid": (1.0, 100.0),
-    "extra_choices": ((), ("budget_fraction", "ended")),
+    "extra_choices": ((), ("budget_open", "ended", "mean_confidence")),
+    "weight_grid": (1.0, 10.0),
 }
 
 
@@ -233,3 +241,131 @@ def test_the_shipped_testbed_bank_is_annotated_and_probes_fit_on_it(tmp_path: Pa
     back = LinearProbe.load(fit.chain.save(tmp_path / "c"), hidden=hs.manifest)
     b = boundary_set(bank, hs, [bank.question(q) for q in fit.splits["test"]])
     assert auroc(b.correct, back(b.states, b.layers, b.extras)) > 0.6
+
+
+def test_boundary_extras_are_what_the_chain_had_at_the_boundary(
+    planted: tuple[TraceBank, HiddenStates],
+) -> None:
+    bank, hs = planted
+    b = boundary_set(bank, hs, bank.questions[:4])
+    assert set(b.extras) == set(BOUNDARY_EXTRAS)
+    ended = b.extras["ended"] == 1.0
+    assert ended[b.last].all()  # the planted chains all stop
+    np.testing.assert_array_equal(b.extras["budget_open"][ended], 0.0)
+    np.testing.assert_array_equal(
+        b.extras["budget_open"][~ended], b.extras["budget_fraction"][~ended]
+    )
+    np.testing.assert_array_equal(b.extras["mean_confidence"], b.confidence)
+    # the one definition, on a chain's fold
+    fold = ChainFold()
+    e = boundary_extras(fold, tokens=0, stopped=False, max_tokens=10)
+    assert all(math.isnan(e[k]) for k in ("mean_confidence", "chunk_confidence", "chunk_entropy"))
+    fold_chunk(fold, "a", [0.5, 0.7], [1.0, 2.0])
+    fold_chunk(fold, "b", [0.9, float("nan")], [0.25, 0.75])
+    assert boundary_extras(fold, tokens=5, stopped=False, max_tokens=10) == {
+        "budget_fraction": 0.5,
+        "ended": 0.0,
+        "budget_open": 0.5,
+        "mean_confidence": pytest.approx(0.7),
+        "chunk_confidence": 0.9,
+        "chunk_entropy": 0.5,
+    }
+    e = boundary_extras(fold, tokens=30, stopped=True, max_tokens=10)
+    assert (e["budget_fraction"], e["ended"], e["budget_open"]) == (1.0, 1.0, 0.0)
+
+
+def test_ended_states_and_missing_extra_values(planted: tuple[TraceBank, HiddenStates]) -> None:
+    _, hs = planted
+    d = hs.dims
+    schema = ProbeSchema.of(hs.manifest, [4], ["mean_confidence"], ended_states=True)
+    assert schema.features[d] == "ended*L4/0" and schema.features[-1] == "mean_confidence"
+    assert len(schema.features) == 2 * d + 1
+    states = np.random.default_rng(0).standard_normal((2, 2, d)).astype(np.float32)
+    extras = {"ended": np.array([0.0, 1.0]), "mean_confidence": np.array([0.3, 0.6])}
+    x = schema.inputs(states, hs.layers, extras)
+    np.testing.assert_array_equal(x[0, d : 2 * d], 0.0)
+    np.testing.assert_array_equal(x[1, d : 2 * d], states[1, 1])
+    with pytest.raises(ConfigError, match="ended"):
+        schema.inputs(states, hs.layers, {"mean_confidence": extras["mean_confidence"]})
+    n = len(schema.features)
+    probe = LinearProbe(
+        "chain-correctness",
+        schema,
+        np.full(n, 0.5),
+        np.ones(n),
+        np.random.default_rng(1).standard_normal(n),
+        0.1,
+    )
+    # a chain with no token confidence yet reads the training mean: it moves nothing
+    missing = {**extras, "mean_confidence": np.array([np.nan, 0.6])}
+    at_mean = {**extras, "mean_confidence": np.array([0.5, 0.6])}
+    np.testing.assert_array_equal(
+        probe(states, hs.layers, missing), probe(states, hs.layers, at_mean)
+    )
+
+
+def test_fitting_reads_missing_values_as_the_mean_and_weights_the_extras(
+    planted: tuple[TraceBank, HiddenStates],
+) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    bank, hs = planted
+    b = boundary_set(bank, hs, select_split(bank.questions, "train"))
+    conf = b.extras["mean_confidence"].copy()
+    conf[::3] = np.nan
+    holed = dataclasses.replace(b, extras={**b.extras, "mean_confidence": conf})
+    p = fit_chain_probe(holed, hs.manifest, layers=[4], extras=["mean_confidence"], c=0.1)
+    assert np.isfinite(p(holed.states, holed.layers, holed.extras)).all()
+    assert p.mean[-1] == pytest.approx(np.nanmean(conf))
+    # a large extras weight lifts their penalty: with the state all but silenced, the extras'
+    # coefficients are an unpenalised logistic regression's on them alone
+    names = ["budget_open", "mean_confidence"]
+    p = fit_chain_probe(
+        b, hs.manifest, layers=[4], extras=names, c=1e-6, extras_weight=1e4, ended_states=False
+    )
+    assert p.params["extras_weight"] == 1e4
+    x = np.stack([b.extras[k] for k in names], axis=1)
+    z = (x - x.mean(axis=0)) / x.std(axis=0)
+    free = LogisticRegression(C=1e8, max_iter=2000, tol=1e-8).fit(z, b.correct.astype(int))
+    np.testing.assert_allclose(p.coef[-2:], free.coef_[0], atol=2e-3)
+    assert np.abs(p.coef[:-2]).max() < 1e-3
+    with pytest.raises(ConfigError, match="extras_weight"):
+        fit_chain_probe(b, hs.manifest, layers=[4], extras=names, c=0.1, extras_weight=0.0)
+
+
+def test_a_refit_has_the_probes_configuration(
+    planted: tuple[TraceBank, HiddenStates], fitted: ProbeFit
+) -> None:
+    bank, hs = planted
+    train = boundary_set(bank, hs, [bank.question(q) for q in fitted.splits["train"]])
+    again = fit_chain_like(train, fitted.chain, hs.manifest)
+    assert again.schema == fitted.chain.schema and again.schema.ended_states
+    assert again.params["C"] == fitted.chain.params["C"]
+    assert again.params["extras_weight"] == fitted.chain.params["extras_weight"]
+    np.testing.assert_allclose(again.coef, fitted.chain.coef, rtol=1e-9, atol=1e-12)
+
+
+def test_a_version_1_probe_file_still_loads(
+    planted: tuple[TraceBank, HiddenStates], tmp_path: Path
+) -> None:
+    bank, hs = planted
+    b = boundary_set(bank, hs, select_split(bank.questions, "train"))
+    old = fit_chain_probe(
+        b, hs.manifest, layers=[4], extras=["budget_fraction", "ended"], c=0.1, ended_states=False
+    )
+    path = old.save(tmp_path / "old")
+    header = path / "probe.json"
+    h = json.loads(header.read_text())
+    assert h["version"] == 2
+    h["version"] = 1
+    del h["schema"]["ended_states"]
+    header.write_text(json.dumps(h))
+    back = LinearProbe.load(path, hidden=hs.manifest)
+    assert back.schema == old.schema
+    np.testing.assert_array_equal(
+        back(b.states, b.layers, b.extras), old(b.states, b.layers, b.extras)
+    )
+    h["version"] = 3
+    header.write_text(json.dumps(h))
+    with pytest.raises(ModelError, match="reads versions 1, 2"):
+        LinearProbe.load(path)
