@@ -611,9 +611,11 @@ class _Episode:
 
 
 def _generator_name(generator: Generator) -> str:
-    bank = getattr(generator, "bank", None)
-    if bank is not None and hasattr(bank, "path"):
-        return f"the bank at {bank.path}"
+    """The generator as an error message names it (a replayed bank by its folder)."""
+    from env.generators.replay import ReplayGenerator
+
+    if isinstance(generator, ReplayGenerator):
+        return f"the bank at {generator.bank.path}"
     return f"the generator {type(generator).__name__}"
 
 
