@@ -57,10 +57,13 @@ running it, and none spends more than ``B`` tokens.
 A *learned value* allocator (a policy with ``value(obs)``, :class:`~policies.base.HasValue`)
 plugs in through ``extra``: a function from the :class:`FleetSetup` and a seed to
 :class:`Curves` (its expected accuracy of ``n`` chains per test question; :func:`kernel_curves`
-maps any per-question score through the training questions). It is not built in:
-``Controller.solve_fleet`` lives in ``controller``, which ``policies`` may not import, and its
-live fleet runs each policy's own chunk-level episodes (probes, early stops, its own answers),
-so what it spends and answers is not a maj@n allocation comparable row by row here.
+maps any per-question score through the training questions). The main job adds one
+(:func:`policies.main._value_curves`): the value-chain policy's value of going on at each
+question's opening state, mapped through the training questions' curves (their scores are
+in-sample: the policy trained on them). ``Controller.solve_fleet`` itself is not run here: it
+lives in ``controller``, which ``policies`` may not import, and its live fleet runs each policy's
+own chunk-level episodes (probes, early stops, its own answers), so what it spends and answers is
+not a maj@n allocation comparable row by row.
 
 Every allocator but uniform and the realized oracle is a :class:`Curves` per seed handed out by
 :func:`greedy_plan`; ties between equal gains are broken in an order drawn with the seed.
