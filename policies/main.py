@@ -882,7 +882,7 @@ def _value_curves(policy: Policy, lam: float) -> Any:
     by the learned policy's value of going on at its opening state (price ``lam``), averaged
     over nothing but that seed's opening chain, and reads curves off the training questions with
     similar scores. The training questions are ones the policy was trained on: their scores are
-    in-sample (said in the table's notes)."""
+    in-sample (said in :mod:`policies.evaluation.fleet`'s docstring)."""
     from policies.evaluation.fleet import kernel_curves
 
     assert isinstance(policy, HasValue) and isinstance(policy, LamConditioned)
