@@ -58,6 +58,8 @@ class RecordArgs:
     """splits to draw from; several are interleaved so a partial bank stays balanced"""
     n: int = 16
     """questions per split (for arith: rounded up to a multiple of 8 levels)"""
+    split_n: tuple[str, ...] = ()
+    """per-split counts that override --n, as SPLIT=N (e.g. train=400 test=200); the splits stay interleaved, so raising one split's count of gsm8k or math500 appends its questions after the ones recorded (a recorded bank grows by resuming; arith's draws are stratified by level, so a larger arith draw reorders and is refused)"""
     question_seed: int = 0
     """seed of the question subset"""
     template: str = ""
@@ -347,11 +349,34 @@ def _make_llamacpp(args: RecordArgs, sampling: Any):  # type: ignore[no-untyped-
     }
 
 
+def split_counts(splits: Sequence[str], n: int, split_n: Sequence[str]) -> dict[str, int]:
+    """Questions to draw per split: ``n`` for each, overridden by ``SPLIT=N`` entries.
+
+    Raises:
+        ConfigError: an entry that is not ``SPLIT=N`` with a positive N, or names a split not in
+            ``splits``.
+    """
+    out = {s: int(n) for s in splits}
+    for item in split_n:
+        name, sep, value = str(item).partition("=")
+        if not sep or not value.strip().isdigit() or int(value) < 1:
+            raise ConfigError(
+                f"--split-n takes SPLIT=N with a positive N (e.g. train=400), got {item!r}"
+            )
+        if name not in out:
+            raise ConfigError(
+                f"--split-n names split {name!r}, which --splits ({' '.join(splits)}) does not draw"
+            )
+        out[name] = int(value)
+    return out
+
+
 def _questions(args: RecordArgs) -> list[Question]:
     from env.questions import load_questions
 
+    counts = split_counts(args.splits, args.n, args.split_n)
     per_split = [
-        load_questions(args.dataset, s, args.n, seed=args.question_seed) for s in args.splits
+        load_questions(args.dataset, s, counts[s], seed=args.question_seed) for s in args.splits
     ]
     out: list[Question] = []
     for i in range(max(len(p) for p in per_split)):
