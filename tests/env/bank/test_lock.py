@@ -60,6 +60,7 @@ def _write_lock(bank: Path, **fields: object) -> None:
     (bank / LOCK_NAME).write_text(json.dumps(owner))
 
 
+@pytest.mark.timeout(300)  # hang guard for the polling loop (not a speed target)
 def test_second_recorder_on_one_folder_is_refused_and_rewrites_nothing(
     tmp_path: Path, record_cmd: RecordCmd
 ) -> None:
@@ -69,10 +70,8 @@ def test_second_recorder_on_one_folder_is_refused_and_rewrites_nothing(
         record_cmd(bank, n=n), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
-        deadline = time.monotonic() + 120
-        while len(list((bank / "chunks").glob("*.parquet"))) < 2:
+        while len(list((bank / "chunks").glob("*.parquet"))) < 2:  # hang: the test's timeout
             assert first.poll() is None, first.stderr.read() if first.stderr else ""
-            assert time.monotonic() < deadline
             time.sleep(0.01)
         owner = BankLock(bank, "test").read_owner()
         assert owner is not None and owner.pid == first.pid
