@@ -48,6 +48,7 @@ __all__ = [
     "Generator",
     "GeneratorBase",
     "GeneratorTraits",
+    "GeneratorWrapper",
     "validate_count",
     "validate_k",
     "validate_question",
@@ -184,6 +185,43 @@ class GeneratorBase:
 
 
 _DEFAULT_TRAITS = GeneratorTraits()
+
+
+class GeneratorWrapper(GeneratorBase):
+    """A generator around another (``inner``): every member below forwards to it explicitly,
+    and a subclass overrides what it changes (:class:`~env.generators.lookahead.Lookahead`,
+    :class:`~env.generators.capture.Capturing`). It sets ``inner`` and ``_traits`` (the inner
+    generator's traits as the wrapper changes them)."""
+
+    inner: Generator
+    _traits: GeneratorTraits
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return self.inner.sampling
+
+    @property
+    def traits(self) -> GeneratorTraits:
+        return self._traits
+
+    @property
+    def ahead(self) -> int:
+        return self.inner.ahead
+
+    def remaining_chains(self, question: Question) -> int | None:
+        return self.inner.remaining_chains(question)
+
+    def can_extend(self, chain: Chain) -> bool:
+        return self.inner.can_extend(chain)
+
+    def split_chunk(self, chunk: Chunk, k: int) -> list[Chunk]:
+        return self.inner.split_chunk(chunk, k)
+
+    def probe(self, chains: Sequence[Chain], *, max_tokens: int = 16) -> list[ProbeResult]:
+        return self.inner.probe(chains, max_tokens=max_tokens)
+
+    def judge(self, chains: Sequence[Chain]) -> list[JudgeResult]:
+        return self.inner.judge(chains)
 
 
 def validate_count(n: int, what: str) -> int:

@@ -63,17 +63,14 @@ from env.bank.annotate import (
 )
 from env.bank.hidden import HiddenManifest, reduce_states
 from env.bank.store import model_sha256
-from env.generators.base import Generator, GeneratorBase, GeneratorTraits, validate_count
+from env.generators.base import Generator, GeneratorWrapper, validate_count
 from env.generators.prompts import PromptTemplate, get_template
 from env.types import (
     BudgetForcing,
     Chain,
     Chunk,
-    JudgeResult,
-    ProbeResult,
     PromptMode,
     Question,
-    SamplingConfig,
     TipConfig,
 )
 from features.errors import ConfigError, GeneratorError, ModelError
@@ -153,7 +150,7 @@ class _Run:
     cache: Any
 
 
-class Capturing(GeneratorBase):
+class Capturing(GeneratorWrapper):
     """Wrap a generator so that its chains and chunks carry the model's hidden states.
 
     Args:
@@ -214,6 +211,7 @@ class Capturing(GeneratorBase):
         self.manifest: HiddenManifest = hidden_manifest(
             folder, chosen, dims=self.dims, seed=self.seed, dtype=dtype
         )
+        # the inner generator's traits, with ``hidden`` the capture's manifest; not thread-safe
         self._traits = dataclasses.replace(inner.traits, hidden=self.manifest, thread_safe=False)
         self.capture = StateCapture(folder, chosen, dtype, threads)
         self._tokenizer: Any = None
@@ -240,33 +238,6 @@ class Capturing(GeneratorBase):
     def cached_chains(self) -> list[int]:
         """Ids of the chains whose KV cache is kept, least recently extended first."""
         return list(self._runs)
-
-    # -- the inner generator's, as they are ----------------------------------------------------
-
-    @property
-    def sampling(self) -> SamplingConfig:
-        return self.inner.sampling
-
-    @property
-    def traits(self) -> GeneratorTraits:
-        """The inner generator's, with ``hidden`` the capture's manifest; not thread-safe."""
-        return self._traits
-
-    @property
-    def ahead(self) -> int:
-        return self.inner.ahead
-
-    def remaining_chains(self, question: Question) -> int | None:
-        return self.inner.remaining_chains(question)
-
-    def can_extend(self, chain: Chain) -> bool:
-        return self.inner.can_extend(chain)
-
-    def probe(self, chains: Sequence[Chain], *, max_tokens: int = 16) -> list[ProbeResult]:
-        return self.inner.probe(chains, max_tokens=max_tokens)
-
-    def judge(self, chains: Sequence[Chain]) -> list[JudgeResult]:
-        return self.inner.judge(chains)
 
     # -- the Generator protocol, with states ---------------------------------------------------
 

@@ -40,8 +40,7 @@ from typing import Any
 
 from env.generators.base import (
     Generator,
-    GeneratorBase,
-    GeneratorTraits,
+    GeneratorWrapper,
     validate_count,
     validate_k,
 )
@@ -55,7 +54,6 @@ from env.types import (
     ProbeResult,
     PromptMode,
     Question,
-    SamplingConfig,
     TipConfig,
     TokenUsage,
 )
@@ -79,7 +77,7 @@ class _Planned:
     public: Chain | None = None
 
 
-class Lookahead(GeneratorBase):
+class Lookahead(GeneratorWrapper):
     """Wrap a live generator so that an episode's planned chains are generated side by side.
 
     Args:
@@ -122,6 +120,7 @@ class Lookahead(GeneratorBase):
                 "lookahead is for live generators; a replayed bank serves recorded chains already"
             )
         self.inner = inner
+        # the inner generator's traits, but not thread-safe (it holds one episode's plan)
         self._traits = dataclasses.replace(inner.traits, thread_safe=False)
         self.width = validate_count(width, "lookahead width")
         self.token_cap = validate_count(token_cap, "token_cap")
@@ -154,26 +153,6 @@ class Lookahead(GeneratorBase):
     def ahead(self) -> int:
         """Decoded tokens generated ahead that the env has not taken (yet)."""
         return self._made - self._given
-
-    # -- the inner generator's, as they are ------------------------------------------------------
-
-    @property
-    def sampling(self) -> SamplingConfig:
-        return self.inner.sampling
-
-    @property
-    def traits(self) -> GeneratorTraits:
-        """The inner generator's, but not thread-safe (the wrapper holds one episode's plan)."""
-        return self._traits
-
-    def remaining_chains(self, question: Question) -> int | None:
-        return self.inner.remaining_chains(question)
-
-    def can_extend(self, chain: Chain) -> bool:
-        return self.inner.can_extend(chain)
-
-    def split_chunk(self, chunk: Chunk, k: int) -> list[Chunk]:
-        return self.inner.split_chunk(chunk, k)
 
     # -- the Generator protocol ------------------------------------------------------------------
 
