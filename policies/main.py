@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -48,11 +47,9 @@ from rich.table import Table
 from env.bank.store import TraceBank
 from env.episode.config import EnvConfig
 from env.episode.difficulty import bank_difficulty
-from env.episode.hidden import HiddenProbes
-from env.episode.vector import BatchedReplayEnv
 from env.questions import select_split, training_split
 from features.errors import ConfigError
-from policies.base import HasValue, LamConditioned, Policy, Saveable
+from policies.base import LamConditioned, Policy, Saveable
 from policies.evaluation.headline import (
     FamilySummary,
     TargetCheck,
@@ -85,7 +82,16 @@ from policies.evaluation.sweeps import (
     learned_sweep,
     refine_sweep,
 )
-from policies.registry import load_policy, save_policy
+from policies.hidden_run import fleet_table_of_run, run_probes
+from policies.registry import load_policy
+from policies.training import (
+    FULL_TRAIN_SEEDS,
+    TRAIN_SEED_STRIDE,
+    Trained,
+    train_learned,
+    train_one,
+    train_seeds,
+)
 
 __all__ = [
     "EvaluateArgs",
@@ -210,25 +216,6 @@ class RunArgs:
     """show progress bars"""
 
 
-#: Training seed ``i`` of the job is ``seed + TRAIN_SEED_STRIDE * i``. The trainers derive
-#: their random streams from their seed by small offsets (the value policy's rounds, its
-#: behaviour policies and their random actions use seed + 0 to seed + 1002): consecutive seeds
-#: would share streams, and their spread would understate training's.
-TRAIN_SEED_STRIDE = 10_000
-#: Training seeds of ``--full``, at least.
-FULL_TRAIN_SEEDS = 5
-
-
-def train_seeds(args: RunArgs) -> tuple[int, ...]:
-    """The job's training seeds: ``--train-seeds`` of them (at least
-    :data:`FULL_TRAIN_SEEDS` with ``--full``), from ``--seed`` on, :data:`TRAIN_SEED_STRIDE`
-    apart."""
-    n = max(args.train_seeds, FULL_TRAIN_SEEDS) if args.full else args.train_seeds
-    if n < 1:
-        raise ConfigError("--train-seeds must be >= 1")
-    return tuple(args.seed + TRAIN_SEED_STRIDE * i for i in range(n))
-
-
 @dataclass
 class BankRun:
     """What :func:`run` produced for one bank.
@@ -250,206 +237,6 @@ class BankRun:
     seeds: tuple[int, ...] = ()
     document: dict[str, Any] = dataclasses.field(default_factory=dict)
     results_path: Path | None = None
-
-
-# -- policies ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Trained:
-    """The learned policies :func:`train_learned` trained.
-
-    Attributes:
-        policies: by family, then training seed (both in training order).
-        seconds: each training's seconds, likewise.
-        used: each family's training arguments (without the seed).
-        wall_s: the training phase's wall time (trainings run side by side with ``--jobs``).
-        jobs: trainings run at once.
-    """
-
-    policies: dict[str, dict[int, Policy]]
-    seconds: dict[str, dict[int, float]]
-    used: dict[str, dict[str, Any]]
-    wall_s: float
-    jobs: int
-
-
-def _training_jobs(args: RunArgs) -> list[tuple[str, str, type, dict[str, Any]]]:
-    """``(family, trainer, its arguments' dataclass, budgets)`` of each learned family."""
-    from policies import learned  # (imports torch only when training)
-
-    quick = args.quick
-    return [
-        # The value policy decides only between chains (a running chain is always continued):
-        # on the dev split of testbed-arith-xl, deciding at every chunk stopped mid-chain on
-        # probes and stayed below a single chain's accuracy at low budgets (45% at 52 tokens,
-        # 48.5% at 188; single chain 53.5% at 83), and reached 55% at best (991 tokens); between
-        # chains it went 53.5% at 86, 54.5% at 232, 60.5% at 707 (maj@16: 59% at 1,337). On the
-        # dev cut stratified by difficulty (harder, like the test questions): chunk 48.0% at best,
-        # 41.5% at 74 tokens; between chains 51.5% at best, 47.0% at 165 (one chain: 45% at 110).
-        (
-            "value-chain",
-            "value",
-            learned.ValueArgs,
-            {
-                "transitions": 4_000 if quick else args.value_transitions,
-                "fqi_iters": 2 if quick else args.value_fqi_iters,
-                "rounds": args.value_rounds,
-                "num_envs": 256,
-                "decide": "chain",
-            },
-        ),
-        (
-            "ppo",
-            "ppo",
-            learned.PPOArgs,
-            {"total_steps": 4_096 if quick else args.ppo_steps, "num_envs": 64 if quick else 256},
-        ),
-        # PPO deciding only between chains (a chain always runs to its end). Its entropy bonus
-        # was chosen on the dev split of testbed-arith-xl (0.02 let it settle on one chain at
-        # every λ; 0.1 kept it exploring: 57-60% at 320-1,020 tokens over three seeds, where
-        # chunk-level PPO got 53-55% at 300-900 and one seed never left one chain).
-        (
-            "ppo-chain",
-            "ppo",
-            learned.PPOArgs,
-            {
-                "total_steps": 4_096 if quick else args.ppo_steps,
-                "num_envs": 64 if quick else 256,
-                "decide": "chain",
-                "ent_coef": 0.1,
-            },
-        ),
-    ]
-
-
-def train_one(bank: str, trainer: str, kwargs: dict[str, Any], folder: str, threads: int) -> float:
-    """Train one learned policy (``trainer``: ``value`` or ``ppo``) on ``bank`` and save it to
-    ``folder``; returns the training's seconds. Runs in a worker process of
-    :func:`train_learned` (or in this one): with ``threads`` BLAS and torch threads and torch's
-    deterministic algorithms, so one seed gives the same policy in any process."""
-    from threadpoolctl import threadpool_limits
-
-    from policies import learned
-
-    if trainer == "ppo":
-        import torch
-
-        torch.use_deterministic_algorithms(True)
-        torch.set_num_threads(max(1, threads))
-    fn = learned.train_ppo if trainer == "ppo" else learned.train_value_policy
-    with threadpool_limits(max(1, threads)):
-        t0 = time.perf_counter()
-        policy = fn(bank, **kwargs)
-        seconds = time.perf_counter() - t0
-    save_policy(policy, folder)
-    return seconds
-
-
-#: The learned families also trained with hidden-state features (``<family>-hidden``), when the
-#: bank has hidden states: every one, so the tables show each with and without them.
-HIDDEN_FAMILIES: tuple[str, ...] = ("value-chain", "ppo", "ppo-chain")
-
-
-def train_learned(
-    bank: Path,
-    args: RunArgs,
-    *,
-    difficulty: Any,
-    console: Console,
-    out: Path,
-    hidden_probes: Path | None = None,
-) -> Trained:
-    """Train the learned policies (:mod:`policies.learned`) on ``bank``'s train questions
-    (their ``fit`` part when evaluating on ``dev``), each family once per training seed
-    (:func:`train_seeds`), and save them to ``out/policies/<family>/seed-<seed>/``.
-
-    They train on the observations they are evaluated on: with the difficulty predictor
-    fitted on the train questions (``difficulty="auto"`` is the same fit) when there is one.
-    ``--jobs`` trainings run at once, each in its own process (spawned: nothing is shared)
-    with ``--threads`` threads; every training is seeded and single-threaded by default, so
-    the policies, and every number made from them, do not depend on ``--jobs``. The policies
-    are read back from their files: what is evaluated is what was saved.
-    """
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from multiprocessing import get_context
-
-    seeds = train_seeds(args)
-    common: dict[str, Any] = {
-        "split": training_split(args.eval_split),
-        "lams": tuple(_default_lams()),
-        "config": {"aggregate": args.aggregate},
-        "eval_seeds": 0,
-        "threads": args.threads,
-        "progress": False,
-    }
-    tasks: list[tuple[str, int, str, dict[str, Any], Path]] = []
-    used: dict[str, dict[str, Any]] = {}
-    for name, trainer, fields_of, extra in _training_jobs(args):
-        kwargs: dict[str, Any] = {**common, **extra}
-        if extra.get("decide") == "chain" and not args.chain_probes:
-            # trained (and so evaluated and served) without probes: see ``uses_probes``
-            kwargs["config"] = {**common["config"], "probe": False}
-        if difficulty is not None:
-            if "difficulty" in {f.name for f in dataclasses.fields(fields_of)}:
-                kwargs["difficulty"] = "auto"
-            else:
-                log.warning("%s trains without the difficulty predictor (difficulty = 0.5)", name)
-        variants = [(name, kwargs)]
-        if hidden_probes is not None and name in HIDDEN_FAMILIES:
-            variants.append((f"{name}-hidden", {**kwargs, "hidden_probes": str(hidden_probes)}))
-        for vname, vkw in variants:
-            used[vname] = vkw
-            for s in seeds:
-                folder = out / "policies" / vname / f"seed-{s}"
-                tasks.append((vname, s, trainer, {**vkw, "seed": s}, folder))
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    jobs = max(1, min(args.jobs or usable or 1, len(tasks)))
-    console.print(
-        f"training {len(used)} learned families x {len(seeds)} seeds ({', '.join(map(str, seeds))}) "
-        f"on the {common['split']} questions, {jobs} at once ..."
-    )
-    seconds: dict[str, dict[int, float]] = {name: {} for name in used}
-    t0 = time.perf_counter()
-    # the value policy's trainings take most of the time: start them first
-    order = sorted(tasks, key=lambda t: t[2] != "value")
-    if jobs == 1:
-        for name, s, trainer, kwargs, folder in order:
-            seconds[name][s] = train_one(str(bank), trainer, kwargs, str(folder), args.threads)
-            console.print(f"  {name} seed {s}: {seconds[name][s]:.1f} s")
-    else:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            futures = {
-                pool.submit(train_one, str(bank), trainer, kwargs, str(folder), args.threads): (
-                    name,
-                    s,
-                )
-                for name, s, trainer, kwargs, folder in order
-            }
-            try:
-                for fut in as_completed(futures):
-                    name, s = futures[fut]
-                    seconds[name][s] = fut.result()
-                    console.print(f"  {name} seed {s}: {seconds[name][s]:.1f} s")
-            except BaseException:
-                pool.shutdown(cancel_futures=True)  # the first failure ends the job
-                raise
-    wall = time.perf_counter() - t0
-    policies: dict[str, dict[int, Policy]] = {
-        name: {s: load_policy(out / "policies" / name / f"seed-{s}") for s in seeds}
-        for name in used
-    }
-    seconds = {name: dict(sorted(v.items())) for name, v in seconds.items()}
-    return Trained(policies, seconds, used, wall, jobs)
-
-
-def _default_lams() -> tuple[float, ...]:
-    from policies.learned import DEFAULT_LAMS
-
-    return tuple(DEFAULT_LAMS)
-
-
-# -- tables and plots --------------------------------------------------------------------------
 
 
 def vote_floors(
@@ -585,7 +372,7 @@ def _run_bank_fixed(path: Path, args: RunArgs, console: Console) -> BankRun:
         diff.save(out / "difficulty.json")
         console.print(f"difficulty predictor fitted on {train_n} {trained_on} questions")
 
-    probes, probes_dir = _hidden_probes(bank, args, trained_on, out, console)
+    probes, probes_dir = run_probes(bank, args, trained_on, out, console)
     evaluator = Evaluator(bank, split=split, seeds=args.seeds, difficulty=diff, hidden=probes)
     cfg = evaluator.config
     orc = oracle(bank, split=split, config=cfg)
@@ -724,7 +511,7 @@ def _run_bank_fixed(path: Path, args: RunArgs, console: Console) -> BankRun:
         print_floors(console, floors, reference)
         _representatives(out, summaries)
         if probes is not None:
-            _fleet(bank, args, probes, out, console, trained, lams)
+            fleet_table_of_run(bank, args, probes, out, console, trained, lams)
 
         title = (
             f"{name}: {len(evaluator.questions)} {split} questions x {len(evaluator.seeds)} seeds"
@@ -811,99 +598,6 @@ def _run_bank_fixed(path: Path, args: RunArgs, console: Console) -> BankRun:
         document=doc,
         results_path=published,
     )
-
-
-def _hidden_probes(
-    bank: TraceBank, args: RunArgs, trained_on: str, out: Path, console: Console
-) -> tuple[HiddenProbes | None, Path | None]:
-    """The hidden-state probes of the run (``--hidden``): fitted on the training questions
-    (``fit`` ones for a dev run), with the held-out probes the trainers read, saved to
-    ``out/hidden-probes``; ``(None, None)`` when the run goes without."""
-    from env.bank.hidden import HiddenStates, require_hidden
-
-    if args.hidden not in ("auto", "on", "off"):
-        raise ConfigError(f"--hidden must be auto, on or off, got {args.hidden!r}")
-    if args.hidden == "off":
-        return None, None
-    hs = HiddenStates.open(bank.path, bank)
-    if args.hidden == "auto" and (hs is None or not hs.complete):
-        have = 0 if hs is None else len(hs.annotated)
-        console.print(
-            f"no hidden-state families: {have} of {len(bank)} questions have hidden states "
-            f"(`ponder bank annotate {bank.path}` adds them; --hidden off silences this)"
-        )
-        return None, None
-    hs = require_hidden(bank)  # --hidden on: refuses a bank without them, saying what to run
-    pool = bank.questions if trained_on == "train" else select_split(bank.questions, trained_on)
-    t0 = time.perf_counter()
-    probes = HiddenProbes.fit(bank, hs, pool=pool)
-    folder = probes.save(out / "hidden-probes", training=True)
-    console.print(
-        f"hidden-state probes fitted on the {trained_on} questions in "
-        f"{time.perf_counter() - t0:.0f} s: {probes.describe()}"
-    )
-    return probes, folder
-
-
-def _fleet(
-    bank: TraceBank,
-    args: RunArgs,
-    probes: HiddenProbes,
-    out: Path,
-    console: Console,
-    trained: Trained,
-    lams: Sequence[float],
-) -> None:
-    """One token budget shared by the test questions, allocated uniformly, by the difficulty
-    probe, by the learned value and by the oracle (:mod:`policies.evaluation.fleet`): printed
-    and saved."""
-    from policies.evaluation.fleet import fleet_table
-
-    if args.eval_split != "test":
-        return
-    extra = {}
-    for fam in ("value-chain-hidden", "value-chain"):
-        by_seed = trained.policies.get(fam)
-        if by_seed:
-            seed = min(by_seed)
-            lam = float(np.exp(np.mean(np.log(lams))))  # the middle of the λ grid
-            extra[f"learned value ({fam}, seed {seed})"] = _value_curves(by_seed[seed], lam)
-    report = fleet_table(
-        bank, seeds=args.seeds, probe=probes.difficulty, extra=extra or None, n_boot=400
-    )
-    (out / "fleet.md").write_text(report.markdown() + "\n")
-    (out / "fleet.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    console.print("\n[bold]one budget shared by the test questions[/] (fleet.md)")
-    console.print(report.markdown())
-
-
-def _value_curves(policy: Policy, lam: float) -> Any:
-    """A fleet allocator (:data:`~policies.evaluation.fleet.CurveFn`) that scores each question
-    by the learned policy's value of going on at its opening state (price ``lam``), averaged
-    over nothing but that seed's opening chain, and reads curves off the training questions with
-    similar scores. The training questions are ones the policy was trained on: their scores are
-    in-sample (said in :mod:`policies.evaluation.fleet`'s docstring)."""
-    from policies.evaluation.fleet import kernel_curves
-
-    assert isinstance(policy, HasValue) and isinstance(policy, LamConditioned)
-    acting = policy.with_lam(lam)
-
-    def scores(setup: Any, questions: Sequence[Any], seed: int) -> np.ndarray:
-        env = BatchedReplayEnv(setup.bank, len(questions), seed=0, probes=policy.hidden_probes)
-        index = {q.qid: i for i, q in enumerate(env.questions)}
-        qs = np.array([index[q.qid] for q in questions], np.int64)
-        obs, _ = env.reset(options={"questions": qs, "gen_seeds": np.full(len(qs), seed)})
-        return np.asarray(acting.value(obs), np.float64)  # type: ignore[attr-defined]
-
-    def fn(setup: Any, seed: int) -> Any:
-        return kernel_curves(
-            scores(setup, setup.train, seed),
-            setup.train_curves,
-            scores(setup, setup.test, seed),
-            setup.k_test,
-        )
-
-    return fn
 
 
 def _settings(

@@ -58,7 +58,7 @@ A *learned value* allocator (a policy with ``value(obs)``, :class:`~policies.bas
 plugs in through ``extra``: a function from the :class:`FleetSetup` and a seed to
 :class:`Curves` (its expected accuracy of ``n`` chains per test question; :func:`kernel_curves`
 maps any per-question score through the training questions). The main job adds one
-(:func:`policies.main._value_curves`): the value-chain policy's value of going on at each
+(:func:`policies.hidden_run.value_curves`): the value-chain policy's value of going on at each
 question's opening state, mapped through the training questions' curves (their scores are
 in-sample: the policy trained on them). ``Controller.solve_fleet`` itself is not run here: it
 lives in ``controller``, which ``policies`` may not import, and its live fleet runs each policy's
