@@ -76,7 +76,7 @@ from env.generators.cancel import CancelScope
 from env.generators.lookahead import Lookahead
 from env.types import INJECT_ALLOWANCE, Question, TokenUsage
 from features.errors import ConfigError, GeneratorError
-from policies.base import HasValue, Policy
+from policies.base import HasValue, LamConditioned, Policy
 
 __all__ = ["MIN_LATENCY_CAP_S", "NO_GOLD", "Controller", "FleetResult", "Result", "Step"]
 
@@ -144,6 +144,12 @@ class Result:
         in_flight: the most decoded tokens a step still running when the episode was abandoned
             (``latency cap``, ``cancelled``) could have cost: its engine calls were cancelled,
             so its exact cost is unknown and not in ``decoded``. 0 when none was running.
+        text: the answer in full, as a user reads it: the text of a chain that gave the answer
+            (an ended one first, then the most confident: see
+            :meth:`~env.episode.single.ComputeAllocationEnv.answer_chain`); when only a probe
+            read the answer from an unfinished chain, that chain's text so far followed by
+            ``The answer is \\boxed{ANSWER}.``. Empty when there is no answer.
+        chain_id: the chain :attr:`text` comes from (``None`` when empty).
     """
 
     answer: str | None
@@ -161,6 +167,8 @@ class Result:
     chain_tokens: tuple[int, ...] = ()
     cut_short: str | None = None
     in_flight: int = 0
+    text: str = ""
+    chain_id: int | None = None
 
     @property
     def fault(self) -> bool:
@@ -288,6 +296,7 @@ class Controller:
         token_cap: int | None = None,
         latency_cap_s: float | None = None,
         seed: int | None = None,
+        lam: float | None = None,
     ) -> Result:
         """Answer one question (blocking).
 
@@ -296,6 +305,8 @@ class Controller:
             token_cap: a tighter token cap for this call (clamped to the controller's).
             latency_cap_s: a tighter latency cap for this call (clamped to the controller's).
             seed: the env seed (default: the controller's).
+            lam: the price λ of compute this call's policy acts for (a learned policy's, see
+                :class:`~policies.base.LamConditioned`; default: the policy's own).
 
         Raises:
             ConfigError: an empty question, one too long for the model, or a cap below what
@@ -303,7 +314,7 @@ class Controller:
                 ``generator fault: ...``.
         """
         t0 = time.monotonic()
-        run = self._run(question, token_cap, latency_cap_s, seed, t0)
+        run = self._run(question, token_cap, latency_cap_s, seed, t0, lam=lam)
         if run.deadline is None:
             run.solve()
             return run.outcome()
@@ -322,6 +333,8 @@ class Controller:
         latency_cap_s: float | None = None,
         seed: int | None = None,
         cancel: asyncio.Event | None = None,
+        lam: float | None = None,
+        on_step: Callable[[Step], None] | None = None,
     ) -> Result:
         """Answer one question without blocking the event loop (see :meth:`solve`).
 
@@ -330,9 +343,12 @@ class Controller:
         disconnects), abandons the episode and cancels its engine work: no new engine call
         starts and those in flight are closed. With ``cancel`` the result so far comes back
         with reason ``cancelled``; a cancelled coroutine raises ``CancelledError``.
+        ``on_step`` is called with each decision once it is made, in the episode's worker
+        thread (the proxy's progress events).
         """
         t0 = time.monotonic()
-        run = self._run(question, token_cap, latency_cap_s, seed, t0)
+        run = self._run(question, token_cap, latency_cap_s, seed, t0, lam=lam)
+        run.on_step = on_step
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
 
@@ -511,6 +527,7 @@ class Controller:
         seed: int | None,
         t0: float,
         allowance: int | None = None,
+        lam: float | None = None,
     ) -> _Run:
         cap = self.token_cap
         if token_cap is not None:
@@ -524,6 +541,15 @@ class Controller:
             lat = min(lat, self.latency_cap_s) if lat else self.latency_cap_s
         q = self._question(question)
         policy = self._fresh_policy()
+        if lam is not None:
+            if not isinstance(policy, LamConditioned):
+                raise ConfigError(
+                    f"policy {policy.name!r} takes no price λ (only the learned policies do): "
+                    "leave lam out"
+                )
+            if isinstance(lam, bool) or not isinstance(lam, int | float) or not lam > 0:
+                raise ConfigError(f"lam must be a number > 0, got {lam!r}")
+            policy = policy.with_lam(float(lam))
         gen: Generator = self.generator
         width = min(max(policy.planned_chains, 1), self.config.max_chains)
         live = gen.traits.chunk_tokens is None  # (a replayed bank fixes the chunks)
@@ -614,6 +640,8 @@ class _Run:
         self.in_flight = 0
         #: The engine work of the episode: cancelled when the episode is abandoned.
         self.scope = CancelScope()
+        #: Called with each published decision (outside the lock, in the episode's thread).
+        self.on_step: Callable[[Step], None] | None = None
         #: What the policy would have done instead of stopping, had the token cap left room.
         self.cut_short: str | None = None
 
@@ -846,7 +874,12 @@ class _Run:
             self.info = info
             if final is not None:
                 self.final = final
-            return True
+        if self.on_step is not None:
+            try:
+                self.on_step(record)
+            except Exception:  # a listener's bug must not end the episode
+                log.exception("on_step listener failed")
+        return True
 
     def _elapsed(self) -> float:
         return time.monotonic() - self.t0
@@ -863,6 +896,7 @@ class _Run:
             unused = int(info.get("ahead", 0))
             chain_tokens = tuple(int(n) for n in info.get("chain_tokens", ()))
         q = self.env.questions[0]
+        text, chain_id = self._answer_text(answer)
         return Result(
             answer=answer,
             confidence=share if math.isfinite(share) else 0.0,
@@ -877,7 +911,23 @@ class _Run:
             prompt_tokens=self.prompt_tokens,
             unused=unused,
             chain_tokens=chain_tokens,
+            text=text,
+            chain_id=chain_id,
         )
+
+    def _answer_text(self, answer: str | None) -> tuple[str, int | None]:
+        """:attr:`Result.text` and :attr:`Result.chain_id` for ``answer``."""
+        if answer is None:
+            return "", None
+        picked = self.env.answer_chain(answer)
+        if picked is None:
+            return f"The answer is \\boxed{{{answer}}}.", None
+        chain, own = picked
+        text = chain.text.strip()
+        if not own:
+            stated = f"The answer is \\boxed{{{answer}}}."
+            text = f"{text}\n\n{stated}" if text else stated
+        return text, chain.chain_id
 
 
 class _Greedy:

@@ -1,9 +1,11 @@
 """The OpenAPI schema of the proxy (``GET /openapi.json``): what it accepts and what it answers.
 
-The schema says exactly what :mod:`controller.proxy` checks, so a body that fits it is answered
-(200, or 502/503 for the upstream and the load) and one that does not is refused with a 4xx; the
-fuzz tests (``tests/controller/test_proxy_fuzz.py``) hold the proxy to it. Fields it does not
-name (``temperature``, ``top_p``, ...) are accepted and ignored: the server's settings hold.
+The schema says what :mod:`controller.parse` checks, so a body that fits it is answered (200,
+or 502/503 for the upstream and the load) and one that does not is refused with a 4xx; the fuzz
+tests (``tests/controller/test_proxy_fuzz.py``) hold the proxy to it. Fields it does not name are
+refused (``additionalProperties: false``); ``temperature`` and ``top_p`` must be the server's.
+A conversation the schema admits can still be refused (a 400 naming the message): one that does
+not end with the user's question, or a system message after the first turn.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from typing import Any
 
 __all__ = ["ROLES", "openapi_schema"]
 
-#: The message roles a chat request may use (the question is the last ``user`` message).
-ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+#: The message roles a chat request may use (the question is the last message, a ``user`` one).
+ROLES = ("system", "developer", "user", "assistant")
 _TEXT = {"type": "string", "pattern": r"\S"}  # not blank
 
 
@@ -39,7 +41,13 @@ def _error_responses(*statuses: int) -> dict[str, Any]:
 
 
 def openapi_schema(
-    model: str, *, min_tokens: int = 1, max_body_bytes: int = 1_000_000
+    model: str,
+    *,
+    min_tokens: int = 1,
+    max_body_bytes: int = 1_000_000,
+    policies: tuple[str, ...] = (),
+    temperature: float = 0.7,
+    top_p: float = 1.0,
 ) -> dict[str, Any]:
     """The proxy's OpenAPI 3.1 document.
 
@@ -47,25 +55,71 @@ def openapi_schema(
         model: the model name the proxy reports.
         min_tokens: the smallest token cap a request may ask for (what opening one chain costs).
         max_body_bytes: the largest body accepted.
+        policies: the policies a request may choose (``ponder.policy``).
+        temperature: the server's sampling temperature (the only one a request may send).
+        top_p: likewise for top-p.
     """
     cap = {"type": ["integer", "null"], "minimum": min_tokens}
+    flag = {"type": ["boolean", "null"]}
     ponder_options = {
         "type": ["object", "null"],
-        "description": "ponder's per-request settings: they only tighten the server's",
+        "description": "ponder's per-request settings (caps only tighten the server's)",
         "additionalProperties": False,
         "properties": {
             "token_cap": cap,
             "latency_cap_s": {"type": ["number", "null"], "minimum": 0.1},
-            "trace": {"type": ["boolean", "null"]},
+            "trace": flag,
+            "policy": {"enum": [*policies, None], "description": "one of GET /v1/models"},
+            "lam": {
+                "type": ["number", "null"],
+                "exclusiveMinimum": 0,
+                "description": "the price of compute a learned policy acts for",
+            },
+            "progress": {
+                **flag,
+                "description": "with stream: a comment line per decision while deciding",
+            },
         },
     }
+    nothing = {"description": "accepted only at the value that asks for nothing special"}
     common = {
         "model": {"type": ["string", "null"]},
         "max_tokens": cap,
-        "max_completion_tokens": cap,
-        "stream": {"enum": [False, None], "description": "streaming is not supported"},
+        "stream": flag,
+        "stream_options": {
+            "type": ["object", "null"],
+            "additionalProperties": False,
+            "properties": {"include_usage": {"type": "boolean"}},
+        },
         "n": {"enum": [1, None], "description": "one answer per question"},
+        "temperature": {"enum": [temperature, None], "description": "the server's only"},
+        "top_p": {"enum": [top_p, None], "description": "the server's only"},
+        "user": {"type": ["string", "null"]},
+        "stop": {**nothing, "enum": [None, "", []]},
+        "seed": {**nothing, "type": "null"},
+        "frequency_penalty": {**nothing, "enum": [0, None]},
+        "presence_penalty": {**nothing, "enum": [0, None]},
+        "logit_bias": {**nothing, "type": ["object", "null"], "maxProperties": 0},
+        "store": {**nothing, "enum": [False, None]},
+        "metadata": {**nothing, "type": ["object", "null"], "maxProperties": 0},
         "ponder": ponder_options,
+    }
+    chat_only = {
+        "max_completion_tokens": cap,
+        "logprobs": {**nothing, "enum": [False, None]},
+        "top_logprobs": {**nothing, "enum": [0, None]},
+        "response_format": {
+            "type": ["object", "null"],
+            "required": ["type"],
+            "properties": {"type": {"const": "text"}},
+        },
+    }
+    completions_only = {
+        "logprobs": {**nothing, "enum": [False, 0, None]},
+        "top_logprobs": {**nothing, "enum": [0, None]},
+        "echo": {**nothing, "enum": [False, None]},
+        "suffix": {**nothing, "enum": ["", None]},
+        "best_of": {**nothing, "enum": [1, None]},
     }
     part = {
         "type": "object",
@@ -91,6 +145,7 @@ def openapi_schema(
     message = {
         "type": "object",
         "required": ["role"],
+        "additionalProperties": False,
         "properties": {
             "role": {"enum": list(ROLES)},
             "content": {"type": ["string", "array", "null"], "items": part},
@@ -111,7 +166,9 @@ def openapi_schema(
                 "contains": {"type": "object", "properties": {"role": {"const": "user"}}},
             },
             **common,
+            **chat_only,
         },
+        "additionalProperties": False,
     }
     completion_request = {
         "type": "object",
@@ -125,7 +182,9 @@ def openapi_schema(
                 ],
             },
             **common,
+            **completions_only,
         },
+        "additionalProperties": False,
     }
     usage = {
         "type": "object",
@@ -159,6 +218,8 @@ def openapi_schema(
                 "room (finish_reason is then length)",
             },
             "in_flight": {"type": "integer", "minimum": 0},
+            "chain": {"type": ["integer", "null"], "description": "the chain the text is from"},
+            "request_id": {"type": "string"},
             "trace": {"type": "array", "items": {"type": "object"}},
         },
     }
@@ -187,7 +248,14 @@ def openapi_schema(
             "message": {
                 "type": "object",
                 "required": ["role", "content"],
-                "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
+                "properties": {
+                    "role": {"const": "assistant"},
+                    "content": {"type": "string"},
+                    "reasoning_content": {
+                        "type": "string",
+                        "description": "the chain's thinking section, when it has one",
+                    },
+                },
             },
             "finish_reason": finish,
         },
@@ -229,8 +297,18 @@ def openapi_schema(
                 },
                 "responses": {
                     "200": {
-                        "description": "the answer, with ponder's accounting under `ponder`",
-                        "content": {"application/json": {"schema": _ref(response)}},
+                        "description": "the answer, with ponder's accounting under `ponder`; "
+                        "with stream: Server-Sent Events of chunks, usage, then [DONE]",
+                        "content": {
+                            "application/json": {"schema": _ref(response)},
+                            "text/event-stream": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["data"],
+                                    "properties": {"data": {"type": "string"}},
+                                }
+                            },
+                        },
                     },
                     **_error_responses(400, 401, 413, 502, 503),
                 },
@@ -263,7 +341,7 @@ def openapi_schema(
             ),
             "/v1/completions": post("answer the prompt", "CompletionRequest", "TextCompletion"),
             "/v1/models": get(
-                "the one model the proxy serves",
+                "the policies the proxy serves, one model each",
                 "application/json",
                 {
                     "type": "object",

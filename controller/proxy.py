@@ -67,12 +67,12 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -80,12 +80,31 @@ from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from controller.controller import MIN_LATENCY_CAP_S, Controller, Result
-from controller.openapi import ROLES, openapi_schema
+from controller.controller import MIN_LATENCY_CAP_S, Controller, Result, Step
+from controller.metrics import CLIENT_CLOSED, Metrics
+from controller.openapi import openapi_schema
+from controller.parse import (
+    MAX_JSON_DEPTH,
+    Ask,
+    HTTPError,
+    ServerLimits,
+    bad_request,
+    check_json,
+    no_constant,
+    parse_request,
+)
+from controller.respond import (
+    answer_body,
+    check_answer,
+    error_body,
+    progress_comment,
+    stream_events,
+)
 from env.episode.config import Action
+from env.types import Question
 from features.errors import ConfigError, ModelError, PonderError
 
 __all__ = [
@@ -101,13 +120,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+#: One JSON line per answered request (:func:`create_app`'s access log).
+access_log = logging.getLogger("ponder.access")
 
-_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-_PONDER_FIELDS = frozenset({"token_cap", "latency_cap_s", "trace"})
-#: Deepest nesting of arrays and objects a request body may have (OpenAI's bodies need 5).
-MAX_JSON_DEPTH = 32
-#: The status recorded for a request whose client disconnected first (nginx's convention).
-CLIENT_CLOSED = 499
+#: The header a request id comes in (the client's) and goes back in (always).
+REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -153,119 +172,14 @@ class ServeArgs:
     """for a policy that reads the model's hidden states: the upstream model's Hugging Face folder (or its GGUF file, beside the folder `ponder model prepare` writes); ponder computes the states at every chunk boundary with transformers beside the upstream (env.generators.Capturing)"""
     hidden_probes: str = ""
     """for a rule that reads hidden states (probe-stop, best-of-N-probe-best) and has no probes of its own: a folder written by HiddenProbes.save (e.g. runs/<bank>/hidden-probes from `ponder run`)"""
+    more_policies: tuple[str, ...] = ()
+    """more policy specs served beside --policy (same grammar): a request chooses one with its `ponder.policy` or its model `ponder/<policy>` (GET /v1/models lists them)"""
+    shutdown_timeout: int = 30
+    """seconds a shutdown (SIGTERM, Ctrl-C) lets the requests in flight finish; those left then are cancelled (their upstream work too)"""
     model_name: str | None = None
     """the model name the proxy reports (default: ponder/<policy>)"""
     log_level: str = "info"
     """log level: critical, error, warning, info, debug or trace"""
-
-
-class Metrics:
-    """Counters and a latency histogram, rendered in Prometheus' text format (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.tokens: Counter[str] = Counter()
-        self.reasons: Counter[str] = Counter()
-        self.buckets = [0] * len(_LATENCY_BUCKETS)
-        self.latency_sum = 0.0
-        self.latency_count = 0
-        self.in_flight = 0
-        self.cancelled = 0
-        self.cancelled_tokens: Counter[str] = Counter()
-
-    def started(self) -> None:
-        with self._lock:
-            self.in_flight += 1
-
-    def finished(self, endpoint: str, status: int, latency_s: float, result: Result | None) -> None:
-        with self._lock:
-            if status == CLIENT_CLOSED:
-                self.cancelled += 1
-                if result is not None:
-                    self.cancelled_tokens["decoded"] += int(result.decoded)
-                    self.cancelled_tokens["in_flight_max"] += int(result.in_flight)
-            self.in_flight -= 1
-            self.requests[(endpoint, status)] += 1
-            self.latency_sum += latency_s
-            self.latency_count += 1
-            for i, b in enumerate(_LATENCY_BUCKETS):
-                if latency_s <= b:
-                    self.buckets[i] += 1
-            if result is not None:
-                for kind, n in result.tokens.items():
-                    self.tokens[kind] += int(n)
-                self.tokens["unused"] += int(result.unused)
-                self.reasons[result.reason.split(":", 1)[0]] += 1
-
-    def render(self) -> str:
-        with self._lock:
-            lines = [
-                "# HELP ponder_requests_total Requests answered, by endpoint and HTTP status.",
-                "# TYPE ponder_requests_total counter",
-            ]
-            for (endpoint, status), n in sorted(self.requests.items()):
-                lines.append(
-                    f'ponder_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}'
-                )
-            lines += [
-                "# HELP ponder_tokens_total Tokens spent on answered requests, by kind.",
-                "# TYPE ponder_tokens_total counter",
-            ]
-            for kind, n in sorted(self.tokens.items()):
-                lines.append(f'ponder_tokens_total{{kind="{kind}"}} {n}')
-            lines += [
-                "# HELP ponder_answers_total Answers by why the episode ended.",
-                "# TYPE ponder_answers_total counter",
-            ]
-            for reason, n in sorted(self.reasons.items()):
-                lines.append(f'ponder_answers_total{{reason="{_label(reason)}"}} {n}')
-            lines += [
-                "# HELP ponder_cancelled_requests_total Requests whose client disconnected before "
-                "the answer (their upstream work was cancelled).",
-                "# TYPE ponder_cancelled_requests_total counter",
-                f"ponder_cancelled_requests_total {self.cancelled}",
-                "# HELP ponder_cancelled_tokens_total Tokens those requests cost: decoded (steps "
-                "finished before the disconnect) and in_flight_max (the worst case of the steps "
-                "cancelled mid-way).",
-                "# TYPE ponder_cancelled_tokens_total counter",
-            ]
-            for kind in ("decoded", "in_flight_max"):
-                lines.append(
-                    f'ponder_cancelled_tokens_total{{kind="{kind}"}} {self.cancelled_tokens[kind]}'
-                )
-            lines += [
-                "# HELP ponder_requests_in_flight Requests being answered now.",
-                "# TYPE ponder_requests_in_flight gauge",
-                f"ponder_requests_in_flight {self.in_flight}",
-                "# HELP ponder_request_latency_seconds Time to answer a request.",
-                "# TYPE ponder_request_latency_seconds histogram",
-            ]
-            for b, n in zip(_LATENCY_BUCKETS, self.buckets, strict=True):
-                lines.append(f'ponder_request_latency_seconds_bucket{{le="{b:g}"}} {n}')
-            lines += [
-                f'ponder_request_latency_seconds_bucket{{le="+Inf"}} {self.latency_count}',
-                f"ponder_request_latency_seconds_sum {self.latency_sum:.6f}",
-                f"ponder_request_latency_seconds_count {self.latency_count}",
-            ]
-        return "\n".join(lines) + "\n"
-
-
-class _HTTPError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str,
-        code: str | None = None,
-        param: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-        self.code = code
-        self.param = param
 
 
 class _ClientGone(Exception):
@@ -273,30 +187,26 @@ class _ClientGone(Exception):
 
 
 def _error(
-    status: int, message: str, kind: str, code: str | None = None, param: str | None = None
+    status: int,
+    message: str,
+    kind: str,
+    code: str | None = None,
+    param: str | None = None,
+    request_id: str | None = None,
 ) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if request_id:
+        headers[REQUEST_ID_HEADER] = request_id
+    return JSONResponse(
+        error_body(message, kind, code, param), status_code=status, headers=headers or None
+    )
 
 
-def _bad(message: str, code: str | None = None, param: str | None = None) -> _HTTPError:
-    return _HTTPError(400, message, "invalid_request_error", code, param)
-
-
-def _label(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
-
-
-@dataclass(frozen=True, slots=True)
-class _Ask:
-    """What a request asks for."""
-
-    question: str
-    model: str | None
-    token_cap: int | None
-    latency_cap_s: float | None
-    trace: bool
+def request_id_of(request: Request) -> str:
+    """The request's id: the client's ``X-Request-Id`` when it is a sane token (at most 128
+    letters, digits and ``._:-``), else a new one."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 def create_app(
@@ -307,6 +217,10 @@ def create_app(
     max_concurrency: int = 64,
     model: str | None = None,
     on_shutdown: Callable[[], None] | None = None,
+    more: Sequence[Controller] = (),
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    keep_alive_s: float = 5.0,
 ) -> Starlette:
     """The ASGI app of the proxy over ``controller`` (see the module docstring).
 
@@ -315,14 +229,30 @@ def create_app(
         api_key: the bearer token clients must send (``None``: open).
         max_body_bytes: largest body accepted.
         max_concurrency: requests answered at once.
-        model: the model name reported (default ``ponder/<policy>``).
+        model: the model name reported for ``controller`` (default ``ponder/<policy>``).
         on_shutdown: called when the server stops (closes the generator).
+        more: controllers of more policies (over the same generator) a request may choose
+            with ``ponder.policy`` or by its ``model`` (``ponder/<policy>``).
+        temperature: the chains' sampling temperature: a request's ``temperature`` must be
+            this one (:mod:`controller.parse`).
+        top_p: likewise for ``top_p``.
+        keep_alive_s: seconds between keep-alive comments of a stream while it waits.
     """
     if max_body_bytes < 1 or max_concurrency < 1:
         raise ConfigError("max_body_bytes and max_concurrency must be >= 1")
+    if not keep_alive_s > 0:
+        raise ConfigError(f"keep_alive_s must be > 0, got {keep_alive_s!r}")
     if api_key is not None:
         _check_key_text(api_key, "api_key")
+    controllers: dict[str, Controller] = {}
+    for c in (controller, *more):
+        if c.policy.name in controllers:
+            raise ConfigError(f"policy {c.policy.name!r} is served twice: name each one once")
+        controllers[c.policy.name] = c
     name = model or f"ponder/{controller.policy.name}"
+    model_ids = {name: controller.policy.name}
+    model_ids.update({f"ponder/{n}": n for n in controllers if n != controller.policy.name})
+    limits = ServerLimits(temperature=temperature, top_p=top_p, policies=tuple(controllers))
     metrics = Metrics()
     slots: dict[str, asyncio.Semaphore] = {}  # made on first use, inside the server's loop
 
@@ -332,14 +262,14 @@ def create_app(
         auth = request.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token:
-            raise _HTTPError(
+            raise HTTPError(
                 401,
                 "missing API key: send the header 'Authorization: Bearer <key>'",
                 "invalid_request_error",
                 "invalid_api_key",
             )
         if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise _HTTPError(
+            raise HTTPError(
                 401, "incorrect API key provided", "invalid_request_error", "invalid_api_key"
             )
 
@@ -349,7 +279,7 @@ def create_app(
             try:
                 declared = int(length)
             except ValueError:
-                raise _bad(f"invalid Content-Length header {length!r}") from None
+                raise bad_request(f"invalid Content-Length header {length!r}") from None
             if declared > max_body_bytes:
                 raise _too_large(declared)
         raw = bytearray()
@@ -358,44 +288,95 @@ def create_app(
             if len(raw) > max_body_bytes:
                 raise _too_large(len(raw))
         try:
-            body = json.loads(bytes(raw), parse_constant=_no_constant)
+            body = json.loads(bytes(raw), parse_constant=no_constant)
         except RecursionError:
-            raise _bad(
+            raise bad_request(
                 f"the body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels"
             ) from None
         except (ValueError, UnicodeDecodeError) as exc:
-            raise _bad(f"the body is not valid JSON: {exc}") from None
+            raise bad_request(f"the body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
-            raise _bad("the body must be a JSON object")
-        _check_json(body)
+            raise bad_request("the body must be a JSON object")
+        check_json(body)
         return body
 
-    def _too_large(n: int) -> _HTTPError:
-        return _HTTPError(
+    def _too_large(n: int) -> HTTPError:
+        return HTTPError(
             413,
             f"request body of {n} bytes is over this server's limit of {max_body_bytes} bytes",
             "invalid_request_error",
             "request_too_large",
         )
 
+    def pick(ask: Ask) -> Controller:
+        if ask.policy is not None:
+            return controllers[ask.policy]
+        chosen = model_ids.get(ask.model or "")
+        return controllers[chosen] if chosen is not None else controller
+
+    def finished(
+        rid: str,
+        endpoint: str,
+        status: int,
+        t0: float,
+        result: Result | None,
+        ask: Ask | None,
+        error: str | None = None,
+    ) -> None:
+        latency = time.monotonic() - t0
+        metrics.finished(endpoint, status, latency, result)
+        record: dict[str, Any] = {
+            "request_id": rid,
+            "endpoint": endpoint,
+            "status": status,
+            "latency_s": round(latency, 4),
+            "stream": bool(ask and ask.stream),
+        }
+        if ask is not None and ask.user:
+            record["user"] = ask.user
+        if result is not None:
+            record.update(
+                policy=result.policy,
+                reason=result.reason,
+                chains=result.n_chains,
+                decoded=result.decoded,
+                tokens={**result.tokens, "unused": result.unused},
+            )
+        if error:
+            record["error"] = error
+        access_log.info("%s", json.dumps(record, sort_keys=True))
+
     async def answer(request: Request, kind: Literal["chat", "completions"]) -> Response:
         t0 = time.monotonic()
+        rid = request_id_of(request)
         endpoint = request.url.path
         metrics.started()
-        status, result = 500, None
+        status, result, ask, error = 500, None, None, None
+        streaming = False
         try:
             check_key(request)
-            ask = _parse(kind, await read_json(request))
+            ask = parse_request(kind, await read_json(request), limits)
+            ctl = pick(ask)
+            if ask.stream:
+                streaming = True
+                return StreamingResponse(
+                    stream(kind, ask, ctl, rid, endpoint, t0),
+                    media_type="text/event-stream",
+                    headers={REQUEST_ID_HEADER: rid, "Cache-Control": "no-cache"},
+                )
             gone = asyncio.Event()
             watcher = asyncio.create_task(_watch_disconnect(request, gone))
             try:
-                result = await _solve(ask, t0, gone)
+                result = await _solve(ctl, ask, rid, t0, gone)
             finally:
                 watcher.cancel()
             if gone.is_set():
                 raise _ClientGone
-            status, body = _respond(kind, ask, result, name)
-            return JSONResponse(body, status_code=status)
+            check_answer(result)
+            status = 200
+            return JSONResponse(
+                answer_body(kind, ask, result, name, rid), headers={REQUEST_ID_HEADER: rid}
+            )
         except (_ClientGone, ClientDisconnect):
             # Nobody reads the answer: its work was cancelled (see Controller.asolve's cancel).
             status = CLIENT_CLOSED
@@ -404,39 +385,110 @@ def create_app(
                 f" (+ at most {result.in_flight} cut short)" if result and result.in_flight else ""
             )
             log.info(
-                "%s: the client left after %.2f s; its upstream work was cancelled, having cost %s%s",
+                "%s %s: the client left after %.2f s; its upstream work was cancelled, having "
+                "cost %s%s",
                 endpoint,
+                rid,
                 time.monotonic() - t0,
                 spent,
                 cut,
             )
             return Response(status_code=CLIENT_CLOSED)
-        except _HTTPError as exc:
-            status = exc.status
-            return _error(exc.status, exc.message, exc.kind, exc.code, exc.param)
+        except HTTPError as exc:
+            status, error = exc.status, exc.message
+            return _error(exc.status, exc.message, exc.kind, exc.code, exc.param, rid)
         except ConfigError as exc:  # the question does not fit (too long, caps too small)
-            status = 400
-            return _error(400, str(exc), "invalid_request_error")
+            status, error = 400, str(exc)
+            return _error(400, str(exc), "invalid_request_error", request_id=rid)
         except PonderError as exc:
-            status = 500
-            log.exception("request failed")
-            return _error(500, f"{type(exc).__name__}: {exc}", "server_error")
+            status, error = 500, f"{type(exc).__name__}: {exc}"
+            log.exception("request %s failed", rid)
+            return _error(500, error, "server_error", request_id=rid)
         except Exception:  # a bug: logged with its traceback, answered in OpenAI's form
-            status = 500
-            log.exception("request failed")
-            return _error(500, "internal error in ponder (see the server log)", "server_error")
+            status, error = 500, "internal error"
+            log.exception("request %s failed", rid)
+            return _error(
+                500, "internal error in ponder (see the server log)", "server_error", request_id=rid
+            )
         finally:
-            metrics.finished(endpoint, status, time.monotonic() - t0, result)
+            if not streaming:
+                finished(rid, endpoint, status, t0, result, ask, error)
 
-    async def _solve(ask: _Ask, t0: float, gone: asyncio.Event) -> Result:
-        server_lat = controller.latency_cap_s
+    async def stream(
+        kind: Literal["chat", "completions"],
+        ask: Ask,
+        ctl: Controller,
+        rid: str,
+        endpoint: str,
+        t0: float,
+    ) -> AsyncIterator[str]:
+        """The SSE events of a streamed answer (:mod:`controller.respond`)."""
+        status, result, error = 200, None, None
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[str] = asyncio.Queue()
+        gone = asyncio.Event()
+
+        def on_step(step: Step) -> None:  # (in the episode's thread)
+            with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+                loop.call_soon_threadsafe(events.put_nowait, progress_comment(step))
+
+        task = asyncio.ensure_future(
+            _solve(ctl, ask, rid, t0, gone, on_step if ask.progress else None)
+        )
+        try:
+            while not task.done():
+                get = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait(
+                    {task, get}, timeout=keep_alive_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if get in done:
+                    yield get.result()
+                    continue
+                get.cancel()
+                if not done:
+                    yield ": keep-alive\n\n"
+            while not events.empty():
+                yield events.get_nowait()
+            result = task.result()
+            if result.answer is None and result.fault:
+                status, error = 502, result.reason
+            for event in stream_events(kind, ask, result, name, rid):
+                yield event
+        except (asyncio.CancelledError, GeneratorExit):
+            status = CLIENT_CLOSED
+            gone.set()
+            raise
+        except HTTPError as exc:
+            status, error = exc.status, exc.message
+            yield _sse_error(exc.message, exc.kind, exc.code, exc.param)
+        except ConfigError as exc:
+            status, error = 400, str(exc)
+            yield _sse_error(str(exc), "invalid_request_error")
+        except Exception as exc:
+            status, error = 500, f"{type(exc).__name__}: {exc}"
+            log.exception("request %s failed", rid)
+            yield _sse_error("internal error in ponder (see the server log)", "server_error")
+        finally:
+            if not task.done():
+                gone.set()  # the controller abandons the episode and cancels its engine work
+            finished(rid, endpoint, status, t0, result, ask, error)
+
+    async def _solve(
+        ctl: Controller,
+        ask: Ask,
+        rid: str,
+        t0: float,
+        gone: asyncio.Event,
+        on_step: Callable[[Step], None] | None = None,
+    ) -> Result:
+        server_lat = ctl.latency_cap_s
         lat = ask.latency_cap_s
         lat = min(lat, server_lat) if lat and server_lat else (lat or server_lat or None)
         sem = slots.setdefault("sem", asyncio.Semaphore(max_concurrency))
         try:
             taken = await _acquire(sem, gone, lat)
         except TimeoutError:
-            raise _HTTPError(
+            raise HTTPError(
                 503,
                 f"server busy: no free slot within the latency cap of {lat:g} s",
                 "server_error",
@@ -449,14 +501,20 @@ def create_app(
             if lat:
                 left = lat - (time.monotonic() - t0)
                 if left <= 0:
-                    raise _HTTPError(
+                    raise HTTPError(
                         503,
                         f"server busy: the latency cap of {lat:g} s ran out waiting for a slot",
                         "server_error",
                         "overloaded",
                     )
-            return await controller.asolve(
-                ask.question, token_cap=ask.token_cap, latency_cap_s=left, cancel=gone
+            question = Question(qid=f"ponder/{rid}", text=ask.question, context=ask.context)
+            return await ctl.asolve(
+                question,
+                token_cap=ask.token_cap,
+                latency_cap_s=left,
+                cancel=gone,
+                lam=ask.lam,
+                on_step=on_step,
             )
         finally:
             sem.release()
@@ -470,10 +528,13 @@ def create_app(
     async def models(request: Request) -> Response:
         try:
             check_key(request)
-        except _HTTPError as exc:
+        except HTTPError as exc:
             return _error(exc.status, exc.message, exc.kind, exc.code, exc.param)
-        entry = {"id": name, "object": "model", "created": 0, "owned_by": "ponder"}
-        return JSONResponse({"object": "list", "data": [entry]})
+        data = [
+            {"id": mid, "object": "model", "created": 0, "owned_by": "ponder", "policy": pol}
+            for mid, pol in model_ids.items()
+        ]
+        return JSONResponse({"object": "list", "data": data})
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -482,7 +543,12 @@ def create_app(
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     schema = openapi_schema(
-        name, min_tokens=controller.config.bound(Action.BRANCH), max_body_bytes=max_body_bytes
+        name,
+        min_tokens=controller.config.bound(Action.BRANCH),
+        max_body_bytes=max_body_bytes,
+        policies=tuple(controllers),
+        temperature=temperature,
+        top_p=top_p,
     )
 
     async def openapi(request: Request) -> Response:
@@ -515,7 +581,12 @@ def create_app(
     )
     app.state.metrics = metrics
     app.state.controller = controller
+    app.state.controllers = controllers
     return app
+
+
+def _sse_error(message: str, kind: str, code: str | None = None, param: str | None = None) -> str:
+    return f"data: {json.dumps(error_body(message, kind, code, param))}\n\ndata: [DONE]\n\n"
 
 
 async def _watch_disconnect(request: Request, gone: asyncio.Event) -> None:
@@ -550,237 +621,6 @@ async def _acquire(sem: asyncio.Semaphore, gone: asyncio.Event, timeout: float |
     if gone.is_set():
         return False
     raise TimeoutError
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value (JSON numbers are finite)")
-
-
-def _check_json(body: Any) -> None:
-    """Refuse a body nested deeper than :data:`MAX_JSON_DEPTH` or holding text that is not
-    valid Unicode (a lone surrogate: it could not be sent upstream or answered)."""
-    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
-    while stack:
-        value, path, depth = stack.pop()
-        if isinstance(value, str):
-            _check_text(value, path or "the body")
-        elif isinstance(value, dict | list):
-            if depth >= MAX_JSON_DEPTH:
-                raise _bad(
-                    f"the body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels "
-                    f"(at {path or 'the top'})",
-                    param=path or None,
-                )
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    _check_text(k, f"a key of {path or 'the body'}")
-                    stack.append((v, f"{path}.{k}" if path else k, depth + 1))
-            else:
-                stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
-
-
-def _check_text(text: str, where: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        bad = text[exc.start : exc.end].encode("utf-8", "backslashreplace").decode()
-        raise _bad(
-            f"{where} is not valid Unicode: it holds a lone surrogate ({bad}) at character "
-            f"{exc.start}; encode the text as UTF-8",
-            param=where,
-        ) from None
-
-
-def _parse(kind: str, body: dict[str, Any]) -> _Ask:
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise _bad(f"stream must be true or false, got {stream!r}", param="stream")
-    if stream:
-        raise _bad(
-            "stream is not supported: ponder decides the answer before it sends it",
-            param="stream",
-        )
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int | float) or n != 1):
-        raise _bad(f"n must be 1 (ponder answers each question once), got {n!r}", param="n")
-    if kind == "chat":
-        question = _last_user_message(body.get("messages"))
-    else:
-        question = _prompt(body.get("prompt"))
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _bad(f"model must be a string, got {model!r}", param="model")
-    cap = None
-    for field in ("max_completion_tokens", "max_tokens"):
-        v = body.get(field)
-        if v is not None:
-            cap = _int_field(v, field) if cap is None else min(cap, _int_field(v, field))
-    extra = body.get("ponder")
-    extra = {} if extra is None else extra
-    if not isinstance(extra, dict):
-        raise _bad("'ponder' must be an object such as {\"token_cap\": 512}", param="ponder")
-    unknown = sorted(set(extra) - _PONDER_FIELDS)
-    if unknown:
-        raise _bad(
-            f"unknown 'ponder' fields {unknown}; use {sorted(_PONDER_FIELDS)}", param="ponder"
-        )
-    if extra.get("token_cap") is not None:
-        v = _int_field(extra["token_cap"], "ponder.token_cap")
-        cap = v if cap is None else min(cap, v)
-    lat = extra.get("latency_cap_s")
-    if lat is not None:
-        if (
-            isinstance(lat, bool)
-            or not isinstance(lat, int | float)
-            or not math.isfinite(lat)
-            or lat <= 0
-        ):
-            raise _bad(
-                f"ponder.latency_cap_s must be a number > 0, got {lat!r}",
-                param="ponder.latency_cap_s",
-            )
-        if lat < MIN_LATENCY_CAP_S:
-            raise _bad(
-                f"ponder.latency_cap_s must be at least {MIN_LATENCY_CAP_S:g} s (no answer comes "
-                f"back sooner), got {lat!r}",
-                param="ponder.latency_cap_s",
-            )
-        lat = float(lat)
-    trace = extra.get("trace")
-    trace = False if trace is None else trace
-    if not isinstance(trace, bool):
-        raise _bad(f"ponder.trace must be true or false, got {trace!r}", param="ponder.trace")
-    return _Ask(question, model, cap, lat, trace)
-
-
-def _int_field(v: Any, field: str) -> int:
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)  # (JSON does not tell 512 from 512.0)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise _bad(f"{field} must be a positive integer, got {v!r}", param=field)
-    return v
-
-
-def _last_user_message(messages: Any) -> str:
-    if not isinstance(messages, list) or not messages:
-        raise _bad(
-            "'messages' must be a non-empty list of {role, content} objects",
-            "messages",
-            param="messages",
-        )
-    last = None
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise _bad("every message must be an object with 'role' and 'content'", param=where)
-        role = m.get("role")
-        if role not in ROLES:
-            raise _bad(
-                f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}",
-                param=f"{where}.role",
-            )
-        content = m.get("content")
-        if content is not None and not isinstance(content, str | list):
-            raise _bad(
-                f"{where}.content must be a string or a list of parts, got {content!r}",
-                param=f"{where}.content",
-            )
-        for j, part in enumerate(content if isinstance(content, list) else ()):
-            at = f"{where}.content[{j}]"
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise _bad(f"{at} must be an object with a 'type'", param=at)
-            if part["type"] == "text" and not isinstance(part.get("text"), str):
-                raise _bad(f"{at}.text must be a string", param=f"{at}.text")
-        if role == "user":
-            last = i
-    if last is None:
-        raise _bad(
-            "'messages' has no user message: the question is the last user message",
-            param="messages",
-        )
-    content = messages[last].get("content")
-    if isinstance(content, list):
-        content = "\n".join(p["text"] for p in content if p["type"] == "text")
-    if not isinstance(content, str) or not content.strip():
-        raise _bad("the last user message has no text", param=f"messages[{last}].content")
-    return content
-
-
-def _prompt(prompt: Any) -> str:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, list):
-        raise _bad(
-            "'prompt' must be one string (token-id and batched prompts are not supported)",
-            param="prompt",
-        )
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise _bad("'prompt' must be a non-empty string: the question", param="prompt")
-    return prompt
-
-
-def _respond(kind: str, ask: _Ask, r: Result, model: str) -> tuple[int, dict[str, Any]]:
-    if r.answer is None and r.fault:
-        raise _HTTPError(
-            502,
-            f"the upstream model server failed before any answer: {r.reason}",
-            "upstream_error",
-            "upstream_failed",
-        )
-    text = f"The answer is \\boxed{{{r.answer}}}." if r.answer is not None else ""
-    finish = "stop" if r.reason == "stop" else "length"
-    extra: dict[str, Any] = {
-        "answer": r.answer,
-        "confidence": r.confidence,
-        "reason": r.reason,
-        "chains": r.n_chains,
-        "decoded": r.decoded,
-        "unused": r.unused,
-        "chain_tokens": list(r.chain_tokens),
-        "tokens": dict(r.tokens),
-        "latency_s": round(r.latency_s, 6),
-        "trace_length": len(r.trace),
-        "policy": r.policy,
-        "cut_short": r.cut_short,
-        "in_flight": r.in_flight,
-    }
-    if ask.trace:
-        extra["trace"] = [
-            {
-                "action": s.action,
-                "decoded": s.decoded,
-                "delta": s.delta,
-                "elapsed_s": round(s.elapsed_s, 6),
-                "features": s.features,
-            }
-            for s in r.trace
-        ]
-    created = int(time.time())
-    rid = uuid.uuid4().hex
-    if kind == "chat":
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish,
-            "logprobs": None,
-        }
-        head = {"id": f"chatcmpl-{rid}", "object": "chat.completion"}
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        head = {"id": f"cmpl-{rid}", "object": "text_completion"}
-    body = {
-        **head,
-        "created": created,
-        "model": ask.model or model,
-        "choices": [choice],
-        "usage": {
-            "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": r.decoded,
-            "total_tokens": r.prompt_tokens + r.decoded,
-        },
-        "ponder": extra,
-    }
-    return 200, body
 
 
 # -- running it ------------------------------------------------------------------------------
@@ -908,6 +748,15 @@ def check_serve_args(args: ServeArgs) -> None:
         raise ConfigError(
             f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}"
         )
+    if args.shutdown_timeout < 0:
+        raise ConfigError(
+            f"--shutdown-timeout must be a whole number of seconds >= 0, got "
+            f"{args.shutdown_timeout}"
+        )
+    specs = [args.policy, *args.more_policies]
+    for spec in specs:
+        if specs.count(spec) > 1:
+            raise ConfigError(f"policy {spec!r} is given twice (--policy, --more-policies)")
     if args.eos_token_id is not None and args.eos_token_id < 0:
         raise ConfigError(f"--eos-token-id must be a token id >= 0, got {args.eos_token_id}")
     if args.upstream_api_key is not None:
@@ -921,13 +770,24 @@ def check_serve_args(args: ServeArgs) -> None:
 
 
 def build_controller(args: ServeArgs) -> tuple[Controller, Any]:
-    """The controller ``ponder serve`` runs, and its generator (to close at shutdown).
+    """The controller of ``--policy`` that ``ponder serve`` runs, and its generator (to close
+    at shutdown); see :func:`build_controllers` (``--more-policies`` are left out)."""
+    from dataclasses import replace
 
-    The settings are checked and the policy parsed first, so that a bad flag or an unknown
+    (controller,), generator = build_controllers(replace(args, more_policies=()))
+    return controller, generator
+
+
+def build_controllers(args: ServeArgs) -> tuple[list[Controller], Any]:
+    """The controllers ``ponder serve`` runs (``--policy`` first, then ``--more-policies``),
+    all over one generator, and that generator (to close at shutdown).
+
+    The settings are checked and the policies parsed first, so that a bad flag or an unknown
     policy fails before the upstream is contacted.
 
     Raises:
-        ConfigError: a bad setting (see :func:`check_serve_args`).
+        ConfigError: a bad setting (see :func:`check_serve_args`); policies that read hidden
+            states captured differently.
         PolicyError: an unknown policy or a policy file.
         GeneratorError: no server at ``args.upstream``.
     """
@@ -937,18 +797,28 @@ def build_controller(args: ServeArgs) -> tuple[Controller, Any]:
     from policies.registry import check_policy, load_policy
 
     check_serve_args(args)
-    policy = check_policy(load_policy(args.policy))
-    probes = _hidden_probes(args, policy)
-    config = EnvConfig(
-        chunk_tokens=args.chunk_tokens,
-        max_chains=args.max_chains,
-        max_chain_tokens=args.max_chain_tokens,
-        token_cap=args.token_cap,
-        aggregate=policy.aggregate,  # type: ignore[arg-type]
-    )
+    policies = [check_policy(load_policy(spec)) for spec in (args.policy, *args.more_policies)]
+    probes = [_hidden_probes(args, p) for p in policies]
+    manifests = {p.manifest().to_json() for p in probes if p is not None}
+    if len(manifests) > 1:
+        raise ConfigError(
+            "the policies read hidden states captured differently (other layers or model): "
+            "serve them from separate `ponder serve` processes"
+        )
+    configs = [
+        EnvConfig(
+            chunk_tokens=args.chunk_tokens,
+            max_chains=args.max_chains,
+            max_chain_tokens=args.max_chain_tokens,
+            token_cap=args.token_cap,
+            aggregate=p.aggregate,  # type: ignore[arg-type]
+        )
+        for p in policies
+    ]
+    c0 = configs[0]
     sampling = SamplingConfig(
         temperature=args.temperature,
-        max_chain_tokens=config.max_chain_tokens + config.extension_chunks * config.chunk_tokens,
+        max_chain_tokens=c0.max_chain_tokens + c0.extension_chunks * c0.chunk_tokens,
     )
     generator = OpenAIGenerator(
         args.upstream,
@@ -962,23 +832,30 @@ def build_controller(args: ServeArgs) -> tuple[Controller, Any]:
         max_concurrency=max(16, args.max_concurrency),
     )
     try:
-        gen: Any = generator
-        if probes is not None:
-            from env.generators.capture import capture_from_manifest
+        captured: Any = None
+        controllers = []
+        for policy, config, pr in zip(policies, configs, probes, strict=True):
+            gen: Any = generator
+            if pr is not None:
+                if captured is None:
+                    from env.generators.capture import capture_from_manifest
 
-            gen = capture_from_manifest(generator, probes.manifest(), args.hidden_model)
-        controller = Controller(
-            gen,
-            policy,
-            config=config,
-            latency_cap_s=args.latency_cap,
-            lookahead=args.lookahead,
-            probes=probes,
-        )
+                    captured = capture_from_manifest(generator, pr.manifest(), args.hidden_model)
+                gen = captured
+            controllers.append(
+                Controller(
+                    gen,
+                    policy,
+                    config=config,
+                    latency_cap_s=args.latency_cap,
+                    lookahead=args.lookahead,
+                    probes=pr,
+                )
+            )
     except BaseException:
         generator.close()
         raise
-    return controller, generator
+    return controllers, generator
 
 
 def _hidden_probes(args: ServeArgs, policy: Any) -> Any:
@@ -1052,7 +929,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     sock = _bind(args.host, args.port)
     try:
-        controller, generator = build_controller(args)
+        (controller, *more), generator = build_controllers(args)
     except BaseException:
         sock.close()
         raise
@@ -1067,9 +944,20 @@ def main(argv: list[str] | None = None) -> None:
         max_concurrency=args.max_concurrency,
         model=args.model_name,
         on_shutdown=generator.close,
+        more=more,
+        temperature=args.temperature,
     )
     log.info(
-        "ponder serve: %s in front of %s, listening on %s", controller, args.upstream, _url(sock)
+        "ponder serve: %s in front of %s, listening on %s",
+        ", ".join(map(str, (controller, *more))),
+        args.upstream,
+        _url(sock),
     )
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )
     uvicorn.Server(config).run(sockets=[sock])

@@ -166,6 +166,10 @@ class Question:
         gold: the reference answer (``None`` when unknown: correctness cannot be scored).
         dataset: data set name (``gsm8k``, ``math``, ``arith``, ...).
         difficulty: a difficulty level when the data set has one (MATH level, testbed level).
+        context: the conversation before the question, as ``(role, content)`` pairs in order
+            (``system``, ``user``, ``assistant``): a chat client's system prompt and earlier
+            turns. They go through the model's chat template ahead of the question (a system
+            message replaces the template's own); empty for data-set questions.
     """
 
     qid: str
@@ -173,6 +177,7 @@ class Question:
     gold: str | None = None
     dataset: str = ""
     difficulty: int | None = None
+    context: tuple[tuple[str, str], ...] = ()
 
 
 FloatArray = npt.NDArray[np.float32]

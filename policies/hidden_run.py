@@ -26,21 +26,26 @@ from policies.training import Trained
 if TYPE_CHECKING:
     from policies.main import RunArgs
 
-__all__ = ["fleet_table_of_run", "run_probes", "value_curves"]
+__all__ = [
+    "fit_probes",
+    "fleet_table_of_run",
+    "loaded_probes",
+    "probes_wanted",
+    "run_probes",
+    "value_curves",
+]
 
 
-def run_probes(
-    bank: TraceBank, args: RunArgs, trained_on: str, out: Path, console: Console
-) -> tuple[HiddenProbes | None, Path | None]:
-    """The hidden-state probes of the run (``--hidden``): fitted on the training questions
-    (``fit`` ones for a dev run), with the held-out probes the trainers read, saved to
-    ``out/hidden-probes``; ``(None, None)`` when the run goes without."""
+def probes_wanted(bank: TraceBank, args: RunArgs, console: Console) -> bool:
+    """Whether the run fits hidden-state probes (``--hidden``): ``off`` never; ``auto`` when
+    every question of the bank has hidden states (else it says what to run); ``on`` always,
+    refusing a bank without them (naming the command that adds them)."""
     from env.bank.hidden import HiddenStates, require_hidden
 
     if args.hidden not in ("auto", "on", "off"):
         raise ConfigError(f"--hidden must be auto, on or off, got {args.hidden!r}")
     if args.hidden == "off":
-        return None, None
+        return False
     hs = HiddenStates.open(bank.path, bank)
     if args.hidden == "auto" and (hs is None or not hs.complete):
         have = 0 if hs is None else len(hs.annotated)
@@ -48,17 +53,54 @@ def run_probes(
             f"no hidden-state families: {have} of {len(bank)} questions have hidden states "
             f"(`ponder bank annotate {bank.path}` adds them; --hidden off silences this)"
         )
+        return False
+    require_hidden(bank)  # --hidden on: refuses a bank without them, saying what to run
+    return True
+
+
+def fit_probes(bank: str, trained_on: str, folder: str, threads: int = 1) -> float:
+    """Fit the run's hidden-state probes on the ``trained_on`` questions of ``bank`` (all the
+    train ones, or their ``fit`` part for a dev run), with the held-out probes the trainers
+    read, and save them to ``folder``; returns the fit's seconds. One more task of the
+    training phase (:func:`policies.training.train_learned` runs it beside the trainings that
+    do not read it), so it runs in a worker process with ``threads`` BLAS threads, like them."""
+    from threadpoolctl import threadpool_limits
+
+    from env.bank.hidden import require_hidden
+
+    tb = TraceBank(bank)
+    hs = require_hidden(tb)
+    pool = tb.questions if trained_on == "train" else select_split(tb.questions, trained_on)
+    with threadpool_limits(max(1, threads)):
+        t0 = time.perf_counter()
+        probes = HiddenProbes.fit(tb, hs, pool=pool)
+        seconds = time.perf_counter() - t0
+    probes.save(folder, training=True)
+    return seconds
+
+
+def run_probes(
+    bank: TraceBank, args: RunArgs, trained_on: str, out: Path, console: Console
+) -> tuple[HiddenProbes | None, Path | None]:
+    """The hidden-state probes of a run that trains nothing (the training phase fits them
+    otherwise: :func:`policies.training.train_learned`), saved to ``out/hidden-probes``;
+    ``(None, None)`` when the run goes without (:func:`probes_wanted`)."""
+    if not probes_wanted(bank, args, console):
         return None, None
-    hs = require_hidden(bank)  # --hidden on: refuses a bank without them, saying what to run
-    pool = bank.questions if trained_on == "train" else select_split(bank.questions, trained_on)
-    t0 = time.perf_counter()
-    probes = HiddenProbes.fit(bank, hs, pool=pool)
-    folder = probes.save(out / "hidden-probes", training=True)
+    folder = out / "hidden-probes"
+    seconds = fit_probes(str(bank.path), trained_on, str(folder), args.threads)
+    return loaded_probes(folder, trained_on, seconds, console), folder
+
+
+def loaded_probes(folder: Path, trained_on: str, seconds: float, console: Console) -> HiddenProbes:
+    """The probes :func:`fit_probes` saved, read back with their held-out ones (what is
+    evaluated is what was saved)."""
+    probes = HiddenProbes.load(folder, training=True)
     console.print(
-        f"hidden-state probes fitted on the {trained_on} questions in "
-        f"{time.perf_counter() - t0:.0f} s: {probes.describe()}"
+        f"hidden-state probes fitted on the {trained_on} questions in {seconds:.0f} s: "
+        f"{probes.describe()}"
     )
-    return probes, folder
+    return probes
 
 
 def fleet_table_of_run(

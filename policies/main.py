@@ -47,6 +47,7 @@ from rich.table import Table
 from env.bank.store import TraceBank
 from env.episode.config import EnvConfig
 from env.episode.difficulty import bank_difficulty
+from env.episode.hidden import HiddenProbes
 from env.questions import select_split, training_split
 from features.errors import ConfigError
 from policies.base import LamConditioned, Policy, Saveable
@@ -82,7 +83,12 @@ from policies.evaluation.sweeps import (
     learned_sweep,
     refine_sweep,
 )
-from policies.hidden_run import fleet_table_of_run, run_probes
+from policies.hidden_run import (
+    fleet_table_of_run,
+    loaded_probes,
+    probes_wanted,
+    run_probes,
+)
 from policies.registry import load_policy
 from policies.training import (
     FULL_TRAIN_SEEDS,
@@ -372,9 +378,15 @@ def _run_bank_fixed(path: Path, args: RunArgs, console: Console) -> BankRun:
         diff.save(out / "difficulty.json")
         console.print(f"difficulty predictor fitted on {train_n} {trained_on} questions")
 
-    probes, probes_dir = run_probes(bank, args, trained_on, out, console)
-    evaluator = Evaluator(bank, split=split, seeds=args.seeds, difficulty=diff, hidden=probes)
-    cfg = evaluator.config
+    # The probes are fitted in the training phase, beside the trainings that do not read them
+    # (a run that trains nothing fits them here).
+    probes: HiddenProbes | None = None
+    probes_dir: Path | None = None
+    if args.learned:
+        probes_dir = out / "hidden-probes" if probes_wanted(bank, args, console) else None
+    else:
+        probes, probes_dir = run_probes(bank, args, trained_on, out, console)
+    cfg = EnvConfig.from_manifest(bank.manifest)
     orc = oracle(bank, split=split, config=cfg)
 
     tracker = None
@@ -416,6 +428,8 @@ def _run_bank_fixed(path: Path, args: RunArgs, console: Console) -> BankRun:
             trained = train_learned(
                 path, args, difficulty=diff, console=console, out=out, hidden_probes=probes_dir
             )
+            if probes_dir is not None:
+                probes = loaded_probes(probes_dir, trained_on, trained.probes_s, console)
             for lname, by_seed in trained.policies.items():
                 for s, pol in by_seed.items():
                     if tracker is not None:
@@ -424,6 +438,9 @@ def _run_bank_fixed(path: Path, args: RunArgs, console: Console) -> BankRun:
                             trained.seconds[lname][s], cfg, args,
                         )  # fmt: skip
 
+        evaluator = Evaluator(
+            bank, split=split, seeds=args.seeds, difficulty=diff, hidden=probes, config=cfg
+        )
         t_eval = time.perf_counter()
         families: list[Family] = heuristic_sweeps(
             cfg.max_chains,
@@ -549,6 +566,7 @@ def _run_bank_fixed(path: Path, args: RunArgs, console: Console) -> BankRun:
                 "train_wall_s": round(trained.wall_s, 1),
                 "eval_s": round(eval_s, 1),
                 "jobs": trained.jobs,
+                "probes_s": round(trained.probes_s, 1),
                 "train_s": {
                     k: [round(x, 1) for x in v.values()] for k, v in trained.seconds.items()
                 },

@@ -67,6 +67,7 @@ class Trained:
         used: each family's training arguments (without the seed).
         wall_s: the training phase's wall time (trainings run side by side with ``--jobs``).
         jobs: trainings run at once.
+        probes_s: seconds of the hidden-state probes' fit (0 when it had none).
     """
 
     policies: dict[str, dict[int, Policy]]
@@ -74,6 +75,7 @@ class Trained:
     used: dict[str, dict[str, Any]]
     wall_s: float
     jobs: int
+    probes_s: float = 0.0
 
 
 def _training_jobs(args: RunArgs) -> list[tuple[str, str, type, dict[str, Any]]]:
@@ -168,13 +170,18 @@ def train_learned(
 
     They train on the observations they are evaluated on: with the difficulty predictor
     fitted on the train questions (``difficulty="auto"`` is the same fit) when there is one.
-    ``--jobs`` trainings run at once, each in its own process (spawned: nothing is shared)
-    with ``--threads`` threads; every training is seeded and single-threaded by default, so
-    the policies, and every number made from them, do not depend on ``--jobs``. The policies
-    are read back from their files: what is evaluated is what was saved.
+    With ``hidden_probes`` (a folder) the phase first fits the hidden-state probes there
+    (:func:`policies.hidden_run.fit_probes`) beside the trainings that do not read them, and
+    the ``-hidden`` families start once it is saved. ``--jobs`` tasks run at once, each in its
+    own process (spawned: nothing is shared) with ``--threads`` threads; every training is
+    seeded and single-threaded by default, so the policies, and every number made from them,
+    do not depend on ``--jobs``. The policies are read back from their files: what is
+    evaluated is what was saved.
     """
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
     from multiprocessing import get_context
+
+    from policies.hidden_run import fit_probes
 
     seeds = train_seeds(args)
     common: dict[str, Any] = {
@@ -185,7 +192,8 @@ def train_learned(
         "threads": args.threads,
         "progress": False,
     }
-    tasks: list[tuple[str, int, str, dict[str, Any], Path]] = []
+    plain: list[_Task] = []
+    hidden: list[_Task] = []
     used: dict[str, dict[str, Any]] = {}
     for name, trainer, fields_of, extra in _training_jobs(args):
         kwargs: dict[str, Any] = {**common, **extra}
@@ -197,42 +205,66 @@ def train_learned(
                 kwargs["difficulty"] = "auto"
             else:
                 log.warning("%s trains without the difficulty predictor (difficulty = 0.5)", name)
-        variants = [(name, kwargs)]
+        variants = [(name, kwargs, plain)]
         if hidden_probes is not None and name in HIDDEN_FAMILIES:
-            variants.append((f"{name}-hidden", {**kwargs, "hidden_probes": str(hidden_probes)}))
-        for vname, vkw in variants:
+            variants.append(
+                (f"{name}-hidden", {**kwargs, "hidden_probes": str(hidden_probes)}, hidden)
+            )
+        for vname, vkw, into in variants:
             used[vname] = vkw
             for s in seeds:
                 folder = out / "policies" / vname / f"seed-{s}"
-                tasks.append((vname, s, trainer, {**vkw, "seed": s}, folder))
+                into.append((vname, s, trainer, {**vkw, "seed": s}, folder))
+    # the value policy's trainings take most of the time: each group starts with them
+    plain.sort(key=lambda t: t[2] != "value")
+    hidden.sort(key=lambda t: t[2] != "value")
+    n_tasks = len(plain) + len(hidden) + (hidden_probes is not None)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    jobs = max(1, min(args.jobs or usable or 1, len(tasks)))
+    jobs = max(1, min(args.jobs or usable or 1, n_tasks))
     console.print(
         f"training {len(used)} learned families x {len(seeds)} seeds ({', '.join(map(str, seeds))}) "
-        f"on the {common['split']} questions, {jobs} at once ..."
+        f"on the {common['split']} questions"
+        + (", after the hidden-state probes they read" if hidden_probes is not None else "")
+        + f", {jobs} at once ..."
     )
     seconds: dict[str, dict[int, float]] = {name: {} for name in used}
+    probes_s = 0.0
     t0 = time.perf_counter()
-    # the value policy's trainings take most of the time: start them first
-    order = sorted(tasks, key=lambda t: t[2] != "value")
+    probe_args = (str(bank), common["split"], str(hidden_probes), args.threads)
+
+    def finished(name: str, s: int, sec: float) -> None:
+        seconds[name][s] = sec
+        console.print(f"  {name} seed {s}: {sec:.1f} s")
+
     if jobs == 1:
-        for name, s, trainer, kwargs, folder in order:
-            seconds[name][s] = train_one(str(bank), trainer, kwargs, str(folder), args.threads)
-            console.print(f"  {name} seed {s}: {seconds[name][s]:.1f} s")
+        if hidden_probes is not None:
+            probes_s = fit_probes(*probe_args)
+        for name, s, trainer, kwargs, folder in [*plain, *hidden]:
+            finished(name, s, train_one(str(bank), trainer, kwargs, str(folder), args.threads))
     else:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            futures = {
-                pool.submit(train_one, str(bank), trainer, kwargs, str(folder), args.threads): (
-                    name,
-                    s,
-                )
-                for name, s, trainer, kwargs, folder in order
-            }
+
+            def submit(tasks: list[_Task]) -> dict[Future[float], tuple[str, int]]:
+                return {
+                    pool.submit(train_one, str(bank), tr, kw, str(folder), args.threads): (n, s)
+                    for n, s, tr, kw, folder in tasks
+                }
+
+            probe_fut = pool.submit(fit_probes, *probe_args) if hidden_probes is not None else None
+            running = submit(plain)
+            pending: set[Future[float]] = set(running) | ({probe_fut} if probe_fut else set())
             try:
-                for fut in as_completed(futures):
-                    name, s = futures[fut]
-                    seconds[name][s] = fut.result()
-                    console.print(f"  {name} seed {s}: {seconds[name][s]:.1f} s")
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        if fut is probe_fut:
+                            probes_s = fut.result()
+                            console.print(f"  hidden-state probes: {probes_s:.1f} s")
+                            later = submit(hidden)
+                            running.update(later)
+                            pending |= set(later)
+                        else:
+                            finished(*running[fut], fut.result())
             except BaseException:
                 pool.shutdown(cancel_futures=True)  # the first failure ends the job
                 raise
@@ -242,7 +274,11 @@ def train_learned(
         for name in used
     }
     seconds = {name: dict(sorted(v.items())) for name, v in seconds.items()}
-    return Trained(policies, seconds, used, wall, jobs)
+    return Trained(policies, seconds, used, wall, jobs, probes_s)
+
+
+#: One training of :func:`train_learned`: family, seed, trainer, its arguments, its folder.
+_Task = tuple[str, int, str, dict[str, Any], Path]
 
 
 def default_lams() -> tuple[float, ...]:

@@ -323,6 +323,33 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             reward += cfg.correct_reward * float(ep.correct)
         return self._observe(), float(reward), terminated, truncated, self._info()
 
+    def answer_chain(self, answer: str | None = None) -> tuple[Chain, bool] | None:
+        """The chain that best shows ``answer`` (default: the episode's: its stop answer, else
+        the aggregate so far), and whether the chain's own text reaches it (it ended with it)
+        rather than a probe reading it from its unfinished text.
+
+        Among the chains with that answer: an ended one before an open one, then the most
+        confident (mean token confidence), then the first opened. ``None`` before any chain
+        and when no chain has the answer.
+        """
+        ep = self._ep
+        if ep is None or not ep.states:
+            return None
+        if answer is None:
+            answer, _ = ep.final if ep.final is not None else self._aggregate()
+        if answer is None:
+            return None
+        best: tuple[tuple[bool, float, int], ChainState] | None = None
+        for i, s in enumerate(list(ep.states)):
+            if s.answer is None or not answers_equal(s.answer, answer):
+                continue
+            key = (s.chain.finished, s.confidence_weight, -i)
+            if best is None or key > best[0]:
+                best = (key, s)
+        if best is None:
+            return None
+        return best[1].chain, best[1].chain.finished
+
     def render(self) -> str | None:
         if self.render_mode != "ansi" or self._ep is None:
             return None

@@ -242,4 +242,14 @@ def validate_question(question: Question) -> Question:
         raise ConfigError(f"expected a Question, got {type(question).__name__}")
     if not question.text or not question.text.strip():
         raise ConfigError(f"question {question.qid!r} is empty: give it some text")
+    for i, turn in enumerate(question.context):
+        if (
+            not isinstance(turn, tuple)
+            or len(turn) != 2
+            or not all(isinstance(x, str) for x in turn)
+        ):
+            raise ConfigError(
+                f"question {question.qid!r}: context[{i}] must be a (role, content) pair of "
+                f"strings, got {turn!r}"
+            )
     return question

@@ -6,14 +6,17 @@ Two families ship: :data:`TESTBED` (the raw format the testbed model was trained
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from env.models.testbed import task as _task
 from env.types import PromptMode
 from features.errors import ConfigError
 
-__all__ = ["PromptTemplate", "TESTBED", "CHAT", "TEMPLATES", "get_template"]
+__all__ = ["CONTEXT_ROLES", "PromptTemplate", "TESTBED", "CHAT", "TEMPLATES", "get_template"]
+
+#: Roles a conversation before the question may hold (:attr:`env.types.Question.context`).
+CONTEXT_ROLES = ("system", "user", "assistant")
 
 #: ``apply_chat(messages) -> str`` renders chat messages with the model's chat template and the
 #: assistant generation prompt.
@@ -53,15 +56,28 @@ class PromptTemplate:
     judge_yes: tuple[str, ...] = ("yes", " yes", "Yes", " Yes", "YES")
     judge_no: tuple[str, ...] = ("no", " no", "No", " No", "NO")
 
-    def question_prompt(self, question: str, mode: PromptMode, apply_chat: ApplyChat | None) -> str:
-        """The full prompt text for a question in a mode."""
+    def question_prompt(
+        self,
+        question: str,
+        mode: PromptMode,
+        apply_chat: ApplyChat | None,
+        context: Sequence[tuple[str, str]] = (),
+    ) -> str:
+        """The full prompt text for a question in a mode, after the conversation ``context``
+        (``(role, content)`` pairs: see :attr:`env.types.Question.context`).
+
+        Raises:
+            ConfigError: an unknown mode; a context on a template without a chat template; a
+                context role other than system, user and assistant; a system message after
+                the conversation has begun.
+        """
         if mode == "cot":
             body = self.cot.format(question=question)
         elif mode == "draft":
             body = self.draft.format(question=question)
         else:
             raise ConfigError(f"prompt mode must be 'cot' or 'draft', got {mode!r}")
-        return self._wrap(body, apply_chat)
+        return self._wrap(body, apply_chat, context)
 
     def judge_prompt(self, question: str, solution: str, apply_chat: ApplyChat | None) -> str:
         """The self-verification prompt for a (possibly partial) solution."""
@@ -111,17 +127,46 @@ class PromptTemplate:
             out["judge_followup"] = self.judge_followup
         return out
 
-    def _wrap(self, body: str, apply_chat: ApplyChat | None) -> str:
+    def _wrap(
+        self, body: str, apply_chat: ApplyChat | None, context: Sequence[tuple[str, str]] = ()
+    ) -> str:
         if not self.chat:
+            if context:
+                raise ConfigError(
+                    f"template {self.name!r} renders one question without a chat template: a "
+                    "conversation (a system prompt or earlier turns) needs a chat model and the "
+                    "'chat' template"
+                )
             return body
         if apply_chat is None:
             raise ConfigError(
                 f"template {self.name!r} needs the model's chat template, but the generator has "
                 "none: use the 'testbed' template for raw models"
             )
-        messages = [{"role": "system", "content": self.system}] if self.system else []
-        messages.append({"role": "user", "content": body})
-        return apply_chat(messages)
+        return apply_chat(self.messages(body, context))
+
+    def messages(
+        self, body: str, context: Sequence[tuple[str, str]] = ()
+    ) -> list[dict[str, str]]:
+        """The chat messages of a prompt: the system message (the conversation's own, else the
+        template's), the earlier turns, then ``body`` as the last user turn."""
+        systems = 0
+        for role, _ in context:
+            if role not in CONTEXT_ROLES:
+                raise ConfigError(
+                    f"a conversation turn's role must be one of {', '.join(CONTEXT_ROLES)}, "
+                    f"got {role!r}"
+                )
+            if role != "system":
+                break
+            systems += 1
+        if any(role == "system" for role, _ in context[systems:]):
+            raise ConfigError("system messages must come before the conversation's first turn")
+        head = [{"role": r, "content": c} for r, c in context[:systems]]
+        if not head and self.system:
+            head = [{"role": "system", "content": self.system}]
+        turns = [{"role": r, "content": c} for r, c in context[systems:]]
+        return [*head, *turns, {"role": "user", "content": body}]
 
 
 TESTBED = PromptTemplate(

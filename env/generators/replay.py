@@ -193,6 +193,11 @@ class ReplayGenerator(GeneratorBase):
         budget: BudgetForcing | None = None,
     ) -> list[Chain]:
         validate_question(question)
+        if question.context:
+            raise ConfigError(
+                f"replay answers {question.qid!r} as the bank recorded it: a conversation "
+                "before the question (Question.context) cannot be replayed; use a live generator"
+            )
         return self._new_chains(question, n, mode, budget)
 
     def _rows_for(self, chain: Chain) -> ChainTrace:

@@ -332,6 +332,28 @@ def _gains(
     return g.reshape(3, b).T
 
 
+def _gains_where(
+    net: NumpyMLP,
+    x: np.ndarray,
+    p: np.ndarray,
+    lam: np.ndarray,
+    lam_range: tuple[float, float],
+    cost_scale: float,
+    need: np.ndarray,
+) -> np.ndarray:
+    """:func:`_gains` computed only where ``need`` (``bool[B, >=3]``) is true; 0 elsewhere.
+
+    Fitted-Q backups read the gains of the actions available in the next state only: under
+    ``decide="chain"`` most states are a running chain, where continue is the one action, so
+    this runs the network on about a third of the rows :func:`_gains` would."""
+    inp = _gain_inputs(x, p, lam, lam_range)
+    rows, acts = np.nonzero(need[:, :3])
+    out = net(_with_action(inp[rows], acts))
+    g = np.zeros((inp.shape[0], 3))
+    g[rows, acts] = out[:, 0] - lam[rows] * cost_scale * out[:, 1]
+    return g
+
+
 # -- training -------------------------------------------------------------------------------
 
 
@@ -604,15 +626,22 @@ def _q_returns(
     follow = np.zeros((n, n_l), bool)
     has_next = nxt >= 0
     if net is not None:
-        mask = decision_mask(tr.next_obs[live], decide)
+        x_live, p_live = tr.next_obs[live], p_n[live]
+        mask = decision_mask(x_live, decide)
         forced = ~mask[:, STOP]
         for j, lam in enumerate(lams):
-            g = _gains(
-                net, tr.next_obs[live], p_n[live], np.full(live.size, lam), lam_range, cost_scale
+            g = _gains_where(
+                net,
+                x_live,
+                p_live,
+                np.full(live.size, lam),
+                lam_range,
+                cost_scale,
+                mask,
             )
             greedy, best = greedy_actions(g, mask)
             gain = np.where(forced, best, np.maximum(best, 0.0))
-            boot[live, j] = np.minimum(1.0, p_n[live] + gain)
+            boot[live, j] = np.minimum(1.0, p_live + gain)
             nl = nxt[live]
             ok = has_next[live]
             follow[live[ok], j] = (tr.action[nl[ok]] == greedy[ok]) & (greedy[ok] != STOP)

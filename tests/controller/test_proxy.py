@@ -22,13 +22,14 @@ Q = "Let a = 40. Let b = a + 2. What is b?"
 KEY = "sk-test-123"
 
 
+#: The fake generator's chain for Q (the assistant message is a chain's whole text).
+FAKE_CHAIN = "b = a + 2 = 40 + 2 = 42\nc = b * 1 = 42 * 1 = 42\nThe answer is \\boxed{42}."
+
+
 def chat_body(**extra: Any) -> dict[str, Any]:
     return {
         "model": "whatever",
-        "messages": [
-            {"role": "system", "content": "be brief"},
-            {"role": "user", "content": Q},
-        ],
+        "messages": [{"role": "user", "content": Q}],
         **extra,
     }
 
@@ -52,7 +53,8 @@ def test_chat_completion(client: TestClient) -> None:
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert body["model"] == "whatever"
     (choice,) = body["choices"]
-    assert choice["message"] == {"role": "assistant", "content": "The answer is \\boxed{42}."}
+    # the full chain that gave the answer: its reasoning, then the answer
+    assert choice["message"] == {"role": "assistant", "content": FAKE_CHAIN}
     assert choice["finish_reason"] == "stop"
     p = body["ponder"]
     assert p["answer"] == "42" and p["reason"] == "stop" and p["chains"] == 3
@@ -73,7 +75,7 @@ def test_completions_and_content_parts(client: TestClient) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "text_completion"
-    assert body["choices"][0]["text"] == "The answer is \\boxed{42}."
+    assert body["choices"][0]["text"] == FAKE_CHAIN
     parts = {
         "role": "user",
         "content": [
@@ -115,10 +117,10 @@ def test_per_request_caps_are_clamped(client: TestClient) -> None:
         (json.dumps({"messages": []}).encode(), "'messages' must be a non-empty list"),
         (
             json.dumps({"messages": [{"role": "system", "content": "x"}]}).encode(),
-            "no user message",
+            "the last message must be the user's question",
         ),
         (json.dumps({"messages": [{"role": "user", "content": " "}]}).encode(), "has no text"),
-        (json.dumps(chat_body(stream=True)).encode(), "stream is not supported"),
+        (json.dumps(chat_body(stream=1)).encode(), "stream must be true or false"),
         (json.dumps(chat_body(n=2)).encode(), "n must be 1"),
         (json.dumps(chat_body(ponder={"budget": 3})).encode(), "unknown 'ponder' fields"),
         (json.dumps(chat_body(ponder={"token_cap": -1})).encode(), "positive integer"),
@@ -205,7 +207,7 @@ def test_generator_faults() -> None:
     body = r.json()
     assert body["ponder"]["reason"].startswith("generator fault")
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["choices"][0]["message"]["content"] == "The answer is \\boxed{42}."
+    assert body["choices"][0]["message"]["content"].endswith("The answer is \\boxed{42}.")
 
 
 def test_latency_cap_answers_in_time(slow: Any) -> None:
@@ -245,7 +247,7 @@ def test_the_official_client_through_a_served_proxy() -> None:
         resp = client.chat.completions.create(
             model="ponder", messages=[{"role": "user", "content": Q}]
         )
-        assert resp.choices[0].message.content == "The answer is \\boxed{42}."
+        assert resp.choices[0].message.content == FAKE_CHAIN
         assert resp.usage is not None and resp.usage.completion_tokens > 0
         assert resp.model_extra is not None and resp.model_extra["ponder"]["chains"] == 2
         bad = openai.OpenAI(base_url=server.url, api_key="wrong", max_retries=0, timeout=30)

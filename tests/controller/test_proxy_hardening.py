@@ -218,11 +218,11 @@ def test_serve_says_where_it_really_listens(
     served: list[socket.socket] = []
 
     def build(args: ServeArgs) -> Any:
-        return Controller(FakeGenerator(), SingleChain(), config=CFG), SimpleNamespace(
+        return [Controller(FakeGenerator(), SingleChain(), config=CFG)], SimpleNamespace(
             close=lambda: None
         )
 
-    monkeypatch.setattr(proxy, "build_controller", build)
+    monkeypatch.setattr(proxy, "build_controllers", build)
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: served.extend(sockets))
     monkeypatch.delenv("PONDER_API_KEY", raising=False)
     from env.generators.server import free_port
