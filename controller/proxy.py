@@ -1,61 +1,78 @@
 """An OpenAI-compatible proxy: ``ponder serve`` in front of a vLLM server.
 
-Clients talk to ponder as they would to any OpenAI endpoint; for every request the
+Clients talk to ponder as they would to any OpenAI endpoint; for every request a
 :class:`~controller.controller.Controller` decides how much compute the question gets (chains,
 chunks, probes, verification) on the upstream vLLM server, within the server's token and latency
-caps, and answers with the final answer in a short form.
+caps, and answers with the reasoning and answer of a chain that gave the chosen answer.
 
 Endpoints:
 
 ==============================  =================================================================
-``POST /v1/chat/completions``   the question is the last user message (text parts joined)
+``POST /v1/chat/completions``   the question is the last message (a user's); the system prompt
+                                and earlier turns go through the model's chat template before it
 ``POST /v1/completions``        the question is the prompt (one string)
-``GET /v1/models``              the one model the proxy serves
+``GET /v1/models``              the policies the proxy serves, one model id each (the first is
+                                the default; a request picks another by ``model`` or
+                                ``ponder.policy``)
 ``GET /health``                 ``{"status": "ok"}`` when the proxy is up (no upstream call)
 ``GET /metrics``                Prometheus text: requests by endpoint and status, tokens by kind,
-                                answers by reason, requests in flight, a latency histogram,
-                                requests whose client left and the tokens they cost
+                                answers by reason, requests in flight, histograms of latency and
+                                of decoded tokens per request, requests whose client left and
+                                the tokens they cost
 ``GET /openapi.json``           the OpenAPI schema of these endpoints (open, like ``/health``)
 ==============================  =================================================================
 
-The answer is ``The answer is \\boxed{ANSWER}.`` as the message content (chat) or text
-(completions); an empty string when no chain produced an answer. ``finish_reason`` is ``stop``
-when the policy stopped and ``length`` when a cap or a generator fault ended the episode: also
-when the policy stopped only because the token cap left no room for what it would have done next
-(``ponder.reason`` is then ``token cap`` and ``ponder.cut_short`` names that action).
-``usage`` has ``prompt_tokens`` (the question's prompt as the model saw it), ``completion_tokens``
-(the decoded tokens ponder spent: chains, probes, verifier, injected, and ``unused``: tokens
-generated ahead for planned chains the policy never opened) and their total. The
-``ponder`` key of the response holds the rest:
+The answer (:mod:`controller.respond`) is the text of a chain that gave the chosen answer (a
+finished one first, then the most confident); when only a probe read the answer from an
+unfinished chain, its text so far is followed by ``The answer is \\boxed{ANSWER}.``; empty
+when no chain produced an answer. A thinking section (``<think>...</think>``) comes in
+``reasoning_content``. ``stream: true`` sends the same as Server-Sent Events once the
+controller has decided (progress comments while it works, with ``ponder.progress``).
+``finish_reason`` is ``stop`` when the policy stopped and ``length`` when a cap or a generator
+fault ended the episode: also when the policy stopped only because the token cap left no room
+for what it would have done next (``ponder.reason`` is then ``token cap`` and
+``ponder.cut_short`` names that action). ``usage`` has ``prompt_tokens`` (the question's prompt
+as the model saw it), ``completion_tokens`` (the decoded tokens ponder spent: chains, probes,
+verifier, injected, and ``unused``: tokens generated ahead for planned chains the policy never
+opened) and their total. The ``ponder`` key of the response holds the rest:
 
 .. code-block:: json
 
-    {"ponder": {"answer": "42", "confidence": 0.75, "reason": "stop", "chains": 4,
+    {"ponder": {"answer": "42", "confidence": 0.75, "reason": "stop", "chains": 4, "chain": 2,
                 "decoded": 512, "unused": 0, "chain_tokens": [98, 120, 87, 135],
                 "tokens": {"generated": 440, "probe": 72, "judge": 0, "injected": 0,
                            "prefill": 310, "cached": 1900},
                 "latency_s": 1.9, "trace_length": 9, "policy": "best-of-4",
-                "cut_short": null, "in_flight": 0}}
+                "cut_short": null, "in_flight": 0, "request_id": "9f1c..."}}
 
-Requests may carry a ``ponder`` object: ``token_cap`` (int), ``latency_cap_s`` (seconds, at
-least :data:`~controller.controller.MIN_LATENCY_CAP_S`) and ``trace`` (bool: include the
-decisions with their features). Caps, like ``max_tokens`` / ``max_completion_tokens``, only
-tighten the server's own (they are clamped to them). Sampling fields (``temperature``, ...) are
-ignored: the server's settings hold.
+Request fields (:mod:`controller.parse`): every OpenAI field is honoured or refused with a 400
+naming it, none ignored. The ``ponder`` object: ``token_cap`` (int), ``latency_cap_s`` (seconds,
+at least :data:`~controller.controller.MIN_LATENCY_CAP_S`), ``trace`` (bool: include the
+decisions with their features), ``policy``, ``lam`` (a learned policy's price of compute) and
+``progress``. Caps, like ``max_tokens`` / ``max_completion_tokens``, only tighten the server's
+own (they are clamped to them).
+
+Every response carries the request's id in ``x-request-id`` (the client's own, when it sent a
+sane one); the ``ponder.access`` logger writes one JSON line per request (id, endpoint, status,
+policy, latency, tokens by kind, why the episode ended, the error). On SIGTERM or Ctrl-C the
+server stops accepting, lets the requests in flight finish for ``--shutdown-timeout`` seconds,
+then cancels the rest (and their upstream work).
 
 A client that disconnects before its answer stops its work: the episode is abandoned, no new
 upstream call starts and those in flight are cancelled (vLLM aborts them). What it had cost is
 logged and counted in ``/metrics`` (``ponder_cancelled_requests_total``,
-``ponder_cancelled_tokens_total``); its status there is 499 (client closed request).
+``ponder_cancelled_tokens_total``); its status there is 499 (client closed request). A streamed
+request's disconnect is seen at its next event (a keep-alive comment every few seconds).
 
 Errors use OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``, and every error a
 client causes is a 4xx that names the field: 400 for malformed JSON (also ``NaN``, nesting deeper
-than :data:`MAX_JSON_DEPTH`, text that is not valid Unicode such as a lone surrogate), missing
-messages, streaming or bad fields; 401 for a missing or wrong API key (when the server has one;
-``/health``, ``/metrics`` and ``/openapi.json`` are open); 413 for a body over
-``--max-body-bytes``; 502 when the upstream failed before any chain had an answer (with an
-answer, the response is 200 with ``finish_reason: length`` and ``ponder.reason`` saying
-``generator fault: ...``); 503 when the request waited for a slot for its whole latency cap.
+than :data:`~controller.parse.MAX_JSON_DEPTH`, text that is not valid Unicode such as a lone
+surrogate), missing messages or bad or unsupported fields; 401 for a missing or wrong API key
+(when the server has one; ``/health``, ``/metrics`` and ``/openapi.json`` are open); 413 for a
+body over ``--max-body-bytes``; 502 when the upstream failed before any chain had an answer
+(with an answer, the response is 200 with ``finish_reason: length`` and ``ponder.reason``
+saying ``generator fault: ...``); 503 when the request waited for a slot for its whole latency
+cap. In a stream those after the first event come as one ``data: {"error": ...}`` event.
 """
 
 from __future__ import annotations

@@ -259,7 +259,7 @@ def test_a_system_prompt_on_a_raw_template_is_refused(client: TestClient) -> Non
 
 # -- every field honoured or refused by name ----------------------------------------------------
 
-REFUSED = [
+REFUSED: list[tuple[str, Any]] = [
     ("stop", ["\n"]),
     ("seed", 7),
     ("logprobs", True),
@@ -302,7 +302,7 @@ def test_every_unsupported_field_is_a_400_naming_it(
     assert err["param"] == field and field in err["message"], err
 
 
-ACCEPTED = [
+ACCEPTED: list[tuple[str, Any]] = [
     ("stop", None),
     ("stop", []),
     ("seed", None),
@@ -360,9 +360,9 @@ def test_a_request_chooses_among_the_loaded_policies() -> None:
         by_field = c.post(
             "/v1/chat/completions", json={**user(), "ponder": {"policy": "single"}}
         ).json()["ponder"]
-        by_model = c.post(
-            "/v1/chat/completions", json={**user(), "model": "ponder/single"}
-        ).json()["ponder"]
+        by_model = c.post("/v1/chat/completions", json={**user(), "model": "ponder/single"}).json()[
+            "ponder"
+        ]
         bad = c.post("/v1/chat/completions", json={**user(), "ponder": {"policy": "nope"}})
         lam = c.post("/v1/chat/completions", json={**user(), "ponder": {"lam": 1e-3}})
     assert default["policy"] == "best-of-3" and default["chains"] == 3

