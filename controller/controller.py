@@ -74,7 +74,7 @@ from env.episode.single import ComputeAllocationEnv
 from env.generators.base import Generator
 from env.generators.cancel import CancelScope
 from env.generators.lookahead import Lookahead
-from env.types import INJECT_ALLOWANCE, Question, TokenUsage
+from env.types import INJECT_ALLOWANCE, PromptMode, Question, TipConfig, TokenUsage
 from features.errors import ConfigError, GeneratorError
 from policies.base import HasValue, LamConditioned, Policy
 
@@ -216,6 +216,8 @@ class Controller:
             its own (a learned policy trained with hidden-state features brings its own); the
             generator must capture the states they read (``traits.hidden``:
             :class:`~env.generators.capture.Capturing`).
+        mode: how chains are prompted by default: ``cot`` or ``draft`` (Chain-of-Draft).
+        tip: the default thought-switching penalty (``None``: none).
 
     Raises:
         ConfigError: a cap below what opening one chain costs, or a bad value.
@@ -234,6 +236,8 @@ class Controller:
         seed: int = 0,
         lookahead: bool = True,
         probes: HiddenProbes | None = None,
+        mode: PromptMode = "cot",
+        tip: TipConfig | None = None,
     ) -> None:
         if not isinstance(policy, Policy):
             raise ConfigError(
@@ -274,6 +278,10 @@ class Controller:
         self.verifier = verifier
         self.seed = int(seed)
         self.lookahead = bool(lookahead)
+        if mode not in ("cot", "draft"):
+            raise ConfigError(f"mode must be 'cot' or 'draft', got {mode!r}")
+        self.mode: PromptMode = mode
+        self.tip = tip
         self._counter = itertools.count()
         self._gen_lock: threading.RLock | None = (
             None if generator.traits.thread_safe else threading.RLock()
@@ -297,6 +305,8 @@ class Controller:
         latency_cap_s: float | None = None,
         seed: int | None = None,
         lam: float | None = None,
+        mode: PromptMode | None = None,
+        tip: TipConfig | bool | None = None,
     ) -> Result:
         """Answer one question (blocking).
 
@@ -307,6 +317,10 @@ class Controller:
             seed: the env seed (default: the controller's).
             lam: the price λ of compute this call's policy acts for (a learned policy's, see
                 :class:`~policies.base.LamConditioned`; default: the policy's own).
+            mode: how this call's chains are prompted, ``cot`` or ``draft`` (Chain-of-Draft);
+                default: the controller's.
+            tip: this call's thought-switching penalty: a :class:`~env.types.TipConfig`,
+                ``False`` for none, ``None`` for the controller's.
 
         Raises:
             ConfigError: an empty question, one too long for the model, or a cap below what
@@ -314,7 +328,7 @@ class Controller:
                 ``generator fault: ...``.
         """
         t0 = time.monotonic()
-        run = self._run(question, token_cap, latency_cap_s, seed, t0, lam=lam)
+        run = self._run(question, token_cap, latency_cap_s, seed, t0, lam=lam, mode=mode, tip=tip)
         if run.deadline is None:
             run.solve()
             return run.outcome()
@@ -335,6 +349,8 @@ class Controller:
         cancel: asyncio.Event | None = None,
         lam: float | None = None,
         on_step: Callable[[Step], None] | None = None,
+        mode: PromptMode | None = None,
+        tip: TipConfig | bool | None = None,
     ) -> Result:
         """Answer one question without blocking the event loop (see :meth:`solve`).
 
@@ -347,7 +363,7 @@ class Controller:
         thread (the proxy's progress events).
         """
         t0 = time.monotonic()
-        run = self._run(question, token_cap, latency_cap_s, seed, t0, lam=lam)
+        run = self._run(question, token_cap, latency_cap_s, seed, t0, lam=lam, mode=mode, tip=tip)
         run.on_step = on_step
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
@@ -528,6 +544,8 @@ class Controller:
         t0: float,
         allowance: int | None = None,
         lam: float | None = None,
+        mode: PromptMode | None = None,
+        tip: TipConfig | bool | None = None,
     ) -> _Run:
         cap = self.token_cap
         if token_cap is not None:
@@ -578,6 +596,8 @@ class Controller:
                 chain_tokens=config.chain_tokens,
                 read_ahead=config.max_chain_tokens if read_ahead else None,
             )
+        if tip is True:
+            tip = TipConfig()
         env = ComputeAllocationEnv(
             gen,
             [q],
@@ -585,6 +605,8 @@ class Controller:
             difficulty=self.difficulty,
             verifier=self.verifier,
             probes=self.probes,
+            mode=self.mode if mode is None else mode,
+            tip=self.tip if tip is None else (tip or None),
         )
         if lookahead is not None:
             lookahead.spent = lambda: env.episode.decoded if env.episode is not None else 0

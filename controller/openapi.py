@@ -79,6 +79,21 @@ def openapi_schema(
                 **flag,
                 "description": "with stream: a comment line per decision while deciding",
             },
+            "mode": {"enum": ["cot", "draft", None], "description": "draft: Chain-of-Draft"},
+            "tip": {
+                "description": "thought-switching penalty: true, false or its settings",
+                "oneOf": [
+                    {"type": ["boolean", "null"]},
+                    {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "penalty": {"type": "number", "minimum": 0},
+                            "window": {"type": "integer", "minimum": 0},
+                        },
+                    },
+                ],
+            },
         },
     }
     nothing = {"description": "accepted only at the value that asks for nothing special"}

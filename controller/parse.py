@@ -23,7 +23,10 @@ refused                     every other field (``tools``, ``functions``, ``audio
 The ``ponder`` object: ``token_cap``, ``latency_cap_s`` (tighten the server's caps), ``trace``
 (the decisions and their features in the answer), ``policy`` (one of the policies the server
 loaded: ``GET /v1/models`` lists them), ``lam`` (the price of compute a learned policy acts for),
-``progress`` (with ``stream``: a comment line per decision while the controller works).
+``progress`` (with ``stream``: a comment line per decision while the controller works),
+``mode`` (``cot``, or ``draft`` for Chain-of-Draft's terse steps) and ``tip`` (the
+thought-switching penalty: ``true`` for the default, ``false`` for none, or
+``{"penalty": 3.0, "window": 600}``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from controller.controller import MIN_LATENCY_CAP_S
+from env.types import PromptMode, TipConfig
 
 __all__ = [
     "MAX_JSON_DEPTH",
@@ -50,7 +54,9 @@ __all__ = [
 #: Deepest nesting of arrays and objects a request body may have (OpenAI's bodies need 5).
 MAX_JSON_DEPTH = 32
 #: Fields of the per-request ``ponder`` object.
-PONDER_FIELDS = frozenset({"token_cap", "latency_cap_s", "trace", "policy", "lam", "progress"})
+PONDER_FIELDS = frozenset(
+    {"token_cap", "latency_cap_s", "trace", "policy", "lam", "progress", "mode", "tip"}
+)
 
 #: Fields that are accepted only at the value meaning "nothing": field -> that value's test.
 _NOTHING: dict[str, Any] = {
@@ -151,6 +157,9 @@ class Ask:
         policy: the policy it chose (``None``: the server's default).
         lam: the price of compute for a learned policy (``None``: the policy's own).
         user: the client's end-user id (logged).
+        mode: how its chains are prompted (``None``: the server's).
+        tip: its thought-switching penalty: a config, ``False`` for none, ``None`` for the
+            server's.
     """
 
     question: str
@@ -165,6 +174,8 @@ class Ask:
     policy: str | None = None
     lam: float | None = None
     user: str | None = None
+    mode: PromptMode | None = None
+    tip: TipConfig | bool | None = None
 
 
 def no_constant(name: str) -> Any:
@@ -294,6 +305,8 @@ def parse_request(
         policy=_policy(extra.get("policy"), limits.policies),
         lam=_lam(extra.get("lam")),
         user=user,
+        mode=_mode(extra.get("mode")),
+        tip=_tip(extra.get("tip")),
     )
 
 
@@ -374,6 +387,40 @@ def _lam(v: Any) -> float | None:
     if not _number(v) or v <= 0:
         raise bad_request(f"ponder.lam must be a number > 0, got {v!r}", param="ponder.lam")
     return float(v)
+
+
+def _mode(v: Any) -> PromptMode | None:
+    if v is None:
+        return None
+    if v not in ("cot", "draft"):
+        raise bad_request(
+            f"ponder.mode must be 'cot' (step by step) or 'draft' (Chain-of-Draft), got {v!r}",
+            param="ponder.mode",
+        )
+    return "cot" if v == "cot" else "draft"
+
+
+def _tip(v: Any) -> TipConfig | bool | None:
+    if v is None or isinstance(v, bool):
+        return v
+    if not isinstance(v, dict) or set(v) - {"penalty", "window"}:
+        raise bad_request(
+            f'ponder.tip must be true, false or {{"penalty": NUMBER, "window": TOKENS}}, got {v!r}',
+            param="ponder.tip",
+        )
+    default = TipConfig()
+    penalty = v.get("penalty", default.penalty)
+    window = v.get("window", default.window)
+    if not _number(penalty) or penalty < 0:
+        raise bad_request(
+            f"ponder.tip.penalty must be a number >= 0, got {penalty!r}", param="ponder.tip.penalty"
+        )
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise bad_request(
+            f"ponder.tip.window must be a whole number of tokens >= 0, got {window!r}",
+            param="ponder.tip.window",
+        )
+    return TipConfig(penalty=float(penalty), window=window)
 
 
 def _int_field(v: Any, field: str) -> int:

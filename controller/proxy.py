@@ -189,6 +189,10 @@ class ServeArgs:
     """for a policy that reads the model's hidden states: the upstream model's Hugging Face folder (or its GGUF file, beside the folder `ponder model prepare` writes); ponder computes the states at every chunk boundary with transformers beside the upstream (env.generators.Capturing)"""
     hidden_probes: str = ""
     """for a rule that reads hidden states (probe-stop, best-of-N-probe-best) and has no probes of its own: a folder written by HiddenProbes.save (e.g. runs/<bank>/hidden-probes from `ponder run`)"""
+    mode: Literal["cot", "draft"] = "cot"
+    """how chains are prompted: cot (step by step) or draft (Chain-of-Draft); requests may choose with `ponder.mode`"""
+    tip: bool = False
+    """apply the thought-switching penalty (TIP) to every chain; requests may choose with `ponder.tip` (the vLLM server applies it exactly when it runs env.generators.tip:TipLogitsProcessor, otherwise through logit_bias)"""
     more_policies: tuple[str, ...] = ()
     """more policy specs served beside --policy (same grammar): a request chooses one with its `ponder.policy` or its model `ponder/<policy>` (GET /v1/models lists them)"""
     shutdown_timeout: int = 30
@@ -532,6 +536,8 @@ def create_app(
                 cancel=gone,
                 lam=ask.lam,
                 on_step=on_step,
+                mode=ask.mode,
+                tip=ask.tip,
             )
         finally:
             sem.release()
@@ -810,7 +816,7 @@ def build_controllers(args: ServeArgs) -> tuple[list[Controller], Any]:
     """
     from env.episode.config import EnvConfig
     from env.generators.openai import OpenAIGenerator
-    from env.types import SamplingConfig
+    from env.types import SamplingConfig, TipConfig
     from policies.registry import check_policy, load_policy
 
     check_serve_args(args)
@@ -867,6 +873,8 @@ def build_controllers(args: ServeArgs) -> tuple[list[Controller], Any]:
                     latency_cap_s=args.latency_cap,
                     lookahead=args.lookahead,
                     probes=pr,
+                    mode=args.mode,
+                    tip=TipConfig() if args.tip else None,
                 )
             )
     except BaseException:

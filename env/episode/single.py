@@ -36,7 +36,7 @@ from env.episode.rules import (
 )
 from env.generators.base import Generator
 from env.questions import select_split, training_split
-from env.types import BudgetForcing, Chain, Chunk, Question, TokenUsage
+from env.types import BudgetForcing, Chain, Chunk, PromptMode, Question, TipConfig, TokenUsage
 from env.verifiers import Verifier
 from features.answers import answers_equal
 from features.errors import BudgetExhausted, ConfigError, GeneratorError, PolicyError
@@ -139,6 +139,10 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
     * ``verifier``: what ``verify`` asks: any object with ``judge(chains) -> list[JudgeResult]``
       (see :mod:`env.verifiers`); default: the generator's own self-verification.
 
+    * ``mode``: how chains are prompted: ``cot`` (step by step) or ``draft`` (Chain-of-Draft).
+    * ``tip``: a :class:`~env.types.TipConfig`: the thought-switching penalty applied to every
+      chunk (``None``: none). A replayed bank was recorded in one mode and without TIP: replay
+      refuses others.
     * ``require_gold``: a question without a gold answer cannot be scored, so the env refuses it
       at reset; with ``require_gold=False`` (serving, see :mod:`controller`) it runs, its reward
       never includes correctness and ``info["correct"]`` is ``None``.
@@ -160,8 +164,16 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         verifier: Verifier | None = None,
         require_gold: bool = True,
         render_mode: str | None = None,
+        mode: PromptMode = "cot",
+        tip: TipConfig | None = None,
         **config_fields: Any,
     ) -> None:
+        if mode not in ("cot", "draft"):
+            raise ConfigError(f"mode must be 'cot' or 'draft', got {mode!r}")
+        if tip is not None and not isinstance(tip, TipConfig):
+            raise ConfigError(f"tip must be a TipConfig or None, got {type(tip).__name__}")
+        self.mode: PromptMode = mode
+        self.tip = tip
         if config is not None and config_fields:
             raise ConfigError("pass either config or its fields, not both")
         config = config if config is not None else EnvConfig(**config_fields)
@@ -432,7 +444,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         return Reason(int(why))
 
     def _extend(self, s: ChainState) -> Chunk:
-        chunks = self.generator.extend([s.chain], self.config.chunk_tokens)
+        chunks = self.generator.extend([s.chain], self.config.chunk_tokens, tip=self.tip)
         if len(chunks) != 1:
             raise GeneratorError(
                 f"the generator returned {len(chunks)} chunks for one chain (chain "
@@ -461,7 +473,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
     def _branch(self) -> None:
         ep = self._ep
         assert ep is not None
-        (chain,) = self.generator.start(ep.question, 1)
+        (chain,) = self.generator.start(ep.question, 1, mode=self.mode)
         s = ChainState(chain)
         ep.states.append(s)
         ep.cur = len(ep.states) - 1

@@ -328,9 +328,7 @@ class LiveGenerator(GeneratorBase):
         validate_count(n, "number of chains n")
         if budget is not None and not isinstance(budget, BudgetForcing):
             raise ConfigError(f"budget must be a BudgetForcing, got {type(budget).__name__}")
-        text = self.template.question_prompt(
-            question.text, mode, self._chat(), question.context
-        )
+        text = self.template.question_prompt(question.text, mode, self._chat(), question.context)
         prompt_ids = list(self._guard("encode prompt", self.backend.encode, text))
         max_len = self._max_len()
         if max_len is not None and len(prompt_ids) >= max_len:

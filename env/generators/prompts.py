@@ -145,9 +145,7 @@ class PromptTemplate:
             )
         return apply_chat(self.messages(body, context))
 
-    def messages(
-        self, body: str, context: Sequence[tuple[str, str]] = ()
-    ) -> list[dict[str, str]]:
+    def messages(self, body: str, context: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
         """The chat messages of a prompt: the system message (the conversation's own, else the
         template's), the earlier turns, then ``body`` as the last user turn."""
         systems = 0

@@ -411,3 +411,23 @@ def test_metrics_have_a_histogram_of_tokens_per_request(client: TestClient) -> N
     assert "ponder_request_decoded_tokens_count 2" in text
     assert f"ponder_request_decoded_tokens_sum {sum(decoded)}" in text
     assert 'ponder_request_decoded_tokens_bucket{le="+Inf"} 2' in text
+
+
+def test_a_request_chooses_chain_of_draft_and_tip() -> None:
+    gen = FakeGenerator()
+    ctl = Controller(gen, SingleChain(), config=CFG)
+    with TestClient(create_app(ctl)) as c:
+        c.post("/v1/chat/completions", json=user())
+        plain = list(gen.fake.requests)
+        body = {**user(), "ponder": {"mode": "draft", "tip": {"penalty": 2.5, "window": 100}}}
+        assert c.post("/v1/chat/completions", json=body).status_code == 200
+        chosen = gen.fake.requests[len(plain) :]
+        bad = c.post("/v1/chat/completions", json={**user(), "ponder": {"mode": "terse"}})
+        bad_tip = c.post("/v1/chat/completions", json={**user(), "ponder": {"tip": {"window": -1}}})
+    assert gen.fake.decode(plain[0].prompt_ids).endswith("Solution:\n")
+    assert gen.fake.decode(chosen[0].prompt_ids).endswith("Draft:\n")
+    assert all(r.tip is None for r in plain)
+    assert chosen[0].tip is not None and chosen[0].tip.penalty == 2.5
+    assert chosen[0].tip.window == 100
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "ponder.mode"
+    assert bad_tip.status_code == 400 and bad_tip.json()["error"]["param"] == "ponder.tip.window"
