@@ -92,9 +92,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import tyro
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -151,8 +152,8 @@ _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 class ServeArgs:
     """Serve an OpenAI-compatible endpoint in front of a vLLM server; ponder decides the compute."""
 
-    upstream: str = "http://127.0.0.1:8000/v1"
-    """the vLLM server's OpenAI root"""
+    upstream: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """the vLLM server's OpenAI root (default: http://127.0.0.1:8000/v1); repeat the flag for a fleet of servers serving one model: requests are spread over them (prefix affinity, least outstanding requests) and a failing one is taken out until it answers again (env/generators/fleet.py)"""
     policy: str = "adaptive-consistency"
     """a policy spec: a heuristic's name (single, best-of-4, s1-256, adaptive-consistency, probe-agree-3, ...; the grammar is in policies/registry.py) or a saved policy's folder"""
     host: str = "127.0.0.1"
@@ -731,22 +732,40 @@ def resolve_api_key(
     return None
 
 
+#: The upstream when ``--upstream`` is not given.
+DEFAULT_UPSTREAM = "http://127.0.0.1:8000/v1"
+
+
+def upstreams(args: ServeArgs) -> tuple[str, ...]:
+    """The servers ``args`` names (``--upstream``, repeated; one URL given as a string is read
+    as one server), or :data:`DEFAULT_UPSTREAM`."""
+    u: Any = args.upstream
+    urls = (u,) if isinstance(u, str) else tuple(u)
+    return urls or (DEFAULT_UPSTREAM,)
+
+
 def check_serve_args(args: ServeArgs) -> None:
     """Check every ``ponder serve`` setting before anything starts (one clear error each).
 
     Raises:
         ConfigError: the first bad setting, with what it must be.
     """
-    parts = urlsplit(args.upstream)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(
-            f"--upstream must be an http:// or https:// URL such as http://127.0.0.1:8000/v1, "
-            f"got {args.upstream!r}"
-        )
-    try:
-        parts.port  # noqa: B018 (raises for a port out of range)
-    except ValueError as exc:
-        raise ConfigError(f"--upstream {args.upstream!r}: {exc}") from None
+    urls = upstreams(args)
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"--upstream must be an http:// or https:// URL such as "
+                f"http://127.0.0.1:8000/v1, got {url!r}"
+            )
+        try:
+            parts.port  # noqa: B018 (raises for a port out of range)
+        except ValueError as exc:
+            raise ConfigError(f"--upstream {url!r}: {exc}") from None
+    roots = [u.rstrip("/").removesuffix("/v1") for u in urls]
+    for u, root in zip(urls, roots, strict=True):
+        if roots.count(root) > 1:
+            raise ConfigError(f"--upstream {u!r} is given twice: give each server once")
     if not args.host.strip():
         raise ConfigError("--host is empty: give an address to bind, such as 127.0.0.1")
     if not 1 <= args.port <= 65535:
@@ -812,7 +831,7 @@ def build_controllers(args: ServeArgs) -> tuple[list[Controller], Any]:
         ConfigError: a bad setting (see :func:`check_serve_args`); policies that read hidden
             states captured differently.
         PolicyError: an unknown policy or a policy file.
-        GeneratorError: no server at ``args.upstream``.
+        GeneratorError: no server at an upstream URL.
     """
     from env.episode.config import EnvConfig
     from env.generators.openai import OpenAIGenerator
@@ -843,8 +862,9 @@ def build_controllers(args: ServeArgs) -> tuple[list[Controller], Any]:
         temperature=args.temperature,
         max_chain_tokens=c0.max_chain_tokens + c0.extension_chunks * c0.chunk_tokens,
     )
+    urls = upstreams(args)
     generator = OpenAIGenerator(
-        args.upstream,
+        urls[0] if len(urls) == 1 else urls,
         template=None if args.template == "auto" else args.template,
         sampling=sampling,
         api_key=args.upstream_api_key,
@@ -944,7 +964,6 @@ def _url(sock: socket.socket) -> str:
 def main(argv: list[str] | None = None) -> None:
     """``ponder serve``: check the arguments, bind the port, build the controller and serve
     until stopped."""
-    import tyro
     import uvicorn
 
     args = tyro.cli(ServeArgs, args=argv, prog="ponder serve")
@@ -975,7 +994,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info(
         "ponder serve: %s in front of %s, listening on %s",
         ", ".join(map(str, (controller, *more))),
-        args.upstream,
+        " + ".join(upstreams(args)),
         _url(sock),
     )
     config = uvicorn.Config(

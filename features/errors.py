@@ -13,6 +13,7 @@ __all__ = [
     "PonderError",
     "ConfigError",
     "GeneratorError",
+    "UpstreamDown",
     "Cancelled",
     "ModelError",
     "BankError",
@@ -32,6 +33,11 @@ class ConfigError(PonderError, ValueError):
 
 class GeneratorError(PonderError):
     """The generator could not produce what was asked (engine failure, server down, timeout)."""
+
+
+class UpstreamDown(GeneratorError):
+    """A model server could not be reached or kept failing (connection refused or lost, 5xx
+    answers) after its retries: the server, not the request, is at fault (a fleet fails over)."""
 
 
 class Cancelled(GeneratorError):

@@ -58,10 +58,11 @@ import numpy as np
 from env.generators.backend import Completion, CompletionRequest, TipRequest
 from env.generators.base import GeneratorTraits
 from env.generators.cancel import check_cancelled, current_scope
+from env.generators.fleet import FleetBackend
 from env.generators.live import LiveGenerator
 from env.generators.prompts import CHAT, TESTBED, PromptTemplate
 from env.types import SamplingConfig
-from features.errors import ConfigError, GeneratorError
+from features.errors import ConfigError, GeneratorError, UpstreamDown
 
 __all__ = ["OpenAIBackend", "OpenAIGenerator"]
 
@@ -268,11 +269,11 @@ class OpenAIBackend:
         """Seconds before the next try, or the final error when the retries are spent."""
         if attempt >= self.retries:
             if exc.refused:
-                raise GeneratorError(
+                raise UpstreamDown(
                     f"no server at {self.base_url}: is `vllm serve` running? "
                     f"({method} {url}: {exc}; tried {attempt + 1} times)"
                 ) from None
-            raise GeneratorError(
+            raise UpstreamDown(
                 f"server at {self.base_url} failed: {method} {url}: {exc} "
                 f"(tried {attempt + 1} times)"
             ) from None
@@ -679,10 +680,12 @@ _OPENAI_TRAITS = GeneratorTraits(splits_chunks=True, thread_safe=True)
 
 
 class OpenAIGenerator(LiveGenerator):
-    """A :class:`~env.generators.live.LiveGenerator` over an :class:`OpenAIBackend`.
+    """A :class:`~env.generators.live.LiveGenerator` over an :class:`OpenAIBackend`, or over a
+    :class:`~env.generators.fleet.FleetBackend` of several servers.
 
     Args:
-        base_url: the server's OpenAI root (``http://127.0.0.1:8000/v1``).
+        base_url: the server's OpenAI root (``http://127.0.0.1:8000/v1``), or several servers'
+            (a fleet serving one model: see :mod:`env.generators.fleet`).
         template: prompt template or its name; default ``chat`` when the model has a chat
             template, else ``testbed``.
         sampling: sampling configuration (default ``SamplingConfig()``).
@@ -701,13 +704,25 @@ class OpenAIGenerator(LiveGenerator):
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         template: PromptTemplate | str | None = None,
         sampling: SamplingConfig | None = None,
         **backend_kw: Any,
     ) -> None:
-        self.server = OpenAIBackend(base_url, **backend_kw)
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if len(urls) == 1:
+            self.server: OpenAIBackend | FleetBackend = OpenAIBackend(urls[0], **backend_kw)
+        else:
+            servers: list[OpenAIBackend] = []
+            try:
+                for u in urls:
+                    servers.append(OpenAIBackend(u, **backend_kw))
+                self.server = FleetBackend(servers)
+            except BaseException:
+                for srv in servers:
+                    srv.close()
+                raise
         if template is None:
             has_chat = self.server.apply_chat([{"role": "user", "content": "hi"}]) is not None
             template = CHAT if has_chat else TESTBED
