@@ -48,6 +48,7 @@ __all__ = [
     "flat_config",
     "log_policy_model",
     "check_tracking_uri",
+    "masked",
     "resolve_tracking_uri",
 ]
 
@@ -96,8 +97,10 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> str:
         folder = Path(uri.removeprefix("sqlite:///")).parent
     elif uri.startswith("file:") or "://" not in uri:
         folder = Path(uri.removeprefix("file://").removeprefix("file:"))
+    elif uri.startswith(("postgresql://", "postgresql+")):
+        return _check_database(uri, timeout_s)
     else:
-        return uri  # another backend (postgresql://, databricks, ...): MLflow checks it
+        return uri  # another backend (mysql://, databricks, ...): MLflow checks it
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -110,6 +113,51 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> str:
             f"MLflow tracking URI {uri}: {folder} is not writable; pass a writable "
             "--tracking-uri or --mlruns"
         )
+    return uri
+
+
+def masked(uri: str) -> str:
+    """``uri`` with its password, if any, written as ``***``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    user = parts.username or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _check_database(uri: str, timeout_s: float) -> str:
+    """Connect to a PostgreSQL tracking store once (``SELECT 1``): a wrong password, an unknown
+    database or a server that does not answer is one clear error before any work starts."""
+    try:
+        import sqlalchemy
+    except ImportError:  # (MLflow's own dependency: always there)
+        return uri
+    try:
+        engine = sqlalchemy.create_engine(
+            uri, connect_args={"connect_timeout": max(1, round(timeout_s))}
+        )
+    except ImportError as e:
+        raise ConfigError(
+            f"MLflow tracking URI {masked(uri)} needs the PostgreSQL driver ({e}): "
+            "pip install -e '.[postgres]' (psycopg)"
+        ) from None
+    except (sqlalchemy.exc.ArgumentError, ValueError) as e:
+        raise ConfigError(f"MLflow tracking URI {masked(uri)} is malformed: {e}") from None
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        why = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        raise ConfigError(
+            f"cannot use the PostgreSQL tracking store {masked(uri)}: {why} (check the user, "
+            "password, host, port and database name in --tracking-uri)"
+        ) from None
+    finally:
+        engine.dispose()
     return uri
 
 

@@ -271,7 +271,7 @@ def test_the_proxy_survives_an_upstream_outage(upstream: ServerHandle) -> None:
     relay = Relay(upstream.port).start()
     try:
         args = ServeArgs(
-            upstream=relay.url,
+            upstream=(relay.url,),
             policy="best-of-2",
             template="testbed",
             token_cap=1024,
