@@ -35,7 +35,17 @@ from env.generators.base import Generator
 from env.types import Chain, Chunk, JudgeResult, ProbeResult, PromptMode, Question
 from features.errors import ConfigError
 
-__all__ = ["RecordArgs", "record", "record_as", "record_question", "question_seed"]
+__all__ = [
+    "RecordArgs",
+    "bank_manifest",
+    "describe_generator",
+    "make_generator",
+    "questions_of",
+    "record",
+    "record_as",
+    "record_question",
+    "question_seed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +108,14 @@ class RecordArgs:
     """llama.cpp parallel slots (0: one per chain)"""
     threads: int = 0
     """llama.cpp CPU threads (0: all cores)"""
+    fake_token_ms: float = 0.0
+    """--model fake only: milliseconds per generated token, standing in for an engine's speed (benchmarks, tests)"""
+    ray: str = ""
+    """record on a Ray cluster (pip install -e '.[ray]'): `local` starts one on this machine, `auto` joins the one running here, `ray://HOST:10001` a remote one; questions are spread over --ray-workers actors, each with its own generator, and the driver writes each question's file once (empty: no Ray)"""
+    ray_workers: int = 2
+    """Ray actors recording side by side (each takes one CPU, or --ray-gpus)"""
+    ray_gpus: float = 0.0
+    """GPUs each Ray actor takes (an in-process vLLM engine per GPU)"""
 
 
 def question_seed(seed: int, qid: str) -> int:
@@ -261,7 +279,7 @@ def record_as(gen: Generator, question: Question, manifest: BankManifest) -> dic
     )
 
 
-def _make_generator(args: RecordArgs):  # type: ignore[no-untyped-def]
+def make_generator(args: RecordArgs):  # type: ignore[no-untyped-def]
     from env.types import SamplingConfig
 
     sampling = SamplingConfig(
@@ -273,7 +291,10 @@ def _make_generator(args: RecordArgs):  # type: ignore[no-untyped-def]
     if args.model == "fake":
         from env.generators.fake import FakeGenerator
 
-        return FakeGenerator(sampling=sampling, seed=args.seed), {
+        fake = FakeGenerator(
+            sampling=sampling, seed=args.seed, token_delay_s=args.fake_token_ms / 1000
+        )
+        return fake, {
             "name": "fake",
             "path": "",
             "sha256": "fake",
@@ -371,7 +392,7 @@ def split_counts(splits: Sequence[str], n: int, split_n: Sequence[str]) -> dict[
     return out
 
 
-def _questions(args: RecordArgs) -> list[Question]:
+def questions_of(args: RecordArgs) -> list[Question]:
     from env.questions import load_questions
 
     counts = split_counts(args.splits, args.n, args.split_n)
@@ -389,23 +410,41 @@ def record(args: RecordArgs) -> Path:
     second recorder of the same folder is refused with the first one named)."""
     if args.chains < 1 or args.chunk_tokens < 1 or args.max_tokens < args.chunk_tokens:
         raise ConfigError("need chains >= 1, chunk_tokens >= 1 and max_tokens >= chunk_tokens")
+    if args.ray_workers < 1 or args.ray_gpus < 0:
+        raise ConfigError("need --ray-workers >= 1 and --ray-gpus >= 0")
+    if args.ray:
+        from env.bank.ray_record import check_ray
+
+        check_ray(args.ray)  # (Ray installed, the address well-formed: before the lock)
     with BankLock(args.out, "ponder record"):
+        if args.ray:
+            from env.bank.ray_record import record_on_ray
+
+            return record_on_ray(args)
         return _record(args)
 
 
-def _record(args: RecordArgs) -> Path:
-    from tqdm import tqdm
-
-    questions = _questions(args)
-    gen, model = _make_generator(args)
+def describe_generator(gen: Generator, args: RecordArgs) -> tuple[str, dict[str, str]]:
+    """``(template name, prompt texts)`` of ``gen`` for the bank manifest."""
     tmpl = getattr(gen, "template", None)
     template = getattr(tmpl, "name", args.template)
     prompts = tmpl.prompt_texts() if tmpl is not None and hasattr(tmpl, "prompt_texts") else {}
-    manifest = BankManifest(
+    return str(template), dict(prompts)
+
+
+def bank_manifest(
+    args: RecordArgs,
+    questions: Sequence[Question],
+    model: dict[str, Any],
+    template: str,
+    prompts: dict[str, str],
+) -> BankManifest:
+    """The manifest ``ponder record`` writes for ``args`` (recorded by ``model``)."""
+    return BankManifest(
         model=model,
         dataset=args.dataset,
         questions=[q.qid for q in questions],
-        template=str(template),
+        template=template,
         mode=args.mode,
         sampling={
             "temperature": args.temperature,
@@ -422,6 +461,14 @@ def _record(args: RecordArgs) -> Path:
         prompts=prompts,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
+
+
+def _record(args: RecordArgs) -> Path:
+    from tqdm import tqdm
+
+    questions = questions_of(args)
+    gen, model = make_generator(args)
+    manifest = bank_manifest(args, questions, model, *describe_generator(gen, args))
     writer = BankWriter(args.out, manifest, questions)
     todo = [(i, q) for i, q in enumerate(questions) if not writer.done(i)]
     t0 = time.time()

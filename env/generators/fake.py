@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -161,6 +162,8 @@ class FakeBackend:
         chat: whether it has a (toy) chat template; without one :meth:`apply_chat` returns ``None``.
         model_name: the name it reports.
         max_model_len: the context size it reports (``None``: unbounded).
+        token_delay_s: seconds each call sleeps per token of its longest completion (a batch
+            decodes side by side): an engine's speed, for benchmarks and tests of timing.
 
     Attributes:
         calls: how many times :meth:`complete` was called.
@@ -180,7 +183,11 @@ class FakeBackend:
         chat: bool = False,
         model_name: str = "fake",
         max_model_len: int | None = None,
+        token_delay_s: float = 0.0,
     ) -> None:
+        if token_delay_s < 0:
+            raise ConfigError(f"token_delay_s must be >= 0, got {token_delay_s}")
+        self.token_delay_s = float(token_delay_s)
         if top_logprobs < 0:
             raise ConfigError(f"top_logprobs must be >= 0, got {top_logprobs}")
         if block_size < 1:
@@ -245,6 +252,8 @@ class FakeBackend:
         # Cached counts are those at submission: the batch's requests do not see each other.
         cached = [self._cached(r.prompt_ids) for r in requests]
         outs = [self._one(r, c) for r, c in zip(requests, cached, strict=True)]
+        if self.token_delay_s:  # an engine's speed: the batch's longest completion, token by token
+            time.sleep(self.token_delay_s * max(len(o.token_ids) for o in outs))
         for r, o in zip(requests, outs, strict=True):
             # The last sampled token is never fed back, so its KV is not in the cache.
             self._remember(list(r.prompt_ids) + [int(t) for t in o.token_ids[:-1]])

@@ -1,0 +1,172 @@
+"""``ponder record --ray ADDRESS``: a bank recorded by Ray actors side by side.
+
+Each actor owns a generator (built from the same :class:`~env.bank.record.RecordArgs` as the
+single-process recorder: an in-process vLLM engine per GPU with ``--ray-gpus 1``, llama.cpp, a
+client of a vLLM server with ``--url``, or the fake); the driver hands each actor one question at
+a time and writes what comes back into the same atomic per-question files, once each. So:
+
+* **Same bank.** A question is recorded as the single-process recorder records it (its engine
+  reset and reseeded from the question's id: :func:`~env.bank.record.record_as`), whichever actor
+  takes it: a bank recorded on Ray equals one recorded without (same files, same rows).
+* **Resume.** Questions already in the bank are skipped, as without Ray.
+* **A dead actor.** Actors are restarted by Ray and their task retried (``max_restarts`` and
+  ``max_task_retries`` unbounded); the driver writes a question only if its file is not there,
+  so nothing is written twice.
+
+The driver runs where ``ponder record`` runs, holds the bank's lock and is its only writer; the
+actors only generate. ``local`` starts a Ray instance on this machine for the run (and stops it
+after); ``auto`` or ``ray://HOST:PORT`` joins a running cluster, whose nodes must have ponder
+installed (``pip install -e '.[ray]'``) and see the model files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from env.bank.record import (
+    RecordArgs,
+    bank_manifest,
+    describe_generator,
+    make_generator,
+    questions_of,
+    record_as,
+)
+from env.bank.store import BankManifest, BankWriter
+from env.types import Question
+from features.errors import ConfigError
+
+__all__ = ["RecordWorker", "check_ray", "record_on_ray"]
+
+log = logging.getLogger(__name__)
+
+
+def check_ray(address: str) -> None:
+    """Refuse ``--ray`` without Ray installed, or with an address Ray cannot take."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "--ray needs Ray: pip install -e '.[ray]' (or leave --ray out to record in this process)"
+        ) from None
+    if address in ("local", "auto"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(
+            f"--ray {address!r}: give local (a Ray instance on this machine), auto (the cluster "
+            "running here) or a cluster address such as ray://HOST:10001 or HOST:6379"
+        )
+    # Ray itself waits minutes for an address that does not answer: try it first
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}): start it "
+            "(`ray start --head`), check the address, or use --ray local"
+        ) from None
+
+
+class RecordWorker:
+    """What a Ray actor runs: its own generator, recording one question per call."""
+
+    def __init__(self, args: RecordArgs) -> None:
+        self.args = args
+        self.gen, self.model = make_generator(args)
+
+    def describe(self) -> tuple[dict[str, Any], str, dict[str, str]]:
+        """``(model, template name, prompt texts)`` for the bank manifest."""
+        return (self.model, *describe_generator(self.gen, self.args))
+
+    def record(self, question: Question, manifest: BankManifest) -> dict[str, list[Any]]:
+        """The rows of ``question`` as the bank of ``manifest`` records it."""
+        return record_as(self.gen, question, manifest)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _connect(address: str, workers: int, gpus: float) -> bool:
+    """Join or start the cluster; ``True`` when this run started it (and stops it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    try:
+        if address == "local":
+            ray.init(
+                num_cpus=max(workers, 1),
+                num_gpus=None if gpus == 0 else math.ceil(gpus * workers),
+                include_dashboard=False,
+                log_to_driver=False,
+            )
+            return True
+        ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address!r} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}): start it (`ray start --head`), or "
+            "use --ray local"
+        ) from None
+    return False
+
+
+def record_on_ray(args: RecordArgs) -> Path:
+    """Record (or resume) the bank of ``args`` on Ray (see the module docstring). The caller
+    holds the bank's lock."""
+    import ray
+    from tqdm import tqdm
+
+    questions = questions_of(args)
+    started = _connect(args.ray, args.ray_workers, args.ray_gpus)
+    try:
+        worker_cls = ray.remote(max_restarts=-1, max_task_retries=-1)(RecordWorker)
+        actors = [
+            worker_cls.options(num_cpus=1, num_gpus=args.ray_gpus or None).remote(args)  # type: ignore[attr-defined]
+            for _ in range(args.ray_workers)
+        ]
+        model, template, prompts = ray.get(actors[0].describe.remote())
+        manifest = bank_manifest(args, questions, model, template, prompts)
+        writer = BankWriter(args.out, manifest, questions)
+        manifest = writer.manifest
+        todo = deque((i, q) for i, q in enumerate(questions) if not writer.done(i))
+        bar = tqdm(
+            total=len(questions),
+            initial=len(questions) - len(todo),
+            desc=f"record {args.out} on Ray ({len(actors)} actors)",
+            unit="q",
+        )
+        t0 = time.time()
+        pending: dict[Any, tuple[int, Any]] = {}
+
+        def give(actor: Any) -> None:
+            if todo and not (args.limit_minutes > 0 and time.time() - t0 > args.limit_minutes * 60):
+                i, q = todo.popleft()
+                pending[actor.record.remote(q, manifest)] = (i, actor)
+
+        for a in actors:
+            give(a)
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            i, actor = pending.pop(ref)
+            rows = ray.get(ref)
+            if not writer.done(i):  # (a retried task never writes a question twice)
+                writer.write(i, rows)
+            bar.update(1)
+            give(actor)
+        bar.close()
+        if todo:
+            log.warning(
+                "time limit reached with %d questions left; rerun the same command to resume",
+                len(todo),
+            )
+        return Path(args.out)
+    finally:
+        if started:
+            ray.shutdown()
