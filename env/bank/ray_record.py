@@ -126,9 +126,9 @@ def record_on_ray(args: RecordArgs) -> Path:
     questions = questions_of(args)
     started = _connect(args.ray, args.ray_workers, args.ray_gpus)
     try:
-        worker_cls = ray.remote(max_restarts=-1, max_task_retries=-1)(RecordWorker)
-        actors = [
-            worker_cls.options(num_cpus=1, num_gpus=args.ray_gpus or None).remote(args)  # type: ignore[attr-defined]
+        worker_cls: Any = ray.remote(max_restarts=-1, max_task_retries=-1)(RecordWorker)
+        actors: list[Any] = [
+            worker_cls.options(num_cpus=1, num_gpus=args.ray_gpus or None).remote(args)
             for _ in range(args.ray_workers)
         ]
         model, template, prompts = ray.get(actors[0].describe.remote())
