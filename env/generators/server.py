@@ -291,10 +291,25 @@ def start_vllm_server(
     log.info("starting vLLM server pid %d at %s (log %s)", proc.pid, url, log_path)
     health = f"http://{host}:{port}/health"
     deadline = t0 + startup_timeout
+    try:
+        _wait_healthy(handle, health, deadline, startup_timeout)
+    except BaseException:  # (Ctrl-C too: the server runs in its own session, and would stay)
+        handle.stop()
+        raise
+    handle.startup_s = time.monotonic() - t0
+    log.info("vLLM server at %s healthy after %.1f s", url, handle.startup_s)
+    return handle
+
+
+def _wait_healthy(
+    handle: ServerHandle, health: str, deadline: float, startup_timeout: float
+) -> None:
+    """Wait for ``GET health``; raise (leaving the server to the caller) if it exits first or
+    is not healthy by ``deadline``."""
+    proc, path, log_path = handle.process, handle.model_path, handle.log_path
     with httpx.Client(timeout=httpx.Timeout(2.0)) as client:
         while True:
             if proc.poll() is not None:
-                handle.stop()
                 raise GeneratorError(
                     f"vLLM server for {path} exited with code {proc.returncode} while starting "
                     f"(log {log_path}):\n{_tail(Path(log_path), 40)}"
@@ -305,12 +320,8 @@ def start_vllm_server(
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                handle.stop()
                 raise GeneratorError(
                     f"vLLM server for {path} was not healthy at {health} after "
                     f"{startup_timeout:g} s (log {log_path}):\n{_tail(Path(log_path), 40)}"
                 )
             time.sleep(0.5)
-    handle.startup_s = time.monotonic() - t0
-    log.info("vLLM server at %s healthy after %.1f s", url, handle.startup_s)
-    return handle
