@@ -218,6 +218,10 @@ class RunArgs:
     """log the learned policies as MLflow models (pyfunc, from code)"""
     threads: int = 1
     """BLAS / torch threads of each training and of the evaluation (fixed, so that a seed gives the same numbers on every run)"""
+    ray: str = ""
+    """run the trainings and the evaluation sweeps as Ray tasks (pip install -e '.[ray]'): local (a Ray instance on this machine), auto (the cluster running here) or a cluster address; the results file is the same as without Ray (the nodes must share the run's folder)"""
+    ray_workers: int = 0
+    """evaluation actors on Ray (0: one per CPU of the cluster)"""
     progress: bool = True
     """show progress bars"""
 
@@ -339,10 +343,22 @@ def run(args: RunArgs, console: Console | None = None) -> list[BankRun]:
         from policies.tracking import check_tracking_uri, resolve_tracking_uri
 
         check_tracking_uri(resolve_tracking_uri(args.tracking_uri or None, args.mlruns))
-    out = []
-    for path in pick_banks(args, console):
-        out.append(_run_bank(path, args, console))
-    return out
+    if args.ray_workers < 0:
+        raise ConfigError("--ray-workers must be >= 0 (0: one per CPU of the cluster)")
+    started = False
+    if args.ray:
+        from env.ray_cluster import check_ray, connect
+
+        check_ray(args.ray)
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        started = connect(args.ray, args.jobs or usable)
+    try:
+        return [_run_bank(path, args, console) for path in pick_banks(args, console)]
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def _run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
@@ -479,7 +495,14 @@ def _run_bank_fixed(path: Path, args: RunArgs, console: Console) -> BankRun:
             with warnings.catch_warnings():
                 # DeepConf's warm-up percentile over episodes that have no warm-up chain yet
                 warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
-                results = evaluate_families(evaluator, families, on_result=done)
+                points_map = None
+                if args.ray:
+                    from policies.ray_run import RayEvaluators
+
+                    points_map = RayEvaluators(evaluator, _ray_workers(args), args.threads)
+                results = evaluate_families(
+                    evaluator, families, on_result=done, points_map=points_map
+                )
                 refine = min(args.refine, 1) if args.quick else args.refine
                 n_runs = sum(len(v) for v in trained.policies.values())
                 if refine > 0 and n_runs:
@@ -616,6 +639,13 @@ def _run_bank_fixed(path: Path, args: RunArgs, console: Console) -> BankRun:
         document=doc,
         results_path=published,
     )
+
+
+def _ray_workers(args: RunArgs) -> int:
+    """Evaluation actors: ``--ray-workers``, else one per CPU of the cluster."""
+    import ray
+
+    return args.ray_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _settings(

@@ -225,7 +225,7 @@ def train_learned(
         f"training {len(used)} learned families x {len(seeds)} seeds ({', '.join(map(str, seeds))}) "
         f"on the {common['split']} questions"
         + (", after the hidden-state probes they read" if hidden_probes is not None else "")
-        + f", {jobs} at once ..."
+        + (" as Ray tasks ..." if args.ray else f", {jobs} at once ...")
     )
     seconds: dict[str, dict[int, float]] = {name: {} for name in used}
     probes_s = 0.0
@@ -236,7 +236,18 @@ def train_learned(
         seconds[name][s] = sec
         console.print(f"  {name} seed {s}: {sec:.1f} s")
 
-    if jobs == 1:
+    if args.ray:
+        from policies.ray_run import train_on_ray
+
+        probes_s = train_on_ray(
+            bank,
+            plain,
+            hidden,
+            probe_args if hidden_probes is not None else None,
+            args.threads,
+            finished,
+        )
+    elif jobs == 1:
         if hidden_probes is not None:
             probes_s = fit_probes(*probe_args)
         for name, s, trainer, kwargs, folder in [*plain, *hidden]:

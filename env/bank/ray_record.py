@@ -22,9 +22,7 @@ installed (``pip install -e '.[ray]'``) and see the model files.
 from __future__ import annotations
 
 import logging
-import math
 import os
-import socket
 import time
 from collections import deque
 from pathlib import Path
@@ -39,38 +37,12 @@ from env.bank.record import (
     record_as,
 )
 from env.bank.store import BankManifest, BankWriter
+from env.ray_cluster import connect
 from env.types import Question
-from features.errors import ConfigError
 
-__all__ = ["RecordWorker", "check_ray", "record_on_ray"]
+__all__ = ["RecordWorker", "record_on_ray"]
 
 log = logging.getLogger(__name__)
-
-
-def check_ray(address: str) -> None:
-    """Refuse ``--ray`` without Ray installed, or with an address Ray cannot take."""
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        raise ConfigError(
-            "--ray needs Ray: pip install -e '.[ray]' (or leave --ray out to record in this process)"
-        ) from None
-    if address in ("local", "auto"):
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(
-            f"--ray {address!r}: give local (a Ray instance on this machine), auto (the cluster "
-            "running here) or a cluster address such as ray://HOST:10001 or HOST:6379"
-        )
-    # Ray itself waits minutes for an address that does not answer: try it first
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-    except OSError as e:
-        raise ConfigError(
-            f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}): start it "
-            "(`ray start --head`), check the address, or use --ray local"
-        ) from None
 
 
 class RecordWorker:
@@ -92,31 +64,6 @@ class RecordWorker:
         return os.getpid()
 
 
-def _connect(address: str, workers: int, gpus: float) -> bool:
-    """Join or start the cluster; ``True`` when this run started it (and stops it)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    try:
-        if address == "local":
-            ray.init(
-                num_cpus=max(workers, 1),
-                num_gpus=None if gpus == 0 else math.ceil(gpus * workers),
-                include_dashboard=False,
-                log_to_driver=False,
-            )
-            return True
-        ray.init(address=address, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
-        raise ConfigError(
-            f"cannot reach the Ray cluster at {address!r} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}): start it (`ray start --head`), or "
-            "use --ray local"
-        ) from None
-    return False
-
-
 def record_on_ray(args: RecordArgs, stats: dict[str, float] | None = None) -> Path:
     """Record (or resume) the bank of ``args`` on Ray (see the module docstring). The caller
     holds the bank's lock. ``stats``, when given, receives where the driver's time went:
@@ -127,7 +74,7 @@ def record_on_ray(args: RecordArgs, stats: dict[str, float] | None = None) -> Pa
 
     questions = questions_of(args)
     t_setup = time.perf_counter()
-    started = _connect(args.ray, args.ray_workers, args.ray_gpus)
+    started = connect(args.ray, args.ray_workers, args.ray_gpus)
     try:
         worker_cls: Any = ray.remote(max_restarts=-1, max_task_retries=-1)(RecordWorker)
         actors: list[Any] = [

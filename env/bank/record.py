@@ -413,7 +413,7 @@ def record(args: RecordArgs) -> Path:
     if args.ray_workers < 1 or args.ray_gpus < 0:
         raise ConfigError("need --ray-workers >= 1 and --ray-gpus >= 0")
     if args.ray:
-        from env.bank.ray_record import check_ray
+        from env.ray_cluster import check_ray
 
         check_ray(args.ray)  # (Ray installed, the address well-formed: before the lock)
     with BankLock(args.out, "ponder record"):

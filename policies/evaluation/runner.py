@@ -313,6 +313,11 @@ class Evaluator:
         )
 
     @property
+    def hidden_probes(self) -> HiddenProbes | str | None:
+        """The ``hidden`` it was given (probes, ``"auto"`` or ``None``)."""
+        return self._hidden
+
+    @property
     def bank_name(self) -> str:
         return self.bank.path.resolve().name
 

@@ -16,6 +16,8 @@ from policies.registry import load_policy
 
 __all__ = [
     "Family",
+    "Point",
+    "PointMap",
     "heuristic_sweeps",
     "learned_sweep",
     "evaluate_families",
@@ -135,22 +137,43 @@ def learned_sweep(
     )
 
 
+#: One point to evaluate: the policy, its family, its sweep parameter, its training seed.
+Point = tuple[Policy, str, str, int | None]
+#: Evaluates points (in any order, calling ``on_result`` after each) and returns their results
+#: in the points' order: :func:`evaluate_families` runs them here; ``ponder run --ray`` on Ray
+#: (:class:`policies.ray_run.RayEvaluators`).
+PointMap = Callable[[Sequence[Point], Callable[[EvalResult], None] | None], list[EvalResult]]
+
+
 def evaluate_families(
     evaluator: Evaluator,
     families: Sequence[Family],
     *,
     on_result: Callable[[EvalResult], None] | None = None,
+    points_map: PointMap | None = None,
 ) -> dict[str, list[EvalResult]]:
     """Evaluate every point of every family; ``on_result`` is called after each (progress).
-    Families of one name (a learned family's training seeds) share its list of results."""
-    out: dict[str, list[EvalResult]] = {}
-    for fam in families:
-        res = out.setdefault(fam.name, [])
-        for param, policy in fam.points:
-            r = evaluator(policy, family=fam.name, param=param, train_seed=fam.train_seed)
-            res.append(r)
+    Families of one name (a learned family's training seeds) share its list of results.
+    ``points_map`` evaluates the points elsewhere (Ray); the results are the same."""
+    points: list[Point] = [
+        (policy, fam.name, param, fam.train_seed)
+        for fam in families
+        for param, policy in fam.points
+    ]
+    if points_map is None:
+        results = []
+        for policy, family, param, train_seed in points:
+            r = evaluator(policy, family=family, param=param, train_seed=train_seed)
+            results.append(r)
             if on_result is not None:
                 on_result(r)
+    else:
+        results = points_map(points, on_result)
+    out: dict[str, list[EvalResult]] = {}
+    for fam in families:
+        out.setdefault(fam.name, [])
+    for (_, family, _, _), r in zip(points, results, strict=True):
+        out[family].append(r)
     return out
 
 

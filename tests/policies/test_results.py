@@ -194,3 +194,14 @@ def test_readme_numbers_are_the_committed_results() -> None:
         assert readme[name] == render(read_results(path)), (
             f"the README's {name} report differs from {path}: run `ponder report --write-readme`"
         )
+
+
+def test_ray_gives_the_same_results_file(
+    twice: tuple[dict[str, Any], dict[str, Any]], tmp_path: Path
+) -> None:
+    """`ponder run --ray local`: the trainings and the evaluation sweeps as tasks of a real local
+    Ray cluster (two evaluation actors); the results file equals the one made without Ray."""
+    pytest.importorskip("ray", reason="pip install -e '.[ray]'")
+    a, _ = twice
+    c = _run(tmp_path / "c", tmp_path, "--ray", "local", "--ray-workers", "2")
+    assert comparable(c) == comparable(a)
