@@ -117,6 +117,10 @@ class AnnotateArgs:
     """annotate at most this many more questions, then stop"""
     progress: bool = True
     """show a progress bar"""
+    ray: str = ""
+    """annotate on a Ray cluster (pip install -e '.[ray]'): local, auto or a cluster address; --ray-workers actors each load the model and compute questions' states, this process writes each file once (the nodes must see the bank and the model)"""
+    ray_workers: int = 2
+    """Ray actors (each takes --threads CPUs, default 1 on Ray)"""
 
 
 @dataclass(frozen=True)
@@ -542,6 +546,53 @@ def _check_done(
         )
 
 
+@dataclass(frozen=True)
+class _Spec:
+    """What computing a question's states needs (sent to Ray actors as is)."""
+
+    bank: str
+    folder: str
+    layers: tuple[int, ...]
+    dtype: Dtype
+    threads: int | None
+    seed: int
+    dims: int
+
+
+class AnnotateWorker:
+    """The model loaded once; :meth:`annotate` computes one question's hidden-state file (in
+    this process, or in a Ray actor: :mod:`env.bank.ray_annotate`)."""
+
+    def __init__(self, spec: _Spec) -> None:
+        self.spec = spec
+        self.bank = TraceBank(spec.bank)
+        self.folder = Path(spec.folder)
+        self.tokenizer = load_tokenizer(self.folder)
+        self.capture = StateCapture(self.folder, spec.layers, spec.dtype, spec.threads)
+
+    def annotate(self, i: int, qid: str, manifest: HiddenManifest) -> tuple[bytes, int]:
+        """Question ``i``'s file (its bytes) and the tokens it read."""
+        s, bank = self.spec, self.bank
+        qt = _question(bank, i, qid)
+        ids, ends, chain_chunk = _chains(qt, bank.chunk_file(i))
+        prompt = prompt_ids(bank, qt.question.text, self.tokenizer)
+        _check_prompt(qt, len(prompt), self.folder, bank)
+        raw_prompt, raw_boundary = capture_states(self.capture, prompt, ids, ends)
+        data = encode_hidden_file(
+            reduce_states(raw_prompt, s.layers, seed=s.seed, dims=s.dims),
+            reduce_states(raw_boundary, s.layers, seed=s.seed, dims=s.dims),
+            chain_chunk,
+            {
+                "qid": qid,
+                "question_sha256": question_sha256(qt.question),
+                "bank_id": manifest.bank_id,
+                "fingerprint": manifest.fingerprint,
+                "tokens_sha256": tokens_sha256(ids),
+            },
+        )
+        return data, len(prompt) + sum(len(c) for c in ids)
+
+
 def annotate(args: AnnotateArgs) -> AnnotateReport:
     """Annotate the bank at ``args.path`` (see the module docstring); returns what was done."""
     bank = TraceBank(args.path)
@@ -553,6 +604,12 @@ def annotate(args: AnnotateArgs) -> AnnotateReport:
         raise ConfigError(f"--dims must be between 1 and the model's hidden size {hidden}")
     if args.limit is not None and args.limit < 0:
         raise ConfigError("--limit must be >= 0")
+    if args.ray:
+        from env.ray_cluster import check_ray
+
+        if args.ray_workers < 1:
+            raise ConfigError("--ray-workers must be >= 1")
+        check_ray(args.ray)
     sha = model_sha256(folder)
     if bank.manifest.model.get("engine") != "llama.cpp" and sha != bank.manifest.model.get(
         "sha256"
@@ -597,38 +654,34 @@ def annotate(args: AnnotateArgs) -> AnnotateReport:
             return AnnotateReport(0, already, len(bank), 0, 0.0, 0)
 
         t0 = time.perf_counter()
-        tokenizer = load_tokenizer(folder)
-        capture = StateCapture(folder, layers, args.dtype, args.threads)
-        load_seconds = time.perf_counter() - t0
+        spec = _Spec(str(root), str(folder), layers, args.dtype, args.threads, args.seed, args.dims)
+        load_seconds = 0.0
         tokens = written = done = 0
-        t0 = time.perf_counter()
         bar = _bar(len(todo), args.progress)
+
+        def write(i: int, data: bytes, n_tokens: int) -> None:
+            nonlocal tokens, written, done
+            path = hidden_file(root, i)
+            if path.exists():  # (a retried Ray task never writes a question twice)
+                return
+            atomic_write_bytes(path, data)
+            done += 1
+            written += len(data)
+            tokens += n_tokens
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+
         try:
-            for i, qid in todo:
-                qt = _question(bank, i, qid)
-                ids, ends, chain_chunk = _chains(qt, bank.chunk_file(i))
-                prompt = prompt_ids(bank, qt.question.text, tokenizer)
-                _check_prompt(qt, len(prompt), folder, bank)
-                raw_prompt, raw_boundary = capture_states(capture, prompt, ids, ends)
-                data = encode_hidden_file(
-                    reduce_states(raw_prompt, layers, seed=args.seed, dims=args.dims),
-                    reduce_states(raw_boundary, layers, seed=args.seed, dims=args.dims),
-                    chain_chunk,
-                    {
-                        "qid": qid,
-                        "question_sha256": question_sha256(qt.question),
-                        "bank_id": manifest.bank_id,
-                        "fingerprint": manifest.fingerprint,
-                        "tokens_sha256": tokens_sha256(ids),
-                    },
-                )
-                atomic_write_bytes(hidden_file(root, i), data)
-                done += 1
-                written += len(data)
-                tokens += len(prompt) + sum(len(c) for c in ids)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+            if args.ray:
+                from env.bank.ray_annotate import annotate_on_ray
+
+                load_seconds = annotate_on_ray(spec, todo, manifest, args, write)
+            else:
+                worker = AnnotateWorker(spec)
+                load_seconds = time.perf_counter() - t0
+                for i, qid in todo:
+                    write(i, *worker.annotate(i, qid, manifest))
         finally:
             if bar is not None:
                 bar.close()

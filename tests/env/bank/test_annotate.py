@@ -282,3 +282,16 @@ def test_default_model_and_layers_and_a_pinned_projection() -> None:
     assert projection_sha256(0, [2, 4], 256, 128) == (
         "4169555dbd5d9f2121835c0b445983cd97fb77966a55dc9bcf61216e4202eeac"
     )
+
+
+def test_ray_annotates_the_same_files(tmp_path: Path, reference: Path) -> None:
+    """`--ray local`: two actors of a real local Ray cluster compute the states, this process
+    writes them; the files equal one process's, and a rerun on Ray resumes."""
+    pytest.importorskip("ray", reason="pip install -e '.[ray]'")
+    bank = _copy(tmp_path)
+    assert annotate(_args(bank, limit=1)).annotated == 1  # one without Ray first
+    r = annotate(_args(bank, limit=3, ray="local", ray_workers=2))
+    assert (r.annotated, r.already) == (3, 1)
+    assert _files(bank) == _files(reference)
+    with pytest.raises(ConfigError, match="cannot reach the Ray cluster"):
+        annotate(_args(bank, limit=1, ray="127.0.0.1:1"))
