@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from env.bank.record import RecordArgs, _questions, split_counts
+from env.bank.record import RecordArgs, questions_of, split_counts
 from features.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -35,8 +35,8 @@ def _args(**kw: object) -> RecordArgs:
 
 
 def test_raising_one_split_appends_its_questions() -> None:
-    small = _questions(_args(n=8))
-    grown = _questions(_args(n=8, split_n=("train=16",)))
+    small = questions_of(_args(n=8))
+    grown = questions_of(_args(n=8, split_n=("train=16",)))
     assert [q.qid for q in grown[: len(small)]] == [q.qid for q in small]
     assert len(grown) == 24 and all("/train/" in q.qid for q in grown[len(small) :])
 
