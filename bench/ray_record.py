@@ -53,9 +53,7 @@ class Args:
 
 def _run(engine: str, workers: int | None, a: Args, tmp: Path) -> dict[str, float]:
     """One recording (``workers=None``: without Ray); its timings."""
-    from env.bank.lock import BankLock
-    from env.bank.ray_record import record_on_ray
-    from env.bank.record import RecordArgs, _record
+    from env.bank.record import RecordArgs, record
     from env.bank.store import TraceBank
 
     out = tmp / f"{engine}-{workers or 0}"
@@ -76,11 +74,7 @@ def _run(engine: str, workers: int | None, a: Args, tmp: Path) -> dict[str, floa
     )
     stats: dict[str, float] = {}
     t0 = time.perf_counter()
-    with BankLock(out, "bench"):
-        if workers:
-            record_on_ray(args, stats)
-        else:
-            _record(args)
+    record(args, stats)
     wall = time.perf_counter() - t0
     import pyarrow.parquet as pq
 

@@ -405,9 +405,10 @@ def questions_of(args: RecordArgs) -> list[Question]:
     return out
 
 
-def record(args: RecordArgs) -> Path:
+def record(args: RecordArgs, stats: dict[str, float] | None = None) -> Path:
     """Create or resume the bank at ``args.out``, holding its :class:`BankLock` throughout (a
-    second recorder of the same folder is refused with the first one named)."""
+    second recorder of the same folder is refused with the first one named). On Ray,
+    ``stats`` receives where the driver's time went (:func:`env.bank.ray_record.record_on_ray`)."""
     if args.chains < 1 or args.chunk_tokens < 1 or args.max_tokens < args.chunk_tokens:
         raise ConfigError("need chains >= 1, chunk_tokens >= 1 and max_tokens >= chunk_tokens")
     if args.ray_workers < 1 or args.ray_gpus < 0:
@@ -420,7 +421,7 @@ def record(args: RecordArgs) -> Path:
         if args.ray:
             from env.bank.ray_record import record_on_ray
 
-            return record_on_ray(args)
+            return record_on_ray(args, stats)
         return _record(args)
 
 

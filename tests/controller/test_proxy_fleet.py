@@ -85,7 +85,12 @@ def test_a_fleet_survives_a_server_killed_under_load(two_servers: list[ServerHan
         threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(4)]
         for t in threads:
             t.start()
+        # load until both servers have answered (their first requests are slow on a busy CPU)
+        deadline = time.monotonic() + PHASE_S + 120  # a hang guard, not a timing target
         time.sleep(PHASE_S)
+        while min(fleet.served) == 0:
+            assert time.monotonic() < deadline, f"the load never reached both: {fleet.served}"
+            time.sleep(0.5)
         served_before = list(fleet.served)
         assert fleet.up == [True, True], "a server was taken out before the kill"
         os.killpg(b.process.pid, signal.SIGKILL)  # the whole server, at once
