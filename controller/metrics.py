@@ -70,6 +70,12 @@ class Metrics:
         with self._lock:
             self.in_flight += 1
 
+    def unstarted(self) -> None:
+        """Undo :meth:`started` for a request whose answer is counted elsewhere (a stream:
+        from its first event, so one never sent is never left in flight)."""
+        with self._lock:
+            self.in_flight -= 1
+
     def finished(self, endpoint: str, status: int, latency_s: float, result: Result | None) -> None:
         with self._lock:
             if status == CLIENT_CLOSED:

@@ -381,6 +381,7 @@ def create_app(
             ctl = pick(ask)
             if ask.stream:
                 streaming = True
+                metrics.unstarted()  # (counted again when the stream starts)
                 return StreamingResponse(
                     stream(kind, ask, ctl, rid, endpoint, t0),
                     media_type="text/event-stream",
@@ -445,6 +446,7 @@ def create_app(
         t0: float,
     ) -> AsyncIterator[str]:
         """The SSE events of a streamed answer (:mod:`controller.respond`)."""
+        metrics.started()
         status, result, error = 200, None, None
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[str] = asyncio.Queue()
