@@ -42,6 +42,7 @@ def two_servers() -> Iterator[list[ServerHandle]]:
             h.stop()
 
 
+@pytest.mark.timeout(900)
 def test_a_fleet_survives_a_server_killed_under_load(two_servers: list[ServerHandle]) -> None:
     import openai
 
@@ -85,11 +86,10 @@ def test_a_fleet_survives_a_server_killed_under_load(two_servers: list[ServerHan
         threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(4)]
         for t in threads:
             t.start()
-        # load until both servers have answered (their first requests are slow on a busy CPU)
-        deadline = time.monotonic() + PHASE_S + 120  # a hang guard, not a timing target
+        # load until both servers have answered (their first requests are slow on a busy CPU;
+        # the test's timeout bounds a hang)
         time.sleep(PHASE_S)
         while min(fleet.served) == 0:
-            assert time.monotonic() < deadline, f"the load never reached both: {fleet.served}"
             time.sleep(0.5)
         served_before = list(fleet.served)
         assert fleet.up == [True, True], "a server was taken out before the kill"

@@ -109,6 +109,7 @@ def test_a_wrong_password_is_one_clear_error(postgres: str, tmp_path: Path) -> N
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+@pytest.mark.timeout(900)
 def test_ponder_run_against_mlflow_server_on_postgres(
     postgres: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -124,15 +125,13 @@ def test_ponder_run_against_mlflow_server_on_postgres(
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:  # a hang guard, not a timing target
+        while True:  # (the test's timeout bounds a hang)
             assert server.poll() is None, "mlflow server exited"
             try:
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
-            assert time.monotonic() < deadline, "mlflow server did not come up in 180 s"
             time.sleep(0.5)
         proc = subprocess.run(
             [sys.executable, "-m", "controller.cli", "run", "--bank", str(BANK), "--quick",

@@ -77,6 +77,7 @@ def test_ray_records_the_same_bank_and_resumes(plain: Path, tmp_path: Path) -> N
     } == kept
 
 
+@pytest.mark.timeout(600)
 def test_a_worker_killed_mid_recording_changes_nothing(plain: Path, tmp_path: Path) -> None:
     out = tmp_path / "bank"
     # (the fake engine at 3 ms a token: seconds per question, time to kill a worker mid-way)
@@ -84,10 +85,8 @@ def test_a_worker_killed_mid_recording_changes_nothing(plain: Path, tmp_path: Pa
                           "--fake-token-ms", "3")  # fmt: skip
     try:
         victim = None
-        deadline = time.monotonic() + 300
-        while victim is None:  # a hang guard, not a timing target
+        while victim is None:  # (the test's timeout bounds a hang)
             assert proc.poll() is None, proc.communicate()[0][-2000:]
-            assert time.monotonic() < deadline, "no Ray worker recorded anything in 300 s"
             done = list((out / "chunks").glob("*.parquet")) if (out / "chunks").exists() else []
             if len(done) >= 2:
                 pids = subprocess.run(
