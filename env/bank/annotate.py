@@ -47,6 +47,7 @@ from env.bank.hidden import (
     check_hidden_file,
     encode_hidden_file,
     hidden_file,
+    hidden_file_identity,
     main_boundaries,
     projection_sha256,
     read_hidden_file,
@@ -58,7 +59,6 @@ from env.bank.store import (
     TraceBank,
     atomic_write_bytes,
     model_sha256,
-    question_sha256,
     read_question_file,
 )
 from features.errors import BankError, ConfigError, ModelError
@@ -582,13 +582,7 @@ class AnnotateWorker:
             reduce_states(raw_prompt, s.layers, seed=s.seed, dims=s.dims),
             reduce_states(raw_boundary, s.layers, seed=s.seed, dims=s.dims),
             chain_chunk,
-            {
-                "qid": qid,
-                "question_sha256": question_sha256(qt.question),
-                "bank_id": manifest.bank_id,
-                "fingerprint": manifest.fingerprint,
-                "tokens_sha256": tokens_sha256(ids),
-            },
+            hidden_file_identity(qid, qt.question, manifest, ids),
         )
         return data, len(prompt) + sum(len(c) for c in ids)
 

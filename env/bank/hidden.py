@@ -73,6 +73,7 @@ __all__ = [
     "describe",
     "encode_hidden_file",
     "hidden_file",
+    "hidden_file_identity",
     "main_boundaries",
     "projection_matrix",
     "projection_sha256",
@@ -256,6 +257,22 @@ def tokens_sha256(chains: Sequence[Sequence[int]]) -> str:
         h.update(len(c).to_bytes(8, "little"))
         h.update(np.asarray(c, dtype="<i4").tobytes())
     return h.hexdigest()
+
+
+def hidden_file_identity(
+    qid: str, question: Question, manifest: HiddenManifest, chains: Sequence[Sequence[int]]
+) -> dict[str, str]:
+    """The metadata that binds a hidden file to its question, bank, annotation and chains (what
+    :func:`encode_hidden_file` stores and a reader checks)."""
+    from env.bank.store import question_sha256
+
+    return {
+        "qid": qid,
+        "question_sha256": question_sha256(question),
+        "bank_id": manifest.bank_id,
+        "fingerprint": manifest.fingerprint,
+        "tokens_sha256": tokens_sha256(chains),
+    }
 
 
 def encode_hidden_file(

@@ -23,11 +23,11 @@ from env.bank.hidden import (
     HiddenStates,
     encode_hidden_file,
     hidden_file,
+    hidden_file_identity,
     main_boundaries,
     projection_sha256,
-    tokens_sha256,
 )
-from env.bank.store import TraceBank, atomic_write_bytes, question_sha256
+from env.bank.store import TraceBank, atomic_write_bytes
 from env.types import Question
 from features.errors import BankError
 
@@ -95,13 +95,7 @@ def write_synthetic_annotation(
             prompt,
             boundary,
             chain_chunk,
-            {
-                "qid": qid,
-                "question_sha256": question_sha256(qt.question),
-                "bank_id": manifest.bank_id,
-                "fingerprint": manifest.fingerprint,
-                "tokens_sha256": tokens_sha256(ids),
-            },
+            hidden_file_identity(qid, qt.question, manifest, ids),
         )
         atomic_write_bytes(hidden_file(bank.path, i), data)
     hs = HiddenStates.open(bank.path, bank)
