@@ -1,4 +1,5 @@
-"""Question sets shipped in ``data/``: GSM8K, MATH-500 and the testbed's synthetic arithmetic.
+"""Question sets shipped in ``data/``: GSM8K, MATH-500, HumanEval and the testbed's synthetic
+arithmetic.
 
 Every loader returns :class:`env.types.Question` records with stable ids, a gold
 answer and, where one can be had, a difficulty level:
@@ -7,6 +8,8 @@ answer and, where one can be had, a difficulty level:
   reference solution (the ``<<...>>`` annotations), capped at 6: a common proxy.
 - MATH-500 carries MATH's level 1-5.
 - The testbed's levels are its own knob (:data:`env.models.testbed.task.LEVELS`).
+- HumanEval (:mod:`env.code.humaneval`) has none; its gold answer is the reference solution's
+  behaviour on the prompt's visible calls (:mod:`env.code.reference`).
 """
 
 from __future__ import annotations
@@ -110,7 +113,8 @@ def load_testbed(split: str = "test", per_level: int = 25, *, seed: int = 0) -> 
 def load_questions(
     dataset: str, split: str = "test", n: int | None = None, *, seed: int | None = None
 ) -> list[Question]:
-    """Load by name: ``gsm8k``, ``math500`` or ``arith`` (the testbed task)."""
+    """Load by name: ``gsm8k``, ``math500``, ``humaneval`` (code, :mod:`env.code`) or
+    ``arith`` (the testbed task)."""
     if dataset == "gsm8k":
         return load_gsm8k(split, n, seed=seed)
     if dataset == "math500":
@@ -118,7 +122,12 @@ def load_questions(
     if dataset == "arith":
         per_level = 25 if n is None else max(1, -(-n // 8))
         return load_testbed(split, per_level, seed=seed or 0)[: n if n is not None else None]
-    raise ConfigError(f"unknown dataset {dataset!r}; choose gsm8k, math500 or arith")
+    if dataset == "humaneval":
+        from env.code.humaneval import load_humaneval
+        from env.code.reference import reference_answers
+
+        return load_humaneval(split, n, seed=seed, golds=reference_answers())
+    raise ConfigError(f"unknown dataset {dataset!r}; choose gsm8k, math500, humaneval or arith")
 
 
 SPLITS = ("train", "test", "fit", "dev")

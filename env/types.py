@@ -14,6 +14,7 @@ from features.confidence import token_confidence, token_entropy
 from features.errors import ConfigError
 
 __all__ = [
+    "CODE_DATASETS",
     "FinishReason",
     "INJECT_ALLOWANCE",
     "PromptMode",
@@ -35,6 +36,9 @@ __all__ = [
 #: ``stop``: the model ended the chain (EOS or a stop string); ``forced``: budget forcing ended the
 #: chain by forcing a final answer; ``cap``: the chain reached its token cap without an answer.
 FinishReason = Literal["length", "stop", "forced", "cap"]
+
+#: Data sets whose answers are programs, read and graded by running them (:mod:`env.code`).
+CODE_DATASETS = frozenset({"humaneval"})
 
 #: Tokens budgeted for an injected ``Wait,`` when budget forcing continues an ended chain.
 INJECT_ALLOWANCE = 16
@@ -170,6 +174,11 @@ class Question:
             (``system``, ``user``, ``assistant``): a chat client's system prompt and earlier
             turns. They go through the model's chat template ahead of the question (a system
             message replaces the template's own); empty for data-set questions.
+        accepted: canonical answers judged right by other means than equality with ``gold``.
+            Code questions carry the behaviour classes whose programs pass the hidden unit
+            tests (from a bank's execution results, :mod:`env.code`); when it is given (even
+            empty: no class is right) it alone decides correctness (:func:`features.answers.judged_correct`). Like ``gold``
+            it is for scoring only: no policy reads it.
     """
 
     qid: str
@@ -178,6 +187,23 @@ class Question:
     dataset: str = ""
     difficulty: int | None = None
     context: tuple[tuple[str, str], ...] = ()
+    accepted: tuple[str, ...] | None = None
+
+    @property
+    def is_code(self) -> bool:
+        """Whether the answer is a program, read and graded by running it (:mod:`env.code`)."""
+        return self.dataset in CODE_DATASETS
+
+    @property
+    def scorable(self) -> bool:
+        """Whether correctness can be scored: a gold answer or accepted answers exist."""
+        return self.gold is not None or self.accepted is not None
+
+    def is_right(self, answer: str | None) -> bool:
+        """Whether ``answer`` is right for this question (:func:`features.answers.judged_correct`)."""
+        from features.answers import judged_correct
+
+        return judged_correct(answer, self.gold, self.accepted)
 
 
 FloatArray = npt.NDArray[np.float32]

@@ -2,10 +2,12 @@
 
 The environment's ``verify`` action asks a :class:`Verifier` for P(correct so far) of each chain
 whose end changed (``ComputeAllocationEnv(..., verifier=...)``; without one it asks the
-generator itself). Two kinds ship:
+generator itself). Three kinds ship:
 
 * :class:`SelfVerifier`: the generative self-verifier of any model. The model is asked whether
   the chain is correct and answers one token; ``P(yes)`` among yes/no is the score.
+* :class:`ExecutionVerifier`: code questions' execution verification (the program run on the
+  examples its prompt shows).
 * :class:`PRMVerifier`: a step-level process reward model trained on the testbed model's step
   labels (:mod:`env.models.testbed.prm`). It reads the chain and scores each complete step; it decodes
   nothing.
@@ -40,7 +42,7 @@ from features.errors import ConfigError
 if TYPE_CHECKING:
     from env.models.testbed.prm import Aggregate, PRMState, ProcessRewardModel
 
-__all__ = ["PRMVerifier", "SelfVerifier", "Verifier"]
+__all__ = ["ExecutionVerifier", "PRMVerifier", "SelfVerifier", "Verifier"]
 
 
 @runtime_checkable
@@ -97,6 +99,54 @@ class SelfVerifier:
 
     def reset(self) -> None:
         """Nothing to forget: the generator keeps its own state."""
+
+
+class ExecutionVerifier:
+    """Execution verification for code questions: a chain's code so far is run on the calls its
+    prompt's docstring shows, and its score is the share of their expected values it gives
+    (:meth:`env.code.grade.CodeGrader.read`; 0.5 without code or without an expected value).
+    The hidden unit tests are never run here. Questions that are not code get the generator's
+    own verdict (``fallback``).
+
+    Costs: ``TokenUsage(judge=1)`` per chain, the price of a self-verification's one token,
+    so that a verification costs the same in a live episode and in the replay of a code bank
+    (whose recorded ``judge_p_yes`` is this score); running the code costs CPU, not tokens.
+
+    Args:
+        fallback: the verifier of non-code questions (usually a :class:`SelfVerifier`), or None
+            to refuse them.
+    """
+
+    name = "execution"
+
+    def __init__(self, fallback: Verifier | None = None) -> None:
+        self.fallback = fallback
+
+    @property
+    def can_judge(self) -> bool:
+        return True
+
+    def judge(self, chains: Sequence[Chain]) -> list[JudgeResult]:
+        from env.code.grade import grader_for
+
+        out: list[JudgeResult] = []
+        for c in chains:
+            if not c.question.is_code:
+                if self.fallback is None:
+                    raise ConfigError(
+                        f"question {c.question.qid!r} is not code: execution verification needs "
+                        "a program; give ExecutionVerifier(fallback=SelfVerifier(generator))"
+                    )
+                out.extend(self.fallback.judge([c]))
+                continue
+            _, score = grader_for(c.question.qid).read(c.text, ended=c.finished)
+            out.append(JudgeResult(c.chain_id, c.num_tokens, score, TokenUsage(judge=1)))
+        return out
+
+    def reset(self) -> None:
+        """Nothing to forget: runs are cached by program, which costs no tokens."""
+        if self.fallback is not None:
+            self.fallback.reset()
 
 
 class PRMVerifier:

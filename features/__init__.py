@@ -16,6 +16,7 @@ from features.answers import (
     group_answers,
     gsm8k_gold,
     is_correct,
+    judged_correct,
     normalize_answer,
     read_probe,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "extract_answer",
     "extract_boxed",
     "group_answers",
+    "judged_correct",
     "group_confidence",
     "gsm8k_gold",
     "is_correct",

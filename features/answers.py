@@ -35,6 +35,7 @@ __all__ = [
     "extract_answer",
     "extract_boxed",
     "group_answers",
+    "judged_correct",
     "gsm8k_gold",
     "is_correct",
     "normalize_answer",
@@ -614,6 +615,31 @@ def is_correct(pred: str | None, gold: str | None) -> bool:
             "(Question.gold) or skip correctness for unlabelled questions"
         )
     return answers_equal(pred, gold)
+
+
+def judged_correct(
+    answer: str | None, gold: str | None, accepted: Sequence[str] | None = None
+) -> bool:
+    """Whether an answer counts as right: the one rule every scorer applies.
+
+    Without ``accepted`` (math, the testbed): the answer equals ``gold``
+    (:func:`answers_equal`); no gold answer means nothing is right. With ``accepted`` given
+    (code: the behaviour classes whose programs pass the hidden unit tests, see
+    :mod:`env.code`; empty when none does), the answer is right iff its canonical form is one
+    of them, whatever ``gold`` says.
+
+    Args:
+        answer: the answer to score, or None.
+        gold: the reference answer, or None.
+        accepted: canonical answers judged right by other means (None: use ``gold``).
+
+    Returns:
+        Whether the answer is right.
+    """
+    if accepted is not None:
+        key = normalize_answer(answer)
+        return key is not None and key in accepted
+    return gold is not None and answers_equal(answer, gold)
 
 
 def group_answers(answers: Sequence[str | None]) -> dict[str, list[int]]:

@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import tyro
 
@@ -106,7 +106,58 @@ def info(args: BankInfoArgs) -> dict[str, dict[str, float]]:
     from env.bank.hidden import describe
 
     console.print(describe(bank))
+    from env.bank.record import CODE_DATASETS
+
+    if m.dataset in CODE_DATASETS:
+        stats["code"] = _code_table(bank, console)
     return stats
+
+
+def _code_table(bank: TraceBank, console: Any) -> dict[str, float]:
+    """A code bank's execution results by problem (:mod:`env.code.report`), and the totals."""
+    from rich.table import Table
+
+    from env.code.report import code_rows
+
+    rows = code_rows(bank)
+    k = bank.manifest.chains
+    table = Table(
+        title="execution results by problem (each program's own hidden-test verdict; "
+        "verified: best-of-k by visible examples)"
+    )
+    for col in ("problem", "visible", "classes", "pass@1", f"pass@{k}", "verified", f"maj@{k}"):
+        table.add_column(col, justify="right")
+    yes = {True: "yes", False: "-"}
+    for r in rows:
+        table.add_row(
+            r.qid,
+            str(r.visible),
+            str(r.classes),
+            f"{r.pass1:.0%}",
+            yes[r.passk],
+            yes[r.verified],
+            yes[r.majority],
+        )
+    n = max(1, len(rows))
+    totals = {
+        "problems": float(len(rows)),
+        "pass@1": sum(r.pass1 for r in rows) / n,
+        "pass@k": sum(r.passk for r in rows) / n,
+        "verified": sum(r.verified for r in rows) / n,
+        "maj@k": sum(r.majority for r in rows) / n,
+    }
+    table.add_row(
+        "all",
+        "",
+        "",
+        f"{totals['pass@1']:.1%}",
+        f"{totals['pass@k']:.1%}",
+        f"{totals['verified']:.1%}",
+        f"{totals['maj@k']:.1%}",
+        style="bold",
+    )
+    console.print(table)
+    return totals
 
 
 def main(argv: list[str] | None = None) -> None:

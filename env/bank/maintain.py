@@ -16,7 +16,6 @@ from env.bank.store import (
     BankManifest,
     QuestionTrace,
     TraceBank,
-    answer_correct,
     atomic_write_bytes,
     check_identity,
     check_qids,
@@ -215,9 +214,7 @@ def correct_mismatches(bank: TraceBank) -> list[tuple[Path, str, list[int]]]:
         if qid not in bank:
             continue
         qt = bank[qid]
-        wrong = [
-            c.chain for c in qt.chains if c.correct != answer_correct(c.answer, qt.question.gold)
-        ]
+        wrong = [c.chain for c in qt.chains if c.correct != qt.question.is_right(c.answer)]
         if wrong:
             out.append((bank.chunk_file(i), qid, wrong))
     return out
@@ -242,15 +239,14 @@ def summarize(bank: TraceBank) -> dict[str, dict[str, float]]:
         toks: list[int] = []
         chains = 0
         for qt in qts:
-            gold = qt.question.gold
-            corr = [answer_correct(c.answer, gold) for c in qt.chains]
+            corr = [qt.question.is_right(c.answer) for c in qt.chains]
             pass1.append(float(np.mean(corr)))
             passk.append(float(any(corr)))
             votes = Counter(c.answer for c in qt.chains if c.answer is not None)
             if votes:
                 top = max(votes.values())
                 leaders = sorted(a for a, v in votes.items() if v == top)
-                lead_correct = [answer_correct(a, gold) for a in leaders]
+                lead_correct = [qt.question.is_right(a) for a in leaders]
                 maj.append(float(np.mean(lead_correct)))  # ties split evenly
             else:
                 maj.append(0.0)

@@ -25,15 +25,34 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
 from env.bank.lock import BankLock
-from env.bank.store import BankManifest, BankWriter, answer_correct, model_sha256
+from env.bank.store import (
+    EXECUTION_KEY,
+    METADATA_ROWS,
+    BankManifest,
+    BankWriter,
+    answer_correct,
+    model_sha256,
+)
 from env.generators.base import Generator
-from env.types import Chain, Chunk, JudgeResult, ProbeResult, PromptMode, Question
+from env.types import (
+    CODE_DATASETS,
+    Chain,
+    Chunk,
+    JudgeResult,
+    ProbeResult,
+    PromptMode,
+    Question,
+    TokenUsage,
+)
 from features.errors import ConfigError
+
+if TYPE_CHECKING:
+    from env.code.grade import CodeGrader
 
 __all__ = [
     "RecordArgs",
@@ -45,7 +64,10 @@ __all__ = [
     "record_as",
     "record_question",
     "question_seed",
+    "CODE_DATASETS",
+    "code_grader",
 ]
+
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +84,8 @@ class RecordArgs:
     scripted fake generator (for testing the recorder itself)"""
     url: str = ""
     """instead of --model: base URL of a vLLM OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1)"""
-    dataset: Literal["arith", "gsm8k", "math500"] = "arith"
-    """question set"""
+    dataset: Literal["arith", "gsm8k", "math500", "humaneval"] = "arith"
+    """question set (humaneval: code, graded by running it, see env.code; its chains are read and run at every boundary instead of probed and judged by the model)"""
     splits: tuple[str, ...] = ("test",)
     """splits to draw from; several are interleaved so a partial bank stays balanced"""
     n: int = 16
@@ -201,8 +223,17 @@ def record_question(
     judge: bool,
     mode: PromptMode = "cot",
     seed: int | None = None,
-) -> dict[str, list[Any]]:
-    """Record one question; return its chunk rows as columns (see :mod:`env.bank.store`)."""
+    grader: CodeGrader | None = None,
+) -> dict[str, Any]:
+    """Record one question; return its chunk rows as columns (see :mod:`env.bank.store`).
+
+    With a ``grader`` (code questions, :mod:`env.code.grade`) the model is neither probed nor
+    asked to judge: at each boundary the chain's code so far is run instead. Its behaviour
+    class is the boundary's probe answer (reading code costs no tokens, so the probe's token
+    columns are 0) and the share of visible examples it passes is ``judge_p_yes``; the final
+    answer is the class of the chain's final code, ``correct`` says whether that class is
+    judged right (:func:`env.code.grade.accepted_answers`), and every chain's execution
+    results go into the file's metadata (:data:`env.bank.store.EXECUTION_KEY`)."""
     from env.types import BudgetForcing
     from features.answers import extract_answer, normalize_answer
 
@@ -216,8 +247,13 @@ def record_question(
         chunks = gen.extend(active, chunk_tokens)
         if len(chunks) != len(active):
             raise ConfigError("generator returned a different number of chunks than chains")
-        probes = gen.probe(active, max_tokens=probe_tokens)
-        judges: Sequence[JudgeResult | None] = gen.judge(active) if judge else [None] * len(active)
+        probes: Sequence[ProbeResult | None]
+        judges: Sequence[JudgeResult | None]
+        if grader is not None:
+            probes, judges = _executed(grader, active)
+        else:
+            probes = gen.probe(active, max_tokens=probe_tokens)
+            judges = gen.judge(active) if judge else [None] * len(active)
         for c, ch, pr, jd in zip(active, chunks, probes, judges, strict=True):
             rec = recs[c.chain_id]
             row = _chunk_row(c, rec.index, len(rec.rows), starts[c.chain_id], ch, ext)
@@ -231,8 +267,18 @@ def record_question(
 
     # Budget-forced extension: reopen chains that ended on their own before the cap.
     answers: dict[int, str | None] = {}
+    executions = []
     for cid, rec in recs.items():
-        answers[cid] = normalize_answer(extract_answer(rec.chain.text))
+        if grader is not None:
+            executions.append(grader.grade(rec.index, rec.chain.text))
+            answers[cid] = executions[-1].answer
+        else:
+            answers[cid] = normalize_answer(extract_answer(rec.chain.text))
+    accepted = None
+    if grader is not None:
+        from env.code.grade import accepted_answers
+
+        accepted = accepted_answers(executions)
     if extension_chunks > 0:
         reopen = []
         for rec in recs.values():
@@ -250,16 +296,38 @@ def record_question(
             step(reopen, ext=True)
             reopen = [c for c in reopen if not c.finished]
 
-    cols: dict[str, list[Any]] = {}
+    cols: dict[str, Any] = {}
     for cid, rec in recs.items():
         ans = answers[cid]
-        ok = answer_correct(ans, question.gold)
+        ok = answer_correct(ans, question.gold, accepted)
         for row in rec.rows:
             row["answer"] = ans
             row["correct"] = ok
+            if accepted is not None:  # (a code probe's class is judged once all are graded)
+                row["probe_correct"] = answer_correct(row["probe_answer"], None, accepted)
             for k, v in row.items():
                 cols.setdefault(k, []).append(v)
+    if accepted is not None:
+        import json
+
+        blob = {"accepted": list(accepted), "chains": [e.as_json() for e in executions]}
+        cols[METADATA_ROWS] = {EXECUTION_KEY: json.dumps(blob, separators=(",", ":")).encode()}
     return cols
+
+
+def _executed(
+    grader: CodeGrader, chains: Sequence[Chain]
+) -> tuple[list[ProbeResult | None], list[JudgeResult | None]]:
+    """A code boundary's probe and verify readings: the chains' code so far, run."""
+    probes: list[ProbeResult | None] = []
+    judges: list[JudgeResult | None] = []
+    for c in chains:
+        answer, score = grader.read(c.text, ended=c.finished)
+        probes.append(
+            ProbeResult(c.chain_id, c.num_tokens, "", answer, np.zeros(0, np.float32), TokenUsage())
+        )
+        judges.append(JudgeResult(c.chain_id, c.num_tokens, score, TokenUsage()))
+    return probes, judges
 
 
 def record_as(gen: Generator, question: Question, manifest: BankManifest) -> dict[str, list[Any]]:
@@ -276,7 +344,20 @@ def record_as(gen: Generator, question: Question, manifest: BankManifest) -> dic
         judge=manifest.judge,
         mode=cast(PromptMode, manifest.mode),
         seed=question_seed(manifest.seed, question.qid),
+        grader=code_grader(question) if manifest.dataset in CODE_DATASETS else None,
     )
+
+
+def code_grader(question: Question) -> CodeGrader:
+    """The execution grader of a code question (its task's visible calls and hidden tests)."""
+    from env.code.grade import grader_for
+
+    return grader_for(question.qid)
+
+
+def _chat_template(args: RecordArgs) -> str:
+    """The chat template a data set's questions are asked with by default."""
+    return "code" if args.dataset in CODE_DATASETS else "chat"
 
 
 def make_generator(args: RecordArgs):  # type: ignore[no-untyped-def]
@@ -291,8 +372,13 @@ def make_generator(args: RecordArgs):  # type: ignore[no-untyped-def]
     if args.model == "fake":
         from env.generators.fake import FakeGenerator
 
+        code: dict[str, Any] = {}
+        if args.dataset in CODE_DATASETS:  # it writes each task's reference solution
+            from env.code.reference import reference_script
+
+            code = {"script": reference_script(), "template": "code", "chat": True}
         fake = FakeGenerator(
-            sampling=sampling, seed=args.seed, token_delay_s=args.fake_token_ms / 1000
+            sampling=sampling, seed=args.seed, token_delay_s=args.fake_token_ms / 1000, **code
         )
         return fake, {
             "name": "fake",
@@ -302,7 +388,9 @@ def make_generator(args: RecordArgs):  # type: ignore[no-untyped-def]
     if args.url:
         from env.generators.openai import OpenAIGenerator
 
-        gen = OpenAIGenerator(args.url, template=args.template or "chat", sampling=sampling)
+        gen = OpenAIGenerator(
+            args.url, template=args.template or _chat_template(args), sampling=sampling
+        )
         return gen, {"name": gen.model_name, "path": args.url, "sha256": ""}
     if args.model.endswith(".gguf"):
         return _make_llamacpp(args, sampling)
@@ -330,7 +418,8 @@ def make_generator(args: RecordArgs):  # type: ignore[no-untyped-def]
     )
     template = args.template
     if not template:
-        template = "chat" if getattr(llm.get_tokenizer(), "chat_template", None) else "testbed"
+        has_chat = getattr(llm.get_tokenizer(), "chat_template", None)
+        template = _chat_template(args) if has_chat else "testbed"
     vgen = VLLMGenerator(llm, template=template, sampling=sampling)
     name = path.name
     meta = path / "ponder_model.json"
@@ -351,7 +440,7 @@ def _make_llamacpp(args: RecordArgs, sampling: Any):  # type: ignore[no-untyped-
         raise ConfigError(f"no GGUF file at {str(path)!r}")
     gen = LlamaCppGenerator(
         path,
-        template=args.template or "chat",
+        template=args.template or _chat_template(args),
         sampling=sampling,
         slots=args.slots or args.chains,
         context=args.max_model_len or 2048,

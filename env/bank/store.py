@@ -110,6 +110,8 @@ __all__ = [
     "BANK_ID_KEY",
     "FINGERPRINT_KEY",
     "QUESTION_KEY",
+    "EXECUTION_KEY",
+    "METADATA_ROWS",
     "chunk_identity",
     "check_qids",
     "check_identity",
@@ -126,6 +128,13 @@ log = logging.getLogger(__name__)
 BANK_ID_KEY = b"ponder.bank_id"
 FINGERPRINT_KEY = b"ponder.fingerprint"
 QUESTION_KEY = b"ponder.question_sha256"
+#: Key of a code question's execution results in its chunk file (JSON: ``accepted``, the
+#: behaviour classes judged right, and ``chains``, each chain's
+#: :class:`env.code.grade.ChainExecution`).
+EXECUTION_KEY = b"ponder.execution"
+#: The entry of a question's recorded rows that carries extra file metadata (see
+#: :meth:`BankWriter.write`).
+METADATA_ROWS = "_metadata"
 
 
 def _schema():  # type: ignore[no-untyped-def]
@@ -452,12 +461,15 @@ def question_sha256(question: Question) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def answer_correct(answer: str | None, gold: str | None) -> bool:
+def answer_correct(
+    answer: str | None, gold: str | None, accepted: Sequence[str] | None = None
+) -> bool:
     """Whether a chain's final answer is right: the rule the recorder stores in ``correct`` and
-    the evaluator applies (:func:`features.answers.answers_equal` with the gold answer)."""
-    from features.answers import answers_equal
+    the evaluator applies (:func:`features.answers.judged_correct`: equality with the gold
+    answer, or membership in a code question's ``accepted`` classes)."""
+    from features.answers import judged_correct
 
-    return bool(gold is not None and answers_equal(answer, gold))
+    return judged_correct(answer, gold, accepted)
 
 
 def chunk_identity(manifest: BankManifest, question: Question) -> dict[bytes, bytes]:
@@ -558,10 +570,15 @@ class ChainTrace:
 
 @dataclass
 class QuestionTrace:
-    """All recorded chains of one question."""
+    """All recorded chains of one question.
+
+    ``execution`` holds a code question's execution results as stored (JSON: ``accepted`` and
+    ``chains``, see :mod:`env.code.grade`); None for other questions. Its ``accepted`` classes
+    are also on ``question.accepted``, where scoring reads them."""
 
     question: Question
     chains: list[ChainTrace]
+    execution: dict[str, Any] | None = None
 
     @property
     def k(self) -> int:
@@ -757,7 +774,30 @@ def read_question_file(
                 chain=c, answer=rows["answer"][0], correct=bool(rows["correct"][0]), rows=rows
             )
         )
-    return QuestionTrace(question=question, chains=out)
+    execution = _execution(path, table.schema.metadata)
+    if execution is not None:
+        question = dataclasses.replace(question, accepted=tuple(execution["accepted"]))
+    return QuestionTrace(question=question, chains=out, execution=execution)
+
+
+def _execution(path: Path, metadata: dict[bytes, bytes] | None) -> dict[str, Any] | None:
+    raw = (metadata or {}).get(EXECUTION_KEY)
+    if raw is None:
+        return None
+    try:
+        d = json.loads(raw)
+        ok = isinstance(d, dict) and isinstance(d.get("chains"), list)
+        ok = ok and isinstance(d.get("accepted"), list)
+        ok = ok and all(isinstance(a, str) for a in d["accepted"])
+    except ValueError:
+        ok = False
+    if not ok:
+        raise BankError(
+            f"{path} is corrupt: its execution results ({EXECUTION_KEY.decode()}) are not the "
+            "JSON ponder writes. Move it away and re-run `ponder record` on this bank to "
+            "re-record that question"
+        )
+    return dict(d)
 
 
 class BankWriter:
@@ -860,8 +900,12 @@ class BankWriter:
             check_identity(path, meta, self.manifest, question)
         return True
 
-    def write(self, index: int, rows: dict[str, list[Any]]) -> Path:
-        """Write question ``index``'s chunk rows atomically."""
+    def write(self, index: int, rows: dict[str, Any]) -> Path:
+        """Write question ``index``'s chunk rows atomically.
+
+        ``rows`` holds a list per chunk column and, optionally, :data:`METADATA_ROWS`: extra
+        Parquet key-value metadata for the file (a code question's execution results,
+        :data:`EXECUTION_KEY`), written in the same atomic file as the chunks."""
         import pyarrow as pa
 
         arrays = []
@@ -877,6 +921,9 @@ class BankWriter:
             if question is None:
                 raise BankError(f"question {qid!r} (index {index}) was not given to the writer")
             schema = schema.with_metadata(chunk_identity(self.manifest, question))
+        extra = rows.get(METADATA_ROWS)
+        if extra:
+            schema = schema.with_metadata({**(schema.metadata or {}), **extra})
         table = pa.Table.from_arrays(arrays, schema=schema)
         path = self.path / "chunks" / f"{index:05d}.parquet"
         atomic_write_bytes(path, encode_chunk_table(table))

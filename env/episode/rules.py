@@ -115,7 +115,11 @@ def fold_chunk(
 
 
 def fold_answer(
-    s: ChainFold, *, final_text: str | None, probe: Callable[[], str | None] | None
+    s: ChainFold,
+    *,
+    final_text: str | None,
+    probe: Callable[[], str | None] | None,
+    read: Callable[[str], str | None] | None = None,
 ) -> bool:
     """Set the chain's answer after a chunk; return whether it was probed.
 
@@ -125,9 +129,13 @@ def fold_answer(
             answer in it), ``None`` while it is open.
         probe: what probing the open chain answers (called only then), or ``None`` when the env
             does not probe (an open chain then keeps its answer).
+        read: how an ended chain's text is read (default: the math answer in it,
+            :func:`features.answers.extract_answer`; code questions read the behaviour class of
+            the program in it, :mod:`env.code.grade`).
     """
     if final_text is not None:
-        s.answer = normalize_answer(extract_answer(final_text))
+        raw = read(final_text) if read is not None else extract_answer(final_text)
+        s.answer = normalize_answer(raw)
         return False
     if probe is None:
         return False
@@ -353,7 +361,7 @@ class ReplayedChunk:
 
 
 def replay_chain(
-    ct: ChainTrace, config: EnvConfig, *, signals: bool = True
+    ct: ChainTrace, config: EnvConfig, *, signals: bool = True, code: bool = False
 ) -> Iterator[ReplayedChunk]:
     """Walk a recorded chain chunk by chunk as the env reaches it (opened, then continued past
     its end as far as the bank holds budget-forced chunks).
@@ -362,6 +370,9 @@ def replay_chain(
         ct: the recorded chain.
         config: the episode's settings (probing, chain cap, extensions).
         signals: fold the confidences, entropies and switches too (``False``: answers only).
+        code: the chain answers a code question: its final answer is the one the recorder
+            graded (the behaviour class of its program, :mod:`env.code.grade`), read from the
+            bank rather than by running the program again.
     """
     r = ct.rows
     fold = ChainFold()
@@ -382,6 +393,7 @@ def replay_chain(
             fold,
             final_text=text if ended else None,
             probe=_recorded(r["probe_answer"][i]) if config.probe else None,
+            read=(lambda _text: ct.answer) if code else None,
         )
         fold.extensions = max(0, i + 1 - ct.n_main)
         ok = replay_has_chunk(ct, i + 1) and can_continue(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,14 @@ class ChainState(ChainFold):
     @property
     def n_chunks(self) -> int:
         return len(self.chain.chunks)
+
+
+def _code_reader(qid: str) -> Callable[[str], str | None]:
+    """How an ended chain of code question ``qid`` is read: its program's behaviour class."""
+    from env.code.grade import grader_for
+
+    grader = grader_for(qid)
+    return lambda text: grader.read(text, ended=True)[0]
 
 
 class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
@@ -266,7 +274,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             if not 0 <= index < len(self.questions):
                 raise ConfigError(f"question index {index} is outside 0..{len(self.questions) - 1}")
         q = self.questions[index]
-        if q.gold is None and self.require_gold:
+        if not q.scorable and self.require_gold:
             raise ConfigError(
                 f"question {q.qid!r} has no gold answer: its reward cannot be scored; "
                 "drop it from the environment's questions"
@@ -330,8 +338,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             ep.reason = reason
             ep.reason_detail = detail
             ep.final = self._aggregate()
-            gold = ep.question.gold
-            ep.correct = gold is not None and bool(answers_equal(ep.final[0], gold))
+            ep.correct = ep.question.is_right(ep.final[0])
             reward += cfg.correct_reward * float(ep.correct)
         return self._observe(), float(reward), terminated, truncated, self._info()
 
@@ -509,6 +516,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             s,
             final_text=c.text if c.finished else None,
             probe=(lambda: self._probe(c)) if self.config.probe else None,
+            read=_code_reader(c.question.qid) if c.question.is_code else None,
         )
 
     def _probe(self, c: Chain) -> str | None:
@@ -578,9 +586,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         assert ep is not None
         answer, share = ep.final if ep.final is not None else self._aggregate()
         u = ep.usage
-        correct = (
-            bool(answers_equal(answer, ep.question.gold)) if ep.question.gold is not None else None
-        )
+        correct = ep.question.is_right(answer) if ep.question.scorable else None
         info: dict[str, Any] = {
             "qid": ep.question.qid,
             "answer": answer,

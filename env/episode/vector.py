@@ -84,7 +84,6 @@ _IX = {n: i for i, n in enumerate(FEATURE_NAMES)}
 _CUR0 = _IX[CURRENT_CHAIN_FEATURES[0]]
 
 _CANONICAL_NUMBER_RE = re.compile(r"-?\d+(?:/\d+)?")
-_NO_GOLD = -2  # the gold class when the gold answer is blank: it matches no answer
 
 
 def replay_order(gen_seed: int, qid: str, k: int) -> IntArray:
@@ -137,7 +136,7 @@ def _hidden_tables(
         states, extras = [], []
         for ct in t.chains:
             r = ct.rows
-            for c in replay_chain(ct, cfg, signals=True):
+            for c in replay_chain(ct, cfg, signals=True, code=q.is_code):
                 states.append(hs.at(q.qid, ct.chain, int(r["chunk"][c.i])))
                 extras.append(probes.extras(c.fold, c.tokens, r["finish_reason"][c.i] == "stop"))
         if states:
@@ -177,7 +176,7 @@ class _Tables:
     n_classes: int
     cbase: IntArray  # [Q, kmax]: number of chunk 0 of each chain
     kq: IntArray  # [Q]: chains recorded per question
-    gold: IntArray  # [Q]: class of the gold answer (_NO_GOLD for a blank one)
+    right: BoolArray  # [Q, classes + 1]: the class is a right answer (last column: none)
     names: list[list[str]]  # per question: each class's canonical answer
     # [Q * (n_classes + 1)]: entry q * (n_classes + 1) + c is question q's class c's canonical
     # answer (None for "no answer", class n_classes, and past the question's classes)
@@ -240,7 +239,7 @@ def _build_tables(bank: TraceBank, questions: Sequence[Any], cfg: EnvConfig) -> 
     nq = len(traces)
     cbase = np.zeros((nq, kmax), np.int64)
     kq = np.array([t.k for t in traces], np.int64)
-    gold = np.full(nq, _NO_GOLD, np.int64)
+    right_classes: list[list[int]] = []
     names: list[list[str]] = []
     fields = ("gen", "probe", "inj", "prefill", "jpre", "jp", "ans", "conf", "ok", "cur")
     cols: dict[str, list[Any]] = {k: [] for k in fields}
@@ -250,7 +249,7 @@ def _build_tables(bank: TraceBank, questions: Sequence[Any], cfg: EnvConfig) -> 
             cbase[qi, h] = len(cols["gen"])
             r = ct.rows
             # Each chunk as the single env reaches it, by the same rules.
-            for c in replay_chain(ct, cfg):
+            for c in replay_chain(ct, cfg, code=t.question.is_code):
                 i, fold, probed = c.i, c.fold, c.probed
                 n, inj = int(r["n_tokens"][i]), int(r["n_injected"][i])
                 raw_answers.append(fold.answer)
@@ -279,11 +278,18 @@ def _build_tables(bank: TraceBank, questions: Sequence[Any], cfg: EnvConfig) -> 
         rank[np.argsort(-freq, kind="stable")] = np.arange(len(qnames))
         cols["ans"][start:] = [-1 if i < 0 else int(rank[i]) for i in ids]
         names.append([qnames[i] for i in np.argsort(-freq, kind="stable")])
-        if gold_key is not None:
-            gold[qi] = rank[cls[gold_key]]
+        if (
+            t.question.accepted is not None
+        ):  # code: the classes whose programs pass the hidden tests
+            right_classes.append([int(rank[cls[a]]) for a in cls if t.question.is_right(a)])
+        else:
+            right_classes.append([] if gold_key is None else [int(rank[cls[gold_key]])])
     n_classes = max(len(x) for x in names)
     ans = np.array([*cols["ans"], -1], np.int64)
     ans[ans < 0] = n_classes
+    right = np.zeros((nq, n_classes + 1), np.bool_)
+    for qi, good in enumerate(right_classes):
+        right[qi, good] = True
     answer_text = np.full(nq * (n_classes + 1), None, object)
     for qi, qnames in enumerate(names):
         answer_text[qi * (n_classes + 1) : qi * (n_classes + 1) + len(qnames)] = qnames
@@ -305,7 +311,7 @@ def _build_tables(bank: TraceBank, questions: Sequence[Any], cfg: EnvConfig) -> 
         n_classes=n_classes,
         cbase=cbase,
         kq=kq,
-        gold=gold,
+        right=right,
         names=names,
         answer_text=answer_text,
         # Priced term by term in Prices.cost's order: with integer prices the sums are exact.
@@ -466,7 +472,7 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
                 )
         if not qs:
             raise ConfigError(f"the bank at {self.bank.path} has no recorded questions yet")
-        no_gold = [q.qid for q in qs if q.gold is None]
+        no_gold = [q.qid for q in qs if not q.scorable]
         if no_gold:
             raise ConfigError(
                 f"questions {no_gold[:5]} have no gold answer: their reward cannot be scored"
@@ -982,8 +988,9 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         return mask
 
     def _correct(self, answers: IntArray) -> BoolArray:
-        """Whether each episode's answer class (-1: none) is its question's gold class."""
-        return (answers >= 0) & (answers == self._t.gold[self._q])
+        """Whether each episode's answer class (-1: none) is a right one for its question."""
+        right = self._t.right
+        return right[self._q, np.where(answers >= 0, answers, right.shape[1] - 1)]
 
     def _why_unavailable(self, a: IntArray, bad: BoolArray) -> IntArray:
         """Why the unavailable actions ``a[bad]`` cannot run, on the state before the step."""

@@ -1,7 +1,8 @@
 """Prompt templates: how a question, a probe and a self-verification question are worded per model.
 
-Two families ship: :data:`TESTBED` (the raw format the testbed model was trained on) and
-:data:`CHAT` (instruct models with a chat template, such as Qwen2.5-Coder-Instruct).
+Three ship: :data:`TESTBED` (the raw format the testbed model was trained on), :data:`CHAT`
+(math questions for instruct models with a chat template, such as Qwen2.5-Coder-Instruct) and
+:data:`CODE` (code questions for the same models: the HumanEval prompt in a ```python block).
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from env.models.testbed import task as _task
 from env.types import PromptMode
 from features.errors import ConfigError
 
-__all__ = ["CONTEXT_ROLES", "PromptTemplate", "TESTBED", "CHAT", "TEMPLATES", "get_template"]
+__all__ = [
+    "CONTEXT_ROLES",
+    "PromptTemplate",
+    "TESTBED",
+    "CHAT",
+    "CODE",
+    "TEMPLATES",
+    "get_template",
+]
 
 #: Roles a conversation before the question may hold (:attr:`env.types.Question.context`).
 CONTEXT_ROLES = ("system", "user", "assistant")
@@ -198,7 +207,32 @@ CHAT = PromptTemplate(
     judge_followup="Is your solution correct so far? Answer with yes or no only.",
 )
 
-TEMPLATES: dict[str, PromptTemplate] = {t.name: t for t in (TESTBED, CHAT)}
+CODE = PromptTemplate(
+    name="code",
+    chat=True,
+    system="You are a helpful assistant that writes correct Python code.",
+    cot=(
+        "Complete the following Python function. Think briefly about the approach, then give "
+        "the complete function, with any imports it needs, in one ```python code block.\n\n"
+        "```python\n{question}```"
+    ),
+    draft=(
+        "Complete the following Python function. Give only the complete function, with any "
+        "imports it needs, in one ```python code block.\n\n```python\n{question}```"
+    ),
+    # A code chain's answer is read from its code block (env.code), not forced: this suffix
+    # is what a model probe would append, kept for generators that probe anyway.
+    probe_suffix="\n\nThe final code is in the block above. Final answer: \\boxed{",
+    wait_text="\nWait,",
+    judge=(
+        "Here is a Python task and a solution that may be incomplete.\n\n"
+        "Task:\n{question}\n\nSolution so far:\n{solution}\n\n"
+        "Is the solution correct so far? Answer with yes or no only."
+    ),
+    judge_followup="Is your code correct so far? Answer with yes or no only.",
+)
+
+TEMPLATES: dict[str, PromptTemplate] = {t.name: t for t in (TESTBED, CHAT, CODE)}
 
 
 def get_template(name: str) -> PromptTemplate:

@@ -98,7 +98,6 @@ from env.generators.replay import chain_order
 from env.questions import select_split
 from env.types import Question
 from features.aggregate import majority_vote
-from features.answers import answers_equal
 from features.errors import BankError, ConfigError
 from policies.evaluation.bootstrap import draws, interval
 from policies.evaluation.metrics import Interval
@@ -186,7 +185,7 @@ def question_chains(bank: TraceBank, question: Question, config: EnvConfig) -> Q
     cfg = config if not config.probe else _no_probes(config)
     tokens, answers = [], []
     for ct in bank[question.qid].chains:
-        pre = chain_prefixes(ct, question.gold, cfg)
+        pre = chain_prefixes(ct, question, cfg)
         end = next((p for p in pre if p.ended), pre[-1])
         tokens.append(end.tokens)
         answers.append(end.answer)
@@ -223,9 +222,7 @@ def outcomes(chains: Sequence[QuestionChains], seed: int) -> Outcomes:
         tokens[i, 1 : c.k + 1] = np.cumsum(c.tokens[order])
         for n in range(1, c.k + 1):
             answer, _ = majority_vote(answers[:n])
-            correct[i, n] = c.question.gold is not None and bool(
-                answers_equal(answer, c.question.gold)
-            )
+            correct[i, n] = c.question.is_right(answer)
         tokens[i, c.k + 1 :] = tokens[i, c.k]
         correct[i, c.k + 1 :] = correct[i, c.k]
     return Outcomes(tokens, correct, np.asarray([c.k for c in chains], np.int64))
@@ -470,8 +467,7 @@ CurveFn = Callable[[FleetSetup, int], Curves]
 
 
 def _pass_rate(c: QuestionChains) -> float:
-    gold = c.question.gold
-    return float(np.mean([gold is not None and bool(answers_equal(a, gold)) for a in c.answers]))
+    return float(np.mean([c.question.is_right(a) for a in c.answers]))
 
 
 def _folds(n: int, folds: int) -> np.ndarray:

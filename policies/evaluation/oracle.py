@@ -45,7 +45,7 @@ from env.bank.store import ChainTrace, QuestionTrace, TraceBank
 from env.episode.config import Action, EnvConfig
 from env.episode.rules import replay_chain
 from env.questions import select_split
-from features.answers import answers_equal
+from env.types import Question
 from features.errors import ConfigError
 from policies.evaluation.metrics import FrontierPoint, Interval
 from policies.evaluation.runner import (
@@ -117,17 +117,17 @@ class OracleResult:
         return [dataclasses.asdict(q) for q in self.questions]
 
 
-def chain_prefixes(ct: ChainTrace, gold: str | None, config: EnvConfig) -> list[Prefix]:
+def chain_prefixes(ct: ChainTrace, question: Question, config: EnvConfig) -> list[Prefix]:
     """Every prefix of a recorded chain the env can reach, with its decoded tokens and answer."""
     r = ct.rows
     out: list[Prefix] = []
     decoded = 0
     bound_continue = config.bound(Action.CONTINUE)
     # The chain as the env reaches it, by the env's rules (answers only: no signal is read).
-    for c in replay_chain(ct, config, signals=False):
+    for c in replay_chain(ct, config, signals=False, code=question.is_code):
         decoded += int(r["n_tokens"][c.i]) + (int(r["probe_tokens"][c.i]) if c.probed else 0)
         answer = c.fold.answer
-        correct = gold is not None and bool(answers_equal(answer, gold))
+        correct = question.is_right(answer)
         out.append(Prefix(c.i, decoded, answer, correct, c.ended))
         if not (c.can_continue and config.token_cap - decoded >= bound_continue):
             break
@@ -136,14 +136,13 @@ def chain_prefixes(ct: ChainTrace, gold: str | None, config: EnvConfig) -> list[
 
 def _question(qt: QuestionTrace, config: EnvConfig) -> OracleQuestion:
     q = qt.question
-    gold = q.gold
     best: tuple[int, int, int] | None = None  # tokens, chain, chunks
     opening = None
     # A policy that reads no probe runs without them (see ``uses_probes``): so may the oracle.
     configs = [config, dataclasses.replace(config, probe=False)] if config.probe else [config]
     for cfg in configs:
         for h, ct in enumerate(qt.chains):
-            pre = chain_prefixes(ct, gold, cfg)
+            pre = chain_prefixes(ct, q, cfg)
             if pre and (opening is None or pre[0].tokens < opening):
                 opening = pre[0].tokens
             for p in pre:
@@ -245,7 +244,7 @@ def _chain_costs(qt: QuestionTrace, config: EnvConfig) -> list[tuple[int, bool, 
     """(tokens, correct, answer) of each chain run without probes to where it ends."""
     out = []
     for ct in qt.chains:
-        pre = chain_prefixes(ct, qt.question.gold, config)
+        pre = chain_prefixes(ct, qt.question, config)
         end = next((p for p in pre if p.ended), pre[-1])
         out.append((end.tokens, end.correct, end.answer))
     return out

@@ -459,8 +459,8 @@ def _lockstep(bank: TraceBank, config: EnvConfig | None = None) -> int:
         qt = bank[q.qid]
         for h, ct in enumerate(qt.chains):
             seed = next(s for s in range(10_000) if replay_order(s, q.qid, qt.k)[0] == h)
-            for t, p in enumerate(chain_prefixes(ct, q.gold, cfg)):
-                cases.append((qi, seed, t, p, t == len(chain_prefixes(ct, q.gold, cfg)) - 1))
+            for t, p in enumerate(chain_prefixes(ct, q, cfg)):
+                cases.append((qi, seed, t, p, t == len(chain_prefixes(ct, q, cfg)) - 1))
     env = BatchedReplayEnv(bank, len(cases), split="test", config=cfg)
     obs, info = env.reset(
         seed=0,

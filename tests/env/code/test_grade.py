@@ -1,0 +1,221 @@
+"""Execution grading (env.code.grade), code banks (record, store, info) and their scoring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import wrong_for
+
+from env.bank.cli import BankInfoArgs, info
+from env.bank.store import EXECUTION_KEY, TraceBank
+from env.code.grade import NO_EVIDENCE, ChainExecution, CodeGrader, accepted_answers
+from env.code.humaneval import CodeTask, load_tasks, task_of
+from env.code.reference import reference_answers
+from env.questions import load_questions
+from env.types import Question
+from features.answers import judged_correct
+
+
+def _task(index: int = 0) -> CodeTask:  # HumanEval/0: has_close_elements
+    return next(t for t in load_tasks() if t.index == index)
+
+
+def _fenced(code: str) -> str:
+    return f"Sure.\n```python\n{code}```\nThat is all."
+
+
+def test_the_reference_solution_is_right_and_is_the_gold_answer() -> None:
+    t = _task(0)
+    g = CodeGrader(t)
+    e = g.grade(3, _fenced(t.prompt + t.canonical_solution))
+    assert e.chain == 3 and e.passed and e.verdict == "ok"
+    assert e.visible_pass == 1.0 and len(e.visible) == len(t.visible)
+    assert e.answer == reference_answers()[t.task_id]
+
+
+def test_a_wrong_program_fails_and_has_another_answer() -> None:
+    t = _task(0)
+    g = CodeGrader(t)
+    right = g.grade(0, _fenced(t.prompt + t.canonical_solution))
+    wrong = g.grade(1, _fenced(t.prompt + "    return False\n"))
+    assert not wrong.passed and wrong.verdict == "error" and "AssertionError" in wrong.detail
+    assert wrong.answer is not None and wrong.answer != right.answer
+    assert wrong.visible_pass is not None and wrong.visible_pass < 1.0
+    # the same outputs on the visible calls: the same answer, whatever the code looks like
+    same = g.grade(2, _fenced(t.prompt + "    return len(numbers) < 0\n"))
+    assert same.answer == wrong.answer
+
+
+def test_a_chain_without_code_has_no_answer_and_no_evidence() -> None:
+    g = CodeGrader(_task(0))
+    assert g.read("I am still thinking about", ended=False) == (None, NO_EVIDENCE)
+    e = g.grade(0, "No code here.")
+    assert e.answer is None and not e.passed and e.verdict == "none"
+    # an open code block is not read until the chain has ended
+    t = _task(0)
+    assert g.read("```python\n" + t.prompt + t.canonical_solution, ended=False) == (
+        None,
+        NO_EVIDENCE,
+    )
+
+
+def test_each_program_runs_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import env.code.grade as grade
+
+    calls = {"visible": 0, "hidden": 0}
+    real_calls, real_tests = grade.run_calls, grade.run_tests
+
+    def count_calls(*a, **k):  # type: ignore[no-untyped-def]
+        calls["visible"] += 1
+        return real_calls(*a, **k)
+
+    def count_tests(*a, **k):  # type: ignore[no-untyped-def]
+        calls["hidden"] += 1
+        return real_tests(*a, **k)
+
+    monkeypatch.setattr(grade, "run_calls", count_calls)
+    monkeypatch.setattr(grade, "run_tests", count_tests)
+    t = _task(0)
+    g = CodeGrader(t)
+    text = _fenced(t.prompt + t.canonical_solution)
+    for i in range(3):
+        g.read(text, ended=True)
+        g.grade(i, text)
+    assert calls == {"visible": 1, "hidden": 1}
+
+
+def test_a_class_is_right_when_at_least_half_its_programs_pass() -> None:
+    def ex(chain: int, answer: str | None, passed: bool) -> ChainExecution:
+        return ChainExecution(chain, answer, (), None, passed, "ok", "", "")
+
+    execs = [
+        ex(0, "code:a", True),
+        ex(1, "code:a", False),  # a: 1 of 2 pass -> right
+        ex(2, "code:b", False),
+        ex(3, "code:b", False),
+        ex(4, "code:b", True),  # b: 1 of 3 -> wrong
+        ex(5, None, True),  # no code: in no class
+        ex(6, "code:c", True),
+    ]
+    assert accepted_answers(execs) == ("code:a", "code:c")
+    assert accepted_answers([]) == ()
+    e = execs[0]
+    assert ChainExecution.from_json(json.loads(json.dumps(e.as_json()))) == e
+
+
+def test_judged_correct_uses_accepted_classes_when_given() -> None:
+    assert judged_correct("code:a", "code:z", ("code:a",))
+    assert not judged_correct("code:z", "code:z", ("code:a",))  # gold does not count then
+    assert not judged_correct("code:z", "code:z", ())  # graded: no class is right
+    assert judged_correct("42", "42.0")  # math: equality with the gold answer
+    q = Question("humaneval/test/0", "p", gold="code:z", dataset="humaneval")
+    assert q.is_code and q.scorable and q.is_right("code:z")
+    assert Question("q", "t", accepted=()).scorable
+
+
+def test_humaneval_questions_carry_the_reference_answer_and_no_test() -> None:
+    qs = load_questions("humaneval", "test", 5, seed=0)
+    assert len(qs) == 5 and all(q.is_code and q.gold and q.gold.startswith("code:") for q in qs)
+    for q in qs:
+        assert q.gold == reference_answers()[task_of(q.qid).task_id]
+        assert "def check(" not in q.text
+
+
+def test_a_recorded_code_bank_keeps_every_chains_execution(code_bank: Path) -> None:
+    bank = TraceBank(code_bank)
+    assert len(bank) == 6 and bank.manifest.dataset == "humaneval"
+    assert bank.manifest.template == "code"
+    for qt in bank:
+        wrong = wrong_for(task_of(qt.question.qid).index)
+        assert qt.execution is not None
+        assert [c["passed"] for c in qt.execution["chains"]] == [not wrong] * 4
+        # one behaviour class (the fake writes the same program every time), right or not
+        assert len({c.answer for c in qt.chains}) == 1
+        assert qt.question.accepted == (() if wrong else (qt.chains[0].answer,))
+        assert all(c.correct == (not wrong) for c in qt.chains)
+        rows = qt.chains[0].rows
+        # boundaries: the code is read (free) once its block has closed, and verify runs the
+        # visible examples; before that there is no answer and no evidence
+        assert rows["probe_tokens"] == [0] * len(rows["probe_tokens"])
+        assert rows["probe_answer"][-1] == qt.chains[0].answer
+        assert rows["probe_answer"][0] is None and rows["judge_p_yes"][0] == NO_EVIDENCE
+        assert rows["probe_correct"][-1] == (not wrong)
+        assert rows["judge_p_yes"][-1] == pytest.approx(qt.execution["chains"][0]["visible_pass"])
+    # the results are in the chunk file itself (written atomically with the chunks)
+    import pyarrow.parquet as pq
+
+    meta = pq.read_metadata(bank.chunk_file(0)).metadata
+    assert EXECUTION_KEY in meta
+
+
+def test_bank_info_prints_execution_results_by_problem(
+    code_bank: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stats = info(BankInfoArgs(path=code_bank))
+    out = capsys.readouterr().out
+    assert "execution results by problem" in out and "verified" in out
+    bank = TraceBank(code_bank)
+    rights = [not wrong_for(task_of(q).index) for q in bank.recorded]
+    assert stats["code"]["pass@1"] == pytest.approx(sum(rights) / len(rights))
+    assert stats["code"]["verified"] == stats["code"]["pass@k"] == stats["code"]["pass@1"]
+    for qid in bank.recorded:
+        assert qid in out
+
+
+def test_a_damaged_execution_record_is_refused(code_bank: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from env.bank.store import encode_chunk_table
+    from features.errors import BankError
+
+    copy = tmp_path / "b"
+    shutil.copytree(code_bank, copy)
+    f = TraceBank(copy).chunk_file(0)
+    table = pq.read_table(f)
+    table = table.replace_schema_metadata({**table.schema.metadata, EXECUTION_KEY: b"{oops"})
+    f.write_bytes(encode_chunk_table(table))
+    with pytest.raises(BankError, match="execution results"):
+        TraceBank(copy)[TraceBank(copy).recorded[0]]
+
+
+def test_replayed_code_episodes_score_alike_in_both_envs(code_bank: Path) -> None:
+    """The single env (which reads ended chains by running their code) and the batched replay
+    (which reads the recorded answers and the accepted classes) agree step by step."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "episode"))
+    from test_vector import _lockstep
+
+    bank = TraceBank(code_bank)
+    reasons, steps = _lockstep(bank, n_envs=4, rounds=3, seed=3)
+    assert steps > 0 and sum(reasons.values()) == 12
+
+
+def test_the_execution_verifier_scores_visible_examples() -> None:
+    from env.code.humaneval import code_question, task_split
+    from env.types import Chain
+    from env.verifiers import ExecutionVerifier
+    from features.errors import ConfigError
+
+    t = _task(0)
+    q = code_question(t, task_split(t))
+
+    def chain(i: int, text: str, q: Question = q) -> Chain:
+        return Chain(i, q, "cot", [], prefix_text=text, finished=True)
+
+    v = ExecutionVerifier()
+    a, b, c = v.judge(
+        [
+            chain(0, _fenced(t.prompt + t.canonical_solution)),
+            chain(1, _fenced(t.prompt + "    return False\n")),
+            chain(2, "no code yet"),
+        ]
+    )
+    assert (a.p_yes, c.p_yes) == (1.0, NO_EVIDENCE) and b.p_yes < 1.0
+    assert a.usage.judge == b.usage.judge == 1 and v.can_judge
+    with pytest.raises(ConfigError, match="not code"):
+        v.judge([chain(0, "4", Question("gsm8k/test/0", "2+2?", gold="4"))])
