@@ -57,6 +57,12 @@ def info(args: BankInfoArgs) -> dict[str, dict[str, float]]:
             file=sys.stderr,
         )
     if args.json:
+        from env.bank.record import CODE_DATASETS
+
+        if bank.manifest.dataset in CODE_DATASETS:
+            from env.code.report import code_rows
+
+            stats["code"] = _code_totals(code_rows(bank))
         print(json.dumps(stats, indent=2))
         return stats
     m = bank.manifest
@@ -113,6 +119,18 @@ def info(args: BankInfoArgs) -> dict[str, dict[str, float]]:
     return stats
 
 
+def _code_totals(rows: list[Any]) -> dict[str, float]:
+    """Totals over a code bank's problems (:class:`env.code.report.ProblemRow`)."""
+    n = max(1, len(rows))
+    return {
+        "problems": float(len(rows)),
+        "pass@1": sum(r.pass1 for r in rows) / n,
+        "pass@k": sum(r.passk for r in rows) / n,
+        "verified": sum(r.verified for r in rows) / n,
+        "maj@k": sum(r.majority for r in rows) / n,
+    }
+
+
 def _code_table(bank: TraceBank, console: Any) -> dict[str, float]:
     """A code bank's execution results by problem (:mod:`env.code.report`), and the totals."""
     from rich.table import Table
@@ -138,14 +156,7 @@ def _code_table(bank: TraceBank, console: Any) -> dict[str, float]:
             yes[r.verified],
             yes[r.majority],
         )
-    n = max(1, len(rows))
-    totals = {
-        "problems": float(len(rows)),
-        "pass@1": sum(r.pass1 for r in rows) / n,
-        "pass@k": sum(r.passk for r in rows) / n,
-        "verified": sum(r.verified for r in rows) / n,
-        "maj@k": sum(r.majority for r in rows) / n,
-    }
+    totals = _code_totals(rows)
     table.add_row(
         "all",
         "",

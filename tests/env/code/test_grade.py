@@ -162,6 +162,9 @@ def test_bank_info_prints_execution_results_by_problem(
     assert stats["code"]["verified"] == stats["code"]["pass@k"] == stats["code"]["pass@1"]
     for qid in bank.recorded:
         assert qid in out
+    as_json = info(BankInfoArgs(path=code_bank, json=True))
+    assert as_json["code"] == stats["code"]
+    assert json.loads(capsys.readouterr().out)["code"]["problems"] == 6
 
 
 def test_a_damaged_execution_record_is_refused(code_bank: Path, tmp_path: Path) -> None:
