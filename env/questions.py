@@ -32,6 +32,7 @@ __all__ = [
     "load_questions",
     "gsm8k_steps",
     "SPLITS",
+    "take_subset",
     "DEV_FRACTION",
     "question_split",
     "select_split",
@@ -56,7 +57,9 @@ def _read_jsonl(path: Path) -> list[dict[str, object]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _subset(items: list[Question], n: int | None, seed: int | None) -> list[Question]:
+def take_subset(items: list[Question], n: int | None, seed: int | None) -> list[Question]:
+    """The first ``n`` of ``items`` (all for None), after a shuffle seeded by ``seed`` (none
+    for None): how every question set draws a subset."""
     if n is not None and n < 0:
         raise ConfigError(f"number of questions must be >= 0, got {n}")
     if seed is not None:
@@ -84,7 +87,7 @@ def load_gsm8k(
         )
         for i, r in enumerate(rows)
     ]
-    return _subset(items, n, seed)
+    return take_subset(items, n, seed)
 
 
 def load_math500(n: int | None = None, *, seed: int | None = None) -> list[Question]:
@@ -100,7 +103,7 @@ def load_math500(n: int | None = None, *, seed: int | None = None) -> list[Quest
         )
         for i, r in enumerate(rows)
     ]
-    return _subset(items, n, seed)
+    return take_subset(items, n, seed)
 
 
 def load_testbed(split: str = "test", per_level: int = 25, *, seed: int = 0) -> list[Question]:

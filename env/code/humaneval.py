@@ -26,7 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from env.code.types import Call
-from env.questions import DATA_DIR, _subset
+from env.questions import DATA_DIR, take_subset
 from env.types import Question
 from features.errors import ConfigError
 
@@ -563,7 +563,7 @@ def load_humaneval(
         for t in _shipped_tasks()
         if task_split(t) == split
     ]
-    return _subset(items, n, seed)
+    return take_subset(items, n, seed)
 
 
 def task_of(qid: str, tasks: Sequence[CodeTask] | None = None) -> CodeTask:

@@ -243,6 +243,7 @@ def isolate(libc, cfg):
 
 def enter(libc, cfg):
     """Drop privileges and exec the code's interpreter."""
+    os.close(5)  # the peak-memory channel is the relay's, not the code's
     if cfg["drop"]:
         os.setgroups([])
         os.setgid(cfg["uid"])
@@ -262,7 +263,11 @@ def relay(child):
     """Wait for the code (PID 1 of its namespace) and end the same way."""
     os.close(3)
     os.close(4)
-    _, status = os.waitpid(child, 0)
+    _, status, usage = os.wait4(child, 0)
+    # The code's own peak: this process was forked from a small interpreter, whereas the
+    # sandbox's first process inherits the (possibly large) host's high-water mark.
+    os.write(5, str(usage.ru_maxrss).encode())
+    os.close(5)
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         try:
@@ -276,10 +281,11 @@ def relay(child):
 
 def main():
     cfg = json.loads(sys.argv[1])
-    high = [fcntl.fcntl(cfg[k], fcntl.F_DUPFD, 10) for k in ("job_fd", "result_fd")]
-    for k in ("job_fd", "result_fd"):
+    fds = ("job_fd", "result_fd", "peak_fd")
+    high = [fcntl.fcntl(cfg[k], fcntl.F_DUPFD, 10) for k in fds]
+    for k in fds:
         os.close(cfg[k])
-    for fd, target in zip(high, (3, 4)):
+    for fd, target in zip(high, (3, 4, 5)):
         os.dup2(fd, target)
         os.close(fd)
     limit(resource.RLIMIT_CORE, 0, 0)
@@ -513,7 +519,9 @@ def run_python(source: str, *, limits: Limits | None = None) -> SandboxResult:
         if drop:
             os.chown(work, _NOBODY, _NOBODY)
         job = {"nonce": nonce, "source": source, "root": work, "private": private}
-        paths = {name: os.path.join(private, name) for name in ("job", "out", "err", "result")}
+        paths = {
+            name: os.path.join(private, name) for name in ("job", "out", "err", "result", "peak")
+        }
         with open(paths["job"], "w", encoding="utf-8") as f:
             json.dump(job, f)
         with (
@@ -521,6 +529,7 @@ def run_python(source: str, *, limits: Limits | None = None) -> SandboxResult:
             open(paths["out"], "wb") as out,
             open(paths["err"], "wb") as err,
             open(paths["result"], "wb", buffering=0) as result,
+            open(paths["peak"], "wb", buffering=0) as peak,
         ):
             os.unlink(paths["job"])
             cfg = {
@@ -531,6 +540,7 @@ def run_python(source: str, *, limits: Limits | None = None) -> SandboxResult:
                 "nproc": _NPROC,
                 "job_fd": job_file.fileno(),
                 "result_fd": result.fileno(),
+                "peak_fd": peak.fileno(),
                 "cpu_s": math.ceil(limits.cpu_s),
                 "memory": math.ceil(limits.memory_mb * (1 << 20)),
                 "output_bytes": math.ceil(limits.output_bytes),
@@ -550,7 +560,7 @@ def run_python(source: str, *, limits: Limits | None = None) -> SandboxResult:
                     stdout=out,
                     stderr=err,
                     close_fds=True,
-                    pass_fds=(job_file.fileno(), result.fileno()),
+                    pass_fds=(job_file.fileno(), result.fileno(), peak.fileno()),
                     start_new_session=True,
                 )
             except OSError as e:
@@ -569,6 +579,7 @@ def run_python(source: str, *, limits: Limits | None = None) -> SandboxResult:
         stdout, stdout_full = _read(paths["out"], limits.output_bytes)
         stderr, stderr_full = _read(paths["err"], limits.output_bytes)
         report = _parse_report(paths["result"], limits.output_bytes, nonce)
+        peak_mb = _inner_peak_mb(paths["peak"], peak_mb)
     finally:
         for folder in (work, private):
             if folder:
@@ -618,6 +629,17 @@ def _wait(proc: subprocess.Popen[bytes], wall_s: float) -> tuple[bool, int, floa
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = returncode = os.waitstatus_to_exitcode(status)
     return timed_out, returncode, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+
+
+def _inner_peak_mb(path: str, outer_mb: float) -> float:
+    """The code's peak memory as the sandbox's relay measured it (MiB), else ``outer_mb``: the
+    first process's, which counts the host's own high-water mark when it was forked from a
+    large process (a whole test session), so it only serves without a PID namespace."""
+    try:
+        with open(path, "rb") as f:
+            return int(f.read(32) or b"x") / 1024
+    except (OSError, ValueError):
+        return outer_mb
 
 
 def _verdict(

@@ -461,3 +461,13 @@ def test_a_crash_is_killed_with_the_signal() -> None:
     result = run("import faulthandler\nfaulthandler._read_null()")
     assert (result.verdict, result.detail) == ("killed", "SIGSEGV")
     assert result.returncode == -signal.SIGSEGV
+
+
+@pytest.mark.skipif(not _namespaces_available(), reason="namespaces are not available here")
+def test_a_crash_in_a_large_host_is_not_taken_for_memory() -> None:
+    # A process forked from a large one inherits its high-water mark of resident memory (the
+    # full test session is such a host): only the code's own peak may decide "memory".
+    ballast = b"x" * (SMALL.memory_mb << 20)  # the host now holds more than the code's limit
+    result = run("import faulthandler\nfaulthandler._read_null()")
+    assert len(ballast) > 0
+    assert (result.verdict, result.detail) == ("killed", "SIGSEGV")
