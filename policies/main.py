@@ -49,14 +49,17 @@ from env.episode.config import EnvConfig
 from env.episode.difficulty import bank_difficulty
 from env.episode.hidden import HiddenProbes
 from env.questions import select_split, training_split
+from env.types import CODE_DATASETS
 from features.errors import ConfigError
 from policies.base import LamConditioned, Policy, Saveable
 from policies.evaluation.headline import (
+    VERIFIED_TARGET_SHARE,
     FamilySummary,
     TargetCheck,
     headline,
     reference_result,
     target_check,
+    verified_reference,
 )
 from policies.evaluation.oracle import OracleResult, VoteFloor, oracle, oracle_check, vote_floor
 from policies.evaluation.report import (
@@ -547,6 +550,18 @@ def _run_bank_fixed(path: Path, args: RunArgs, console: Console) -> BankRun:
         print_differences(console, summaries)
         targets = target_check(results, reference=reference, kinds=kinds)
         print_targets(console, targets)
+        verified = verified_reference(results) if bank.manifest.dataset in CODE_DATASETS else None
+        if verified is not None:  # code: execution verification is the reference to beat
+            print_targets(
+                console,
+                target_check(
+                    results,
+                    reference=verified,
+                    kinds=kinds,
+                    reference_name=f"best-of-{verified.param.removeprefix('N=')}-verifier",
+                    target_share=VERIFIED_TARGET_SHARE,
+                ),
+            )
         floors = vote_floors(bank, split, cfg, reference)
         print_floors(console, floors, reference)
         _representatives(out, summaries)

@@ -12,7 +12,6 @@ from rich.console import Console
 from rich.table import Table
 
 from policies.evaluation.headline import (
-    TARGET_SHARE,
     FamilySummary,
     TargetCheck,
 )
@@ -186,9 +185,10 @@ def print_targets(console: Console, targets: Sequence[TargetCheck]) -> None:
     """The product's target, per learned family: met or not, and by how much."""
     if not targets:
         return
+    ref, share = targets[0].reference, targets[0].target_share
     console.print(
-        f"target: a learned policy matches maj@16 with <= {100 * TARGET_SHARE:.0f}% of its "
-        "tokens and is at or above the best heuristic at every budget up to maj@16's tokens "
+        f"target: a learned policy matches {ref} with <= {100 * share:.0f}% of its "
+        f"tokens and is at or above the best heuristic at every budget up to {ref}'s tokens "
         f"(point estimates, {100 * MATCH_TOLERANCE:.1f} pt tolerance)"
     )
     for t in targets:

@@ -222,3 +222,27 @@ def test_the_execution_verifier_scores_visible_examples() -> None:
     assert a.usage.judge == b.usage.judge == 1 and v.can_judge
     with pytest.raises(ConfigError, match="not code"):
         v.judge([chain(0, "4", Question("gsm8k/test/0", "2+2?", gold="4"))])
+
+
+@pytest.mark.timeout(600)
+def test_the_main_job_runs_on_a_code_bank(code_bank: Path, tmp_path: Path) -> None:
+    """`ponder run --quick` on a code bank: every family, and the execution-verification
+    target beside maj@16's."""
+    import subprocess
+    import sys
+
+    args = f"run --bank {code_bank} --quick --no-track --out {tmp_path / 'out'} --no-progress"
+    proc = subprocess.run(
+        [sys.executable, "-m", "controller.cli", *args.split(), "--results-dir", ""],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = " ".join(proc.stdout.split())
+    assert "best-of-N-verifier" in text and "adaptive-consistency" in text
+    assert "matches best-of-4-verifier with" in text and "target <= 30%" in text
+    assert "ppo-chain" in text
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results
