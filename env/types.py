@@ -15,6 +15,7 @@ from features.errors import ConfigError
 
 __all__ = [
     "CODE_DATASETS",
+    "SYMBOLIC_DATASETS",
     "FinishReason",
     "INJECT_ALLOWANCE",
     "PromptMode",
@@ -39,6 +40,11 @@ FinishReason = Literal["length", "stop", "forced", "cap"]
 
 #: Data sets whose answers are programs, read and graded by running them (:mod:`env.code`).
 CODE_DATASETS = frozenset({"humaneval"})
+
+#: Data sets whose answers are compared symbolically as well (math-verify,
+#: :func:`features.answers.symbolic_equal`): competition math, where equal values are often
+#: written differently.
+SYMBOLIC_DATASETS = frozenset({"math500"})
 
 #: Tokens budgeted for an injected ``Wait,`` when budget forcing continues an ended chain.
 INJECT_ALLOWANCE = 16
@@ -203,7 +209,9 @@ class Question:
         """Whether ``answer`` is right for this question (:func:`features.answers.judged_correct`)."""
         from features.answers import judged_correct
 
-        return judged_correct(answer, self.gold, self.accepted)
+        return judged_correct(
+            answer, self.gold, self.accepted, symbolic=self.dataset in SYMBOLIC_DATASETS
+        )
 
 
 FloatArray = npt.NDArray[np.float32]

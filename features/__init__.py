@@ -19,6 +19,7 @@ from features.answers import (
     judged_correct,
     normalize_answer,
     read_probe,
+    symbolic_equal,
 )
 from features.confidence import (
     ChainConfidence,
@@ -82,6 +83,7 @@ __all__ = [
     "extract_boxed",
     "group_answers",
     "judged_correct",
+    "symbolic_equal",
     "group_confidence",
     "gsm8k_gold",
     "is_correct",

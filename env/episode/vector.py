@@ -278,12 +278,10 @@ def _build_tables(bank: TraceBank, questions: Sequence[Any], cfg: EnvConfig) -> 
         rank[np.argsort(-freq, kind="stable")] = np.arange(len(qnames))
         cols["ans"][start:] = [-1 if i < 0 else int(rank[i]) for i in ids]
         names.append([qnames[i] for i in np.argsort(-freq, kind="stable")])
-        if (
-            t.question.accepted is not None
-        ):  # code: the classes whose programs pass the hidden tests
-            right_classes.append([int(rank[cls[a]]) for a in cls if t.question.is_right(a)])
-        else:
-            right_classes.append([] if gold_key is None else [int(rank[cls[gold_key]])])
+        # Every class the question's own rule calls right: the gold answer's (numbers within
+        # tolerance are joined into it above), the classes math-verify finds equal to it on
+        # symbolic data sets, or a code question's accepted behaviour classes.
+        right_classes.append(sorted({int(rank[cls[a]]) for a in cls if t.question.is_right(a)}))
     n_classes = max(len(x) for x in names)
     ans = np.array([*cols["ans"], -1], np.int64)
     ans[ans < 0] = n_classes
