@@ -108,6 +108,12 @@ COMMANDS: tuple[Command, ...] = (
         "train a learned policy on a bank and save it: `train value` (fitted-Q) or `train ppo`",
     ),
     Command(
+        "route",
+        "policies.evaluation.routing:main",
+        "routing by query type: a strategy per kind of question (read from its text) against "
+        "one strategy for all, on several banks' mixed test questions",
+    ),
+    Command(
         "probes",
         "policies.evaluation.probes:main",
         "fit the hidden-state probes (difficulty, chain correctness) on a bank's training "
