@@ -28,6 +28,7 @@ __all__ = [
     "DATA_DIR",
     "load_gsm8k",
     "load_math500",
+    "math500_split",
     "load_testbed",
     "load_questions",
     "gsm8k_steps",
@@ -90,19 +91,36 @@ def load_gsm8k(
     return take_subset(items, n, seed)
 
 
-def load_math500(n: int | None = None, *, seed: int | None = None) -> list[Question]:
-    """MATH-500 questions with MATH's level as difficulty."""
+def math500_split(unique_id: str) -> str:
+    """MATH-500 ships as one set: a fixed half of it (by the sha256 of the problem's id) is the
+    ``train`` split here, the rest ``test``."""
+    return "train" if hashlib.sha256(unique_id.encode()).digest()[0] < 128 else "test"
+
+
+def load_math500(
+    split: str | None = "test", n: int | None = None, *, seed: int | None = None
+) -> list[Question]:
+    """MATH-500 questions with MATH's level as difficulty: the ``train`` or ``test`` half
+    (:func:`math500_split`; None for all 500). Ids read ``math500/<split>/<subject>/<number>``."""
+    if split not in ("train", "test", None):
+        raise ConfigError(f"MATH-500 split must be 'train', 'test' or None, got {split!r}")
     rows = _read_jsonl(DATA_DIR / "math" / "math500_test.jsonl")
-    items = [
-        Question(
-            qid=f"math500/{r.get('unique_id', i)}",
-            text=str(r["problem"]),
-            gold=str(r["answer"]),
-            dataset="math500",
-            difficulty=int(str(r["level"])) if "level" in r else None,
+    items = []
+    for i, r in enumerate(rows):
+        uid = str(r.get("unique_id", i))
+        half = math500_split(uid)
+        if split is not None and half != split:
+            continue
+        name = uid.removeprefix("test/").removesuffix(".json")
+        items.append(
+            Question(
+                qid=f"math500/{half}/{name}",
+                text=str(r["problem"]),
+                gold=str(r["answer"]),
+                dataset="math500",
+                difficulty=int(str(r["level"])) if "level" in r else None,
+            )
         )
-        for i, r in enumerate(rows)
-    ]
     return take_subset(items, n, seed)
 
 
@@ -121,7 +139,7 @@ def load_questions(
     if dataset == "gsm8k":
         return load_gsm8k(split, n, seed=seed)
     if dataset == "math500":
-        return load_math500(n, seed=seed)
+        return load_math500(split, n, seed=seed)
     if dataset == "arith":
         per_level = 25 if n is None else max(1, -(-n // 8))
         return load_testbed(split, per_level, seed=seed or 0)[: n if n is not None else None]

@@ -15,7 +15,8 @@ kind          examples
 ``factual``   short factual questions (shipped when a set with a licence that allows it is
               found on the package registries: see the README)
 ``multistep`` GSM8K word problems (its training questions)
-``hardmath``  MATH-500 competition problems (the half :func:`math500_split` calls train)
+``hardmath``  MATH-500 competition problems (its ``train`` half,
+              :func:`env.questions.math500_split`)
 ``code``      HumanEval function stubs (its training problems)
 ============  ============================================================================
 
@@ -43,7 +44,6 @@ __all__ = [
     "QueryClassifier",
     "classifier_report",
     "kind_of_dataset",
-    "math500_split",
     "training_questions",
 ]
 
@@ -72,12 +72,6 @@ def kind_of_dataset(dataset: str) -> str:
         raise ConfigError(
             f"no query kind for data set {dataset!r}; known: {', '.join(sorted(DATASET_KINDS))}"
         ) from None
-
-
-def math500_split(q: Question) -> str:
-    """MATH-500 ships as one test file: a fixed half of it (by the sha256 of the id) is used for
-    training, the other half for testing."""
-    return "train" if hashlib.sha256(q.qid.encode()).digest()[0] < 128 else "test"
 
 
 def _shape(text: str) -> list[float]:
@@ -172,7 +166,7 @@ def training_questions(
         if kind == "multistep":
             qs = load_questions("gsm8k", "train", per_kind, seed=seed)
         elif kind == "hardmath":
-            qs = [q for q in load_questions("math500", seed=seed) if math500_split(q) == "train"]
+            qs = load_questions("math500", "train", seed=seed)
         elif kind == "code":
             qs = load_questions("humaneval", "train", None, seed=seed)
         else:

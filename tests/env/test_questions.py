@@ -25,7 +25,7 @@ def test_seeded_subsets_are_stable_and_split_disjoint() -> None:
 
 
 def test_math500_levels() -> None:
-    qs = load_math500(20)
+    qs = load_math500("test", 20)
     assert all(q.difficulty in (1, 2, 3, 4, 5) for q in qs)
     assert all(q.gold for q in qs)
 

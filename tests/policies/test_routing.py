@@ -13,7 +13,6 @@ from policies.evaluation.routing import evaluate_routing
 from policies.routing import (
     QueryClassifier,
     classifier_report,
-    math500_split,
     training_questions,
 )
 
@@ -29,7 +28,7 @@ def classifier() -> QueryClassifier:
 def test_the_classifier_tells_kinds_apart_on_test_questions(classifier: QueryClassifier) -> None:
     test = (
         load_questions("gsm8k", "test", 300, seed=1)
-        + [q for q in load_questions("math500") if math500_split(q) == "test"]
+        + load_questions("math500", "test")
         + load_questions("humaneval", "test")
     )
     acc = classifier_report(classifier, test)
@@ -41,11 +40,13 @@ def test_the_classifier_tells_kinds_apart_on_test_questions(classifier: QueryCla
 
 
 def test_the_splits_of_math500_are_disjoint_halves() -> None:
-    qs = load_questions("math500")
-    train = {q.qid for q in qs if math500_split(q) == "train"}
-    assert 200 < len(train) < 300 and len(train) + sum(
-        math500_split(q) == "test" for q in qs
-    ) == len(qs)
+    from env.questions import question_split
+
+    train, test = load_questions("math500", "train"), load_questions("math500", "test")
+    assert 200 < len(train) < 300 and len(train) + len(test) == 500
+    assert {question_split(q) for q in train} == {"train"}
+    assert {question_split(q) for q in test} == {"test"}
+    assert not {q.text for q in train} & {q.text for q in test}
 
 
 def test_fitting_needs_two_kinds_and_matching_labels() -> None:
