@@ -196,6 +196,8 @@ class ServeArgs:
     """apply the thought-switching penalty (TIP) to every chain; requests may choose with `ponder.tip` (the vLLM server applies it exactly when it runs env.generators.tip:TipLogitsProcessor, otherwise through logit_bias)"""
     more_policies: tuple[str, ...] = ()
     """more policy specs served beside --policy (same grammar): a request chooses one with its `ponder.policy` or its model `ponder/<policy>` (GET /v1/models lists them)"""
+    route: tuple[str, ...] = ()
+    """route by query type, as KIND=POLICY (e.g. code=best-of-8-verifier multistep=adaptive-consistency-0.95): each request that names no policy is classified from its question's text (code, multistep, hardmath: policies.routing.QueryClassifier, fitted on the shipped training questions at startup) and answered by that kind's policy, which must be --policy or one of --more-policies; other kinds get --policy"""
     shutdown_timeout: int = 30
     """seconds a shutdown (SIGTERM, Ctrl-C) lets the requests in flight finish; those left then are cancelled (their upstream work too)"""
     model_name: str | None = None
@@ -243,6 +245,8 @@ def create_app(
     temperature: float = 0.7,
     top_p: float = 1.0,
     keep_alive_s: float = 5.0,
+    routes: dict[str, str] | None = None,
+    classify: Callable[[str], str] | None = None,
 ) -> Starlette:
     """The ASGI app of the proxy over ``controller`` (see the module docstring).
 
@@ -259,6 +263,9 @@ def create_app(
             this one (:mod:`controller.parse`).
         top_p: likewise for ``top_p``.
         keep_alive_s: seconds between keep-alive comments of a stream while it waits.
+        routes: query kind -> the name of the policy that answers it, for requests that name
+            none (``ponder serve --route``); needs ``classify``.
+        classify: the kind of a question's text (:class:`policies.routing.QueryClassifier`).
     """
     if max_body_bytes < 1 or max_concurrency < 1:
         raise ConfigError("max_body_bytes and max_concurrency must be >= 1")
@@ -271,6 +278,14 @@ def create_app(
         if c.policy.name in controllers:
             raise ConfigError(f"policy {c.policy.name!r} is served twice: name each one once")
         controllers[c.policy.name] = c
+    routes = dict(routes or {})
+    unknown = sorted(p for p in routes.values() if p not in controllers)
+    if unknown:
+        raise ConfigError(
+            f"--route names {unknown}, which are not served: add them with --more-policies"
+        )
+    if routes and classify is None:
+        raise ConfigError("routes need a classifier of query kinds")
     name = model or f"ponder/{controller.policy.name}"
     model_ids = {name: controller.policy.name}
     model_ids.update({f"ponder/{n}": n for n in controllers if n != controller.policy.name})
@@ -334,7 +349,13 @@ def create_app(
         if ask.policy is not None:
             return controllers[ask.policy]
         chosen = model_ids.get(ask.model or "")
-        return controllers[chosen] if chosen is not None else controller
+        if chosen is not None:
+            return controllers[chosen]
+        if routes and classify is not None:
+            kind = classify(ask.question)
+            log.debug("routed a %s question to %s", kind, routes.get(kind, "the default"))
+            return controllers[routes[kind]] if kind in routes else controller
+        return controller
 
     def finished(
         rid: str,
@@ -801,6 +822,11 @@ def check_serve_args(args: ServeArgs) -> None:
     for spec in specs:
         if specs.count(spec) > 1:
             raise ConfigError(f"policy {spec!r} is given twice (--policy, --more-policies)")
+    for kind, spec in parse_routes(args.route).items():
+        if spec not in specs:
+            raise ConfigError(
+                f"--route {kind}={spec}: {spec!r} is not served; give it with --more-policies"
+            )
     if args.eos_token_id is not None and args.eos_token_id < 0:
         raise ConfigError(f"--eos-token-id must be a token id >= 0, got {args.eos_token_id}")
     if args.upstream_api_key is not None:
@@ -963,6 +989,48 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
 
 
+def parse_routes(items: Sequence[str]) -> dict[str, str]:
+    """``--route`` items (``KIND=POLICY``) as a dict.
+
+    Raises:
+        ConfigError: an item that is not ``KIND=POLICY``, an unknown kind, a kind given twice.
+    """
+    from policies.routing import QUERY_KINDS
+
+    out: dict[str, str] = {}
+    for item in items:
+        kind, sep, policy = str(item).partition("=")
+        if not sep or not policy.strip():
+            raise ConfigError(
+                f"--route takes KIND=POLICY (e.g. code=best-of-8-verifier), got {item!r}"
+            )
+        if kind not in QUERY_KINDS:
+            raise ConfigError(
+                f"--route kind {kind!r} is unknown; choose one of {', '.join(QUERY_KINDS)}"
+            )
+        if kind in out:
+            raise ConfigError(f"--route gives kind {kind!r} twice")
+        out[kind] = policy.strip()
+    return out
+
+
+def _routing(args: ServeArgs) -> dict[str, Any]:
+    """``create_app``'s routing arguments from ``--route`` (the classifier fitted once here)."""
+    routes = parse_routes(args.route)
+    if not routes:
+        return {}
+    from policies.registry import load_policy
+    from policies.routing import QueryClassifier, training_questions
+
+    names = {load_policy(spec).name: spec for spec in (args.policy, *args.more_policies)}
+    by_spec = {spec: name for name, spec in names.items()}
+    routes = {kind: by_spec.get(spec, spec) for kind, spec in routes.items()}
+    qs, kinds = training_questions()
+    clf = QueryClassifier.fit([q.text for q in qs], kinds)
+    log.info("routing by query type: %s", ", ".join(f"{k} -> {v}" for k, v in routes.items()))
+    return {"routes": routes, "classify": lambda text: clf.predict([text])[0]}
+
+
 def main(argv: list[str] | None = None) -> None:
     """``ponder serve``: check the arguments, bind the port, build the controller and serve
     until stopped."""
@@ -992,6 +1060,7 @@ def main(argv: list[str] | None = None) -> None:
         on_shutdown=generator.close,
         more=more,
         temperature=args.temperature,
+        **_routing(args),
     )
     log.info(
         "ponder serve: %s in front of %s, listening on %s",

@@ -373,6 +373,50 @@ def test_a_request_chooses_among_the_loaded_policies() -> None:
         create_app(main, more=[Controller(gen, BestOfN(3), config=CFG)])
 
 
+def test_requests_are_routed_by_the_kind_of_their_question() -> None:
+    from controller.proxy import parse_routes
+
+    gen = FakeGenerator()
+    main = Controller(gen, BestOfN(3), config=CFG)
+    alt = Controller(gen, SingleChain(), config=CFG)
+    stub = 'def add(a, b):\n    """Return a + b.\n    >>> add(1, 2)\n    3\n    """\n'
+
+    def classify(text: str) -> str:  # a stand-in for the fitted QueryClassifier
+        return "code" if "def " in text else "multistep"
+
+    app = create_app(main, more=[alt], routes={"code": "single"}, classify=classify)
+    with TestClient(app) as c:
+        code = c.post("/v1/chat/completions", json=user(stub)).json()["ponder"]
+        word = c.post("/v1/chat/completions", json=user()).json()["ponder"]
+        named = c.post(
+            "/v1/chat/completions", json={**user(stub), "ponder": {"policy": "best-of-3"}}
+        ).json()["ponder"]
+    assert code["policy"] == "single" and word["policy"] == "best-of-3"
+    assert named["policy"] == "best-of-3"  # a request that names its policy is not routed
+    with pytest.raises(ConfigError, match="not served"):
+        create_app(main, routes={"code": "single"}, classify=classify)
+    assert parse_routes(["code=best-of-8-verifier"]) == {"code": "best-of-8-verifier"}
+    for bad, why in (("code", "KIND=POLICY"), ("poetry=single", "unknown"), ("code=", "KIND")):
+        with pytest.raises(ConfigError, match=why):
+            parse_routes([bad])
+    with pytest.raises(ConfigError, match="twice"):
+        parse_routes(["code=a", "code=b"])
+
+
+def test_serve_route_fits_the_classifier_and_names_the_policies() -> None:
+    from controller.proxy import ServeArgs, _routing
+
+    args = ServeArgs(policy="best-of-3", more_policies=("single",), route=("code=single",))
+    got = _routing(args)
+    stub = 'def add(a, b):\n    """Return a + b.\n    >>> add(1, 2)\n    3\n    """\n'
+    assert got["routes"] == {"code": "single"}
+    assert got["classify"](stub) == "code"
+    assert got["classify"]("Tom has 3 apples and buys 5 more. How many does he have?") == (
+        "multistep"
+    )
+    assert _routing(ServeArgs(policy="best-of-3")) == {}
+
+
 def test_ponder_fields_are_documented_in_the_openapi_schema(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     text = json.dumps(schema)
