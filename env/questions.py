@@ -28,6 +28,8 @@ __all__ = [
     "DATA_DIR",
     "load_gsm8k",
     "load_math500",
+    "load_factual",
+    "factual_split",
     "math500_split",
     "load_testbed",
     "load_questions",
@@ -124,6 +126,59 @@ def load_math500(
     return take_subset(items, n, seed)
 
 
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def factual_split(question: str) -> str:
+    """NQ-Open ships one set here: a fixed half of it (by the sha256 of the question) is the
+    ``train`` split, the rest ``test``."""
+    return "train" if hashlib.sha256(question.encode()).digest()[0] < 128 else "test"
+
+
+def _aliases(answers: Sequence[str]) -> tuple[str, ...]:
+    """The canonical forms a factual answer may take: each alias as the answer normaliser reads
+    it, and again after SQuAD's normalisation (lower case, no punctuation, no articles)."""
+    from features.answers import normalize_answer
+
+    out: list[str] = []
+    for a in answers:
+        for form in (a, " ".join(_ARTICLES.sub(" ", _PUNCT.sub(" ", a.lower())).split())):
+            key = normalize_answer(form)
+            if key is not None and key not in out:
+                out.append(key)
+    return tuple(out)
+
+
+def load_factual(
+    split: str | None = "test", n: int | None = None, *, seed: int | None = None
+) -> list[Question]:
+    """Short factual questions: NQ-Open's 3,610 (CC BY-SA 3.0, ``data/factual/LICENSE``), the
+    ``train`` or ``test`` half (:func:`factual_split`; None for all). The gold answer is the
+    first alias; any alias counts as right (``Question.accepted``: exact match after
+    normalisation, so a longer or shorter name is wrong, as in NQ-Open's own scoring)."""
+    if split not in ("train", "test", None):
+        raise ConfigError(f"factual split must be 'train', 'test' or None, got {split!r}")
+    rows = _read_jsonl(DATA_DIR / "factual" / "nq_open.jsonl")
+    items = []
+    for i, r in enumerate(rows):
+        text = str(r["question"]).strip()
+        half = factual_split(text)
+        if split is not None and half != split:
+            continue
+        answers = [str(a) for a in r["answers"]]  # type: ignore[attr-defined]
+        items.append(
+            Question(
+                qid=f"factual/{half}/{i}",
+                text=text[:1].upper() + text[1:] + ("" if text.endswith("?") else "?"),
+                gold=answers[0],
+                dataset="factual",
+                accepted=_aliases(answers),
+            )
+        )
+    return take_subset(items, n, seed)
+
+
 def load_testbed(split: str = "test", per_level: int = 25, *, seed: int = 0) -> list[Question]:
     """The testbed's synthetic questions, ``per_level`` at each difficulty level."""
     from env.models.testbed.task import make_questions
@@ -143,12 +198,16 @@ def load_questions(
     if dataset == "arith":
         per_level = 25 if n is None else max(1, -(-n // 8))
         return load_testbed(split, per_level, seed=seed or 0)[: n if n is not None else None]
+    if dataset == "factual":
+        return load_factual(split, n, seed=seed)
     if dataset == "humaneval":
         from env.code.humaneval import load_humaneval
         from env.code.reference import reference_answers
 
         return load_humaneval(split, n, seed=seed, golds=reference_answers())
-    raise ConfigError(f"unknown dataset {dataset!r}; choose gsm8k, math500, humaneval or arith")
+    raise ConfigError(
+        f"unknown dataset {dataset!r}; choose gsm8k, math500, humaneval, factual or arith"
+    )
 
 
 SPLITS = ("train", "test", "fit", "dev")

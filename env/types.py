@@ -181,8 +181,8 @@ class Question:
             turns. They go through the model's chat template ahead of the question (a system
             message replaces the template's own); empty for data-set questions.
         accepted: canonical answers judged right by other means than equality with ``gold``.
-            Code questions carry the behaviour classes whose programs pass the hidden unit
-            tests (from a bank's execution results, :mod:`env.code`); when it is given (even
+            Factual questions carry their answer's aliases; code questions carry the behaviour
+            classes whose programs pass the hidden unit tests (from a bank's execution results, :mod:`env.code`); when it is given (even
             empty: no class is right) it alone decides correctness (:func:`features.answers.judged_correct`). Like ``gold``
             it is for scoring only: no policy reads it.
     """

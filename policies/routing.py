@@ -12,8 +12,8 @@ Kinds (:data:`QUERY_KINDS`) and the question sets that teach them:
 ============  ============================================================================
 kind          examples
 ============  ============================================================================
-``factual``   short factual questions (shipped when a set with a licence that allows it is
-              found on the package registries: see the README)
+``factual``   short factual questions: NQ-Open (CC BY-SA 3.0, ``data/factual``), its
+              ``train`` half
 ``multistep`` GSM8K word problems (its training questions)
 ``hardmath``  MATH-500 competition problems (its ``train`` half,
               :func:`env.questions.math500_split`)
@@ -170,7 +170,7 @@ def training_questions(
         elif kind == "code":
             qs = load_questions("humaneval", "train", None, seed=seed)
         else:
-            continue  # no factual set ships yet
+            qs = load_questions("factual", "train", per_kind, seed=seed)
         qs = qs[:per_kind]
         out.extend(qs)
         labels.extend([kind] * len(qs))

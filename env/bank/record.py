@@ -84,7 +84,7 @@ class RecordArgs:
     scripted fake generator (for testing the recorder itself)"""
     url: str = ""
     """instead of --model: base URL of a vLLM OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1)"""
-    dataset: Literal["arith", "gsm8k", "math500", "humaneval"] = "arith"
+    dataset: Literal["arith", "gsm8k", "math500", "humaneval", "factual"] = "arith"
     """question set (humaneval: code, graded by running it, see env.code; its chains are read and run at every boundary instead of probed and judged by the model)"""
     splits: tuple[str, ...] = ("test",)
     """splits to draw from; several are interleaved so a partial bank stays balanced"""

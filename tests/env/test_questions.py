@@ -46,3 +46,32 @@ def test_steps_and_errors() -> None:
         load_questions("squad")
     with pytest.raises(ConfigError, match=">= 0"):
         load_gsm8k("test", -1)
+
+
+def test_factual_questions_ship_with_their_licence_and_split_in_halves() -> None:
+    from env.questions import DATA_DIR, load_factual, question_split
+
+    licence = (DATA_DIR / "factual" / "LICENSE").read_text()
+    assert "CC BY-SA 3.0" in licence and "Kwiatkowski" in licence
+    train, test = load_factual("train"), load_factual("test")
+    assert len(train) + len(test) == 3610 and 1700 < len(train) < 1900
+    assert {question_split(q) for q in train} == {"train"}
+    assert not {q.text for q in train} & {q.text for q in test}
+    q = next(q for q in test if q.text == "When was the last time anyone was on the moon?")
+    assert q.gold == "14 December 1972 UTC" and q.dataset == "factual"
+    # any alias is right, in any case or spacing; another answer is not
+    assert q.is_right("December 1972") and q.is_right("december 1972")
+    assert q.is_right("14 December 1972 UTC") and not q.is_right("1972")
+    assert load_questions("factual", "test", 5, seed=0) == load_factual("test", 5, seed=0)
+
+
+def test_factual_aliases_drop_articles_and_punctuation() -> None:
+    from env.questions import load_factual
+
+    with_article = [
+        q for q in load_factual(None) if any(a.startswith("the") for a in q.accepted or ())
+    ]
+    assert with_article
+    q = with_article[0]
+    bare = next(a for a in q.accepted or () if not a.startswith("the"))
+    assert q.is_right(bare)
