@@ -15,6 +15,7 @@ from features.errors import ConfigError
 
 __all__ = [
     "CODE_DATASETS",
+    "SHORT_ANSWER_DATASETS",
     "SYMBOLIC_DATASETS",
     "FinishReason",
     "INJECT_ALLOWANCE",
@@ -40,6 +41,10 @@ FinishReason = Literal["length", "stop", "forced", "cap"]
 
 #: Data sets whose answers are programs, read and graded by running them (:mod:`env.code`).
 CODE_DATASETS = frozenset({"humaneval"})
+
+#: Data sets of short factual questions, whose replies are read for a short answer (a name, a
+#: date) rather than a number (:func:`features.answers.extract_short_answer`).
+SHORT_ANSWER_DATASETS = frozenset({"factual"})
 
 #: Data sets whose answers are compared symbolically as well (math-verify,
 #: :func:`features.answers.symbolic_equal`): competition math, where equal values are often

@@ -34,6 +34,7 @@ __all__ = [
     "answers_equal",
     "extract_answer",
     "extract_boxed",
+    "extract_short_answer",
     "group_answers",
     "judged_correct",
     "symbolic_equal",
@@ -217,6 +218,46 @@ def extract_answer(text: str) -> str | None:
             return found
     numbers = _NUMBER_TEXT_RE.findall(text)
     return numbers[-1] if numbers else None
+
+
+_SHORT_WORDS = 8
+_IS_RE = re.compile(
+    r"^.*\b(?:is|was|are|were|by|called|named)\s+(?P<x>[^.;\n]{1,80})\.?\s*$", re.IGNORECASE
+)
+_ARTICLE_RE = re.compile(r"^(?:the|a|an)\s+", re.IGNORECASE)
+
+
+def extract_short_answer(text: str) -> str | None:
+    """A short factual answer (a name, a date, a short phrase) in a generated reply.
+
+    Tries, in order: the last ``\\boxed{...}``; the last "The answer is X" / "Answer: X"; the
+    words after the last "is" / "was" / "by" / "called" of the reply's last sentence, when they
+    are at most eight, without a leading article (``... in Black Mass is Mira Sorvino.``); the
+    whole reply when it is one line of at most eight words (``John Asbury``). Never the last number anywhere, which
+    :func:`extract_answer` falls back to for math.
+
+    Args:
+        text: a generated reply.
+
+    Returns:
+        The answer as written (a trailing period removed), or None.
+    """
+    boxed = extract_boxed(text)
+    if boxed:
+        return boxed
+    found = _after_answer_is(text)
+    if found:
+        return found
+    reply = text.strip()
+    last = re.split(r"(?<=[.!?])\s+", reply)[-1] if reply else ""
+    m = _IS_RE.search(last)
+    if m and len(m.group("x").split()) <= _SHORT_WORDS:
+        found = _ARTICLE_RE.sub("", m.group("x").strip().strip('"').rstrip(".").strip())
+        if found:
+            return found
+    if reply and "\n" not in reply and len(reply.split()) <= _SHORT_WORDS:
+        return reply.rstrip(".").strip() or None
+    return None
 
 
 def read_probe(completion: str) -> str | None:

@@ -234,8 +234,9 @@ def record_question(
     answer is the class of the chain's final code, ``correct`` says whether that class is
     judged right (:func:`env.code.grade.accepted_answers`), and every chain's execution
     results go into the file's metadata (:data:`env.bank.store.EXECUTION_KEY`)."""
+    from env.episode.rules import text_reader
     from env.types import BudgetForcing
-    from features.answers import extract_answer, normalize_answer
+    from features.answers import normalize_answer
 
     if seed is not None:
         gen.reset(seed)
@@ -273,7 +274,7 @@ def record_question(
             executions.append(grader.grade(rec.index, rec.chain.text))
             answers[cid] = executions[-1].answer
         else:
-            answers[cid] = normalize_answer(extract_answer(rec.chain.text))
+            answers[cid] = normalize_answer(text_reader(question)(rec.chain.text))
     accepted = None
     if grader is not None:
         from env.code.grade import accepted_answers
@@ -357,7 +358,9 @@ def code_grader(question: Question) -> CodeGrader:
 
 def _chat_template(args: RecordArgs) -> str:
     """The chat template a data set's questions are asked with by default."""
-    return "code" if args.dataset in CODE_DATASETS else "chat"
+    if args.dataset in CODE_DATASETS:
+        return "code"
+    return "factual" if args.dataset == "factual" else "chat"
 
 
 def make_generator(args: RecordArgs):  # type: ignore[no-untyped-def]

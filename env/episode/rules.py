@@ -25,13 +25,15 @@ import numpy as np
 import numpy.typing as npt
 
 from env.episode.config import Action, EnvConfig
-from features.answers import extract_answer, normalize_answer
+from env.types import SHORT_ANSWER_DATASETS, Question
+from features.answers import extract_answer, extract_short_answer, normalize_answer
 from features.probes import switch_count
 
 if TYPE_CHECKING:
     from env.bank.store import ChainTrace
 
 __all__ = [
+    "text_reader",
     "INFO_KEYS",
     "REASONS",
     "UNSCORED",
@@ -360,8 +362,20 @@ class ReplayedChunk:
     fold: ChainFold
 
 
+def text_reader(question: Question) -> Callable[[str], str | None]:
+    """How the ended chain of a (non-code) question is read: the math answer in it
+    (:func:`features.answers.extract_answer`), or for short factual questions the short answer
+    (:func:`features.answers.extract_short_answer`). Code is read by running it
+    (:mod:`env.code.grade`)."""
+    return extract_short_answer if question.dataset in SHORT_ANSWER_DATASETS else extract_answer
+
+
 def replay_chain(
-    ct: ChainTrace, config: EnvConfig, *, signals: bool = True, code: bool = False
+    ct: ChainTrace,
+    config: EnvConfig,
+    *,
+    signals: bool = True,
+    question: Question | None = None,
 ) -> Iterator[ReplayedChunk]:
     """Walk a recorded chain chunk by chunk as the env reaches it (opened, then continued past
     its end as far as the bank holds budget-forced chunks).
@@ -370,14 +384,18 @@ def replay_chain(
         ct: the recorded chain.
         config: the episode's settings (probing, chain cap, extensions).
         signals: fold the confidences, entropies and switches too (``False``: answers only).
-        code: the chain answers a code question: its final answer is the one the recorder
-            graded (the behaviour class of its program, :mod:`env.code.grade`), read from the
-            bank rather than by running the program again.
+        question: the question the chain answers, which says how its end is read
+            (:func:`text_reader`; default: math). A code question's final answer is the one
+            the recorder graded (the behaviour class of its program, :mod:`env.code.grade`),
+            read from the bank rather than by running the program again.
     """
     r = ct.rows
     fold = ChainFold()
     tokens = 0
     text = ""
+    read: Callable[[str], str | None] | None = None
+    if question is not None:
+        read = (lambda _text: ct.answer) if question.is_code else text_reader(question)
     for i in range(ct.n_chunks):
         tokens += int(r["n_tokens"][i])
         text += r["text"][i]
@@ -393,7 +411,7 @@ def replay_chain(
             fold,
             final_text=text if ended else None,
             probe=_recorded(r["probe_answer"][i]) if config.probe else None,
-            read=(lambda _text: ct.answer) if code else None,
+            read=read,
         )
         fold.extensions = max(0, i + 1 - ct.n_main)
         ok = replay_has_chunk(ct, i + 1) and can_continue(

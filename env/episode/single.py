@@ -31,6 +31,7 @@ from env.episode.rules import (
     fold_answer,
     fold_chunk,
     reason_text,
+    text_reader,
     unavailable_reason,
     verifier_score,
 )
@@ -516,7 +517,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             s,
             final_text=c.text if c.finished else None,
             probe=(lambda: self._probe(c)) if self.config.probe else None,
-            read=_code_reader(c.question.qid) if c.question.is_code else None,
+            read=_code_reader(c.question.qid) if c.question.is_code else text_reader(c.question),
         )
 
     def _probe(self, c: Chain) -> str | None:

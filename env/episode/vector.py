@@ -136,7 +136,7 @@ def _hidden_tables(
         states, extras = [], []
         for ct in t.chains:
             r = ct.rows
-            for c in replay_chain(ct, cfg, signals=True, code=q.is_code):
+            for c in replay_chain(ct, cfg, signals=True, question=q):
                 states.append(hs.at(q.qid, ct.chain, int(r["chunk"][c.i])))
                 extras.append(probes.extras(c.fold, c.tokens, r["finish_reason"][c.i] == "stop"))
         if states:
@@ -249,7 +249,7 @@ def _build_tables(bank: TraceBank, questions: Sequence[Any], cfg: EnvConfig) -> 
             cbase[qi, h] = len(cols["gen"])
             r = ct.rows
             # Each chunk as the single env reaches it, by the same rules.
-            for c in replay_chain(ct, cfg, code=t.question.is_code):
+            for c in replay_chain(ct, cfg, question=t.question):
                 i, fold, probed = c.i, c.fold, c.probed
                 n, inj = int(r["n_tokens"][i]), int(r["n_injected"][i])
                 raw_answers.append(fold.answer)

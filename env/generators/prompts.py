@@ -1,8 +1,9 @@
 """Prompt templates: how a question, a probe and a self-verification question are worded per model.
 
-Three ship: :data:`TESTBED` (the raw format the testbed model was trained on), :data:`CHAT`
-(math questions for instruct models with a chat template, such as Qwen2.5-Coder-Instruct) and
-:data:`CODE` (code questions for the same models: the HumanEval prompt in a ```python block).
+Four ship: :data:`TESTBED` (the raw format the testbed model was trained on), :data:`CHAT`
+(math questions for instruct models with a chat template, such as Qwen2.5-Coder-Instruct),
+:data:`CODE` (code questions for the same models: the HumanEval prompt in a ```python block)
+and :data:`FACTUAL` (short factual questions: a short answer in ``\\boxed{}``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __all__ = [
     "TESTBED",
     "CHAT",
     "CODE",
+    "FACTUAL",
     "TEMPLATES",
     "get_template",
 ]
@@ -232,7 +234,30 @@ CODE = PromptTemplate(
     judge_followup="Is your code correct so far? Answer with yes or no only.",
 )
 
-TEMPLATES: dict[str, PromptTemplate] = {t.name: t for t in (TESTBED, CHAT, CODE)}
+FACTUAL = PromptTemplate(
+    name="factual",
+    chat=True,
+    system="You are a helpful assistant that answers questions accurately.",
+    cot=(
+        "Answer the question below. Think briefly if you need to, then write the final "
+        "answer (a name, a date, a number or a short phrase) within \\boxed{{}}, for example "
+        "\\boxed{{Paris}}.\n\nQuestion: {question}"
+    ),
+    draft=(
+        "{question}\nGive only the answer (a name, a date, a number or a short phrase) "
+        "within \\boxed{{}}."
+    ),
+    probe_suffix="\n\nFinal answer: \\boxed{",
+    wait_text="\nWait,",
+    judge=(
+        "Here is a question and an answer that may be incomplete.\n\n"
+        "Question: {question}\n\nAnswer so far:\n{solution}\n\n"
+        "Is the answer correct so far? Answer with yes or no only."
+    ),
+    judge_followup="Is your answer correct? Answer with yes or no only.",
+)
+
+TEMPLATES: dict[str, PromptTemplate] = {t.name: t for t in (TESTBED, CHAT, CODE, FACTUAL)}
 
 
 def get_template(name: str) -> PromptTemplate:

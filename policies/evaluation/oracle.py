@@ -124,7 +124,7 @@ def chain_prefixes(ct: ChainTrace, question: Question, config: EnvConfig) -> lis
     decoded = 0
     bound_continue = config.bound(Action.CONTINUE)
     # The chain as the env reaches it, by the env's rules (answers only: no signal is read).
-    for c in replay_chain(ct, config, signals=False, code=question.is_code):
+    for c in replay_chain(ct, config, signals=False, question=question):
         decoded += int(r["n_tokens"][c.i]) + (int(r["probe_tokens"][c.i]) if c.probed else 0)
         answer = c.fold.answer
         correct = question.is_right(answer)

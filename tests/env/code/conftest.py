@@ -24,6 +24,13 @@ def code_script() -> dict[str, str]:
     return out
 
 
+@pytest.fixture(name="wrong_for")
+def wrong_for_fixture() -> object:
+    """:func:`wrong_for`, for tests (a test module cannot import this conftest by name: other
+    folders have their own)."""
+    return wrong_for
+
+
 @pytest.fixture(scope="session")
 def code_bank(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("code") / "humaneval-fake"

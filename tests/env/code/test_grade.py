@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import wrong_for
 
 from env.bank.cli import BankInfoArgs, info
 from env.bank.store import EXECUTION_KEY, TraceBank
@@ -123,7 +123,9 @@ def test_humaneval_questions_carry_the_reference_answer_and_no_test() -> None:
         assert "def check(" not in q.text
 
 
-def test_a_recorded_code_bank_keeps_every_chains_execution(code_bank: Path) -> None:
+def test_a_recorded_code_bank_keeps_every_chains_execution(
+    code_bank: Path, wrong_for: Callable[[int], bool]
+) -> None:
     bank = TraceBank(code_bank)
     assert len(bank) == 6 and bank.manifest.dataset == "humaneval"
     assert bank.manifest.template == "code"
@@ -151,7 +153,7 @@ def test_a_recorded_code_bank_keeps_every_chains_execution(code_bank: Path) -> N
 
 
 def test_bank_info_prints_execution_results_by_problem(
-    code_bank: Path, capsys: pytest.CaptureFixture[str]
+    code_bank: Path, capsys: pytest.CaptureFixture[str], wrong_for: Callable[[int], bool]
 ) -> None:
     stats = info(BankInfoArgs(path=code_bank))
     out = capsys.readouterr().out
