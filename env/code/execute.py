@@ -61,9 +61,30 @@ def _harness(report, job):
                 close(result[k], expected[k]) for k in expected)
         return result == expected
 
+    def canonical(value, depth=0):
+        # A set's repr follows its elements' hashes, which differ between interpreters for
+        # strings (hash randomisation, and -I ignores PYTHONHASHSEED): show sets sorted, so
+        # the same behaviour reads the same in every run.
+        if depth > 20:
+            return repr(value)
+        if type(value) in (set, frozenset):
+            items = sorted(canonical(v, depth + 1) for v in value)
+            name = "set" if type(value) is set else "frozenset"
+            return name + "({" + ", ".join(items) + "})" if items else name + "()"
+        if type(value) in (list, tuple):
+            inner = ", ".join(canonical(v, depth + 1) for v in value)
+            if type(value) is tuple:
+                return "(" + inner + ("," if len(value) == 1 else "") + ")"
+            return "[" + inner + "]"
+        if type(value) is dict:
+            return "{" + ", ".join(
+                canonical(k, depth + 1) + ": " + canonical(v, depth + 1) for k, v in value.items()
+            ) + "}"
+        return repr(value)
+
     def shown(result):
         try:
-            text = repr(result)
+            text = canonical(result)
         except Exception:
             text = "<%s object>" % type(result).__name__
         return text[:job["max_repr"]]

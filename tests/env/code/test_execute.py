@@ -240,3 +240,16 @@ def test_a_main_block_does_not_run() -> None:
 def test_run_tests_rejects_a_bad_entry_point() -> None:
     with pytest.raises(ConfigError, match="entry_point"):
         run_tests(ADD, CHECK_ADD, "")
+
+
+def test_sets_read_the_same_in_every_interpreter() -> None:
+    # string hashes differ between interpreters, and so does a set's repr order: the outcome
+    # shows sets sorted, so the same behaviour always gets the same answer
+    program = "def f(words):\n    return set(words), (frozenset(words),), {'k': set(words)}\n"
+    calls = [Call("['pear', 'apple', 'fig', 'kiwi', 'plum', 'date']")]
+    seen = {run_calls(program, "f", calls)[0].value for _ in range(4)}
+    assert len(seen) == 1
+    (value,) = seen
+    assert value.startswith("(set({'apple', 'date', 'fig'")
+    assert run_calls("def f():\n    return set()\n", "f", [Call("")])[0].value == "set()"
+    assert run_calls("def f():\n    return (1,)\n", "f", [Call("")])[0].value == "(1,)"

@@ -248,3 +248,13 @@ def test_the_main_job_runs_on_a_code_bank(code_bank: Path, tmp_path: Path) -> No
     assert "ppo-chain" in text
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results
+
+
+def test_the_shipped_reference_answers_are_what_the_references_give_now() -> None:
+    from env.code.reference import reference_answer
+
+    shipped = reference_answers()
+    tasks = load_tasks()
+    assert set(shipped) == {t.task_id for t in tasks}
+    changed = [t.task_id for t in tasks if reference_answer(t) != shipped[t.task_id]]
+    assert not changed, f"rewrite data/code/humaneval-reference.json: {changed}"
