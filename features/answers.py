@@ -33,6 +33,7 @@ from features.errors import AnswerError
 __all__ = [
     "answers_equal",
     "extract_answer",
+    "closing_bracket",
     "extract_boxed",
     "extract_short_answer",
     "group_answers",
@@ -463,10 +464,9 @@ def _rewrite_commands(text: str, depth: int = 0) -> str:
     return "".join(out)
 
 
-def _is_wrapped(text: str, opens: str, closes: str) -> bool:
-    """Whether the bracket opening ``text`` is closed by its last character."""
-    if len(text) < 2 or text[0] not in opens or text[-1] not in closes:
-        return False
+def closing_bracket(text: str) -> int | None:
+    """Index of the bracket that closes the one ``text`` opens with (round, square and curly
+    brackets counted together, not paired by kind), or None when none closes it."""
     depth = 0
     for k, c in enumerate(text):
         if c in _OPEN:
@@ -474,8 +474,15 @@ def _is_wrapped(text: str, opens: str, closes: str) -> bool:
         elif c in _CLOSE:
             depth -= 1
             if depth == 0:
-                return k == len(text) - 1
-    return False
+                return k
+    return None
+
+
+def _is_wrapped(text: str, opens: str, closes: str) -> bool:
+    """Whether the bracket opening ``text`` is closed by its last character."""
+    if len(text) < 2 or text[0] not in opens or text[-1] not in closes:
+        return False
+    return closing_bracket(text) == len(text) - 1
 
 
 def _split_top(text: str) -> list[str]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from env.code.types import Call
 from env.questions import DATA_DIR, take_subset
 from env.types import Question
+from features.answers import closing_bracket
 from features.errors import ConfigError
 
 __all__ = [
@@ -118,19 +119,6 @@ def _mask(text: str) -> str:
                 continue
         i += 1
     return "".join(out)
-
-
-def _closing(masked: str) -> int | None:
-    """Index of the bracket that closes the one at 0 (brackets counted, not paired)."""
-    depth = 0
-    for i, c in enumerate(masked):
-        if c in _OPEN:
-            depth += 1
-        elif c in _CLOSE:
-            depth -= 1
-            if depth == 0:
-                return i
-    return None
 
 
 def _line_end(masked: str) -> int:
@@ -285,7 +273,7 @@ def _call_examples(doc: str, entry_point: str) -> list[_Example]:
     out: list[_Example] = []
     for m in re.finditer(rf"(?<![\w.]){re.escape(entry_point)}\(", doc):
         open_at = m.end() - 1
-        close_rel = _closing(_mask(doc[open_at:]))
+        close_rel = closing_bracket(_mask(doc[open_at:]))
         if close_rel is None:
             continue
         close = open_at + close_rel
