@@ -19,6 +19,7 @@ import json
 import random
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 from env.types import Question
@@ -30,6 +31,7 @@ __all__ = [
     "load_math500",
     "load_factual",
     "factual_split",
+    "factual_accepted",
     "math500_split",
     "load_testbed",
     "load_questions",
@@ -159,7 +161,7 @@ def load_factual(
     normalisation, so a longer or shorter name is wrong, as in NQ-Open's own scoring)."""
     if split not in ("train", "test", None):
         raise ConfigError(f"factual split must be 'train', 'test' or None, got {split!r}")
-    rows = _read_jsonl(DATA_DIR / "factual" / "nq_open.jsonl")
+    rows = _factual_rows()
     items = []
     for i, r in enumerate(rows):
         text = str(r["question"]).strip()
@@ -177,6 +179,23 @@ def load_factual(
             )
         )
     return take_subset(items, n, seed)
+
+
+def factual_accepted(qid: str) -> tuple[str, ...] | None:
+    """The accepted answers of factual question ``qid`` (``factual/<split>/<row>``), from the
+    shipped file: a bank stores questions without them (:mod:`env.bank.store` adds them back).
+    None for an id that is not a factual question's."""
+    parts = qid.split("/")
+    if len(parts) != 3 or parts[0] != "factual" or not parts[2].isdigit():
+        return None
+    rows = _factual_rows()
+    i = int(parts[2])
+    return _aliases([str(a) for a in rows[i]["answers"]]) if i < len(rows) else None  # type: ignore[attr-defined]
+
+
+@lru_cache(maxsize=1)
+def _factual_rows() -> list[dict[str, object]]:
+    return _read_jsonl(DATA_DIR / "factual" / "nq_open.jsonl")
 
 
 def load_testbed(split: str = "test", per_level: int = 25, *, seed: int = 0) -> list[Question]:

@@ -178,7 +178,7 @@ def _chunk_row(
 
 
 def _boundary(
-    row: dict[str, Any], probe: ProbeResult | None, judge: JudgeResult | None, gold: str | None
+    row: dict[str, Any], probe: ProbeResult | None, judge: JudgeResult | None, question: Question
 ) -> None:
     from features.answers import normalize_answer
 
@@ -187,7 +187,7 @@ def _boundary(
         row.update(
             probe_text=probe.text,
             probe_answer=norm,
-            probe_correct=answer_correct(norm, gold),
+            probe_correct=question.is_right(norm),
             probe_tokens=probe.usage.probe,
             probe_prefill=probe.usage.prefill,
             probe_cached=probe.usage.cached,
@@ -258,7 +258,7 @@ def record_question(
         for c, ch, pr, jd in zip(active, chunks, probes, judges, strict=True):
             rec = recs[c.chain_id]
             row = _chunk_row(c, rec.index, len(rec.rows), starts[c.chain_id], ch, ext)
-            _boundary(row, pr, jd, question.gold)
+            _boundary(row, pr, jd, question)
             rec.rows.append(row)
 
     active = [r.chain for r in recs.values()]
@@ -300,7 +300,7 @@ def record_question(
     cols: dict[str, Any] = {}
     for cid, rec in recs.items():
         ans = answers[cid]
-        ok = answer_correct(ans, question.gold, accepted)
+        ok = question.is_right(ans) if grader is None else answer_correct(ans, None, accepted)
         for row in rec.rows:
             row["answer"] = ans
             row["correct"] = ok
