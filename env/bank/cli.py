@@ -57,7 +57,7 @@ def info(args: BankInfoArgs) -> dict[str, dict[str, float]]:
             file=sys.stderr,
         )
     if args.json:
-        from env.bank.record import CODE_DATASETS
+        from env.types import CODE_DATASETS
 
         if bank.manifest.dataset in CODE_DATASETS:
             from env.code.report import code_rows
@@ -112,7 +112,7 @@ def info(args: BankInfoArgs) -> dict[str, dict[str, float]]:
     from env.bank.hidden import describe
 
     console.print(describe(bank))
-    from env.bank.record import CODE_DATASETS
+    from env.types import CODE_DATASETS
 
     if m.dataset in CODE_DATASETS:
         stats["code"] = _code_table(bank, console)

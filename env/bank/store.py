@@ -71,6 +71,12 @@ questions; each file is bound to its own question instead, and chunk files beyon
 list are refused. Banks from before identities (no ``bank_id`` in the manifest) are read as
 before; :func:`stamp` (``ponder bank stamp PATH``) gives one its identity.
 
+Code questions (:mod:`env.code`) add one more key to their chunk file's metadata,
+``ponder.execution`` (:data:`EXECUTION_KEY`): JSON with ``accepted`` (the behaviour classes
+judged right) and ``chains`` (each chain's answer, visible outputs and pass share, hidden-test
+verdict and detail, program sha256), written in the same atomic file as the chunks; reading
+puts ``accepted`` on the question (:attr:`env.types.Question.accepted`).
+
 Writers take the bank's lock (:class:`env.bank.lock.BankLock`): ``ponder record`` for its whole
 run, :func:`compact` and :func:`stamp` too.
 """
