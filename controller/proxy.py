@@ -197,7 +197,7 @@ class ServeArgs:
     more_policies: tuple[str, ...] = ()
     """more policy specs served beside --policy (same grammar): a request chooses one with its `ponder.policy` or its model `ponder/<policy>` (GET /v1/models lists them)"""
     route: tuple[str, ...] = ()
-    """route by query type, as KIND=POLICY (e.g. code=best-of-8-verifier multistep=adaptive-consistency-0.95): each request that names no policy is classified from its question's text (code, multistep, hardmath: policies.routing.QueryClassifier, fitted on the shipped training questions at startup) and answered by that kind's policy, which must be --policy or one of --more-policies; other kinds get --policy"""
+    """route by query type, as KIND=POLICY (e.g. code=best-of-8-verifier multistep=adaptive-consistency-0.95): each request that names no policy is classified from its question's text (factual, multistep, hardmath, code: policies.routing.QueryClassifier, fitted on the shipped training questions at startup) and answered by that kind's policy, which must be --policy or one of --more-policies; other kinds get --policy"""
     shutdown_timeout: int = 30
     """seconds a shutdown (SIGTERM, Ctrl-C) lets the requests in flight finish; those left then are cancelled (their upstream work too)"""
     model_name: str | None = None
