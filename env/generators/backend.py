@@ -73,6 +73,11 @@ class Completion:
         finish_reason: ``length`` (hit ``max_tokens``) or ``stop`` (EOS or a stop string).
         prompt_tokens: length of the prompt.
         cached_tokens: prompt tokens served from the prefix cache.
+        stop_reason: the request's stop string that ended it (not in ``text``, as the
+            engines drop it); ``""`` when a stop string ended it but the engine does not say
+            which of several (llama.cpp); None when it ended otherwise (EOS, ``length``) or the
+            engine does not say (an OpenAI-compatible server other than vLLM's). What
+            budget forcing on the end of a thinking section reads.
     """
 
     token_ids: IntArray
@@ -83,6 +88,7 @@ class Completion:
     finish_reason: Literal["length", "stop"]
     prompt_tokens: int
     cached_tokens: int
+    stop_reason: str | None = None
 
 
 @runtime_checkable

@@ -283,6 +283,7 @@ class FakeBackend:
             raise ConfigError(f"script returned {type(text).__name__}, expected str")
         ids = [*self.encode(text), self.eos_token_id]
         finish: Literal["length", "stop"] = "stop"
+        stop_reason: str | None = None
         if len(ids) > r.max_tokens:
             ids, finish = ids[: r.max_tokens], "length"
         # Stop strings: vLLM cuts the text before the earliest match and drops the rest.
@@ -294,6 +295,7 @@ class FakeBackend:
             end = cut + len(stop_at)
             n_tok = next(j for j in range(1, len(ids) + 1) if len(_decode(ids[:j], True)) >= end)
             ids, out_text, finish = ids[:n_tok], out_text[:cut], "stop"
+            stop_reason = stop_at
         elif ids and ids[-1] == self.eos_token_id:
             finish = "stop"
         digest = hashlib.blake2b(
@@ -312,6 +314,7 @@ class FakeBackend:
             finish_reason=finish,
             prompt_tokens=len(r.prompt_ids),
             cached_tokens=cached,
+            stop_reason=stop_reason,
         )
 
     def _logprobs(

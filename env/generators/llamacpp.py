@@ -217,6 +217,7 @@ class LlamaCppBackend(HFTokenizer):
         m = max(0, int(r.top_logprobs))
         ids = [int(c["id"]) for c in content]
         # Drop trailing special tokens (EOS / end of turn): continuations must not see them.
+        ended_by_token = bool(ids) and ids[-1] in self._special
         while ids and ids[-1] in self._special:
             ids.pop()
             content = content[:-1]
@@ -231,6 +232,10 @@ class LlamaCppBackend(HFTokenizer):
         finish: Literal["length", "stop"] = (
             "length" if choice.get("finish_reason") == "length" else "stop"
         )
+        # llama.cpp does not say which stop string matched: with one asked for, that one.
+        stop_reason = None
+        if finish == "stop" and r.stop and not ended_by_token:
+            stop_reason = r.stop[0] if len(r.stop) == 1 else ""
         usage = out.get("usage") or {}
         prompt_tokens = int(usage.get("prompt_tokens", len(r.prompt_ids)))
         cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
@@ -243,6 +248,7 @@ class LlamaCppBackend(HFTokenizer):
             finish_reason=finish,
             prompt_tokens=prompt_tokens,
             cached_tokens=min(cached, prompt_tokens),
+            stop_reason=stop_reason,
         )
 
 

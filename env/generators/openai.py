@@ -594,6 +594,8 @@ class OpenAIBackend:
             finish_reason=finish,
             prompt_tokens=prompt_tokens,
             cached_tokens=cached,
+            # vLLM's server names the stop string that matched (an int for a stop token id)
+            stop_reason=stop if isinstance(stop := choice.get("stop_reason"), str) else None,
         )
 
 

@@ -276,7 +276,9 @@ class VLLMBackend(HFTokenizer):
                 [c.token_ids.tolist() for c in results], skip_special_tokens=True
             )
             for r, c, t in zip(requests, results, texts, strict=True):
-                c.text = _cut_at_stop(t, r.stop)
+                c.text, matched = _cut_at_stop(t, r.stop)
+                if c.finish_reason == "stop" and matched is not None:
+                    c.stop_reason = matched  # (the engine names only the stop token's id)
         return results
 
     def _convert(self, r: CompletionRequest, out: Any, detok: bool) -> Completion:
@@ -314,17 +316,20 @@ class VLLMBackend(HFTokenizer):
             finish_reason=finish,
             prompt_tokens=prompt_tokens,
             cached_tokens=min(cached, prompt_tokens),
+            # vLLM names the stop string that matched (an int for a stop token id)
+            stop_reason=o.stop_reason if isinstance(o.stop_reason, str) else None,
         )
 
 
-def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """Text before the first stop string (what vLLM's stop strings give)."""
-    cut = len(text)
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, str | None]:
+    """Text before the first stop string (what vLLM's stop strings give), and that string
+    (None when none occurs)."""
+    cut, matched = len(text), None
     for s in stop:
         i = text.find(s)
         if 0 <= i < cut:
-            cut = i
-    return text[:cut]
+            cut, matched = i, s
+    return text[:cut], matched
 
 
 class VLLMGenerator(LiveGenerator):

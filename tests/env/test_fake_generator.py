@@ -90,6 +90,9 @@ def test_stop_strings_are_cut_like_vllm() -> None:
     assert c.text == "b "
     # The tokens up to the one that completed the stop string were generated.
     assert b.decode(c.token_ids.tolist()) == "b ="
+    assert c.stop_reason == "="  # which stop string ended it
+    (whole,) = b.complete([req(b, PROMPT, max_tokens=500)])
+    assert whole.finish_reason == "stop" and whole.stop_reason is None  # EOS ended it
 
 
 def test_top_logprobs_are_ranked_and_hold_the_sampled_token() -> None:

@@ -363,3 +363,20 @@ def test_bad_input_raises_specific_errors(vllm_generator: Any, testbed_llm: Any)
         LiveGenerator(VLLMBackend(testbed_llm), template="nope")
     assert issubclass(ConfigError, PonderError)
     assert isinstance(chains[0], Chain)
+
+
+@pytest.mark.vllm
+def test_a_stop_string_is_named_as_the_stop_reason(vllm_generator: Any) -> None:
+    from env.questions import load_testbed
+
+    b = vllm_generator.backend
+    easy = next(q for q in load_testbed("test", 1) if q.difficulty == 1)
+    ids = tuple(b.encode(TESTBED.cot.format(question=easy.text)))
+    stop, whole = b.complete(
+        [
+            CompletionRequest(prompt_ids=ids, max_tokens=64, temperature=0.0, stop=("=",)),
+            CompletionRequest(prompt_ids=ids, max_tokens=400, temperature=0.0),
+        ]
+    )
+    assert stop.finish_reason == "stop" and stop.stop_reason == "=" and "=" not in stop.text
+    assert whole.finish_reason == "stop" and whole.stop_reason is None  # EOS ended it

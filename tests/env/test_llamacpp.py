@@ -264,3 +264,21 @@ def test_ponder_record_on_the_gguf_end_to_end(tmp_path: Path) -> None:
             answers += sum(a is not None for a in ch.rows["probe_answer"])
             assert all(np.isfinite(p) for p in ch.rows["judge_p_yes"])
     assert answers > 0
+
+
+def test_a_stop_string_is_named_as_the_stop_reason(gen: Any) -> None:
+    from env.models.testbed.task import prompt_text
+    from env.questions import load_testbed
+
+    easy = next(q for q in load_testbed("test", 1) if q.difficulty == 1)
+    ids = tuple(gen.backend.encode(prompt_text(easy.text)))
+    stop, whole, two = gen.backend.complete(
+        [
+            CompletionRequest(prompt_ids=ids, max_tokens=64, temperature=0.0, stop=("=",)),
+            CompletionRequest(prompt_ids=ids, max_tokens=400, temperature=0.0),
+            CompletionRequest(prompt_ids=ids, max_tokens=64, temperature=0.0, stop=("=", "+")),
+        ]
+    )
+    assert stop.finish_reason == "stop" and stop.stop_reason == "=" and "=" not in stop.text
+    assert whole.finish_reason == "stop" and whole.stop_reason is None  # EOS ended it
+    assert two.stop_reason == ""  # a stop string, but llama.cpp does not say which

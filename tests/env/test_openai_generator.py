@@ -171,6 +171,18 @@ def test_completions_are_consistent(backend: OpenAIBackend) -> None:
 
 
 @pytest.mark.server
+def test_a_stop_string_is_named_as_the_stop_reason(backend: OpenAIBackend) -> None:
+    stop, whole = backend.complete(
+        [
+            _req(backend, max_tokens=64, temperature=0.0, stop=("=",)),
+            _req(backend, max_tokens=400, temperature=0.0),
+        ]
+    )
+    assert stop.finish_reason == "stop" and stop.stop_reason == "=" and "=" not in stop.text
+    assert whole.finish_reason == "stop" and whole.stop_reason is None  # EOS ended it
+
+
+@pytest.mark.server
 def test_identical_sampled_requests_go_as_one_request_with_n(backend: OpenAIBackend) -> None:
     sampled = _req(backend, max_tokens=8)
     greedy = _req(backend, PROMPT + "b = ", temperature=0.0, max_tokens=6)
