@@ -146,6 +146,7 @@ class _Plan:
     injected_text: str
     room: int
     request: CompletionRequest | None
+    budgeted: bool = False  # the chain's budget applies to this chunk (see _budgeted)
 
 
 class LiveGenerator(GeneratorBase):
@@ -269,9 +270,47 @@ class LiveGenerator(GeneratorBase):
         v = self.backend.max_model_len
         return int(v) if v else None
 
+    def thinking_open(self, chain: Chain) -> bool:
+        """Whether ``chain`` is inside its thinking section: the template has thinking markers
+        and the chain has not written the closing one yet."""
+        fmt = self.template.thinking
+        return fmt is not None and fmt.end not in chain.text
+
+    def thinking_split(self, chain: Chain) -> tuple[int, int]:
+        """``(thinking tokens, answer tokens)`` of ``chain``: the tokens up to and including
+        the one that completes the closing thinking marker, and the rest (``(0, n)`` for a
+        template without thinking; ``(n, 0)`` while the chain is still thinking)."""
+        tokens = self._tokens(chain).tolist()
+        n = len(tokens)
+        fmt = self.template.thinking
+        if fmt is None:
+            return 0, n
+        if self.thinking_open(chain):
+            return n, 0
+
+        def closed(j: int) -> bool:
+            return fmt.end in self._guard("decode", self.backend.decode, tokens[:j])
+
+        lo, hi = 1, n  # the smallest j whose prefix holds the marker (monotone in j)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if closed(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo, n - lo
+
+    def _budgeted(self, chain: Chain) -> bool:
+        """Whether the chain's budget applies now. Budget forcing acts on the end of the
+        chain, or with a thinking template on the end of its thinking section: once the model
+        has closed that section, its answer runs free (up to the chain cap)."""
+        if chain.budget is None:
+            return False
+        return self.template.thinking is None or self.thinking_open(chain)
+
     def _cap(self, chain: Chain) -> int:
         cap = self.sampling.max_chain_tokens
-        if chain.budget is not None:
+        if chain.budget is not None and self._budgeted(chain):
             cap = min(cap, chain.budget.max_tokens)
         return cap
 
@@ -354,12 +393,16 @@ class LiveGenerator(GeneratorBase):
         max_len = self._max_len()
         window = (max_len - ctx_len) if max_len is not None else None
         cap = self._cap(chain)
-        budget = chain.budget
+        budgeted = self._budgeted(chain)
+        budget = chain.budget if budgeted else None
         m = self.sampling.top_logprobs
 
         def force() -> _Plan:
+            # At the budget's maximum: the final answer is forced (a thinking section is
+            # closed first), greedy and short, read up to "}".
             assert budget is not None
-            suffix = self._encode(self.template.probe_suffix)
+            forced_text = self.template.probe_text(self.thinking_open(chain))
+            suffix = self._encode(forced_text)
             room = budget.answer_tokens
             if window is not None:
                 room = min(room, window - len(suffix))
@@ -373,7 +416,7 @@ class LiveGenerator(GeneratorBase):
                 top_logprobs=m,
                 stop=("}",),
             )
-            return _Plan(chain, "force", suffix, self.template.probe_suffix, room, req)
+            return _Plan(chain, "force", suffix, forced_text, room, req, budgeted)
 
         if budget is not None and n >= cap:
             return force()
@@ -388,6 +431,14 @@ class LiveGenerator(GeneratorBase):
             room = min(room, window - len(injected))
         if room < 1:
             return force() if budget is not None else _Plan(chain, "cap", [], "", 0, None)
+        stop: tuple[str, ...] = ()
+        fmt = self.template.thinking
+        if budget is not None and fmt is not None and n + len(injected) < budget.min_tokens:
+            # Below the minimum, the end of thinking is an ending to suppress: stop there (the
+            # engine drops the marker) and say "Wait," next. The chunk stops at the minimum,
+            # so a marker it meets is always one to suppress.
+            stop = (fmt.end,)
+            room = min(room, budget.min_tokens - n - len(injected))
         ctx = np.concatenate([tokens, np.asarray(injected, dtype=np.int32)]) if injected else tokens
         req = CompletionRequest(
             prompt_ids=tuple(chain.prompt_ids) + tuple(ctx.tolist()),
@@ -395,9 +446,10 @@ class LiveGenerator(GeneratorBase):
             temperature=self.sampling.temperature,
             top_p=self.sampling.top_p,
             top_logprobs=m,
+            stop=stop,
             tip=self._tip_request(tip, ctx),
         )
-        return _Plan(chain, "sample", injected, injected_text, room, req)
+        return _Plan(chain, "sample", injected, injected_text, room, req, budgeted)
 
     def extend(
         self, chains: Sequence[Chain], k: int, *, tip: TipConfig | None = None
@@ -423,7 +475,7 @@ class LiveGenerator(GeneratorBase):
                 if p.kind == "force":
                     chunk = self._forced_chunk(p, comp)
                 else:
-                    chunk = self._sampled_chunk(p, comp)
+                    chunk = self._sampled_chunk(p, self._drop_stop(p, comp))
             self._append(p.chain, chunk)
             chunks.append(chunk)
         return chunks
@@ -541,6 +593,31 @@ class LiveGenerator(GeneratorBase):
             injected=injected,
         )
 
+    def _drop_stop(self, p: _Plan, comp: Completion) -> Completion:
+        """A completion a stop string ended, without that string's tokens: the engines drop
+        the string from the text but keep the tokens that completed it, and a continuation
+        must not see them (a suppressed end of thinking is not part of the chain)."""
+        if p.request is None or not p.request.stop or comp.finish_reason != "stop":
+            return comp
+        if comp.stop_reason is None:
+            return comp  # EOS ended it
+        ids = comp.token_ids.tolist()
+        stops = [comp.stop_reason] if comp.stop_reason else list(p.request.stop)
+
+        def holds(j: int) -> bool:
+            text = self._guard("decode", self.backend.decode, ids[:j])
+            return any(st in text for st in stops)
+
+        if not ids or not holds(len(ids)):
+            return comp
+        keep = next(j for j in range(len(ids) + 1) if holds(j)) - 1
+        comp.token_ids = comp.token_ids[:keep]
+        comp.logprobs = comp.logprobs[:keep]
+        comp.top_logprobs = comp.top_logprobs[:keep]
+        comp.top_token_ids = comp.top_token_ids[:keep]
+        comp.text = self._guard("decode", self.backend.decode, ids[:keep]) if keep else ""
+        return comp
+
     def _sampled_chunk(self, p: _Plan, comp: Completion) -> Chunk:
         chain = p.chain
         n_new = int(comp.token_ids.shape[0])
@@ -548,11 +625,12 @@ class LiveGenerator(GeneratorBase):
             p.injected, comp.token_ids, comp.logprobs, self._top(comp)
         )
         total = chain.num_tokens + len(ids)
-        budget = chain.budget
+        budget = chain.budget if p.budgeted else None
         reason: FinishReason = "length"
         if comp.finish_reason == "stop":
             reason = "stop"
-            # Below the budget's minimum, an ending is suppressed: the next extend says "Wait,".
+            # Below the budget's minimum, an ending (or the end of a thinking section) is
+            # suppressed: the next extend says "Wait,".
             chain.finished = not (budget is not None and total < budget.min_tokens)
         elif budget is None:
             max_len = self._max_len()
@@ -668,10 +746,13 @@ class LiveGenerator(GeneratorBase):
         One backend call for all chains; the chains are left untouched.
         """
         validate_count(max_tokens, "probe max_tokens")
-        suffix = tuple(self._encode(self.template.probe_suffix))
+        suffixes = {
+            open_: tuple(self._encode(self.template.probe_text(open_))) for open_ in (False, True)
+        }
         max_len = self._max_len()
         reqs = []
         for c in chains:
+            suffix = suffixes[self.thinking_open(c)]  # inside thinking: close it, then ask
             ctx = tuple(c.prompt_ids) + tuple(self._tokens(c).tolist()) + suffix
             room = max_tokens if max_len is None else min(max_tokens, max_len - len(ctx))
             if room < 1:

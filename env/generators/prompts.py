@@ -1,9 +1,10 @@
 """Prompt templates: how a question, a probe and a self-verification question are worded per model.
 
-Four ship: :data:`TESTBED` (the raw format the testbed model was trained on), :data:`CHAT`
+Five ship: :data:`TESTBED` (the raw format the testbed model was trained on), :data:`CHAT`
 (math questions for instruct models with a chat template, such as Qwen2.5-Coder-Instruct),
 :data:`CODE` (code questions for the same models: the HumanEval prompt in a ```python block)
-and :data:`FACTUAL` (short factual questions: a short answer in ``\\boxed{}``).
+and :data:`FACTUAL` (short factual questions: a short answer in ``\\boxed{}``), and
+:data:`REASONING` (models that think inside ``<think>`` ... ``</think>`` before answering).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ __all__ = [
     "CHAT",
     "CODE",
     "FACTUAL",
+    "REASONING",
+    "KNOWN_THINKING",
+    "ThinkingFormat",
+    "find_thinking_format",
     "TEMPLATES",
     "get_template",
 ]
@@ -32,6 +37,38 @@ CONTEXT_ROLES = ("system", "user", "assistant")
 #: ``apply_chat(messages) -> str`` renders chat messages with the model's chat template and the
 #: assistant generation prompt.
 ApplyChat = Callable[[list[dict[str, str]]], str]
+
+
+@dataclass(frozen=True, slots=True)
+class ThinkingFormat:
+    """How a reasoning model marks its thinking section (``<think>`` ... ``</think>``).
+
+    Attributes:
+        start: the marker that opens the section (chat templates of reasoning models often
+            write it into the generation prompt themselves).
+        end: the marker that closes it; the answer follows.
+    """
+
+    start: str
+    end: str
+
+
+#: Thinking markers of the reasoning models ponder knows, looked up in a chat template.
+KNOWN_THINKING = (
+    ThinkingFormat("<think>", "</think>"),
+    ThinkingFormat("<thinking>", "</thinking>"),
+    ThinkingFormat("<|begin_of_thought|>", "<|end_of_thought|>"),
+)
+
+
+def find_thinking_format(chat_template: str | None) -> ThinkingFormat | None:
+    """The thinking markers a model's chat template uses (both must appear in it), or None
+    for a model without a thinking section."""
+    if not chat_template:
+        return None
+    return next(
+        (f for f in KNOWN_THINKING if f.start in chat_template and f.end in chat_template), None
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +90,9 @@ class PromptTemplate:
             so everything up to the chain's last token comes from the prefix cache.
         judge_yes: first tokens that mean "yes".
         judge_no: first tokens that mean "no".
+        thinking: the model's thinking markers (reasoning models), or None. With them, budget
+            forcing counts the thinking section (:class:`~env.generators.live.LiveGenerator`)
+            and a probe from inside it closes the section first (:meth:`probe_text`).
     """
 
     name: str
@@ -66,6 +106,14 @@ class PromptTemplate:
     judge_followup: str | None = None
     judge_yes: tuple[str, ...] = ("yes", " yes", "Yes", " Yes", "YES")
     judge_no: tuple[str, ...] = ("no", " no", "No", " No", "NO")
+    thinking: ThinkingFormat | None = None
+
+    def probe_text(self, thinking_open: bool) -> str:
+        """What a probe appends: the probe suffix, after closing the thinking section when the
+        chain is still inside it (the chain itself is left as it is)."""
+        if thinking_open and self.thinking is not None:
+            return self.thinking.end + "\n\n" + self.probe_suffix.lstrip("\n")
+        return self.probe_suffix
 
     def question_prompt(
         self,
@@ -257,7 +305,25 @@ FACTUAL = PromptTemplate(
     judge_followup="Is your answer correct? Answer with yes or no only.",
 )
 
-TEMPLATES: dict[str, PromptTemplate] = {t.name: t for t in (TESTBED, CHAT, CODE, FACTUAL)}
+REASONING = PromptTemplate(
+    name="reasoning",
+    chat=True,
+    system=None,  # reasoning models are usually prompted without one
+    cot=CHAT.cot,
+    draft=CHAT.draft,
+    probe_suffix="The final answer is \\boxed{",
+    wait_text="\nWait,",
+    # A standalone verification prompt that quotes the whole chain, thinking included: chat
+    # templates of reasoning models drop earlier turns' thinking, so a follow-up turn would
+    # judge the answer without the reasoning.
+    judge=CHAT.judge,
+    judge_followup=None,
+    thinking=KNOWN_THINKING[0],
+)
+
+TEMPLATES: dict[str, PromptTemplate] = {
+    t.name: t for t in (TESTBED, CHAT, CODE, FACTUAL, REASONING)
+}
 
 
 def get_template(name: str) -> PromptTemplate:
