@@ -97,3 +97,15 @@ def test_templates_without_thinking_are_unchanged() -> None:
     (c,) = g.start(Q, 1)
     assert not g.thinking_open(c) and g.thinking_split(c) == (0, 0)
     assert CHAT.probe_text(True) == CHAT.probe_suffix
+
+
+def test_the_verifier_reads_the_thinking_too() -> None:
+    # chat templates of reasoning models drop earlier turns' thinking: the reasoning template
+    # asks with a standalone prompt that quotes the whole chain instead of a follow-up turn
+    g = gen()
+    (c,) = g.start(Q, 1)
+    g.extend([c], 30)
+    (j,) = g.judge([c])
+    asked = g.fake.decode(list(g.fake.requests[-1].prompt_ids))
+    assert "I add 40 and 2" in asked and "Is the solution correct so far?" in asked
+    assert 0.0 <= j.p_yes <= 1.0
