@@ -143,7 +143,8 @@ def _code_table(bank: TraceBank, console: Any) -> dict[str, float]:
         title="execution results by problem (each program's own hidden-test verdict; "
         "verified: best-of-k by visible examples)"
     )
-    for col in ("problem", "visible", "classes", "pass@1", f"pass@{k}", "verified", f"maj@{k}"):
+    table.add_column("problem", no_wrap=True, min_width=20)
+    for col in ("visible", "classes", "pass@1", f"pass@{k}", "verified", f"maj@{k}"):
         table.add_column(col, justify="right")
     yes = {True: "yes", False: "-"}
     for r in rows:
