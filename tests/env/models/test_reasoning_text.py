@@ -1,0 +1,96 @@
+"""The testbed reasoning model's training text: slips in a first pass, re-checks that fix them."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from env.models.testbed.reasoning import (
+    THINK_END,
+    THINK_START,
+    careful_line,
+    reasoning_text,
+    reasoning_trace,
+)
+from env.models.testbed.task import EOS, LEVELS, make_problem
+from features.answers import extract_answer
+from features.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("x", "op", "y", "line"),
+    [
+        (37, "+", 48, "37 + 48: 7 + 8 = 15, write 5 carry 1; 3 + 4 + 1 = 8; so 85"),
+        (
+            85,
+            "*",
+            3,
+            "85 * 3: 5 * 3 = 15, write 5 carry 1; 8 * 3 + 1 = 25, write 5 carry 2; so 255",
+        ),
+        (52, "-", 17, "52 - 17: 12 - 7 = 5, borrow 1; 4 - 1 = 3; so 35"),
+    ],
+)
+def test_careful_lines(x: int, op: str, y: int, line: str) -> None:
+    assert careful_line(x, op, y) == line
+
+
+@given(st.integers(0, 999), st.sampled_from("+-*"), st.integers(0, 999))
+def test_careful_lines_end_with_the_true_value(x: int, op: str, y: int) -> None:
+    y = y % 10 if op == "*" else y
+    value = x + y if op == "+" else x - y if op == "-" else x * y
+    assert careful_line(x, op, y).endswith(f"so {value}")
+
+
+def test_checking_every_step_fixes_every_slip() -> None:
+    rng = random.Random(0)
+    fixed = slipped = 0
+    for i in range(300):
+        p = make_problem(1 + i % 8, rng)
+        t = reasoning_trace(p, rng, p_slip=0.5, checks=len(p.steps))
+        assert t.answer == p.answer  # every slip found
+        assert extract_answer(t.text) == str(p.answer)
+        assert t.text.startswith(THINK_START) and THINK_END in t.text
+        fixed += bool(t.slips)
+        u = reasoning_trace(p, random.Random(i), p_slip=0.5, checks=0)
+        slipped += u.answer != p.answer
+    assert fixed > 100 and slipped > 100  # slips happen, and without checks they stay
+
+
+def test_more_checks_fix_more_slips() -> None:
+    # The property the reasoning model is to learn: accuracy rises with the checks allowed.
+    rng = random.Random(1)
+    problems = [make_problem(7, rng) for _ in range(400)]
+    acc = []
+    for checks in range(LEVELS[7].steps + 1):
+        right = sum(
+            reasoning_trace(p, random.Random(k), p_slip=0.25, checks=checks).answer == p.answer
+            for k, p in enumerate(problems)
+        )
+        acc.append(right / len(problems))
+    assert all(b >= a for a, b in itertools.pairwise(acc)) and acc[-1] == 1.0
+    assert acc[0] < 0.4
+
+
+def test_a_correction_names_the_old_value_and_recomputes_what_follows() -> None:
+    rng = random.Random(3)
+    p = make_problem(5, rng)
+    while True:
+        t = reasoning_trace(p, rng, p_slip=1.0, checks=1)
+        if 0 in t.slips:
+            break
+    assert re.search(r"Wait, check b: .*\. b = -?\d+, not -?\d+\.", t.text)
+
+
+def test_training_documents() -> None:
+    rng = random.Random(5)
+    docs = [reasoning_text(rng) for _ in range(50)]
+    assert all(d.endswith(EOS) and d.startswith("Question: ") for d in docs)
+    assert all(d.count(THINK_START) == d.count(THINK_END) == 1 for d in docs)
+    assert any("Wait, check" in d for d in docs) and any("Wait" not in d for d in docs)
+    with pytest.raises(ConfigError):
+        reasoning_trace(make_problem(1, rng), rng, p_slip=2.0, checks=1)
