@@ -1,10 +1,12 @@
 """Prompt templates: how a question, a probe and a self-verification question are worded per model.
 
-Five ship: :data:`TESTBED` (the raw format the testbed model was trained on), :data:`CHAT`
+Six ship: :data:`TESTBED` (the raw format the testbed model was trained on), :data:`CHAT`
 (math questions for instruct models with a chat template, such as Qwen2.5-Coder-Instruct),
-:data:`CODE` (code questions for the same models: the HumanEval prompt in a ```python block)
-and :data:`FACTUAL` (short factual questions: a short answer in ``\\boxed{}``), and
-:data:`REASONING` (models that think inside ``<think>`` ... ``</think>`` before answering).
+:data:`CODE` (code questions for the same models: the HumanEval prompt in a ```python block),
+:data:`FACTUAL` (short factual questions: a short answer in ``\\boxed{}``), :data:`REASONING`
+(models that think inside ``<think>`` ... ``</think>`` before answering) and
+:data:`TESTBED_REASONING` (its raw form, for the testbed reasoning model:
+:mod:`env.models.testbed.reasoning`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "CODE",
     "FACTUAL",
     "REASONING",
+    "TESTBED_REASONING",
     "KNOWN_THINKING",
     "ThinkingFormat",
     "find_thinking_format",
@@ -321,8 +324,20 @@ REASONING = PromptTemplate(
     thinking=KNOWN_THINKING[0],
 )
 
+TESTBED_REASONING = PromptTemplate(
+    name="testbed-reasoning",
+    chat=False,
+    system=None,
+    cot=TESTBED.cot,
+    draft=TESTBED.draft,
+    probe_suffix="The answer is \\boxed{",
+    wait_text=_task.WAIT_TEXT,
+    judge=TESTBED.judge,
+    thinking=KNOWN_THINKING[0],
+)
+
 TEMPLATES: dict[str, PromptTemplate] = {
-    t.name: t for t in (TESTBED, CHAT, CODE, FACTUAL, REASONING)
+    t.name: t for t in (TESTBED, CHAT, CODE, FACTUAL, REASONING, TESTBED_REASONING)
 }
 
 

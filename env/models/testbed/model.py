@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 from env.models.testbed.task import EOS, training_text
 from features.errors import ModelError
@@ -30,11 +31,15 @@ def testbed_model_path() -> Path:
     return path
 
 
-def build_tokenizer(vocab_size: int = 384, n_docs: int = 20000, seed: int = 0):  # type: ignore[no-untyped-def]
+def build_tokenizer(  # type: ignore[no-untyped-def]
+    vocab_size: int = 384, n_docs: int = 20000, seed: int = 0, *, text: Any = None
+):
     """A byte-level BPE tokenizer with one token per digit, trained on the task's own text.
 
     Digits are split one by one (as in Llama 3 and Qwen) so that arithmetic sees every digit.
-    Returns a ``transformers.PreTrainedTokenizerFast``.
+    ``text(rng)`` writes one training document (default: the testbed task's,
+    :func:`~env.models.testbed.task.training_text`). Returns a
+    ``transformers.PreTrainedTokenizerFast``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -54,7 +59,8 @@ def build_tokenizer(vocab_size: int = 384, n_docs: int = 20000, seed: int = 0): 
         show_progress=False,
     )
     rng = random.Random(seed)
-    docs = [training_text(rng).replace(EOS, "") for _ in range(n_docs)]
+    write = text or training_text
+    docs = [write(rng).replace(EOS, "") for _ in range(n_docs)]
     docs += ["Hmm, Alternatively, Wait, let me check."] * 50
     tok.train_from_iterator(docs, trainer=trainer)
     return PreTrainedTokenizerFast(

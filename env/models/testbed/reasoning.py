@@ -20,6 +20,7 @@ reasoning variant thinks inside ``<think>`` ... ``</think>`` (the markers of
        c = b * 3 = 85 * 3 = 255
        Wait, check c: 85 * 3: 5 * 3 = 15, write 5 carry 1; 8 * 3 + 1 = 25; so 255. c = 255.
        </think>
+
        The answer is \\boxed{255}.
 
    A training document checks a random number of steps (all of them, or stopping early), so the
@@ -176,7 +177,7 @@ def reasoning_trace(p: Problem, rng: random.Random, *, p_slip: float, checks: in
                 f"{t.var} = {t.src} {t.op} {t.operand} = {values[j]} {t.op} {t.operand} "
                 f"= {values[j + 1]}"
             )
-    lines.append(THINK_END)
+    lines += [THINK_END, ""]  # "</think>\n\n" then the answer, as reasoning models write it
     lines.append(f"The answer is \\boxed{{{values[-1]}}}.")
     return ThinkingTrace("\n".join(lines), values[-1], tuple(slips), n_checks)
 

@@ -17,7 +17,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from env.models.testbed.model import TESTBED_DIR, build_tokenizer, model_config
 from env.models.testbed.task import training_text
@@ -34,6 +34,8 @@ class TrainArgs:
 
     out: Path = TESTBED_DIR
     """folder to write the model to (Hugging Face format)"""
+    task: Literal["arith", "reasoning"] = "arith"
+    """the training text: arith (the testbed model: step-by-step solutions) or reasoning (the testbed reasoning model: a thinking section whose re-checks fix slips, env.models.testbed.reasoning; write it to another folder with --out, e.g. models/testbed-reasoning)"""
     seed: int = 1
     """seed for data and initialisation"""
     steps: int = 900
@@ -58,6 +60,15 @@ class TrainArgs:
     """stop (after checkpointing) once this many minutes have passed; 0 = no limit"""
 
 
+def _text(task: str) -> Any:
+    """The function that writes one training document of ``task``."""
+    if task == "reasoning":
+        from env.models.testbed.reasoning import reasoning_text
+
+        return reasoning_text
+    return training_text
+
+
 def _batches(tok, args: TrainArgs, rng: random.Random):  # type: ignore[no-untyped-def]
     """Endless packed blocks of training text."""
     import torch
@@ -66,7 +77,7 @@ def _batches(tok, args: TrainArgs, rng: random.Random):  # type: ignore[no-untyp
     need = args.batch * (args.block + 1)
     while True:
         while len(buf) < need:
-            buf.extend(tok(training_text(rng))["input_ids"])
+            buf.extend(tok(_text(args.task)(rng))["input_ids"])
         x = torch.tensor(buf[:need], dtype=torch.long).view(args.batch, args.block + 1)
         buf = buf[need:]
         yield x
@@ -160,7 +171,7 @@ def train(args: TrainArgs) -> Path:
     if (ckpt / "tokenizer.json").exists():
         tok = PreTrainedTokenizerFast.from_pretrained(ckpt)
     else:
-        tok = build_tokenizer(seed=args.seed)
+        tok = build_tokenizer(seed=args.seed, text=_text(args.task))
         tok.save_pretrained(ckpt)
     model = LlamaForCausalLM(model_config(len(tok), hidden=args.hidden, layers=args.layers))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -94,3 +95,38 @@ def test_training_documents() -> None:
     assert any("Wait, check" in d for d in docs) and any("Wait" not in d for d in docs)
     with pytest.raises(ConfigError):
         reasoning_trace(make_problem(1, rng), rng, p_slip=2.0, checks=1)
+
+
+def test_the_answer_follows_the_section_as_a_probe_asks_for_it() -> None:
+    from env.generators.prompts import TESTBED_REASONING
+
+    t = reasoning_trace(make_problem(3, random.Random(9)), random.Random(9), p_slip=0.0, checks=1)
+    forced = TESTBED_REASONING.probe_text(thinking_open=True)  # what a forced end writes
+    assert (
+        forced in t.text
+    )  # the same words as the trained text: "</think>\n\nThe answer is \boxed{"
+
+
+@pytest.mark.timeout(300)
+def test_the_trainer_trains_on_reasoning_text(tmp_path: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    from env.models.testbed.train import TrainArgs, train
+
+    out = train(
+        TrainArgs(
+            out=tmp_path / "m",
+            task="reasoning",
+            steps=2,
+            batch=2,
+            block=64,
+            hidden=64,
+            layers=1,
+            threads=1,
+            warmup=1,
+        )
+    )
+    assert (out / "model.safetensors").exists()
+    tok = PreTrainedTokenizerFast.from_pretrained(out)
+    text = "<think>\nWait, check b: 37 + 48: 7 + 8 = 15, write 5 carry 1\n</think>"
+    assert tok.decode(tok(text)["input_ids"]) == text
