@@ -118,11 +118,11 @@ def test_an_infinite_loop_times_out() -> None:
     assert result.detail in ("cpu limit 1 s", "wall-clock limit 2 s")
 
 
+@pytest.mark.timeout(60)  # a hang guard: the verdict says the wall clock ended the run
 def test_sleeping_forever_times_out_by_the_wall_clock() -> None:
     result = run("import time\ntime.sleep(100)", Limits(wall_s=1, cpu_s=1))
     assert (result.verdict, result.detail) == ("timeout", "wall-clock limit 1 s")
     assert result.returncode is None
-    assert result.wall_s < 30
 
 
 # --- processes ----------------------------------------------------------------------------------
