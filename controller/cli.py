@@ -144,6 +144,11 @@ COMMANDS: tuple[Command, ...] = (
         "measure the testbed model's accuracy by difficulty and with majority voting",
     ),
     Command(
+        "testbed curve",
+        "env.models.testbed.thinking:main",
+        "accuracy of the testbed reasoning model against its forced thinking budget (s1's curve)",
+    ),
+    Command(
         "testbed prm",
         "env.models.testbed.prm:main",
         "train the step-level process reward model (PRM) on the testbed's step labels",

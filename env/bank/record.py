@@ -95,7 +95,7 @@ class RecordArgs:
     question_seed: int = 0
     """seed of the question subset"""
     template: str = ""
-    """prompt template: testbed or chat (default: chat if the model has a chat template)"""
+    """prompt template: testbed, chat, code, factual, reasoning or testbed-reasoning (default: chat if the model has a chat template; a template with a thinking section records s1-style, see ponder record's help)"""
     mode: Literal["cot", "draft"] = "cot"
     """prompt mode"""
     chains: int = 16
@@ -233,15 +233,33 @@ def record_question(
     columns are 0) and the share of visible examples it passes is ``judge_p_yes``; the final
     answer is the class of the chain's final code, ``correct`` says whether that class is
     judged right (:func:`env.code.grade.accepted_answers`), and every chain's execution
-    results go into the file's metadata (:data:`env.bank.store.EXECUTION_KEY`)."""
-    from env.episode.rules import text_reader
+    results go into the file's metadata (:data:`env.bank.store.EXECUTION_KEY`).
+
+    A reasoning model's chains (a template with a thinking section) with ``extension_chunks``
+    are recorded as s1 forces them: the model's own end of thinking is suppressed and ends the
+    sampled chain there, its final answer is the probe at that boundary (closing the section,
+    :func:`env.episode.rules.ended_in_thinking`), and the extension continues the thinking
+    itself with ``Wait,``, so that thinking longer is what "continue" past the end buys. A chain
+    that thinks up to ``max_tokens`` gets its answer forced there."""
+    from env.episode.rules import ended_in_thinking, text_reader
     from env.types import BudgetForcing
     from features.answers import normalize_answer
 
+    thinking_end = gen.traits.thinking_end if grader is None else None
+    forced = thinking_end is not None and extension_chunks > 0
     if seed is not None:
         gen.reset(seed)
-    started = gen.start(question, chains, mode=mode)
+    started = gen.start(
+        question,
+        chains,
+        mode=mode,
+        budget=BudgetForcing(min_tokens=max_tokens, max_tokens=max_tokens) if forced else None,
+    )
     recs = {c.chain_id: _ChainRecord(c, i) for i, c in enumerate(started)}
+
+    def thought_to_end(c: Chain) -> bool:
+        # a suppressed end of thinking: the chain's own end, which the budget keeps open
+        return forced and not c.finished and c.chunks[-1].finish_reason == "stop"
 
     def step(active: list[Chain], ext: bool) -> None:
         starts = {c.chain_id: c.num_tokens for c in active}
@@ -264,7 +282,7 @@ def record_question(
     active = [r.chain for r in recs.values()]
     while active:
         step(active, ext=False)
-        active = [c for c in active if not c.finished]
+        active = [c for c in active if not c.finished and not thought_to_end(c)]
 
     # Budget-forced extension: reopen chains that ended on their own before the cap.
     answers: dict[int, str | None] = {}
@@ -273,6 +291,8 @@ def record_question(
         if grader is not None:
             executions.append(grader.grade(rec.index, rec.chain.text))
             answers[cid] = executions[-1].answer
+        elif ended_in_thinking(rec.chain.text, thinking_end):
+            answers[cid] = rec.rows[-1]["probe_answer"]  # (normalised) closing the section
         else:
             answers[cid] = normalize_answer(text_reader(question)(rec.chain.text))
     accepted = None
@@ -284,7 +304,8 @@ def record_question(
         reopen = []
         for rec in recs.values():
             c = rec.chain
-            if c.finish_reason == "stop" and c.num_tokens < max_tokens:
+            ended = thought_to_end(c) if forced else c.finish_reason == "stop"
+            if ended and c.num_tokens < max_tokens:
                 target = c.num_tokens + extension_chunks * chunk_tokens
                 c.budget = BudgetForcing(
                     min_tokens=target, max_tokens=max(target, max_tokens) + chunk_tokens
@@ -375,13 +396,15 @@ def make_generator(args: RecordArgs):  # type: ignore[no-untyped-def]
     if args.model == "fake":
         from env.generators.fake import FakeGenerator
 
-        code: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         if args.dataset in CODE_DATASETS:  # it writes each task's reference solution
             from env.code.reference import reference_script
 
-            code = {"script": reference_script(), "template": "code", "chat": True}
+            extra = {"script": reference_script(), "template": "code", "chat": True}
+        elif args.template:
+            extra = {"template": args.template}
         fake = FakeGenerator(
-            sampling=sampling, seed=args.seed, token_delay_s=args.fake_token_ms / 1000, **code
+            sampling=sampling, seed=args.seed, token_delay_s=args.fake_token_ms / 1000, **extra
         )
         return fake, {
             "name": "fake",

@@ -279,6 +279,12 @@ class BankManifest:
     fingerprint: str = ""
     """:meth:`settings_fingerprint` when the bank was created; every chunk file carries it."""
 
+    @property
+    def thinking_end(self) -> str | None:
+        """The marker that closes the recorded model's thinking section (its template's), or
+        ``None``: a bank of a model without one."""
+        return self.prompts.get("thinking_end") or None
+
     def settings_fingerprint(self) -> str:
         """sha256 over the settings that decide what the chunks hold (not the question list,
         which grows by appending, nor names, paths and dates)."""
@@ -550,6 +556,8 @@ class ChainTrace:
     answer: str | None
     correct: bool
     rows: dict[str, list[Any]] = field(repr=False)
+    thinking_end: str | None = None
+    """the marker that closes the model's thinking section (:attr:`BankManifest.thinking_end`)"""
 
     @property
     def n_main(self) -> int:
@@ -783,7 +791,11 @@ def read_question_file(
         rows = {k: [v[j] for j in order] for k, v in rows.items()}
         out.append(
             ChainTrace(
-                chain=c, answer=rows["answer"][0], correct=bool(rows["correct"][0]), rows=rows
+                chain=c,
+                answer=rows["answer"][0],
+                correct=bool(rows["correct"][0]),
+                rows=rows,
+                thinking_end=None if manifest is None else manifest.thinking_end,
             )
         )
     execution = _execution(path, table.schema.metadata)

@@ -42,6 +42,7 @@ __all__ = [
     "FAKE_MODEL",
     "SyntheticChunk",
     "record_fake_bank",
+    "record_fake_thinking_bank",
     "record_fake_question",
     "synthetic_manifest",
     "synthetic_rows",
@@ -257,6 +258,53 @@ def record_fake_bank(
     manifest = _manifest_for(questions, **{"model": dict(FAKE_MODEL), **manifest_overrides})
     writer = BankWriter(path, manifest, questions)
     gen = _fake_generator(manifest)
+    for i, q in enumerate(questions):
+        writer.write(i, record_fake_question(q, writer.manifest, gen))
+    return TraceBank(path)
+
+
+def record_fake_thinking_bank(
+    path: str | Path,
+    *,
+    per_level: int = 2,
+    levels: Sequence[int] = (2, 4),
+    **manifest_overrides: Any,
+) -> TraceBank:
+    """A bank recorded s1-style (:func:`~env.bank.record.record_question`) from a scripted
+    reasoning "model" with the ``testbed-reasoning`` template: for each testbed question it
+    writes a thinking section (a first pass whose steps may slip, one re-check) and its answer.
+    The fake's tokens are characters, so the defaults (chunks of 32 tokens, a 640-token cap,
+    3 extension chunks) cover a natural end of thinking and the extension after it."""
+    import random
+
+    from env.generators.fake import FakeGenerator
+    from env.generators.prompts import TESTBED_REASONING
+    from env.models.testbed.reasoning import reasoning_trace
+    from env.models.testbed.task import make_questions
+    from env.types import SamplingConfig
+
+    pairs = make_questions(per_level, seed=0, levels=list(levels), split="eval")
+    script = {
+        q.text: reasoning_trace(p, random.Random(q.qid), p_slip=0.3, checks=1).text
+        for q, p in pairs
+    }
+    questions = [q for q, _ in pairs]
+    settings: dict[str, Any] = {
+        "model": dict(FAKE_MODEL),
+        "template": TESTBED_REASONING.name,
+        "prompts": TESTBED_REASONING.prompt_texts(),
+        "chunk_tokens": 32,
+        "max_tokens": 640,
+        "extension_chunks": 3,
+        "judge": False,
+    }
+    manifest = _manifest_for(questions, **{**settings, **manifest_overrides})
+    gen = FakeGenerator(
+        script,
+        template=TESTBED_REASONING,
+        sampling=SamplingConfig(max_chain_tokens=manifest.max_tokens),
+    )
+    writer = BankWriter(path, manifest, questions)
     for i, q in enumerate(questions):
         writer.write(i, record_fake_question(q, writer.manifest, gen))
     return TraceBank(path)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "text_reader",
+    "ended_in_thinking",
     "INFO_KEYS",
     "REASONS",
     "UNSCORED",
@@ -370,6 +371,18 @@ def text_reader(question: Question) -> Callable[[str], str | None]:
     return extract_short_answer if question.dataset in SHORT_ANSWER_DATASETS else extract_answer
 
 
+def ended_in_thinking(text: str, thinking_end: str | None) -> bool:
+    """Whether a chain that has ended did so inside its thinking section: the model has one
+    (``thinking_end``, :attr:`env.generators.base.GeneratorTraits.thinking_end`) and the chain
+    has not written its closing marker. That happens where a recording ended a chain at the
+    model's own end of thinking (suppressed, so that budget forcing can go on from there) or
+    at the end of a budget-forced extension. Its answer is then what closing the section gives:
+    the answer-forcing probe at that point (which closes the section first), the recorded
+    boundary's ``probe_answer`` in a bank; like any final answer it is not charged as a probe.
+    """
+    return thinking_end is not None and thinking_end not in text
+
+
 def replay_chain(
     ct: ChainTrace,
     config: EnvConfig,
@@ -407,11 +420,14 @@ def replay_chain(
                 np.asarray(r["confidence"][i], np.float32),
                 np.asarray(r["entropy"][i], np.float32),
             )
+        end_read = read
+        if ended and ended_in_thinking(text, ct.thinking_end):
+            end_read = _recorded_read(r["probe_answer"][i])
         probed = fold_answer(
             fold,
             final_text=text if ended else None,
             probe=_recorded(r["probe_answer"][i]) if config.probe else None,
-            read=read,
+            read=end_read,
         )
         fold.extensions = max(0, i + 1 - ct.n_main)
         ok = replay_has_chunk(ct, i + 1) and can_continue(
@@ -428,3 +444,8 @@ def replay_chain(
 def _recorded(answer: str | None) -> Callable[[], str | None]:
     """A probe that answers what the bank recorded."""
     return lambda: answer
+
+
+def _recorded_read(answer: str | None) -> Callable[[str], str | None]:
+    """A reader of an ended chain that answers what the bank recorded."""
+    return lambda _text: answer

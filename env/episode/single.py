@@ -28,6 +28,7 @@ from env.episode.rules import (
     Reason,
     action_mask,
     can_continue,
+    ended_in_thinking,
     fold_answer,
     fold_chunk,
     reason_text,
@@ -513,12 +514,26 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             s.right = float(
                 self.probes.right(c.question.qid, chunk.hidden[None], self._layers, [extras])[0]
             )
+        read = _code_reader(c.question.qid) if c.question.is_code else text_reader(c.question)
+        if c.finished and ended_in_thinking(c.text, self.generator.traits.thinking_end):
+            read = self._closing_read(c)
         fold_answer(
             s,
             final_text=c.text if c.finished else None,
             probe=(lambda: self._probe(c)) if self.config.probe else None,
-            read=_code_reader(c.question.qid) if c.question.is_code else text_reader(c.question),
+            read=read,
         )
+
+    def _closing_read(self, c: Chain) -> Callable[[str], str | None]:
+        """The answer of a chain that ended inside its thinking section: the probe, which
+        closes the section (:func:`env.episode.rules.ended_in_thinking`; not charged, like
+        any final answer)."""
+
+        def read(_text: str) -> str | None:
+            (p,) = self.generator.probe([c], max_tokens=self.config.probe_tokens)
+            return p.answer
+
+        return read
 
     def _probe(self, c: Chain) -> str | None:
         """Probe the open chain ``c`` (at cost); its raw answer."""

@@ -71,6 +71,10 @@ class GeneratorTraits:
             ``Chain.prompt_hidden``): the :class:`~env.bank.hidden.HiddenManifest` of the
             capture (model sha256, layers, projection), which a probe checks before it reads
             them; ``None``: it captures none.
+        thinking_end: the marker that closes the model's thinking section (its template's), or
+            ``None`` for a model without one. A chain that ends without it (a suppressed end of
+            thinking, or the end of a recorded budget-forced extension) is answered by closing
+            the section: :func:`env.episode.rules.ended_in_thinking`.
     """
 
     chunk_tokens: int | None = None
@@ -78,6 +82,7 @@ class GeneratorTraits:
     thread_safe: bool = False
     can_judge: bool = True
     hidden: Any = None
+    thinking_end: str | None = None
 
 
 @runtime_checkable

@@ -25,6 +25,7 @@ exactly one chunk per unfinished chain it was given, in order.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -166,7 +167,12 @@ class LiveGenerator(GeneratorBase):
 
     @property
     def traits(self) -> GeneratorTraits:
-        return _LIVE_TRAITS
+        return self._with_thinking(_LIVE_TRAITS)
+
+    def _with_thinking(self, traits: GeneratorTraits) -> GeneratorTraits:
+        """``traits`` with the template's thinking marker."""
+        fmt = self.template.thinking
+        return traits if fmt is None else dataclasses.replace(traits, thinking_end=fmt.end)
 
     def __init__(
         self,
@@ -594,28 +600,46 @@ class LiveGenerator(GeneratorBase):
         )
 
     def _drop_stop(self, p: _Plan, comp: Completion) -> Completion:
-        """A completion a stop string ended, without that string's tokens: the engines drop
-        the string from the text but keep the tokens that completed it, and a continuation
-        must not see them (a suppressed end of thinking is not part of the chain)."""
-        if p.request is None or not p.request.stop or comp.finish_reason != "stop":
+        """A completion without the tokens of the stop string that ended it, or of the start of
+        one that it was cut in: the engines drop a stop string from the text but keep the
+        tokens that completed it, and a continuation must not see them (a suppressed end of
+        thinking is not part of the chain). A marker of several tokens cut by the chunk's
+        length would be completed by the next chunk, where no engine sees it whole: its start
+        is dropped, and the next chunk writes it again (unless nothing else would be left)."""
+        if p.request is None or not p.request.stop:
             return comp
-        if comp.stop_reason is None:
-            return comp  # EOS ended it
         ids = comp.token_ids.tolist()
-        stops = [comp.stop_reason] if comp.stop_reason else list(p.request.stop)
 
-        def holds(j: int) -> bool:
-            text = self._guard("decode", self.backend.decode, ids[:j])
-            return any(st in text for st in stops)
+        def text_of(j: int) -> str:
+            return str(self._guard("decode", self.backend.decode, ids[:j]))
 
-        if not ids or not holds(len(ids)):
-            return comp
-        keep = next(j for j in range(len(ids) + 1) if holds(j)) - 1
+        full = text_of(len(ids)) if ids else ""
+        if comp.finish_reason == "stop":
+            if comp.stop_reason is None:
+                return comp  # EOS ended it
+            stops = [comp.stop_reason] if comp.stop_reason else list(p.request.stop)
+            starts = [i for st in stops if (i := full.find(st)) >= 0]
+            if not starts:
+                return comp
+            cut = min(starts)
+        else:
+            partial = max(
+                (n for st in p.request.stop for n in range(1, len(st)) if full.endswith(st[:n])),
+                default=0,
+            )
+            if not partial:
+                return comp
+            cut = len(full) - partial
+        # Keep the tokens before the one where the stop string begins (a marker may take
+        # several tokens: none of them is part of the chain).
+        keep = next((j for j in range(len(ids) - 1, -1, -1) if len(text_of(j)) <= cut), 0)
+        if comp.finish_reason != "stop" and keep == 0:
+            return comp  # (a chunk of nothing but the marker's start would come back forever)
         comp.token_ids = comp.token_ids[:keep]
         comp.logprobs = comp.logprobs[:keep]
         comp.top_logprobs = comp.top_logprobs[:keep]
         comp.top_token_ids = comp.top_token_ids[:keep]
-        comp.text = self._guard("decode", self.backend.decode, ids[:keep]) if keep else ""
+        comp.text = text_of(keep) if keep else ""
         return comp
 
     def _sampled_chunk(self, p: _Plan, comp: Completion) -> Chunk:

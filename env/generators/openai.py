@@ -702,7 +702,7 @@ class OpenAIGenerator(LiveGenerator):
 
     @property
     def traits(self) -> GeneratorTraits:
-        return _OPENAI_TRAITS
+        return self._with_thinking(_OPENAI_TRAITS)
 
     def __init__(
         self,

@@ -113,9 +113,10 @@ class PromptTemplate:
 
     def probe_text(self, thinking_open: bool) -> str:
         """What a probe appends: the probe suffix, after closing the thinking section when the
-        chain is still inside it (the chain itself is left as it is)."""
+        chain is still inside it (the chain itself is left as it is). The closing marker goes on
+        a line of its own, as models write it: a probe or a forced answer mostly cuts a line."""
         if thinking_open and self.thinking is not None:
-            return self.thinking.end + "\n\n" + self.probe_suffix.lstrip("\n")
+            return "\n" + self.thinking.end + "\n\n" + self.probe_suffix.lstrip("\n")
         return self.probe_suffix
 
     def question_prompt(
@@ -187,6 +188,9 @@ class PromptTemplate:
             out["judge"] = self.judge
         else:
             out["judge_followup"] = self.judge_followup
+        if self.thinking is not None:  # (only reasoning templates: older banks' wording stays)
+            out["thinking_start"] = self.thinking.start
+            out["thinking_end"] = self.thinking.end
         return out
 
     def _wrap(
@@ -331,7 +335,9 @@ TESTBED_REASONING = PromptTemplate(
     cot=TESTBED.cot,
     draft=TESTBED.draft,
     probe_suffix="The answer is \\boxed{",
-    wait_text=_task.WAIT_TEXT,
+    # The suppressed end of thinking follows its own line's newline ("...= 55\n</think>"), so
+    # the re-check starts on that line, as in the training text ("...= 55\nWait, check b: ...").
+    wait_text="Wait,",
     judge=TESTBED.judge,
     thinking=KNOWN_THINKING[0],
 )

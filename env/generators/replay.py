@@ -96,6 +96,7 @@ class ReplayGenerator(GeneratorBase):
             chunk_tokens=m.chunk_tokens,
             can_judge=bool(m.judge),
             hidden=None if self.hidden is None else self.hidden.manifest,
+            thinking_end=m.thinking_end,
         )
         self.sampling = SamplingConfig(
             temperature=float(m.sampling.get("temperature", 0.7)),

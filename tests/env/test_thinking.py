@@ -48,6 +48,8 @@ def test_below_the_minimum_the_end_of_thinking_is_suppressed() -> None:
     (ch,) = g.extend([c], 400)
     # stopped where the model closed its thinking; the marker is not in the chain
     assert ch.finish_reason == "stop" and not c.finished and "</think>" not in c.text
+    # no piece of the marker either (it takes several tokens): the thinking line is whole
+    assert c.text.endswith("that makes 42.\n")
     assert g.thinking_open(c)
     # nor in its tokens (the engine generated them; a continuation must not see them)
     assert "</think>" not in g.fake.decode(c.token_ids)
@@ -73,10 +75,10 @@ def test_at_the_maximum_the_end_of_thinking_is_forced_and_the_answer_follows() -
         chunks.extend(g.extend([c], 8))
     last = chunks[-1]
     assert c.finish_reason == "forced" and last.finish_reason == "forced"
-    assert last.text.startswith("</think>\n\nThe final answer is \\boxed{")
+    assert last.text.startswith("\n</think>\n\nThe final answer is \\boxed{")
     assert c.text.endswith("}") and "</think>" in c.text
     think, _ = g.thinking_split(c)
-    assert 12 <= think <= 12 + len(g.fake.encode("</think>"))
+    assert 12 <= think <= 12 + len(g.fake.encode("\n</think>"))
 
 
 def test_a_probe_from_inside_thinking_closes_it_and_leaves_the_chain_unchanged() -> None:
@@ -109,3 +111,16 @@ def test_the_verifier_reads_the_thinking_too() -> None:
     asked = g.fake.decode(list(g.fake.requests[-1].prompt_ids))
     assert "I add 40 and 2" in asked and "Is the solution correct so far?" in asked
     assert 0.0 <= j.p_yes <= 1.0
+
+
+def test_a_marker_cut_by_the_chunk_length_is_still_suppressed() -> None:
+    # The fake's tokens are characters, so "</think>" takes 8: end the first chunk inside it.
+    g = gen()
+    k = SOLUTION.index("</think>") + 3
+    (c,) = g.start(Q, 1, budget=BudgetForcing(min_tokens=200, max_tokens=400))
+    (ch,) = g.extend([c], k)
+    assert ch.finish_reason == "length" and c.text.endswith("that makes 42.\n")  # "</t" dropped
+    (ch2,) = g.extend([c], k)
+    assert ch2.finish_reason == "stop" and ch2.text == "" and not c.finished
+    (ch3,) = g.extend([c], k)
+    assert ch3.text.startswith(REASONING.wait_text) and "</" not in c.text

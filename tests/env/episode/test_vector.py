@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import env  # noqa: F401  (registers ponder/ComputeAllocation-v0)
 from env.bank.store import TraceBank
-from env.bank.synthetic import SyntheticChunk, write_synthetic_bank
+from env.bank.synthetic import SyntheticChunk, record_fake_thinking_bank, write_synthetic_bank
 from env.episode.config import Prices
 from env.episode.observation import FEATURE_NAMES, N_FEATURES
 from env.episode.rules import REASONS
@@ -253,6 +253,22 @@ def test_same_episodes_as_the_single_env_on_the_testbed_bank(testbed: TraceBank,
 def test_same_episodes_as_the_single_env_on_edge_cases(synthetic: TraceBank, cfg: dict) -> None:
     cfg = {k: v for k, v in cfg.items() if k not in ("token_cap", "max_chain_tokens")}
     _lockstep(synthetic, rounds=4, seed=len(str(cfg)), **cfg)
+
+
+@pytest.fixture(scope="module")
+def thinking(tmp_path_factory: pytest.TempPathFactory) -> TraceBank:
+    """A reasoning model's bank, recorded s1-style: chains end inside their thinking section."""
+    return record_fake_thinking_bank(tmp_path_factory.mktemp("thinking") / "bank", per_level=3)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [{}, {"extension_chunks": 3, "aggregate": "confidence"}, {"probe": False}],
+    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default",
+)
+def test_same_episodes_as_the_single_env_on_a_thinking_bank(thinking: TraceBank, cfg: dict) -> None:
+    reasons, steps = _lockstep(thinking, rounds=4, seed=3, **cfg)
+    assert steps > 0 and sum(reasons.values()) > 0
 
 
 def _first_chunk_difficulty(question: Question, chunk: Any) -> float:
