@@ -16,9 +16,9 @@ reasoning variant thinks inside ``<think>`` ... ``</think>`` (the markers of
        <think>
        b = a + 48 = 37 + 48 = 84
        c = b * 3 = 84 * 3 = 252
-       Wait, check b: 37 + 48: 7 + 8 = 15, write 5 carry 1; 3 + 4 + 1 = 8; so 85. b = 85, not 84.
+       Wait, check b = 84: 37 + 48: 7 + 8 = 15, write 5 carry 1; 3 + 4 + 1 = 8; so 85. b = 85, not 84.
        c = b * 3 = 85 * 3 = 255
-       Wait, check c: 85 * 3: 5 * 3 = 15, write 5 carry 1; 8 * 3 + 1 = 25; so 255. c = 255.
+       Wait, check c = 255: 85 * 3: 5 * 3 = 15, write 5 carry 1; 8 * 3 + 1 = 25; so 255. c = 255.
        </think>
 
        The answer is \\boxed{255}.
@@ -165,10 +165,13 @@ def reasoning_trace(p: Problem, rng: random.Random, *, p_slip: float, checks: in
         s = steps[i]
         true = _apply(s.op, values[i], s.operand)
         work = careful_line(values[i], s.op, s.operand)
+        # The check first restates the value it checks, so that the verdict compares two
+        # numbers on one line (a small model finds that far easier than looking back).
+        head = f"Wait, check {s.var} = {values[i + 1]}: {work}."
         if true == values[i + 1]:
-            lines.append(f"Wait, check {s.var}: {work}. {s.var} = {true}.")
+            lines.append(f"{head} {s.var} = {true}.")
             continue
-        lines.append(f"Wait, check {s.var}: {work}. {s.var} = {true}, not {values[i + 1]}.")
+        lines.append(f"{head} {s.var} = {true}, not {values[i + 1]}.")
         values[i + 1] = true
         for j in range(i + 1, len(steps)):  # the later steps follow from the corrected one
             t = steps[j]

@@ -58,6 +58,8 @@ class TrainArgs:
     """steps between checkpoints"""
     max_minutes: float = 0.0
     """stop (after checkpointing) once this many minutes have passed; 0 = no limit"""
+    init_from: Path | None = None
+    """start from this trained model folder (its weights, tokenizer and shape; safetensors only) instead of random weights: fine-tuning on a changed training text"""
 
 
 def _text(task: str) -> Any:
@@ -170,10 +172,23 @@ def train(args: TrainArgs) -> Path:
 
     if (ckpt / "tokenizer.json").exists():
         tok = PreTrainedTokenizerFast.from_pretrained(ckpt)
+    elif args.init_from is not None:
+        tok = PreTrainedTokenizerFast.from_pretrained(_init_folder(args.init_from))
+        tok.save_pretrained(ckpt)
     else:
         tok = build_tokenizer(seed=args.seed, text=_text(args.task))
         tok.save_pretrained(ckpt)
-    model = LlamaForCausalLM(model_config(len(tok), hidden=args.hidden, layers=args.layers))
+    if args.init_from is not None:
+        model = LlamaForCausalLM.from_pretrained(
+            _init_folder(args.init_from), use_safetensors=True, dtype=torch.float32
+        )
+        if model.config.vocab_size != len(tok):
+            raise ConfigError(
+                f"{args.init_from} has {model.config.vocab_size} tokens but the tokenizer in "
+                f"{ckpt} has {len(tok)}: delete {ckpt} to start again from {args.init_from}"
+            )
+    else:
+        model = LlamaForCausalLM(model_config(len(tok), hidden=args.hidden, layers=args.layers))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     step = 0
     if (ckpt / "state.pt").exists():
@@ -210,7 +225,7 @@ def train(args: TrainArgs) -> Path:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        loss = float(out_.loss)
+        loss = float(out_.loss.detach())
         loss_ema = loss if loss_ema is None else 0.95 * loss_ema + 0.05 * loss
         bar.update(1)
         bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr_at(step):.1e}")
@@ -228,6 +243,18 @@ def train(args: TrainArgs) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+def _init_folder(path: Path) -> Path:
+    """A trained model folder to start from: it must hold safetensors weights (never pickle)."""
+    folder = Path(path)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        if not (folder / name).is_file():
+            raise ConfigError(
+                f"--init-from {folder}: no {name} there; give a folder `ponder testbed train` "
+                "wrote (safetensors weights and its tokenizer)"
+            )
+    return folder
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -84,7 +84,8 @@ def test_a_correction_names_the_old_value_and_recomputes_what_follows() -> None:
         t = reasoning_trace(p, rng, p_slip=1.0, checks=1)
         if 0 in t.slips:
             break
-    assert re.search(r"Wait, check b: .*\. b = -?\d+, not -?\d+\.", t.text)
+    m = re.search(r"Wait, check b = (-?\d+): .*\. b = -?\d+, not (-?\d+)\.", t.text)
+    assert m and m.group(1) == m.group(2)  # the check restates the value it corrects
 
 
 def test_training_documents() -> None:

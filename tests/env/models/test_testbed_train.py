@@ -89,3 +89,25 @@ def test_a_damaged_checkpoint_is_named(tmp_path: Path) -> None:
     (tmp_path / CKPT_META).write_text("{not json")
     with pytest.raises(ConfigError, match="damaged"):
         load_checkpoint(tmp_path, model, opt)
+
+
+def test_init_from_starts_from_a_trained_model_and_keeps_its_shape(tmp_path: Path) -> None:
+    tiny = {"batch": 1, "block": 8, "threads": 1, "checkpoint_every": 1}
+    first = train(TrainArgs(out=tmp_path / "a", steps=2, hidden=64, layers=1, **tiny))
+    # the shape comes from the folder, not from --hidden / --layers
+    second = train(TrainArgs(out=tmp_path / "b", steps=1, init_from=first, task="reasoning", **tiny))
+    import json
+
+    cfg_a = json.loads((first / "config.json").read_text())
+    cfg_b = json.loads((second / "config.json").read_text())
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        assert cfg_a[key] == cfg_b[key]
+    assert (first / "tokenizer.json").read_text() == (second / "tokenizer.json").read_text()
+
+
+def test_init_from_a_folder_without_weights_is_named(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    args = TrainArgs(out=tmp_path / "b", steps=1, batch=1, block=8, init_from=tmp_path / "empty")
+    with pytest.raises(ConfigError, match="--init-from .*no config.json"):
+        train(args)
+    assert not (tmp_path / "b" / "model.safetensors").exists()
