@@ -95,7 +95,9 @@ def test_init_from_starts_from_a_trained_model_and_keeps_its_shape(tmp_path: Pat
     tiny = {"batch": 1, "block": 8, "threads": 1, "checkpoint_every": 1}
     first = train(TrainArgs(out=tmp_path / "a", steps=2, hidden=64, layers=1, **tiny))
     # the shape comes from the folder, not from --hidden / --layers
-    second = train(TrainArgs(out=tmp_path / "b", steps=1, init_from=first, task="reasoning", **tiny))
+    second = train(
+        TrainArgs(out=tmp_path / "b", steps=1, init_from=first, task="reasoning", **tiny)
+    )
     import json
 
     cfg_a = json.loads((first / "config.json").read_text())
@@ -108,6 +110,6 @@ def test_init_from_starts_from_a_trained_model_and_keeps_its_shape(tmp_path: Pat
 def test_init_from_a_folder_without_weights_is_named(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     args = TrainArgs(out=tmp_path / "b", steps=1, batch=1, block=8, init_from=tmp_path / "empty")
-    with pytest.raises(ConfigError, match="--init-from .*no config.json"):
+    with pytest.raises(ConfigError, match=r"--init-from .*no config\.json"):
         train(args)
     assert not (tmp_path / "b" / "model.safetensors").exists()
