@@ -34,7 +34,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ from policies.evaluation.headline import (
     target_check,
     verified_reference,
 )
+from policies.evaluation.markdown import TOKEN_SPLIT_HEADER, token_split_table
 from policies.evaluation.oracle import OracleResult, VoteFloor, oracle, oracle_check, vote_floor
 from policies.evaluation.report import (
     comparison_rows,
@@ -77,7 +78,7 @@ from policies.evaluation.report import (
     print_targets,
     target_metrics,
 )
-from policies.evaluation.results import results_document, write_results
+from policies.evaluation.results import results_document, token_split, write_results
 from policies.evaluation.runner import MATCH_TOLERANCE, EvalResult, Evaluator, write_rows
 from policies.evaluation.sweeps import (
     Family,
@@ -122,6 +123,7 @@ __all__ = [
     "train_seeds",
     "vote_floors",
     "pick_banks",
+    "print_token_split",
 ]
 
 log = logging.getLogger(__name__)
@@ -564,6 +566,9 @@ def _run_bank_fixed(path: Path, args: RunArgs, console: Console) -> BankRun:
             )
         floors = vote_floors(bank, split, cfg, reference)
         print_floors(console, floors, reference)
+        split_section = token_split(summaries)
+        if split_section is not None:
+            print_token_split(console, split_section)
         _representatives(out, summaries)
         if probes is not None:
             fleet_table_of_run(bank, args, probes, out, console, trained, lams)
@@ -696,6 +701,26 @@ def _settings(
             for name, kw in trained.used.items()
         },
     }
+
+
+def print_token_split(console: Console, section: Mapping[str, Any]) -> None:
+    """The results file's ``token_split`` section as a table
+    (:func:`~policies.evaluation.markdown.token_split_table`): per difficulty level, how each
+    family's shown point splits its decoded tokens, beside the rule of thumb for the level."""
+    t = Table(
+        title="tokens per difficulty level at each family's shown point (its cheapest matching "
+        "maj@16, else its most accurate; a learned family's from its median seed): deep = past "
+        "a chain's own end (thinking longer), wide = in the chains after the first (sampling "
+        "wider), the rest the first chain's and the verifier's; beside it the rule of thumb "
+        "(levels split in terciles)",
+        title_justify="left",
+    )
+    for c in TOKEN_SPLIT_HEADER:
+        t.add_column(c, justify="left" if c in ("level", "rule of thumb", "point") else "right")
+    rows = token_split_table(section)
+    for i, row in enumerate(rows):
+        t.add_row(*row, end_section=i + 1 == len(rows) or rows[i + 1][0] != "")
+    console.print(t)
 
 
 def _representatives(out: Path, summaries: Sequence[FamilySummary]) -> None:

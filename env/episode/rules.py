@@ -239,6 +239,19 @@ INFO_KEYS: dict[str, str] = {
     "return": "correct_reward * correct - lam * cost",
     "cost": "the priced cost of the episode",
     "decoded": "decoded tokens (what token_cap counts)",
+    "tokens_base": (
+        "decoded tokens of the first chain's chunks up to its own end, with their probes; "
+        "decoded - tokens_base - tokens_deep - tokens_wide is the verifier's (a token per chain "
+        "scored)"
+    ),
+    "tokens_deep": (
+        "decoded tokens of the chunks reached past a chain's own end (budget forcing: thinking "
+        "longer), with their probes"
+    ),
+    "tokens_wide": (
+        "decoded tokens of the other chains' chunks up to their own ends (sampling wider), with "
+        "their probes"
+    ),
     "steps": "decisions taken",
     "chains": "chains started",
 }

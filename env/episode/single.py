@@ -113,7 +113,8 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
       more to serve). The answer so far is scored.
 
     ``info`` always holds ``answer``, ``correct``, ``gold``, ``tokens`` (by kind), ``cost``,
-    ``decoded`` (what the cap counts, with ``ahead``), ``ahead`` (tokens a lookahead generator
+    ``decoded`` (what the cap counts, with ``ahead``) and its split ``tokens_base``,
+    ``tokens_deep``, ``tokens_wide``, ``ahead`` (tokens a lookahead generator
     decoded that no action has taken yet, 0 otherwise), ``chains``, ``chain_tokens`` (each
     chain's generated tokens), ``steps``, ``action_mask``,
     ``qid``, ``correct_now``, ``cost_delta`` and, at the end, ``reason_code``, ``reason`` and
@@ -501,6 +502,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
     def _after_chunk(self, s: ChainState, chunk: Chunk) -> None:
         ep = self._ep
         assert ep is not None
+        before = ep.decoded
         ep.usage = ep.usage + chunk.usage
         fold_chunk(s, chunk.text, chunk.confidence, chunk.entropy)
         c = s.chain
@@ -523,6 +525,7 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             probe=(lambda: self._probe(c)) if self.config.probe else None,
             read=read,
         )
+        ep.split(s, ep.decoded - before)
 
     def _closing_read(self, c: Chain) -> Callable[[str], str | None]:
         """The answer of a chain that ended inside its thinking section: the probe, which
@@ -620,6 +623,9 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
                 "cached": u.cached,
             },
             "decoded": ep.decoded,
+            "tokens_base": ep.base,
+            "tokens_deep": ep.deep,
+            "tokens_wide": ep.wide,
             "ahead": self._ahead(),
             "cost": ep.cost(self.config.prices),
             "chains": len(ep.states),
@@ -662,10 +668,25 @@ class _Episode:
     charged: float = 0.0
     #: The cost the last step's reward charged (0 before the first step).
     cost_delta: float = 0.0
+    #: Decoded tokens of the chunks (with their probes): the first chain's up to its own end,
+    #: those past a chain's end (budget forcing), the other chains' up to their own ends.
+    base: int = 0
+    deep: int = 0
+    wide: int = 0
 
     @property
     def decoded(self) -> int:
         return decode_tokens(self.usage)
+
+    def split(self, s: ChainState, tokens: int) -> None:
+        """Count ``tokens``, decoded for a chunk of ``s`` and its probe, as base, deep or wide
+        (``info["tokens_base"]`` and the rest: :data:`~env.episode.rules.INFO_KEYS`)."""
+        if s.extensions:
+            self.deep += tokens
+        elif s is self.states[0]:
+            self.base += tokens
+        else:
+            self.wide += tokens
 
     def cost(self, prices: Prices) -> float:
         return prices.cost(self.usage)

@@ -151,6 +151,7 @@ class Tables:
     answer_text: npt.NDArray[np.object_]
     step_cost: FloatArray  # priced cost of reaching the chunk (the chunk and its probe)
     step_dec: IntArray  # tokens it decodes (what the token cap counts)
+    step_deep: IntArray  # step_dec of a chunk past its chain's own end (budget forcing), else 0
     judge_cost: FloatArray  # priced cost of scoring the chain there
     judge_p: FloatArray  # the verifier score a chain gets there (0.5 when not finite)
     judge_int: IntArray
@@ -209,7 +210,7 @@ def build_tables(bank: TraceBank, questions: Sequence[Any], cfg: EnvConfig) -> T
     kq = np.array([t.k for t in traces], np.int64)
     right_classes: list[list[int]] = []
     names: list[list[str]] = []
-    fields = ("gen", "probe", "inj", "prefill", "jpre", "jp", "ans", "conf", "ok", "cur")
+    fields = ("gen", "probe", "inj", "prefill", "jpre", "jp", "ans", "conf", "ok", "deep", "cur")
     cols: dict[str, list[Any]] = {k: [] for k in fields}
     for qi, t in enumerate(traces):
         raw_answers: list[str | None] = []
@@ -232,6 +233,7 @@ def build_tables(bank: TraceBank, questions: Sequence[Any], cfg: EnvConfig) -> T
                 cols["ans"].append(fold.answer)
                 cols["conf"].append(fold.confidence_weight)
                 cols["ok"].append(c.can_continue)
+                cols["deep"].append(fold.extensions > 0)
                 cols["cur"].append(
                     current_chain_features(fold, tokens=c.tokens, ended=c.ended, config=cfg)
                 )
@@ -270,6 +272,7 @@ def build_tables(bank: TraceBank, questions: Sequence[Any], cfg: EnvConfig) -> T
     conf_scale = int_scale(float(conf.max()), kmax)
     ver_scale = int_scale(1.0, kmax)
     step = {k: arr(k) for k in ("gen", "probe", "inj", "prefill")}
+    step_dec = step["gen"] + step["probe"] + step["inj"]
     pr = cfg.prices
     obs = np.zeros((len(cols["cur"]) + 1, N_FEATURES), np.float32)
     obs[:-1, _CUR0 : _CUR0 + len(CURRENT_CHAIN_FEATURES)] = cols["cur"]
@@ -290,7 +293,8 @@ def build_tables(bank: TraceBank, questions: Sequence[Any], cfg: EnvConfig) -> T
             + pr.injected * step["inj"]
             + pr.prefill * step["prefill"]
         ),
-        step_dec=step["gen"] + step["probe"] + step["inj"],
+        step_dec=step_dec,
+        step_deep=np.where(arr("deep", False, np.bool_), step_dec, 0),
         judge_cost=pr.judge * 1 + pr.prefill * arr("jpre"),
         judge_p=jp,
         judge_int=to_int(jp, ver_scale),

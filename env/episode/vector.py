@@ -133,9 +133,10 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
     ``info["_<key>"]``, Gymnasium's convention) it holds ``correct`` (bool), ``answer`` (object:
     the answer's canonical text, ``None`` for none), ``return``
     (``correct_reward * correct - lam * cost``), ``cost``, ``decoded`` (tokens, what the cap
-    counts), ``reason_code`` (int, a :class:`~env.episode.rules.Reason`: one of
-    :data:`REPLAY_ENDS`), ``reason`` (object: its text), ``steps``, ``chains`` and ``question``
-    (an index into :attr:`questions`). These keys mean what the single environment's mean
+    counts) and its split ``tokens_base`` (the first chain's), ``tokens_deep`` (past a chain's
+    end) and ``tokens_wide`` (the other chains'), ``reason_code`` (int, a
+    :class:`~env.episode.rules.Reason`: one of :data:`REPLAY_ENDS`), ``reason`` (object: its
+    text), ``steps``, ``chains`` and ``question`` (an index into :attr:`questions`). These keys mean what the single environment's mean
     (:data:`~env.episode.rules.INFO_KEYS`), one entry per episode.
 
     ## Arguments
@@ -279,6 +280,8 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
 
         self._q, self._n, self._cur, self._steps = z(), z(), z(), z()
         self._dec, self._nv, self._kq = z(), z(), z()  # decoded tokens, chains to verify, recorded
+        # Decoded tokens past a chain's end, of chains after the first, of the verifier.
+        self._deep, self._wide, self._vdec = z(), z(), z()
         self._cost, self._charged = z(np.float64), z(np.float64)  # priced; given as reward
         self._distinct, self._answered, self._ended = z(), z(), z()
         self._wc_tot, self._wv_tot = z(), z()
@@ -464,6 +467,10 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
             end["reason"] = self._reason_text[end["reason_code"]]
             end["cost"] = np.where(done, charged, 0.0)
             end["decoded"] = np.where(done, self._dec, 0)
+            end["tokens_deep"] = np.where(done, self._deep, 0)
+            end["tokens_wide"] = np.where(done, self._wide, 0)
+            base = self._dec - self._deep - self._wide - self._vdec
+            end["tokens_base"] = np.where(done, base, 0)
             end["steps"] = np.where(done, self._steps, 0)
             end["chains"] = np.where(done, self._n, 0)
             end["question"] = np.where(done, self._q, -1)
@@ -585,6 +592,7 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         for arr in (
             self._n, self._cur, self._steps, self._dec, self._nv, self._distinct,
             self._answered, self._ended, self._wc_tot, self._wv_tot, self._n_scored,
+            self._deep, self._wide, self._vdec,
         ):  # fmt: skip
             arr[rows] = 0
         self._cost[rows] = 0.0
@@ -632,7 +640,10 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         s = np.concatenate([sj, s_cont])
         f = np.concatenate([f_new, f_old + 1])
         self._cost[rows] += t.step_cost[f]
-        self._dec[rows] += t.step_dec[f]
+        dec, deep = t.step_dec[f], t.step_deep[f]
+        self._dec[rows] += dec
+        self._deep[rows] += deep
+        self._wide[rows] += np.where(s >= b, dec - deep, 0)  # slot > 0: not the first chain
         ended = t.ended[f]
         ended[nn:] -= t.ended[f_old]  # a continued chain may end, or reopen (budget forcing)
         self._ended[rows] += ended
@@ -692,6 +703,7 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         nv = self._nv[rows]
         v = rows.size
         self._dec[rows] += nv
+        self._vdec[rows] += nv
         self._cost[rows] += np.bincount(col, t.judge_cost[f], v)
         was_scored = vf[ks, col] >= 0
         self._vf_[s] = f

@@ -191,6 +191,25 @@ class LiveGenerator(GeneratorBase):
         self._encoded: dict[str, list[int]] = {}
         self._pieces: dict[int, str] = {}
         self._judge_suffix_text: object = _UNSET
+        self._check_thinking()
+
+    def _check_thinking(self) -> None:
+        """A template's thinking markers must be text the model's tokenizer knows: encoded and
+        decoded they come back unchanged (else no stop string, probe or split would find
+        them)."""
+        fmt = self.template.thinking
+        if fmt is None:
+            return
+        for name, marker in (("start", fmt.start), ("end", fmt.end)):
+            ids = self._guard("encode", self.backend.encode, marker)
+            back = self._guard("decode", self.backend.decode, list(ids)) if ids else ""
+            if back != marker:
+                raise ConfigError(
+                    f"template {self.template.name!r}: its thinking {name} marker {marker!r} is "
+                    f"not known to the model's tokenizer (it encodes to {list(ids)[:8]} and "
+                    f"decodes to {back!r}); give the template the model's own markers "
+                    "(find_thinking_format reads them from its chat template)"
+                )
 
     def reset(self, seed: int) -> None:
         """Make what follows reproducible: restart chain ids and reset the backend with ``seed``.

@@ -21,7 +21,15 @@ from typing import Any
 from features.errors import ConfigError
 from policies.evaluation.results import interval_of, to_float
 
-__all__ = ["render", "blocks", "replace_blocks", "start_marker", "end_marker"]
+__all__ = [
+    "TOKEN_SPLIT_HEADER",
+    "render",
+    "blocks",
+    "replace_blocks",
+    "start_marker",
+    "end_marker",
+    "token_split_table",
+]
 
 
 def start_marker(key: str) -> str:
@@ -112,6 +120,44 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return out
+
+
+def _share(part: Any, whole: Any) -> str:
+    """``part`` as a percentage of ``whole`` (``-``: either unknown, or ``whole`` is 0)."""
+    p, w = to_float(part), to_float(whole)
+    return "-" if math.isnan(p) or math.isnan(w) or w <= 0 else f"{100 * p / w:.0f}"
+
+
+#: The columns of :func:`token_split_table`.
+TOKEN_SPLIT_HEADER = ("level", "rule of thumb", "point", "tokens / question", "% deep", "% wide")
+
+
+def token_split_table(section: Mapping[str, Any]) -> list[list[str]]:
+    """The rows of the token-split table (columns :data:`TOKEN_SPLIT_HEADER`) of a results
+    file's ``token_split`` section (:func:`~policies.evaluation.results.token_split`): per
+    difficulty level, one row per family's point with its mean decoded tokens per question and
+    the share of them past a chain's own end (deep) and in the chains after the first (wide).
+    A level's first row names the level and its rule of thumb (``easy: stop``); the rest leave
+    both blank. A point with no episode at a level is left out there."""
+    rows: list[list[str]] = []
+    for lv, regime in section["levels"].items():
+        first = True
+        for fam in section["families"].values():
+            x = fam["by_level"].get(lv)
+            if x is None:
+                continue
+            head = [lv, f"{regime}: {section['rule'][regime]}"] if first else ["", ""]
+            first = False
+            rows.append(
+                [
+                    *head,
+                    fam["label"],
+                    _tok(x["tokens"]),
+                    _share(x["deep"], x["tokens"]),
+                    _share(x["wide"], x["tokens"]),
+                ]
+            )
+    return rows
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -286,6 +332,20 @@ def render(doc: Mapping[str, Any]) -> str:
     ]
     out += _table(["point", *levels], rows)
     out.append("")
+
+    split = doc.get("token_split")
+    if split:
+        out += [
+            "How each family's point (its cheapest matching maj@16, else its most accurate; a "
+            "learned family's from its median seed) spends its tokens per difficulty level: "
+            "mean decoded tokens per question, the share past a chain's own end (deep: thinking "
+            "longer, budget forcing) and in the chains after the first (wide: sampling wider); "
+            "the rest is the first chain's and the verifier's. Beside it, the rule of thumb for "
+            "the level (the levels present split in terciles: easy, medium, hard):",
+            "",
+        ]
+        out += _table(TOKEN_SPLIT_HEADER, token_split_table(split))
+        out.append("")
 
     floors = [f for f in doc.get("floors", []) if f["tokens"] is not None]
     if floors:

@@ -13,6 +13,7 @@ README's tables from it (:mod:`policies.evaluation.markdown`). Sections, in this
 | ``families`` | every family's operating points (per training seed), accuracy and tokens with their intervals over questions |
 | ``headline`` | per family: tokens to match maj@16 with the interval over questions and training seeds and the per-seed values, accuracy at the headline budgets, area, the paired differences to the best heuristic |
 | ``targets``, ``floors`` | the product's target per learned family; the oracle voters' floors |
+| ``token_split`` | per difficulty level, how each family's shown point splits its tokens (deep: past a chain's end; wide: other chains), beside the rule of thumb (``null``: the questions have no levels) |
 | ``provenance`` | date, git commit, machine (CPU model, cores), package versions |
 | ``timings`` | wall time, training seconds per family and seed |
 
@@ -39,7 +40,12 @@ from features.errors import ConfigError
 from policies.evaluation.headline import BudgetDiff, FamilySummary, TargetCheck
 from policies.evaluation.metrics import Interval
 from policies.evaluation.oracle import OracleResult, VoteFloor
-from policies.evaluation.runner import EvalResult, LevelStats
+from policies.evaluation.runner import (
+    RULE_OF_THUMB,
+    EvalResult,
+    LevelStats,
+    difficulty_regimes,
+)
 
 __all__ = [
     "SCHEMA",
@@ -56,6 +62,7 @@ __all__ = [
     "read_results",
     "results_document",
     "to_float",
+    "token_split",
     "write_results",
 ]
 
@@ -92,10 +99,13 @@ def _iv(i: Interval) -> list[float | str | None]:
 
 
 def _levels(by_level: Mapping[str, LevelStats]) -> dict[str, Any]:
-    return {
-        lv: {"questions": s.questions, "accuracy": _iv(s.accuracy), "tokens": _iv(s.tokens)}
-        for lv, s in by_level.items()
-    }
+    out: dict[str, Any] = {}
+    for lv, s in by_level.items():
+        rec = {"questions": s.questions, "accuracy": _iv(s.accuracy), "tokens": _iv(s.tokens)}
+        if s.deep is not None and s.wide is not None:
+            rec.update(deep=num(s.deep), wide=num(s.wide))
+        out[lv] = rec
+    return out
 
 
 def _point(r: EvalResult) -> dict[str, Any]:
@@ -159,6 +169,40 @@ def _summary(s: FamilySummary) -> dict[str, Any]:
     }
 
 
+def token_split(summaries: Sequence[FamilySummary]) -> dict[str, Any] | None:
+    """The ``token_split`` section: how each family's shown point (its cheapest point matching
+    maj@16, else its most accurate; a learned family's from its representative seed) spends
+    its decoded tokens on each difficulty level, beside the rule of thumb for the level.
+
+    ``levels`` maps each level to easy / medium / hard
+    (:func:`~policies.evaluation.runner.difficulty_regimes`), ``rule`` each of those to
+    :data:`~policies.evaluation.runner.RULE_OF_THUMB`'s advice, and
+    ``families`` each family to its point's ``label`` and, per level, its mean decoded
+    ``tokens`` per question and the mean of them ``deep`` (past a chain's own end: thinking
+    longer) and ``wide`` (in the chains after the first: sampling wider). ``None`` when the
+    questions have no difficulty levels.
+    """
+    shown = [(s.family, s.match if s.match is not None else s.best) for s in summaries]
+    regimes = difficulty_regimes(lv for _, r in shown for lv in r.by_level)
+    if not regimes:
+        return None
+    return {
+        "rule": dict(RULE_OF_THUMB),
+        "levels": regimes,
+        "families": {
+            fam: {
+                "label": r.label,
+                "by_level": {
+                    lv: {"tokens": num(x.tokens.mean), "deep": num(x.deep), "wide": num(x.wide)}
+                    for lv, x in r.by_level.items()
+                    if lv in regimes
+                },
+            }
+            for fam, r in shown
+        },
+    }
+
+
 def _target(t: TargetCheck) -> dict[str, Any]:
     return {
         "family": t.family,
@@ -213,6 +257,7 @@ def results_document(
             }
             for f in floors
         ],
+        "token_split": token_split(summaries),
         "provenance": dict(prov if prov is not None else provenance()),
         "timings": dict(timings),
     }
@@ -337,11 +382,15 @@ def provenance() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class LevelRecord:
-    """One difficulty level of a featured point, read back from a results file."""
+    """One difficulty level of a featured point, read back from a results file (``deep``,
+    ``wide``: as :class:`~policies.evaluation.runner.LevelStats`; ``None`` in files written
+    before they were recorded)."""
 
     questions: int
     accuracy: Interval
     tokens: Interval
+    deep: float | None = None
+    wide: float | None = None
 
 
 @dataclass(frozen=True)
@@ -371,7 +420,11 @@ class PointRecord:
             tokens=interval_of(rec["tokens"]),
             by_level={
                 lv: LevelRecord(
-                    int(x["questions"]), interval_of(x["accuracy"]), interval_of(x["tokens"])
+                    int(x["questions"]),
+                    interval_of(x["accuracy"]),
+                    interval_of(x["tokens"]),
+                    None if x.get("deep") is None else to_float(x["deep"]),
+                    None if x.get("wide") is None else to_float(x["wide"]),
                 )
                 for lv, x in rec.get("by_level", {}).items()
             },

@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,8 @@ __all__ = [
     "Evaluator",
     "LevelStats",
     "MATCH_TOLERANCE",
+    "RULE_OF_THUMB",
+    "difficulty_regimes",
     "evaluate",
     "run_pinned",
     "level_label",
@@ -70,9 +72,33 @@ def level_label(difficulty: int | None) -> str:
     return f"L{difficulty}" if difficulty is not None else "-"
 
 
+#: The seed documents' rule of thumb for test-time compute, by how hard a question is: stop
+#: early on easy questions, sample wider (parallel chains) on medium ones, think longer (serial:
+#: one chain past its own end) on hard ones. Keys: :func:`difficulty_regimes`' values.
+RULE_OF_THUMB: dict[str, str] = {"easy": "stop", "medium": "parallel", "hard": "serial"}
+
+
+def difficulty_regimes(levels: Iterable[str]) -> dict[str, str]:
+    """Each numbered difficulty level among ``levels`` (labels, ``L3``) as ``easy``, ``medium``
+    or ``hard``, by terciles of the distinct levels present: of ``n`` levels the lowest
+    ``round(n / 3)`` are easy, the highest as many hard, the rest medium (levels 1-8: 1-3 easy,
+    4-5 medium, 6-8 hard; a single level is medium). Labels without a level (``-``) are left
+    out; the answer is in level order (empty when no label has a level)."""
+    ordered = sorted({lv for lv in levels if lv[1:].isdigit()}, key=_level_key)
+    n = len(ordered)
+    k = round(n / 3)
+    return {
+        lv: "easy" if i < k else "hard" if i >= n - k else "medium" for i, lv in enumerate(ordered)
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class EpisodeRecord:
-    """One evaluated episode."""
+    """One evaluated episode.
+
+    ``decoded`` splits into the first chain's tokens, ``deep`` and ``wide`` (and the
+    verifier's): :data:`~env.episode.rules.INFO_KEYS` ``tokens_deep`` and ``tokens_wide``.
+    """
 
     qid: str
     seed: int
@@ -86,15 +112,26 @@ class EpisodeRecord:
     reason: str
     #: ``correct_reward * correct - lam * cost`` with the policy's ``lam`` (the env's if none).
     ret: float
+    #: Decoded tokens past a chain's own end (budget forcing: thinking longer).
+    deep: int = 0
+    #: Decoded tokens of the chains after the first, up to their own ends (sampling wider).
+    wide: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class LevelStats:
-    """Accuracy and tokens of the questions of one difficulty level."""
+    """Accuracy and tokens of the questions of one difficulty level.
+
+    ``deep`` and ``wide``: the mean over its questions of their mean decoded tokens past a
+    chain's own end and of the chains after the first (:class:`EpisodeRecord`), on the same
+    footing as ``tokens.mean``; ``None`` where not counted (the oracle).
+    """
 
     questions: int
     accuracy: Interval
     tokens: Interval
+    deep: float | None = None
+    wide: float | None = None
 
 
 def score_metrics(
@@ -123,13 +160,27 @@ def summarize_scores(
     *,
     n_boot: int,
     seed: int = 0,
+    deep: Sequence[float] | None = None,
+    wide: Sequence[float] | None = None,
 ) -> tuple[Interval, Interval, dict[str, LevelStats]]:
+    """Accuracy and tokens with per-question bootstrap intervals, overall and per level.
+
+    Args:
+        qids, levels, correct, tokens: one entry per episode.
+        n_boot, seed: the bootstrap's resamples and seed.
+        deep, wide: each episode's tokens past a chain's end and of the chains after the
+            first (``None``: not counted), averaged per level like the tokens.
+    """
     acc = bootstrap_mean(per_question_means(qids, correct), n_boot=n_boot, seed=seed)
     tok = bootstrap_mean(per_question_means(qids, tokens), n_boot=n_boot, seed=seed)
     by: dict[str, LevelStats] = {}
     for lv in sorted(set(levels), key=_level_key):
         idx = [i for i, x in enumerate(levels) if x == lv]
         q = [qids[i] for i in idx]
+        deep_lv, wide_lv = (
+            None if v is None else float(per_question_means(q, [v[i] for i in idx]).mean())
+            for v in (deep, wide)
+        )
         by[lv] = LevelStats(
             questions=len(set(q)),
             accuracy=bootstrap_mean(
@@ -138,6 +189,8 @@ def summarize_scores(
             tokens=bootstrap_mean(
                 per_question_means(q, [tokens[i] for i in idx]), n_boot=n_boot, seed=seed
             ),
+            deep=deep_lv,
+            wide=wide_lv,
         )
     return acc, tok, by
 
@@ -407,6 +460,8 @@ class Evaluator:
             "correct": np.zeros(n, np.bool_),
             "answer": np.full(n, None, object),
             "decoded": np.zeros(n, np.int64),
+            "tokens_deep": np.zeros(n, np.int64),
+            "tokens_wide": np.zeros(n, np.int64),
             "cost": np.zeros(n, np.float64),
             "chains": np.zeros(n, np.int64),
             "steps": np.zeros(n, np.int64),
@@ -434,6 +489,8 @@ class Evaluator:
                     steps=int(cols["steps"][i]),
                     reason=str(cols["reason"][i]),
                     ret=env.config.correct_reward * correct - lam_used * cost,
+                    deep=int(cols["tokens_deep"][i]),
+                    wide=int(cols["tokens_wide"][i]),
                 )
             )
         acc, tok, by = summarize_scores(
@@ -442,6 +499,8 @@ class Evaluator:
             [float(r.correct) for r in records],
             [float(r.decoded) for r in records],
             n_boot=self.n_boot,
+            deep=[float(r.deep) for r in records],
+            wide=[float(r.wide) for r in records],
         )
         name = str(policy.name)
         return EvalResult(

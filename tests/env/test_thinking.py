@@ -4,6 +4,7 @@ thinking and answer tokens counted apart (the fake backend; issue "Serial versus
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from env.generators.fake import FakeGenerator
 from env.generators.prompts import CHAT, REASONING, find_thinking_format
@@ -124,3 +125,24 @@ def test_a_marker_cut_by_the_chunk_length_is_still_suppressed() -> None:
     assert ch2.finish_reason == "stop" and ch2.text == "" and not c.finished
     (ch3,) = g.extend([c], k)
     assert ch3.text.startswith(REASONING.wait_text) and "</" not in c.text
+
+
+def test_markers_the_tokenizer_does_not_know_are_refused() -> None:
+    from env.generators.fake import FakeBackend
+    from env.generators.live import LiveGenerator
+    from features.errors import ConfigError
+
+    class NoAngles(FakeBackend):  # a tokenizer without "<" and ">"
+        def encode(self, text: str) -> list[int]:
+            return super().encode(text.replace("<", "").replace(">", ""))
+
+    with pytest.raises(ConfigError, match=r"thinking start marker '<think>' is not known"):
+        LiveGenerator(NoAngles(), template=REASONING)
+    LiveGenerator(NoAngles(), template="chat")  # (no thinking section: nothing to check)
+
+
+def test_a_minimum_above_the_maximum_is_named() -> None:
+    from features.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="min_tokens=300, max_tokens=200"):
+        BudgetForcing(min_tokens=300, max_tokens=200)

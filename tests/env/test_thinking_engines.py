@@ -142,13 +142,13 @@ def test_a_probe_inside_thinking_leaves_the_chain_unchanged(gen: Any) -> None:
         gen.reset(3)
         a, b = gen.start(HARD, 2)
         gen.extend([a, b], 20)
-        assert gen.thinking_open(a) and a.token_ids.tolist() == b.token_ids.tolist()
-        ids, text = a.token_ids.copy(), a.text
+        assert gen.thinking_open(a) and list(a.token_ids) == list(b.token_ids)
+        ids, text = list(a.token_ids), a.text
         (p,) = gen.probe([a])
         assert p.answer is not None and p.usage.probe > 0
-        assert (a.token_ids == ids).all() and a.text == text and gen.thinking_open(a)
+        assert list(a.token_ids) == ids and a.text == text and gen.thinking_open(a)
         gen.extend([a, b], 24)  # the probed chain goes on exactly as the unprobed one
-        assert a.token_ids.tolist() == b.token_ids.tolist()
+        assert list(a.token_ids) == list(b.token_ids) and len(a.token_ids) == len(ids) + 24
     finally:
         gen.sampling = before
 
@@ -160,7 +160,7 @@ def test_thinking_and_answer_tokens_are_counted_apart(gen: Any) -> None:
     _run(gen, c)
     think, answer = gen.thinking_split(c)
     assert think > 0 and answer > 0 and think + answer == c.num_tokens
-    ids = c.token_ids.tolist()
+    ids = list(c.token_ids)
     thinking_text = gen.backend.decode(ids[:think])
     assert thinking_text.rstrip().endswith(END) and END not in gen.backend.decode(ids[think:])
     assert "\\boxed{" in gen.backend.decode(ids[think:])

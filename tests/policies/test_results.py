@@ -106,6 +106,16 @@ def test_same_seeds_same_results_file(twice: tuple[dict[str, Any], dict[str, Any
     assert head["diffs"] and all(len(d["per_seed"]) == 2 for d in head["diffs"])
     assert {t["family"] for t in a["targets"]} == learned | {"any-learned"}
     assert a["settings"]["training"]["ppo-chain-hidden"]["hidden_probes"] == "hidden-probes"
+    # the testbed's questions have levels 1-8: each family's point splits its tokens per level
+    split = a["token_split"]
+    assert split["levels"]["L1"] == "easy" and split["levels"]["L8"] == "hard"
+    assert set(split["families"]) == set(a["headline"])
+    for fam, f in split["families"].items():
+        assert f["label"] == a["headline"][fam]["shown"]["label"], fam
+        for lv, x in f["by_level"].items():
+            assert 0 <= x["deep"] + x["wide"] <= x["tokens"], (fam, lv)
+    assert any(x["wide"] > 0 for x in split["families"]["best-of-N"]["by_level"].values())
+    assert all("deep" in x for x in a["reference"]["by_level"].values())
 
 
 def test_report_renders_and_rewrites_the_readme(
@@ -136,6 +146,7 @@ def test_report_renders_and_rewrites_the_readme(
         "above 0 with 95% confidence at",
         "any-learned",
         "with 2 seeds (0, 10000)",
+        "| L1 | easy: stop |",
     ):
         assert needle in body, needle
     # printing: the block with its markers; figures from the file alone

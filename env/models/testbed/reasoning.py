@@ -23,8 +23,9 @@ reasoning variant thinks inside ``<think>`` ... ``</think>`` (the markers of
 
        The answer is \\boxed{255}.
 
-   A training document checks a random number of steps (all of them, or stopping early), so the
-   model learns to close its thinking at any point; budget forcing then decides how many checks a
+   A training document checks a random number of steps (stopping early, or all of them and a
+   few again in a second round), so the model learns to close its thinking at any point and to
+   go on checking when told to go on; budget forcing then decides how many checks a
    chain gets: suppressing ``</think>`` below a minimum asks for one more check, and forcing it at
    a maximum cuts them short. The shape targeted (issue "Serial versus parallel"): accuracy rising
    with the thinking budget for several doublings at the middle levels, because every check can
@@ -143,8 +144,11 @@ class ThinkingTrace:
 
 def reasoning_trace(p: Problem, rng: random.Random, *, p_slip: float, checks: int) -> ThinkingTrace:
     """A thinking solution of ``p``: a first pass where each step slips with probability
-    ``p_slip``, then ``checks`` re-checks of the steps in order (at most one per step), each
-    correcting its step and recomputing the later ones when it disagrees."""
+    ``p_slip``, then ``checks`` re-checks of the steps in order, each correcting its step and
+    recomputing the later ones when it disagrees. Past the last step checking starts over from
+    the first (in this text a second round agrees everywhere, but a model's own check can slip:
+    another round may catch it), so a model forced to think on after checking every step goes
+    on checking instead of writing what it never saw."""
     if not 0 <= p_slip <= 1 or checks < 0:
         raise ConfigError(f"need 0 <= p_slip <= 1 and checks >= 0, got {p_slip}, {checks}")
     steps: list[Step] = list(p.steps)
@@ -160,8 +164,8 @@ def reasoning_trace(p: Problem, rng: random.Random, *, p_slip: float, checks: in
             f"{s.var} = {s.src} {s.op} {s.operand} = {values[-1]} {s.op} {s.operand} = {v}"
         )
         values.append(v)
-    n_checks = min(checks, len(steps))
-    for i in range(n_checks):
+    for k in range(checks):
+        i = k % len(steps)
         s = steps[i]
         true = _apply(s.op, values[i], s.operand)
         work = careful_line(values[i], s.op, s.operand)
@@ -182,17 +186,19 @@ def reasoning_trace(p: Problem, rng: random.Random, *, p_slip: float, checks: in
             )
     lines += [THINK_END, ""]  # "</think>\n\n" then the answer, as reasoning models write it
     lines.append(f"The answer is \\boxed{{{values[-1]}}}.")
-    return ThinkingTrace("\n".join(lines), values[-1], tuple(slips), n_checks)
+    return ThinkingTrace("\n".join(lines), values[-1], tuple(slips), checks)
 
 
 _LEVEL_WEIGHTS = (2, 3, 4, 4, 4, 3, 2, 2)
+_EXTRA_CHECKS = 3  # checks of a second round a training document may hold
 
 
 def reasoning_text(rng: random.Random, level: int | None = None, *, p_slip: float = 0.25) -> str:
     """One training document (ends with EOS): a prompt and a thinking solution whose number of
-    checks is drawn at random (none up to all steps), so every length of thinking is seen."""
+    checks is drawn at random (none, up to all steps and three of a second round), so every
+    length of thinking is seen."""
     lvl = level if level is not None else rng.choices(sorted(LEVELS), weights=_LEVEL_WEIGHTS)[0]
     p = make_problem(lvl, rng)
-    checks = rng.randint(0, len(p.steps))
+    checks = rng.randint(0, len(p.steps) + _EXTRA_CHECKS)
     trace = reasoning_trace(p, rng, p_slip=p_slip, checks=checks)
     return prompt_text(p.text, "cot") + trace.text + EOS

@@ -152,7 +152,8 @@ def _lockstep(
     """Replay ``rounds * n_envs`` episodes through both environments; return reasons, steps.
 
     ``seen`` (if given) counts observations by what they show: ``window_agree`` set, and each
-    distinct ``difficulty`` value (``difficulty=<value>``).
+    distinct ``difficulty`` value (``difficulty=<value>``); and episodes that decoded tokens of
+    each part of the split (``tokens_base``, ``tokens_deep``, ``tokens_wide``).
     """
     venv = BatchedReplayEnv(bank, n_envs, seed=seed, **cfg)
     singles = [ComputeAllocationEnv.from_bank(bank, **cfg) for _ in range(n_envs)]
@@ -210,6 +211,14 @@ def _lockstep(
                     assert inf["reason"] == info["reason"][i], where
                     assert inf["reason_code"] == info["reason_code"][i], where
                     assert inf["decoded"] == info["decoded"][i], where
+                    # The decoded tokens' split: first chain, past a chain's end, other chains;
+                    # what is left is the verifier's.
+                    split = ("tokens_base", "tokens_deep", "tokens_wide")
+                    for key in split:
+                        assert inf[key] == info[key][i] >= 0, f"{where}: {key}"
+                    parts = sum(inf[key] for key in split) + inf["tokens"]["judge"]
+                    assert parts == inf["decoded"], f"{where}: split {parts}"
+                    seen.update(key for key in split if inf[key] > 0)
                     assert inf["chains"] == info["chains"][i] and inf["steps"] == info["steps"][i]
                     assert abs(inf["cost"] - info["cost"][i]) <= 1e-9 * max(1.0, inf["cost"])
                     assert abs(inf["return"] - info["return"][i]) <= 1e-9, where
@@ -267,8 +276,11 @@ def thinking(tmp_path_factory: pytest.TempPathFactory) -> TraceBank:
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default",
 )
 def test_same_episodes_as_the_single_env_on_a_thinking_bank(thinking: TraceBank, cfg: dict) -> None:
-    reasons, steps = _lockstep(thinking, rounds=4, seed=3, **cfg)
+    seen: collections.Counter[str] = collections.Counter()
+    reasons, steps = _lockstep(thinking, rounds=4, seed=3, seen=seen, **cfg)
     assert steps > 0 and sum(reasons.values()) > 0
+    # every part of the token split is compared (budget forcing, other chains)
+    assert seen["tokens_base"] and seen["tokens_deep"] and seen["tokens_wide"], seen
 
 
 def _first_chunk_difficulty(question: Question, chunk: Any) -> float:

@@ -131,3 +131,15 @@ def test_the_trainer_trains_on_reasoning_text(tmp_path: Path) -> None:
     tok = PreTrainedTokenizerFast.from_pretrained(out)
     text = "<think>\nWait, check b: 37 + 48: 7 + 8 = 15, write 5 carry 1\n</think>"
     assert tok.decode(tok(text)["input_ids"]) == text
+
+
+def test_checking_starts_over_after_the_last_step() -> None:
+    p = make_problem(3, random.Random(4))
+    n = len(p.steps)
+    t = reasoning_trace(p, random.Random(4), p_slip=0.5, checks=n + 2)
+    checked = re.findall(r"Wait, check (\w) = ", t.text)
+    assert checked == [s.var for s in p.steps] + [s.var for s in p.steps[:2]]
+    # a second round agrees everywhere: every slip was fixed in the first
+    second = t.text.split("Wait, check ")[n + 1 :]
+    assert all(", not " not in line.split("\n")[0] for line in second)
+    assert t.answer == p.answer and t.checks == n + 2

@@ -25,6 +25,7 @@ from policies.evaluation.metrics import Interval
 from policies.evaluation.oracle import chain_prefixes, oracle, oracle_check, vote_floor
 from policies.evaluation.runner import MATCH_TOLERANCE, Evaluator, evaluate
 from policies.evaluation.sweeps import evaluate_families, heuristic_sweeps, learned_sweep
+from policies.heuristics import BudgetForcing
 
 ROOT = Path(__file__).resolve().parents[3]
 # DeepConf online takes a percentile over warm-up chains that some episodes do not have yet.
@@ -112,7 +113,9 @@ def test_every_question_and_seed_runs_exactly_once(evaluator: Evaluator) -> None
     assert small.episodes == r.episodes  # batches of 7 (a short last one) change nothing
 
 
-@pytest.mark.parametrize("policy", [BestOfN(4, "verifier"), ProbeAgreement(2), SingleChain()])
+@pytest.mark.parametrize(
+    "policy", [BestOfN(4, "verifier"), ProbeAgreement(2), SingleChain(), BudgetForcing(4000)]
+)
 def test_episodes_are_the_single_envs(bank: TraceBank, evaluator: Evaluator, policy: Any) -> None:
     """Episode (question, seed) replays in ComputeAllocationEnv with generator seed ``seed``."""
     r = evaluator(policy)
@@ -136,6 +139,7 @@ def test_episodes_are_the_single_envs(bank: TraceBank, evaluator: Evaluator, pol
             e.decoded,
             e.chains,
         ), e
+        assert (info["tokens_deep"], info["tokens_wide"]) == (e.deep, e.wide), e
 
 
 def test_per_difficulty_breakdown(evaluator: Evaluator) -> None:
@@ -147,6 +151,35 @@ def test_per_difficulty_breakdown(evaluator: Evaluator) -> None:
     m = r.metrics()
     assert m["eval/accuracy"] == r.accuracy.mean and m["eval/tokens"] == r.tokens.mean
     assert "eval/accuracy/L1" in m and m["eval/episodes"] == len(r.episodes)
+
+
+@pytest.mark.parametrize("policy", [BestOfN(4), SingleChain(), BudgetForcing(4000)])
+def test_deep_and_wide_tokens(evaluator: Evaluator, policy: Any) -> None:
+    """Each episode's decoded tokens split into the first chain's, ``deep`` (past a chain's
+    end) and ``wide`` (the other chains): best-of-N only samples wider, one chain spends
+    nothing wider, budget forcing thinks longer; a level's mean is over its questions."""
+    r = evaluator(policy)
+    for e in r.episodes:
+        assert 0 <= e.deep + e.wide <= e.decoded, e
+        if isinstance(policy, BudgetForcing | SingleChain):
+            assert e.wide == 0 and e.chains == 1, e
+        else:
+            assert e.deep == 0 and (e.wide > 0) == (e.chains > 1), e
+    total = {f: sum(getattr(e, f) for e in r.episodes) for f in ("deep", "wide")}
+    if isinstance(policy, BudgetForcing):
+        assert total["deep"] > 0
+    elif isinstance(policy, BestOfN):
+        assert total["wide"] > 0
+    for lv, s in r.by_level.items():
+        eps = [e for e in r.episodes if e.level == lv]
+        for f in ("deep", "wide"):
+            by_q: dict[str, list[int]] = {}
+            for e in eps:
+                by_q.setdefault(e.qid, []).append(getattr(e, f))
+            want = np.mean([np.mean(v) for v in by_q.values()])
+            assert getattr(s, f) == pytest.approx(want), (lv, f)
+    row = r.rows()[0]
+    assert (row["deep"], row["wide"]) == (r.episodes[0].deep, r.episodes[0].wide)
 
 
 def test_evaluate_function_and_errors(bank: TraceBank) -> None:
