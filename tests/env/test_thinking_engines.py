@@ -22,7 +22,7 @@ from env.types import BudgetForcing, Question, SamplingConfig
 
 GGUF = REASONING_DIR / "testbed-reasoning.gguf"
 END = "</think>"
-# One step: its thinking (a pass and at most one check) is far shorter than the minimum below.
+# One step: its thinking (a pass and a few checks) is often shorter than the minimum below.
 EASY = Question("arith/t/1", "Let a = 7. Let b = a + 5. What is b?", gold="12", dataset="arith")
 # Six steps: the first pass alone is longer than the maximum below.
 HARD = Question(
@@ -105,18 +105,23 @@ def _run(gen: Any, chain: Any, k: int = 48) -> list[Any]:
 
 @pytest.mark.timeout(600)
 def test_below_the_minimum_the_end_of_thinking_is_suppressed(gen: Any) -> None:
+    # The model checks its one step up to four times before it closes its thinking, so some of
+    # six chains close it before the minimum (a server cannot be reseeded).
     gen.reset(1)
-    (c,) = gen.start(EASY, 1, budget=BudgetForcing(min_tokens=160, max_tokens=500))
-    chunks = _run(gen, c)
-    suppressed = [i for i, ch in enumerate(chunks[:-1]) if ch.finish_reason == "stop"]
-    assert suppressed, "the model never tried to close its thinking below the minimum"
-    for i in suppressed:  # each time, the next chunk starts with "Wait," instead
-        nxt = chunks[i + 1]
-        assert nxt.n_injected > 0 and nxt.text.startswith("Wait,")
-        assert np.isnan(nxt.logprobs[: nxt.n_injected]).all()
-    assert c.text.count(END) == 1  # only the end the budget finally allowed
-    think, answer = gen.thinking_split(c)
-    assert think >= 160 and answer > 0 and think + answer == c.num_tokens
+    chains = gen.start(EASY, 6, budget=BudgetForcing(min_tokens=160, max_tokens=500))
+    seen = 0
+    for c in chains:
+        chunks = _run(gen, c)
+        suppressed = [i for i, ch in enumerate(chunks[:-1]) if ch.finish_reason == "stop"]
+        for i in suppressed:  # each time, the next chunk starts with "Wait," instead
+            nxt = chunks[i + 1]
+            assert nxt.n_injected > 0 and nxt.text.startswith("Wait,")
+            assert np.isnan(nxt.logprobs[: nxt.n_injected]).all()
+        seen += len(suppressed)
+        assert c.text.count(END) == 1  # only the end the budget finally allowed
+        think, answer = gen.thinking_split(c)
+        assert think >= 160 and answer > 0 and think + answer == c.num_tokens
+    assert seen, "no chain tried to close its thinking below the minimum"
 
 
 @pytest.mark.timeout(600)
