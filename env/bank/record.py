@@ -95,7 +95,7 @@ class RecordArgs:
     question_seed: int = 0
     """seed of the question subset"""
     template: str = ""
-    """prompt template: testbed, chat, code, factual, reasoning or testbed-reasoning (default: chat if the model has a chat template; a template with a thinking section records s1-style, see ponder record's help)"""
+    """prompt template: testbed, chat, code, factual, reasoning or testbed-reasoning (default: chat if the model has a chat template; a template with a thinking section is recorded s1-style: the README, "Reasoning models")"""
     mode: Literal["cot", "draft"] = "cot"
     """prompt mode"""
     chains: int = 16

@@ -205,7 +205,7 @@ def thinking_curve(args: CurveArgs, gen: Any = None) -> list[LevelCurve]:
     out = args.out or Path(args.model) / "thinking_curve.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
-        "model": str(args.model),
+        "model": _shown(Path(args.model)),
         "budgets": list(args.budgets),
         "per_level": args.per_level,
         "samples": args.samples,
@@ -227,6 +227,16 @@ def thinking_curve(args: CurveArgs, gen: Any = None) -> list[LevelCurve]:
     _plot(curves, args, out.with_suffix(".png"))
     log.info("curve: %s (plot %s)", out, out.with_suffix(".png"))
     return list(curves.values())
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (the JSON ships with the
+    model: no machine's absolute path in it)."""
+    root = REASONING_DIR.parents[1]
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def _plot(curves: dict[int, LevelCurve], args: CurveArgs, path: Path) -> None:
