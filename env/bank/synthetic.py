@@ -263,6 +263,29 @@ def record_fake_bank(
     return TraceBank(path)
 
 
+def record_fake_code_bank(path: str | Path, *, n: int, chains: int = 4) -> Path:
+    """HumanEval's first ``n`` train and ``n`` test tasks recorded by ``ponder record`` from the
+    fake generator, which writes each task's reference solution
+    (:func:`env.code.reference.reference_script`) in one chunk, into a bank at ``path``."""
+    from env.bank.record import RecordArgs, record
+
+    out = Path(path)
+    record(
+        RecordArgs(
+            out=out,
+            model="fake",
+            dataset="humaneval",
+            splits=("train", "test"),
+            n=n,
+            chains=chains,
+            chunk_tokens=256,
+            max_tokens=2048,
+            extension_chunks=0,
+        )
+    )
+    return out
+
+
 def record_fake_thinking_bank(
     path: str | Path,
     *,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from env.bank.record import RecordArgs, record
+from env.bank.synthetic import record_fake_code_bank
 from env.questions import load_questions
 from features.errors import ConfigError
 from policies.evaluation.routing import evaluate_routing
@@ -66,19 +66,7 @@ def test_the_router_gives_each_kind_its_own_strategy(
     # a code bank where one chain is always right (the fake writes the reference solution):
     # the router should spend nothing extra there, and what it saves goes to GSM8K
     code = tmp_path / "code"
-    record(
-        RecordArgs(
-            out=code,
-            model="fake",
-            dataset="humaneval",
-            splits=("train", "test"),
-            n=6,
-            chains=4,
-            chunk_tokens=256,
-            max_tokens=2048,
-            extension_chunks=0,
-        )
-    )
+    record_fake_code_bank(code, n=6)
     res = evaluate_routing(
         [GSM8K, code],
         ["best-of-1", "best-of-4", "adaptive-consistency-0.95"],

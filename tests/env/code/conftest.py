@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from env.bank.record import RecordArgs, record
+from env.bank.synthetic import record_fake_code_bank
 from env.code.humaneval import load_tasks
 
 
@@ -37,19 +37,7 @@ def code_bank(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mp = pytest.MonkeyPatch()
     mp.setattr("env.code.reference.reference_script", code_script)
     try:
-        record(
-            RecordArgs(
-                out=path,
-                model="fake",
-                dataset="humaneval",
-                splits=("train", "test"),
-                n=3,
-                chains=4,
-                chunk_tokens=256,
-                max_tokens=2048,
-                extension_chunks=0,
-            )
-        )
+        record_fake_code_bank(path, n=3)
     finally:
         mp.undo()
     return path
