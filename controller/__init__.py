@@ -32,10 +32,10 @@ __all__ = [
 
 _LAZY = {
     "Controller": "controller.controller",
-    "FleetResult": "controller.controller",
-    "Result": "controller.controller",
-    "Step": "controller.controller",
-    "create_app": "controller.proxy",
+    "FleetResult": "controller.result",
+    "Result": "controller.result",
+    "Step": "controller.result",
+    "create_app": "controller.app",
     "load_policy": "policies.registry",
 }
 

@@ -437,14 +437,15 @@ def serve_with_risk(argv: list[str]) -> None:
     import tyro
 
     from controller import proxy
+    from controller.serve_args import ServeArgs, check_serve_args
     from env.bank.store import TraceBank
     from features.errors import ConfigError
     from policies.evaluation.risk import ServeRiskArgs, alpha_from_points, summary_lines
     from policies.registry import save_policy
 
     risk, rest = tyro.cli(ServeRiskArgs, args=argv, prog=f"{PROG} serve", return_unknown_args=True)
-    serve = tyro.cli(proxy.ServeArgs, args=rest, prog=f"{PROG} serve")
-    proxy.check_serve_args(serve)
+    serve = tyro.cli(ServeArgs, args=rest, prog=f"{PROG} serve")
+    check_serve_args(serve)
     alpha_from_points(risk.risk)  # a bad level fails before the bank is read
     bank = TraceBank(risk.bank_folder)
     m = bank.manifest

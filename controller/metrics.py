@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
-from controller.controller import Result
+from controller.result import Result
 
 __all__ = ["CLIENT_CLOSED", "LATENCY_BUCKETS", "TOKEN_BUCKETS", "Metrics"]
 

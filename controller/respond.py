@@ -1,6 +1,6 @@
 """The proxy's answers in OpenAI's shapes: one JSON body, or a stream of Server-Sent Events.
 
-The assistant message is :attr:`~controller.controller.Result.text`, the reasoning and answer
+The assistant message is :attr:`~controller.result.Result.text`, the reasoning and answer
 of a chain that gave the chosen answer. A chain that thinks in a ``<think>...</think>`` section
 (reasoning models) has its thinking in ``reasoning_content``, as vLLM's reasoning parsers return
 it, and the rest in ``content``. ponder's accounting is under the ``ponder`` key.
@@ -22,8 +22,8 @@ import time
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from controller.controller import Result, Step
 from controller.parse import Ask, HTTPError
+from controller.result import Result, Step
 
 __all__ = [
     "THINK_CLOSE",

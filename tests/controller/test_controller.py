@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from controller.controller import NO_GOLD, Controller, Result
+from controller.controller import NO_GOLD, Controller
+from controller.result import Result
 from env.episode.config import Action, EnvConfig
 from env.episode.observation import FEATURE_NAMES
 from env.generators.fake import FakeGenerator

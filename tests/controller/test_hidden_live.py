@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from controller.build import build_controller
 from controller.controller import Controller
-from controller.proxy import ServeArgs, build_controller
+from controller.serve_args import ServeArgs
 from env.bank.store import TraceBank
 from env.episode.config import EnvConfig
 from env.episode.hidden import HIDDEN_NAMES, NEUTRAL, HiddenProbes

@@ -9,8 +9,11 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
+from controller.app import create_app
+from controller.build import build_controller
 from controller.controller import Controller
-from controller.proxy import ProxyServer, ServeArgs, build_controller, create_app
+from controller.proxy import ProxyServer
+from controller.serve_args import ServeArgs
 from env.episode.config import Action, EnvConfig
 from env.generators.fake import FakeGenerator
 from features.errors import PolicyError

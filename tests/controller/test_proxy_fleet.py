@@ -16,7 +16,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from controller.proxy import ProxyServer, ServeArgs, build_controller, create_app
+from controller.app import create_app
+from controller.build import build_controller
+from controller.proxy import ProxyServer
+from controller.serve_args import ServeArgs
 from env.generators.fleet import FleetBackend
 from env.generators.server import ServerHandle, start_vllm_server
 

@@ -24,8 +24,8 @@ from schemathesis.checks import (  # noqa: E402
     status_code_conformance,
 )
 
+from controller.app import create_app  # noqa: E402
 from controller.controller import Controller  # noqa: E402
-from controller.proxy import create_app  # noqa: E402
 from env.episode.config import EnvConfig  # noqa: E402
 from env.generators.fake import FakeGenerator  # noqa: E402
 from policies.heuristics import BestOfN  # noqa: E402

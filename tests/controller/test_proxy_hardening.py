@@ -19,16 +19,13 @@ import pytest
 from starlette.testclient import TestClient
 
 from controller import proxy
+from controller.app import create_app
+from controller.auth import resolve_api_key
 from controller.cli import main as cli_main
 from controller.controller import MIN_LATENCY_CAP_S, Controller
-from controller.proxy import (
-    MAX_JSON_DEPTH,
-    ProxyServer,
-    ServeArgs,
-    check_serve_args,
-    create_app,
-    resolve_api_key,
-)
+from controller.parse import MAX_JSON_DEPTH
+from controller.proxy import ProxyServer
+from controller.serve_args import ServeArgs, check_serve_args
 from env.episode.config import Action, EnvConfig
 from env.generators.fake import FakeGenerator
 from features.errors import ConfigError
@@ -65,7 +62,7 @@ def test_a_client_that_leaves_stops_the_upstream_work(
     )
     # Run to its end, best-of-6 chunk by chunk would make ~150 calls (~7 s).
     ctl = Controller(gen, probing(BestOfN(6)), config=config, lookahead=False)
-    caplog.set_level(logging.INFO, logger="controller.proxy")
+    caplog.set_level(logging.INFO, logger="controller.handler")
     with ProxyServer(create_app(ctl)) as server:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
+from controller.app import create_app
 from controller.controller import Controller
 from controller.parse import PONDER_FIELDS
-from controller.proxy import ProxyServer, create_app
+from controller.proxy import ProxyServer
 from controller.respond import split_reasoning
 from env.episode.config import Action, EnvConfig
 from env.generators.fake import FakeGenerator
@@ -374,7 +375,7 @@ def test_a_request_chooses_among_the_loaded_policies() -> None:
 
 
 def test_requests_are_routed_by_the_kind_of_their_question() -> None:
-    from controller.proxy import parse_routes
+    from controller.serve_args import parse_routes
 
     gen = FakeGenerator()
     main = Controller(gen, BestOfN(3), config=CFG)
@@ -404,17 +405,18 @@ def test_requests_are_routed_by_the_kind_of_their_question() -> None:
 
 
 def test_serve_route_fits_the_classifier_and_names_the_policies() -> None:
-    from controller.proxy import ServeArgs, _routing
+    from controller.build import build_routing
+    from controller.serve_args import ServeArgs
 
     args = ServeArgs(policy="best-of-3", more_policies=("single",), route=("code=single",))
-    got = _routing(args)
+    got = build_routing(args)
     stub = 'def add(a, b):\n    """Return a + b.\n    >>> add(1, 2)\n    3\n    """\n'
     assert got["routes"] == {"code": "single"}
     assert got["classify"](stub) == "code"
     assert got["classify"]("Tom has 3 apples and buys 5 more. How many does he have?") == (
         "multistep"
     )
-    assert _routing(ServeArgs(policy="best-of-3")) == {}
+    assert build_routing(ServeArgs(policy="best-of-3")) == {}
 
 
 def test_ponder_fields_are_documented_in_the_openapi_schema(client: TestClient) -> None:

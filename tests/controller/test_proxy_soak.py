@@ -27,7 +27,10 @@ from typing import Any
 import httpx
 import pytest
 
-from controller.proxy import ProxyServer, ServeArgs, build_controller, create_app
+from controller.app import create_app
+from controller.build import build_controller
+from controller.proxy import ProxyServer
+from controller.serve_args import ServeArgs
 from env.generators.server import ServerHandle, free_port, start_vllm_server
 
 pytestmark = pytest.mark.server

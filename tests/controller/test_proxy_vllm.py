@@ -22,8 +22,11 @@ import httpx
 import pytest
 import tyro
 
+from controller.app import create_app
+from controller.build import build_controller
 from controller.controller import Controller
-from controller.proxy import ProxyServer, ServeArgs, build_controller, create_app
+from controller.proxy import ProxyServer
+from controller.serve_args import ServeArgs
 from env.episode.config import EnvConfig
 from env.generators.server import ServerHandle, free_port, start_vllm_server
 from env.types import SamplingConfig

@@ -116,7 +116,8 @@ def _described(policy: Policy) -> tuple[str, dict[str, Any], str]:
 def _serve(spec: str, monkeypatch: pytest.MonkeyPatch) -> Policy:
     """The policy ``ponder serve --policy spec`` runs (the upstream replaced by a fake)."""
     import env.generators.openai
-    from controller.proxy import ServeArgs, build_controller
+    from controller.build import build_controller
+    from controller.serve_args import ServeArgs
 
     class Upstream(FakeGenerator):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
