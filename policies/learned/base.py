@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -35,6 +36,7 @@ __all__ = [
     "EXTRA_FEATURES",
     "META_KEYS",
     "LearnedPolicy",
+    "TrainArgs",
     "available",
     "chain_scale_of",
     "check_decide",
@@ -66,6 +68,41 @@ META_KEYS: tuple[str, ...] = (
     "created",
     "ponder_version",
 )
+
+
+@dataclass
+class TrainArgs:
+    """What every learned policy's training run is told: the bank and split it replays, the λ
+    grid, seeds, where the policy goes, and how the run evaluates, reports and reads the model's
+    state. Each algorithm's arguments (:class:`~policies.learned.ppo.PPOArgs`,
+    :class:`~policies.learned.value.ValueArgs`) add its own."""
+
+    bank: str = "data/banks/testbed-arith"
+    """trace bank folder to replay"""
+    out: str = "models/policies/policy"
+    """folder to write the policy to (policy.json + weights.safetensors)"""
+    split: str = "train"
+    """question split to train on (fit to tune on dev: see env.questions.select_split)"""
+    lams: tuple[float, ...] = DEFAULT_LAMS
+    """λ grid (price of a token in correct answers) the policy is trained over"""
+    seed: int = 0
+    """seed of the replay, the behaviour, the networks and the sampling"""
+    num_envs: int = 512
+    """episodes replayed at once"""
+    decide: str = "chunk"
+    """where the policy decides: chunk (every chunk: it may cut a chain or stop mid-chain on a probe) or chain (only between chains; a chain always runs to its end)"""
+    eval_seeds: int = 8
+    """episodes per held-out question in the final evaluation (test; dev when training on fit; 0: none)"""
+    threads: int = 1
+    """torch and BLAS threads"""
+    progress: bool = True
+    """show progress bars"""
+    difficulty: str | None = None
+    """difficulty predictor of the replay: None (the feature is 0.5) or auto (fitted on the bank's train questions)"""
+    hidden_probes: str | None = None
+    """folder of hidden-state probes (HiddenProbes.save(folder, training=True), fitted on the bank's training questions): the policy reads the model's hidden states through them; None: it reads none"""
+    config: dict[str, Any] = field(default_factory=dict)
+    """EnvConfig fields for the replay (chunking is the bank's)"""
 
 
 def expand(obs: np.ndarray, chain_scale: float) -> np.ndarray:

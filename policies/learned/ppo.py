@@ -31,7 +31,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -43,6 +43,7 @@ from features.errors import ConfigError, PolicyError
 from policies.learned.base import (
     DEFAULT_LAMS,
     LearnedPolicy,
+    TrainArgs,
     check_decide,
     decision_mask,
     lam_grid,
@@ -65,25 +66,15 @@ _MASKED = -1e9
 
 
 @dataclass
-class PPOArgs:
+class PPOArgs(TrainArgs):
     """Train a PPOPolicy (a masked actor-critic) with PPO on a bank's replayed episodes."""
 
-    bank: str = "data/banks/testbed-arith"
-    """trace bank folder to replay"""
     out: str = "models/policies/ppo"
     """folder to write the policy to (policy.json + weights.safetensors)"""
-    split: str = "train"
-    """question split to train on (fit to tune on dev: see env.questions.select_split)"""
-    lams: tuple[float, ...] = DEFAULT_LAMS
-    """λ grid (price of a token in correct answers); each episode draws one"""
     lam_sampling: str = "grid"
     """how an episode draws its λ: grid (one of lams) or log-uniform (anywhere between the smallest and the largest, uniform in log λ; on the dev questions, 3 seeds, it lowered chunk-level PPO's frontier area on testbed-arith-xl from 49.1 to 46.0 and left GSM8K's as it was, 68.5 against 68.6)"""
-    seed: int = 0
-    """seed of the replay, the networks and the sampling"""
     total_steps: int = 2_000_000
     """decisions to train on"""
-    num_envs: int = 512
-    """episodes replayed at once"""
     num_steps: int = 32
     """steps per environment per rollout"""
     learning_rate: float = 3e-4
@@ -112,22 +103,8 @@ class PPOArgs:
     """stop an update's epochs once the approximate KL passes this"""
     hidden: int = 64
     """width of the two hidden layers of the actor and of the critic"""
-    decide: str = "chunk"
-    """where the policy decides: chunk (every chunk: it may cut a chain or stop mid-chain on a probe) or chain (only between chains; a chain always runs to its end)"""
     action_prior: tuple[float, float, float, float] = (0.6, 0.15, 0.1, 0.15)
     """initial action probabilities (continue, branch, verify, stop); uniform ones rarely continue a chain to its end"""
-    eval_seeds: int = 8
-    """episodes per held-out question in the final evaluation (test; dev when training on fit; 0: none)"""
-    threads: int = 1
-    """torch threads"""
-    progress: bool = True
-    """show a progress bar with SPS"""
-    difficulty: str | None = None
-    """difficulty predictor of the replay: None (the feature is 0.5) or auto (fitted on the bank's train questions)"""
-    hidden_probes: str | None = None
-    """folder of hidden-state probes (HiddenProbes.save(folder, training=True), fitted on the bank's training questions): the policy reads the model's hidden states through them; None: it reads none"""
-    config: dict[str, Any] = field(default_factory=dict)
-    """EnvConfig fields for the replay (chunking is the bank's)"""
 
 
 class PPOPolicy(LearnedPolicy):

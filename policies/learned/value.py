@@ -43,7 +43,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -57,6 +57,7 @@ from policies.learned.base import (
     DEFAULT_LAMS,
     EXTRA_FEATURES,
     LearnedPolicy,
+    TrainArgs,
     chain_scale_of,
     check_decide,
     decision_mask,
@@ -80,21 +81,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ValueArgs:
+class ValueArgs(TrainArgs):
     """Train a ValuePolicy (calibrated stop classifier + fitted-Q gains) on a bank."""
 
-    bank: str = "data/banks/testbed-arith"
-    """trace bank folder to replay"""
     out: str = "models/policies/value"
     """folder to write the policy to (policy.json + weights.safetensors)"""
-    split: str = "train"
-    """question split to train on (fit to tune on dev: see env.questions.select_split)"""
-    lams: tuple[float, ...] = DEFAULT_LAMS
-    """λ grid (price of a token in correct answers) the gains are trained over"""
-    seed: int = 0
-    """seed of the replay, the behaviour policies and the networks"""
-    num_envs: int = 512
-    """episodes replayed at once while collecting"""
     transitions: int = 200_000
     """decisions to collect"""
     eps: tuple[float, ...] = (0.0, 0.1, 0.3)
@@ -105,8 +96,6 @@ class ValueArgs:
     """hidden layer sizes of every network"""
     stop_epochs: int = 30
     """epochs of the stop classifier"""
-    decide: str = "chunk"
-    """where the policy decides: chunk (every chunk: it may cut a chain or stop mid-chain on a probe) or chain (only between chains; a chain always runs to its end)"""
     fqi_iters: int = 10
     """fitted-Q iterations"""
     epochs: int = 20
@@ -123,18 +112,6 @@ class ValueArgs:
     """Watkins Q(λ) trace: how much of the recorded episode's return a backup carries (0: one-step FQI)"""
     max_rows: int = 400_000
     """cap on regression rows (transitions are subsampled above it)"""
-    eval_seeds: int = 8
-    """episodes per held-out question in the final evaluation (test; dev when training on fit; 0: none)"""
-    threads: int = 1
-    """BLAS threads"""
-    progress: bool = True
-    """show progress bars"""
-    difficulty: str | None = None
-    """difficulty predictor of the replay: None (the feature is 0.5) or auto (fitted on the bank's train questions)"""
-    hidden_probes: str | None = None
-    """folder of hidden-state probes (HiddenProbes.save(folder, training=True), fitted on the bank's training questions): the policy reads the model's hidden states through them; None: it reads none"""
-    config: dict[str, Any] = field(default_factory=dict)
-    """EnvConfig fields for the replay (chunking is the bank's)"""
 
 
 class ValuePolicy(LearnedPolicy):
