@@ -11,7 +11,13 @@ from typing import Annotated, Any
 
 import tyro
 
-from env.bank.maintain import compact, correct_mismatches, stamp, summarize
+from env.bank.maintain import (
+    compact,
+    correct_mismatches,
+    stamp,
+    summarize,
+    summarize_extension,
+)
 from env.bank.store import TraceBank
 
 __all__ = [
@@ -56,8 +62,12 @@ def info(args: BankInfoArgs) -> dict[str, dict[str, float]]:
             "edited or recorded for other questions: move them away and re-run `ponder record`.",
             file=sys.stderr,
         )
+    extension = summarize_extension(bank) if bank.manifest.extension_chunks > 0 else {}
     if args.json:
         from env.types import CODE_DATASETS
+
+        if extension:
+            stats["extension"] = extension  # type: ignore[assignment]
 
         if bank.manifest.dataset in CODE_DATASETS:
             from env.code.report import code_rows
@@ -109,6 +119,8 @@ def info(args: BankInfoArgs) -> dict[str, dict[str, float]]:
         splits[split] = splits.get(split, 0) + 1
     if len(splits) > 1:
         console.print("by split: " + ", ".join(f"{s}: {n}" for s, n in sorted(splits.items())))
+    if extension:
+        _extension_table(extension, m.extension_chunks, m.chunk_tokens, console)
     from env.bank.hidden import describe
 
     console.print(describe(bank))
@@ -117,6 +129,36 @@ def info(args: BankInfoArgs) -> dict[str, dict[str, float]]:
     if m.dataset in CODE_DATASETS:
         stats["code"] = _code_table(bank, console)
     return stats
+
+
+def _extension_table(
+    ext: dict[str, dict[str, float]], chunks: int, chunk_tokens: int, console: Any
+) -> None:
+    """The table of :func:`env.bank.maintain.summarize_extension`."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"thinking past a chain's own end ({chunks} extension chunks of {chunk_tokens} "
+        "tokens after `Wait,`): of the extended chains, right at their own end, after the "
+        "extension, and at some boundary of it"
+    )
+    for col in ("difficulty", "extended", "right at end", "after extension", "at some boundary"):
+        table.add_column(col, justify="right")
+    keys = sorted(
+        (s for s in ext if s != "all"),
+        key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s),
+    )
+    for key in [*keys, "all"]:
+        e = ext[key]
+        table.add_row(
+            key,
+            f"{e['extended']:.0%}",
+            f"{e['at_end']:.1%}",
+            f"{e['after']:.1%}",
+            f"{e['any']:.1%}",
+            end_section=bool(keys) and key == keys[-1],
+        )
+    console.print(table)
 
 
 def _code_totals(rows: list[Any]) -> dict[str, float]:

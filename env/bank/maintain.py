@@ -33,6 +33,7 @@ __all__ = [
     "stamp",
     "correct_mismatches",
     "summarize",
+    "summarize_extension",
     "same_table",
 ]
 
@@ -262,3 +263,38 @@ def summarize(bank: TraceBank) -> dict[str, dict[str, float]]:
             "pass@k": float(np.mean(passk)),
         }
     return out
+
+
+def summarize_extension(bank: TraceBank) -> dict[str, dict[str, float]]:
+    """What thinking past a chain's own end buys, per difficulty and overall: of the chains
+    with budget-forced extension chunks (``extended``, their share of all chains), the share
+    right at their own end (``at_end``: the chain's answer), right at the end of the extension
+    (``after``: the last extension chunk's probe) and right at some extension boundary
+    (``any``: what a stopper that knew when to stop would get). Empty for a bank without
+    extensions. Correctness is recomputed from the answers, as in :func:`summarize`."""
+    groups: dict[str, list[tuple[bool, bool, bool]]] = {}
+    totals: dict[str, int] = {}
+    for qt in bank:
+        key = str(qt.question.difficulty) if qt.question.difficulty is not None else "-"
+        for c in qt.chains:
+            for g in (key, "all"):
+                totals[g] = totals.get(g, 0) + 1
+            ext = [a for a, e in zip(c.rows["probe_answer"], c.rows["ext"], strict=True) if e]
+            if not ext:
+                continue
+            right = [qt.question.is_right(a) for a in ext]
+            row = (qt.question.is_right(c.answer), right[-1], any(right))
+            for g in (key, "all"):
+                groups.setdefault(g, []).append(row)
+    if not groups:
+        return {}
+    return {
+        key: {
+            "chains": float(totals[key]),
+            "extended": len(rows) / totals[key],
+            "at_end": float(np.mean([r[0] for r in rows])),
+            "after": float(np.mean([r[1] for r in rows])),
+            "any": float(np.mean([r[2] for r in rows])),
+        }
+        for key, rows in groups.items()
+    }

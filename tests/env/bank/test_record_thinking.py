@@ -68,3 +68,27 @@ def test_replay_answers_an_end_inside_thinking_with_the_recorded_probe(bank: Tra
             assert set(ends) == {ct.n_main - 1, ct.n_chunks - 1}
             assert ends[ct.n_main - 1] == ct.answer
             assert ends[ct.n_chunks - 1] == ct.rows["probe_answer"][ct.n_chunks - 1]
+
+
+def test_bank_info_says_what_thinking_past_the_end_buys(bank: TraceBank, tmp_path: Path) -> None:
+    from env.bank.cli import BankInfoArgs, info
+    from env.bank.maintain import summarize_extension
+
+    ext = summarize_extension(bank)
+    # recomputed by hand: every chain of this bank is extended
+    rows = []
+    for q in bank.questions:
+        for ct in bank[q.qid].chains:
+            probes = [a for a, e in zip(ct.rows["probe_answer"], ct.rows["ext"], strict=True) if e]
+            assert probes
+            rows.append((ct.answer == q.gold, probes[-1] == q.gold, q.gold in probes))
+    assert ext["all"]["extended"] == 1.0 and ext["all"]["chains"] == len(rows)
+    for i, key in enumerate(("at_end", "after", "any")):
+        assert ext["all"][key] == pytest.approx(sum(r[i] for r in rows) / len(rows))
+    assert ext["all"]["any"] >= max(ext["all"]["at_end"], ext["all"]["after"])
+    assert set(ext) == {"all", *(str(q.difficulty) for q in bank.questions)}
+    assert info(BankInfoArgs(path=bank.path, json=True))["extension"] == ext
+    # a bank recorded without extensions has nothing to say
+    plain = record_fake_bank(tmp_path / "plain", load_testbed("test", 1)[:1], extension_chunks=0)
+    assert summarize_extension(plain) == {}
+    assert "extension" not in info(BankInfoArgs(path=plain.path, json=True))
