@@ -4,8 +4,9 @@ through a vLLM OpenAI-compatible server on 127.0.0.1 (issue "Serial versus paral
 
 On each engine: below the budget's minimum the end of thinking is suppressed and ``Wait,``
 follows; at the maximum the end is forced and the answer follows; a probe from inside the
-thinking section leaves the chain as it was; thinking and answer tokens are counted apart. One
-engine of each kind serves the whole module.
+thinking section leaves the chain as it was; thinking and answer tokens are counted apart. TIP
+acts on the thinking tokens through the server (llama.cpp refuses it). One engine of each kind
+serves the whole module.
 """
 
 from __future__ import annotations
@@ -169,3 +170,48 @@ def test_thinking_and_answer_tokens_are_counted_apart(gen: Any) -> None:
     thinking_text = gen.backend.decode(ids[:think])
     assert thinking_text.rstrip().endswith(END) and END not in gen.backend.decode(ids[think:])
     assert "\\boxed{" in gen.backend.decode(ids[think:])
+
+
+@pytest.mark.timeout(600)
+def test_tip_acts_on_the_thinking_tokens(server: Any) -> None:
+    # The model opens each re-check of its thinking with "Wait,": TIP (vLLM's logits processor
+    # behind the server) keeps it from switching thought inside the section, and thinking ends
+    # sooner. llama.cpp has no logits processor and refuses TIP.
+    from env.generators.openai import OpenAIGenerator
+    from env.types import TipConfig
+
+    gen = OpenAIGenerator(
+        server.url,
+        template="testbed-reasoning",
+        sampling=SamplingConfig(temperature=0.7, top_logprobs=2, max_chain_tokens=700),
+        read_timeout=120,
+    )
+
+    def thinking(tip: TipConfig | None) -> list[str]:
+        gen.reset(5)
+        chains = gen.start(EASY, 6)
+        for _ in range(60):
+            if all(c.finished for c in chains):
+                break
+            gen.extend(chains, 48, tip=tip)
+        assert all(c.finished for c in chains)
+        texts = []
+        for c in chains:
+            think, _ = gen.thinking_split(c)
+            texts.append(gen.backend.decode(list(c.token_ids)[:think]))
+        return texts
+
+    free = thinking(None)
+    held = thinking(TipConfig(penalty=50.0, window=2000))
+    assert sum(t.count("Wait") for t in free) > 0, "the model re-checked nothing without TIP"
+    assert all(t.count("Wait") == 0 and t.rstrip().endswith(END) for t in held)
+    assert sum(map(len, held)) < sum(map(len, free))
+
+
+def test_llamacpp_refuses_tip_with_the_engine_named(llamacpp: Any) -> None:
+    from env.types import TipConfig
+    from features.errors import PonderError
+
+    (c,) = llamacpp.start(EASY, 1)
+    with pytest.raises(PonderError, match="llama.cpp"):
+        llamacpp.extend([c], 8, tip=TipConfig(penalty=5.0))
