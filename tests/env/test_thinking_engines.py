@@ -213,5 +213,5 @@ def test_llamacpp_refuses_tip_with_the_engine_named(llamacpp: Any) -> None:
     from features.errors import PonderError
 
     (c,) = llamacpp.start(EASY, 1)
-    with pytest.raises(PonderError, match="llama.cpp"):
+    with pytest.raises(PonderError, match=r"llama\.cpp"):
         llamacpp.extend([c], 8, tip=TipConfig(penalty=5.0))
