@@ -41,7 +41,7 @@ class BankInfoArgs:
     """print JSON instead of a table"""
 
 
-def info(args: BankInfoArgs) -> dict[str, dict[str, float]]:
+def info(args: BankInfoArgs) -> dict[str, Any]:
     """Print the summary table (or JSON) and return the statistics.
 
     Correctness is recomputed from the answers and the gold answers, as evaluation does; chunk
@@ -50,7 +50,7 @@ def info(args: BankInfoArgs) -> dict[str, dict[str, float]]:
     from rich.table import Table
 
     bank = TraceBank(args.path)
-    stats = summarize(bank)
+    stats: dict[str, Any] = dict(summarize(bank))
     bad = correct_mismatches(bank)
     if bad:
         shown = "\n".join(f"  {f}: {qid}, chains {chains}" for f, qid, chains in bad[:10])
@@ -67,7 +67,7 @@ def info(args: BankInfoArgs) -> dict[str, dict[str, float]]:
         from env.types import CODE_DATASETS
 
         if extension:
-            stats["extension"] = extension  # type: ignore[assignment]
+            stats["extension"] = extension
 
         if bank.manifest.dataset in CODE_DATASETS:
             from env.code.report import code_rows
@@ -93,10 +93,7 @@ def info(args: BankInfoArgs) -> dict[str, dict[str, float]]:
     )
     for col in cols:
         table.add_column(col, justify="right")
-    keys = sorted(
-        (s for s in stats if s != "all"),
-        key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s),
-    )
+    keys = _levels(stats)
     for key in [*keys, "all"]:
         s = stats[key]
         table.add_row(
@@ -131,6 +128,12 @@ def info(args: BankInfoArgs) -> dict[str, dict[str, float]]:
     return stats
 
 
+def _levels(stats: dict[str, Any]) -> list[str]:
+    """The difficulty keys of a summary in level order (numbers first), without "all"."""
+    levels = [k for k in stats if k != "all"]
+    return sorted(levels, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+
+
 def _extension_table(
     ext: dict[str, dict[str, float]], chunks: int, chunk_tokens: int, console: Any
 ) -> None:
@@ -144,10 +147,7 @@ def _extension_table(
     )
     for col in ("difficulty", "extended", "right at end", "after extension", "at some boundary"):
         table.add_column(col, justify="right")
-    keys = sorted(
-        (s for s in ext if s != "all"),
-        key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s),
-    )
+    keys = _levels(ext)
     for key in [*keys, "all"]:
         e = ext[key]
         table.add_row(
