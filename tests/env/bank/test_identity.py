@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from env.bank.maintain import compact, same_table, stamp, summarize
+from env.bank.maintain import compact, same_table, stamp, summarize, summarize_extension
 from env.bank.store import BankWriter, TraceBank, atomic_write_bytes, encode_chunk_table
 from env.questions import load_questions
 from features.errors import BankError
@@ -155,6 +155,8 @@ def test_manifest_cut_short_names_the_files_it_drops(make_bank: MakeBank) -> Non
 def test_bank_info_recomputes_a_tampered_correct_column(make_bank: MakeBank) -> None:
     a = make_bank("a")
     truth = summarize(a)
+    extension = summarize_extension(a)
+    assert extension  # the bank has budget-forced extensions: info reports them too
     path = a.chunk_file(0)
     table = pq.read_table(path)
     flipped = pa.array([not c for c in table.column("correct").to_pylist()])
@@ -165,10 +167,10 @@ def test_bank_info_recomputes_a_tampered_correct_column(make_bank: MakeBank) -> 
     assert [c.correct for c in bank[bank.manifest.questions[0]].chains] != [
         c.correct for c in a[a.manifest.questions[0]].chains
     ]
-    assert summarize(bank) == truth
+    assert summarize(bank) == truth and summarize_extension(bank) == extension
     proc = _ponder("bank", "info", str(a.path), "--json")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == json.loads(json.dumps(truth))
+    assert json.loads(proc.stdout) == json.loads(json.dumps({**truth, "extension": extension}))
     assert "00000.parquet" in proc.stderr and "disagrees" in proc.stderr
     assert "00001.parquet" not in proc.stderr
 
