@@ -75,7 +75,7 @@ _LAZY = {
     "ExecutionVerifier": "env.verifiers",
     "PRMVerifier": "env.verifiers",
     "TraceBank": "env.bank.store",
-    "BankWriter": "env.bank.store",
+    "BankWriter": "env.bank.writer",
     "load_questions": "env.questions",
     "LiveGenerator": "env.generators",
     "VLLMGenerator": "env.generators",

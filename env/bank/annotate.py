@@ -54,13 +54,10 @@ from env.bank.hidden import (
     reduce_states,
     tokens_sha256,
 )
+from env.bank.identity import model_sha256
 from env.bank.lock import BankLock
-from env.bank.store import (
-    TraceBank,
-    atomic_write_bytes,
-    model_sha256,
-    read_question_file,
-)
+from env.bank.store import TraceBank, read_question_file
+from env.bank.writer import atomic_write_bytes
 from features.errors import BankError, ConfigError, ModelError
 
 if TYPE_CHECKING:
@@ -481,7 +478,7 @@ def hidden_manifest(
 ) -> HiddenManifest:
     """The (fingerprinted) :class:`~env.bank.hidden.HiddenManifest` of a capture with these
     settings by the transformers model in ``folder`` (``sha``: its
-    :func:`~env.bank.store.model_sha256`, computed if not given). ``layers`` are taken as
+    :func:`~env.bank.identity.model_sha256`, computed if not given). ``layers`` are taken as
     checked (:func:`check_layers`)."""
     num_layers, hidden = model_shape(folder)
     return HiddenManifest(

@@ -31,7 +31,7 @@ The raw states (:func:`env.bank.annotate.capture_states`) and the reduction
 and fit its own reduction.
 
 ``manifest.json`` (schema version 1): ``schema_version``, ``engine`` (``transformers``),
-``model`` (``name``, ``path``, ``sha256``: :func:`~env.bank.store.model_sha256` of the Hugging
+``model`` (``name``, ``path``, ``sha256``: :func:`~env.bank.identity.model_sha256` of the Hugging
 Face folder, ``num_layers``, ``hidden_size``), ``bank_id``, ``bank_model_sha256`` (the bank's own
 model, which may be a GGUF file), ``dtype`` of the forward pass, ``layers``, ``dims``,
 ``projection`` (``kind``, ``seed``, ``sha256`` of the float64 matrices), ``fingerprint``
@@ -264,7 +264,7 @@ def hidden_file_identity(
 ) -> dict[str, str]:
     """The metadata that binds a hidden file to its question, bank, annotation and chains (what
     :func:`encode_hidden_file` stores and a reader checks)."""
-    from env.bank.store import question_sha256
+    from env.bank.identity import question_sha256
 
     return {
         "qid": qid,
@@ -344,7 +344,7 @@ def check_hidden_file(
     path: Path, f: HiddenFile, manifest: HiddenManifest, question: Question
 ) -> None:
     """Refuse a hidden file that is not this annotation's file of ``question``."""
-    from env.bank.store import question_sha256
+    from env.bank.identity import question_sha256
 
     fix = f"delete it and re-run `ponder bank annotate {path.parent.parent}`"
     m = f.metadata

@@ -10,19 +10,12 @@ from typing import Any
 
 import numpy as np
 
+from env.bank.identity import check_identity, check_qids, chunk_identity
 from env.bank.lock import BankLock
-from env.bank.store import (
-    BANK_ID_KEY,
-    BankManifest,
-    QuestionTrace,
-    TraceBank,
-    atomic_write_bytes,
-    check_identity,
-    check_qids,
-    chunk_identity,
-    encode_chunk_table,
-    read_chunk_table,
-)
+from env.bank.manifest import BankManifest
+from env.bank.schema import BANK_ID_KEY
+from env.bank.store import QuestionTrace, TraceBank, read_chunk_table
+from env.bank.writer import atomic_write_bytes, encode_chunk_table
 from env.types import Question
 from features.errors import BankError
 

@@ -28,6 +28,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from env.bank.manifest import BankManifest
 from env.bank.record import (
     RecordArgs,
     bank_manifest,
@@ -36,7 +37,7 @@ from env.bank.record import (
     questions_of,
     record_as,
 )
-from env.bank.store import BankManifest, BankWriter
+from env.bank.writer import BankWriter
 from env.ray_cluster import connect
 from env.types import Question
 

@@ -10,7 +10,7 @@ Recording is resumable and exact: questions already in the bank are skipped, eac
 written atomically, and before each question the engine's prefix cache is cleared and its sampler
 reseeded from ``seed`` and the question id. With the in-process vLLM generator an interrupted and
 resumed recording therefore equals an uninterrupted one. ``--model X.gguf`` records with llama.cpp
-instead (about twice vLLM's speed on a CPU; seeded per request, see :mod:`env.bank.store`).
+instead (about twice vLLM's speed on a CPU; seeded per request, see :mod:`env.bank.schema`).
 One recorder at a time: a run holds the folder's :class:`~env.bank.lock.BankLock` throughout, and
 a second one on the same folder is refused with the first one named.
 """
@@ -29,15 +29,11 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
+from env.bank.identity import model_sha256
 from env.bank.lock import BankLock
-from env.bank.store import (
-    EXECUTION_KEY,
-    METADATA_ROWS,
-    BankManifest,
-    BankWriter,
-    answer_correct,
-    model_sha256,
-)
+from env.bank.manifest import BankManifest
+from env.bank.schema import EXECUTION_KEY, METADATA_ROWS, answer_correct
+from env.bank.writer import BankWriter
 from env.generators.base import Generator
 from env.types import (
     CODE_DATASETS,
@@ -225,7 +221,7 @@ def record_question(
     seed: int | None = None,
     grader: CodeGrader | None = None,
 ) -> dict[str, Any]:
-    """Record one question; return its chunk rows as columns (see :mod:`env.bank.store`).
+    """Record one question; return its chunk rows as columns (see :mod:`env.bank.schema`).
 
     With a ``grader`` (code questions, :mod:`env.code.grade`) the model is neither probed nor
     asked to judge: at each boundary the chain's code so far is run instead. Its behaviour
@@ -233,7 +229,7 @@ def record_question(
     columns are 0) and the share of visible examples it passes is ``judge_p_yes``; the final
     answer is the class of the chain's final code, ``correct`` says whether that class is
     judged right (:func:`env.code.grade.accepted_answers`), and every chain's execution
-    results go into the file's metadata (:data:`env.bank.store.EXECUTION_KEY`).
+    results go into the file's metadata (:data:`env.bank.schema.EXECUTION_KEY`).
 
     A reasoning model's chains (a template with a thinking section) with ``extension_chunks``
     are recorded as s1 forces them: the model's own end of thinking is suppressed and ends the

@@ -3,7 +3,7 @@
 The one place tests (and anything else that needs a small bank) build one, so a bank made by
 hand holds what a recorded one would: the derived columns (``start``, ``ext``, ``n_injected``,
 ``probe_text``, ``answer``, ``correct``, ``probe_correct``) come from the recorder's rules, and
-the bank is written by :class:`~env.bank.store.BankWriter` with its identity.
+the bank is written by :class:`~env.bank.writer.BankWriter` with its identity.
 
 * :func:`write_synthetic_bank` writes chains given chunk by chunk (:class:`SyntheticChunk`);
 * :func:`record_fake_bank` records questions from the scripted
@@ -30,7 +30,10 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import numpy.typing as npt
 
-from env.bank.store import CHUNK_SCHEMA, BankManifest, BankWriter, TraceBank, answer_correct
+from env.bank.manifest import BankManifest
+from env.bank.schema import CHUNK_SCHEMA, answer_correct
+from env.bank.store import TraceBank
+from env.bank.writer import BankWriter
 from env.types import Question
 from features.errors import ConfigError
 
@@ -129,7 +132,7 @@ def synthetic_rows(
 
     Derived as the recorder derives them: ``start`` (tokens before the chunk), ``ext``,
     ``answer`` (the normalised answer extracted from the chain's main text, before any
-    extension), ``correct`` and ``probe_correct`` (:func:`~env.bank.store.answer_correct` with
+    extension), ``correct`` and ``probe_correct`` (:func:`~env.bank.schema.answer_correct` with
     the gold answer). ``all_wrong`` stores ``correct`` and ``probe_correct`` as ``False``
     everywhere instead, whatever the answers: for tests that need the stored correctness (what
     ``difficulty="auto"`` fits on) constant; ``ponder bank info`` reports such a bank's files

@@ -11,7 +11,7 @@ from env.types import INJECT_ALLOWANCE, TokenUsage
 from features.errors import ConfigError
 
 if TYPE_CHECKING:
-    from env.bank.store import BankManifest
+    from env.bank.manifest import BankManifest
 
 __all__ = [
     "AGGREGATES",

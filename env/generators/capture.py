@@ -62,7 +62,7 @@ from env.bank.annotate import (
     render_prompt_ids,
 )
 from env.bank.hidden import HiddenManifest, reduce_states
-from env.bank.store import model_sha256
+from env.bank.identity import model_sha256
 from env.generators.base import Generator, GeneratorWrapper, validate_count
 from env.generators.prompts import PromptTemplate, get_template
 from env.types import (

@@ -328,7 +328,7 @@ class LinearProbe:
         weights first); returns the folder."""
         from safetensors.numpy import save
 
-        from env.bank.store import atomic_write_bytes
+        from env.bank.writer import atomic_write_bytes
 
         d = Path(directory)
         blob = save(

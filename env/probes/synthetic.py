@@ -27,7 +27,8 @@ from env.bank.hidden import (
     main_boundaries,
     projection_sha256,
 )
-from env.bank.store import TraceBank, atomic_write_bytes
+from env.bank.store import TraceBank
+from env.bank.writer import atomic_write_bytes
 from env.types import Question
 from features.errors import BankError
 

@@ -132,7 +132,7 @@ class PRMConfig:
 
     Attributes:
         encoder: the frozen encoder's folder, relative to the PRM folder (or absolute).
-        encoder_sha256: its fingerprint (:func:`env.bank.store.model_sha256`); checked at load.
+        encoder_sha256: its fingerprint (:func:`env.bank.identity.model_sha256`); checked at load.
         hidden_size: width of the encoder's hidden state.
         features: names of the head's inputs, in order (``hidden_0`` ... then
             :data:`LP_FEATURES`).
@@ -413,7 +413,7 @@ class ProcessRewardModel:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        from env.bank.store import model_sha256
+        from env.bank.identity import model_sha256
         from features.errors import BankError
 
         p = Path(path)
@@ -566,7 +566,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
 
-    from env.bank.store import model_sha256
+    from env.bank.identity import model_sha256
 
     t0 = time.time()
     random.seed(args.seed)

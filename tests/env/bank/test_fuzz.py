@@ -21,7 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from env.bank.store import BankManifest, TraceBank
+from env.bank.manifest import BankManifest
+from env.bank.store import TraceBank
 from env.bank.synthetic import record_fake_bank
 from env.questions import load_questions
 from features.errors import PonderError

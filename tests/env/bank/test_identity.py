@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from env.bank.maintain import compact, same_table, stamp, summarize, summarize_extension
-from env.bank.store import BankWriter, TraceBank, atomic_write_bytes, encode_chunk_table
+from env.bank.store import TraceBank
+from env.bank.writer import BankWriter, atomic_write_bytes, encode_chunk_table
 from env.questions import load_questions
 from features.errors import BankError
 

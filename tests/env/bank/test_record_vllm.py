@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from env.bank.record import record_as
-from env.bank.store import BankWriter, TraceBank
+from env.bank.store import TraceBank
 from env.bank.synthetic import synthetic_manifest
+from env.bank.writer import BankWriter
 from env.generators.replay import ReplayGenerator
 from env.questions import load_testbed
 from env.types import SamplingConfig

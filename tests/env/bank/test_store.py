@@ -17,8 +17,9 @@ import pytest
 
 from env.bank.maintain import summarize
 from env.bank.record import RecordArgs, record
-from env.bank.store import BankWriter, TraceBank
+from env.bank.store import TraceBank
 from env.bank.synthetic import record_fake_bank, record_fake_question
+from env.bank.writer import BankWriter
 from env.generators.replay import ReplayGenerator
 from env.questions import load_testbed
 from features.errors import BankError, BudgetExhausted, ConfigError
@@ -183,7 +184,7 @@ def _values(path: Path) -> dict[str, bytes]:
     carries it): two banks recorded alike hold the same values and the same other metadata."""
     import pyarrow.parquet as pq
 
-    from env.bank.store import encode_chunk_table
+    from env.bank.writer import encode_chunk_table
 
     bank_id = json.loads((path / "manifest.json").read_text())["bank_id"].encode()
     out = {}

@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from env.bank.cli import BankInfoArgs, info
+from env.bank.identity import question_sha256
 from env.bank.maintain import correct_mismatches
-from env.bank.store import TraceBank, question_sha256
+from env.bank.store import TraceBank
 from env.bank.synthetic import (
     SyntheticChunk,
     record_fake_bank,

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from env.bank.cli import BankInfoArgs, info
-from env.bank.store import EXECUTION_KEY, TraceBank
+from env.bank.schema import EXECUTION_KEY
+from env.bank.store import TraceBank
 from env.code.grade import NO_EVIDENCE, ChainExecution, CodeGrader, accepted_answers
 from env.code.humaneval import CodeTask, load_tasks, task_of
 from env.code.reference import reference_answers
@@ -174,7 +175,7 @@ def test_a_damaged_execution_record_is_refused(code_bank: Path, tmp_path: Path) 
 
     import pyarrow.parquet as pq
 
-    from env.bank.store import encode_chunk_table
+    from env.bank.writer import encode_chunk_table
     from features.errors import BankError
 
     copy = tmp_path / "b"
