@@ -240,8 +240,8 @@ class HiddenProbes:
         """A boundary's extra inputs (:func:`~env.probes.data.boundary_extras`, their one
         definition): the chain's state ``fold`` with the boundary's chunk folded in, its tokens
         there and whether its sampling stopped there (end of sequence). Both environments call
-        it after folding each chunk, a budget-forced extension chunk included (whose hidden
-        state is the chain's last main boundary's)."""
+        it after folding each chunk and its answer (probe or final), a budget-forced extension
+        chunk included (whose hidden state is the chain's last main boundary's)."""
         from env.probes.data import boundary_extras
 
         return boundary_extras(fold, tokens=tokens, stopped=stopped, max_tokens=self.max_tokens)

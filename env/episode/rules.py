@@ -64,6 +64,7 @@ class ChainFold:
     Attributes:
         probes: the normalised answers of its probes, oldest first.
         answer: its answer: the final one once it has ended, else its latest probe's.
+        history: its answer after each boundary so far (:func:`fold_answer`), oldest first.
         extensions: chunks it was continued past its end (budget forcing).
         conf_sum: the sum of its finite token confidences.
         conf_n: how many there were.
@@ -76,6 +77,7 @@ class ChainFold:
 
     probes: list[str | None] = field(default_factory=list)
     answer: str | None = None
+    history: list[str | None] = field(default_factory=list)
     extensions: int = 0
     conf_sum: float = 0.0
     conf_n: int = 0
@@ -124,7 +126,8 @@ def fold_answer(
     probe: Callable[[], str | None] | None,
     read: Callable[[str], str | None] | None = None,
 ) -> bool:
-    """Set the chain's answer after a chunk; return whether it was probed.
+    """Set the chain's answer after a chunk (and add it to its ``history``); return whether it
+    was probed.
 
     Args:
         s: the chain's state.
@@ -136,16 +139,16 @@ def fold_answer(
             :func:`features.answers.extract_answer`; code questions read the behaviour class of
             the program in it, :mod:`env.code.grade`).
     """
+    probed = False
     if final_text is not None:
         raw = read(final_text) if read is not None else extract_answer(final_text)
         s.answer = normalize_answer(raw)
-        return False
-    if probe is None:
-        return False
-    answer = normalize_answer(probe())
-    s.probes.append(answer)
-    s.answer = answer
-    return True
+    elif probe is not None:
+        s.answer = normalize_answer(probe())
+        s.probes.append(s.answer)
+        probed = True
+    s.history.append(s.answer)
+    return probed
 
 
 #: The verifier score of a chain not scored (yet), in the features and in verifier voting.

@@ -506,15 +506,11 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
         ep.usage = ep.usage + chunk.usage
         fold_chunk(s, chunk.text, chunk.confidence, chunk.entropy)
         c = s.chain
-        if self.probes is not None:
-            if chunk.hidden is None:
-                raise GeneratorError(
-                    f"{_generator_name(self.generator)} captures hidden states but its chunk of "
-                    f"chain {c.chain_id} of {c.question.qid!r} carries none"
-                )
-            extras = self.probes.extras(s, c.num_tokens, chunk.finish_reason == "stop")
-            s.right = float(
-                self.probes.right(c.question.qid, chunk.hidden[None], self._layers, [extras])[0]
+        hidden = chunk.hidden
+        if self.probes is not None and hidden is None:
+            raise GeneratorError(
+                f"{_generator_name(self.generator)} captures hidden states but its chunk of "
+                f"chain {c.chain_id} of {c.question.qid!r} carries none"
             )
         read = _code_reader(c.question.qid) if c.question.is_code else text_reader(c.question)
         if c.finished and ended_in_thinking(c.text, self.generator.traits.thinking_end):
@@ -525,6 +521,12 @@ class ComputeAllocationEnv(gym.Env[np.ndarray, int]):
             probe=(lambda: self._probe(c)) if self.config.probe else None,
             read=read,
         )
+        if self.probes is not None and hidden is not None:
+            # After the answer: the probe's inputs read the chain's answers so far.
+            extras = self.probes.extras(s, c.num_tokens, chunk.finish_reason == "stop")
+            s.right = float(
+                self.probes.right(c.question.qid, hidden[None], self._layers, [extras])[0]
+            )
         ep.split(s, ep.decoded - before)
 
     def _closing_read(self, c: Chain) -> Callable[[str], str | None]:

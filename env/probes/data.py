@@ -12,7 +12,8 @@ them, read the way the episode reads them, so a report compares on exactly the s
 
 A boundary's extra inputs (:data:`BOUNDARY_EXTRAS`) are known online, when the boundary is
 reached, from what the episode holds of the chain: its tokens so far, whether its sampling ended
-there, and its :class:`~env.episode.rules.ChainFold` (its token confidences and entropies so far).
+there, and its :class:`~env.episode.rules.ChainFold` (its token confidences and entropies and its
+answers at each boundary so far).
 :func:`boundary_extras` is their one definition, read here and by the environments
 (:meth:`~env.episode.hidden.HiddenProbes.extras`). The chain's own length is not known before it
 ends, so no input is relative to it.
@@ -26,7 +27,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from env.episode.rules import ChainFold, fold_chunk
+from env.episode.config import EnvConfig
+from env.episode.rules import ChainFold, replay_chain
 from features.errors import BankError
 
 if TYPE_CHECKING:
@@ -51,8 +53,19 @@ __all__ = [
 #: within-question ranking on dev);
 #: ``mean_confidence`` the chain's mean token confidence so far (DeepConf, what confidence votes
 #: read); ``chunk_confidence`` and ``chunk_entropy`` its latest chunk's mean token confidence and
-#: entropy. The last three are NaN while the chain has no finite value; a probe reads a missing
-#: value as its training mean (:meth:`~env.probes.model.LinearProbe.inputs`).
+#: entropy.
+#: Its confidence trajectory over its chunks so far (each chunk's mean token confidence):
+#: ``conf_min`` the lowest (DeepConf's lowest group confidence with a chunk as the group),
+#: ``conf_std`` their spread and ``conf_slope`` their least-squares slope per chunk (0 with one
+#: chunk).
+#: Its answer's stability over its boundaries so far (:attr:`~env.episode.rules.ChainFold.history`:
+#: the probe's answer while open, the final one once ended): ``answer_same`` 1 when the answer
+#: now is the one of the boundary before (and not none), else 0; ``answer_distinct`` how many
+#: different answers it has given; ``answer_agree`` the share of its boundaries whose answer is
+#: the one now (0 without one). These three are NaN for a chain never probed (an environment
+#: that does not probe, or a chain that ended at its first chunk), the confidence ones while the
+#: chain has no finite confidence; a probe reads a missing value as its training mean
+#: (:meth:`~env.probes.model.LinearProbe.inputs`).
 BOUNDARY_EXTRAS: tuple[str, ...] = (
     "budget_fraction",
     "ended",
@@ -60,6 +73,12 @@ BOUNDARY_EXTRAS: tuple[str, ...] = (
     "mean_confidence",
     "chunk_confidence",
     "chunk_entropy",
+    "conf_min",
+    "conf_std",
+    "conf_slope",
+    "answer_same",
+    "answer_distinct",
+    "answer_agree",
 )
 
 
@@ -69,7 +88,8 @@ def boundary_extras(
     """The :data:`BOUNDARY_EXTRAS` of a chain at a boundary.
 
     Args:
-        fold: the chain's chunks so far, this one included (:func:`~env.episode.rules.fold_chunk`).
+        fold: the chain's chunks so far, this one included (:func:`~env.episode.rules.fold_chunk`
+            and :func:`~env.episode.rules.fold_answer`).
         tokens: the chain's tokens so far.
         stopped: its sampling ended at this chunk (finish reason ``stop``).
         max_tokens: the token budget ``budget_fraction`` is relative to (the bank's).
@@ -77,13 +97,44 @@ def boundary_extras(
     budget = min(tokens / max_tokens, 1.0)
     ended = 1.0 if stopped else 0.0
     nan = float("nan")
-    return {
+    out = {
         "budget_fraction": budget,
         "ended": ended,
         "budget_open": budget * (1.0 - ended),
         "mean_confidence": fold.mean_confidence,
         "chunk_confidence": fold.chunk_conf[-1] if fold.chunk_conf else nan,
         "chunk_entropy": fold.chunk_entropy[-1] if fold.chunk_entropy else nan,
+    }
+    out.update(_trajectory(fold.chunk_conf))
+    out.update(_stability(fold))
+    return out
+
+
+def _trajectory(chunk_conf: Sequence[float]) -> dict[str, float]:
+    """``conf_min``, ``conf_std``, ``conf_slope`` of the chunk confidences so far."""
+    if not chunk_conf:
+        nan = float("nan")
+        return {"conf_min": nan, "conf_std": nan, "conf_slope": nan}
+    c = np.asarray(chunk_conf, np.float64)
+    slope = 0.0
+    if c.size > 1:
+        x = np.arange(c.size, dtype=np.float64) - (c.size - 1) / 2.0
+        slope = float((x * (c - c.mean())).sum() / (x * x).sum())
+    return {"conf_min": float(c.min()), "conf_std": float(c.std()), "conf_slope": slope}
+
+
+def _stability(fold: ChainFold) -> dict[str, float]:
+    """``answer_same``, ``answer_distinct``, ``answer_agree`` of the answers so far."""
+    hist = fold.history
+    if not fold.probes or not hist:
+        nan = float("nan")
+        return {"answer_same": nan, "answer_distinct": nan, "answer_agree": nan}
+    now = hist[-1]
+    same = now is not None and len(hist) > 1 and hist[-2] == now
+    return {
+        "answer_same": 1.0 if same else 0.0,
+        "answer_distinct": float(len({a for a in hist if a is not None})),
+        "answer_agree": (sum(a == now for a in hist) / len(hist)) if now is not None else 0.0,
     }
 
 
@@ -207,15 +258,19 @@ def boundary_set(
     }
     extras: dict[str, list[float]] = {k: [] for k in BOUNDARY_EXTRAS}
     states = []
+    config = EnvConfig(probe=True)
     for qi, q in enumerate(questions):
         chain_chunk, st = hidden.boundaries(q.qid)
         at = {(int(c), int(k)): i for i, (c, k) in enumerate(chain_chunk)}
         for c in bank[q.qid].chains:
             r = c.rows
-            main = _main_rows(r)
-            fold = ChainFold()
-            for n, j in enumerate(main):
-                fold_chunk(fold, str(r["text"][j]), r["confidence"][j], r["entropy"][j])
+            n_main = len(_main_rows(r))
+            # The chain as an episode reaches it (the probe's recorded answer at each open
+            # boundary), so the extras are the ones the environments compute there.
+            for n, rc in enumerate(
+                x for x in replay_chain(c, config, question=q) if not r["ext"][x.i]
+            ):
+                j = rc.i
                 i = at.get((c.chain, int(r["chunk"][j])))
                 if i is None:
                     raise BankError(
@@ -227,15 +282,14 @@ def boundary_set(
                 cols["question"].append(qi)
                 cols["chain"].append(c.chain)
                 cols["chunk"].append(n)
-                cols["last"].append(n == len(main) - 1)
+                cols["last"].append(n == n_main - 1)
                 cols["correct"].append(bool(c.correct))
-                cols["conf"].append(fold.mean_confidence)
+                cols["conf"].append(rc.fold.mean_confidence)
                 p = r["judge_p_yes"][j]
                 cols["p_yes"].append(float("nan") if p is None else float(p))
-                tokens = int(r["start"][j]) + int(r["n_tokens"][j])
                 values = boundary_extras(
-                    fold,
-                    tokens=tokens,
+                    rc.fold,
+                    tokens=rc.tokens,
                     stopped=r["finish_reason"][j] == "stop",
                     max_tokens=max_tokens,
                 )

@@ -17,7 +17,7 @@ from threadpoolctl import threadpool_limits
 
 from env.bank.hidden import HiddenStates
 from env.bank.store import TraceBank
-from env.episode.rules import ChainFold, fold_chunk
+from env.episode.rules import ChainFold, fold_answer, fold_chunk
 from env.probes import (
     BOUNDARY_EXTRAS,
     LinearProbe,
@@ -256,12 +256,21 @@ def test_boundary_extras_are_what_the_chain_had_at_the_boundary(
         b.extras["budget_open"][~ended], b.extras["budget_fraction"][~ended]
     )
     np.testing.assert_array_equal(b.extras["mean_confidence"], b.confidence)
+    # a chain's first boundary: one chunk, so no spread; its answer is the first it gave
+    first = b.chunk == 0
+    np.testing.assert_array_equal(b.extras["conf_std"][first], 0.0)
+    probed = first & ~ended
+    np.testing.assert_array_equal(b.extras["answer_same"][probed], 0.0)
+    assert np.isin(b.extras["answer_agree"][probed], [0.0, 1.0]).all()
     # the one definition, on a chain's fold
     fold = ChainFold()
     e = boundary_extras(fold, tokens=0, stopped=False, max_tokens=10)
     assert all(math.isnan(e[k]) for k in ("mean_confidence", "chunk_confidence", "chunk_entropy"))
+    assert all(math.isnan(e[k]) for k in ("conf_min", "conf_std", "answer_same", "answer_agree"))
     fold_chunk(fold, "a", [0.5, 0.7], [1.0, 2.0])
+    fold_answer(fold, final_text=None, probe=lambda: "12")
     fold_chunk(fold, "b", [0.9, float("nan")], [0.25, 0.75])
+    fold_answer(fold, final_text=None, probe=lambda: "7")
     assert boundary_extras(fold, tokens=5, stopped=False, max_tokens=10) == {
         "budget_fraction": 0.5,
         "ended": 0.0,
@@ -269,9 +278,29 @@ def test_boundary_extras_are_what_the_chain_had_at_the_boundary(
         "mean_confidence": pytest.approx(0.7),
         "chunk_confidence": 0.9,
         "chunk_entropy": 0.5,
+        # chunk confidences 0.6, 0.9: lowest, spread, rise per chunk
+        "conf_min": pytest.approx(0.6),
+        "conf_std": pytest.approx(0.15),
+        "conf_slope": pytest.approx(0.3),
+        # answers 12, 7: changed, two different, half agree with the one now
+        "answer_same": 0.0,
+        "answer_distinct": 2.0,
+        "answer_agree": 0.5,
     }
+    fold_chunk(fold, "c. The answer is \\boxed{7}", [0.3], [1.0])
+    fold_answer(fold, final_text="The answer is \\boxed{7}", probe=lambda: "unused")
     e = boundary_extras(fold, tokens=30, stopped=True, max_tokens=10)
     assert (e["budget_fraction"], e["ended"], e["budget_open"]) == (1.0, 1.0, 0.0)
+    assert fold.history == ["12", "7", "7"] and fold.probes == ["12", "7"]
+    assert (e["answer_same"], e["answer_distinct"], e["answer_agree"]) == (1.0, 2.0, 2 / 3)
+    # 0.6, 0.9, 0.3 at chunks 0, 1, 2: least-squares slope (0.3 - 0.6) / 2
+    assert (e["conf_min"], e["conf_slope"]) == (pytest.approx(0.3), pytest.approx(-0.15))
+    # a chain never probed (an env that does not probe) has no stability to read
+    quiet = ChainFold()
+    fold_chunk(quiet, "x", [0.5], [1.0])
+    fold_answer(quiet, final_text=None, probe=None)
+    e = boundary_extras(quiet, tokens=1, stopped=False, max_tokens=10)
+    assert math.isnan(e["answer_same"]) and (e["conf_std"], e["conf_slope"]) == (0.0, 0.0)
 
 
 def test_ended_states_and_missing_extra_values(planted: tuple[TraceBank, HiddenStates]) -> None:
