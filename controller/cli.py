@@ -94,12 +94,12 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "evaluate",
-        "policies.main:evaluate_main",
+        "policies.evaluate_cli:evaluate_main",
         "evaluate one policy (a heuristic's name or a saved policy folder) on a bank",
     ),
     Command(
         "report",
-        "policies.main:report_main",
+        "policies.report_cli:report_main",
         "the README's report tables (and figures) from the results files `ponder run` writes",
     ),
     Command(

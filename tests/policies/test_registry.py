@@ -140,7 +140,7 @@ def _evaluate(
     spec: str, monkeypatch: pytest.MonkeyPatch, config: EnvConfig | None = None
 ) -> Policy:
     """The policy ``ponder evaluate --policy spec`` evaluates (on a bank with ``config``)."""
-    import policies.main
+    import policies.evaluate_cli
 
     class Evaluator:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -149,9 +149,9 @@ def _evaluate(
         def __call__(self, policy: Policy) -> None:
             raise _Picked(policy)
 
-    monkeypatch.setattr(policies.main, "Evaluator", Evaluator)
+    monkeypatch.setattr(policies.evaluate_cli, "Evaluator", Evaluator)
     with pytest.raises(_Picked) as got:
-        policies.main.evaluate_main(["--policy", spec, "--no-track"])
+        policies.evaluate_cli.evaluate_main(["--policy", spec, "--no-track"])
     return got.value.policy
 
 
@@ -314,7 +314,7 @@ def test_help_points_to_the_grammar(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from controller.proxy import main as serve_main
-    from policies.main import evaluate_main
+    from policies.evaluate_cli import evaluate_main
 
     monkeypatch.setenv("COLUMNS", "400")
     for main in (serve_main, evaluate_main):

@@ -32,7 +32,7 @@ from policies.evaluation.results import (
     to_float,
     write_results,
 )
-from policies.main import report_main
+from policies.report_cli import report_main
 
 ROOT = Path(__file__).resolve().parents[2]
 BANK = ROOT / "data" / "banks" / "testbed-arith"

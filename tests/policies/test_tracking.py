@@ -351,7 +351,7 @@ def test_ponder_run_quick_smoke(tmp_path: Path) -> None:
 def test_policy_names_resolve(capsys: pytest.CaptureFixture[str]) -> None:
     from env.episode.config import EnvConfig
     from features.errors import PolicyError
-    from policies.main import evaluate_main
+    from policies.evaluate_cli import evaluate_main
 
     cfg = EnvConfig()
     for spec, kind in (

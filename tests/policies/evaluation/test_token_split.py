@@ -133,10 +133,12 @@ def test_table_rows(section: dict[str, Any]) -> None:
 
 
 def test_report_and_console_show_the_table(section: dict[str, Any]) -> None:
-    doc = read_results(ROOT / "results" / "gsm8k-qwen2.5-coder-1.5b.json")
+    full = read_results(ROOT / "results" / "gsm8k-qwen2.5-coder-1.5b.json")
+    doc = {k: v for k, v in full.items() if k != "token_split"}  # as a file from before it
     before = render(doc)
     assert "rule of thumb" not in before  # a file without the section renders as it did
     assert render({**doc, "token_split": None}) == before
+    assert "rule of thumb" in render(full)
     body = render({**doc, "token_split": section})
     lines = body.split("\n")
     i = next(k for k, line in enumerate(lines) if line.startswith("How each family's point"))
@@ -146,8 +148,17 @@ def test_report_and_console_show_the_table(section: dict[str, Any]) -> None:
     assert "| L1 | easy: stop | best-of-N N=4 | 225 | 4 | 33 |" in body
     assert "|  |  | s1 budget=512 | 400 | 10 | 0 |" in body
     # files written before the split was recorded read back without it
-    ref = PointRecord.featured(doc["reference"])
+    levels = doc["reference"]["by_level"]
+    old_ref = {
+        **doc["reference"],
+        "by_level": {
+            lv: {k: v for k, v in d.items() if k not in ("deep", "wide")}
+            for lv, d in levels.items()
+        },
+    }
+    ref = PointRecord.featured(old_ref)
     assert all(x.deep is None and x.wide is None for x in ref.by_level.values())
+    assert all(x.deep is not None for x in PointRecord.featured(doc["reference"]).by_level.values())
     rec = PointRecord.featured(
         {
             "label": "p",
