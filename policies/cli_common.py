@@ -1,5 +1,5 @@
-"""What the policies' commands (``ponder run``, ``ponder evaluate``) share: the shipped banks they
-default to, finding a bank folder, and the console they print to.
+"""What the policies' commands (``ponder run``, ``ponder evaluate``, its ``--risk`` calibration)
+share: the shipped banks they default to, finding a bank folder, and the console they print to.
 """
 
 from __future__ import annotations

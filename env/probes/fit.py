@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from env.probes.data import BoundarySet, PromptSet, boundary_set, prompt_set
+from env.probes.data import BOUNDARY_EXTRAS, BoundarySet, PromptSet, boundary_set, prompt_set
 from env.probes.model import LinearProbe, ProbeSchema
 from env.questions import select_split
 from features.errors import ConfigError
@@ -95,19 +95,8 @@ EXTRA_CHOICES: tuple[tuple[str, ...], ...] = (
     (),
     ("budget_open", "ended", "mean_confidence"),
     ("budget_open", "ended", "mean_confidence", "chunk_confidence", "chunk_entropy"),
-    (
-        "budget_open",
-        "ended",
-        "mean_confidence",
-        "chunk_confidence",
-        "chunk_entropy",
-        "conf_min",
-        "conf_std",
-        "conf_slope",
-        "answer_same",
-        "answer_distinct",
-        "answer_agree",
-    ),
+    # all of them but ``budget_fraction`` (``budget_open`` in its place, see below)
+    ("budget_open", *(e for e in BOUNDARY_EXTRAS if e not in ("budget_fraction", "budget_open"))),
 )
 #: Factors the standardised extra inputs are multiplied by before the fit (their L2 penalty
 #: divided by the square), tried with each choice of extras. The larger ones let the fit lean on

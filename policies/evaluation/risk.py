@@ -76,6 +76,7 @@ from env.episode.observation import STREAK_SCALE
 from features.errors import ConfigError, PolicyError
 from policies import heuristics
 from policies.base import LamConditioned, Policy
+from policies.cli_common import DEFAULT_BANK, bank_path
 from policies.evaluation.metrics import Interval, bootstrap_mean, per_question_means
 from policies.evaluation.runner import EvalResult, Evaluator
 from policies.registry import load_policy
@@ -809,18 +810,6 @@ def risk_table(result: RiskResult) -> Any:
 
 # -- command line ------------------------------------------------------------------------------
 
-#: The main job's bank (:data:`policies.main.DEFAULT_BANK`).
-_DEFAULT_BANK = "data/banks/gsm8k-qwen2.5-coder-1.5b"
-
-
-def _bank_folder(spec: str) -> Path:
-    """A bank folder: as given, else relative to the repository (the shipped banks)."""
-    p = Path(spec)
-    if p.is_dir() or p.is_absolute():
-        return p
-    repo = Path(__file__).resolve().parents[2] / p
-    return repo if repo.is_dir() else p
-
 
 @dataclass
 class RiskEvaluateArgs:
@@ -832,7 +821,7 @@ class RiskEvaluateArgs:
     """the accuracy you accept to lose against the full vote (maj@16), in points: 2 = 2 points (0.02)"""
     delta: float = 0.1
     """the probability that the guarantee fails, a fraction in (0, 1)"""
-    bank: str = _DEFAULT_BANK
+    bank: str = DEFAULT_BANK
     """trace bank folder"""
     calibration_split: str = "train"
     """the calibration questions: train, or dev (for a learned policy trained on fit)"""
@@ -855,7 +844,7 @@ def _run(args: RiskEvaluateArgs | ServeRiskArgs, bank: str, test_split: str | No
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     return calibrate(
         args.policy,
-        _bank_folder(bank),
+        bank_path(bank),
         alpha=alpha,
         delta=delta,
         split=args.calibration_split,
@@ -911,4 +900,4 @@ class ServeRiskArgs:
 
     @property
     def bank_folder(self) -> Path:
-        return _bank_folder(self.calibration_bank)
+        return bank_path(self.calibration_bank)
