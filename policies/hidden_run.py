@@ -115,7 +115,7 @@ def fleet_table_of_run(
     """One token budget shared by the test questions, allocated uniformly, by the difficulty
     probe, by the learned value and by the oracle (:mod:`policies.evaluation.fleet`): printed
     and saved."""
-    from policies.evaluation.fleet import fleet_table
+    from policies.evaluation.fleet_report import fleet_table
 
     if args.eval_split != "test":
         return

@@ -26,10 +26,8 @@ from policies.evaluation.fleet import (
     PROBE,
     UNIFORM,
     Curves,
-    FleetReport,
     FleetSetup,
     Outcomes,
-    fleet_table,
     greedy_plan,
     kernel_curves,
     oracle_allocation,
@@ -38,6 +36,7 @@ from policies.evaluation.fleet import (
     run_plan,
     uniform_plan,
 )
+from policies.evaluation.fleet_report import FleetReport, fleet_table
 from policies.evaluation.runner import Evaluator
 from policies.heuristics import BestOfN
 
