@@ -166,7 +166,7 @@ COMMANDS: tuple[Command, ...] = (
 #: parameter on a bank's calibration questions and reports it on the test questions;
 #: ``serve --risk`` calibrates at startup and serves the chosen policy.
 RISK_TARGETS: dict[str, str] = {
-    "evaluate": "policies.evaluation.risk:evaluate_main",
+    "evaluate": "policies.evaluation.risk_cli:evaluate_main",
     "serve": "controller.cli:serve_with_risk",
 }
 
@@ -421,7 +421,7 @@ def main(argv: Sequence[str] | None = None, commands: Sequence[Command] = COMMAN
 
 def serve_with_risk(argv: list[str]) -> None:
     """``ponder serve --risk ALPHA --calibration-bank BANK [options]``: calibrate the family that
-    ``--policy`` names on the bank (:class:`policies.evaluation.risk.ServeRiskArgs`), say what was
+    ``--policy`` names on the bank (:class:`policies.evaluation.risk_cli.ServeRiskArgs`), say what was
     chosen, then serve the chosen policy with the other options of ``ponder serve``.
 
     The served settings must be those the bank was recorded with (chunk size, chain cap, chains,
@@ -440,7 +440,7 @@ def serve_with_risk(argv: list[str]) -> None:
     from controller.serve_args import ServeArgs, check_serve_args
     from env.bank.store import TraceBank
     from features.errors import ConfigError
-    from policies.evaluation.risk import ServeRiskArgs, alpha_from_points, summary_lines
+    from policies.evaluation.risk_cli import ServeRiskArgs, alpha_from_points, summary_lines
     from policies.registry import save_policy
 
     risk, rest = tyro.cli(ServeRiskArgs, args=argv, prog=f"{PROG} serve", return_unknown_args=True)

@@ -1,7 +1,7 @@
 """``ponder evaluate``: evaluate one policy (a heuristic's name or a saved policy folder:
 :mod:`policies.registry`) on a bank's questions, with the oracle beside it, per difficulty level.
 
-``ponder evaluate --risk ALPHA`` runs :func:`policies.evaluation.risk.evaluate_main` instead.
+``ponder evaluate --risk ALPHA`` runs :func:`policies.evaluation.risk_cli.evaluate_main` instead.
 """
 
 from __future__ import annotations

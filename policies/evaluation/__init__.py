@@ -140,12 +140,12 @@ _LAZY = {
     "RiskFamily": "policies.evaluation.risk",
     "RiskResult": "policies.evaluation.risk",
     "RiskTestReport": "policies.evaluation.risk",
-    "binomial_p_value": "policies.evaluation.risk",
+    "binomial_p_value": "policies.evaluation.ltt",
     "calibrate": "policies.evaluation.risk",
-    "certifiable_alpha": "policies.evaluation.risk",
-    "fixed_sequence": "policies.evaluation.risk",
-    "hoeffding_bentkus_p_value": "policies.evaluation.risk",
-    "learn_then_test": "policies.evaluation.risk",
+    "certifiable_alpha": "policies.evaluation.ltt",
+    "fixed_sequence": "policies.evaluation.ltt",
+    "hoeffding_bentkus_p_value": "policies.evaluation.ltt",
+    "learn_then_test": "policies.evaluation.ltt",
     "risk_family": "policies.evaluation.risk",
 }
 

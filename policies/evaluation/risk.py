@@ -36,8 +36,8 @@ budgets:
    the answer is the full vote itself.
 
 A zero-loss candidate is certified only if ``(1 - alpha)^n <= delta``: below
-:func:`certifiable_alpha` (``1 - delta^(1/n)``, 1.8 points for 127 questions at
-``delta = 0.1``) nothing can be certified, however good the policy.
+:func:`~policies.evaluation.ltt.certifiable_alpha` (``1 - delta^(1/n)``, 1.8 points for 127
+questions at ``delta = 0.1``) nothing can be certified, however good the policy.
 
 **What the guarantee says.** ``P(R(chosen) <= alpha) >= 1 - delta``, where ``R`` is the
 expected (clipped) loss over questions exchangeable with the calibration ones, replayed from
@@ -50,10 +50,8 @@ difficulty mix), another model, sampling temperature, chunk size or chain cap, a
 training saw the calibration questions (train a learned policy on ``fit`` and calibrate on
 ``dev``), nor a grid chosen after looking at the calibration results.
 
-``ponder evaluate --risk ALPHA`` runs :func:`evaluate_main`; ``ponder serve --risk ALPHA
---calibration-bank BANK`` calibrates with :class:`ServeRiskArgs` at startup. On the command line
-``ALPHA`` is in accuracy points (``--risk 2``: at most 2 points lost, i.e. ``alpha = 0.02``);
-the functions here take fractions.
+The p-values and fixed-sequence testing are in :mod:`policies.evaluation.ltt`; ``--risk ALPHA``
+on the command line (in points) is :mod:`policies.evaluation.risk_cli`.
 """
 
 from __future__ import annotations
@@ -64,11 +62,9 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-import tyro
-from scipy.stats import binom
 
 from env.bank.store import TraceBank
 from env.episode.config import EnvConfig
@@ -76,181 +72,26 @@ from env.episode.observation import STREAK_SCALE
 from features.errors import ConfigError, PolicyError
 from policies import heuristics
 from policies.base import LamConditioned, Policy
-from policies.cli_common import DEFAULT_BANK, bank_path
+from policies.evaluation.ltt import Method, certifiable_alpha, check_level, learn_then_test
 from policies.evaluation.metrics import Interval, bootstrap_mean, per_question_means
 from policies.evaluation.runner import EvalResult, Evaluator
 from policies.registry import load_policy
 
 __all__ = [
     "CandidateRow",
-    "LttOutcome",
-    "Method",
-    "RiskEvaluateArgs",
     "RiskFamily",
     "RiskResult",
-    "ServeRiskArgs",
     "RiskTestReport",
-    "alpha_from_points",
-    "binomial_p_value",
     "calibrate",
-    "certifiable_alpha",
-    "evaluate_main",
-    "fixed_sequence",
     "full_vote_spec",
-    "hoeffding_bentkus_p_value",
-    "learn_then_test",
     "question_losses",
     "risk_family",
-    "risk_table",
-    "summary_lines",
 ]
-
-Method = Literal["hb", "binomial"]
 
 #: The λ values a learned policy is calibrated over by default (ascending: the smallest price
 #: spends the most, so it comes first): those the main job sweeps, 25 log-spaced from 1e-6 to
 #: 3e-3 at two significant digits.
 DEFAULT_LAMS: tuple[float, ...] = tuple(float(f"{x:.2g}") for x in np.geomspace(1e-6, 3e-3, 25))
-
-
-# -- the statistics ----------------------------------------------------------------------------
-
-
-def _check_level(value: float, what: str) -> float:
-    v = float(value)
-    if not (math.isfinite(v) and 0 < v < 1):
-        raise ConfigError(f"{what} must be a fraction strictly between 0 and 1, got {value!r}")
-    return v
-
-
-def _bernoulli_kl(a: float, b: float) -> float:
-    """KL(Bernoulli(a) || Bernoulli(b)) for ``0 <= a <= 1`` and ``0 < b < 1`` (0 log 0 = 0)."""
-    out = 0.0
-    if a > 0:
-        out += a * math.log(a / b)
-    if a < 1:
-        out += (1 - a) * math.log((1 - a) / (1 - b))
-    return out
-
-
-def hoeffding_bentkus_p_value(risk: float, n: int, alpha: float) -> float:
-    """The Hoeffding-Bentkus p-value of ``H0: R > alpha`` from the mean ``risk`` of ``n``
-    independent losses in ``[0, 1]`` (Bates et al. 2021, as in Learn-then-Test)::
-
-        min(1, exp(-n KL(min(risk, alpha) || alpha)), e * P(Binom(n, alpha) <= ceil(n risk)))
-
-    Raises:
-        ConfigError: ``n < 1``, ``alpha`` not in (0, 1) or ``risk`` not in [0, 1].
-    """
-    if n < 1:
-        raise ConfigError(f"a p-value needs at least one loss, got n = {n}")
-    alpha = _check_level(alpha, "alpha")
-    r = float(risk)
-    if not 0 <= r <= 1:
-        raise ConfigError(f"the mean loss must be in [0, 1] (clip the losses), got {risk!r}")
-    hoeffding = math.exp(-n * _bernoulli_kl(min(r, alpha), alpha))
-    # n * r is a sum of losses; rounding keeps float noise (k/n * n = k + 1e-15) from adding one
-    k = math.ceil(round(n * r, 9))
-    bentkus = math.e * float(binom.cdf(k, n, alpha))
-    return min(1.0, hoeffding, bentkus)
-
-
-def binomial_p_value(failures: int, n: int, alpha: float) -> float:
-    """The exact binomial p-value of ``H0: R > alpha`` from ``failures`` losses of 1 among ``n``
-    losses of 0 or 1: ``P(Binom(n, alpha) <= failures)`` (valid for 0/1 losses only)."""
-    if n < 1:
-        raise ConfigError(f"a p-value needs at least one loss, got n = {n}")
-    if not 0 <= failures <= n:
-        raise ConfigError(f"failures must be in 0..{n}, got {failures}")
-    alpha = _check_level(alpha, "alpha")
-    return min(1.0, float(binom.cdf(int(failures), n, alpha)))
-
-
-def certifiable_alpha(n: int, delta: float) -> float:
-    """The smallest ``alpha`` at which a candidate with no loss at all on ``n`` calibration
-    questions is certified at level ``delta`` (both p-values give ``(1 - alpha)^n`` there):
-    ``1 - delta^(1/n)``."""
-    if n < 1:
-        raise ConfigError(f"need at least one calibration question, got {n}")
-    return 1.0 - _check_level(delta, "delta") ** (1.0 / n)
-
-
-def fixed_sequence(p_values: Sequence[float], delta: float) -> int:
-    """Fixed-sequence testing: how many leading hypotheses are rejected at level ``delta``
-    (tested in order, each at ``delta``, stopping at the first ``p > delta``)."""
-    delta = _check_level(delta, "delta")
-    k = 0
-    for p in p_values:
-        if not p <= delta:  # a NaN stops the sequence too
-            break
-        k += 1
-    return k
-
-
-@dataclass(frozen=True)
-class LttOutcome:
-    """Learn-then-Test on a loss matrix."""
-
-    p_values: tuple[float, ...]
-    """one per candidate, in the given (conservative-first) order"""
-    certified: int
-    """how many leading candidates are certified (fixed-sequence testing at ``delta``)"""
-    risks: tuple[float, ...]
-    """each candidate's mean loss"""
-
-
-def learn_then_test(
-    losses: np.ndarray, alpha: float, delta: float, *, method: Method = "hb"
-) -> LttOutcome:
-    """p-values and fixed-sequence testing for candidates ordered most conservative first.
-
-    Args:
-        losses: ``(candidates, questions)`` losses in ``[0, 1]`` (one row per candidate).
-        alpha: the risk level (a fraction).
-        delta: the error level (a fraction).
-        method: ``hb`` (Hoeffding-Bentkus, any loss in [0, 1]) or ``binomial`` (exact, losses
-            of 0 or 1 only).
-
-    Raises:
-        ConfigError: an empty matrix, losses outside [0, 1], or fractional losses with
-            ``binomial``.
-    """
-    x = np.asarray(losses, dtype=np.float64)
-    if x.ndim != 2 or x.shape[1] == 0:
-        raise ConfigError(f"losses must be a (candidates, questions) matrix, got shape {x.shape}")
-    if not np.all((x >= 0) & (x <= 1)):
-        raise ConfigError("losses must lie in [0, 1]: clip them first (see the module docstring)")
-    alpha = _check_level(alpha, "alpha")
-    delta = _check_level(delta, "delta")
-    n = x.shape[1]
-    if method == "hb":
-        ps = [hoeffding_bentkus_p_value(float(row.mean()), n, alpha) for row in x]
-    elif method == "binomial":
-        if not np.all((x == 0) | (x == 1)):
-            raise ConfigError(
-                "the binomial p-value needs losses of 0 or 1 (a single replay seed); "
-                "with several seeds use method 'hb' (Hoeffding-Bentkus)"
-            )
-        ps = [binomial_p_value(int(row.sum()), n, alpha) for row in x]
-    else:
-        raise ConfigError(f"method must be 'hb' or 'binomial', got {method!r}")
-    return LttOutcome(tuple(ps), fixed_sequence(ps, delta), tuple(float(r) for r in x.mean(1)))
-
-
-def alpha_from_points(points: float) -> float:
-    """``--risk`` in accuracy points (``2`` = 2 points = 0.02) as a fraction.
-
-    Raises:
-        ConfigError: not a finite number strictly between 0 and 100.
-    """
-    p = float(points)
-    if not (math.isfinite(p) and 0 < p < 100):
-        raise ConfigError(
-            f"--risk is the accuracy, in points, you accept to lose against the full vote "
-            f"(--risk 2 allows 2 points, i.e. 0.02): a number strictly between 0 and 100, got "
-            f"{points!r}"
-        )
-    return p / 100.0
 
 
 # -- families ----------------------------------------------------------------------------------
@@ -632,8 +473,8 @@ def calibrate(
         ConfigError: a bad level, overlapping calibration and test questions, a bad grid.
         PolicyError: a spec with no parameter to calibrate.
     """
-    alpha = _check_level(alpha, "alpha")
-    delta = _check_level(delta, "delta")
+    alpha = check_level(alpha, "alpha")
+    delta = check_level(delta, "delta")
     if not split:
         raise ConfigError("name the calibration split (train, or dev)")
     tb = bank if isinstance(bank, TraceBank) else TraceBank(bank)
@@ -730,174 +571,3 @@ def _test_report(
         ),
         within_alpha=bool(loss.mean <= alpha + 1e-12),
     )
-
-
-# -- reporting ---------------------------------------------------------------------------------
-
-
-def _pts(x: float) -> str:
-    return f"{100 * x:+.2f}" if x else "0.00"
-
-
-def summary_lines(result: RiskResult) -> list[str]:
-    """What was chosen and what it gave, in plain sentences."""
-    a, d = 100 * result.alpha, result.delta
-    head = (
-        f"{result.family}: alpha = {a:g} point{'' if a == 1 else 's'}, delta = {d:g}, "
-        f"{result.questions} "
-        f"{result.split} questions x {len(result.seeds)} seeds, "
-        f"{'Hoeffding-Bentkus' if result.method == 'hb' else 'binomial'} p-values"
-    )
-    lines = [head]
-    if result.chosen is None:
-        lines.append(
-            f"no {result.param} certified: the full vote ({result.full_vote}, "
-            f"{result.full_tokens:.0f} tokens) is what keeps the loss within alpha"
-        )
-        if result.alpha < result.min_alpha:
-            lines.append(
-                f"with {result.questions} calibration questions nothing can be certified below "
-                f"alpha = {100 * result.min_alpha:.2f} points (a candidate with no loss at all "
-                f"needs (1 - alpha)^n <= delta, i.e. n >= "
-                f"{math.ceil(math.log(d) / math.log(1 - result.alpha))} questions); --risk is in "
-                "points (--risk 2 allows 2 points)"
-            )
-    else:
-        c = result.chosen
-        lines.append(
-            f"chose {c.policy} ({result.param} = {c.value:g}): calibration loss "
-            f"{_pts(c.loss)} points (clipped {100 * c.risk:.2f}), {c.tokens:.0f} tokens vs "
-            f"{result.full_tokens:.0f} for the full vote ({result.full_vote}), p = {c.p_value:.3g}"
-        )
-    t = result.test
-    if t is not None:
-        ok = "within" if t.within_alpha else "NOT within"
-        lines.append(
-            f"test ({t.questions} {t.split} questions): {result.policy_name} loses "
-            f"{100 * t.loss.mean:.2f} [{100 * t.loss.low:.2f}, {100 * t.loss.high:.2f}] points "
-            f"({ok} alpha; clipped {100 * t.clipped_loss.mean:.2f}), accuracy "
-            f"{100 * t.accuracy.mean:.1f} vs {100 * t.full_accuracy.mean:.1f}, tokens "
-            f"{t.tokens.mean:.0f} vs {t.full_tokens.mean:.0f}: {100 * t.saved.mean:.1f}% "
-            f"[{100 * t.saved.low:.1f}, {100 * t.saved.high:.1f}] saved"
-        )
-    return lines
-
-
-def risk_table(result: RiskResult) -> Any:
-    """The candidates as a rich table (loss in points)."""
-    from rich.table import Table
-
-    t = Table(
-        title=f"{result.family} on {result.bank}: loss against {result.full_vote} "
-        f"({result.split}, alpha = {100 * result.alpha:g} points, delta = {result.delta:g})",
-        title_justify="left",
-    )
-    for c in ("policy", "loss", "clipped loss", "accuracy", "tokens", "p-value", "status"):
-        t.add_column(c, justify="left" if c in ("policy", "status") else "right")
-    t.add_row(
-        f"{result.full_vote} (full vote)", "0.00", "0.00", f"{100 * result.full_accuracy:.1f}",
-        f"{result.full_tokens:.0f}", "-", "reference",
-    )  # fmt: skip
-    for r in result.rows:
-        chosen = result.chosen is not None and r.value == result.chosen.value
-        t.add_row(
-            r.policy, _pts(r.loss), f"{100 * r.risk:.2f}", f"{100 * r.accuracy:.1f}",
-            f"{r.tokens:.0f}", f"{r.p_value:.3g}", r.status + (" (chosen)" if chosen else ""),
-            style="bold" if chosen else None,
-        )  # fmt: skip
-    return t
-
-
-# -- command line ------------------------------------------------------------------------------
-
-
-@dataclass
-class RiskEvaluateArgs:
-    """Calibrate a policy family's stopping parameter on a bank's calibration questions so that the accuracy lost against the full vote is at most --risk points with probability at least 1 - --delta (Learn-then-Test), and report it on the test questions."""
-
-    policy: str
-    """a family whose parameter is calibrated: adaptive-consistency (threshold), esc (max chains), best-of (N), probe-agree (k), s1 (budget), deepconf-online (keep percent), or a learned policy's folder (λ)"""
-    risk: float
-    """the accuracy you accept to lose against the full vote (maj@16), in points: 2 = 2 points (0.02)"""
-    delta: float = 0.1
-    """the probability that the guarantee fails, a fraction in (0, 1)"""
-    bank: str = DEFAULT_BANK
-    """trace bank folder"""
-    calibration_split: str = "train"
-    """the calibration questions: train, or dev (for a learned policy trained on fit)"""
-    split: str = "test"
-    """the questions reported on (none: no report)"""
-    seeds: int = 5
-    """replay seeds per question (a question's loss is its mean over them)"""
-    grid: tuple[float, ...] = ()
-    """the parameter values tried (default: the family's grid)"""
-    method: Method = "hb"
-    """p-value: hb (Hoeffding-Bentkus, any loss in [0, 1]) or binomial (0/1 losses: one seed)"""
-    json: str = ""
-    """write the result (every candidate, the choice, the test report) as JSON here"""
-
-
-def _run(args: RiskEvaluateArgs | ServeRiskArgs, bank: str, test_split: str | None) -> RiskResult:
-    alpha = alpha_from_points(args.risk)
-    delta = _check_level(args.delta, "--delta")
-    if args.seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
-    return calibrate(
-        args.policy,
-        bank_path(bank),
-        alpha=alpha,
-        delta=delta,
-        split=args.calibration_split,
-        test_split=test_split,
-        seeds=args.seeds,
-        method=args.method,
-        grid=args.grid or None,
-    )
-
-
-def evaluate_main(argv: list[str] | None = None) -> int:
-    """``ponder evaluate --risk ALPHA``: calibrate, print the candidates and the choice."""
-    from rich.console import Console
-
-    args = tyro.cli(RiskEvaluateArgs, args=argv, prog="ponder evaluate")
-    split = None if args.split.lower() in ("none", "") else args.split
-    result = _run(args, args.bank, split)
-    console = Console(width=180)
-    console.print(risk_table(result))
-    for line in summary_lines(result):
-        console.print(line, highlight=False, markup=False)
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    return 0
-
-
-@dataclass
-class ServeRiskArgs:
-    """ponder serve --risk ALPHA --calibration-bank BANK: calibrate the policy family's stopping parameter on the bank at startup (Learn-then-Test), then serve the chosen policy. Every other option is ponder serve's (see ponder serve --help)."""
-
-    risk: float
-    """the accuracy you accept to lose against the full vote (maj@16), in points: 2 = 2 points (0.02)"""
-    calibration_bank: str
-    """the trace bank calibrated on: recorded with the served model and the same chunk size, chain cap, chains and temperature"""
-    policy: str = "adaptive-consistency"
-    """a family whose parameter is calibrated: adaptive-consistency (threshold), esc, best-of, probe-agree, s1, deepconf-online, or a learned policy's folder (λ)"""
-    delta: float = 0.1
-    """the probability that the guarantee fails, a fraction in (0, 1)"""
-    calibration_split: str = "train"
-    """the bank's calibration questions: train, or dev (for a learned policy trained on fit)"""
-    seeds: int = 5
-    """replay seeds per calibration question"""
-    grid: tuple[float, ...] = ()
-    """the parameter values tried (default: the family's grid)"""
-    method: Method = "hb"
-    """p-value: hb (Hoeffding-Bentkus) or binomial (0/1 losses: one seed)"""
-
-    def calibrate(self) -> RiskResult:
-        """Calibrate on the bank's calibration questions (no test report)."""
-        return _run(self, self.calibration_bank, None)
-
-    @property
-    def bank_folder(self) -> Path:
-        return bank_path(self.calibration_bank)

@@ -20,19 +20,15 @@ from hypothesis import strategies as st
 from controller import cli
 from env.episode.config import EnvConfig
 from features.errors import ConfigError, PolicyError
-from policies.evaluation.risk import (
-    RiskFamily,
-    alpha_from_points,
+from policies.evaluation.ltt import (
     binomial_p_value,
-    calibrate,
     certifiable_alpha,
     fixed_sequence,
     hoeffding_bentkus_p_value,
     learn_then_test,
-    question_losses,
-    risk_family,
-    summary_lines,
 )
+from policies.evaluation.risk import RiskFamily, calibrate, question_losses, risk_family
+from policies.evaluation.risk_cli import alpha_from_points, summary_lines
 from policies.evaluation.runner import Evaluator
 from policies.heuristics import BestOfN
 from policies.registry import load_policy
