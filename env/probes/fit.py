@@ -42,7 +42,8 @@ one), and the running mean of the chain's boundary states beside its state (0.59
 Offered since, on the same bank (95 fit / 32 dev questions, dev log loss over every boundary /
 AUROC over all chains / within a question, at the last boundary): the confidence trajectory and
 answer stability inputs (best 0.556 / 0.871 / 0.792, against 0.554 / 0.856 / 0.779 for budget,
-end and mean confidence, which dev chose), and extras weights 30 and 100 (chosen: 100).
+end and mean confidence, which dev chose), and extras weights 30 and 100 (chosen: 100). Budget
+and end alone left the grid to pay for them (dev had taken the three with mean confidence).
 """
 
 from __future__ import annotations
