@@ -145,7 +145,7 @@ def main(args: Args) -> None:
         return f"{u.cached / prompt:.1%} ({u.cached}/{prompt})" if prompt else "n/a"
 
     # (c) TIP: switch tokens sampled with and without the penalty, in one batch of chains.
-    from env.generators.live import switch_token_ids
+    from env.generators.tokens import switch_token_ids
     from env.types import TipConfig
 
     tip = TipConfig(penalty=args.tip_penalty, window=10_000)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -45,12 +44,25 @@ from env.generators.base import (
 )
 from env.generators.cancel import check_cancelled
 from env.generators.prompts import TESTBED, PromptTemplate, get_template
+from env.generators.tokens import (
+    chunk_arrays,
+    chunk_usage,
+    drop_stop,
+    empty_chunk,
+    eos_trim,
+    forced_answer,
+    judge_p_yes,
+    probe_reading,
+    since_last_switch,
+    split_chunk,
+    switch_token_ids,
+    top_arrays,
+)
 from env.types import (
     BudgetForcing,
     Chain,
     Chunk,
     FinishReason,
-    FloatArray,
     IntArray,
     JudgeResult,
     ProbeResult,
@@ -62,7 +74,7 @@ from env.types import (
 )
 from features.errors import ConfigError, GeneratorError, PonderError
 
-__all__ = ["LiveGenerator", "read_probe_answer", "since_last_switch", "switch_token_ids"]
+__all__ = ["LiveGenerator"]
 
 log = logging.getLogger(__name__)
 
@@ -71,67 +83,6 @@ T = TypeVar("T")
 _DEFAULT_WAIT = BudgetForcing().wait_text
 _JUDGE_TOP = 20
 _UNSET = object()
-
-
-def switch_token_ids(
-    words: Sequence[str], encode: Callable[[str], list[int]], decode: Callable[[Sequence[int]], str]
-) -> tuple[int, ...]:
-    """The token ids that open the switch ``words``: the first non-blank token of each word.
-
-    A word like ``" Hmm"`` may encode as ``[" ", "Hmm"]``; penalising the bare space would hurt
-    every sentence, so blank leading tokens are skipped.
-    """
-    out: set[int] = set()
-    for w in words:
-        for t in encode(w):
-            if decode([t]).strip():
-                out.add(int(t))
-                break
-    return tuple(sorted(out))
-
-
-def since_last_switch(tokens: IntArray, switch_ids: Sequence[int]) -> int:
-    """Tokens after the last switch token in ``tokens`` (all of them if there is none)."""
-    n = int(tokens.shape[0])
-    if n == 0 or not switch_ids:
-        return n
-    hits = np.flatnonzero(np.isin(tokens, np.asarray(switch_ids, dtype=tokens.dtype)))
-    return n if hits.size == 0 else n - int(hits[-1]) - 1
-
-
-def _common_prefix(a: str, b: str) -> int:
-    """Length of the longest common prefix of ``a`` and ``b``."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    return next(i for i in range(n) if a[i] != b[i])
-
-
-def read_probe_answer(text: str, finished_by_stop: bool) -> str | None:
-    """The answer in a probe completion such as ``"42}"``.
-
-    Uses ``features.answers.read_probe`` when that module is there; otherwise the text before
-    the first ``}`` (or the whole text when the model ended without one), ``None`` when empty
-    or when the completion ran out of tokens before closing the answer.
-    """
-    try:
-        from features.answers import read_probe
-    except ImportError:
-        pass
-    else:
-        try:
-            ans = read_probe(text)
-        except PonderError:
-            return None
-        return None if ans is None else str(ans)
-    i = text.find("}")
-    if i >= 0:
-        body = text[:i].strip()
-    elif finished_by_stop:
-        body = text.strip()
-    else:
-        return None
-    return body or None
 
 
 _LIVE_TRAITS = GeneratorTraits(splits_chunks=True)
@@ -258,6 +209,9 @@ class LiveGenerator(GeneratorBase):
             self._pieces[token_id] = p
         return p
 
+    def _decode(self, token_ids: Sequence[int]) -> str:
+        return str(self._guard("decode", self.backend.decode, list(token_ids)))
+
     def _apply_chat(self, messages: list[dict[str, str]]) -> str:
         out = self._guard("apply_chat", self.backend.apply_chat, messages)
         if out is None:
@@ -342,22 +296,6 @@ class LiveGenerator(GeneratorBase):
     def _wait_text(self, budget: BudgetForcing) -> str:
         # The template's wording unless the budget names its own.
         return budget.wait_text if budget.wait_text != _DEFAULT_WAIT else self.template.wait_text
-
-    def _eos_trim(self, comp: Completion) -> Completion:
-        """Defensively drop a trailing EOS a backend may have left in."""
-        n = int(comp.token_ids.shape[0])
-        eos = self.backend.eos_token_id
-        if (
-            comp.finish_reason == "stop"
-            and n
-            and eos is not None
-            and int(comp.token_ids[-1]) == eos
-        ):
-            comp.token_ids = comp.token_ids[:-1]
-            comp.logprobs = comp.logprobs[:-1]
-            comp.top_logprobs = comp.top_logprobs[:-1]
-            comp.top_token_ids = comp.top_token_ids[:-1]
-        return comp
 
     def _tip_request(self, tip: TipConfig | None, tokens: IntArray) -> TipRequest | None:
         if tip is None or tip.penalty == 0 or tip.window == 0:
@@ -494,13 +432,13 @@ class LiveGenerator(GeneratorBase):
         chunks: list[Chunk] = []
         for p in plans:
             if p.request is None:
-                chunk = self._empty_chunk()
+                chunk = empty_chunk(self.sampling.top_logprobs)
             else:
-                comp = self._eos_trim(next(outs))
+                comp = eos_trim(next(outs), self.backend.eos_token_id)
                 if p.kind == "force":
                     chunk = self._forced_chunk(p, comp)
                 else:
-                    chunk = self._sampled_chunk(p, self._drop_stop(p, comp))
+                    chunk = self._sampled_chunk(p, drop_stop(comp, p.request.stop, self._decode))
             self._append(p.chain, chunk)
             chunks.append(chunk)
         return chunks
@@ -519,153 +457,14 @@ class LiveGenerator(GeneratorBase):
             ConfigError: a chunk with injected tokens or a forced answer (only a sampled chunk
                 is one continuous sample), or a bad ``k``.
         """
-        k = validate_k(k)
-        n = len(chunk)
-        if n <= k:
-            return [chunk]
-        if chunk.n_injected or chunk.finish_reason == "forced":
-            raise ConfigError(
-                "only a sampled chunk can be split (this one has injected tokens or a forced answer)"
-            )
-        text = chunk.text
-        bounds = [*range(0, n, k), n]
-        cuts = [0]
-        for end in bounds[1:-1]:
-            prefix = self._guard("decode", self.backend.decode, chunk.token_ids[:end].tolist())
-            cuts.append(max(cuts[-1], _common_prefix(prefix, text)))
-        cuts.append(len(text))
-        conf, ent = chunk.confidence, chunk.entropy
-        assert conf is not None and ent is not None  # (filled in __post_init__)
-        pieces: list[Chunk] = []
-        for i in range(len(bounds) - 1):
-            a, b = bounds[i], bounds[i + 1]
-            first, last = i == 0, i == len(bounds) - 2
-            pieces.append(
-                Chunk(
-                    token_ids=chunk.token_ids[a:b],
-                    text=text[cuts[i] : cuts[i + 1]],
-                    logprobs=chunk.logprobs[a:b],
-                    top_logprobs=chunk.top_logprobs[a:b],
-                    top_token_ids=chunk.top_token_ids[a:b],
-                    finish_reason=chunk.finish_reason if last else "length",
-                    usage=TokenUsage(
-                        generated=b - a,
-                        prefill=chunk.usage.prefill if first else 0,
-                        cached=chunk.usage.cached if first else 0,
-                    ),
-                    confidence=conf[a:b],
-                    entropy=ent[a:b],
-                )
-            )
-        return pieces
-
-    def _top(self, comp: Completion) -> tuple[FloatArray, IntArray]:
-        """Top-logprob arrays of exactly ``sampling.top_logprobs`` columns."""
-        m = self.sampling.top_logprobs
-        n = int(comp.token_ids.shape[0])
-        if n == 0:
-            return np.zeros((0, m), np.float32), np.zeros((0, m), np.int32)
-        lp = np.asarray(comp.top_logprobs, dtype=np.float32).reshape(n, -1)
-        ids = np.asarray(comp.top_token_ids, dtype=np.int32).reshape(n, -1)
-        have = lp.shape[1]
-        if have >= m:
-            return lp[:, :m], ids[:, :m]
-        pad_lp = np.full((n, m - have), -np.inf, dtype=np.float32)
-        pad_id = np.full((n, m - have), -1, dtype=np.int32)
-        return np.concatenate([lp, pad_lp], axis=1), np.concatenate([ids, pad_id], axis=1)
-
-    def _arrays(
-        self,
-        lead: Sequence[int],
-        comp_ids: IntArray,
-        comp_lp: FloatArray,
-        top: tuple[FloatArray, IntArray],
-        trail: Sequence[int] = (),
-    ) -> tuple[IntArray, FloatArray, FloatArray, IntArray]:
-        m = self.sampling.top_logprobs
-        a, b = len(lead), len(trail)
-        ids = np.concatenate(
-            [
-                np.asarray(lead, dtype=np.int32),
-                comp_ids.astype(np.int32),
-                np.asarray(trail, dtype=np.int32),
-            ]
-        )
-        lp = np.concatenate(
-            [
-                np.full(a, np.nan, np.float32),
-                comp_lp.astype(np.float32),
-                np.full(b, np.nan, np.float32),
-            ]
-        )
-        top_lp = np.concatenate(
-            [np.full((a, m), -np.inf, np.float32), top[0], np.full((b, m), -np.inf, np.float32)]
-        )
-        top_id = np.concatenate(
-            [np.full((a, m), -1, np.int32), top[1], np.full((b, m), -1, np.int32)]
-        )
-        return ids, lp, top_lp, top_id
-
-    def _usage(
-        self, comp: Completion, generated: int, injected: int, prefilled_injected: int
-    ) -> TokenUsage:
-        cached = int(comp.cached_tokens)
-        return TokenUsage(
-            generated=generated,
-            # Injected tokens are prompt tokens too; count them once, as injected.
-            prefill=max(0, int(comp.prompt_tokens) - cached - prefilled_injected),
-            cached=cached,
-            injected=injected,
-        )
-
-    def _drop_stop(self, p: _Plan, comp: Completion) -> Completion:
-        """A completion without the tokens of the stop string that ended it, or of the start of
-        one that it was cut in: the engines drop a stop string from the text but keep the
-        tokens that completed it, and a continuation must not see them (a suppressed end of
-        thinking is not part of the chain). A marker of several tokens cut by the chunk's
-        length would be completed by the next chunk, where no engine sees it whole: its start
-        is dropped, and the next chunk writes it again (unless nothing else would be left)."""
-        if p.request is None or not p.request.stop:
-            return comp
-        ids = comp.token_ids.tolist()
-
-        def text_of(j: int) -> str:
-            return str(self._guard("decode", self.backend.decode, ids[:j]))
-
-        full = text_of(len(ids)) if ids else ""
-        if comp.finish_reason == "stop":
-            if comp.stop_reason is None:
-                return comp  # EOS ended it
-            stops = [comp.stop_reason] if comp.stop_reason else list(p.request.stop)
-            starts = [i for st in stops if (i := full.find(st)) >= 0]
-            if not starts:
-                return comp
-            cut = min(starts)
-        else:
-            partial = max(
-                (n for st in p.request.stop for n in range(1, len(st)) if full.endswith(st[:n])),
-                default=0,
-            )
-            if not partial:
-                return comp
-            cut = len(full) - partial
-        # Keep the tokens before the one where the stop string begins (a marker may take
-        # several tokens: none of them is part of the chain).
-        keep = next((j for j in range(len(ids) - 1, -1, -1) if len(text_of(j)) <= cut), 0)
-        if comp.finish_reason != "stop" and keep == 0:
-            return comp  # (a chunk of nothing but the marker's start would come back forever)
-        comp.token_ids = comp.token_ids[:keep]
-        comp.logprobs = comp.logprobs[:keep]
-        comp.top_logprobs = comp.top_logprobs[:keep]
-        comp.top_token_ids = comp.top_token_ids[:keep]
-        comp.text = text_of(keep) if keep else ""
-        return comp
+        return split_chunk(chunk, validate_k(k), self._decode)
 
     def _sampled_chunk(self, p: _Plan, comp: Completion) -> Chunk:
         chain = p.chain
         n_new = int(comp.token_ids.shape[0])
-        ids, lp, top_lp, top_id = self._arrays(
-            p.injected, comp.token_ids, comp.logprobs, self._top(comp)
+        m = self.sampling.top_logprobs
+        ids, lp, top_lp, top_id = chunk_arrays(
+            p.injected, comp.token_ids, comp.logprobs, top_arrays(comp, m), m
         )
         total = chain.num_tokens + len(ids)
         budget = chain.budget if p.budgeted else None
@@ -687,31 +486,21 @@ class LiveGenerator(GeneratorBase):
             top_logprobs=top_lp,
             top_token_ids=top_id,
             finish_reason=reason,
-            usage=self._usage(comp, n_new, len(p.injected), len(p.injected)),
+            usage=chunk_usage(comp, n_new, len(p.injected), len(p.injected)),
             n_injected=len(p.injected),
         )
 
     def _forced_chunk(self, p: _Plan, comp: Completion) -> Chunk:
-        ans_ids = comp.token_ids
-        n_ans = int(ans_ids.shape[0])
-        full = self._guard("decode", self.backend.decode, ans_ids.tolist()) if n_ans else ""
-        trail: list[int] = []
-        if "}" in full:
-            # Keep the answer up to the token that closes it ("}" may be merged, as in "}.").
-            j = next(
-                j
-                for j in range(1, n_ans + 1)
-                if "}" in self._guard("decode", self.backend.decode, ans_ids[:j].tolist())
-            )
-            keep = j
-            text = self._guard("decode", self.backend.decode, ans_ids[:keep].tolist())
-        else:
-            keep = n_ans
-            trail = self._encode("}")
-            text = comp.text + "}"
-        top = self._top(comp)
-        ids, lp, top_lp, top_id = self._arrays(
-            p.injected, ans_ids[:keep], comp.logprobs[:keep], (top[0][:keep], top[1][:keep]), trail
+        keep, trail, text = forced_answer(comp, self._decode, self._encode("}"))
+        m = self.sampling.top_logprobs
+        top_lp, top_id = top_arrays(comp, m)
+        ids, lp, top_lp, top_id = chunk_arrays(
+            p.injected,
+            comp.token_ids[:keep],
+            comp.logprobs[:keep],
+            (top_lp[:keep], top_id[:keep]),
+            m,
+            trail,
         )
         p.chain.finished = True
         return Chunk(
@@ -721,20 +510,8 @@ class LiveGenerator(GeneratorBase):
             top_logprobs=top_lp,
             top_token_ids=top_id,
             finish_reason="forced",
-            usage=self._usage(comp, keep, len(p.injected) + len(trail), len(p.injected)),
+            usage=chunk_usage(comp, keep, len(p.injected) + len(trail), len(p.injected)),
             n_injected=len(p.injected),
-        )
-
-    def _empty_chunk(self) -> Chunk:
-        m = self.sampling.top_logprobs
-        return Chunk(
-            token_ids=np.zeros(0, np.int32),
-            text="",
-            logprobs=np.zeros(0, np.float32),
-            top_logprobs=np.zeros((0, m), np.float32),
-            top_token_ids=np.zeros((0, m), np.int32),
-            finish_reason="cap",
-            usage=TokenUsage(),
         )
 
     @staticmethod
@@ -811,12 +588,9 @@ class LiveGenerator(GeneratorBase):
         outs = self._complete("probe", reqs)
         results = []
         for c, comp in zip(chains, outs, strict=True):
-            comp = self._eos_trim(comp)
+            comp = eos_trim(comp, self.backend.eos_token_id)
             n = int(comp.token_ids.shape[0])
-            full = self._guard("decode", self.backend.decode, comp.token_ids.tolist()) if n else ""
-            i = full.find("}")
-            text = full[: i + 1] if i >= 0 else comp.text
-            answer = read_probe_answer(text, comp.finish_reason == "stop")
+            text, answer = probe_reading(comp, self._decode)
             cached = int(comp.cached_tokens)
             results.append(
                 ProbeResult(
@@ -862,25 +636,12 @@ class LiveGenerator(GeneratorBase):
         outs = self._complete("judge", reqs)
         results = []
         for c, comp in zip(chains, outs, strict=True):
-            yes = no = 0.0
-            if comp.top_logprobs.shape[0] and comp.top_logprobs.ndim == 2:
-                for lp, tid in zip(
-                    comp.top_logprobs[0].tolist(), comp.top_token_ids[0].tolist(), strict=True
-                ):
-                    if tid < 0 or not math.isfinite(lp):
-                        continue
-                    word = self._piece(int(tid)).strip().lower()
-                    if word == "yes":
-                        yes += math.exp(lp)
-                    elif word == "no":
-                        no += math.exp(lp)
-            p_yes = yes / (yes + no) if yes + no > 0 else 0.5
             cached = int(comp.cached_tokens)
             results.append(
                 JudgeResult(
                     chain_id=c.chain_id,
                     at_tokens=c.num_tokens,
-                    p_yes=float(min(1.0, max(0.0, p_yes))),
+                    p_yes=judge_p_yes(comp, self._piece),
                     usage=TokenUsage(
                         judge=1, prefill=max(0, int(comp.prompt_tokens) - cached), cached=cached
                     ),

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 from env.generators.backend import CompletionRequest, TipRequest
 from env.generators.base import Generator
-from env.generators.live import LiveGenerator, since_last_switch, switch_token_ids
+from env.generators.live import LiveGenerator
 from env.generators.prompts import TESTBED
+from env.generators.tokens import since_last_switch, switch_token_ids
 from env.types import BudgetForcing, Chain, Question, SamplingConfig, TipConfig
 from features.errors import ConfigError, ModelError, PonderError
 
