@@ -150,7 +150,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "testbed prm",
-        "env.models.testbed.prm:main",
+        "env.models.testbed.prm_train:main",
         "train the step-level process reward model (PRM) on the testbed's step labels",
     ),
     Command(

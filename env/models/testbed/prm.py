@@ -1,4 +1,4 @@
-"""A step-level process reward model (PRM) for the testbed, and its training entry point.
+"""A step-level process reward model (PRM) for the testbed: its features, head and loaded model.
 
 The PRM predicts, at the end of every written step, whether all steps so far are correct
 (``prefix_ok`` in ``data/testbed/step_labels.parquet``). It is a linear head on features of the
@@ -12,26 +12,19 @@ The model already shipped in ``models/testbed`` does the reading, so the PRM add
 of weights. Because the encoder is causal, a step's features depend only on the text up to it:
 re-scoring a longer chain reads only the new tokens (see :class:`PRMState`).
 
-Train it with::
-
-    python -m env.models.testbed.prm --out models/testbed/prm
-
-It writes ``model.safetensors`` (the head) and ``config.json`` (encoder fingerprint, feature
-schema, how to aggregate step scores, validation metrics, the training data's sha256). No pickle
-is ever read. :class:`env.verifiers.PRMVerifier` puts it behind the verifier protocol.
+Train it with ``ponder testbed prm --out models/testbed/prm`` (or ``python -m
+env.models.testbed.prm``; the training is :mod:`env.models.testbed.prm_train`). It writes
+``model.safetensors`` (the head) and ``config.json`` (encoder fingerprint, feature schema, how to
+aggregate step scores, validation metrics, the training data's sha256). No pickle is ever read. :class:`env.verifiers.PRMVerifier` puts it behind the verifier protocol.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
-import os
-import random
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from env.models.testbed.model import TESTBED_DIR
-from env.models.testbed.task import EOS, judge_text, prompt_text
+from env.models.testbed.task import EOS, prompt_text
 from env.types import PromptMode
 from features.errors import ConfigError, ModelError
 
@@ -57,12 +50,9 @@ __all__ = [
     "PRMState",
     "ProcessRewardModel",
     "StepEncoder",
-    "TrainArgs",
     "aggregate_scores",
     "build_head",
     "step_spans",
-    "train",
-    "main",
 ]
 
 log = logging.getLogger(__name__)
@@ -70,9 +60,9 @@ log = logging.getLogger(__name__)
 #: The folder format this module writes and reads.
 FORMAT = "ponder-prm/1"
 #: Where the trained PRM ships.
-PRM_DIR = TESTBED_DIR / "prm"
+PRM_DIR: Path = TESTBED_DIR / "prm"
 #: Default training data.
-STEP_LABELS = Path(__file__).resolve().parents[3] / "data" / "testbed" / "step_labels.parquet"
+STEP_LABELS: Path = Path(__file__).resolve().parents[3] / "data" / "testbed" / "step_labels.parquet"
 #: A step is a line that assigns a variable (``c = b * 3 = 85 * 3 = 255``), as the labels define it.
 STEP_PATTERN = r"^[a-z] = "
 #: Confidence features of a step line, in order (after the hidden state).
@@ -490,258 +480,8 @@ class ProcessRewardModel:
         return torch.sigmoid(logits).tolist(), st, reused, computed
 
 
-# -- training ---------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainArgs:
-    """Train the testbed PRM (a head on the frozen testbed model) on the step labels."""
-
-    out: Path = PRM_DIR
-    """folder to write the PRM to (model.safetensors + config.json)"""
-    data: Path = STEP_LABELS
-    """step labels (parquet: qid, question, solution, end, prefix_ok, final_correct, ...)"""
-    encoder: Path = TESTBED_DIR
-    """the frozen testbed model the head reads with"""
-    seed: int = 0
-    """seed for the split and the head's initialisation"""
-    val_frac: float = 0.2
-    """share of questions held out for validation (grouped: no question is on both sides)"""
-    epochs: int = 30
-    """full-batch L-BFGS steps (each up to 20 iterations)"""
-    l2: float = 3e-3
-    """L2 penalty on the head's weights (validation chose it; larger heads overfit)"""
-    head_hidden: int = 0
-    """hidden units of the head (0: logistic regression, which validated best)"""
-    aggregate: Literal["auto", "min", "product"] = "auto"
-    """how step scores become a chain score; auto: the better on validation (Brier score)"""
-    max_rows: int = 0
-    """use about this many labelled steps, whole solutions at a time (0: all)"""
-    threads: int = 1
-    """torch threads"""
-    compare_self_verifier: bool = True
-    """also score the validation solutions with the testbed model's own yes/no verdict"""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _portable(path: Path) -> str:
-    """``path`` relative to the repository when it lies inside it (so configs do not name hosts)."""
-    root = Path(__file__).resolve().parents[3]
-    p = Path(path).resolve()
-    return str(p.relative_to(root)) if p.is_relative_to(root) else str(path)
-
-
-def _auroc(y: np.ndarray, p: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    y = np.asarray(y, bool)
-    if y.all() or not y.any():
-        return None
-    return float(roc_auc_score(y, p))
-
-
-def _self_verifier_p(enc: StepEncoder, question: str, solution: str) -> float:
-    """P(`` yes``) of the testbed model's verdict (the generative self-verifier's prompt)."""
-    import torch
-
-    ids, _, _ = enc.tokenize(judge_text(question, solution))
-    yes = enc.tokenizer(" yes", add_special_tokens=False)["input_ids"][0]
-    no = enc.tokenizer(" no", add_special_tokens=False)["input_ids"][0]
-    with torch.inference_mode():
-        logits = enc.model(input_ids=torch.tensor([ids])).logits[0, -1]
-    two = torch.softmax(logits[[yes, no]].float(), dim=0)
-    return float(two[0])
-
-
-def train(args: TrainArgs) -> dict[str, Any]:
-    """Encode the labelled steps, fit the head, validate, write the PRM; return its metrics."""
-    import pandas as pd
-    import torch
-    from safetensors.torch import save_file
-
-    from env.bank.identity import model_sha256
-
-    t0 = time.time()
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    if not 0 < args.val_frac < 1:
-        raise ConfigError(f"val_frac must be in (0, 1), got {args.val_frac}")
-
-    data = Path(args.data)
-    if not data.is_file():
-        raise ConfigError(f"no step labels at {data}: write them with `ponder testbed evaluate`")
-    df = pd.read_parquet(data)
-    need = {"qid", "sample", "question", "solution", "end", "prefix_ok", "final_correct"}
-    if missing := need - set(df.columns):
-        raise ConfigError(f"{data} lacks the columns {sorted(missing)}")
-    df = df.assign(key=df["qid"].astype(str) + "#" + df["sample"].astype(str))
-    if args.max_rows:
-        keys = df["key"].drop_duplicates().sample(frac=1.0, random_state=args.seed).tolist()
-        sizes = df.groupby("key").size()
-        take, n = [], 0
-        for k in keys:
-            if n >= args.max_rows:
-                break
-            take.append(k)
-            n += int(sizes[k])
-        df = df[df["key"].isin(set(take))]
-
-    enc = StepEncoder(args.encoder)
-    # Encode each distinct (question, solution) once: every step's features come from one pass.
-    X = np.zeros((len(df), enc.hidden_size + len(LP_FEATURES)), np.float32)
-    ok = np.ones(len(df), bool)
-    from tqdm import tqdm
-
-    pairs = df.groupby(["question", "solution"], sort=False).indices
-    for (question, solution), idx in tqdm(pairs.items(), desc="encode steps", unit="solution"):
-        prompt = prompt_text(str(question), "cot")
-        sol = str(solution)
-        st, _, _ = enc.read(prompt + sol)
-        st.cache = None
-        for i in idx:
-            end = int(df["end"].iloc[i])
-            start = sol.rfind("\n", 0, end) + 1
-            f = enc.features(st, prompt + sol, (start + len(prompt), end + len(prompt)))
-            if f is None:
-                ok[i] = False
-            else:
-                X[i] = f
-    df, X = df[ok].reset_index(drop=True), X[ok]
-    y = df["prefix_ok"].to_numpy(bool)
-
-    # Group split by question text (a few qids share a question; none may straddle the split).
-    qs = sorted(df["question"].unique())
-    random.Random(args.seed).shuffle(qs)
-    n_val = max(1, round(len(qs) * args.val_frac)) if len(qs) > 1 else 0
-    val_q = set(qs[:n_val])
-    va = df["question"].isin(val_q).to_numpy()
-    tr = ~va
-    if not tr.any():
-        raise ConfigError("too few questions to train on; raise --max-rows")
-
-    n_feat = X.shape[1]
-    head = _head_module(n_feat, args.head_hidden)
-    xt = torch.from_numpy(X[tr])
-    yt = torch.from_numpy(y[tr].astype(np.float32))
-    mean = xt.mean(0)
-    std = xt.std(0).clamp_min(1e-4) if len(xt) > 1 else torch.ones(n_feat)
-    head.get_buffer("mean").copy_(mean)
-    head.get_buffer("std").copy_(std)
-    params = [p for p in head.parameters() if p.requires_grad]
-    weights = [p for n, p in head.named_parameters() if n.endswith("weight")]
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=20, line_search_fn="strong_wolfe")
-
-    def objective() -> torch.Tensor:
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(xt), yt)
-        return loss + 0.5 * args.l2 * sum((w**2).sum() for w in weights)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = objective()
-        loss.backward()  # type: ignore[no-untyped-call]
-        return loss
-
-    for _ in range(args.epochs):
-        opt.step(closure)  # type: ignore[arg-type]
-    head.eval()
-    with torch.no_grad():
-        loss = float(objective())
-    log.info("train/loss %.4f after %d L-BFGS steps", loss, args.epochs)
-
-    with torch.inference_mode():
-        p_all = torch.sigmoid(head(torch.from_numpy(X))).numpy()
-    metrics: dict[str, float | int | None] = {
-        "train/loss": loss,
-        "train/steps": int(tr.sum()),
-        "train/questions": len(qs) - n_val,
-        "val/steps": int(va.sum()),
-        "val/questions": n_val,
-    }
-    chosen: Aggregate = "min" if args.aggregate == "auto" else args.aggregate
-    if va.any():
-        pv, yv = p_all[va], y[va]
-        metrics["val/step_auroc"] = _auroc(yv, pv)
-        metrics["val/step_accuracy"] = float(((pv > 0.5) == yv).mean())
-        metrics["val/step_majority_accuracy"] = float(max(yv.mean(), 1 - yv.mean()))
-        metrics["val/step_brier"] = float(((pv - yv) ** 2).mean())
-        sol = df[va].assign(p=pv).groupby("key", sort=False)
-        fc = sol["final_correct"].first().to_numpy(bool)
-        agg = {"min": sol["p"].min().to_numpy(), "product": sol["p"].prod().to_numpy()}
-        metrics["val/solutions"] = len(fc)
-        metrics["val/solution_majority_accuracy"] = float(max(fc.mean(), 1 - fc.mean()))
-        for name, s in agg.items():
-            metrics[f"val/solution_auroc_{name}"] = _auroc(fc, s)
-            metrics[f"val/solution_accuracy_{name}"] = float(((s > 0.5) == fc).mean())
-            metrics[f"val/solution_brier_{name}"] = float(((s - fc) ** 2).mean())
-        if args.aggregate == "auto":
-            # The chain score is used as a probability (P(yes) weights votes), so a proper
-            # scoring rule picks the aggregate; the two rank solutions almost alike (AUROC).
-            b_min = metrics["val/solution_brier_min"]
-            b_prod = metrics["val/solution_brier_product"]
-            if b_min is not None and b_prod is not None and b_prod < b_min:
-                chosen = "product"
-        if args.compare_self_verifier:
-            first = df[va].groupby("key", sort=False).first()
-            sv = np.array(
-                [
-                    _self_verifier_p(enc, str(q), str(s))
-                    for q, s in zip(first["question"], first["solution"], strict=True)
-                ]
-            )
-            metrics["val/self_verifier_auroc"] = _auroc(fc, sv)
-            metrics["val/self_verifier_accuracy"] = float(((sv > 0.5) == fc).mean())
-    metrics["train/seconds"] = round(time.time() - t0, 1)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    enc_rel = os.path.relpath(Path(args.encoder).resolve(), out.resolve())
-    train_args = {
-        k: (_portable(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(args).items()
-    }
-    cfg = PRMConfig(
-        encoder=enc_rel,
-        encoder_sha256=model_sha256(args.encoder),
-        hidden_size=enc.hidden_size,
-        features=tuple(f"hidden_{i}" for i in range(enc.hidden_size)) + LP_FEATURES,
-        head_hidden=args.head_hidden,
-        aggregate=chosen,
-        bos=enc.bos,
-        max_tokens=enc.max_tokens,
-        metrics=metrics,
-        data_sha256=_sha256(data),
-        train_args=train_args,
-    )
-    state = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
-    tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": FORMAT})
-    tmp.chmod(0o644)
-    tmp.replace(out / "model.safetensors")
-    tmp = out / "config.json.tmp"
-    tmp.write_text(cfg.to_json())
-    tmp.replace(out / "config.json")
-    for k, v in metrics.items():
-        log.info("%s = %s", k, f"{v:.4f}" if isinstance(v, float) else v)
-    log.info("aggregate: %s; PRM written to %s", chosen, out)
-    return metrics
-
-
-def main(argv: list[str] | None = None) -> None:
-    import tyro
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = tyro.cli(TrainArgs, args=argv)
-    train(args)
-    print(f"PRM written to {args.out}")
-
-
 if __name__ == "__main__":
+    # The documented command; training lives in prm_train.
+    from env.models.testbed.prm_train import main
+
     main()
