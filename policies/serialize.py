@@ -30,6 +30,7 @@ import numpy as np
 
 from env.episode.config import EnvConfig
 from env.episode.observation import FEATURE_NAMES
+from env.models.prepare import sha256_file
 from features.errors import PolicyError
 
 __all__ = [
@@ -233,14 +234,6 @@ def _ponder_version() -> str:
         return "unknown"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_policy_files(
     directory: str | Path,
     *,
@@ -272,7 +265,7 @@ def write_policy_files(
         "version": int(version),
         "features": list(FEATURE_NAMES),
         "params": _jsonable(params),
-        "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(weights)},
+        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(weights)},
         **{k: _jsonable(v) for k, v in meta.items()},
         "ponder_version": _ponder_version(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -401,7 +394,7 @@ def read_policy_files(path: str | Path, *, kinds: Mapping[str, Sequence[int]]) -
     wpath = p / name
     if not wpath.is_file():
         raise PolicyError(f"{wpath} is missing: copy the whole policy folder")
-    if w.get("sha256") != _sha256(wpath):
+    if w.get("sha256") != sha256_file(wpath):
         raise PolicyError(
             f"{wpath} does not match the sha256 in {POLICY_JSON}: the weights were altered or "
             "belong to another policy"

@@ -13,7 +13,6 @@ schema, the aggregate chosen on validation, validation metrics, the training dat
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import random
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from env.models.prepare import sha256_file
 from env.models.testbed.model import TESTBED_DIR
 from env.models.testbed.prm import (
     FORMAT,
@@ -291,7 +291,7 @@ def _write(
         bos=enc.bos,
         max_tokens=enc.max_tokens,
         metrics=metrics,
-        data_sha256=_sha256(Path(args.data)),
+        data_sha256=sha256_file(Path(args.data)),
         train_args=train_args,
     )
     state = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
@@ -305,14 +305,6 @@ def _write(
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _portable(path: Path) -> str:
