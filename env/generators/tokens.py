@@ -21,7 +21,8 @@ import numpy as np
 
 from env.generators.backend import Completion
 from env.types import Chunk, FloatArray, IntArray, TokenUsage
-from features.errors import ConfigError, PonderError
+from features.errors import ConfigError
+from features.extract import read_probe
 
 __all__ = [
     "Decode",
@@ -33,7 +34,6 @@ __all__ = [
     "forced_answer",
     "judge_p_yes",
     "probe_reading",
-    "read_probe_answer",
     "since_last_switch",
     "split_chunk",
     "switch_token_ids",
@@ -289,40 +289,16 @@ def split_chunk(chunk: Chunk, k: int, decode: Decode) -> list[Chunk]:
 # -- probes and verdicts --------------------------------------------------------------------------
 
 
-def read_probe_answer(text: str, finished_by_stop: bool) -> str | None:
-    """The answer in a probe completion such as ``"42}"``.
-
-    Uses ``features.answers.read_probe`` when that module is there; otherwise the text before
-    the first ``}`` (or the whole text when the model ended without one), ``None`` when empty
-    or when the completion ran out of tokens before closing the answer.
-    """
-    try:
-        from features.answers import read_probe
-    except ImportError:
-        pass
-    else:
-        try:
-            ans = read_probe(text)
-        except PonderError:
-            return None
-        return None if ans is None else str(ans)
-    i = text.find("}")
-    if i >= 0:
-        body = text[:i].strip()
-    elif finished_by_stop:
-        body = text.strip()
-    else:
-        return None
-    return body or None
-
-
 def probe_reading(comp: Completion, decode: Decode) -> tuple[str, str | None]:
-    """A probe completion's ``(text up to and including the closing "}", answer)``."""
+    """A probe completion's ``(text up to and including the closing "}", answer)``: the answer
+    runs up to the brace that closes the box, or is the first line when none does
+    (:func:`features.extract.read_probe`)."""
     n = int(comp.token_ids.shape[0])
     full = decode(comp.token_ids.tolist()) if n else ""
     i = full.find("}")
     text = full[: i + 1] if i >= 0 else comp.text
-    return text, read_probe_answer(text, comp.finish_reason == "stop")
+    answer = read_probe(text)
+    return text, None if answer is None else str(answer)
 
 
 def judge_p_yes(comp: Completion, piece: Callable[[int], str]) -> float:
