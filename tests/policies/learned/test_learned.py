@@ -228,14 +228,14 @@ def test_weights_of_the_wrong_shape_are_refused(tmp_path: Path) -> None:
     p.save(tmp_path)
     from safetensors.numpy import load_file, save_file
 
-    from policies.serialize import _sha256
+    from env.models.prepare import sha256_file
 
     w = tmp_path / "weights.safetensors"
     arrays = load_file(str(w))
     arrays["gain.w1"] = arrays["gain.w1"][:, :1].copy()
     arrays["gain.b1"] = arrays["gain.b1"][:1].copy()
     save_file(arrays, str(w))
-    _edit(tmp_path, lambda h: h["weights"].update(sha256=_sha256(w)))
+    _edit(tmp_path, lambda h: h["weights"].update(sha256=sha256_file(w)))
     with pytest.raises(PolicyError, match="gain network maps"):
         load_policy(tmp_path)
 
