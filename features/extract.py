@@ -2,7 +2,7 @@
 the last number, a short factual reply, a probe's completion, and GSM8K's gold field.
 
 What comes out is the answer *as written*; :mod:`features.answers` decides when two answers are
-the same (and re-exports everything here, so ``from features.answers import extract_answer``
+the same (and re-exports the readers, so ``from features.answers import extract_answer``
 keeps working). Pure and fast (precompiled patterns, linear scans): these run in the
 controller's inner loop.
 """
