@@ -125,6 +125,9 @@ class BankManifest:
             "judge": self.judge,
             "seed": self.seed,
         }
+        if self.model.get("dtype"):
+            # (banks from before ponder recorded the precision keep their fingerprint)
+            settings["dtype"] = self.model["dtype"]
         blob = json.dumps(settings, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -222,4 +225,8 @@ class BankManifest:
             diffs.append(f"prompt wording differs: {changed}")
         if self.model.get("sha256") != other.model.get("sha256"):
             diffs.append(f"model sha256: {self.model.get('sha256')} vs {other.model.get('sha256')}")
+        # A bank from before the precision was recorded has none: nothing to compare.
+        mine, theirs = self.model.get("dtype"), other.model.get("dtype")
+        if mine and theirs and mine != theirs:
+            diffs.append(f"model dtype: {mine} vs {theirs} (pass the bank's --dtype to resume)")
         return diffs

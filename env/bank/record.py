@@ -449,7 +449,10 @@ def make_generator(args: RecordArgs):  # type: ignore[no-untyped-def]
         import json
 
         name = json.loads(meta.read_text()).get("name", name)
-    return vgen, {"name": name, "path": str(path), "sha256": sha, "engine": "vllm"}
+    # The weights' precision decides the chains as much as the weights do: a bank records it,
+    # and a resume in another precision is refused (BankManifest.compatible).
+    dtype = str(llm.model_config.dtype).removeprefix("torch.")
+    return vgen, {"name": name, "path": str(path), "sha256": sha, "engine": "vllm", "dtype": dtype}
 
 
 def _make_llamacpp(args: RecordArgs, sampling: Any):  # type: ignore[no-untyped-def]
