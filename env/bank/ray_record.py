@@ -3,7 +3,8 @@
 Each actor owns a generator (built from the same :class:`~env.bank.record.RecordArgs` as the
 single-process recorder: an in-process vLLM engine per GPU with ``--ray-gpus 1``, llama.cpp, a
 client of a vLLM server with ``--url``, or the fake); the driver hands each actor one question at
-a time and writes what comes back into the same atomic per-question files, once each. So:
+a time (or one group of ``--questions-at-once`` questions, the same groups as without Ray) and
+writes what comes back into the same atomic per-question files, once each. So:
 
 * **Same bank.** A question is recorded as the single-process recorder records it (its engine
   reset and reseeded from the question's id: :func:`~env.bank.record.record_as`), whichever actor
@@ -33,9 +34,10 @@ from env.bank.record import (
     RecordArgs,
     bank_manifest,
     describe_generator,
+    groups_of,
     make_generator,
     questions_of,
-    record_as,
+    record_group_as,
 )
 from env.bank.writer import BankWriter
 from env.ray_cluster import connect
@@ -57,9 +59,12 @@ class RecordWorker:
         """``(model, template name, prompt texts)`` for the bank manifest."""
         return (self.model, *describe_generator(self.gen, self.args))
 
-    def record(self, question: Question, manifest: BankManifest) -> dict[str, list[Any]]:
-        """The rows of ``question`` as the bank of ``manifest`` records it."""
-        return record_as(self.gen, question, manifest)
+    def record(
+        self, questions: list[Question], manifest: BankManifest
+    ) -> list[dict[str, list[Any]]]:
+        """The rows of ``questions`` (a group recorded side by side, or one question) as the
+        bank of ``manifest`` records them."""
+        return record_group_as(self.gen, questions, manifest)
 
     def pid(self) -> int:
         return os.getpid()
@@ -86,34 +91,37 @@ def record_on_ray(args: RecordArgs, stats: dict[str, float] | None = None) -> Pa
         manifest = bank_manifest(args, questions, model, template, prompts)
         writer = BankWriter(args.out, manifest, questions)
         manifest = writer.manifest
-        todo = deque((i, q) for i, q in enumerate(questions) if not writer.done(i))
+        todo = deque(groups_of(len(questions), args.questions_at_once, writer.done))
         bar = tqdm(
             total=len(questions),
-            initial=len(questions) - len(todo),
+            initial=sum(writer.done(i) for i in range(len(questions))),
             desc=f"record {args.out} on Ray ({len(actors)} actors)",
             unit="q",
         )
         t0 = time.time()
         setup_s, write_s, written = time.perf_counter() - t_setup, 0.0, 0
-        pending: dict[Any, tuple[int, Any]] = {}
+        pending: dict[Any, tuple[list[int], Any]] = {}
 
         def give(actor: Any) -> None:
             if todo and not (args.limit_minutes > 0 and time.time() - t0 > args.limit_minutes * 60):
-                i, q = todo.popleft()
-                pending[actor.record.remote(q, manifest)] = (i, actor)
+                group = todo.popleft()
+                ref = actor.record.remote([questions[i] for i in group], manifest)
+                pending[ref] = (group, actor)
 
         for a in actors:
             give(a)
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
-            i, actor = pending.pop(ref)
-            rows = ray.get(ref)
+            group, actor = pending.pop(ref)
+            recorded = ray.get(ref)
             tw = time.perf_counter()
-            if not writer.done(i):  # (a retried task never writes a question twice)
-                writer.write(i, rows)
-                written += 1
+            for i, rows in zip(group, recorded, strict=True):
+                # (a retried task, or a group recorded whole again, never writes a file twice)
+                if not writer.done(i):
+                    writer.write(i, rows)
+                    written += 1
+                    bar.update(1)
             write_s += time.perf_counter() - tw
-            bar.update(1)
             give(actor)
         bar.close()
         if stats is not None:
@@ -123,7 +131,7 @@ def record_on_ray(args: RecordArgs, stats: dict[str, float] | None = None) -> Pa
         if todo:
             log.warning(
                 "time limit reached with %d questions left; rerun the same command to resume",
-                len(todo),
+                sum(not writer.done(i) for g in todo for i in g),
             )
         return Path(args.out)
     finally:

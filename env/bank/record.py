@@ -11,6 +11,10 @@ written atomically, and before each question the engine's prefix cache is cleare
 reseeded from ``seed`` and the question id. With the in-process vLLM generator an interrupted and
 resumed recording therefore equals an uninterrupted one. ``--model X.gguf`` records with llama.cpp
 instead (about twice vLLM's speed on a CPU; seeded per request, see :mod:`env.bank.schema`).
+``--questions-at-once N`` records N consecutive questions side by side, their chains in one engine
+batch (faster on an engine whose throughput grows with the batch, as vLLM's does on a CPU); the
+group is reseeded once from its questions' ids and noted in each file (:func:`groups_of`,
+:func:`record_group_as`), so resuming is exact as well.
 One recorder at a time: a run holds the folder's :class:`~env.bank.lock.BankLock` throughout, and
 a second one on the same folder is refused with the first one named.
 """
@@ -21,7 +25,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +36,7 @@ import numpy as np
 from env.bank.identity import model_sha256
 from env.bank.lock import BankLock
 from env.bank.manifest import BankManifest
-from env.bank.schema import EXECUTION_KEY, METADATA_ROWS, answer_correct
+from env.bank.schema import EXECUTION_KEY, METADATA_ROWS, SAMPLING_KEY, answer_correct
 from env.bank.writer import BankWriter
 from env.generators.base import Generator
 from env.types import (
@@ -58,7 +62,11 @@ __all__ = [
     "questions_of",
     "record",
     "record_as",
+    "record_group_as",
     "record_question",
+    "record_questions",
+    "group_seed",
+    "groups_of",
     "question_seed",
     "CODE_DATASETS",
     "code_grader",
@@ -123,9 +131,11 @@ class RecordArgs:
     max_model_len: int = 0
     """context length per chain (0: the model's own, capped at 4096 for vLLM, 2048 for llama.cpp)"""
     slots: int = 0
-    """llama.cpp parallel slots (0: one per chain)"""
+    """llama.cpp parallel slots (0: one per chain of the questions recorded at once)"""
     threads: int = 0
     """llama.cpp CPU threads (0: all cores)"""
+    questions_at_once: int = 1
+    """questions recorded side by side, their chains in one engine batch (vLLM on a CPU samples more tokens a second in a larger batch, and one question's last long chains share their steps with the others'); a group is N consecutive questions of the bank's order sampled from one seed drawn from their ids, noted in each file (`ponder.sampling`), so a resumed run records the same groups; 1: each question alone, from its own seed"""
     fake_token_ms: float = 0.0
     """--model fake only: milliseconds per generated token, standing in for an engine's speed (benchmarks, tests)"""
     ray: str = ""
@@ -237,21 +247,61 @@ def record_question(
     :func:`env.episode.rules.ended_in_thinking`), and the extension continues the thinking
     itself with ``Wait,``, so that thinking longer is what "continue" past the end buys. A chain
     that thinks up to ``max_tokens`` gets its answer forced there."""
+    (cols,) = record_questions(
+        gen,
+        [question],
+        chains=chains,
+        chunk_tokens=chunk_tokens,
+        max_tokens=max_tokens,
+        extension_chunks=extension_chunks,
+        probe_tokens=probe_tokens,
+        judge=judge,
+        mode=mode,
+        seed=seed,
+        graders=None if grader is None else [grader],
+    )
+    return cols
+
+
+def record_questions(
+    gen: Generator,
+    questions: Sequence[Question],
+    *,
+    chains: int,
+    chunk_tokens: int,
+    max_tokens: int,
+    extension_chunks: int,
+    probe_tokens: int,
+    judge: bool,
+    mode: PromptMode = "cot",
+    seed: int | None = None,
+    graders: Sequence[CodeGrader] | None = None,
+) -> list[dict[str, Any]]:
+    """Record ``questions`` side by side, as :func:`record_question` records one: every step
+    extends, probes and judges all their active chains in one call to ``gen``, so an engine whose
+    throughput grows with its batch (vLLM on a CPU) samples them faster than one at a time, and
+    one question's last long chains share their steps with the others' chains. ``graders`` (code
+    questions) holds one grader per question. Returns each question's columns, in order."""
     from env.episode.rules import ended_in_thinking, text_reader
     from env.types import BudgetForcing
     from features.answers import normalize_answer
 
-    thinking_end = gen.traits.thinking_end if grader is None else None
+    if not questions:
+        return []
+    if graders is not None and len(graders) != len(questions):
+        raise ConfigError("record_questions needs one grader per question")
+    coded = graders is not None
+    thinking_end = gen.traits.thinking_end if not coded else None
     forced = thinking_end is not None and extension_chunks > 0
     if seed is not None:
         gen.reset(seed)
-    started = gen.start(
-        question,
-        chains,
-        mode=mode,
-        budget=BudgetForcing(min_tokens=max_tokens, max_tokens=max_tokens) if forced else None,
-    )
-    recs = {c.chain_id: _ChainRecord(c, i) for i, c in enumerate(started)}
+    budget = BudgetForcing(min_tokens=max_tokens, max_tokens=max_tokens) if forced else None
+    recs: dict[int, _ChainRecord] = {}
+    owner: dict[int, int] = {}  # chain id -> position of its question in `questions`
+    for qi, question in enumerate(questions):
+        for i, c in enumerate(gen.start(question, chains, mode=mode, budget=budget)):
+            recs[c.chain_id] = _ChainRecord(c, i)
+            owner[c.chain_id] = qi
 
     def thought_to_end(c: Chain) -> bool:
         # a suppressed end of thinking: the chain's own end, which the budget keeps open
@@ -264,15 +314,15 @@ def record_question(
             raise ConfigError("generator returned a different number of chunks than chains")
         probes: Sequence[ProbeResult | None]
         judges: Sequence[JudgeResult | None]
-        if grader is not None:
-            probes, judges = _executed(grader, active)
+        if graders is not None:
+            probes, judges = _executed([graders[owner[c.chain_id]] for c in active], active)
         else:
             probes = gen.probe(active, max_tokens=probe_tokens)
             judges = gen.judge(active) if judge else [None] * len(active)
         for c, ch, pr, jd in zip(active, chunks, probes, judges, strict=True):
             rec = recs[c.chain_id]
             row = _chunk_row(c, rec.index, len(rec.rows), starts[c.chain_id], ch, ext)
-            _boundary(row, pr, jd, question)
+            _boundary(row, pr, jd, questions[owner[c.chain_id]])
             rec.rows.append(row)
 
     active = [r.chain for r in recs.values()]
@@ -282,20 +332,21 @@ def record_question(
 
     # Budget-forced extension: reopen chains that ended on their own before the cap.
     answers: dict[int, str | None] = {}
-    executions = []
+    executions: list[list[Any]] = [[] for _ in questions]
     for cid, rec in recs.items():
-        if grader is not None:
-            executions.append(grader.grade(rec.index, rec.chain.text))
-            answers[cid] = executions[-1].answer
+        qi = owner[cid]
+        if graders is not None:
+            executions[qi].append(graders[qi].grade(rec.index, rec.chain.text))
+            answers[cid] = executions[qi][-1].answer
         elif ended_in_thinking(rec.chain.text, thinking_end):
             answers[cid] = rec.rows[-1]["probe_answer"]  # (normalised) closing the section
         else:
-            answers[cid] = normalize_answer(text_reader(question)(rec.chain.text))
-    accepted = None
-    if grader is not None:
+            answers[cid] = normalize_answer(text_reader(questions[qi])(rec.chain.text))
+    accepted: list[Any] = [None] * len(questions)
+    if graders is not None:
         from env.code.grade import accepted_answers
 
-        accepted = accepted_answers(executions)
+        accepted = [accepted_answers(e) for e in executions]
     if extension_chunks > 0:
         reopen = []
         for rec in recs.values():
@@ -314,32 +365,35 @@ def record_question(
             step(reopen, ext=True)
             reopen = [c for c in reopen if not c.finished]
 
-    cols: dict[str, Any] = {}
+    out: list[dict[str, Any]] = [{} for _ in questions]
     for cid, rec in recs.items():
-        ans = answers[cid]
-        ok = question.is_right(ans) if grader is None else answer_correct(ans, None, accepted)
+        qi = owner[cid]
+        cols, ans, acc = out[qi], answers[cid], accepted[qi]
+        ok = questions[qi].is_right(ans) if not coded else answer_correct(ans, None, acc)
         for row in rec.rows:
             row["answer"] = ans
             row["correct"] = ok
-            if accepted is not None:  # (a code probe's class is judged once all are graded)
-                row["probe_correct"] = answer_correct(row["probe_answer"], None, accepted)
+            if coded:  # (a code probe's class is judged once all are graded)
+                row["probe_correct"] = answer_correct(row["probe_answer"], None, acc)
             for k, v in row.items():
                 cols.setdefault(k, []).append(v)
-    if accepted is not None:
+    if coded:
         import json
 
-        blob = {"accepted": list(accepted), "chains": [e.as_json() for e in executions]}
-        cols[METADATA_ROWS] = {EXECUTION_KEY: json.dumps(blob, separators=(",", ":")).encode()}
-    return cols
+        for qi, cols in enumerate(out):
+            blob = {"accepted": list(accepted[qi]), "chains": [e.as_json() for e in executions[qi]]}
+            cols[METADATA_ROWS] = {EXECUTION_KEY: json.dumps(blob, separators=(",", ":")).encode()}
+    return out
 
 
 def _executed(
-    grader: CodeGrader, chains: Sequence[Chain]
+    graders: Sequence[CodeGrader], chains: Sequence[Chain]
 ) -> tuple[list[ProbeResult | None], list[JudgeResult | None]]:
-    """A code boundary's probe and verify readings: the chains' code so far, run."""
+    """A code boundary's probe and verify readings: each chain's code so far, run by its
+    question's grader (``graders[i]`` for ``chains[i]``)."""
     probes: list[ProbeResult | None] = []
     judges: list[JudgeResult | None] = []
-    for c in chains:
+    for grader, c in zip(graders, chains, strict=True):
         answer, score = grader.read(c.text, ended=c.finished)
         probes.append(
             ProbeResult(c.chain_id, c.num_tokens, "", answer, np.zeros(0, np.float32), TokenUsage())
@@ -351,9 +405,29 @@ def _executed(
 def record_as(gen: Generator, question: Question, manifest: BankManifest) -> dict[str, list[Any]]:
     """Record ``question`` as the bank of ``manifest`` records it (``ponder record``): with its
     settings and the question's seed (:func:`question_seed`)."""
-    return record_question(
+    (cols,) = record_group_as(gen, [question], manifest)
+    return cols
+
+
+def group_seed(seed: int, questions: Sequence[Question]) -> int:
+    """The sampler seed of questions recorded side by side: :func:`question_seed` of the one
+    question alone, and of the group's ids joined (``a|b|c``) for several."""
+    return question_seed(seed, "|".join(q.qid for q in questions))
+
+
+def record_group_as(
+    gen: Generator, questions: Sequence[Question], manifest: BankManifest
+) -> list[dict[str, list[Any]]]:
+    """Record ``questions`` side by side (:func:`record_questions`) as the bank of ``manifest``
+    records them, from their group's seed (:func:`group_seed`); each question's columns carry
+    the group in its file metadata (:data:`SAMPLING_KEY`) when it has more than one question."""
+    import json
+
+    seed = group_seed(manifest.seed, questions)
+    coded = manifest.dataset in CODE_DATASETS
+    out = record_questions(
         gen,
-        question,
+        questions,
         chains=manifest.chains,
         chunk_tokens=manifest.chunk_tokens,
         max_tokens=manifest.max_tokens,
@@ -361,9 +435,31 @@ def record_as(gen: Generator, question: Question, manifest: BankManifest) -> dic
         probe_tokens=manifest.probe_tokens,
         judge=manifest.judge,
         mode=cast(PromptMode, manifest.mode),
-        seed=question_seed(manifest.seed, question.qid),
-        grader=code_grader(question) if manifest.dataset in CODE_DATASETS else None,
+        seed=seed,
+        graders=[code_grader(q) for q in questions] if coded else None,
     )
+    if len(questions) > 1:
+        note = json.dumps({"seed": seed, "group": [q.qid for q in questions]}).encode()
+        for cols in out:
+            cols[METADATA_ROWS] = {**cols.get(METADATA_ROWS, {}), SAMPLING_KEY: note}
+    return out
+
+
+def groups_of(n_questions: int, size: int, done: Callable[[int], bool]) -> list[list[int]]:
+    """The groups ``ponder record --questions-at-once size`` records, as question positions:
+    consecutive runs of ``size`` in the bank's order (the last may be shorter), those with a
+    question still to record. A group is fixed by position, not by what is left, so a resumed
+    run records the same groups (with the same seeds) as an uninterrupted one; a group of which
+    some files exist (written before an interruption, or alone before the size was raised) is
+    recorded whole again and only its missing files are written."""
+    if size < 1:
+        raise ConfigError(f"--questions-at-once must be at least 1, got {size}")
+    out = []
+    for lo in range(0, n_questions, size):
+        group = list(range(lo, min(lo + size, n_questions)))
+        if not all(done(i) for i in group):
+            out.append(group)
+    return out
 
 
 def code_grader(question: Question) -> CodeGrader:
@@ -467,7 +563,7 @@ def _make_llamacpp(args: RecordArgs, sampling: Any):  # type: ignore[no-untyped-
         path,
         template=args.template or _chat_template(args),
         sampling=sampling,
-        slots=args.slots or args.chains,
+        slots=args.slots or args.chains * max(1, args.questions_at_once),
         context=args.max_model_len or 2048,
         threads=args.threads,
         seed=args.seed,
@@ -527,6 +623,11 @@ def record(args: RecordArgs, stats: dict[str, float] | None = None) -> Path:
         raise ConfigError("need chains >= 1, chunk_tokens >= 1 and max_tokens >= chunk_tokens")
     if args.ray_workers < 1 or args.ray_gpus < 0:
         raise ConfigError("need --ray-workers >= 1 and --ray-gpus >= 0")
+    if args.questions_at_once < 1:
+        raise ConfigError(
+            f"--questions-at-once must be at least 1 (1: each question alone), "
+            f"got {args.questions_at_once}"
+        )
     if args.ray:
         from env.ray_cluster import check_ray
 
@@ -585,7 +686,7 @@ def _record(args: RecordArgs) -> Path:
     gen, model = make_generator(args)
     manifest = bank_manifest(args, questions, model, *describe_generator(gen, args))
     writer = BankWriter(args.out, manifest, questions)
-    todo = [(i, q) for i, q in enumerate(questions) if not writer.done(i)]
+    todo = [i for i in range(len(questions)) if not writer.done(i)]
     t0 = time.time()
     tokens = 0
     bar = tqdm(
@@ -594,11 +695,14 @@ def _record(args: RecordArgs) -> Path:
         desc=f"record {args.out}",
         unit="q",
     )
-    for i, q in todo:
-        cols = record_as(gen, q, manifest)
-        writer.write(i, cols)
-        tokens += int(sum(cols["n_tokens"])) + int(sum(cols["probe_tokens"]))
-        bar.update(1)
+    for group in groups_of(len(questions), args.questions_at_once, writer.done):
+        recorded = record_group_as(gen, [questions[i] for i in group], manifest)
+        for i, cols in zip(group, recorded, strict=True):
+            if writer.done(i):  # (written before: only the group's missing files are written)
+                continue
+            writer.write(i, cols)
+            tokens += int(sum(cols["n_tokens"])) + int(sum(cols["probe_tokens"]))
+            bar.update(1)
         bar.set_postfix(tok_s=f"{tokens / max(1e-9, time.time() - t0):.1f}")
         if args.limit_minutes > 0 and time.time() - t0 > args.limit_minutes * 60:
             log.warning(

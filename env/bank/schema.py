@@ -77,6 +77,12 @@ judged right) and ``chains`` (each chain's answer, visible outputs and pass shar
 verdict and detail, program sha256), written in the same atomic file as the chunks; reading
 puts ``accepted`` on the question (:attr:`env.types.Question.accepted`).
 
+Questions recorded side by side (``ponder record --questions-at-once N``) add
+``ponder.sampling`` (:data:`SAMPLING_KEY`): JSON ``{"seed": S, "group": [qid, ...]}``, the
+questions whose chains shared the engine's batch and the sampler seed they were drawn from
+(:func:`env.bank.record.group_seed`). A file without it was sampled alone, from
+:func:`env.bank.record.question_seed` of the bank's seed and its question id.
+
 Writers take the bank's lock (:class:`env.bank.lock.BankLock`): ``ponder record`` for its whole
 run, :func:`~env.bank.maintain.compact` and :func:`~env.bank.maintain.stamp` too.
 
@@ -98,6 +104,7 @@ __all__ = [
     "FINGERPRINT_KEY",
     "QUESTION_KEY",
     "EXECUTION_KEY",
+    "SAMPLING_KEY",
     "METADATA_ROWS",
     "answer_correct",
 ]
@@ -112,6 +119,9 @@ QUESTION_KEY = b"ponder.question_sha256"
 #: behaviour classes judged right, and ``chains``, each chain's
 #: :class:`env.code.grade.ChainExecution`).
 EXECUTION_KEY = b"ponder.execution"
+#: Key of the group a question was sampled with and its seed (JSON ``{"seed", "group"}``),
+#: written only for questions recorded side by side.
+SAMPLING_KEY = b"ponder.sampling"
 #: The entry of a question's recorded rows that carries extra file metadata (see
 #: :meth:`env.bank.writer.BankWriter.write`).
 METADATA_ROWS = "_metadata"

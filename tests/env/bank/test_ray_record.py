@@ -1,6 +1,7 @@
 """``ponder record --ray``: a bank recorded by actors of a REAL local Ray cluster equals one
 recorded in one process; resuming records only what is missing; a worker killed with SIGKILL
-mid-recording is restarted, its question retried, and the bank is still the same; a Ray address
+mid-recording is restarted, its question retried, and the bank is still the same; questions
+recorded side by side (``--questions-at-once``) form the same groups as without Ray; a Ray address
 that cannot be used is refused before anything is written."""
 
 from __future__ import annotations
@@ -75,6 +76,19 @@ def test_ray_records_the_same_bank_and_resumes(plain: Path, tmp_path: Path) -> N
     assert {
         p.name: p.stat().st_mtime_ns for p in (out / "chunks").iterdir() if p.name in kept
     } == kept
+
+
+def test_ray_records_the_same_groups_of_questions_side_by_side(tmp_path: Path) -> None:
+    from env.bank.schema import SAMPLING_KEY
+
+    common = dict(model="fake", dataset="arith", n=8, chains=4, max_tokens=128)
+    record(RecordArgs(out=tmp_path / "plain", questions_at_once=3, **common))  # type: ignore[arg-type]
+    out = tmp_path / "ray"
+    record(RecordArgs(out=out, questions_at_once=3, ray="local", **common))  # type: ignore[arg-type]
+    assert_same_bank(out, tmp_path / "plain")
+    for p in (out / "chunks").iterdir():
+        mine = pq.read_schema(p).metadata[SAMPLING_KEY]
+        assert mine == pq.read_schema(tmp_path / "plain" / "chunks" / p.name).metadata[SAMPLING_KEY]
 
 
 @pytest.mark.timeout(600)

@@ -58,3 +58,34 @@ def test_recording_a_question_is_reproducible_and_replays_exactly(
         assert c.token_ids == [t for i in rows for t in a["token_ids"][i]]
         assert c.text == "".join(a["text"][i] for i in rows)
         assert c.usage.generated + c.usage.injected == sum(a["n_tokens"][i] for i in rows)
+
+
+def test_questions_recorded_side_by_side_are_reproducible_and_kept_apart(
+    testbed_llm: Any,
+) -> None:
+    from env.bank.record import record_group_as
+    from env.bank.schema import METADATA_ROWS, SAMPLING_KEY
+    from env.generators.vllm import VLLMGenerator
+
+    gen = VLLMGenerator(testbed_llm, sampling=SamplingConfig(temperature=0.7, max_chain_tokens=CAP))
+    qs = load_testbed("test", 1)
+    group = [qs[2], qs[5], qs[7]]
+    manifest = synthetic_manifest(
+        [q.qid for q in group],
+        model={"name": "testbed", "path": "", "sha256": "t"},
+        dataset="arith",
+        chains=K,
+        chunk_tokens=T,
+        max_tokens=CAP,
+        probe_tokens=12,
+    )
+    a = record_group_as(gen, group, manifest)
+    record_as(gen, qs[6], manifest)  # other work in between
+    b = record_group_as(gen, group, manifest)
+    assert len(a) == len(b) == 3
+    for q, ca, cb in zip(group, a, b, strict=True):
+        assert ca["token_ids"] == cb["token_ids"] and ca["probe_text"] == cb["probe_text"]
+        assert set(ca["qid"]) == {q.qid}  # each question's rows hold its own chains only
+        assert sorted(set(ca["chain"])) == list(range(K))
+        assert ca["correct"] == [q.is_right(x) for x in ca["answer"]]
+        assert ca[METADATA_ROWS][SAMPLING_KEY] == cb[METADATA_ROWS][SAMPLING_KEY]
