@@ -63,7 +63,6 @@ __all__ = [
     "record",
     "record_as",
     "record_group_as",
-    "record_question",
     "record_questions",
     "group_seed",
     "groups_of",
@@ -217,52 +216,6 @@ def _boundary(
         row.update(judge_p_yes=math.nan, judge_prefill=0, judge_cached=0)
 
 
-def record_question(
-    gen: Generator,
-    question: Question,
-    *,
-    chains: int,
-    chunk_tokens: int,
-    max_tokens: int,
-    extension_chunks: int,
-    probe_tokens: int,
-    judge: bool,
-    mode: PromptMode = "cot",
-    seed: int | None = None,
-    grader: CodeGrader | None = None,
-) -> dict[str, Any]:
-    """Record one question; return its chunk rows as columns (see :mod:`env.bank.schema`).
-
-    With a ``grader`` (code questions, :mod:`env.code.grade`) the model is neither probed nor
-    asked to judge: at each boundary the chain's code so far is run instead. Its behaviour
-    class is the boundary's probe answer (reading code costs no tokens, so the probe's token
-    columns are 0) and the share of visible examples it passes is ``judge_p_yes``; the final
-    answer is the class of the chain's final code, ``correct`` says whether that class is
-    judged right (:func:`env.code.grade.accepted_answers`), and every chain's execution
-    results go into the file's metadata (:data:`env.bank.schema.EXECUTION_KEY`).
-
-    A reasoning model's chains (a template with a thinking section) with ``extension_chunks``
-    are recorded as s1 forces them: the model's own end of thinking is suppressed and ends the
-    sampled chain there, its final answer is the probe at that boundary (closing the section,
-    :func:`env.episode.rules.ended_in_thinking`), and the extension continues the thinking
-    itself with ``Wait,``, so that thinking longer is what "continue" past the end buys. A chain
-    that thinks up to ``max_tokens`` gets its answer forced there."""
-    (cols,) = record_questions(
-        gen,
-        [question],
-        chains=chains,
-        chunk_tokens=chunk_tokens,
-        max_tokens=max_tokens,
-        extension_chunks=extension_chunks,
-        probe_tokens=probe_tokens,
-        judge=judge,
-        mode=mode,
-        seed=seed,
-        graders=None if grader is None else [grader],
-    )
-    return cols
-
-
 def record_questions(
     gen: Generator,
     questions: Sequence[Question],
@@ -277,11 +230,27 @@ def record_questions(
     seed: int | None = None,
     graders: Sequence[CodeGrader] | None = None,
 ) -> list[dict[str, Any]]:
-    """Record ``questions`` side by side, as :func:`record_question` records one: every step
-    extends, probes and judges all their active chains in one call to ``gen``, so an engine whose
-    throughput grows with its batch (vLLM on a CPU) samples them faster than one at a time, and
-    one question's last long chains share their steps with the others' chains. ``graders`` (code
-    questions) holds one grader per question. Returns each question's columns, in order."""
+    """Record ``questions`` side by side; return each one's chunk rows as columns (see
+    :mod:`env.bank.schema`), in order. Every step extends, probes and judges all their active
+    chains in one call to ``gen``, so an engine whose throughput grows with its batch (vLLM on a
+    CPU) samples several questions faster than one at a time, and one question's last long
+    chains share their steps with the others' chains. The engine is reset once, with ``seed``.
+
+    With ``graders`` (code questions, :mod:`env.code.grade`; one per question) the model is
+    neither probed nor asked to judge: at each boundary the chain's code so far is run by its
+    question's grader instead. Its behaviour class is the boundary's probe answer (reading code
+    costs no tokens, so the probe's token columns are 0) and the share of visible examples it
+    passes is ``judge_p_yes``; the final answer is the class of the chain's final code,
+    ``correct`` says whether that class is judged right (:func:`env.code.grade.accepted_answers`),
+    and every chain's execution results go into the file's metadata
+    (:data:`env.bank.schema.EXECUTION_KEY`).
+
+    A reasoning model's chains (a template with a thinking section) with ``extension_chunks``
+    are recorded as s1 forces them: the model's own end of thinking is suppressed and ends the
+    sampled chain there, its final answer is the probe at that boundary (closing the section,
+    :func:`env.episode.rules.ended_in_thinking`), and the extension continues the thinking
+    itself with ``Wait,``, so that thinking longer is what "continue" past the end buys. A chain
+    that thinks up to ``max_tokens`` gets its answer forced there."""
     from env.episode.rules import ended_in_thinking, text_reader
     from env.types import BudgetForcing
     from features.answers import normalize_answer

@@ -296,7 +296,7 @@ def record_fake_thinking_bank(
     levels: Sequence[int] = (2, 4),
     **manifest_overrides: Any,
 ) -> TraceBank:
-    """A bank recorded s1-style (:func:`~env.bank.record.record_question`) from a scripted
+    """A bank recorded s1-style (:func:`~env.bank.record.record_questions`) from a scripted
     reasoning "model" with the ``testbed-reasoning`` template: for each testbed question it
     writes a thinking section (a first pass whose steps may slip, one re-check) and its answer.
     The fake's tokens are characters, so the defaults (chunks of 32 tokens, a 640-token cap,

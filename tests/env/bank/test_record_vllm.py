@@ -21,15 +21,14 @@ pytestmark = pytest.mark.vllm
 K, T, CAP = 4, 32, 160
 
 
-def test_recording_a_question_is_reproducible_and_replays_exactly(
-    testbed_llm: Any, tmp_path: Path
-) -> None:
+def _setup(llm: Any, qids: list[int]) -> tuple[Any, list[Any], Any]:
+    """A generator on ``llm``, the testbed's test questions and a manifest over ``qids``."""
     from env.generators.vllm import VLLMGenerator
 
-    gen = VLLMGenerator(testbed_llm, sampling=SamplingConfig(temperature=0.7, max_chain_tokens=CAP))
+    gen = VLLMGenerator(llm, sampling=SamplingConfig(temperature=0.7, max_chain_tokens=CAP))
     qs = load_testbed("test", 1)
     manifest = synthetic_manifest(
-        [qs[3].qid],
+        [qs[i].qid for i in qids],
         model={"name": "testbed", "path": "", "sha256": "t"},
         dataset="arith",
         chains=K,
@@ -37,6 +36,13 @@ def test_recording_a_question_is_reproducible_and_replays_exactly(
         max_tokens=CAP,
         probe_tokens=12,
     )
+    return gen, qs, manifest
+
+
+def test_recording_a_question_is_reproducible_and_replays_exactly(
+    testbed_llm: Any, tmp_path: Path
+) -> None:
+    gen, qs, manifest = _setup(testbed_llm, [3])
     a = record_as(gen, qs[3], manifest)
     record_as(gen, qs[6], manifest)  # other work in between changes the engine's state
     b = record_as(gen, qs[3], manifest)
@@ -65,20 +71,9 @@ def test_questions_recorded_side_by_side_are_reproducible_and_kept_apart(
 ) -> None:
     from env.bank.record import record_group_as
     from env.bank.schema import METADATA_ROWS, SAMPLING_KEY
-    from env.generators.vllm import VLLMGenerator
 
-    gen = VLLMGenerator(testbed_llm, sampling=SamplingConfig(temperature=0.7, max_chain_tokens=CAP))
-    qs = load_testbed("test", 1)
+    gen, qs, manifest = _setup(testbed_llm, [2, 5, 7])
     group = [qs[2], qs[5], qs[7]]
-    manifest = synthetic_manifest(
-        [q.qid for q in group],
-        model={"name": "testbed", "path": "", "sha256": "t"},
-        dataset="arith",
-        chains=K,
-        chunk_tokens=T,
-        max_tokens=CAP,
-        probe_tokens=12,
-    )
     a = record_group_as(gen, group, manifest)
     record_as(gen, qs[6], manifest)  # other work in between
     b = record_group_as(gen, group, manifest)
