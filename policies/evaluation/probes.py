@@ -13,8 +13,10 @@ before, on the same rows:
   within-question AUROC (questions with both right and wrong chains), Brier and ECE (10 bins),
   for the probe, the chain's mean token confidence and the self-verifier's P(yes) at that chunk
   (their Brier and ECE after Platt scaling on the training chains: a mean token confidence is no
-  probability), and the probe and confidence stacked in one logistic regression (does the state
-  add to confidence?), with paired differences;
+  probability), the share of the question's chains that gave the chain's final answer (the vote
+  it belongs to: it reads the other chains, which the probe does not) and that share weighted by
+  the probe (the ``probe`` aggregate's weighted vote), and the probe and confidence stacked in one
+  logistic regression (does the state add to confidence?), with paired differences;
 - **by layer**: each captured layer alone and all together (the best configuration of each on
   ``dev``);
 - **how early**: AUROC after each chunk (a chain that ended earlier is scored where it ended).
@@ -63,6 +65,7 @@ __all__ = [
     "render",
     "run",
     "stack",
+    "vote_shares",
 ]
 
 CHAIN_METRICS = ("AUROC", "AUROC within", "Brier", "ECE")
@@ -232,6 +235,38 @@ def _baselines(b: BoundarySet) -> dict[str, np.ndarray]:
     return out
 
 
+VOTE_SHARE = "its answer's share of the vote"
+WEIGHTED_SHARE = "its answer's probe-weighted vote share"
+
+
+def vote_shares(
+    bank: TraceBank, b: BoundarySet, p_right: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each chain of ``b`` (one row per chain: a last-boundary set), the share of its
+    question's chains in ``b`` whose final answer is in its answer class (the vote's grouping,
+    :func:`env.episode.tables.answer_classes`), and the same share with each chain weighted by
+    ``p_right`` (the ``probe`` aggregate's vote); 0 for a chain without an answer."""
+    from env.episode.tables import answer_classes
+
+    share, weighted = np.zeros(len(b)), np.zeros(len(b))
+    p = np.asarray(p_right, np.float64)
+    for g in np.unique(b.question):
+        rows = np.flatnonzero(b.question == g)
+        trace = bank[b.qids[int(g)]]
+        by_id = {c.chain: c.answer for c in trace.chains}
+        answers = [by_id[int(b.chain[i])] for i in rows]
+        cls, _ = answer_classes([a for a in answers if a is not None], None, trace.question.qid)
+        key = np.array([-1 if a is None else cls[a] for a in answers])
+        total = p[rows].sum()
+        for j, i in enumerate(rows):
+            if key[j] < 0:
+                continue
+            same = rows[key == key[j]]
+            share[i] = same.size / rows.size
+            weighted[i] = p[same].sum() / total if total > 0 else 0.0
+    return share, weighted
+
+
 def _current_difficulty(bank: TraceBank, train_qids: Sequence[str], test: PromptSet) -> np.ndarray:
     """The current predictor's pass rate for each test question (1 - its failure probability),
     fitted on the same training questions as the probes."""
@@ -294,11 +329,15 @@ def _last_tables(
     scores.update(_baselines(last))
     every = boundary_set(bank, hidden, [bank.question(q) for q in fit.splits["train"]])
     train = every.take(every.last)
-    probs = {name: platt(s, train.correct)(scores[name]) for name, s in _baselines(train).items()}
+    oof = cross_fit(every, chain, hidden.manifest)[every.last]
+    # The vote a chain belongs to, plain and weighted by the probe (out of fold on training).
+    scores[VOTE_SHARE], scores[WEIGHTED_SHARE] = vote_shares(bank, last, probe)
+    train_signals = dict(_baselines(train))
+    train_signals[VOTE_SHARE], train_signals[WEIGHTED_SHARE] = vote_shares(bank, train, oof)
+    probs = {name: platt(s, train.correct)(scores[name]) for name, s in train_signals.items()}
     # Does the state add to what confidence knows? Both in one logistic regression, fitted on
     # the training chains with the probe's out-of-fold predictions.
-    oof = cross_fit(every, chain, hidden.manifest)[every.last]
-    conf = _baselines(train)["mean token confidence"]
+    conf = train_signals["mean token confidence"]
     both = stack([_logit(oof), conf], train.correct)(
         [_logit(probe), _baselines(last)["mean token confidence"]]
     )
@@ -311,9 +350,12 @@ def _last_tables(
         [
             f"{len(y)} chains of {len(last.qids)} questions ({y.mean():.1%} right); AUROC "
             f"within: mean over the {_mixed(y, qi)} questions with both right and wrong chains",
-            "Brier and ECE of confidence and P(yes): after Platt scaling fitted on the "
-            "training chains' last boundaries (mean token confidence is not a probability); "
-            "their AUROCs are of the raw signals",
+            "Brier and ECE of confidence, P(yes) and the vote shares: after Platt scaling "
+            "fitted on the training chains' last boundaries (mean token confidence is not a "
+            "probability); their AUROCs are of the raw signals",
+            "vote shares: of the question's chains, those that gave the chain's final answer "
+            "(0 without one), plain and weighted by the probe (out of fold on training); they "
+            "read every chain of the question, the probe only its own",
             "stacked: a logistic regression on the probe's logit and mean token confidence, "
             "fitted on the training chains' last boundaries with the probe's predictions out of "
             "fold (4 folds of training questions)",
@@ -321,10 +363,14 @@ def _last_tables(
     )
     names = list(mets)
     conf_name = "mean token confidence"
-    pairs = [(names[0], n) for n in names[1:-1]] + [(names[-1], conf_name)]
+    short = {names[0]: "probe", names[-1]: "stacked", WEIGHTED_SHARE: "probe-weighted vote share"}
+    pairs = [(names[0], n) for n in names[1:-1]] + [
+        (WEIGHTED_SHARE, VOTE_SHARE),  # does the probe add to the vote?
+        (names[-1], conf_name),
+    ]
     diffs: list[list[Any]] = [
         [
-            f"{'probe' if a == names[0] else 'stacked'} - {b}",
+            f"{short.get(a, a)} - {b}",
             *(_iv(mets[a][k] - mets[b][k]) for k in CHAIN_METRICS),
         ]
         for a, b in pairs

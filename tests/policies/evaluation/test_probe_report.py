@@ -33,6 +33,8 @@ def test_probes_command_on_a_planted_bank(tmp_path: Path) -> None:
     ):
         assert title in text
     assert "mean token confidence" in text and "self-verifier P(yes)" in text
+    assert "its answer's share of the vote" in text
+    assert "probe-weighted vote share - its answer's share of the vote" in text
     assert report.summary["questions"] == {"train": 20, "fit": 15, "dev": 5, "test": 8}
     chain = LinearProbe.load(
         out / "chain-correctness", kind="chain-correctness", hidden=hs.manifest
@@ -45,6 +47,33 @@ def test_probes_command_on_a_planted_bank(tmp_path: Path) -> None:
     assert auroc.mean > 0.9  # type: ignore[union-attr]
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["tables"][0]["title"].startswith("Choices on dev")
+
+
+def test_vote_shares_are_each_chains_share_of_its_answers_vote(tmp_path: Path) -> None:
+    import numpy as np
+
+    from env.probes import boundary_set
+    from policies.evaluation.probes import vote_shares
+
+    bank, hs = planted_bank(tmp_path / "bank", n_train=4, n_test=3, chains=6)
+    every = boundary_set(bank, hs, select_split(bank.questions, "test"))
+    last = every.take(every.last)
+    ones = np.ones(len(last))
+    share, weighted = vote_shares(bank, last, ones)
+    assert share.max() > 0
+    np.testing.assert_allclose(weighted, share)  # equal weights: the plain vote
+    for i, (g, c) in enumerate(zip(last.question, last.chain, strict=True)):
+        chains = bank[last.qids[g]].chains
+        mine = next(ch.answer for ch in chains if ch.chain == c)
+        want = 0.0 if mine is None else sum(ch.answer == mine for ch in chains) / len(chains)
+        assert share[i] == pytest.approx(want)
+    # all the weight on one chain: its answer's class gets the whole weighted vote
+    p = np.where(np.arange(len(last)) == 0, 1.0, 0.0)
+    _, w = vote_shares(bank, last, p)
+    g0 = last.question == last.question[0]
+    if share[0] > 0:
+        assert w[0] == 1.0
+    assert ((w[g0] == 0.0) | (w[g0] == 1.0)).all()
 
 
 def test_a_bank_without_hidden_states_says_what_to_run(tmp_path: Path) -> None:
