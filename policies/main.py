@@ -134,7 +134,7 @@ class RunArgs:
     # 67.8 -> 68.3 and 47.9 -> 48.1, mean of three seeds. One chain costs 307 tokens, not 318.
     chain_probes: bool = False
     hidden: str = "auto"
-    """the model's hidden states (issue 20): auto (used when every recorded question of the bank has them: `ponder bank annotate`), on (required) or off. With them the job fits the hidden-state probes on the training questions, adds the probe rules (probe-stop, best-of-N-probe-best), trains every learned family with hidden-state features beside the same family without, and prints the fleet allocation table"""
+    """the model's hidden states (issue 20): auto (used when every recorded question of the bank has them: `ponder bank annotate`), on (required) or off. With them the job fits the hidden-state probes on the training questions, adds the probe rules (probe-stop, best-of-N-probe, best-of-N-probe-best), trains every learned family with hidden-state features beside the same family without, and prints the fleet allocation table"""
     """run answer-forcing probes for the learned policies that decide only between chains (value-chain, ppo-chain): they then also read the probe features, but pay for a probe at every chunk; without them (the default) their one chain costs what best-of-1's does"""
     value_transitions: int = 60_000
     """decisions collected to train the value policy"""

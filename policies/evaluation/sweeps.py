@@ -110,6 +110,7 @@ def heuristic_sweeps(
                 ((f"t={t:g}", f"probe-stop-{t:g}") for t in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)),
             )
         )
+        fams.append(family("best-of-N-probe", ((f"N={n}", f"best-of-{n}-probe") for n in ns)))
         fams.append(
             family("best-of-N-probe-best", ((f"N={n}", f"best-of-{n}-probe-best") for n in ns))
         )

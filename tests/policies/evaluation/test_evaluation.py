@@ -207,6 +207,11 @@ def test_heuristic_sweeps_grid() -> None:
     assert len(names) == len(set(names))
     small = {f.name: f for f in heuristic_sweeps(4)}
     assert [p for p, _ in small["best-of-N"].points] == ["N=1", "N=2", "N=4"]
+    assert "best-of-N-probe" not in fams  # the probe rules need hidden states
+    hidden = {f.name: f for f in heuristic_sweeps(16, hidden=True)}
+    for name, agg in (("best-of-N-probe", "probe"), ("best-of-N-probe-best", "probe-best")):
+        assert [p for p, _ in hidden[name].points] == ["N=1", "N=2", "N=4", "N=8", "N=16"]
+        assert all(p.aggregate == agg for _, p in hidden[name].points)
 
 
 def test_learned_sweep_uses_with_lam() -> None:
