@@ -5,10 +5,10 @@
         --dataset gsm8k --questions 4 --sizes 1 4 --chains 16 --max-tokens 512 --kv-cache-gib 4
 
 The same ``--questions`` questions are recorded into a fresh bank once per group size
-(``ponder record --questions-at-once N``), with one in-process vLLM engine built once and
-shared by every size and warmed up first (a bank's questions are recorded as ``ponder record`` records them,
-probes and verifier included). The table: group size, seconds, seconds a question, recorded
-tokens a second (chain and probe tokens) and the speed-up over one question at a time.
+(``ponder record --questions-at-once N``), with one in-process vLLM engine built once, warmed
+up first and shared by every size (the questions are recorded as ``ponder record`` records
+them, probes and verifier included). The table: group size, seconds, seconds a question,
+recorded tokens a second (chain and probe tokens) and the speed-up over one question at a time.
 Compare within one run: the machine is shared, and different group sizes draw different
 samples, so chain lengths (and the tokens to generate) differ a little between rows.
 The numbers go to ``results/bench/record_groups.json``.

@@ -122,7 +122,7 @@ class RecordArgs:
     seed: int = 0
     """recording seed"""
     limit_minutes: float = 0.0
-    """stop after the question in progress once this many minutes have passed (0: no limit)"""
+    """stop after the question (or group, with --questions-at-once) in progress once this many minutes have passed (0: no limit)"""
     kv_cache_gib: float = 2.0
     """vLLM CPU KV cache size"""
     dtype: str = ""
@@ -667,10 +667,10 @@ def _record(args: RecordArgs) -> Path:
     for group in groups_of(len(questions), args.questions_at_once, writer.done):
         recorded = record_group_as(gen, [questions[i] for i in group], manifest)
         for i, cols in zip(group, recorded, strict=True):
+            tokens += int(sum(cols["n_tokens"])) + int(sum(cols["probe_tokens"]))
             if writer.done(i):  # (written before: only the group's missing files are written)
                 continue
             writer.write(i, cols)
-            tokens += int(sum(cols["n_tokens"])) + int(sum(cols["probe_tokens"]))
             bar.update(1)
         bar.set_postfix(tok_s=f"{tokens / max(1e-9, time.time() - t0):.1f}")
         if args.limit_minutes > 0 and time.time() - t0 > args.limit_minutes * 60:
