@@ -107,6 +107,23 @@ def cpu_env(kv_cache_gib: float = 1) -> dict[str, str]:
     return set_now
 
 
+def _warn_kv_override(kv_cache_gib: float) -> None:
+    """Say so when ``VLLM_CPU_KVCACHE_SPACE``, set before, differs from ``kv_cache_gib``: the
+    variable wins (vLLM reads it), so an option such as ``--kv-cache-gib`` would be ignored."""
+    have = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
+    try:
+        differs = float(have) != float(kv_cache_gib)
+    except ValueError:
+        differs = True
+    if differs:
+        log.warning(
+            "VLLM_CPU_KVCACHE_SPACE=%s is set in the environment, so the engine's KV cache is "
+            "that many GiB, not the %g asked for (unset it to use the option)",
+            have,
+            kv_cache_gib,
+        )
+
+
 def build_engine(
     model_path: str | os.PathLike[str],
     *,
@@ -141,6 +158,7 @@ def build_engine(
     cpu = _on_cpu()
     if cpu:
         cpu_env(kv_cache_gib)
+        _warn_kv_override(kv_cache_gib)
         kwargs.setdefault("gpu_memory_utilization", 0.2)
         if block_size is None:
             block_size = 32
