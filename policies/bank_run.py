@@ -585,6 +585,7 @@ def _settings(
         "refine": args.refine,
         "budgets": [float(b) for b in budgets],
         "aggregate": args.aggregate,
+        "hidden_aggregate": args.hidden_aggregate,
         "chain_probes": args.chain_probes,
         "hidden": args.hidden,
         "threads": args.threads,

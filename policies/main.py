@@ -41,6 +41,7 @@ import tyro
 from rich.console import Console
 
 from env.bank.store import TraceBank
+from env.episode.config import PROBE_AGGREGATES
 from features.errors import ConfigError
 from policies.bank_run import BankRun, print_token_split, question_counts, run_bank, vote_floors
 from policies.cli_common import DEFAULT_BANK, FALLBACK_BANK, bank_path, wide_console
@@ -109,7 +110,7 @@ class RunArgs:
     results_dir: str = "results"
     """folder for <bank>.json, the results file the README's report is made of (written by runs on the test questions without --quick; "" for none); <out>/results.json is always written"""
     learned: bool = True
-    """train and evaluate the learned policies (value / fitted-Q deciding between chains, PPO deciding at every chunk, PPO deciding between chains)"""
+    """train and evaluate the learned policies (value / fitted-Q deciding between chains, PPO deciding at every chunk, PPO deciding between chains, the stop policy between chains)"""
     # 25 log-spaced values (SWEEP_LAMS): evaluating a trained policy at a λ costs well under a
     # second, and a sparse grid misses where a policy's spending changes. On the GSM8K dev
     # questions (27, x5 seeds) the learned policies' envelope went from below the best heuristic
@@ -132,10 +133,16 @@ class RunArgs:
     # questions of 109, testbed-arith-xl's 40): frontier area with probes -> without,
     # value-chain 67.6 -> 68.7 (GSM8K) and 44.2 -> 45.9 (testbed), one seed; ppo-chain
     # 67.8 -> 68.3 and 47.9 -> 48.1, mean of three seeds. One chain costs 307 tokens, not 318.
+    # probe was chosen on the training questions (each read through the probes that did not see
+    # it, x10 replay orders): best-of-2 / 4 / 8 / 16 got 63.6 / 70.6 / 74.7 / 76.4% weighted by
+    # confidence and 65.3 / 71.4 / 75.3 / 76.4% weighted by the probe's P(right) (majority: 57.2
+    # / 68.3 / 73.8 / 76.4); the 32 dev questions alone tell them apart by less than a question.
+    hidden_aggregate: str = "probe"
+    """how the learned policies that read hidden states choose their answer when they stop: probe (votes weighted by each chain's P(right) from the chain-correctness probe), probe-best (the chain the probe rates highest), or any --aggregate value"""
     chain_probes: bool = False
+    """run answer-forcing probes for the learned policies that decide only between chains (value-chain, ppo-chain, stop-chain): they then also read the probe features, but pay for a probe at every chunk; without them (the default) their one chain costs what best-of-1's does"""
     hidden: str = "auto"
     """the model's hidden states (issue 20): auto (used when every recorded question of the bank has them: `ponder bank annotate`), on (required) or off. With them the job fits the hidden-state probes on the training questions, adds the probe rules (probe-stop, best-of-N-probe, best-of-N-probe-best), trains every learned family with hidden-state features beside the same family without, and prints the fleet allocation table"""
-    """run answer-forcing probes for the learned policies that decide only between chains (value-chain, ppo-chain): they then also read the probe features, but pay for a probe at every chunk; without them (the default) their one chain costs what best-of-1's does"""
     value_transitions: int = 60_000
     """decisions collected to train the value policy"""
     value_fqi_iters: int = 10
@@ -153,6 +160,8 @@ class RunArgs:
     """fitting rounds of the value policy (each after the first adds the states its greedy policy reaches)"""
     ppo_steps: int = 1_000_000
     """environment steps of PPO training"""
+    stop_orders: int = 48
+    """replayed episodes per training question the stop policy learns from (each a random order of its chains)"""
     budgets: tuple[float, ...] = ()
     """mean-token budgets for the accuracy-at-budget columns (default: 1/8, 1/4, 1/2 of maj@16's tokens)"""
     quick: bool = False
@@ -234,6 +243,11 @@ def run(args: RunArgs, console: Console | None = None) -> list[BankRun]:
     if args.aggregate not in ("majority", "confidence", "verifier"):
         raise ConfigError(
             f"--aggregate must be majority, confidence or verifier, got {args.aggregate!r}"
+        )
+    if args.hidden_aggregate not in ("majority", "confidence", "verifier", *PROBE_AGGREGATES):
+        raise ConfigError(
+            f"--hidden-aggregate must be majority, confidence, verifier, "
+            f"{' or '.join(PROBE_AGGREGATES)}, got {args.hidden_aggregate!r}"
         )
     if args.eval_split not in ("test", "dev"):
         raise ConfigError(

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,11 +125,19 @@ def _training_jobs(args: RunArgs) -> list[tuple[str, str, type, dict[str, Any]]]
                 "ent_coef": 0.1,
             },
         ),
+        # The stop policy: a logistic model of whether the vote's answer is settled, between
+        # chains (policies.learned.stop). Seconds to train where the value policy takes minutes.
+        (
+            "stop-chain",
+            "stop",
+            learned.StopArgs,
+            {"orders": 8 if quick else args.stop_orders, "num_envs": 256, "decide": "chain"},
+        ),
     ]
 
 
 def train_one(bank: str, trainer: str, kwargs: dict[str, Any], folder: str, threads: int) -> float:
-    """Train one learned policy (``trainer``: ``value`` or ``ppo``) on ``bank`` and save it to
+    """Train one learned policy (``trainer``: ``value``, ``ppo`` or ``stop``) on ``bank`` and save it to
     ``folder``; returns the training's seconds. Runs in a worker process of
     :func:`train_learned` (or in this one): with ``threads`` BLAS and torch threads and torch's
     deterministic algorithms, so one seed gives the same policy in any process."""
@@ -141,7 +150,12 @@ def train_one(bank: str, trainer: str, kwargs: dict[str, Any], folder: str, thre
 
         torch.use_deterministic_algorithms(True)
         torch.set_num_threads(max(1, threads))
-    fn = learned.train_ppo if trainer == "ppo" else learned.train_value_policy
+    trainers: dict[str, Callable[..., Policy]] = {
+        "ppo": learned.train_ppo,
+        "value": learned.train_value_policy,
+        "stop": learned.train_stop_policy,
+    }
+    fn = trainers[trainer]
     with threadpool_limits(max(1, threads)):
         t0 = time.perf_counter()
         policy = fn(bank, **kwargs)
@@ -152,7 +166,7 @@ def train_one(bank: str, trainer: str, kwargs: dict[str, Any], folder: str, thre
 
 #: The learned families also trained with hidden-state features (``<family>-hidden``), when the
 #: bank has hidden states: every one, so the tables show each with and without them.
-HIDDEN_FAMILIES: tuple[str, ...] = ("value-chain", "ppo", "ppo-chain")
+HIDDEN_FAMILIES: tuple[str, ...] = ("value-chain", "ppo", "ppo-chain", "stop-chain")
 
 
 def train_learned(
@@ -207,8 +221,13 @@ def train_learned(
                 log.warning("%s trains without the difficulty predictor (difficulty = 0.5)", name)
         variants = [(name, kwargs, plain)]
         if hidden_probes is not None and name in HIDDEN_FAMILIES:
+            config = {**kwargs["config"], "aggregate": args.hidden_aggregate}
             variants.append(
-                (f"{name}-hidden", {**kwargs, "hidden_probes": str(hidden_probes)}, hidden)
+                (
+                    f"{name}-hidden",
+                    {**kwargs, "hidden_probes": str(hidden_probes), "config": config},
+                    hidden,
+                )
             )
         for vname, vkw, into in variants:
             used[vname] = vkw

@@ -121,6 +121,10 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
     * ``correct_now`` (``[num_envs]`` bool): whether stopping now would be correct: the answer
       the configured ``aggregate`` picks from the chains so far is the gold answer (on the step
       that ends an episode, its ``correct``; after an autoreset, the new episode's);
+    * ``answer_now`` (``[num_envs]`` int): that answer's class among the question's recorded
+      answers (-1: none yet), the same numbering all episode long, so that two states of one
+      episode hold the same answer exactly when their classes are equal (what
+      :mod:`policies.learned.stop` learns from);
     * ``cost_delta`` (``[num_envs]`` float): the priced cost this step's reward charges, so that
       ``reward == -lam * cost_delta + correct_reward * correct * (terminated | truncated)``
       and rewards for another ``lam`` or ``correct_reward`` can be recomputed from one rollout.
@@ -379,9 +383,11 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         self._needs_reset[rows] = False
         self._compute_mask()
         obs, lead = self._observe()
+        answers = self._final_answer(self._ar, lead)
         info = {
             "action_mask": self._mask,
-            "correct_now": self._correct(self._final_answer(self._ar, lead)),
+            "correct_now": self._correct(answers),
+            "answer_now": answers,
             "cost_delta": np.zeros(b),
         }
         return obs, info
@@ -438,6 +444,7 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         info: dict[str, Any] = {
             "action_mask": mask,
             "correct_now": correct_now,
+            "answer_now": answers,
             "cost_delta": delta,
         }
         if done.any():

@@ -93,7 +93,7 @@ def test_same_seeds_same_results_file(twice: tuple[dict[str, Any], dict[str, Any
     assert prov["packages"]["numpy"] and prov["packages"]["torch"]
     assert prov["packages"]["scikit-learn"] and prov["date"]
     # the testbed bank has hidden states: every learned family trains with them too
-    base = {"value-chain", "ppo", "ppo-chain"}
+    base = {"value-chain", "ppo", "ppo-chain", "stop-chain"}
     learned = base | {f"{f}-hidden" for f in base}
     assert set(a["timings"]["train_s"]) == learned
     # every learned point carries its training seed; a heuristic's none

@@ -298,10 +298,11 @@ def test_ponder_run_quick_smoke(tmp_path: Path) -> None:
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     kinds = [r.data.tags.get("ponder.kind") for r in runs]
     assert kinds.count("main") == 1 and kinds.count("evaluation") >= 30
-    # value-chain and two PPOs, each also with hidden-state features (the testbed bank has
-    # them): 3 training seeds each, each logged as a pyfunc model
-    assert kinds.count("training") == 18
+    # value-chain, two PPOs and the stop policy, each also with hidden-state features (the
+    # testbed bank has them): 3 training seeds each, each logged as a pyfunc model
+    assert kinds.count("training") == 24
     assert "value-chain" in text and "ppo" in text and "ppo-chain" in text
+    assert "stop-chain" in text and "stop-chain-hidden" in text
     assert "ppo-chain-hidden" in text and "probe-stop" in text
     for r in runs:
         if r.data.tags.get("ponder.kind") == "training":
@@ -326,7 +327,7 @@ def test_ponder_run_quick_smoke(tmp_path: Path) -> None:
     m = main.data.metrics
     assert 0 < m["floor/any/match_share"] <= m["floor/majority/match_share"] <= 1.0
     # the learned policies answer with confidence-weighted votes (--aggregate), saved with them
-    for fam in ("value-chain", "ppo", "ppo-chain"):
+    for fam in ("value-chain", "ppo", "ppo-chain", "stop-chain"):
         saved = json.loads((out / "policies" / fam / "policy.json").read_text())
         assert saved["params"]["aggregate"] == "confidence", saved["params"]
         # the chain-deciding ones train, and so run, without probes (--chain-probes)
@@ -335,7 +336,7 @@ def test_ponder_run_quick_smoke(tmp_path: Path) -> None:
     import csv
 
     rows = list(csv.DictReader((out / "comparison.csv").open()))
-    for fam in ("value-chain", "ppo", "ppo-chain"):
+    for fam in ("value-chain", "ppo", "ppo-chain", "stop-chain"):
         assert {r["train_seed"] for r in rows if r["family"] == fam} == {"0", "10000", "20000"}
         for seed in ("0", "10000", "20000"):
             params = [r["param"] for r in rows if r["family"] == fam and r["train_seed"] == seed]
@@ -428,7 +429,7 @@ def test_tuning_run_reads_no_test_question(tmp_path: Path) -> None:
     evaluated = {e.qid for r in res.results.values() for x in r for e in x.episodes}
     assert evaluated == dev
     assert {o.qid for o in res.oracle.questions} == dev
-    for name in ("value-chain", "ppo", "ppo-chain"):
+    for name in ("value-chain", "ppo", "ppo-chain", "stop-chain"):
         meta = json.loads((tmp_path / "out" / "policies" / name / "policy.json").read_text())
         assert meta["training"]["split"] == "fit"
         assert meta["bank"]["n_questions"] == len(fit)
