@@ -60,6 +60,8 @@ class Args:
     """decisions collected to train the value policy"""
     ppo_steps: int = 20_000
     """environment steps of PPO training"""
+    stop_orders: int = 16
+    """replayed episodes per training question for the stop policy"""
     blas_threads: int = 1
     """BLAS threads while measuring latency (0: the library's default; on a busy machine more
     threads than free CPUs make the learned policies' matrix products wait)"""
@@ -142,7 +144,7 @@ def measure(policy: Any, obs: np.ndarray, config: Any, args: Args) -> dict[str, 
 
 def train_learned(args: Args) -> tuple[dict[str, Any], dict[str, float]]:
     """Train each learned policy with small budgets; their wall times (s)."""
-    from policies.learned import train_ppo, train_value_policy
+    from policies.learned import train_ppo, train_stop_policy, train_value_policy
 
     jobs: list[tuple[str, Any, dict[str, Any]]] = [
         ("value", train_value_policy, {"transitions": args.value_transitions}),
@@ -157,6 +159,7 @@ def train_learned(args: Args) -> tuple[dict[str, Any], dict[str, float]]:
             train_ppo,
             {"total_steps": args.ppo_steps, "num_envs": 256, "decide": "chain", "ent_coef": 0.1},
         ),
+        ("stop-chain", train_stop_policy, {"orders": args.stop_orders, "num_envs": 256}),
     ]
     out, secs = {}, {}
     for name, fn, kw in jobs:
@@ -211,6 +214,7 @@ def main() -> None:
             "value-chain": f"{args.value_transitions} transitions",
             "ppo": f"{args.ppo_steps} steps",
             "ppo-chain": f"{args.ppo_steps} steps",
+            "stop-chain": f"{args.stop_orders} orders per question",
         }
         for name, s in secs.items():
             t.add_row(name, budget.get(name, ""), f"{s:.1f}")
