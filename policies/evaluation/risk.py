@@ -57,9 +57,10 @@ on the command line (in points) is :mod:`policies.evaluation.risk_cli`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ import numpy as np
 from env.bank.store import TraceBank
 from env.episode.config import EnvConfig
 from env.episode.observation import STREAK_SCALE
+from env.questions import select_split
 from features.errors import ConfigError, PolicyError
 from policies import heuristics
 from policies.base import LamConditioned, Policy
@@ -113,6 +115,9 @@ class RiskFamily:
     """the parameter's values, most conservative first"""
     make: Callable[[float], Policy] = field(repr=False, compare=False)
     """the policy at one value"""
+    trained_on: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
+    """a learned policy's training record (its ``meta``: ``training`` and ``bank``), so that
+    calibration refuses the questions it was trained on; ``None`` for a rule"""
 
     def label(self, value: float) -> str:
         return f"{self.param}={value:g}"
@@ -283,7 +288,8 @@ def _policy_family(policy: Policy, spec: str, grid: Sequence[float] | None) -> R
         def make_learned(lam: float) -> Policy:
             return learned.with_lam(lam)
 
-        return RiskFamily(policy.name, "lam", tuple(lams), make_learned)
+        meta = getattr(policy, "meta", None)
+        return RiskFamily(policy.name, "lam", tuple(lams), make_learned, trained_on=meta)
     text = spec.strip().lower()
     shown = repr(spec) if text == policy.name else f"{spec!r} ({policy.name})"
     fam = _family_of(policy)
@@ -436,6 +442,31 @@ def _disjoint(calib: Evaluator, test: Evaluator) -> None:
         )
 
 
+def _unseen(fam: RiskFamily, bank: TraceBank, calib: Evaluator) -> None:
+    """Refuse calibration questions a learned policy was trained on (its saved training split
+    of the same bank: the same questions when its record's hash of them matches)."""
+    meta = fam.trained_on or {}
+    split = (meta.get("training") or {}).get("split")
+    record = meta.get("bank") or {}
+    if not split or record.get("model_sha256") != bank.manifest.model.get("sha256", ""):
+        return
+    if record.get("dataset") != bank.manifest.dataset:
+        return
+    seen = [q.qid for q in select_split(bank.questions, str(split))]
+    digest = hashlib.sha256("\n".join(seen).encode()).hexdigest()
+    if digest != record.get("questions_sha256"):
+        return  # another recording's questions, or the bank grew since: the record cannot tell
+    overlap = set(seen) & {q.qid for q in calib.questions}
+    if overlap:
+        raise ConfigError(
+            f"{fam.name} was trained on the {split!r} questions of this bank, and {len(overlap)} "
+            f"of the {len(calib.questions)} calibration questions ({calib.split!r}) are among "
+            "them: its losses there are optimistic and the guarantee would not hold. Train it "
+            "on fit (`ponder train ... --split fit`, or `ponder run --eval-split dev`) and "
+            "calibrate on dev (--calibration-split dev)"
+        )
+
+
 def calibrate(
     family: RiskFamily | str | Path,
     bank: TraceBank | str | Path,
@@ -489,6 +520,7 @@ def calibrate(
         fam = family
     else:
         fam = risk_family(family, config=ev.config, grid=grid)
+    _unseen(fam, tb, ev)
     full_policy = load_policy(full_vote_spec(ev.config), config=ev.config)
     full = ev(full_policy, family="full vote")
     results = [ev(fam.make(v), family=fam.name, param=fam.label(v)) for v in fam.values]

@@ -386,6 +386,19 @@ def test_a_learned_family_calibrates_its_lam() -> None:
     assert r.rows[0].loss == 0 and r.rows[0].status == "certified"
 
 
+def test_a_learned_policy_is_not_calibrated_on_its_own_training_questions(tmp_path: Path) -> None:
+    from policies.learned import train_stop_policy
+
+    kw = {"orders": 4, "num_envs": 64, "eval_seeds": 0, "progress": False}
+    train_stop_policy(SMALL, split="train", **kw).save(tmp_path / "train")
+    with pytest.raises(ConfigError, match=r"trained on the 'train' questions.*18 of the 18"):
+        calibrate(str(tmp_path / "train"), SMALL, alpha=0.3, split="fit", test_split=None)
+    # trained on fit, calibrated on dev: the questions it never saw
+    train_stop_policy(SMALL, split="fit", **kw).save(tmp_path / "fit")
+    r = calibrate(str(tmp_path / "fit"), SMALL, alpha=0.3, split="dev", seeds=2, test_split=None)
+    assert r.param == "lam" and r.rows
+
+
 def test_calibration_and_test_questions_must_be_apart() -> None:
     with pytest.raises(ConfigError, match="share 24 questions"):
         calibrate("esc", SMALL, alpha=0.1, split="train", test_split="train")
