@@ -66,6 +66,7 @@ from policies.evaluation.results import results_document, token_split, write_res
 from policies.evaluation.runner import MATCH_TOLERANCE, EvalResult, Evaluator, write_rows
 from policies.evaluation.sweeps import (
     Family,
+    PointMap,
     evaluate_families,
     heuristic_sweeps,
     learned_sweep,
@@ -77,7 +78,7 @@ from policies.hidden_run import (
     probes_wanted,
     run_probes,
 )
-from policies.training import Trained, train_learned, train_seeds
+from policies.training import Trained, job_count, train_learned, train_seeds
 
 if TYPE_CHECKING:
     from policies.main import RunArgs
@@ -377,12 +378,23 @@ def _evaluate(job: _Job, args: RunArgs, console: Console, trained: Trained) -> _
         with warnings.catch_warnings():
             # DeepConf's warm-up percentile over episodes that have no warm-up chain yet
             warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
-            points_map = None
+            points_map: PointMap | None = None
+            pool = None
             if args.ray:
                 from policies.ray_run import RayEvaluators
 
                 points_map = RayEvaluators(evaluator, _ray_workers(args), args.threads)
-            results = evaluate_families(evaluator, families, on_result=done, points_map=points_map)
+            elif (jobs := min(job_count(args), total)) > 1:
+                from policies.evaluation.parallel import ProcessEvaluators
+
+                points_map = pool = ProcessEvaluators(evaluator, jobs, args.threads)
+            try:
+                results = evaluate_families(
+                    evaluator, families, on_result=done, points_map=points_map
+                )
+            finally:
+                if pool is not None:
+                    pool.close()
             refine = min(args.refine, 1) if args.quick else args.refine
             n_runs = sum(len(v) for v in trained.policies.values())
             if refine > 0 and n_runs:

@@ -106,7 +106,7 @@ class RunArgs:
     full: bool = False
     """the full report: at least 5 training seeds"""
     jobs: int = 0
-    """trainings run at once, each in its own process with --threads threads (0: one per CPU this process may use); the results do not depend on it"""
+    """processes run at once, each with --threads threads, for the trainings and then for the evaluation sweeps (0: one per CPU this process may use); the results do not depend on it"""
     results_dir: str = "results"
     """folder for <bank>.json, the results file the README's report is made of (written by runs on the test questions without --quick; "" for none); <out>/results.json is always written"""
     learned: bool = True

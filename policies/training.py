@@ -31,6 +31,7 @@ __all__ = [
     "TRAIN_SEED_STRIDE",
     "Trained",
     "default_lams",
+    "job_count",
     "train_learned",
     "train_one",
     "train_seeds",
@@ -136,6 +137,12 @@ def _training_jobs(args: RunArgs) -> list[tuple[str, str, type, dict[str, Any]]]
     ]
 
 
+def job_count(args: RunArgs) -> int:
+    """Processes the job runs at once (``--jobs``; 0: one per CPU this process may use)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, args.jobs or usable or 1)
+
+
 def train_one(bank: str, trainer: str, kwargs: dict[str, Any], folder: str, threads: int) -> float:
     """Train one learned policy (``trainer``: ``value``, ``ppo`` or ``stop``) on ``bank`` and save it to
     ``folder``; returns the training's seconds. Runs in a worker process of
@@ -238,8 +245,7 @@ def train_learned(
     plain.sort(key=lambda t: t[2] != "value")
     hidden.sort(key=lambda t: t[2] != "value")
     n_tasks = len(plain) + len(hidden) + (hidden_probes is not None)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    jobs = max(1, min(args.jobs or usable or 1, n_tasks))
+    jobs = min(job_count(args), n_tasks)
     console.print(
         f"training {len(used)} learned families x {len(seeds)} seeds ({', '.join(map(str, seeds))}) "
         f"on the {common['split']} questions"

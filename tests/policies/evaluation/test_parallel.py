@@ -1,0 +1,37 @@
+"""Sweep points evaluated in several processes give what one process gives, in order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from policies.evaluation.parallel import ProcessEvaluators
+from policies.evaluation.runner import EvalResult, Evaluator
+from policies.evaluation.sweeps import Point
+from policies.learned import train_stop_policy
+from policies.registry import load_policy
+
+BANK = Path(__file__).resolve().parents[3] / "data" / "banks" / "testbed-arith"
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _key(r: EvalResult) -> tuple[object, ...]:
+    return (r.label, r.train_seed, tuple((e.qid, e.seed, e.correct, e.decoded) for e in r.episodes))
+
+
+def test_two_processes_give_the_results_of_one() -> None:
+    ev = Evaluator(BANK, split="test", seeds=2, difficulty="auto")
+    stop = train_stop_policy(BANK, orders=4, num_envs=64, eval_seeds=0, progress=False)
+    points: list[Point] = [
+        (load_policy(spec, config=ev.config), "rules", spec, None)
+        for spec in ("best-of-4", "adaptive-consistency-0.9", "esc-4", "single")
+    ]
+    points += [(stop.with_lam(lam), "stop-chain", f"lam={lam:g}", 0) for lam in (1e-5, 1e-3)]
+    one = [ev(p, family=f, param=a, train_seed=s) for p, f, a, s in points]
+    seen: list[str] = []
+    with ProcessEvaluators(ev, workers=2) as pool:
+        two = pool(points, lambda r: seen.append(r.label))
+    assert [_key(r) for r in two] == [_key(r) for r in one]
+    assert sorted(seen) == sorted(r.label for r in one)
