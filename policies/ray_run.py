@@ -26,7 +26,7 @@ from env.episode.hidden import HiddenProbes
 from policies.evaluation.runner import EvalResult, Evaluator
 from policies.evaluation.sweeps import Point
 
-__all__ = ["EvalWorker", "RayEvaluators", "train_on_ray"]
+__all__ = ["EvalWorker", "RayEvaluators", "probes_key", "train_on_ray"]
 
 #: One training: family, seed, trainer, its arguments, its folder.
 Task = tuple[str, int, str, dict[str, Any], Path]
@@ -95,9 +95,31 @@ class EvalWorker:
         self.evaluator = Evaluator(
             bank, split=split, seeds=seeds, difficulty=difficulty, hidden=hidden, config=config
         )
+        self._probes: dict[int, HiddenProbes] = {}
 
-    def evaluate(self, policy: Any, family: str, param: str, train_seed: int | None) -> EvalResult:
+    def evaluate(
+        self,
+        policy: Any,
+        family: str,
+        param: str,
+        train_seed: int | None,
+        probes_key: int | None = None,
+    ) -> EvalResult:
+        """Evaluate one point. ``probes_key`` names the policy's hidden-state probes as the
+        sender shares them (:func:`probes_key`): every point arrives with its own copy of
+        them, and the evaluator builds one replay per probes object, so the copies of one
+        sender's object are replaced by the first one received."""
+        if probes_key is not None and policy.hidden_probes is not None:
+            policy.hidden_probes = self._probes.setdefault(probes_key, policy.hidden_probes)
         return self.evaluator(policy, family=family, param=param, train_seed=train_seed)
+
+
+def probes_key(policy: Any) -> int | None:
+    """What names ``policy``'s hidden-state probes in the sending process (their ``id``: the
+    sender holds every policy, and so its probes, until the evaluation ends); ``None`` for a
+    policy without probes of its own."""
+    probes = getattr(policy, "hidden_probes", None)
+    return None if probes is None else id(probes)
 
 
 class RayEvaluators:
@@ -135,7 +157,8 @@ class RayEvaluators:
             if todo:
                 i = todo.pop()
                 policy, family, param, train_seed = points[i]
-                pending[actor.evaluate.remote(policy, family, param, train_seed)] = (i, actor)
+                ref = actor.evaluate.remote(policy, family, param, train_seed, probes_key(policy))
+                pending[ref] = (i, actor)
 
         for a in self.actors:
             give(a)

@@ -6,7 +6,9 @@ over the same bank, questions, seeds, difficulty predictor, probes and settings 
 :class:`~policies.ray_run.EvalWorker` the Ray actors hold). An evaluation is seeded and does not
 depend on what ran before it in its process, so the results are those of one process, in the
 same order; the points travel to the workers as in-memory objects (nothing is written or read
-back from a file).
+back from a file). A worker keeps one copy of each policy's hidden-state probes (its first):
+the evaluator builds one replay per probes object, and a fresh copy with every point would
+rebuild it for every point.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from policies.evaluation.runner import EvalResult, Evaluator
 from policies.evaluation.sweeps import Point
+from policies.ray_run import EvalWorker, probes_key
 
 __all__ = ["ProcessEvaluators"]
 
@@ -26,14 +29,14 @@ _WORKER: Any = None
 
 def _start(args: tuple[Any, ...]) -> None:
     global _WORKER
-    from policies.ray_run import EvalWorker
-
     _WORKER = EvalWorker(*args)
 
 
-def _evaluate(policy: Any, family: str, param: str, train_seed: int | None) -> EvalResult:
+def _evaluate(
+    policy: Any, family: str, param: str, train_seed: int | None, key: int | None
+) -> EvalResult:
     assert _WORKER is not None, "the pool's initializer builds the worker"
-    return _WORKER.evaluate(policy, family, param, train_seed)  # type: ignore[no-any-return]
+    return _WORKER.evaluate(policy, family, param, train_seed, key)  # type: ignore[no-any-return]
 
 
 class ProcessEvaluators:
@@ -65,7 +68,8 @@ class ProcessEvaluators:
         def give() -> None:
             if todo:
                 i = todo.pop()
-                pending[self._pool.submit(_evaluate, *points[i])] = i
+                key = probes_key(points[i][0])
+                pending[self._pool.submit(_evaluate, *points[i], key)] = i
 
         # a few points queued per worker keeps each busy while its last result travels back
         for _ in range(2 * self.workers):
