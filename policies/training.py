@@ -144,8 +144,8 @@ def job_count(args: RunArgs) -> int:
 
 
 def train_one(bank: str, trainer: str, kwargs: dict[str, Any], folder: str, threads: int) -> float:
-    """Train one learned policy (``trainer``: ``value``, ``ppo`` or ``stop``) on ``bank`` and save it to
-    ``folder``; returns the training's seconds. Runs in a worker process of
+    """Train one learned policy (``trainer``: ``value``, ``ppo`` or ``stop``) on ``bank`` and
+    save it to ``folder``; returns the training's seconds. Runs in a worker process of
     :func:`train_learned` (or in this one): with ``threads`` BLAS and torch threads and torch's
     deterministic algorithms, so one seed gives the same policy in any process."""
     from threadpoolctl import threadpool_limits

@@ -245,7 +245,7 @@ def settled_rows(env: Any, episodes: int, *, seed: int, progress: bool = False) 
     ep = np.arange(b)
     next_ep = b
     parts: dict[str, list[np.ndarray]] = {"obs": [], "answer": [], "ep": [], "q": []}
-    final = np.full(episodes + b, -2, np.int64)
+    final = np.full(episodes, -2, np.int64)
     decoded = chains = 0
     finished = 0
     bar = progress_bar(episodes, "replay", progress)
