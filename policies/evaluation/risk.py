@@ -60,6 +60,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -455,7 +456,15 @@ def _unseen(fam: RiskFamily, bank: TraceBank, calib: Evaluator) -> None:
     seen = [q.qid for q in select_split(bank.questions, str(split))]
     digest = hashlib.sha256("\n".join(seen).encode()).hexdigest()
     if digest != record.get("questions_sha256"):
-        return  # another recording's questions, or the bank grew since: the record cannot tell
+        # the bank's questions changed since (it grew), or another recording of the model
+        warnings.warn(
+            f"{fam.name} was trained on {record.get('n_questions')} {split!r} questions of a "
+            f"bank of this model and data set, not the {len(seen)} this bank has now: ponder "
+            "cannot tell whether it saw the calibration questions (if it did, the guarantee "
+            "does not hold)",
+            stacklevel=3,
+        )
+        return
     overlap = set(seen) & {q.qid for q in calib.questions}
     if overlap:
         raise ConfigError(

@@ -393,6 +393,13 @@ def test_a_learned_policy_is_not_calibrated_on_its_own_training_questions(tmp_pa
     train_stop_policy(SMALL, split="train", **kw).save(tmp_path / "train")
     with pytest.raises(ConfigError, match=r"trained on the 'train' questions.*18 of the 18"):
         calibrate(str(tmp_path / "train"), SMALL, alpha=0.3, split="fit", test_split=None)
+    # a record of other questions (the bank grew since): it cannot tell, and says so
+    grown = load_policy(str(tmp_path / "train"))
+    grown.meta["bank"] = {**grown.meta["bank"], "questions_sha256": "0" * 64}
+    with pytest.warns(UserWarning, match="cannot tell whether it saw"):
+        calibrate(
+            risk_family(grown, grid=[1e-3]), SMALL, alpha=0.3, split="fit", seeds=1, test_split=None
+        )
     # trained on fit, calibrated on dev: the questions it never saw
     train_stop_policy(SMALL, split="fit", **kw).save(tmp_path / "fit")
     r = calibrate(str(tmp_path / "fit"), SMALL, alpha=0.3, split="dev", seeds=2, test_split=None)
