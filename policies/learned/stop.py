@@ -81,6 +81,8 @@ class StopArgs(TrainArgs):
     """where the policy decides: only chain (between chains; a chain always runs to its end)"""
     orders: int = 48
     """replayed episodes per training question (each a random order of its chains)"""
+    max_episodes: int = 8192
+    """at most this many episodes in all (a large bank gets fewer orders per question: the model has one weight per feature, and 8,192 episodes give it some 100,000 states)"""
     c: float = 1.0
     """inverse strength of the logistic regression's L2 penalty (on standardised features)"""
     calib_fraction: float = 0.25
@@ -355,13 +357,16 @@ def train_stop_policy(
         )
     if not (math.isfinite(args.c) and args.c > 0):
         raise ConfigError(f"c must be > 0, got {args.c}")
-    if args.orders < 1:
-        raise ConfigError(f"orders must be >= 1, got {args.orders}")
+    if args.orders < 1 or args.max_episodes < 1:
+        raise ConfigError(
+            f"orders and max_episodes must be >= 1, got {args.orders} and {args.max_episodes}"
+        )
     grid = lam_grid(args.lams)
     t0 = time.perf_counter()
     env = replay_env(b, args, predictor)
     nq = len(env.questions)
-    rows = settled_rows(env, args.orders * nq, seed=args.seed, progress=args.progress)
+    episodes = min(args.orders * nq, args.max_episodes)
+    rows = settled_rows(env, episodes, seed=args.seed, progress=args.progress)
     t_collect = time.perf_counter() - t0
     chain_scale = chain_scale_of(env.config)
     policy = StopPolicy(

@@ -125,7 +125,7 @@ def test_bad_input_is_refused(stop_policy: StopPolicy, tmp_path: Path) -> None:
         train_stop_policy(BANK, decide="chunk", progress=False)
     with pytest.raises(ConfigError, match="c must be > 0"):
         train_stop_policy(BANK, c=0.0, progress=False)
-    with pytest.raises(ConfigError, match="orders must be >= 1"):
+    with pytest.raises(ConfigError, match="orders and max_episodes must be >= 1"):
         train_stop_policy(BANK, orders=0, progress=False)
     with pytest.raises(PolicyError, match="weights"):
         StopPolicy(np.zeros(3), np.ones(3), np.zeros(3), 0.0, chain_tokens=10.0)
@@ -138,6 +138,11 @@ def test_bad_input_is_refused(stop_policy: StopPolicy, tmp_path: Path) -> None:
     save_file(w, tmp_path / "p" / "weights.safetensors")
     with pytest.raises(PolicyError, match="weights"):
         load_policy(tmp_path / "p")
+
+
+def test_a_large_bank_gets_fewer_orders_per_question() -> None:
+    p = train_stop_policy(BANK, orders=16, max_episodes=100, eval_seeds=0, progress=False)
+    assert p.meta["metrics"]["train/episodes"] == 100  # not 16 x 24 questions
 
 
 def test_cli_trains_and_saves(tmp_path: Path) -> None:
