@@ -97,6 +97,20 @@ class EvalWorker:
         )
         self._probes: dict[int, HiddenProbes] = {}
 
+    @staticmethod
+    def args_of(evaluator: Evaluator, threads: int) -> tuple[Any, ...]:
+        """The constructor arguments of a worker like ``evaluator``: its bank, split, seeds,
+        difficulty predictor, probes and settings, with ``threads`` BLAS threads."""
+        return (
+            str(evaluator.bank.path),
+            evaluator.split,
+            list(evaluator.seeds),
+            evaluator.difficulty,
+            evaluator.hidden_probes,
+            evaluator.config,
+            max(1, threads),
+        )
+
     def evaluate(
         self,
         policy: Any,
@@ -132,15 +146,7 @@ class RayEvaluators:
 
         actor = ray.remote(num_cpus=max(1, threads), max_restarts=2, max_task_retries=2)(EvalWorker)
         self.actors: list[Any] = [
-            actor.remote(  # type: ignore[attr-defined]
-                str(evaluator.bank.path),
-                evaluator.split,
-                list(evaluator.seeds),
-                evaluator.difficulty,
-                evaluator.hidden_probes,
-                evaluator.config,
-                threads,
-            )
+            actor.remote(*EvalWorker.args_of(evaluator, threads))  # type: ignore[attr-defined]
             for _ in range(max(1, workers))
         ]
 

@@ -44,15 +44,7 @@ class ProcessEvaluators:
     or call :meth:`close`). Each process runs with ``threads`` BLAS threads."""
 
     def __init__(self, evaluator: Evaluator, workers: int, threads: int = 1) -> None:
-        args = (
-            str(evaluator.bank.path),
-            evaluator.split,
-            list(evaluator.seeds),
-            evaluator.difficulty,
-            evaluator.hidden_probes,
-            evaluator.config,
-            max(1, threads),
-        )
+        args = EvalWorker.args_of(evaluator, threads)
         self.workers = max(1, int(workers))
         self._pool = ProcessPoolExecutor(
             self.workers, mp_context=get_context("spawn"), initializer=_start, initargs=(args,)
