@@ -42,6 +42,7 @@ __all__ = [
     "check_decide",
     "decision_mask",
     "expand",
+    "held_out_questions",
     "lam_grid",
     "sigmoid",
     "split_difficulty",
@@ -165,6 +166,16 @@ def lam_grid(lams: Sequence[float]) -> np.ndarray:
     if grid.size < 1 or (grid <= 0).any():
         raise ConfigError(f"lams must be positive prices, got {lams}")
     return grid
+
+
+def held_out_questions(nq: int, frac: float, seed: int) -> np.ndarray:
+    """``bool[nq]``: the held-out (calibration) questions, at least one, never all."""
+    if nq < 2:
+        raise ConfigError("calibration needs at least 2 training questions")
+    k = min(nq - 1, max(1, round(frac * nq)))
+    held = np.zeros(nq, bool)
+    held[np.random.default_rng(seed).permutation(nq)[:k]] = True
+    return held
 
 
 def split_difficulty(difficulty: Any) -> tuple[Any, Any]:

@@ -57,6 +57,7 @@ from policies.learned.base import (
     chain_scale_of,
     decision_mask,
     expand,
+    held_out_questions,
     lam_grid,
     sigmoid,
 )
@@ -67,7 +68,6 @@ __all__ = ["StopArgs", "StopPolicy", "settled_rows", "train_stop_policy"]
 
 log = logging.getLogger(__name__)
 
-_ENDED = FEATURE_NAMES.index("cur_ended")
 _N_IN = len(FEATURE_NAMES) + len(EXTRA_FEATURES)
 
 
@@ -167,7 +167,7 @@ class StopPolicy(LearnedPolicy):
 
     def _act(self, obs: np.ndarray) -> np.ndarray:
         m = decision_mask(obs, self.decide)
-        running = (obs[:, _ENDED] < 0.5) & m[:, CONTINUE]
+        running = ~m[:, STOP]  # a running chain: continue is its one choice
         go = m[:, BRANCH] & (self._gain(obs) > 0)
         return np.where(running, CONTINUE, np.where(go, BRANCH, STOP)).astype(np.int64)
 
@@ -253,7 +253,7 @@ def settled_rows(env: Any, episodes: int, *, seed: int, progress: bool = False) 
     bar = progress_bar(episodes, "replay", progress)
     while finished < episodes:
         m = decision_mask(obs, "chain")
-        running = (obs[:, _ENDED] < 0.5) & m[:, CONTINUE]
+        running = ~m[:, STOP]  # a running chain: continue is its one choice
         deciding = ~running & m[:, BRANCH]
         keep = deciding & (ep < episodes)
         if keep.any():
@@ -317,11 +317,7 @@ def _held_out_metrics(
 
     if nq < 2:
         return {}
-    rng = np.random.default_rng(args.seed)
-    k = min(nq - 1, max(1, round(args.calib_fraction * nq)))
-    held_q = np.zeros(nq, bool)
-    held_q[rng.permutation(nq)[:k]] = True
-    held = held_q[rows.question]
+    held = held_out_questions(nq, args.calib_fraction, args.seed)[rows.question]
     y = rows.settled
     if held.all() or not held.any():
         return {}

@@ -62,6 +62,7 @@ from policies.learned.base import (
     check_decide,
     decision_mask,
     expand,
+    held_out_questions,
     lam_grid,
     sigmoid,
 )
@@ -353,16 +354,6 @@ def _mlp(kind: str, args: ValueArgs, epochs: int, seed: int) -> Any:
     )
 
 
-def _split_questions(nq: int, frac: float, seed: int) -> np.ndarray:
-    """``bool[nq]``: the held-out (calibration) questions, at least one, never all."""
-    if nq < 2:
-        raise ConfigError("calibration needs at least 2 training questions")
-    k = min(nq - 1, max(1, round(frac * nq)))
-    held = np.zeros(nq, bool)
-    held[np.random.default_rng(seed).permutation(nq)[:k]] = True
-    return held
-
-
 def _fit_stop(
     tr: Transitions, held_q: np.ndarray, args: ValueArgs, seed: int
 ) -> tuple[NumpyMLP, np.ndarray, np.ndarray, dict[str, float]]:
@@ -438,7 +429,7 @@ def _train_value(args: ValueArgs, bank: TraceBank, predictor: Any = None) -> Val
     )
     t_collect = time.perf_counter() - t0
     log.info("collected %d transitions in %.1fs", len(tr), t_collect)
-    held_q = _split_questions(len(env.questions), args.calib_fraction, args.seed)
+    held_q = held_out_questions(len(env.questions), args.calib_fraction, args.seed)
     metrics: dict[str, float] = {}
     policy: ValuePolicy | None = None
     for rnd in range(args.rounds):
