@@ -8,7 +8,9 @@
   :class:`~policies.evaluation.runner.Evaluator` over the same bank, questions, seeds,
   difficulty predictor and probes; the sweeps' points are spread over them, one at a time each.
   An evaluation is seeded and does not depend on what ran before it in its process, so the
-  results, and the results file, are the same as without Ray (``tests/policies/test_ray_run.py``).
+  results, and the results file, are the same as without Ray (``tests/policies/test_results.py``).
+  The actors run :class:`~policies.evaluation.parallel.EvalWorker`, and the points are handed out
+  by :func:`~policies.evaluation.parallel.map_points`, as the local processes of ``--jobs`` are.
 
 Policies travel to the actors as Ray objects; trained policies are saved to, and read back
 from, the run's folder, which the cluster's nodes must share (one machine, or a shared
@@ -21,12 +23,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from env.episode.config import EnvConfig
-from env.episode.hidden import HiddenProbes
+from policies.evaluation.parallel import EvalWorker, map_points, probes_key
 from policies.evaluation.runner import EvalResult, Evaluator
 from policies.evaluation.sweeps import Point
 
-__all__ = ["EvalWorker", "RayEvaluators", "probes_key", "train_on_ray"]
+__all__ = ["RayEvaluators", "train_on_ray"]
 
 #: One training: family, seed, trainer, its arguments, its folder.
 Task = tuple[str, int, str, dict[str, Any], Path]
@@ -76,66 +77,6 @@ def train_on_ray(
     return probes_s
 
 
-class EvalWorker:
-    """What an evaluation actor runs: one :class:`Evaluator`, one point per call."""
-
-    def __init__(
-        self,
-        bank: str,
-        split: str,
-        seeds: int | Sequence[int],
-        difficulty: Any,
-        hidden: HiddenProbes | str | None,
-        config: EnvConfig,
-        threads: int,
-    ) -> None:
-        from threadpoolctl import threadpool_limits
-
-        self._limits = threadpool_limits(max(1, threads))  # (held for the actor's life)
-        self.evaluator = Evaluator(
-            bank, split=split, seeds=seeds, difficulty=difficulty, hidden=hidden, config=config
-        )
-        self._probes: dict[int, HiddenProbes] = {}
-
-    @staticmethod
-    def args_of(evaluator: Evaluator, threads: int) -> tuple[Any, ...]:
-        """The constructor arguments of a worker like ``evaluator``: its bank, split, seeds,
-        difficulty predictor, probes and settings, with ``threads`` BLAS threads."""
-        return (
-            str(evaluator.bank.path),
-            evaluator.split,
-            list(evaluator.seeds),
-            evaluator.difficulty,
-            evaluator.hidden_probes,
-            evaluator.config,
-            max(1, threads),
-        )
-
-    def evaluate(
-        self,
-        policy: Any,
-        family: str,
-        param: str,
-        train_seed: int | None,
-        probes_key: int | None = None,
-    ) -> EvalResult:
-        """Evaluate one point. ``probes_key`` names the policy's hidden-state probes as the
-        sender shares them (:func:`probes_key`): every point arrives with its own copy of
-        them, and the evaluator builds one replay per probes object, so the copies of one
-        sender's object are replaced by the first one received."""
-        if probes_key is not None and policy.hidden_probes is not None:
-            policy.hidden_probes = self._probes.setdefault(probes_key, policy.hidden_probes)
-        return self.evaluator(policy, family=family, param=param, train_seed=train_seed)
-
-
-def probes_key(policy: Any) -> int | None:
-    """What names ``policy``'s hidden-state probes in the sending process (their ``id``: the
-    sender holds every policy, and so its probes, until the evaluation ends); ``None`` for a
-    policy without probes of its own."""
-    probes = getattr(policy, "hidden_probes", None)
-    return None if probes is None else id(probes)
-
-
 class RayEvaluators:
     """A :data:`~policies.evaluation.sweeps.PointMap` over ``workers`` Ray actors, each an
     :class:`EvalWorker` like ``evaluator`` (its bank, split, seeds, predictor, probes and
@@ -155,24 +96,11 @@ class RayEvaluators:
     ) -> list[EvalResult]:
         import ray
 
-        results: list[EvalResult | None] = [None] * len(points)
-        todo = list(range(len(points)))[::-1]
-        pending: dict[Any, tuple[int, Any]] = {}
+        def submit(actor: Any, point: Point) -> Any:
+            return actor.evaluate.remote(*point, probes_key(point[0]))
 
-        def give(actor: Any) -> None:
-            if todo:
-                i = todo.pop()
-                policy, family, param, train_seed = points[i]
-                ref = actor.evaluate.remote(policy, family, param, train_seed, probes_key(policy))
-                pending[ref] = (i, actor)
+        def first_done(refs: list[Any]) -> Any:
+            (ref,), _ = ray.wait(refs, num_returns=1)
+            return ref
 
-        for a in self.actors:
-            give(a)
-        while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            i, actor = pending.pop(ref)
-            results[i] = r = ray.get(ref)
-            if on_result is not None:
-                on_result(r)
-            give(actor)
-        return [r for r in results if r is not None]
+        return map_points(points, self.actors, submit, first_done, ray.get, on_result)

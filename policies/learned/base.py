@@ -42,10 +42,12 @@ __all__ = [
     "check_decide",
     "decision_mask",
     "expand",
+    "expand_params",
     "held_out_questions",
     "lam_grid",
     "sigmoid",
     "split_difficulty",
+    "visible_features",
 ]
 
 #: The λ grid learned policies train over by default (price of a token, in correct answers).
@@ -117,6 +119,21 @@ def expand(obs: np.ndarray, chain_scale: float) -> np.ndarray:
     n = x[:, _N_CHAINS]
     per = np.where(n > 0, x[:, _BUDGET] / np.maximum(n, 1e-9), 0.0) * chain_scale
     return np.concatenate([x, np.clip(per, 0.0, 4.0)[:, None]], axis=1)
+
+
+def visible_features(obs: np.ndarray, *, hidden: bool) -> np.ndarray:
+    """The observation as a policy with (``hidden``) or without hidden-state features reads it
+    (``float64``; see :meth:`LearnedPolicy.visible`)."""
+    x = np.array(obs, dtype=np.float64)
+    if not hidden:
+        x[:, HIDDEN_SLICE] = NEUTRAL
+    return x
+
+
+def expand_params(chain_scale: float) -> dict[str, Any]:
+    """The ``policy.json`` params of a policy that reads :func:`expand`'s features
+    (:meth:`LearnedPolicy._read_numbers` reads them back, ``chain_scale`` among its numbers)."""
+    return {"chain_scale": chain_scale, "extra_features": list(EXTRA_FEATURES)}
 
 
 def chain_scale_of(config: EnvConfig) -> float:
@@ -269,10 +286,7 @@ class LearnedPolicy(BasePolicy):
         """The observation as the policy reads it (float64): a ``base`` policy sees the
         hidden-state features at their neutral values whatever the environment gives, so it
         acts the same with or without probes (it was trained without them)."""
-        x = np.array(obs, dtype=np.float64)
-        if self.hidden_probes is None:
-            x[:, HIDDEN_SLICE] = NEUTRAL
-        return x
+        return visible_features(obs, hidden=self.hidden_probes is not None)
 
     def _inputs(self, obs: np.ndarray) -> np.ndarray:
         z = lam_feature(self.effective_lam, self.lam_range)
@@ -365,6 +379,26 @@ class LearnedPolicy(BasePolicy):
             raise PolicyError(
                 f"the policy reads hidden-state features and its probes cannot be read ({e})"
             ) from e
+
+    @staticmethod
+    def _read_numbers(files: PolicyFiles, names: Sequence[str]) -> dict[str, float]:
+        """The saved params ``names`` as floats, for a policy that reads :func:`expand`'s
+        features (saved with :func:`expand_params`).
+
+        Raises:
+            PolicyError: the policy was trained with other derived features than this ponder
+                computes, or a param is missing or not a number.
+        """
+        p = files.params
+        if p.get("extra_features") != list(EXTRA_FEATURES):
+            raise PolicyError(
+                f"{files.path}: derived features {p.get('extra_features')!r}, this ponder "
+                f"computes {list(EXTRA_FEATURES)}; retrain the policy"
+            )
+        try:
+            return {k: float(p[k]) for k in names}
+        except (KeyError, TypeError, ValueError) as e:
+            raise PolicyError(f"{files.path}: {' / '.join(names)} missing or not numbers") from e
 
     @staticmethod
     def _base_params(files: PolicyFiles) -> dict[str, Any]:

@@ -57,9 +57,11 @@ from policies.learned.base import (
     chain_scale_of,
     decision_mask,
     expand,
+    expand_params,
     held_out_questions,
     lam_grid,
     sigmoid,
+    visible_features,
 )
 from policies.learned.replay import finish_training, progress_bar, replay_env, trainer_args
 from policies.serialize import PolicyFiles
@@ -179,8 +181,7 @@ class StopPolicy(LearnedPolicy):
             "decide": self.decide,
             "intercept": self.intercept,
             "chain_tokens": self.chain_tokens,
-            "chain_scale": self.chain_scale,
-            "extra_features": list(EXTRA_FEATURES),
+            **expand_params(self.chain_scale),
         }
 
     def _arrays(self) -> dict[str, np.ndarray]:
@@ -188,21 +189,11 @@ class StopPolicy(LearnedPolicy):
 
     @classmethod
     def _from_files(cls, files: PolicyFiles) -> Self:
-        p, a = files.params, files.arrays
+        a = files.arrays
         missing = [k for k in ("stop.mean", "stop.scale", "stop.coef") if k not in a]
         if missing:
             raise PolicyError(f"{files.path}: the weights lack {missing}")
-        if p.get("extra_features") != list(EXTRA_FEATURES):
-            raise PolicyError(
-                f"{files.path}: derived features {p.get('extra_features')!r}, this ponder "
-                f"computes {list(EXTRA_FEATURES)}; retrain the policy"
-            )
-        try:
-            numbers = {k: float(p[k]) for k in ("intercept", "chain_tokens", "chain_scale")}
-        except (KeyError, TypeError, ValueError) as e:
-            raise PolicyError(
-                f"{files.path}: intercept / chain_tokens / chain_scale missing or not numbers"
-            ) from e
+        numbers = cls._read_numbers(files, ("intercept", "chain_tokens", "chain_scale"))
         return cls(
             a["stop.mean"],
             a["stop.scale"],
@@ -365,22 +356,20 @@ def train_stop_policy(
     rows = settled_rows(env, episodes, seed=args.seed, progress=args.progress)
     t_collect = time.perf_counter() - t0
     chain_scale = chain_scale_of(env.config)
+    x = expand(visible_features(rows.obs, hidden=env.probes is not None), chain_scale)
+    metrics = _held_out_metrics(x, rows, nq, args)
+    mean, scale, coef, intercept = _fit(x, rows.settled, args.c, args.seed)
     policy = StopPolicy(
-        np.zeros(_N_IN),
-        np.ones(_N_IN),
-        np.zeros(_N_IN),
-        0.0,
+        mean,
+        scale,
+        coef,
+        intercept,
         chain_tokens=max(rows.chain_tokens, 1.0),
         chain_scale=chain_scale,
         lam_range=(float(grid[0]), float(grid[-1])),
         aggregate=env.config.aggregate,
     )
     policy.hidden_probes = env.probes
-    x = expand(policy.visible(rows.obs), chain_scale)
-    metrics = _held_out_metrics(x, rows, nq, args)
-    policy.mean, policy.scale, policy.coef, policy.intercept = _fit(
-        x, rows.settled, args.c, args.seed
-    )
     metrics.update(
         {
             "train/rows": float(len(rows.settled)),

@@ -62,6 +62,7 @@ from policies.learned.base import (
     check_decide,
     decision_mask,
     expand,
+    expand_params,
     held_out_questions,
     lam_grid,
     sigmoid,
@@ -222,9 +223,8 @@ class ValuePolicy(LearnedPolicy):
         return {
             **super()._params(),
             "cost_scale": self.cost_scale,
-            "chain_scale": self.chain_scale,
+            **expand_params(self.chain_scale),
             "decide": self.decide,
-            "extra_features": list(EXTRA_FEATURES),
             "stop_activation": self.stop_net.activation,
             "gain_activation": self.gain_net.activation,
         }
@@ -241,25 +241,14 @@ class ValuePolicy(LearnedPolicy):
         for k in ("iso.x", "iso.y"):
             if k not in a:
                 raise PolicyError(f"{files.path}: the weights lack {k!r}")
-        if p.get("extra_features") != list(EXTRA_FEATURES):
-            raise PolicyError(
-                f"{files.path}: derived features {p.get('extra_features')!r}, this ponder "
-                f"computes {list(EXTRA_FEATURES)}; retrain the policy"
-            )
-        try:
-            cost_scale = float(p["cost_scale"])
-            chain_scale = float(p["chain_scale"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise PolicyError(
-                f"{files.path}: cost_scale / chain_scale missing or not numbers"
-            ) from e
+        numbers = cls._read_numbers(files, ("cost_scale", "chain_scale"))
         return cls(
             NumpyMLP.from_arrays(a, "stop", str(p.get("stop_activation", "relu"))),
             a["iso.x"],
             a["iso.y"],
             NumpyMLP.from_arrays(a, "gain", str(p.get("gain_activation", "relu"))),
-            cost_scale=cost_scale,
-            chain_scale=chain_scale,
+            cost_scale=numbers["cost_scale"],
+            chain_scale=numbers["chain_scale"],
             **cls._base_params(files),
         )
 

@@ -46,7 +46,7 @@ def test_a_worker_keeps_one_copy_of_a_policys_probes(tmp_path: Path) -> None:
 
     from env.bank.store import TraceBank
     from env.episode.hidden import HiddenProbes
-    from policies.ray_run import EvalWorker, probes_key
+    from policies.evaluation.parallel import EvalWorker, probes_key
 
     with threadpool_limits(1):
         probes = HiddenProbes.fit(TraceBank(BANK), c_grid=(0.01,), alpha_grid=(10.0,))
