@@ -600,6 +600,7 @@ def _settings(
         "hidden_aggregate": args.hidden_aggregate,
         "chain_probes": args.chain_probes,
         "hidden": args.hidden,
+        "probe_choices": args.probe_choices,
         "threads": args.threads,
         "quick": args.quick,
         "bootstrap": {"resamples": 2000, "seed": 0, "level": 0.95},

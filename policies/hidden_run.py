@@ -7,6 +7,7 @@ value as one of its allocators.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,12 +25,22 @@ from policies.base import HasValue, LamConditioned, Policy
 from policies.training import Trained
 
 if TYPE_CHECKING:
+    from env.bank.hidden import HiddenStates
+    from env.types import Question
     from policies.main import RunArgs
 
+log = logging.getLogger(__name__)
+
+#: ``ponder run --probe-choices``: reuse the bank's ``hidden/probe-choices.json`` where it
+#: matches (``auto``), or search the probes' whole grid on dev (``dev``).
+PROBE_CHOICES: tuple[str, ...] = ("auto", "dev")
+
 __all__ = [
+    "PROBE_CHOICES",
     "fit_probes",
     "fleet_table_of_run",
     "loaded_probes",
+    "probe_grid",
     "probes_wanted",
     "run_probes",
     "value_curves",
@@ -58,12 +69,19 @@ def probes_wanted(bank: TraceBank, args: RunArgs, console: Console) -> bool:
     return True
 
 
-def fit_probes(bank: str, trained_on: str, folder: str, threads: int = 1) -> float:
+def fit_probes(
+    bank: str, trained_on: str, folder: str, threads: int = 1, choices: str = "auto"
+) -> float:
     """Fit the run's hidden-state probes on the ``trained_on`` questions of ``bank`` (all the
     train ones, or their ``fit`` part for a dev run), with the held-out probes the trainers
     read, and save them to ``folder``; returns the fit's seconds. One more task of the
     training phase (:func:`policies.training.train_learned` runs it beside the trainings that
-    do not read it), so it runs in a worker process with ``threads`` BLAS threads, like them."""
+    do not read it), so it runs in a worker process with ``threads`` BLAS threads, like them.
+
+    ``choices``: ``auto`` refits the point ``ponder probes`` chose on dev when the bank's
+    ``hidden/probe-choices.json`` was made on this annotation and these questions
+    (:func:`probe_grid`), and searches the whole grid on dev otherwise; ``dev`` always
+    searches it. The probes' params say which (what :func:`loaded_probes` prints)."""
     from threadpoolctl import threadpool_limits
 
     from env.bank.hidden import require_hidden
@@ -71,12 +89,42 @@ def fit_probes(bank: str, trained_on: str, folder: str, threads: int = 1) -> flo
     tb = TraceBank(bank)
     hs = require_hidden(tb)
     pool = tb.questions if trained_on == "train" else select_split(tb.questions, trained_on)
+    grid = probe_grid(hs, pool, choices)
     with threadpool_limits(max(1, threads)):
         t0 = time.perf_counter()
-        probes = HiddenProbes.fit(tb, hs, pool=pool)
+        probes = HiddenProbes.fit(tb, hs, pool=pool, **grid)
         seconds = time.perf_counter() - t0
     probes.save(folder, training=True)
     return seconds
+
+
+def probe_grid(hidden: HiddenStates, pool: Sequence[Question], choices: str) -> dict[str, Any]:
+    """The grid arguments of the run's probe fit (see :func:`fit_probes`): the chosen point of
+    ``hidden/probe-choices.json`` where it matches the annotation and the training questions
+    of ``pool``, else ``{}`` (the whole grid, with a note saying why in the probes' params)."""
+    from env.probes.choices import CHOICES_FILE, ProbeChoices
+
+    if choices not in PROBE_CHOICES:
+        raise ConfigError(f"--probe-choices must be auto or dev, got {choices!r}")
+    path = hidden.path / CHOICES_FILE
+    if choices == "dev":
+        return {}
+    if not path.is_file():
+        return {"chosen": f"no {CHOICES_FILE}: the whole grid searched"}
+    try:
+        chosen = ProbeChoices.load(path)
+    except ConfigError as e:
+        log.warning("%s; the probes are chosen on dev again", e)
+        return {"chosen": f"{CHOICES_FILE} unreadable: the whole grid searched"}
+    annotated = set(hidden.annotated)
+    train = [q.qid for q in select_split([q for q in pool if q.qid in annotated], "train")]
+    why = chosen.mismatch(hidden.manifest, train)
+    if why is not None:
+        return {"chosen": f"{CHOICES_FILE} was made on {why}: the whole grid searched"}
+    return {
+        **chosen.grid(),
+        "chosen": f"the point {CHOICES_FILE} holds, chosen so by `ponder probes`",
+    }
 
 
 def run_probes(
@@ -88,7 +136,7 @@ def run_probes(
     if not probes_wanted(bank, args, console):
         return None, None
     folder = out / "hidden-probes"
-    seconds = fit_probes(str(bank.path), trained_on, str(folder), args.threads)
+    seconds = fit_probes(str(bank.path), trained_on, str(folder), args.threads, args.probe_choices)
     return loaded_probes(folder, trained_on, seconds, console), folder
 
 
@@ -98,7 +146,7 @@ def loaded_probes(folder: Path, trained_on: str, seconds: float, console: Consol
     probes = HiddenProbes.load(folder, training=True)
     console.print(
         f"hidden-state probes fitted on the {trained_on} questions in {seconds:.0f} s: "
-        f"{probes.describe()}"
+        f"{probes.describe()}; {probes.chain.params.get('chosen', '')}"
     )
     return probes
 

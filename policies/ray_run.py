@@ -37,7 +37,7 @@ def train_on_ray(
     bank: Path,
     plain: Sequence[Task],
     hidden: Sequence[Task],
-    probe_args: tuple[str, str, str, int] | None,
+    probe_args: tuple[str, str, str, int, str] | None,
     threads: int,
     finished: Callable[[str, int, float], None],
 ) -> float:

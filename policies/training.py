@@ -255,7 +255,7 @@ def train_learned(
     seconds: dict[str, dict[int, float]] = {name: {} for name in used}
     probes_s = 0.0
     t0 = time.perf_counter()
-    probe_args = (str(bank), common["split"], str(hidden_probes), args.threads)
+    probe_args = (str(bank), common["split"], str(hidden_probes), args.threads, args.probe_choices)
 
     def finished(name: str, s: int, sec: float) -> None:
         seconds[name][s] = sec

@@ -82,6 +82,7 @@ __all__ = [
     "fit_difficulty_probe",
     "fit_probes",
     "layer_choices",
+    "questions_sha256",
     "spearman",
     "within_auroc",
 ]
@@ -396,7 +397,8 @@ class ProbeFit:
     seconds: float = 0.0
 
 
-def _qsha(qids: Sequence[str]) -> str:
+def questions_sha256(qids: Sequence[str]) -> str:
+    """The sha256 of question ids in order (what a probe records of its training questions)."""
     return hashlib.sha256("\n".join(qids).encode()).hexdigest()
 
 
@@ -411,6 +413,7 @@ def fit_probes(
     extra_choices: Sequence[tuple[str, ...]] = EXTRA_CHOICES,
     weight_grid: Sequence[float] = EXTRAS_WEIGHTS,
     ended_states: bool = True,
+    chosen: str = "",
 ) -> ProbeFit:
     """Fit both probes on the annotated training questions of ``bank``, choosing on ``dev``.
 
@@ -421,6 +424,8 @@ def fit_probes(
         c_grid, alpha_grid, extra_choices, weight_grid: the rest of the grid tried on ``dev``
             (``weight_grid``: the chain probe's extras weights).
         ended_states: the chain probe also reads the state at ended boundaries.
+        chosen: where the grid came from, noted in the probes' params (empty: the grid is
+            this ponder's; :meth:`~env.probes.choices.ProbeChoices.grid` names its file).
 
     Fitting is BLAS-bound: on a small machine run it under ``threadpoolctl.threadpool_limits(1)``
     (lbfgs on many threads of a busy CPU was 25 times slower here).
@@ -449,7 +454,7 @@ def fit_probes(
         "bank": str(bank.path),
         "bank_id": bank.manifest.bank_id,
         "questions": train_ids,
-        "questions_sha256": _qsha(train_ids),
+        "questions_sha256": questions_sha256(train_ids),
         "dev_questions": [q.qid for q in splits["dev"]],
     }
     dev: list[DevScore] = []
@@ -467,12 +472,13 @@ def fit_probes(
             if cur is None or best_of([cur, b]) is b:
                 best_overall[b.kind] = b
         how = "fitted on fit, chosen by the lowest {} on dev, refitted on train"
+        note = f" ({chosen})" if chosen else ""
         diff = fit_difficulty_probe(
             p_train,
             manifest,
             layers=ch,
             alpha=bd.strength,
-            params={"chosen": how.format("mean squared error"), "grid": list(alpha_grid)},
+            params={"chosen": how.format("mean squared error") + note, "grid": list(alpha_grid)},
             meta={**meta, "dev": bd.metrics},
         )
         chain = fit_chain_probe(
@@ -485,7 +491,8 @@ def fit_probes(
             ended_states=ended_states,
             params={
                 "chosen": how.format("log loss over every boundary")
-                + " (C, extras and their weight)",
+                + " (C, extras and their weight)"
+                + note,
                 "grid": list(c_grid),
                 "extra_choices": [list(e) for e in extra_choices],
                 "weight_grid": list(weight_grid),

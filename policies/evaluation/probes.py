@@ -93,6 +93,8 @@ class ProbesArgs:
     """also print every configuration tried on dev"""
     threads: int = 1
     """BLAS threads"""
+    note_choices: bool = True
+    """write the points chosen on dev to the bank's hidden/probe-choices.json, where `ponder run` refits them rather than searching the grid again (`ponder run --probe-choices dev` searches it anyway)"""
 
 
 @dataclass
@@ -569,14 +571,20 @@ def run(args: ProbesArgs, echo: Callable[[str], None] = print) -> ProbeReport:
         )
         report = probe_report(bank, hidden, fit, probes=loaded, boot=args.boot, seed=args.seed)
     report.summary["saved"] = [str(p) for p in paths]
+    if args.note_choices:
+        from env.probes.choices import ProbeChoices
+
+        noted = ProbeChoices.of(fit, hidden.manifest).save(hidden.path)
+        report.summary["choices"] = str(noted)
     report.tables.insert(0, dev_table(fit, every=args.dev_grid))
     s = report.summary
     q = s["questions"]
     echo(
         f"## Probes on {s['bank']}\n\n{s['annotation']}; {s['annotated']}/{s['recorded']} "
         f"questions annotated: {q['train']} train ({q['fit']} fit + {q['dev']} dev), "
-        f"{q['test']} test. Fitted in {s['fit seconds']} s; saved to {out}/. Intervals: 95% "
-        f"bootstrap over test questions ({args.boot} resamples).\n"
+        f"{q['test']} test. Fitted in {s['fit seconds']} s; saved to {out}/"
+        + (f"; the choices noted in {s['choices']}" if "choices" in s else "")
+        + f". Intervals: 95% bootstrap over test questions ({args.boot} resamples).\n"
     )
     echo(render(report.tables))
     if args.json is not None:

@@ -47,6 +47,12 @@ def test_probes_command_on_a_planted_bank(tmp_path: Path) -> None:
     assert auroc.mean > 0.9  # type: ignore[union-attr]
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["tables"][0]["title"].startswith("Choices on dev")
+    # the points chosen on dev are noted beside the states, for `ponder run` to refit
+    from env.probes.choices import CHOICES_FILE, ProbeChoices
+
+    noted = ProbeChoices.load(hs.path / CHOICES_FILE)
+    assert noted.chain_layers == chain.layers and noted.c == chain.params["C"]
+    assert f"the choices noted in {hs.path / CHOICES_FILE}" in text
 
 
 def test_vote_shares_are_each_chains_share_of_its_answers_vote(tmp_path: Path) -> None:
