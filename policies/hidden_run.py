@@ -193,20 +193,23 @@ def value_curves(policy: Policy, lam: float) -> Any:
 
     assert isinstance(policy, HasValue) and isinstance(policy, LamConditioned)
     acting = policy.with_lam(lam)
+    envs: dict[int, BatchedReplayEnv] = {}  # one per setup: flattening the bank is the cost
 
-    def scores(setup: Any, questions: Sequence[Any], seed: int) -> np.ndarray:
-        env = BatchedReplayEnv(setup.bank, len(questions), seed=0, probes=policy.hidden_probes)
+    def scores(setup: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The training and test questions' values at their opening state under ``seed``."""
+        questions = [*setup.train, *setup.test]
+        env = envs.get(id(setup))
+        if env is None:
+            env = BatchedReplayEnv(setup.bank, len(questions), seed=0, probes=policy.hidden_probes)
+            envs[id(setup)] = env
         index = {q.qid: i for i, q in enumerate(env.questions)}
         qs = np.array([index[q.qid] for q in questions], np.int64)
         obs, _ = env.reset(options={"questions": qs, "gen_seeds": np.full(len(qs), seed)})
-        return np.asarray(acting.value(obs), np.float64)  # type: ignore[attr-defined]
+        value = np.asarray(acting.value(obs), np.float64)  # type: ignore[attr-defined]
+        return value[: len(setup.train)], value[len(setup.train) :]
 
     def fn(setup: Any, seed: int) -> Any:
-        return kernel_curves(
-            scores(setup, setup.train, seed),
-            setup.train_curves,
-            scores(setup, setup.test, seed),
-            setup.k_test,
-        )
+        train, test = scores(setup, seed)
+        return kernel_curves(train, setup.train_curves, test, setup.k_test)
 
     return fn

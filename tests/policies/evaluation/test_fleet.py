@@ -204,6 +204,61 @@ def test_without_hidden_states_the_probe_is_left_out_and_extras_plug_in() -> Non
         fleet_table(ARITH, seeds=1, budgets=(17,), hidden=False, n_boot=50)
 
 
+class _ByChains:
+    """A policy whose value of going on is its opening chain's token count (a stand-in for a
+    learned value: what matters here is which question each value belongs to)."""
+
+    lam = None
+    hidden_probes = None
+
+    def with_lam(self, lam: float | None) -> _ByChains:
+        return self
+
+    def value(self, obs: np.ndarray) -> np.ndarray:
+        from env.episode.observation import FEATURE_NAMES
+
+        return np.asarray(obs[:, FEATURE_NAMES.index("budget_used")], np.float64)
+
+
+def test_the_learned_value_allocator_scores_each_question_from_one_replay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import env.episode.vector as vector
+    from policies.evaluation.fleet import FleetSetup
+    from policies.evaluation.fleet_report import _fleet_setup
+    from policies.hidden_run import value_curves
+
+    setup, *_ = _fleet_setup(TraceBank(ARITH), False, None, 4, None)
+    assert isinstance(setup, FleetSetup)
+    built: list[int] = []
+    real = vector.BatchedReplayEnv
+
+    class Counting(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *a: object, **kw: object) -> None:
+            built.append(1)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr("policies.hidden_run.BatchedReplayEnv", Counting)
+    fn = value_curves(_ByChains(), 1e-4)  # type: ignore[arg-type]
+    curves = [fn(setup, s) for s in (0, 1, 2)]
+    assert len(built) == 1  # flattening the bank is the cost: once for every seed
+
+    def alone(questions: list, seed: int) -> np.ndarray:
+        env = real(ARITH, len(questions), seed=0)
+        index = {q.qid: i for i, q in enumerate(env.questions)}
+        qs = np.array([index[q.qid] for q in questions], np.int64)
+        obs, _ = env.reset(options={"questions": qs, "gen_seeds": np.full(len(qs), seed)})
+        return _ByChains().value(obs)
+
+    for seed, got in zip((0, 1, 2), curves, strict=True):
+        want = kernel_curves(
+            alone(setup.train, seed), setup.train_curves, alone(setup.test, seed), setup.k_test
+        )
+        np.testing.assert_array_equal(got.accuracy, want.accuracy)
+        np.testing.assert_array_equal(got.cost, want.cost)
+    assert not np.array_equal(curves[0].accuracy, curves[1].accuracy)  # the seed matters
+
+
 def test_the_command_prints_the_table(tmp_path: Path) -> None:
     out = tmp_path / "fleet.json"
     cmd = [sys.executable, "-m", "policies.evaluation.fleet", str(ARITH)]
