@@ -48,10 +48,9 @@ def train_on_ray(
     import ray
 
     from policies.hidden_run import fit_probes
-    from policies.training import train_one
 
     cpus = max(1, threads)
-    train: Any = ray.remote(num_cpus=cpus, max_retries=2)(train_one)
+    train: Any = ray.remote(num_cpus=cpus, max_retries=2)(_train_sharing)
     fit: Any = ray.remote(num_cpus=cpus, max_retries=2)(fit_probes)
 
     def submit(tasks: Sequence[Task]) -> dict[Any, tuple[str, int]]:
@@ -77,6 +76,27 @@ def train_on_ray(
     return probes_s
 
 
+def _train_sharing(*args: Any) -> float:
+    """:func:`policies.training.train_one` in a Ray worker, which reads and flattens the bank
+    once for every training it runs (:func:`env.bank.store.share_reads`)."""
+    from env.bank.store import share_reads
+    from policies.training import train_one
+
+    share_reads()
+    return train_one(*args)
+
+
+class _SharingWorker(EvalWorker):
+    """An :class:`EvalWorker` in its own process (a Ray actor), which keeps what it reads of
+    the bank (:func:`env.bank.store.share_reads`)."""
+
+    def __init__(self, *args: Any) -> None:
+        from env.bank.store import share_reads
+
+        share_reads()
+        super().__init__(*args)
+
+
 class RayEvaluators:
     """A :data:`~policies.evaluation.sweeps.PointMap` over ``workers`` Ray actors, each an
     :class:`EvalWorker` like ``evaluator`` (its bank, split, seeds, predictor, probes and
@@ -85,7 +105,9 @@ class RayEvaluators:
     def __init__(self, evaluator: Evaluator, workers: int, threads: int = 1) -> None:
         import ray
 
-        actor = ray.remote(num_cpus=max(1, threads), max_restarts=2, max_task_retries=2)(EvalWorker)
+        actor = ray.remote(num_cpus=max(1, threads), max_restarts=2, max_task_retries=2)(
+            _SharingWorker
+        )
         self.actors: list[Any] = [
             actor.remote(*EvalWorker.args_of(evaluator, threads))  # type: ignore[attr-defined]
             for _ in range(max(1, workers))

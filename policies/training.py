@@ -202,6 +202,7 @@ def train_learned(
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
     from multiprocessing import get_context
 
+    from env.bank.store import reads_shared, share_reads
     from policies.hidden_run import fit_probes
 
     seeds = train_seeds(args)
@@ -273,12 +274,16 @@ def train_learned(
             finished,
         )
     elif jobs == 1:
-        if hidden_probes is not None:
-            probes_s = fit_probes(*probe_args)
-        for name, s, trainer, kwargs, folder in [*plain, *hidden]:
-            finished(name, s, train_one(str(bank), trainer, kwargs, str(folder), args.threads))
+        with reads_shared():  # the bank read and flattened once for every training
+            if hidden_probes is not None:
+                probes_s = fit_probes(*probe_args)
+            for name, s, trainer, kwargs, folder in [*plain, *hidden]:
+                finished(name, s, train_one(str(bank), trainer, kwargs, str(folder), args.threads))
     else:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        # each worker reads and flattens the bank once for all the trainings it runs
+        with ProcessPoolExecutor(
+            jobs, mp_context=get_context("spawn"), initializer=share_reads
+        ) as pool:
 
             def submit(tasks: list[_Task]) -> dict[Future[float], tuple[str, int]]:
                 return {

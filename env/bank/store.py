@@ -8,13 +8,14 @@ The on-disk format is described in :mod:`env.bank.schema`; the manifest is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from env.bank.identity import check_identity, check_qids
 from env.bank.manifest import BankManifest
@@ -29,7 +30,60 @@ __all__ = [
     "read_chunk_table",
     "read_question_file",
     "read_questions",
+    "reads_shared",
+    "share_reads",
+    "shared",
 ]
+
+T = TypeVar("T")
+
+#: What this process keeps of the banks it read (:func:`share_reads`): ``None`` while off.
+_SHARED: dict[tuple[Any, ...], Any] | None = None
+
+
+def share_reads(on: bool = True) -> None:
+    """Keep what is read from banks for the rest of this process (``on``), or stop and forget.
+
+    For worker processes of one run (the main job's trainings and evaluators), which open the
+    same bank many times while nothing writes to it: each :class:`TraceBank` then reads a
+    question file only if no bank in the process has read that file (by path, inode, size and
+    modification time) and question before, and :func:`shared` keeps results computed from a
+    bank's content (the difficulty predictor, the flattened replay tables) under
+    :meth:`TraceBank.content_key`. Turning it on again keeps what is kept. Off by default: a
+    test or tool that rewrites a file in place within one clock tick would otherwise read the
+    old one.
+    """
+    global _SHARED
+    _SHARED = (_SHARED if _SHARED is not None else {}) if on else None
+
+
+@contextlib.contextmanager
+def reads_shared() -> Iterator[None]:
+    """:func:`share_reads` for the ``with`` block, then as before (what was kept is dropped)."""
+    global _SHARED
+    before = _SHARED
+    _SHARED = {} if before is None else before
+    try:
+        yield
+    finally:
+        _SHARED = before
+
+
+def shared(key: Callable[[], tuple[Any, ...]], make: Callable[[], T]) -> T:
+    """``make()``, or while :func:`share_reads` is on, the value kept under ``key()`` (made
+    once; ``key`` is called only then). What is kept must not be changed by those who get it."""
+    if _SHARED is None:
+        return make()
+    k = key()
+    if k not in _SHARED:
+        _SHARED[k] = make()
+    return cast(T, _SHARED[k])
+
+
+def _file_key(path: Path) -> tuple[str, int, int, int]:
+    st = path.stat()
+    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
 
 #: Columns every chunk row has (the others are empty where a chunk had no probe, judge or answer).
 _REQUIRED_COLUMNS = (
@@ -209,9 +263,25 @@ class TraceBank:
             raise BankError(
                 f"question {qid!r} is not recorded yet in {self.path} (no {path.name}); resume `ponder record`"
             )
-        trace = read_question_file(path, self.question(qid), self.manifest)
+        question = self.question(qid)
+        trace = shared(
+            lambda: ("question-file", *_file_key(path), self.manifest.bank_id, question),
+            lambda: read_question_file(path, question, self.manifest),
+        )
         self._cache[qid] = trace
         return trace
+
+    def content_key(self) -> tuple[Any, ...]:
+        """What names this bank's recorded content within a process: its folder, its id, and
+        the path, inode, size and modification time of its manifest, its questions and every
+        recorded question's file (the recorder replaces files whole, so new content is a new
+        key). For :func:`shared`."""
+        files = [
+            self.path / "manifest.json",
+            self.path / "questions.parquet",
+            *(self.chunk_file(self._index[q]) for q in self._recorded),
+        ]
+        return ("bank", self.manifest.bank_id, tuple(_file_key(f) for f in files))
 
 
 def read_questions(path: Path) -> dict[str, Question]:

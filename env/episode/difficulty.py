@@ -191,5 +191,12 @@ def bank_difficulty(bank: Any, split: str = "train") -> Any:
     (:func:`training_split` of the evaluated split), so the predictor never sees the labels of
     the questions it is evaluated on.
     """
+    from env.bank.store import shared
+
     train = select_split(bank.questions, split)
-    return fit_difficulty(bank, train) if len(train) >= 2 else None
+    if len(train) < 2:
+        return None
+    return shared(
+        lambda: ("difficulty", bank.content_key(), tuple(q.qid for q in train)),
+        lambda: fit_difficulty(bank, train),
+    )

@@ -13,6 +13,7 @@ test_vector.py`` replays thousands of episodes through both).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from env.bank.store import TraceBank
+from env.bank.store import TraceBank, shared
 from env.episode.config import PROBE_AGGREGATES, Action, EnvConfig
 from env.episode.difficulty import bank_difficulty
 from env.episode.hidden import NEUTRAL, HiddenProbes
@@ -41,7 +42,13 @@ from env.episode.rules import (
     reason_text,
     unavailable_reason,
 )
-from env.episode.tables import build_tables, difficulty_table, hidden_tables, to_int
+from env.episode.tables import (
+    Tables,
+    build_tables,
+    difficulty_table,
+    hidden_tables,
+    to_int,
+)
 from env.generators.replay import ReplayGenerator, chain_order
 from env.questions import select_split, training_split
 from features.errors import BankError, ConfigError, PolicyError
@@ -68,6 +75,16 @@ REPLAY_ENDS: tuple[Reason, ...] = (
 )
 
 _IX = {n: i for i, n in enumerate(FEATURE_NAMES)}
+
+
+def _read_only(tables: Tables) -> Tables:
+    """``tables`` with every array made read-only: kept by :func:`~env.bank.store.shared`, they
+    are read by every replay of the process, and none may write to them."""
+    for f in dataclasses.fields(tables):
+        v = getattr(tables, f.name)
+        if isinstance(v, np.ndarray):
+            v.setflags(write=False)
+    return tables
 
 
 def replay_order(gen_seed: int, qid: str, k: int) -> IntArray:
@@ -246,7 +263,10 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
                 f"got {type(difficulty).__name__}"
             )
         self.difficulty_fn = difficulty
-        self._t = build_tables(self.bank, qs, config)
+        self._t = shared(
+            lambda: ("tables", self.bank.content_key(), tuple(q.qid for q in qs), config),
+            lambda: _read_only(build_tables(self.bank, qs, config)),
+        )
         self._diff = difficulty_table(self.bank, qs, self._t.kmax, difficulty)
         self.probes = probes
         if probes is not None:

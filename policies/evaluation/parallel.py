@@ -22,6 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from multiprocessing import get_context
 from typing import Any, TypeVar
 
+from env.bank.store import share_reads
 from env.episode.config import EnvConfig
 from env.episode.hidden import HiddenProbes
 from policies.evaluation.runner import EvalResult, Evaluator
@@ -134,6 +135,7 @@ _WORKER: EvalWorker | None = None
 
 def _start(args: tuple[Any, ...]) -> None:
     global _WORKER
+    share_reads()  # a worker process of one run: nothing writes to the bank meanwhile
     _WORKER = EvalWorker(*args)
 
 
