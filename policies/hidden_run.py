@@ -106,9 +106,9 @@ def probe_grid(hidden: HiddenStates, pool: Sequence[Question], choices: str) -> 
 
     if choices not in PROBE_CHOICES:
         raise ConfigError(f"--probe-choices must be auto or dev, got {choices!r}")
-    path = hidden.path / CHOICES_FILE
     if choices == "dev":
         return {}
+    path = hidden.path / CHOICES_FILE
     if not path.is_file():
         return {"chosen": f"no {CHOICES_FILE}: the whole grid searched"}
     try:

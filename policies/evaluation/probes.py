@@ -574,8 +574,14 @@ def run(args: ProbesArgs, echo: Callable[[str], None] = print) -> ProbeReport:
     if args.note_choices:
         from env.probes.choices import ProbeChoices
 
-        noted = ProbeChoices.of(fit, hidden.manifest).save(hidden.path)
-        report.summary["choices"] = str(noted)
+        try:
+            noted = ProbeChoices.of(fit, hidden.manifest).save(hidden.path)
+            report.summary["choices"] = str(noted)
+        except OSError as e:  # a read-only bank: the report stands, the main job searches
+            echo(
+                f"(the choices could not be noted in {hidden.path}: {e}; `ponder run` will "
+                "search the probes' grid on dev)"
+            )
     report.tables.insert(0, dev_table(fit, every=args.dev_grid))
     s = report.summary
     q = s["questions"]

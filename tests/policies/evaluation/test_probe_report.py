@@ -87,3 +87,21 @@ def test_a_bank_without_hidden_states_says_what_to_run(tmp_path: Path) -> None:
     shutil.rmtree(bank.path / "hidden")
     with pytest.raises(BankError, match="ponder bank annotate"):
         run(ProbesArgs(bank=bank.path, out=tmp_path / "p", boot=10), lambda s: None)
+
+
+def test_a_bank_it_cannot_write_to_still_gets_its_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from env.probes.choices import CHOICES_FILE, ProbeChoices
+
+    bank, hs = planted_bank(tmp_path / "bank", n_train=12, n_test=4, chains=4)
+
+    def refuse(self: ProbeChoices, hidden_dir: object) -> Path:
+        raise PermissionError(13, "Permission denied", str(hidden_dir))
+
+    monkeypatch.setattr(ProbeChoices, "save", refuse)
+    lines: list[str] = []
+    report = run(ProbesArgs(bank=bank.path, out=tmp_path / "p", boot=10), lines.append)
+    assert "choices" not in report.summary and not (hs.path / CHOICES_FILE).exists()
+    assert any("could not be noted" in line and "Permission denied" in line for line in lines)
+    assert (tmp_path / "p" / "chain-correctness" / "probe.json").is_file()
