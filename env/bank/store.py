@@ -271,16 +271,20 @@ class TraceBank:
         self._cache[qid] = trace
         return trace
 
-    def content_key(self) -> tuple[Any, ...]:
-        """What names this bank's recorded content within a process: its folder, its id, and
-        the path, inode, size and modification time of its manifest, its questions and every
-        recorded question's file (the recorder replaces files whole, so new content is a new
-        key). For :func:`shared`."""
+    def content_key(self, *, hidden: bool = False) -> tuple[Any, ...]:
+        """What names this bank's recorded content within a process: its id, and the path,
+        inode, size and modification time of its manifest, its questions and every recorded
+        question's file (the recorder replaces files whole, so new content is a new key), and
+        with ``hidden`` those of ``hidden/`` (the annotation's manifest and states). For
+        :func:`shared`."""
         files = [
             self.path / "manifest.json",
             self.path / "questions.parquet",
             *(self.chunk_file(self._index[q]) for q in self._recorded),
         ]
+        if hidden:
+            folder = self.path / "hidden"
+            files += sorted(f for f in folder.iterdir() if f.suffix in (".json", ".safetensors"))
         return ("bank", self.manifest.bank_id, tuple(_file_key(f) for f in files))
 
 

@@ -23,6 +23,7 @@ by each chain's latest P(right)) and ``probe-best`` (the answer of the chain wit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -184,6 +185,16 @@ class HiddenProbes:
     def layers(self) -> tuple[int, ...]:
         """Every layer either probe reads."""
         return tuple(sorted({*self.chain.layers, *self.difficulty.layers}))
+
+    def fingerprint(self) -> str:
+        """The sha256 of what the probes compute, the held-out ones included (for
+        :func:`~env.bank.store.shared`: equal fingerprints give equal features)."""
+        h = hashlib.sha256(f"{self.chain.fingerprint()} {self.difficulty.fingerprint()}".encode())
+        h.update(str(int(self.max_tokens)).encode())
+        for qid in sorted(self.held_out):
+            c, d = self.held_out[qid]
+            h.update(f"\n{qid} {c.fingerprint()} {d.fingerprint()}".encode())
+        return h.hexdigest()
 
     def describe(self) -> str:
         a = self.chain.schema.annotation

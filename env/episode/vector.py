@@ -87,6 +87,13 @@ def _read_only(tables: Tables) -> Tables:
     return tables
 
 
+def _frozen(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``arrays`` made read-only (kept by :func:`~env.bank.store.shared`)."""
+    for a in arrays:
+        a.setflags(write=False)
+    return arrays
+
+
 def replay_order(gen_seed: int, qid: str, k: int) -> IntArray:
     """The order in which :class:`~env.generators.replay.ReplayGenerator`, reset with
     ``gen_seed``, hands out the ``k`` recorded chains of question ``qid``
@@ -270,7 +277,16 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         self._diff = difficulty_table(self.bank, qs, self._t.kmax, difficulty)
         self.probes = probes
         if probes is not None:
-            self._right, self._pass = hidden_tables(self.bank, qs, config, probes)
+            self._right, self._pass = shared(
+                lambda: (
+                    "hidden",
+                    self.bank.content_key(hidden=True),
+                    tuple(q.qid for q in qs),
+                    config,
+                    probes.fingerprint(),
+                ),
+                lambda: _frozen(*hidden_tables(self.bank, qs, config, probes)),
+            )
             if self._right.size != self._t.answer.size:
                 raise BankError(  # pragma: no cover - both walk replay_chain
                     "the hidden-state table does not line up with the bank's chunks"

@@ -321,6 +321,16 @@ class LinearProbe:
     ) -> np.ndarray:
         return self.predict(self.inputs(states, layers, extras))
 
+    def fingerprint(self) -> str:
+        """The sha256 of what the probe computes (kind, link, schema and weights): equal
+        fingerprints give equal predictions."""
+        h = hashlib.sha256()
+        head = {"kind": self.kind, "link": self.link, "schema": self.schema.to_json()}
+        h.update(json.dumps(head, sort_keys=True).encode())
+        for a in (self.mean, self.scale, self.coef, np.array([self.intercept])):
+            h.update(np.ascontiguousarray(a, np.float64).tobytes())
+        return h.hexdigest()
+
     # -- the file format ---------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> Path:

@@ -97,3 +97,26 @@ def test_turning_it_on_again_keeps_what_is_kept_and_off_drops_it() -> None:
         share_reads(False)
     assert shared(lambda: ("k",), make) == 4
     assert np.array_equal(made, [1, 1, 1, 1])
+
+
+def test_hidden_features_are_shared_between_equal_probes_only(tmp_path: Path) -> None:
+    from threadpoolctl import threadpool_limits
+
+    from env.episode.hidden import HiddenProbes
+
+    with threadpool_limits(1):
+        fitted = HiddenProbes.fit(TraceBank(BANK), c_grid=(0.1,), alpha_grid=(10.0,), folds=2)
+        other = HiddenProbes.fit(TraceBank(BANK), c_grid=(0.01,), alpha_grid=(10.0,), folds=2)
+    a = HiddenProbes.load(fitted.save(tmp_path / "a", training=True), training=True)
+    b = HiddenProbes.load(fitted.save(tmp_path / "b", training=True), training=True)
+    assert a is not b and a.fingerprint() == b.fingerprint() == fitted.fingerprint()
+    assert other.fingerprint() != a.fingerprint()
+    alone = BatchedReplayEnv(BANK, 8, split="train", probes=a)
+    with reads_shared():
+        ea = BatchedReplayEnv(BANK, 8, split="train", probes=a)
+        eb = BatchedReplayEnv(BANK, 8, split="train", probes=b)
+        eo = BatchedReplayEnv(BANK, 8, split="train", probes=other)
+    assert ea._right is eb._right and ea._right is not eo._right
+    assert not ea._right.flags.writeable and not ea._pass.flags.writeable
+    np.testing.assert_array_equal(ea._right, alone._right)
+    np.testing.assert_array_equal(ea._pass, alone._pass)
