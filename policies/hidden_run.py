@@ -55,6 +55,8 @@ def probes_wanted(bank: TraceBank, args: RunArgs, console: Console) -> bool:
 
     if args.hidden not in ("auto", "on", "off"):
         raise ConfigError(f"--hidden must be auto, on or off, got {args.hidden!r}")
+    if args.probe_choices not in PROBE_CHOICES:
+        raise ConfigError(f"--probe-choices must be auto or dev, got {args.probe_choices!r}")
     if args.hidden == "off":
         return False
     hs = HiddenStates.open(bank.path, bank)

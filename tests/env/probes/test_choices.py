@@ -138,3 +138,15 @@ def test_a_damaged_choices_file_is_refused_by_name(
     path.write_text(json.dumps({**body, **{"format": "ponder-probe-choices", "version": 1}}))
     with pytest.raises(ConfigError, match="damaged"):
         ProbeChoices.load(path)
+
+
+def test_the_main_job_refuses_an_unknown_way_of_choosing_before_it_trains(
+    planted: tuple[TraceBank, HiddenStates],
+) -> None:
+    from rich.console import Console
+
+    from policies.hidden_run import probes_wanted
+    from policies.main import RunArgs
+
+    with pytest.raises(ConfigError, match="--probe-choices must be auto or dev, got 'shipped'"):
+        probes_wanted(planted[0], RunArgs(probe_choices="shipped"), Console())
