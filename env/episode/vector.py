@@ -77,21 +77,19 @@ REPLAY_ENDS: tuple[Reason, ...] = (
 _IX = {n: i for i, n in enumerate(FEATURE_NAMES)}
 
 
-def _read_only(tables: Tables) -> Tables:
-    """``tables`` with every array made read-only: kept by :func:`~env.bank.store.shared`, they
-    are read by every replay of the process, and none may write to them."""
-    for f in dataclasses.fields(tables):
-        v = getattr(tables, f.name)
-        if isinstance(v, np.ndarray):
-            v.setflags(write=False)
-    return tables
-
-
 def _frozen(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
-    """``arrays`` made read-only (kept by :func:`~env.bank.store.shared`)."""
+    """``arrays`` made read-only: kept by :func:`~env.bank.store.shared`, they are read by every
+    replay of the process, and none may write to them."""
     for a in arrays:
         a.setflags(write=False)
     return arrays
+
+
+def _read_only(tables: Tables) -> Tables:
+    """``tables`` with every array made read-only (:func:`_frozen`)."""
+    values = (getattr(tables, f.name) for f in dataclasses.fields(tables))
+    _frozen(*(v for v in values if isinstance(v, np.ndarray)))
+    return tables
 
 
 def replay_order(gen_seed: int, qid: str, k: int) -> IntArray:
