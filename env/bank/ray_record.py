@@ -34,6 +34,7 @@ from env.bank.record import (
     RecordArgs,
     bank_manifest,
     describe_generator,
+    group_size,
     groups_of,
     make_generator,
     questions_of,
@@ -64,7 +65,7 @@ class RecordWorker:
     ) -> list[dict[str, list[Any]]]:
         """The rows of ``questions`` (a group recorded side by side, or one question) as the
         bank of ``manifest`` records them."""
-        return record_group_as(self.gen, questions, manifest)
+        return record_group_as(self.gen, questions, manifest, at_once=self.args.questions_at_once)
 
     def pid(self) -> int:
         return os.getpid()
@@ -91,7 +92,7 @@ def record_on_ray(args: RecordArgs, stats: dict[str, float] | None = None) -> Pa
         manifest = bank_manifest(args, questions, model, template, prompts)
         writer = BankWriter(args.out, manifest, questions)
         manifest = writer.manifest
-        todo = deque(groups_of(len(questions), args.questions_at_once, writer.done))
+        todo = deque(groups_of(len(questions), group_size(args), writer.done))
         bar = tqdm(
             total=len(questions),
             initial=sum(writer.done(i) for i in range(len(questions))),

@@ -14,7 +14,8 @@ instead (about twice vLLM's speed on a CPU; seeded per request, see :mod:`env.ba
 ``--questions-at-once N`` records N consecutive questions side by side, their chains in one engine
 batch (faster on an engine whose throughput grows with the batch, as vLLM's does on a CPU); the
 group is reseeded once from its questions' ids and noted in each file (:func:`groups_of`,
-:func:`record_group_as`), so resuming is exact as well.
+:func:`record_group_as`), so resuming is exact as well. ``--group-size G`` (G > N) keeps the batch
+full: a group of G questions, N of them at once, the next starting as soon as a question ends.
 One recorder at a time: a run holds the folder's :class:`~env.bank.lock.BankLock` throughout, and
 a second one on the same folder is refused with the first one named.
 """
@@ -25,6 +26,7 @@ import hashlib
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -66,6 +68,7 @@ __all__ = [
     "record_questions",
     "group_seed",
     "groups_of",
+    "group_size",
     "question_seed",
     "CODE_DATASETS",
     "code_grader",
@@ -122,7 +125,7 @@ class RecordArgs:
     seed: int = 0
     """recording seed"""
     limit_minutes: float = 0.0
-    """stop after the question (or group, with --questions-at-once) in progress once this many minutes have passed (0: no limit)"""
+    """stop after the question (or group: --questions-at-once, --group-size) in progress once this many minutes have passed (0: no limit)"""
     kv_cache_gib: float = 2.0
     """vLLM CPU KV cache size"""
     dtype: str = ""
@@ -134,7 +137,9 @@ class RecordArgs:
     threads: int = 0
     """llama.cpp CPU threads (0: all cores)"""
     questions_at_once: int = 1
-    """questions recorded side by side, their chains in one engine batch (vLLM on a CPU samples more tokens a second in a larger batch, and one question's last long chains share their steps with the others'); a group is N consecutive questions of the bank's order sampled from one seed drawn from their ids, noted in each file (`ponder.sampling`), so a resumed run records the same groups; 1: each question alone, from its own seed"""
+    """questions whose chains share the engine's batch (vLLM on a CPU samples more tokens a second in a larger batch, and one question's last long chains share their steps with the others'); with a larger --group-size the next question of the group starts as soon as there is room for its chains, so the batch stays full; 1: each question alone, from its own seed"""
+    group_size: int = 0
+    """questions sampled from one seed (0: --questions-at-once): groups of this many consecutive questions of the bank's order, from a seed drawn from their ids and noted in each file (`ponder.sampling`), so that a resumed run records the same groups and chains; an interrupted group is recorded whole again and only its missing files written"""
     fake_token_ms: float = 0.0
     """--model fake only: milliseconds per generated token, standing in for an engine's speed (benchmarks, tests)"""
     ray: str = ""
@@ -229,12 +234,20 @@ def record_questions(
     mode: PromptMode = "cot",
     seed: int | None = None,
     graders: Sequence[CodeGrader] | None = None,
+    live_chains: int = 0,
+    on_done: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Record ``questions`` side by side; return each one's chunk rows as columns (see
     :mod:`env.bank.schema`), in order. Every step extends, probes and judges all their active
     chains in one call to ``gen``, so an engine whose throughput grows with its batch (vLLM on a
     CPU) samples several questions faster than one at a time, and one question's last long
     chains share their steps with the others' chains. The engine is reset once, with ``seed``.
+
+    ``live_chains`` (0: all of them) bounds the chains in the batch: the questions start in
+    order, the next one as soon as there is room for all its chains, so that the batch stays
+    full while the questions' chains end at different lengths. A chain that ends on its own
+    goes on to its budget-forced extension (below) at once, in the same batch. ``on_done(i,
+    columns)`` is called as each question ``i`` ends (to write it before the others end).
 
     With ``graders`` (code questions, :mod:`env.code.grade`; one per question) the model is
     neither probed nor asked to judge: at each boundary the chain's code so far is run by its
@@ -259,100 +272,146 @@ def record_questions(
         return []
     if graders is not None and len(graders) != len(questions):
         raise ConfigError("record_questions needs one grader per question")
-    coded = graders is not None
-    thinking_end = gen.traits.thinking_end if not coded else None
+    thinking_end = gen.traits.thinking_end if graders is None else None
     forced = thinking_end is not None and extension_chunks > 0
     if seed is not None:
         gen.reset(seed)
     budget = BudgetForcing(min_tokens=max_tokens, max_tokens=max_tokens) if forced else None
+    room = live_chains if live_chains > 0 else chains * len(questions)
+    waiting = deque(range(len(questions)))
     recs: dict[int, _ChainRecord] = {}
     owner: dict[int, int] = {}  # chain id -> position of its question in `questions`
-    for qi, question in enumerate(questions):
-        for i, c in enumerate(gen.start(question, chains, mode=mode, budget=budget)):
-            recs[c.chain_id] = _ChainRecord(c, i)
-            owner[c.chain_id] = qi
+    own: list[list[int]] = [[] for _ in questions]  # each question's chain ids, in order
+    running = [0] * len(questions)  # each question's chains not done yet
+    answers: dict[int, str | None] = {}  # at each chain's own end
+    executions: list[dict[int, Any]] = [{} for _ in questions]  # code: chain index -> result
+    extending: dict[int, int] = {}  # chain id -> budget-forced chunks still to record
+    out: list[dict[str, Any]] = [{} for _ in questions]
+    active: list[Chain] = []
+
+    def admit() -> None:
+        # The next questions' chains join the batch while there is room for all of a question's
+        # (the first always does), in the order given: the batch stays full on an engine that
+        # samples more tokens a second in a larger one.
+        while waiting and (not active or len(active) + chains <= room):
+            qi = waiting.popleft()
+            for i, c in enumerate(gen.start(questions[qi], chains, mode=mode, budget=budget)):
+                recs[c.chain_id] = _ChainRecord(c, i)
+                owner[c.chain_id] = qi
+                own[qi].append(c.chain_id)
+                active.append(c)
+            running[qi] = chains
 
     def thought_to_end(c: Chain) -> bool:
         # a suppressed end of thinking: the chain's own end, which the budget keeps open
         return forced and not c.finished and c.chunks[-1].finish_reason == "stop"
 
-    def step(active: list[Chain], ext: bool) -> None:
-        starts = {c.chain_id: c.num_tokens for c in active}
-        chunks = gen.extend(active, chunk_tokens)
-        if len(chunks) != len(active):
+    def step(batch: list[Chain]) -> None:
+        starts = {c.chain_id: c.num_tokens for c in batch}
+        chunks = gen.extend(batch, chunk_tokens)
+        if len(chunks) != len(batch):
             raise ConfigError("generator returned a different number of chunks than chains")
         probes: Sequence[ProbeResult | None]
         judges: Sequence[JudgeResult | None]
         if graders is not None:
-            probes, judges = _executed([graders[owner[c.chain_id]] for c in active], active)
+            probes, judges = _executed([graders[owner[c.chain_id]] for c in batch], batch)
         else:
-            probes = gen.probe(active, max_tokens=probe_tokens)
-            judges = gen.judge(active) if judge else [None] * len(active)
-        for c, ch, pr, jd in zip(active, chunks, probes, judges, strict=True):
+            probes = gen.probe(batch, max_tokens=probe_tokens)
+            judges = gen.judge(batch) if judge else [None] * len(batch)
+        for c, ch, pr, jd in zip(batch, chunks, probes, judges, strict=True):
             rec = recs[c.chain_id]
+            ext = c.chain_id in extending
             row = _chunk_row(c, rec.index, len(rec.rows), starts[c.chain_id], ch, ext)
             _boundary(row, pr, jd, questions[owner[c.chain_id]])
             rec.rows.append(row)
 
-    active = [r.chain for r in recs.values()]
-    while active:
-        step(active, ext=False)
-        active = [c for c in active if not c.finished and not thought_to_end(c)]
-
-    # Budget-forced extension: reopen chains that ended on their own before the cap.
-    answers: dict[int, str | None] = {}
-    executions: list[list[Any]] = [[] for _ in questions]
-    for cid, rec in recs.items():
-        qi = owner[cid]
+    def settle(c: Chain) -> bool:
+        """Read the answer of a chain that reached its own end (or the cap); reopen it for the
+        budget-forced extension when it ended before the cap. Whether it goes on."""
+        cid, qi = c.chain_id, owner[c.chain_id]
+        rec = recs[cid]
         if graders is not None:
-            executions[qi].append(graders[qi].grade(rec.index, rec.chain.text))
-            answers[cid] = executions[qi][-1].answer
-        elif ended_in_thinking(rec.chain.text, thinking_end):
+            executions[qi][rec.index] = graders[qi].grade(rec.index, c.text)
+            answers[cid] = executions[qi][rec.index].answer
+        elif ended_in_thinking(c.text, thinking_end):
             answers[cid] = rec.rows[-1]["probe_answer"]  # (normalised) closing the section
         else:
-            answers[cid] = normalize_answer(text_reader(questions[qi])(rec.chain.text))
-    accepted: list[Any] = [None] * len(questions)
-    if graders is not None:
+            answers[cid] = normalize_answer(text_reader(questions[qi])(c.text))
+        ended = thought_to_end(c) if forced else c.finish_reason == "stop"
+        if extension_chunks > 0 and ended and c.num_tokens < max_tokens:
+            target = c.num_tokens + extension_chunks * chunk_tokens
+            c.budget = BudgetForcing(
+                min_tokens=target, max_tokens=max(target, max_tokens) + chunk_tokens
+            )
+            c.finished = False
+            extending[cid] = extension_chunks
+            return True
+        return False
+
+    def done(c: Chain) -> None:
+        qi = owner[c.chain_id]
+        running[qi] -= 1
+        if running[qi] == 0:
+            out[qi] = _question_columns(
+                questions[qi],
+                [recs[cid] for cid in own[qi]],
+                [answers[cid] for cid in own[qi]],
+                [executions[qi][i] for i in range(chains)] if graders is not None else None,
+            )
+            if on_done is not None:
+                on_done(qi, out[qi])
+
+    admit()
+    while active:
+        step(active)
+        going: list[Chain] = []
+        for c in active:
+            cid = c.chain_id
+            if cid in extending:
+                extending[cid] -= 1
+                more = not c.finished and extending[cid] > 0
+            else:
+                more = (not c.finished and not thought_to_end(c)) or settle(c)
+            if more:
+                going.append(c)
+            else:
+                done(c)
+        active[:] = going
+        admit()
+    return out
+
+
+def _question_columns(
+    question: Question,
+    recs: Sequence[_ChainRecord],
+    answers: Sequence[str | None],
+    executions: Sequence[Any] | None,
+) -> dict[str, Any]:
+    """One recorded question's chunk rows as columns: its chains in order, each row with its
+    chain's final answer and whether it is right (for code, judged by execution; the chains'
+    results go into the file's metadata)."""
+    coded = executions is not None
+    accepted: Any = None
+    if executions is not None:
         from env.code.grade import accepted_answers
 
-        accepted = [accepted_answers(e) for e in executions]
-    if extension_chunks > 0:
-        reopen = []
-        for rec in recs.values():
-            c = rec.chain
-            ended = thought_to_end(c) if forced else c.finish_reason == "stop"
-            if ended and c.num_tokens < max_tokens:
-                target = c.num_tokens + extension_chunks * chunk_tokens
-                c.budget = BudgetForcing(
-                    min_tokens=target, max_tokens=max(target, max_tokens) + chunk_tokens
-                )
-                c.finished = False
-                reopen.append(c)
-        for _ in range(extension_chunks):
-            if not reopen:
-                break
-            step(reopen, ext=True)
-            reopen = [c for c in reopen if not c.finished]
-
-    out: list[dict[str, Any]] = [{} for _ in questions]
-    for cid, rec in recs.items():
-        qi = owner[cid]
-        cols, ans, acc = out[qi], answers[cid], accepted[qi]
-        ok = questions[qi].is_right(ans) if not coded else answer_correct(ans, None, acc)
+        accepted = accepted_answers(list(executions))
+    cols: dict[str, Any] = {}
+    for rec, ans in zip(recs, answers, strict=True):
+        ok = question.is_right(ans) if not coded else answer_correct(ans, None, accepted)
         for row in rec.rows:
             row["answer"] = ans
             row["correct"] = ok
             if coded:  # (a code probe's class is judged once all are graded)
-                row["probe_correct"] = answer_correct(row["probe_answer"], None, acc)
+                row["probe_correct"] = answer_correct(row["probe_answer"], None, accepted)
             for k, v in row.items():
                 cols.setdefault(k, []).append(v)
-    if coded:
+    if executions is not None:
         import json
 
-        for qi, cols in enumerate(out):
-            blob = {"accepted": list(accepted[qi]), "chains": [e.as_json() for e in executions[qi]]}
-            cols[METADATA_ROWS] = {EXECUTION_KEY: json.dumps(blob, separators=(",", ":")).encode()}
-    return out
+        blob = {"accepted": list(accepted), "chains": [e.as_json() for e in executions]}
+        cols[METADATA_ROWS] = {EXECUTION_KEY: json.dumps(blob, separators=(",", ":")).encode()}
+    return cols
 
 
 def _executed(
@@ -385,16 +444,39 @@ def group_seed(seed: int, questions: Sequence[Question]) -> int:
 
 
 def record_group_as(
-    gen: Generator, questions: Sequence[Question], manifest: BankManifest
+    gen: Generator,
+    questions: Sequence[Question],
+    manifest: BankManifest,
+    *,
+    at_once: int = 0,
+    on_done: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, list[Any]]]:
     """Record ``questions`` side by side (:func:`record_questions`) as the bank of ``manifest``
     records them, from their group's seed (:func:`group_seed`); each question's columns carry
-    the group in its file metadata (:data:`SAMPLING_KEY`) when it has more than one question."""
+    the group in its file metadata (:data:`SAMPLING_KEY`) when it has more than one question.
+
+    ``at_once`` (0: all) bounds the questions whose chains share the batch: with fewer than the
+    group, the next question starts as soon as there is room for its chains, and the note says
+    so (``"at_once"``). ``on_done(i, columns)`` receives each question as it ends."""
     import json
 
     seed = group_seed(manifest.seed, questions)
     coded = manifest.dataset in CODE_DATASETS
-    out = record_questions(
+    rolling = 0 < at_once < len(questions)
+    note: bytes | None = None
+    if len(questions) > 1:
+        sampling: dict[str, Any] = {"seed": seed, "group": [q.qid for q in questions]}
+        if rolling:
+            sampling["at_once"] = at_once
+        note = json.dumps(sampling).encode()
+
+    def noted(i: int, cols: dict[str, Any]) -> None:
+        if note is not None:
+            cols[METADATA_ROWS] = {**cols.get(METADATA_ROWS, {}), SAMPLING_KEY: note}
+        if on_done is not None:
+            on_done(i, cols)
+
+    return record_questions(
         gen,
         questions,
         chains=manifest.chains,
@@ -406,12 +488,14 @@ def record_group_as(
         mode=cast(PromptMode, manifest.mode),
         seed=seed,
         graders=[code_grader(q) for q in questions] if coded else None,
+        live_chains=at_once * manifest.chains if rolling else 0,
+        on_done=noted,
     )
-    if len(questions) > 1:
-        note = json.dumps({"seed": seed, "group": [q.qid for q in questions]}).encode()
-        for cols in out:
-            cols[METADATA_ROWS] = {**cols.get(METADATA_ROWS, {}), SAMPLING_KEY: note}
-    return out
+
+
+def group_size(args: RecordArgs) -> int:
+    """The questions ``args`` samples from one seed: ``--group-size``, or ``--questions-at-once``."""
+    return args.group_size or args.questions_at_once
 
 
 def groups_of(n_questions: int, size: int, done: Callable[[int], bool]) -> list[list[int]]:
@@ -597,6 +681,10 @@ def record(args: RecordArgs, stats: dict[str, float] | None = None) -> Path:
             f"--questions-at-once must be at least 1 (1: each question alone), "
             f"got {args.questions_at_once}"
         )
+    if args.group_size < 0:
+        raise ConfigError(
+            f"--group-size must be 0 (the same as --questions-at-once) or more, got {args.group_size}"
+        )
     if args.ray:
         from env.ray_cluster import check_ray
 
@@ -664,15 +752,24 @@ def _record(args: RecordArgs) -> Path:
         desc=f"record {args.out}",
         unit="q",
     )
-    for group in groups_of(len(questions), args.questions_at_once, writer.done):
-        recorded = record_group_as(gen, [questions[i] for i in group], manifest)
-        for i, cols in zip(group, recorded, strict=True):
+    for group in groups_of(len(questions), group_size(args), writer.done):
+
+        def write(j: int, cols: dict[str, Any], group: list[int] = group) -> None:
+            nonlocal tokens
+            i = group[j]
             tokens += int(sum(cols["n_tokens"])) + int(sum(cols["probe_tokens"]))
-            if writer.done(i):  # (written before: only the group's missing files are written)
-                continue
-            writer.write(i, cols)
-            bar.update(1)
-        bar.set_postfix(tok_s=f"{tokens / max(1e-9, time.time() - t0):.1f}")
+            if not writer.done(i):  # (written before: only the group's missing files are written)
+                writer.write(i, cols)
+                bar.update(1)
+            bar.set_postfix(tok_s=f"{tokens / max(1e-9, time.time() - t0):.1f}")
+
+        record_group_as(
+            gen,
+            [questions[i] for i in group],
+            manifest,
+            at_once=args.questions_at_once,
+            on_done=write,
+        )
         if args.limit_minutes > 0 and time.time() - t0 > args.limit_minutes * 60:
             log.warning(
                 "time limit reached after %d questions; rerun the same command to resume", bar.n

@@ -1,15 +1,17 @@
 """``ponder record --questions-at-once N``: questions recorded side by side, in fixed groups.
 
-The groups are runs of N consecutive questions of the bank's order, so a resumed run records the
-same groups from the same seeds as an uninterrupted one; each file notes its group and seed; a
-code bank's questions are each graded by their own grader; a bad N is refused before anything
-is written."""
+The groups are runs of N consecutive questions of the bank's order (``--group-size G``: of G, N of
+them in the batch at once, the next starting as soon as there is room), so a resumed run records
+the same groups from the same seeds as an uninterrupted one; each file notes its group and seed; a
+code bank's questions are each graded by their own grader; a bad N or G is refused before
+anything is written."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -144,4 +146,64 @@ def test_code_questions_side_by_side_are_each_graded_by_their_own_tests(
 def test_a_group_size_below_one_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--questions-at-once must be at least 1"):
         record(_args(tmp_path / "bank", 0))
+    assert not (tmp_path / "bank").exists()
+
+
+def _batches(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The question ids of every batch the fake generator extends, as they come."""
+    from env.generators.fake import FakeGenerator
+
+    seen: list[list[str]] = []
+    extend = FakeGenerator.extend
+
+    def spy(self: FakeGenerator, chains: Any, *args: Any, **kw: Any) -> Any:
+        seen.append([c.question.qid for c in chains])
+        return extend(self, chains, *args, **kw)
+
+    monkeypatch.setattr(FakeGenerator, "extend", spy)
+    return seen
+
+
+def test_a_larger_group_keeps_the_batch_full_and_records_the_same_chains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record(_args(tmp_path / "alone", 1, n=16))
+    seen = _batches(monkeypatch)
+    record(_args(tmp_path / "rolling", 2, n=16, group_size=8))
+    alone, rolling = TraceBank(tmp_path / "alone"), TraceBank(tmp_path / "rolling")
+    qids = rolling.manifest.questions
+    assert len(rolling) == len(qids) == 16
+    # never more than 2 questions' chains (3 each) in a batch; a question joined the batch
+    # while an earlier one of its group was still running
+    assert max(len(b) for b in seen) == 6
+    order = {q: i for i, q in enumerate(qids)}
+    assert any(len({order[q] for q in b}) == 2 and min(order[q] for q in b) % 8 > 0 for b in seen)
+    for i, qid in enumerate(qids):
+        note = json.loads(_meta(tmp_path / "rolling" / "chunks" / f"{i:05d}.parquet")[SAMPLING_KEY])
+        group = qids[8 * (i // 8) : 8 * (i // 8) + 8]
+        assert note == {"seed": question_seed(0, "|".join(group)), "group": group, "at_once": 2}
+        a, r = alone[qid], rolling[qid]
+        assert a.k == r.k == 3
+        for ca, cr in zip(a.chains, r.chains, strict=True):
+            assert ca.rows["text"] == cr.rows["text"]
+            assert ca.rows["ext"] == cr.rows["ext"]  # the budget-forced chunks, as alone
+            assert (ca.answer, ca.correct) == (cr.answer, cr.correct)
+
+
+def test_an_interrupted_rolling_group_resumes_to_the_uninterrupted_bank(tmp_path: Path) -> None:
+    record(_args(tmp_path / "ref", 2, group_size=4))
+    b = tmp_path / "b"
+    shutil.copytree(tmp_path / "ref", b)
+    for i in (1, 5, 6):
+        (b / "chunks" / f"{i:05d}.parquet").unlink()
+    record(_args(b, 2, group_size=4))
+    for i in range(8):
+        name = f"chunks/{i:05d}.parquet"
+        assert _rows(b / name) == _rows(tmp_path / "ref" / name), name
+        assert _meta(b / name) == _meta(tmp_path / "ref" / name), name
+
+
+def test_a_negative_group_size_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--group-size must be 0"):
+        record(_args(tmp_path / "bank", 2, group_size=-1))
     assert not (tmp_path / "bank").exists()
