@@ -65,7 +65,7 @@ _LAZY = {
     "ChainState": "env.episode.single",
     "BatchedReplayEnv": "env.episode.vector",
     "REPLAY_ENDS": "env.episode.vector",
-    "replay_order": "env.episode.vector",
+    "replay_order": "env.episode.replay_state",
     "ChainFold": "env.episode.rules",
     "INFO_KEYS": "env.episode.rules",
     "REASONS": "env.episode.rules",

@@ -28,14 +28,10 @@ from gymnasium.vector.utils import batch_space
 from env.bank.store import TraceBank, shared
 from env.episode.config import PROBE_AGGREGATES, Action, EnvConfig
 from env.episode.difficulty import bank_difficulty
-from env.episode.hidden import NEUTRAL, HiddenProbes
-from env.episode.observation import (
-    ESC_WINDOW,
-    FEATURE_NAMES,
-    HIDDEN_SLICE,
-    N_FEATURES,
-    clip01,
-)
+from env.episode.hidden import HiddenProbes
+from env.episode.observation import N_FEATURES
+from env.episode.replay_state import ReplayState
+from env.episode.replay_view import ReplayView
 from env.episode.rules import (
     Reason,
     action_mask,
@@ -47,14 +43,12 @@ from env.episode.tables import (
     build_tables,
     difficulty_table,
     hidden_tables,
-    to_int,
 )
-from env.generators.replay import ReplayGenerator, chain_order
+from env.generators.replay import ReplayGenerator
 from env.questions import select_split, training_split
 from features.errors import BankError, ConfigError, PolicyError
-from features.votes import beta_leader_probability
 
-__all__ = ["REPLAY_ENDS", "BatchedReplayEnv", "replay_order"]
+__all__ = ["REPLAY_ENDS", "BatchedReplayEnv"]
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +68,6 @@ REPLAY_ENDS: tuple[Reason, ...] = (
     Reason.NO_VERIFY,
 )
 
-_IX = {n: i for i, n in enumerate(FEATURE_NAMES)}
-
 
 def _frozen(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """``arrays`` made read-only: kept by :func:`~env.bank.store.shared`, they are read by every
@@ -90,13 +82,6 @@ def _read_only(tables: Tables) -> Tables:
     values = (getattr(tables, f.name) for f in dataclasses.fields(tables))
     _frozen(*(v for v in values if isinstance(v, np.ndarray)))
     return tables
-
-
-def replay_order(gen_seed: int, qid: str, k: int) -> IntArray:
-    """The order in which :class:`~env.generators.replay.ReplayGenerator`, reset with
-    ``gen_seed``, hands out the ``k`` recorded chains of question ``qid``
-    (:func:`~env.generators.replay.chain_order`, as an array)."""
-    return np.array(chain_order(int(gen_seed), qid, k), dtype=np.int64)
 
 
 class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
@@ -299,79 +284,21 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         self._k = min(config.max_chains, self._t.kmax)
         self._steps_limit = config.steps_limit
         self._reason_text = np.array([reason_text(r, config) for r in Reason], object)
-        k = self._t.kmax
-        beta = np.zeros((k + 1, k + 1), np.float64)
-        for c1 in range(k + 1):
-            for c2 in range(k + 1):
-                beta[c1, c2] = clip01(beta_leader_probability(c1, c2))
-        self._beta = beta.ravel()
-        self._alloc()
-
-    # -- state -------------------------------------------------------------------------------
-
-    def _alloc(self) -> None:
-        b, k, c = self.num_envs, self._k, self._t.n_classes
-        self._ar = np.arange(b, dtype=np.int64)
-
-        def z(dtype: Any = np.int64) -> Any:
-            return np.zeros(b, dtype)
-
-        self._q, self._n, self._cur, self._steps = z(), z(), z(), z()
-        self._dec, self._nv, self._kq = z(), z(), z()  # decoded tokens, chains to verify, recorded
-        # Decoded tokens past a chain's end, of chains after the first, of the verifier.
-        self._deep, self._wide, self._vdec = z(), z(), z()
-        self._cost, self._charged = z(np.float64), z(np.float64)  # priced; given as reward
-        self._distinct, self._answered, self._ended = z(), z(), z()
-        self._wc_tot, self._wv_tot = z(), z()
-        self._n_scored, self._ver_sum = z(), z(np.float64)
-        self._fixed = z(np.bool_)
-        self._dval = np.full(b, 0.5, np.float64)  # the difficulty feature
-        self._gen_seed = np.full(b, -1, np.int64)
-        # Votes per (answer class, episode) cell, cell = class * num_envs + episode; class
-        # n_classes is "no answer": counts, confidence and verifier weights.
-        self._none = c * b
-        self._cnt = np.zeros((c + 1) * b, np.int16)
-        self._w = np.zeros(((c + 1) * b, 2), np.int64)  # gathered together: one pass
-        self._wc, self._wv = self._w[:, 0], self._w[:, 1]
-        # Chain slots, slot-major ([k, num_envs]) so that reductions over an episode's chains
-        # run along rows; written through flat views (1-D fancy indexing is the fast kind).
-        # Slots at or past an episode's chain count are stale leftovers: a branch initialises
-        # the slot it fills, so a reset need not clear them (they point at their episode's
-        # own cells, which the reset zeroes, and come after every live slot: they never win
-        # a vote or a tie).
-        self._slot = np.arange(k, dtype=np.int64)[:, None]
-        self._fi = np.full((k, b), -1, np.int64)  # chunk reached
-        self._vf = np.full((k, b), -1, np.int64)  # chunk last verified (-1: never)
-        self._cls = np.broadcast_to(self._none + self._ar, (k, b)).copy()  # answer cell
-        self._c16 = np.full((k, b), c, np.int16)  # answer class
-        self._wc_eff = np.zeros((k, b), np.int64)  # confidence vote (0 without an answer)
-        self._wv_raw = np.zeros((k, b), np.int64)  # verifier weight (0.5 when unscored)
-        self._wv_eff = np.zeros((k, b), np.int64)  # verifier vote (0 without an answer)
-        self._vval = np.full((k, b), 0.5, np.float64)  # verifier score (0.5: unscored)
-        # Recorded chains: order[:n] handed out, in that order; the rest is the pool.
-        self._order = np.repeat(np.arange(self._t.kmax, dtype=np.int64)[:, None], b, axis=1)
-        self._fi_, self._vf_, self._cls_, self._c16_ = (
-            self._fi.ravel(),
-            self._vf.ravel(),
-            self._cls.ravel(),
-            self._c16.ravel(),
+        # The episodes' arrays and moves, and what an agent sees of them.
+        self._s = ReplayState(self._t, self.num_envs, self._k, [q.qid for q in qs], self._diff)
+        self._view = ReplayView(
+            self._s,
+            config,
+            self._right if probes is not None else None,
+            self._pass if probes is not None else None,
         )
-        self._wc_eff_, self._wv_raw_, self._wv_eff_, self._vval_ = (
-            self._wc_eff.ravel(),
-            self._wv_raw.ravel(),
-            self._wv_eff.ravel(),
-            self._vval.ravel(),
-        )
-        self._order_ = self._order.ravel()
-        self._cbase_ = self._t.cbase.ravel()
+        self._ar = self._s.ar
+        b = self.num_envs
         self._needs_reset = np.ones(b, np.bool_)
         self._mask = np.zeros((b, 4), np.bool_)
         self._mask[:, 3] = True
         self._fcur = np.full(b, -1, np.int64)
         self._started = False
-        self._half = int(to_int(0.5, self._t.ver_scale))
-        self._shift = max(1, (k - 1).bit_length())
-        self._rev = (k - 1 - np.arange(k, dtype=np.int16))[:, None]
 
     # -- Gymnasium API -------------------------------------------------------------------------
 
@@ -416,8 +343,8 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         self._open(rows)
         self._needs_reset[rows] = False
         self._compute_mask()
-        obs, lead = self._observe()
-        answers = self._final_answer(self._ar, lead)
+        obs, lead = self._view.observe(self._mask, self._fcur)
+        answers = self._view.final_answer(self._ar, lead)
         info = {
             "action_mask": self._mask,
             "correct_now": self._correct(answers),
@@ -449,8 +376,8 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
                 f" ({int(bad.sum())} episodes chose an unavailable action)"
             )
         why = self._why_unavailable(a, bad) if bad.any() else None
-        before = self._charged  # (a reset zeroes it in place: a new episode's reward is 0)
-        self._steps += live
+        before = self._s.charged  # (a reset zeroes it in place: a new episode's reward is 0)
+        self._s.steps += live
         new = np.flatnonzero(starting)
         if new.size:
             self._reset_rows(new, None, None)
@@ -459,21 +386,21 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         br = np.flatnonzero(acting & (a == 1))
         ver = np.flatnonzero(acting & (a == 2))
         if ver.size:
-            self._verify(ver)
-        self._advance(new, cont, br)
+            self._s.verify(ver)
+        self._s.advance(new, cont, br, self.np_random)
         mask = self._compute_mask()
-        max_steps = acting & (self._steps >= self._steps_limit)
+        max_steps = acting & (self._s.steps >= self._steps_limit)
         capped = acting & ~max_steps & ~(mask[:, 0] | mask[:, 1] | mask[:, 2])
         terminated = stop
         truncated = bad | max_steps | capped
         done = terminated | truncated
         # A new episode's opening is charged on its first step.
-        charged = np.where(starting, 0.0, self._cost)
+        charged = np.where(starting, 0.0, self._s.cost)
         delta = charged - before
         reward = -cfg.lam * delta
-        self._charged = charged
-        obs, lead = self._observe()
-        answers = self._final_answer(self._ar, lead)
+        self._s.charged = charged
+        obs, lead = self._view.observe(self._mask, self._fcur)
+        answers = self._view.final_answer(self._ar, lead)
         correct_now = self._correct(answers)
         info: dict[str, Any] = {
             "action_mask": mask,
@@ -501,20 +428,20 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
             # The canonical answer of the class: entry n_classes of a question is "no answer".
             k = self._t.n_classes
             end["answer"][d] = self._t.answer_text[
-                self._q[d] * (k + 1) + np.where(answer < 0, k, answer)
+                self._s.q[d] * (k + 1) + np.where(answer < 0, k, answer)
             ]
             end["return"][d] = cfg.correct_reward * correct - cfg.lam * charged[d]
             end["reason_code"][d] = reason
             end["reason"] = self._reason_text[end["reason_code"]]
             end["cost"] = np.where(done, charged, 0.0)
-            end["decoded"] = np.where(done, self._dec, 0)
-            end["tokens_deep"] = np.where(done, self._deep, 0)
-            end["tokens_wide"] = np.where(done, self._wide, 0)
-            base = self._dec - self._deep - self._wide - self._vdec
+            end["decoded"] = np.where(done, self._s.dec, 0)
+            end["tokens_deep"] = np.where(done, self._s.deep, 0)
+            end["tokens_wide"] = np.where(done, self._s.wide, 0)
+            base = self._s.dec - self._s.deep - self._s.wide - self._s.vdec
             end["tokens_base"] = np.where(done, base, 0)
-            end["steps"] = np.where(done, self._steps, 0)
-            end["chains"] = np.where(done, self._n, 0)
-            end["question"] = np.where(done, self._q, -1)
+            end["steps"] = np.where(done, self._s.steps, 0)
+            end["chains"] = np.where(done, self._s.n, 0)
+            end["question"] = np.where(done, self._s.q, -1)
             for key, val in end.items():
                 info[key] = val
                 info[f"_{key}"] = done
@@ -549,22 +476,22 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
     @property
     def decoded(self) -> IntArray:
         """Tokens each episode has decoded so far (what ``token_cap`` bounds)."""
-        return self._dec.copy()
+        return self._s.dec.copy()
 
     @property
     def cost(self) -> FloatArray:
         """Each episode's priced cost so far."""
-        return self._cost.copy()
+        return self._s.cost.copy()
 
     @property
     def gen_seeds(self) -> IntArray:
         """Each episode's generator seed (-1 where the chain order was drawn uniformly)."""
-        return self._gen_seed.copy()
+        return self._s.gen_seed.copy()
 
     @property
     def episode_questions(self) -> IntArray:
         """Each episode's question (an index into :attr:`questions`)."""
-        return self._q.copy()
+        return self._s.q.copy()
 
     # -- episode mechanics -------------------------------------------------------------------
 
@@ -577,12 +504,10 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
         return v.astype(np.int64)
 
     def _reset_rows(self, rows: IntArray, pins: IntArray | None, seeds: IntArray | None) -> None:
-        """Clear ``rows`` and draw their questions and chain orders (the opening comes later)."""
-        t = self._t
-        b = self.num_envs
+        """Draw the questions and chain orders of ``rows`` and clear them (the opening comes
+        later): ``pins`` and ``seeds`` (-1: draw) as ``reset``'s options give them."""
         rng = self.np_random
         nq = len(self.questions)
-        kmax = t.kmax
         if self.replay_seeds or seeds is not None:
             # One episode after the other, as ComputeAllocationEnv.reset draws them.
             q = np.empty(rows.size, np.int64)
@@ -601,178 +526,22 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
             if pins is not None:
                 q = np.where(pins >= 0, pins, q)
             gs = np.full(rows.size, -1, np.int64)
-        self._q[rows] = q
-        self._gen_seed[rows] = gs
-        fixed = gs >= 0
-        self._fixed[rows] = fixed
-        kq = t.kq[q]
-        # The chains not handed out yet sit in order[n:kq] (any order: they are drawn at
-        # random); a question with fewer chains than kmax, or a replayed order, needs it set.
-        set_order = fixed | (kq < kmax)
-        if set_order.any():
-            sub = np.flatnonzero(set_order)
-            order = np.repeat(np.arange(kmax, dtype=np.int64)[:, None], sub.size, axis=1)
-            for i, row in enumerate(sub):
-                if fixed[row]:
-                    k = int(kq[row])
-                    order[:k, i] = replay_order(int(gs[row]), self.questions[q[row]].qid, k)
-            self._order_[(np.arange(kmax)[:, None] * b + rows[sub]).ravel()] = order.ravel()
-        self._kq[rows] = kq
-        # Zero the vote cells of the episodes' chains (every cell holding votes is one), and
-        # point their slots at "no answer", where slots past the chain count always point.
-        kk, col = np.nonzero(self._slot < self._n[rows])
-        r = rows[col]
-        s = kk * b + r
-        cells = self._cls_[s]
-        self._cnt[cells] = 0
-        self._w[cells] = 0
-        none = self._none + rows
-        self._cnt[none] = 0
-        self._cls_[s] = self._none + r
-        self._c16_[s] = t.n_classes
-        for arr in (
-            self._n, self._cur, self._steps, self._dec, self._nv, self._distinct,
-            self._answered, self._ended, self._wc_tot, self._wv_tot, self._n_scored,
-            self._deep, self._wide, self._vdec,
-        ):  # fmt: skip
-            arr[rows] = 0
-        self._cost[rows] = 0.0
-        self._charged[rows] = 0.0
-        self._ver_sum[rows] = 0.0
+        self._s.reset(rows, q, gs)
 
     def _open(self, rows: IntArray) -> None:
         empty = np.zeros(0, np.int64)
-        self._advance(rows, empty, empty)
-
-    def _advance(self, opening: IntArray, cont: IntArray, br: IntArray) -> None:
-        """One chunk (and probe) for a chain of each episode: a new chain (``opening`` and
-        ``br``) or the current one (``cont``)."""
-        t = self._t
-        b = self.num_envs
-        new = np.concatenate([opening, br])
-        nn = new.size
-        if nn == 0 and cont.size == 0:
-            return
-        # Branch: the next recorded chain, drawn without replacement (Fisher-Yates, one draw
-        # per branch) unless the episode replays a generator seed's order.
-        q_new = self._q[new]
-        j_new = self._n[new]
-        r = j_new.copy()
-        drawn = ~self._fixed[new]
-        if drawn.any():  # (no draw for a replayed order: the RNG stream stays the single env's)
-            u = self.np_random.random(int(drawn.sum()))
-            r[drawn] += np.floor(u * (t.kq[q_new[drawn]] - j_new[drawn])).astype(np.int64)
-        sj, sr = j_new * b + new, r * b + new
-        at_j, at_r = self._order_[sj], self._order_[sr]
-        self._order_[sr] = at_j
-        self._order_[sj] = at_r
-        f_new = self._cbase_[q_new * t.kmax + at_r]
-        if opening.size:  # the opening chain's first chunk sets the episode's difficulty
-            no = opening.size
-            self._dval[opening] = self._diff[q_new[:no] * t.kmax + at_r[:no]]
-        # Continue: the current chain's next chunk; it needs verifying again if it was verified.
-        s_cont = self._cur[cont] * b + cont
-        f_old = self._fi_[s_cont]
-        self._nv[cont] += self._vf_[s_cont] == f_old
-        self._n[new] += 1
-        self._cur[new] = j_new
-        self._nv[new] += 1
-        rows = np.concatenate([new, cont])
-        s = np.concatenate([sj, s_cont])
-        f = np.concatenate([f_new, f_old + 1])
-        self._cost[rows] += t.step_cost[f]
-        dec, deep = t.step_dec[f], t.step_deep[f]
-        self._dec[rows] += dec
-        self._deep[rows] += deep
-        self._wide[rows] += np.where(s >= b, dec - deep, 0)  # slot > 0: not the first chain
-        ended = t.ended[f]
-        ended[nn:] -= t.ended[f_old]  # a continued chain may end, or reopen (budget forcing)
-        self._ended[rows] += ended
-        self._fi_[s] = f
-        # Votes: the chain's answer moves from its old cell (a new chain's: none) to its new one.
-        cls = t.answer[f]
-        valid = cls < t.n_classes
-        new_cell = cls * b + rows
-        old_cell = self._cls_[s]
-        old_cell[:nn] = self._none + new
-        was_valid = old_cell < self._none
-        moved = old_cell != new_cell
-        co, cn = self._cnt[old_cell], self._cnt[new_cell]
-        self._distinct[rows] += (valid & moved & (cn == 0)).astype(np.int64) - (
-            was_valid & moved & (co == 1)
-        )
-        self._answered[rows] += valid.astype(np.int64) - was_valid
-        self._cnt[old_cell] -= 1
-        self._cnt[new_cell] += 1
-        wo = self._wc_eff_[s]
-        wo[:nn] = 0
-        wn = np.where(valid, t.conf_int[f], 0)
-        self._wc[old_cell] -= wo
-        self._wc[new_cell] += wn
-        self._wc_tot[rows] += wn - wo
-        self._wc_eff_[s] = wn
-        raw = self._wv_raw_[s]
-        raw[:nn] = self._half  # a new chain is unscored: it votes 0.5
-        vo = self._wv_eff_[s]
-        vo[:nn] = 0
-        vn = np.where(valid, raw, 0)
-        self._wv[old_cell] -= vo
-        self._wv[new_cell] += vn
-        self._wv_tot[rows] += vn - vo
-        self._wv_eff_[s] = vn
-        self._cls_[s] = new_cell
-        self._c16_[s] = cls
-        if nn:
-            sn = s[:nn]
-            self._wv_raw_[sn] = self._half
-            self._vf_[sn] = -1
-            self._vval_[sn] = 0.5
-
-    def _verify(self, rows: IntArray) -> None:
-        """Score every chain of ``rows`` whose end changed since it was last scored."""
-        t = self._t
-        b = self.num_envs
-        n = self._n[rows]
-        kk = int(n.max())
-        fi = np.take(self._fi[:kk], rows, axis=1)
-        vf = np.take(self._vf[:kk], rows, axis=1)
-        todo = (self._slot[:kk] < n) & (vf != fi)
-        ks, col = np.nonzero(todo)
-        r = rows[col]
-        s = ks * b + r
-        f = fi[ks, col]
-        nv = self._nv[rows]
-        v = rows.size
-        self._dec[rows] += nv
-        self._vdec[rows] += nv
-        self._cost[rows] += np.bincount(col, t.judge_cost[f], v)
-        was_scored = vf[ks, col] >= 0
-        self._vf_[s] = f
-        cells = self._cls_[s]
-        raw = t.judge_int[f]
-        eff = np.where(cells < self._none, raw, 0)
-        delta = eff - self._wv_eff_[s]
-        np.add.at(self._wv, cells, delta)  # several chains may share an answer
-        np.add.at(self._wv_tot, r, delta)
-        self._wv_raw_[s] = raw
-        self._wv_eff_[s] = eff
-        p = t.judge_p[f]
-        old = self._vval_[s]
-        self._vval_[s] = p
-        self._n_scored[rows] += np.bincount(col, ~was_scored, v).astype(np.int64)
-        self._ver_sum[rows] += np.bincount(col, p - np.where(was_scored, old, 0.0), v)
-        self._nv[rows] = 0
+        self._s.advance(rows, empty, empty, self.np_random)
 
     def _compute_mask(self) -> BoolArray:
-        room = self.config.token_cap - self._dec
-        fcur = self._fi_[self._cur * self.num_envs + self._ar]
+        room = self.config.token_cap - self._s.dec
+        fcur = self._s.fi_[self._s.cur * self.num_envs + self._ar]
         self._fcur = fcur
         mask = np.empty((self.num_envs, 4), np.bool_)
         mask[:, 0], mask[:, 1], mask[:, 2] = action_mask(
             cur_can_continue=self._t.cont_ok[fcur],
-            chains=self._n,
-            chains_left=self._n < self._kq,
-            to_verify=self._nv,
+            chains=self._s.n,
+            chains_left=self._s.n < self._s.kq,
+            to_verify=self._s.nv,
             can_judge=self._can_judge,
             room=room,
             config=self.config,
@@ -784,131 +553,15 @@ class BatchedReplayEnv(VectorEnv):  # type: ignore[type-arg]
     def _correct(self, answers: IntArray) -> BoolArray:
         """Whether each episode's answer class (-1: none) is a right one for its question."""
         right = self._t.right
-        return right[self._q, np.where(answers >= 0, answers, right.shape[1] - 1)]
+        return right[self._s.q, np.where(answers >= 0, answers, right.shape[1] - 1)]
 
     def _why_unavailable(self, a: IntArray, bad: BoolArray) -> IntArray:
         """Why the unavailable actions ``a[bad]`` cannot run, on the state before the step."""
         why = unavailable_reason(
             a,
-            chains=self._n,
-            room=self.config.token_cap - self._dec,
-            to_verify=self._nv,
+            chains=self._s.n,
+            room=self.config.token_cap - self._s.dec,
+            to_verify=self._s.nv,
             config=self.config,
         )
         return np.where(bad, why, Reason.NONE).astype(np.int64)
-
-    def _observe(self) -> tuple[np.ndarray, IntArray]:
-        """The observations, and each episode's leading answer cell (majority; -1 for none)."""
-        t = self._t
-        b = self.num_envs
-        cfg = self.config
-        ar = self._ar
-        inv_n = 1.0 / self._n  # every episode has a chain from its start
-        kk = int(self._n.max())  # slots past every episode's chain count hold nothing
-        cells = self._cls[:kk]
-        # Leader: most votes, ties to the lowest slot (first appearance, as features.votes):
-        # the slot rides in the low bits of the key. A class's count is 0 in an episode's
-        # stale slots and at most 0 in its "no answer" cell.
-        cs = self._cnt[cells]
-        top = ((cs << self._shift) + self._rev[:kk]).max(0)
-        c1 = np.maximum(top >> self._shift, 0).astype(np.int64)
-        ls = ((self._k - 1) - (top & ((1 << self._shift) - 1))) * b + ar
-        has_lead = c1 > 0
-        lead = np.where(has_lead, self._cls_[ls], -1)
-        lead16 = np.where(has_lead, self._c16_[ls], -1).astype(np.int16)
-        c2 = np.maximum(np.where(self._c16[:kk] == lead16, 0, cs).max(0), 0).astype(np.int64)
-        # With no answer every count and weight is 0: the shares come out 0 as they should.
-        inv_tot = 1.0 / np.maximum(self._answered, 1)
-        share = c1 * inv_tot
-        second = c2 * inv_tot
-        cur = self._cur * b + ar
-        ns = self._n_scored
-        w_top = np.take(self._w, cells, axis=0).max(0)
-        obs = np.take(t.obs, self._fcur, axis=0)
-        obs[:, _IX["budget_used"]] = np.minimum(self._dec * (1.0 / cfg.token_cap), 1.0)
-        obs[:, _IX["n_chains"]] = self._n * (1.0 / cfg.max_chains)
-        obs[:, _IX["vote_share"]] = share
-        obs[:, _IX["vote_margin"]] = share - second
-        obs[:, _IX["distinct"]] = self._distinct * inv_n
-        obs[:, _IX["answered"]] = self._answered * inv_n
-        obs[:, _IX["ended"]] = self._ended * inv_n
-        obs[:, _IX["beta_leader"]] = self._beta[c1 * (t.kmax + 1) + c2]
-        obs[:, _IX["conf_vote_share"]] = w_top[:, 0] / np.maximum(self._wc_tot, 1)
-        obs[:, _IX["verified"]] = ns * inv_n
-        obs[:, _IX["cur_verifier"]] = self._vval_[cur]
-        obs[:, _IX["verifier_mean"]] = np.where(ns > 0, self._ver_sum / np.maximum(ns, 1), 0.5)
-        obs[:, _IX["verifier_vote_share"]] = w_top[:, 1] / np.maximum(self._wv_tot, 1)
-        obs[:, _IX["cur_agrees"]] = has_lead & (self._cls_[cur] == lead)
-        if self._k >= ESC_WINDOW:  # the last ESC_WINDOW chains started hold one answer class
-            n = self._n
-            base = np.maximum(n - ESC_WINDOW, 0) * b + ar
-            first = self._c16_[base]
-            agree = (n >= ESC_WINDOW) & (first != t.n_classes)
-            for d in range(1, ESC_WINDOW):
-                agree &= self._c16_[base + d * b] == first
-            obs[:, _IX["window_agree"]] = agree
-        obs[:, _IX["difficulty"]] = self._dval
-        obs[:, _IX["can_continue"] : _IX["can_verify"] + 1] = self._mask[:, :3]
-        obs[:, _IX["steps"]] = self._steps * (1.0 / self._steps_limit)
-        if self.probes is None:
-            obs[:, HIDDEN_SLICE] = NEUTRAL
-        else:
-            p, valid, w_same = self._right_votes(kk, self._ar)
-            tot = (p * valid).sum(0)
-            top = np.where(valid, w_same, 0.0).max(0)
-            best, any_valid = self._best_slot(p, valid)
-            best_cls = np.take_along_axis(self._c16[:kk], best[None], 0)[0]
-            obs[:, _IX["cur_right"]] = self._right[self._fcur]
-            obs[:, _IX["right_vote_share"]] = np.where(tot > 0, top / np.where(tot > 0, tot, 1), 0)
-            obs[:, _IX["right_best"]] = np.where(
-                any_valid, np.take_along_axis(p, best[None], 0)[0], 0.0
-            )
-            obs[:, _IX["right_best_agrees"]] = any_valid & has_lead & (best_cls == lead16)
-            obs[:, _IX["pass_rate"]] = self._pass[self._q]
-        return obs, lead
-
-    def _right_votes(self, kk: int, d: IntArray) -> tuple[FloatArray, BoolArray, FloatArray]:
-        """For episodes ``d``: each slot's latest P(right) ``[kk, |d|]``, whether it is a live
-        chain with an answer, and the P(right) summed over the live answered slots of its answer
-        class (its class's weighted vote)."""
-        n = self._n[d]
-        fi = np.take(self._fi[:kk], d, axis=1)
-        cls = np.take(self._c16[:kk], d, axis=1)
-        p = self._right[fi]
-        valid = (self._slot[:kk] < n) & (cls != self._t.n_classes)
-        pw = np.where(valid, p, 0.0)
-        same = cls[:, None, :] == cls[None, :, :]  # [kk, kk, |d|]
-        return p, valid, (same * pw[None, :, :]).sum(1)
-
-    @staticmethod
-    def _best_slot(p: FloatArray, valid: BoolArray) -> tuple[IntArray, BoolArray]:
-        """The live answered slot with the highest P(right) (ties: the first) per column."""
-        best = np.where(valid, p, -1.0).argmax(0)
-        return best.astype(np.int64), np.asarray(valid.any(0), np.bool_)
-
-    def _final_answer(self, d: IntArray, lead: IntArray) -> IntArray:
-        """The aggregated answer class of episodes ``d`` (-1: none), as ``_aggregate`` picks it."""
-        agg = self.config.aggregate
-        b = self.num_envs
-        if agg in PROBE_AGGREGATES:
-            kk = int(self._n[d].max()) if d.size else 1
-            p, valid, w_same = self._right_votes(kk, d)
-            if agg == "probe":
-                slot = np.where(valid, w_same, -1.0).argmax(0)  # ties: first appearance
-                ok = (p * valid).sum(0) > 0
-            else:
-                slot, ok = self._best_slot(p, valid)
-            cls = np.take_along_axis(np.take(self._c16[:kk], d, axis=1), slot[None], 0)[0]
-            return np.where(ok, cls.astype(np.int64), -1)
-        if agg == "majority":
-            cell = lead[d]
-        else:
-            table, tot = (
-                (self._wc, self._wc_tot) if agg == "confidence" else (self._wv, self._wv_tot)
-            )
-            cells = np.take(self._cls, d, axis=1)
-            live = self._slot < self._n[d]
-            w = np.where(live & (cells < self._none), table[cells], -1)
-            slot = w.argmax(0)  # first slot of the heaviest class: ties to first appearance
-            cell = np.where(tot[d] > 0, cells[slot, np.arange(d.size)], -1)
-        return np.where(cell >= 0, cell // b, -1)

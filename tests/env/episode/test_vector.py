@@ -27,9 +27,10 @@ from env.bank.store import TraceBank
 from env.bank.synthetic import SyntheticChunk, record_fake_thinking_bank, write_synthetic_bank
 from env.episode.config import Prices
 from env.episode.observation import FEATURE_NAMES, N_FEATURES
+from env.episode.replay_state import replay_order
 from env.episode.rules import REASONS
 from env.episode.single import ComputeAllocationEnv
-from env.episode.vector import REPLAY_ENDS, BatchedReplayEnv, replay_order
+from env.episode.vector import REPLAY_ENDS, BatchedReplayEnv
 from env.generators.replay import chain_order
 from env.types import Question
 from features.answers import answers_equal

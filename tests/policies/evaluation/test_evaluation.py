@@ -13,8 +13,9 @@ import pytest
 from env.bank.store import TraceBank
 from env.bank.synthetic import write_synthetic_bank
 from env.episode.config import EnvConfig
+from env.episode.replay_state import replay_order
 from env.episode.single import ComputeAllocationEnv
-from env.episode.vector import BatchedReplayEnv, replay_order
+from env.episode.vector import BatchedReplayEnv
 from env.types import Question
 from features.answers import answers_equal
 from features.errors import ConfigError
