@@ -84,3 +84,36 @@ def test_questions_recorded_side_by_side_are_reproducible_and_kept_apart(
         assert sorted(set(ca["chain"])) == list(range(K))
         assert ca["correct"] == [q.is_right(x) for x in ca["answer"]]
         assert ca[METADATA_ROWS][SAMPLING_KEY] == cb[METADATA_ROWS][SAMPLING_KEY]
+
+
+def test_a_rolling_group_on_the_engine_is_reproducible_and_keeps_its_bound(
+    testbed_llm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from env.bank.record import record_group_as
+    from env.bank.schema import METADATA_ROWS, SAMPLING_KEY
+    from env.generators.vllm import VLLMGenerator
+
+    gen, qs, manifest = _setup(testbed_llm, [0, 1, 4, 7])
+    group = [qs[0], qs[1], qs[4], qs[7]]
+    sizes: list[int] = []
+    extend = VLLMGenerator.extend
+
+    def spy(self: VLLMGenerator, chains: Any, *args: Any, **kw: Any) -> Any:
+        sizes.append(len(chains))
+        return extend(self, chains, *args, **kw)
+
+    monkeypatch.setattr(VLLMGenerator, "extend", spy)
+    ended: list[int] = []
+    a = record_group_as(gen, group, manifest, at_once=2, on_done=lambda i, _: ended.append(i))
+    first = list(sizes)
+    b = record_group_as(gen, group, manifest, at_once=2)
+    assert max(first) <= 2 * K and sorted(ended) == [0, 1, 2, 3]
+    assert sizes[len(first) :] == first  # the same batches again
+    for q, ca, cb in zip(group, a, b, strict=True):
+        assert ca["token_ids"] == cb["token_ids"] and ca["probe_text"] == cb["probe_text"]
+        assert set(ca["qid"]) == {q.qid} and sorted(set(ca["chain"])) == list(range(K))
+        assert ca["correct"] == [q.is_right(x) for x in ca["answer"]]
+        note = json.loads(ca[METADATA_ROWS][SAMPLING_KEY])
+        assert note["at_once"] == 2 and note["group"] == [x.qid for x in group]
