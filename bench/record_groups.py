@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         groups_of,
         make_generator,
         questions_of,
-        record_group_as,
     )
+    from env.bank.sampler import record_group_as
     from env.bank.writer import BankWriter
     from policies.evaluation.results import machine
 

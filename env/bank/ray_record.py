@@ -7,7 +7,7 @@ a time (or one group of ``--questions-at-once`` questions, the same groups as wi
 writes what comes back into the same atomic per-question files, once each. So:
 
 * **Same bank.** A question is recorded as the single-process recorder records it (its engine
-  reset and reseeded from the question's id: :func:`~env.bank.record.record_as`), whichever actor
+  reset and reseeded from the question's id: :func:`~env.bank.sampler.record_as`), whichever actor
   takes it: a bank recorded on Ray equals one recorded without (same files, same rows).
 * **Resume.** Questions already in the bank are skipped, as without Ray.
 * **A dead actor.** Actors are restarted by Ray and their task retried (``max_restarts`` and
@@ -38,8 +38,8 @@ from env.bank.record import (
     groups_of,
     make_generator,
     questions_of,
-    record_group_as,
 )
+from env.bank.sampler import record_group_as
 from env.bank.writer import BankWriter
 from env.ray_cluster import connect
 from env.types import Question

@@ -80,9 +80,9 @@ puts ``accepted`` on the question (:attr:`env.types.Question.accepted`).
 Questions recorded side by side (``ponder record --questions-at-once N``) add
 ``ponder.sampling`` (:data:`SAMPLING_KEY`): JSON ``{"seed": S, "group": [qid, ...]}``, the
 questions whose chains shared the engine's batch and the sampler seed they were drawn from
-(:func:`env.bank.record.group_seed`), with ``"at_once": N`` when the group was larger than N
+(:func:`env.bank.sampler.group_seed`), with ``"at_once": N`` when the group was larger than N
 (``--group-size``: N of its questions in the batch at once, each next one starting as room frees). A file without it was sampled alone, from
-:func:`env.bank.record.question_seed` of the bank's seed and its question id.
+:func:`env.bank.sampler.question_seed` of the bank's seed and its question id.
 
 Writers take the bank's lock (:class:`env.bank.lock.BankLock`): ``ponder record`` for its whole
 run, :func:`~env.bank.maintain.compact` and :func:`~env.bank.maintain.stamp` too.

@@ -8,7 +8,7 @@ the bank is written by :class:`~env.bank.writer.BankWriter` with its identity.
 * :func:`write_synthetic_bank` writes chains given chunk by chunk (:class:`SyntheticChunk`);
 * :func:`record_fake_bank` records questions from the scripted
   :class:`~env.generators.fake.FakeGenerator` as ``ponder record`` would
-  (:func:`~env.bank.record.record_as`);
+  (:func:`~env.bank.sampler.record_as`);
 * :func:`synthetic_manifest` is the manifest both use, any field overridden.
 
 Example::
@@ -243,9 +243,9 @@ def record_fake_question(
 ) -> dict[str, list[Any]]:
     """``question`` recorded from the fake generator (a new one unless ``generator`` is given)
     as ``ponder record`` records it for the bank of ``manifest``
-    (:func:`~env.bank.record.record_as`): the columns a bank file holds. The same question and
+    (:func:`~env.bank.sampler.record_as`): the columns a bank file holds. The same question and
     settings give the same columns."""
-    from env.bank.record import record_as
+    from env.bank.sampler import record_as
 
     return record_as(
         _fake_generator(manifest) if generator is None else generator, question, manifest
@@ -296,7 +296,7 @@ def record_fake_thinking_bank(
     levels: Sequence[int] = (2, 4),
     **manifest_overrides: Any,
 ) -> TraceBank:
-    """A bank recorded s1-style (:func:`~env.bank.record.record_questions`) from a scripted
+    """A bank recorded s1-style (:func:`~env.bank.sampler.record_questions`) from a scripted
     reasoning "model" with the ``testbed-reasoning`` template: for each testbed question it
     writes a thinking section (a first pass whose steps may slip, one re-check) and its answer.
     The fake's tokens are characters, so the defaults (chunks of 32 tokens, a 640-token cap,

@@ -16,7 +16,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from env.bank.record import RecordArgs, group_seed, groups_of, question_seed, record
+from env.bank.record import RecordArgs, groups_of, record
+from env.bank.sampler import group_seed, question_seed
 from env.bank.schema import EXECUTION_KEY, SAMPLING_KEY
 from env.bank.store import TraceBank
 from features.errors import ConfigError

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from env.bank.record import record_as
+from env.bank.sampler import record_as
 from env.bank.store import TraceBank
 from env.bank.synthetic import synthetic_manifest
 from env.bank.writer import BankWriter
@@ -69,7 +69,7 @@ def test_recording_a_question_is_reproducible_and_replays_exactly(
 def test_questions_recorded_side_by_side_are_reproducible_and_kept_apart(
     testbed_llm: Any,
 ) -> None:
-    from env.bank.record import record_group_as
+    from env.bank.sampler import record_group_as
     from env.bank.schema import METADATA_ROWS, SAMPLING_KEY
 
     gen, qs, manifest = _setup(testbed_llm, [2, 5, 7])
@@ -91,7 +91,7 @@ def test_a_rolling_group_on_the_engine_is_reproducible_and_keeps_its_bound(
 ) -> None:
     import json
 
-    from env.bank.record import record_group_as
+    from env.bank.sampler import record_group_as
     from env.bank.schema import METADATA_ROWS, SAMPLING_KEY
     from env.generators.vllm import VLLMGenerator
 
