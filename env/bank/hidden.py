@@ -26,7 +26,7 @@ unit-RMS vector has unit variance), drawn from ``numpy.random.Generator(PCG64([s
 same on every machine, and recorded with its sha256 in the manifest. Nothing is fitted to the
 data, so no statistic of a test question leaks into the stored features, and annotation can
 resume and grow question by question (a PCA would need every training question first).
-The raw states (:func:`env.bank.annotate.capture_states`) and the reduction
+The raw states (:func:`env.models.states.capture_states`) and the reduction
 (:func:`reduce_states`) are separate functions, so a later reader can recompute the raw states
 and fit its own reduction.
 
@@ -48,15 +48,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from env.bank.identity import model_sha256
+from env.models.states import model_name, model_shape
 from features.errors import BankError
 
 if TYPE_CHECKING:
@@ -74,6 +78,7 @@ __all__ = [
     "encode_hidden_file",
     "hidden_file",
     "hidden_file_identity",
+    "hidden_manifest",
     "main_boundaries",
     "projection_matrix",
     "projection_sha256",
@@ -517,3 +522,52 @@ def describe(bank: TraceBank) -> str:
         f"{', '.join(map(str, hs.layers))} of {m.model.get('name')}, {hs.dims} dims, "
         f"{m.engine} {m.dtype})"
     )
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def hidden_manifest(
+    folder: Path,
+    layers: Sequence[int],
+    *,
+    dims: int,
+    seed: int,
+    dtype: str,
+    sha: str | None = None,
+    bank_id: str = "",
+    bank_model_sha256: str = "",
+) -> HiddenManifest:
+    """The (fingerprinted) :class:`~env.bank.hidden.HiddenManifest` of a capture with these
+    settings by the transformers model in ``folder`` (``sha``: its
+    :func:`~env.bank.identity.model_sha256`, computed if not given). ``layers`` are taken as
+    checked (:func:`~env.models.states.check_layers`)."""
+    num_layers, hidden = model_shape(folder)
+    return HiddenManifest(
+        engine="transformers",
+        model={
+            "name": model_name(folder),
+            "path": str(folder),
+            "sha256": sha if sha is not None else model_sha256(folder),
+            "num_layers": num_layers,
+            "hidden_size": hidden,
+        },
+        bank_id=bank_id,
+        bank_model_sha256=bank_model_sha256,
+        dtype=dtype,
+        layers=list(layers),
+        dims=int(dims),
+        projection={
+            "kind": "gaussian",
+            "seed": int(seed),
+            "sha256": projection_sha256(seed, layers, hidden, dims),
+        },
+        ponder_version=_version("ponder"),
+        transformers_version=_version("transformers"),
+        torch_version=_version("torch"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    ).fingerprinted()

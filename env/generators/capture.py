@@ -5,7 +5,7 @@ recorded bank after the fact. :class:`Capturing` computes the same states while 
 generated, so a policy or probe fitted on an annotated bank reads the same inputs live: it wraps
 any generator (llama.cpp, vLLM, an OpenAI server, the fake, a replayed bank) together with the
 Hugging Face folder of the same model, and after every chunk feeds the chunk's tokens through the
-model in transformers (:class:`~env.bank.annotate.StateCapture`: forward hooks on the chosen
+model in transformers (:class:`~env.models.states.StateCapture`: forward hooks on the chosen
 layers, the model loaded only as deep as the deepest). Each chunk then carries
 ``Chunk.hidden``, the reduced state after its last token, and each chain ``Chain.prompt_hidden``,
 the state at the prompt's last token: RMS-normalised and projected by the seeded Gaussian matrices
@@ -49,22 +49,21 @@ from typing import Any
 
 import numpy as np
 
-from env.bank.annotate import (
+from env.bank.annotate import prompt_ids
+from env.bank.hidden import HiddenManifest, hidden_manifest, reduce_states
+from env.bank.identity import model_sha256
+from env.generators.base import Generator, GeneratorWrapper, validate_count
+from env.generators.prompts import PromptTemplate, get_template
+from env.models.states import (
     Dtype,
     StateCapture,
     check_layers,
     default_layers,
-    hidden_manifest,
     is_model_folder,
     load_tokenizer,
     model_shape,
-    prompt_ids,
     render_prompt_ids,
 )
-from env.bank.hidden import HiddenManifest, reduce_states
-from env.bank.identity import model_sha256
-from env.generators.base import Generator, GeneratorWrapper, validate_count
-from env.generators.prompts import PromptTemplate, get_template
 from env.types import (
     BudgetForcing,
     Chain,

@@ -1,5 +1,6 @@
-"""Making models: real-model assembly from pinned PyPI packages (``prepare``) and the testbed
-model, its task and its process reward model (``testbed``)."""
+"""Making models: real-model assembly from pinned PyPI packages (``prepare``), reading a model's
+hidden states (``states``) and the testbed model, its task and its process reward model
+(``testbed``)."""
 
 from __future__ import annotations
 

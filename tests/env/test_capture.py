@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from env.bank.annotate import StateCapture, capture_states, load_tokenizer, prompt_ids
+from env.bank.annotate import prompt_ids
 from env.bank.hidden import HiddenStates, main_boundaries, reduce_states
 from env.bank.store import TraceBank
 from env.generators.base import Generator
 from env.generators.capture import Capturing, capture_from_manifest
 from env.generators.replay import ReplayGenerator
+from env.models.states import StateCapture, capture_states, load_tokenizer
 from env.types import Chain, Question, SamplingConfig
 from features.errors import ConfigError, GeneratorError, ModelError
 

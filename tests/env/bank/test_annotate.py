@@ -19,15 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from env.bank.annotate import (
-    AnnotateArgs,
-    StateCapture,
-    annotate,
-    capture_states,
-    default_layers,
-    prompt_ids,
-    resolve_model,
-)
+from env.bank.annotate import AnnotateArgs, annotate, prompt_ids, resolve_model
 from env.bank.hidden import (
     HiddenStates,
     describe,
@@ -39,6 +31,7 @@ from env.bank.hidden import (
 from env.bank.lock import BankLock
 from env.bank.store import TraceBank
 from env.generators.backend import HFTokenizer
+from env.models.states import StateCapture, capture_states, default_layers
 from features.errors import BankError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[3]
