@@ -74,6 +74,7 @@ def test_capture_over_replay_reproduces_the_banks_stored_states() -> None:
     assert cap.traits.chunk_tokens == 32 and cap.traits.can_judge and not cap.traits.thread_safe
     bank = TraceBank(BANK)
     diffs: list[np.ndarray] = []
+    prompt_diffs: list[np.ndarray] = []
     for q in _questions(3):
         cap.reset(0)
         chains = cap.start(q, 16)
@@ -81,7 +82,7 @@ def test_capture_over_replay_reproduces_the_banks_stored_states() -> None:
         _run_to_end(cap, chains, 32)
         for c in chains:
             assert c.prompt_hidden is not None
-            np.testing.assert_allclose(c.prompt_hidden, hs.prompt(q.qid), atol=1e-2)
+            prompt_diffs.append(np.abs(c.prompt_hidden - hs.prompt(q.qid).astype(np.float32)))
             assert c.handle is not None
             rows = bank[q.qid].chains[c.handle].rows
             # Without budget forcing a chain plays its main chunks: annotate stored them all.
@@ -100,6 +101,11 @@ def test_capture_over_replay_reproduces_the_banks_stored_states() -> None:
     # bfloat16, fed chunk by chunk here and whole chains at a time by annotate: they round
     # differently, to bfloat16 precision (values have unit variance).
     assert d.max() < 0.05 and d.mean() < 0.005
+    # The prompt is fed whole both ways, yet the bank was annotated on another CPU: its bfloat16
+    # kernels (AMX on an Intel Xeon, AVX-512 BF16 on an AMD EPYC) sum in another order, so a
+    # value may land a step or two of bfloat16 away (0.011 seen on the EPYC): the same bound.
+    p = np.concatenate([x.ravel() for x in prompt_diffs])
+    assert p.max() < 0.05 and p.mean() < 0.005
 
 
 def test_capture_in_float32_equals_annotates_functions() -> None:
