@@ -80,9 +80,10 @@ def test_capture_over_replay_reproduces_the_banks_stored_states() -> None:
         chains = cap.start(q, 16)
         assert cap.remaining_chains(q) == 0
         _run_to_end(cap, chains, 32)
+        stored_prompt = hs.prompt(q.qid).astype(np.float32)
         for c in chains:
             assert c.prompt_hidden is not None
-            prompt_diffs.append(np.abs(c.prompt_hidden - hs.prompt(q.qid).astype(np.float32)))
+            prompt_diffs.append(np.abs(c.prompt_hidden - stored_prompt))
             assert c.handle is not None
             rows = bank[q.qid].chains[c.handle].rows
             # Without budget forcing a chain plays its main chunks: annotate stored them all.
