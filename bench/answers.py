@@ -75,8 +75,9 @@ def parse_seconds(text: str, repeats: int) -> float:
 
 def main() -> None:
     import tyro
-    from rich.console import Console
     from rich.table import Table
+
+    from env.console import wide_console
 
     args = tyro.cli(Args)
     quarter = shapes(max(1, args.size // 4))
@@ -89,7 +90,7 @@ def main() -> None:
         part = parse_seconds(quarter[name], args.repeats)
         worst = max(worst, whole)
         table.add_row(name, f"{len(text):,}", f"{whole:.3f}", f"{whole / part:.1f}")
-    Console().print(table)
+    wide_console().print(table)
     print(f"slowest shape: {worst:.3f} s")
 
 

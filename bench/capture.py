@@ -80,9 +80,9 @@ def _run(gen: Any, question: Any, seed: int, args: Args) -> tuple[int, float]:
 
 def main() -> int:
     import tyro
-    from rich.console import Console
     from rich.table import Table
 
+    from env.console import wide_console
     from env.generators.capture import Capturing
     from env.generators.llamacpp import LlamaCppBackend, LlamaCppGenerator
     from env.types import SamplingConfig
@@ -141,7 +141,7 @@ def main() -> int:
         str(cap_forward_tokens),
         f"{capture_seconds / cap_seconds:.0%}",
     )
-    Console().print(table)
+    wide_console().print(table)
     generation = cap_seconds - capture_seconds
     print(
         f"capture cost: {capture_seconds:.2f} s on top of {generation:.2f} s of generation in the "

@@ -44,13 +44,13 @@ def _boxed(answer: str) -> str:
 
 def main(args: Args) -> None:
     from math_verify import parse, verify
-    from rich.console import Console
     from rich.table import Table
 
     from env.bank.store import TraceBank
+    from env.console import wide_console
     from features.answers import extract_answer, judged_correct
 
-    console = Console()
+    console = wide_console()
     table = Table(title="hand-written rule against math-verify")
     for col in (
         "data",

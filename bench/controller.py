@@ -85,10 +85,10 @@ def _percentile(xs: list[float], q: float) -> float:
 
 def main(args: Args) -> None:
     import httpx
-    from rich.console import Console
     from rich.table import Table
 
     from controller.controller import Controller
+    from env.console import wide_console
     from env.episode.config import EnvConfig
     from env.generators.openai import OpenAIGenerator
     from env.generators.prompts import CHAT, get_template
@@ -97,7 +97,7 @@ def main(args: Args) -> None:
     from env.types import SamplingConfig
     from policies.registry import check_policy, load_policy
 
-    console = Console()
+    console = wide_console()
     server = None
     if args.upstream is None:
         from env.models.testbed.model import testbed_model_path

@@ -245,13 +245,13 @@ def bench_live(args: Args) -> list[list[str]]:
 
 def main() -> None:
     import tyro
-    from rich.console import Console
     from rich.table import Table
 
     from env.bank.store import TraceBank
+    from env.console import wide_console
 
     args = tyro.cli(Args)
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console = wide_console()
     load0 = os.getloadavg()
     rows: list[Row] = []
     for path in args.banks:

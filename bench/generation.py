@@ -57,15 +57,15 @@ class Args:
 
 
 def main(args: Args) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from env.console import wide_console
     from env.generators.vllm import VLLMGenerator, build_engine
     from env.models.testbed.model import testbed_model_path
     from env.models.testbed.task import make_questions
     from env.types import SamplingConfig, TokenUsage
 
-    console = Console()
+    console = wide_console()
     model = args.model or str(testbed_model_path())
     t0 = time.perf_counter()
     llm = build_engine(model, seed=args.seed)

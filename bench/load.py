@@ -383,8 +383,8 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def main(args: Args) -> None:
     import httpx
-    from rich.console import Console
 
+    from env.console import wide_console
     from env.generators.server import free_port, start_vllm_server
 
     if args.seconds <= 0 or args.warmup < 0 or args.clients < 1 or args.timeout <= 0:
@@ -392,7 +392,7 @@ def main(args: Args) -> None:
     if not 0 < args.stream_share <= 1:
         raise SystemExit(f"--stream-share must be in (0, 1], got {args.stream_share}")
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    console = Console()
+    console = wide_console()
     server = None
     proxy: subprocess.Popen[bytes] | None = None
     log_file = None

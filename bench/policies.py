@@ -171,11 +171,12 @@ def train_learned(args: Args) -> tuple[dict[str, Any], dict[str, float]]:
 
 def main() -> None:
     import tyro
-    from rich.console import Console
     from rich.table import Table
 
+    from env.console import wide_console
+
     args = tyro.cli(Args)
-    console = Console() if sys.stdout.isatty() else Console(width=140)
+    console = wide_console()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     obs, config = _observations(args.bank, max(args.singles, args.batch))
     learned, secs = train_learned(args) if args.train else ({}, {})

@@ -98,11 +98,12 @@ def _run(engine: str, workers: int | None, a: Args, tmp: Path) -> dict[str, floa
 
 def main() -> None:
     import tyro
-    from rich.console import Console
     from rich.table import Table
 
+    from env.console import wide_console
+
     a = tyro.cli(Args)
-    console = Console()
+    console = wide_console()
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="ponder-ray-bench-") as d:
         for engine in a.engines:

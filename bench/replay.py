@@ -32,10 +32,10 @@ class Args:
 
 def main() -> None:
     import tyro
-    from rich.console import Console
     from rich.table import Table
 
     from env.bank.store import TraceBank
+    from env.console import wide_console
     from env.generators.replay import ReplayGenerator
 
     args = tyro.cli(Args)
@@ -73,7 +73,7 @@ def main() -> None:
         f"{t_chunks / dt:,.0f}",
         f"{args.episodes / dt:,.1f}",
     )
-    Console().print(table)
+    wide_console().print(table)
 
 
 if __name__ == "__main__":

@@ -36,16 +36,16 @@ class DemoArgs:
 
 
 def demo(args: DemoArgs) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from env.console import wide_console
     from env.generators.vllm import VLLMGenerator, build_engine
     from env.models.testbed.model import testbed_model_path
     from env.models.testbed.task import make_questions
     from env.types import BudgetForcing, TipConfig, TokenUsage
     from features.answers import answers_equal, extract_answer
 
-    console = Console()
+    console = wide_console()
     path = args.model or testbed_model_path()
     console.print(f"[bold]ponder demo[/bold]: testbed model {path} on vLLM (CPU)")
     gen = VLLMGenerator(build_engine(path, seed=args.seed), template="testbed")

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import tyro
 from rich.table import Table
 
+from env.console import wide_console
 from features.errors import ConfigError
 from policies.base import LamConditioned
-from policies.cli_common import DEFAULT_BANK, bank_path, wide_console
+from policies.cli_common import DEFAULT_BANK, bank_path
 from policies.evaluation.oracle import oracle
 from policies.evaluation.report import fmt_accuracy, fmt_tokens
 from policies.evaluation.runner import Evaluator

@@ -41,10 +41,11 @@ import tyro
 from rich.console import Console
 
 from env.bank.store import TraceBank
+from env.console import wide_console
 from env.episode.config import PROBE_AGGREGATES
 from features.errors import ConfigError
 from policies.bank_run import BankRun, print_token_split, question_counts, run_bank, vote_floors
-from policies.cli_common import DEFAULT_BANK, FALLBACK_BANK, bank_path, wide_console
+from policies.cli_common import DEFAULT_BANK, FALLBACK_BANK, bank_path
 from policies.training import (
     FULL_TRAIN_SEEDS,
     TRAIN_SEED_STRIDE,

@@ -46,8 +46,9 @@ def info(args: BankInfoArgs) -> dict[str, Any]:
 
     Correctness is recomputed from the answers and the gold answers, as evaluation does; chunk
     files whose stored ``correct`` column disagrees are named in a warning on stderr."""
-    from rich.console import Console
     from rich.table import Table
+
+    from env.console import wide_console
 
     bank = TraceBank(args.path)
     stats: dict[str, Any] = dict(summarize(bank))
@@ -107,7 +108,7 @@ def info(args: BankInfoArgs) -> dict[str, Any]:
             f"{s['pass@k']:.1%}",
             end_section=bool(keys) and key == keys[-1],
         )
-    console = Console()
+    console = wide_console()
     console.print(table)
     splits: dict[str, int] = {}
     for q in bank.recorded:

@@ -172,12 +172,12 @@ def _run(args: RiskEvaluateArgs | ServeRiskArgs, bank: str, test_split: str | No
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     """``ponder evaluate --risk ALPHA``: calibrate, print the candidates and the choice."""
-    from rich.console import Console
+    from env.console import wide_console
 
     args = tyro.cli(RiskEvaluateArgs, args=argv, prog="ponder evaluate")
     split = None if args.split.lower() in ("none", "") else args.split
     result = _run(args, args.bank, split)
-    console = Console(width=180)
+    console = wide_console()
     console.print(risk_table(result))
     for line in summary_lines(result):
         console.print(line, highlight=False, markup=False)

@@ -224,13 +224,14 @@ class RouteArgs:
 
 def main(argv: list[str] | None = None) -> None:
     import tyro
-    from rich.console import Console
     from rich.table import Table
+
+    from env.console import wide_console
 
     args = tyro.cli(RouteArgs, args=argv, prog="ponder route")
     if not args.bank:
         raise SystemExit("ponder route: give the banks with --bank PATH [PATH ...]")
-    console = Console(width=max(160, Console().width))
+    console = wide_console()
     res = evaluate_routing(list(args.bank), args.candidates, seeds=args.seeds)
     console.print(
         "test questions by kind: "

@@ -56,9 +56,9 @@ def evaluate(args: EvalArgs) -> dict[str, object]:
     """Sample, score and label; return the summary table as a dict."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from rich.console import Console
     from rich.table import Table
 
+    from env.console import wide_console
     from env.generators.vllm import build_engine
 
     path = args.model or testbed_model_path()
@@ -164,8 +164,9 @@ def evaluate(args: EvalArgs) -> dict[str, object]:
         levels[str(level)] = entry
         table.add_row(*cells)
     summary["levels"] = levels
-    Console().print(table)
-    Console().print(
+    console = wide_console()
+    console.print(table)
+    console.print(
         f"{n_tokens} tokens sampled in {elapsed:.0f} s ({n_tokens / elapsed:.0f} tokens/s)"
     )
 

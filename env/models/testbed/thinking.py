@@ -144,9 +144,10 @@ def _score(rows: list[tuple[Question, list[str | None], list[int]]]) -> tuple[fl
 def thinking_curve(args: CurveArgs, gen: Any = None) -> list[LevelCurve]:
     """Measure, print and save the curve; ``gen`` is a ready generator (default: vLLM on
     ``args.model`` with the ``testbed-reasoning`` template)."""
-    from rich.console import Console
     from rich.table import Table
     from tqdm import tqdm
+
+    from env.console import wide_console
 
     if gen is None:
         from env.generators.vllm import VLLMGenerator, build_engine
@@ -198,7 +199,7 @@ def thinking_curve(args: CurveArgs, gen: Any = None) -> list[LevelCurve]:
         cells[-1] += f" ({c.thinking[FREE]:.0f} tok)"
         rises = rising_doublings([c.pass1[str(b)] for b in args.budgets])
         table.add_row(str(lv), *cells, str(rises))
-    console = Console()
+    console = wide_console()
     console.print(table)
     console.print(f"measured in {elapsed:.0f} s")
 

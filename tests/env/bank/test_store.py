@@ -254,15 +254,19 @@ def test_record_api_resumes_and_rejects_changed_settings(tmp_path: Path) -> None
 
 def test_bank_info_cli(recorded) -> None:
     bank, _, _ = recorded
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     out = subprocess.run(
         [sys.executable, "-m", "env.bank.cli", str(bank.path)],
         check=True,
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160"},
+        env={**env, "PYTHONPATH": str(ROOT)},
     ).stdout
     assert "pass@1" in out and "maj@4" in out and "all" in out
+    # Piped, the table is as wide as on a wide terminal: no header cut to "difficu…"
+    assert "difficulty" in out and "questions" in out and "tokens/chain" in out
+    assert "…" not in out
 
 
 def _same(a: object, b: object) -> bool:
