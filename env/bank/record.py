@@ -150,6 +150,29 @@ def groups_of(n_questions: int, size: int, done: Callable[[int], bool]) -> list[
     return out
 
 
+def _warn_redone(group: list[int], done: Callable[[int], bool]) -> None:
+    """Say so when part of ``group`` is recorded already: it is sampled whole again."""
+    redone = sum(done(i) for i in group)
+    if not redone:
+        return
+    first = next(i for i in group if not done(i))
+    fits = next(d for d in range(len(group), 0, -1) if first % d == 0)
+    log.warning(
+        "questions %d-%d are one group of which %d are recorded already: the group is sampled "
+        "whole again from its seed (its chains share the batch), so those %d questions' chains "
+        "are generated again and dropped, about %.0f%% of the group's time. That is how an "
+        "interrupted group resumes exactly; if the files were written with another group size, "
+        "a --group-size that divides %d (e.g. %d) skips them instead",
+        group[0],
+        group[-1],
+        redone,
+        redone,
+        100 * redone / len(group),
+        first,
+        fits,
+    )
+
+
 def _chat_template(args: RecordArgs) -> str:
     """The chat template a data set's questions are asked with by default."""
     if args.dataset in CODE_DATASETS:
@@ -381,6 +404,7 @@ def _record(args: RecordArgs) -> Path:
         unit="q",
     )
     for group in groups_of(len(questions), group_size(args), writer.done):
+        _warn_redone(group, writer.done)
 
         def write(j: int, cols: dict[str, Any], group: list[int] = group) -> None:
             nonlocal tokens

@@ -191,17 +191,42 @@ def test_a_larger_group_keeps_the_batch_full_and_records_the_same_chains(
             assert (ca.answer, ca.correct) == (cr.answer, cr.correct)
 
 
-def test_an_interrupted_rolling_group_resumes_to_the_uninterrupted_bank(tmp_path: Path) -> None:
+def test_an_interrupted_rolling_group_resumes_to_the_uninterrupted_bank(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     record(_args(tmp_path / "ref", 2, group_size=4))
     b = tmp_path / "b"
     shutil.copytree(tmp_path / "ref", b)
     for i in (1, 5, 6):
         (b / "chunks" / f"{i:05d}.parquet").unlink()
-    record(_args(b, 2, group_size=4))
+    with caplog.at_level("WARNING", logger="env.bank.record"):
+        record(_args(b, 2, group_size=4))
+    # the recorder says what resuming a partial group costs: its recorded questions run again
+    said = [r.getMessage() for r in caplog.records if "sampled whole again" in r.getMessage()]
+    assert len(said) == 2
+    assert "questions 0-3 are one group of which 3 are recorded already" in said[0]
+    assert "about 75% of the group's time" in said[0]
+    assert "questions 4-7 are one group of which 2 are recorded already" in said[1]
     for i in range(8):
         name = f"chunks/{i:05d}.parquet"
         assert _rows(b / name) == _rows(tmp_path / "ref" / name), name
         assert _meta(b / name) == _meta(tmp_path / "ref" / name), name
+
+
+def test_a_group_size_that_splits_the_recorded_questions_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 8 questions recorded in groups of 2 and the last two lost: resuming in groups of 4 samples
+    # 4-7 again whole
+    record(_args(tmp_path / "bank", 2))
+    for i in (6, 7):
+        (tmp_path / "bank" / "chunks" / f"{i:05d}.parquet").unlink()
+    with caplog.at_level("WARNING", logger="env.bank.record"):
+        record(_args(tmp_path / "bank", 2, group_size=4))
+    said = [r.getMessage() for r in caplog.records if "sampled whole again" in r.getMessage()]
+    assert len(said) == 1
+    assert "questions 4-7 are one group of which 2 are recorded already" in said[0]
+    assert "a --group-size that divides 6 (e.g. 3)" in said[0]
 
 
 def test_a_negative_group_size_is_refused_before_anything_is_written(tmp_path: Path) -> None:
