@@ -156,20 +156,24 @@ def _warn_redone(group: list[int], done: Callable[[int], bool]) -> None:
     if not redone:
         return
     first = next(i for i in group if not done(i))
-    fits = next(d for d in range(len(group), 0, -1) if first % d == 0)
+    skip = ""
+    if redone == first - group[0]:  # the recorded ones lead the group: a smaller size skips them
+        fits = next(d for d in range(len(group), 0, -1) if first % d == 0)
+        skip = (
+            f"; if they were written with another group size, a --group-size that divides "
+            f"{first} (e.g. {fits}) skips them instead"
+        )
     log.warning(
         "questions %d-%d are one group of which %d are recorded already: the group is sampled "
         "whole again from its seed (its chains share the batch), so those %d questions' chains "
-        "are generated again and dropped, about %.0f%% of the group's time. That is how an "
-        "interrupted group resumes exactly; if the files were written with another group size, "
-        "a --group-size that divides %d (e.g. %d) skips them instead",
+        "are generated again and dropped, about %.0f%% of the group's time (that is how an "
+        "interrupted group resumes exactly)%s",
         group[0],
         group[-1],
         redone,
         redone,
         100 * redone / len(group),
-        first,
-        fits,
+        skip,
     )
 
 
