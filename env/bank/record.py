@@ -139,13 +139,15 @@ def groups_of(n_questions: int, size: int, done: Callable[[int], bool]) -> list[
     question still to record. A group is fixed by position, not by what is left, so a resumed
     run records the same groups (with the same seeds) as an uninterrupted one; a group of which
     some files exist (written before an interruption, or alone before the size was raised) is
-    recorded whole again and only its missing files are written."""
+    recorded whole again and only its missing files are written (with a warning saying what that
+    costs: every recorder, in process or on Ray, takes its groups from here)."""
     if size < 1:
         raise ConfigError(f"--questions-at-once must be at least 1, got {size}")
     out = []
     for lo in range(0, n_questions, size):
         group = list(range(lo, min(lo + size, n_questions)))
         if not all(done(i) for i in group):
+            _warn_redone(group, done)
             out.append(group)
     return out
 
@@ -408,7 +410,6 @@ def _record(args: RecordArgs) -> Path:
         unit="q",
     )
     for group in groups_of(len(questions), group_size(args), writer.done):
-        _warn_redone(group, writer.done)
 
         def write(j: int, cols: dict[str, Any], group: list[int] = group) -> None:
             nonlocal tokens
