@@ -244,8 +244,12 @@ def print_tables(
         "accuracy in %, mean [95% bootstrap interval over questions]",
         title_justify="left",
     )
+    names = [r.family for res in results.values() for r in res] + [s.family for s in summaries]
     for c in ("family", "training seed", "point", "accuracy %", "decoded tokens", "chains"):
-        t.add_column(c, justify="left" if c in ("family", "point") else "right")
+        if c == "family":
+            _family_column(t, names)
+        else:
+            t.add_column(c, justify="left" if c == "point" else "right")
     for res in results.values():
         for r in res:
             t.add_row(
@@ -278,7 +282,10 @@ def print_tables(
     )
     for c in ("family", "seeds", "best accuracy", "tokens to match maj@16", "per seed",
               *b_cols, "area", "oracle gap"):  # fmt: skip
-        h.add_column(c, justify="left" if c == "family" else "right")
+        if c == "family":
+            _family_column(h, names)
+        else:
+            h.add_column(c, justify="right")
     for s in sorted(summaries, key=lambda s: -s.area if math.isfinite(s.area) else 0.0):
         learned = s.kind == "learned"
         match = fmt_tokens(s.tokens_to_match)
@@ -306,6 +313,14 @@ def print_tables(
     console.print(h)
 
 
+def _family_column(table: Table, names: Sequence[str]) -> None:
+    """A family's name is what a reader types next (`--families`), so a narrow terminal
+    squeezes the numbers, never the name into "best-of-N-…"."""
+    table.add_column(
+        "family", justify="left", no_wrap=True, min_width=max(map(len, names), default=6)
+    )
+
+
 def _fmt_never(x: float) -> str:
     return "never" if math.isnan(x) or math.isinf(x) else f"{x:.0f}"
 
@@ -325,7 +340,10 @@ def print_differences(console: Console, summaries: Sequence[FamilySummary]) -> N
         title_justify="left",
     )
     for c in ("family", *(f"at {b:.0f}" for b in budgets), "above 0 at", "below 0 at"):
-        t.add_column(c, justify="left" if c == "family" else "right")
+        if c == "family":
+            _family_column(t, [s.family for s in learned])
+        else:
+            t.add_column(c, justify="right")
     for s in learned:
         cells = []
         for b in budgets:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -235,9 +236,13 @@ def test_the_main_job_runs_on_a_code_bank(code_bank: Path, tmp_path: Path) -> No
     import sys
 
     args = f"run --bank {code_bank} --quick --no-track --out {tmp_path / 'out'} --no-progress"
+    # An 80-column terminal, the narrowest the tables meet (and what a pytest process that
+    # loaded readline hands its children): the numbers squeeze, the families' names stay whole.
+    env = {**os.environ, "COLUMNS": "80"}
     proc = subprocess.run(
         [sys.executable, "-m", "controller.cli", *args.split(), "--results-dir", ""],
         cwd=tmp_path,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
