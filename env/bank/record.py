@@ -146,18 +146,20 @@ def groups_of(n_questions: int, size: int, done: Callable[[int], bool]) -> list[
     out = []
     for lo in range(0, n_questions, size):
         group = list(range(lo, min(lo + size, n_questions)))
-        if not all(done(i) for i in group):
-            _warn_redone(group, done)
+        recorded = [done(i) for i in group]
+        if not all(recorded):
+            _warn_redone(group, recorded)
             out.append(group)
     return out
 
 
-def _warn_redone(group: list[int], done: Callable[[int], bool]) -> None:
-    """Say so when part of ``group`` is recorded already: it is sampled whole again."""
-    redone = sum(done(i) for i in group)
+def _warn_redone(group: list[int], recorded: list[bool]) -> None:
+    """Say so when part of ``group`` is recorded already (``recorded[k]``: its k-th question):
+    it is sampled whole again."""
+    redone = sum(recorded)
     if not redone:
         return
-    first = next(i for i in group if not done(i))
+    first = group[recorded.index(False)]
     skip = ""
     if redone == first - group[0]:  # the recorded ones lead the group: a smaller size skips them
         fits = next(d for d in range(len(group), 0, -1) if first % d == 0)

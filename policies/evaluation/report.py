@@ -316,9 +316,8 @@ def print_tables(
 def _family_column(table: Table, names: Sequence[str]) -> None:
     """A family's name is what a reader types next (`--families`), so a narrow terminal
     squeezes the numbers, never the name into "best-of-N-…"."""
-    table.add_column(
-        "family", justify="left", no_wrap=True, min_width=max(map(len, names), default=6)
-    )
+    width = max(len(n) for n in ("family", *names))  # the header, and the oracle row's name
+    table.add_column("family", justify="left", no_wrap=True, min_width=width)
 
 
 def _fmt_never(x: float) -> str:
