@@ -316,7 +316,7 @@ def print_tables(
 def _family_column(table: Table, names: Sequence[str]) -> None:
     """A family's name is what a reader types next (`--families`), so a narrow terminal
     squeezes the numbers, never the name into "best-of-N-…"."""
-    width = max(len(n) for n in ("family", *names))  # the header, and the oracle row's name
+    width = max(len(n) for n in ("family", "oracle", *names))  # header, oracle row, families
     table.add_column("family", justify="left", no_wrap=True, min_width=width)
 
 
