@@ -134,7 +134,17 @@ def run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
     # numpy's BLAS threads fixed for the whole job (the learned policies act through matrix
     # products): the same seed gives the same numbers on every run of one machine.
     with threadpool_limits(max(1, args.threads)):
-        return _run_bank_fixed(path, args, console)
+        return _run_bank_fixed(path, resolved_aggregate(args, path), console)
+
+
+def resolved_aggregate(args: RunArgs, path: Path) -> RunArgs:
+    """``args`` with ``--aggregate auto`` made the bank's: ``verifier`` on a code bank, where
+    the verifier runs the visible tests (see the README's "Policies"), ``confidence``
+    elsewhere (chosen on the GSM8K dev questions, see :class:`RunArgs`)."""
+    if args.aggregate != "auto":
+        return args
+    code = TraceBank(path).manifest.dataset in CODE_DATASETS
+    return dataclasses.replace(args, aggregate="verifier" if code else "confidence")
 
 
 @dataclass
@@ -332,6 +342,7 @@ def _families(job: _Job, trained: Trained) -> tuple[list[Family], dict[str, str]
         chunk_tokens=cfg.chunk_tokens,
         extension_chunks=cfg.extension_chunks,
         hidden=job.probes is not None,
+        execution=job.bank.manifest.dataset in CODE_DATASETS,
     )
     kinds = {f.name: f.kind for f in families}
     for lname, by_seed in trained.policies.items():

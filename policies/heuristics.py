@@ -11,6 +11,7 @@ decision rules follow the papers; where the environment makes a rule differ, the
 | :class:`BudgetForcing` | one chain continued (past its end with ``Wait,``) up to a token budget | s1 |
 | :class:`AdaptiveConsistency` | chains one at a time until P(leader stays leader) under a Beta posterior >= threshold | Aggarwal et al. 2023 |
 | :class:`EarlyStoppingSC` | windows of w chains until one window agrees | ESC, Li et al. 2024 |
+| :class:`VerifyStop` | chains one at a time, each verified when it ends, until one passes the verifier | generate-and-filter with an early exit (AlphaCode, CodeT) |
 | :class:`DeepConfOnline` | warm-up chains set a confidence threshold; chains dipping below are cut; stop at consensus | DeepConf, Fu et al. 2025 |
 | :class:`ProbeAgreement` | one chain, stop when the last k probe answers agree | Dynasor / Certaindex |
 | :class:`DifficultyRouter` | first-chunk difficulty: easy -> one chain, medium -> parallel + verifier, hard -> serial | compute-optimal scaling, Snell et al. 2024 |
@@ -40,6 +41,7 @@ __all__ = [
     "ProbeAgreement",
     "RandomPolicy",
     "SingleChain",
+    "VerifyStop",
 ]
 
 Aggregate = Literal["majority", "confidence", "verifier", "probe", "probe-best"]
@@ -199,6 +201,44 @@ class EarlyStoppingSC(BasePolicy):
         agree = boundary & v.flag("window_agree")
         more = (n < self.max_n) & v.flag("can_branch")
         return np.where(_open(v), CONTINUE, np.where(agree | ~more, STOP, BRANCH))
+
+
+class VerifyStop(BasePolicy):
+    """Chains one at a time, each verified when it ends; stop at the first whose verifier score
+    is at least ``threshold``, else draw the next, up to ``max_n`` chains; the answer is the
+    verifier-weighted vote (named ``verify-stop-T``, with ``-max<max_n>`` below 16).
+
+    With execution verification (a code bank's score is the share of its docstring's examples a
+    program passes, :class:`env.verifiers.ExecutionVerifier`) and ``threshold`` 1 this is
+    "generate until a program passes the visible tests": the filtering of AlphaCode and CodeT
+    with an early exit, the fixed rule a learned policy that may verify has to beat on code. A
+    question whose prompt shows no example scores every chain 0.5, so it draws all ``max_n``
+    and the vote is the plain majority. With a model's own yes/no as the verifier it stops on
+    the first chain the model calls right.
+    """
+
+    aggregate = "verifier"
+
+    def __init__(self, threshold: float = 1.0, max_n: int = 16) -> None:
+        if not 0.5 < threshold <= 1:
+            raise ConfigError(
+                f"threshold must be in (0.5, 1] (an unscored chain scores 0.5), got {threshold}"
+            )
+        _positive(max_n, "max_n")
+        self.threshold = float(threshold)
+        self.max_n = int(max_n)
+        self.uses_probes = False
+        self.acts_between_chains = True
+        self.name = f"verify-stop-{threshold:g}" + ("" if self.max_n == 16 else f"-max{max_n}")
+        super().__init__()
+
+    def _act(self, obs: np.ndarray) -> np.ndarray:
+        v = ObsView(obs, self.config)
+        check = v.flag("can_verify")
+        passed = v["cur_verifier"] >= self.threshold
+        more = (v.n_chains < self.max_n) & v.flag("can_branch")
+        after = np.where(check, VERIFY, np.where(passed | ~more, STOP, BRANCH))
+        return np.where(_open(v), CONTINUE, after)
 
 
 class ProbeAgreement(BasePolicy):

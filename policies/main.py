@@ -128,8 +128,8 @@ class RunArgs:
     # the learned policies' frontier areas on the GSM8K dev questions (only 7 yet) went 71.3 ->
     # 74.4 (ppo-chain), 69.3 -> 71.1 (value-chain), 67.0 -> 67.6 (ppo); on testbed-arith-xl's dev
     # questions, where confidence tells less, 48.4 -> 47.1, 46.3 -> 46.6, 47.7 -> 49.3.
-    aggregate: str = "confidence"
-    """how the learned policies' answer is chosen when they stop: majority, confidence (votes weighted by each chain's mean token confidence) or verifier"""
+    aggregate: str = "auto"
+    """how the learned policies' answer is chosen when they stop: majority, confidence (votes weighted by each chain's mean token confidence), verifier (weighted by the verifier's score), or auto: verifier on a code bank (its verifier runs the visible tests), confidence elsewhere"""
     # off was chosen on dev (trained on fit, evaluated on dev over 25 λ values; GSM8K's 14 dev
     # questions of 109, testbed-arith-xl's 40): frontier area with probes -> without,
     # value-chain 67.6 -> 68.7 (GSM8K) and 44.2 -> 45.9 (testbed), one seed; ppo-chain
@@ -245,9 +245,9 @@ def run(args: RunArgs, console: Console | None = None) -> list[BankRun]:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.seeds < 1:
         raise ConfigError("--seeds must be >= 1")
-    if args.aggregate not in ("majority", "confidence", "verifier"):
+    if args.aggregate not in ("auto", "majority", "confidence", "verifier"):
         raise ConfigError(
-            f"--aggregate must be majority, confidence or verifier, got {args.aggregate!r}"
+            f"--aggregate must be auto, majority, confidence or verifier, got {args.aggregate!r}"
         )
     if args.hidden_aggregate not in ("majority", "confidence", "verifier", *PROBE_AGGREGATES):
         raise ConfigError(

@@ -17,6 +17,7 @@ matter; a part in brackets may be left out (it then takes the default in parenth
 | ``s1-B`` | :class:`~policies.heuristics.BudgetForcing`: a budget of ``B`` tokens |
 | ``adaptive-consistency[-T]`` | :class:`~policies.heuristics.AdaptiveConsistency`: threshold ``T`` (0.95), up to ``max_chains`` chains |
 | ``esc[-4][-maxM]`` | :class:`~policies.heuristics.EarlyStoppingSC`: windows of 4, up to ``M`` chains (16) |
+| ``verify-stop[-T][-maxM]`` | :class:`~policies.heuristics.VerifyStop`: stop at the first chain whose verifier score is >= ``T`` (1), up to ``M`` chains (16) |
 | ``probe-stop[-T]`` | :class:`~policies.heuristics.ProbeStop`: LYNX-style, stop once the current chain's P(right) >= ``T`` (0.8) |
 | ``probe-agree[-K]`` | :class:`~policies.heuristics.ProbeAgreement`: ``K`` agreeing probes (3) |
 | ``deepconf-online[-P]`` | :class:`~policies.heuristics.DeepConfOnline`: keep ``P`` percent (90), ``min(4, max_chains)`` warm-up chains, up to ``max_chains`` |
@@ -89,6 +90,7 @@ EXAMPLES: tuple[str, ...] = (
     "adaptive-consistency",
     "adaptive-consistency-0.9",
     "esc-4",
+    "verify-stop-1-max8",
     "probe-agree-3",
     "deepconf-online-90",
     "router-0.3-0.7",
@@ -138,6 +140,9 @@ _FAMILIES: tuple[_Family, ...] = (
         lambda mc: {"max_n": mc},
     ),
     _Family(heuristics.EarlyStoppingSC, rf"esc(?:-4)?(?:-max{_int('max_n')})?"),
+    _Family(
+        heuristics.VerifyStop, rf"verify-stop(?:-{_num('threshold')})?(?:-max{_int('max_n')})?"
+    ),
     _Family(heuristics.ProbeAgreement, rf"probe-agree(?:-{_int('k')})?"),
     _Family(
         heuristics.DeepConfOnline,

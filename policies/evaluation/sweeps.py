@@ -47,6 +47,7 @@ def heuristic_sweeps(
     chunk_tokens: int = 64,
     extension_chunks: int = 2,
     hidden: bool = False,
+    execution: bool = False,
 ) -> list[Family]:
     """Every fixed heuristic family with its parameter grid, for chains of at most
     ``max_chain_tokens`` in chunks of ``chunk_tokens`` and up to ``max_chains`` chains.
@@ -66,6 +67,10 @@ def heuristic_sweeps(
     | bounded thinking | start 1, 2, 4 chunks, up to the chain cap |
     | with ``hidden`` (the bank's hidden states): probe-stop | thresholds 0.5, 0.6, 0.7, 0.8, 0.9, 0.95 |
     | with ``hidden``: best-of-N, the chain the probe rates highest | N as best-of-N |
+    | with ``execution`` (a code bank, its verifier runs the visible tests): verify-stop at score 1 | up to N chains, N as best-of-N from 2 |
+
+    verify-stop is swept only where the verifier is execution: with a model's own yes/no
+    (P(yes) ranks chains at AUROC 0.57 on the GSM8K bank) it stops on a coin's judgement.
     """
     if max_chains < 1:
         raise ConfigError(f"max_chains must be >= 1, got {max_chains}")
@@ -113,6 +118,13 @@ def heuristic_sweeps(
         fams.append(family("best-of-N-probe", ((f"N={n}", f"best-of-{n}-probe") for n in ns)))
         fams.append(
             family("best-of-N-probe-best", ((f"N={n}", f"best-of-{n}-probe-best") for n in ns))
+        )
+    if execution:
+        fams.append(
+            family(
+                "verify-stop",
+                ((f"max={n}", "verify-stop-1" + ("" if n == 16 else f"-max{n}")) for n in ns[1:]),
+            )
         )
     fams.append(family("router", ((f"{e:g}-{h:g}", f"router-{e:g}-{h:g}") for e, h in routes)))
     starts = [

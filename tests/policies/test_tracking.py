@@ -436,5 +436,7 @@ def test_tuning_run_reads_no_test_question(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "difficulty.json").read_text())["train_questions"] == 18
     with pytest.raises(ConfigError, match="--eval-split must be test"):
         run(dataclasses.replace(args, eval_split="train"), console)
-    with pytest.raises(ConfigError, match="--aggregate must be majority, confidence or verifier"):
+    with pytest.raises(
+        ConfigError, match="--aggregate must be auto, majority, confidence or verifier"
+    ):
         run(dataclasses.replace(args, aggregate="vote"), console)

@@ -249,7 +249,7 @@ def test_the_main_job_runs_on_a_code_bank(code_bank: Path, tmp_path: Path) -> No
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = " ".join(proc.stdout.split())
-    assert "best-of-N-verifier" in text and "adaptive-consistency" in text
+    assert "best-of-N-verifier" in text and "adaptive-consistency" in text and "verify-stop" in text
     assert "matches best-of-4-verifier with" in text and "target <= 30%" in text
     assert "ppo-chain" in text
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -264,3 +264,41 @@ def test_the_shipped_reference_answers_are_what_the_references_give_now() -> Non
     assert set(shipped) == {t.task_id for t in tasks}
     changed = [t.task_id for t in tasks if reference_answer(t) != shipped[t.task_id]]
     assert not changed, f"rewrite data/code/humaneval-reference.json: {changed}"
+
+
+def test_verify_stop_stops_at_the_first_program_that_passes_its_examples(
+    code_bank: Path, wrong_for: Callable[[int], bool]
+) -> None:
+    """verify-stop on the fake code bank: a right program passes its docstring's examples, so
+    one chain and one verification decide; a wrong one never passes, so every chain is drawn.
+    It answers as best-of-N by execution verification does, with fewer tokens."""
+    from policies.evaluation.runner import evaluate
+    from policies.registry import load_policy
+
+    bank = TraceBank(code_bank)
+    stop = evaluate(load_policy("verify-stop-1"), bank, split="test", seeds=2, difficulty=None)
+    full = evaluate(load_policy("best-of-4-verifier"), bank, split="test", seeds=2, difficulty=None)
+    assert stop.config.aggregate == "verifier"
+    k = bank.manifest.chains
+    for e in stop.episodes:
+        index = int(e.qid.rsplit("/", 1)[1])
+        assert e.chains == (k if wrong_for(index) else 1), (e.qid, e.chains)
+        assert e.correct is not wrong_for(index)
+    assert [e.correct for e in stop.episodes] == [e.correct for e in full.episodes]
+    assert stop.tokens.mean < full.tokens.mean
+
+
+def test_the_main_jobs_aggregate_follows_the_bank(code_bank: Path) -> None:
+    """--aggregate auto: the verifier's vote on a code bank (execution), confidence on math;
+    a value given is kept."""
+    import dataclasses
+
+    from policies.bank_run import resolved_aggregate
+    from policies.main import RunArgs
+
+    gsm8k = Path(__file__).parents[3] / "data" / "banks" / "gsm8k-qwen2.5-coder-1.5b"
+    assert RunArgs().aggregate == "auto"
+    assert resolved_aggregate(RunArgs(), code_bank).aggregate == "verifier"
+    assert resolved_aggregate(RunArgs(), gsm8k).aggregate == "confidence"
+    given = dataclasses.replace(RunArgs(), aggregate="majority")
+    assert resolved_aggregate(given, code_bank).aggregate == "majority"

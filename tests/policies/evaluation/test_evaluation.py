@@ -209,6 +209,14 @@ def test_heuristic_sweeps_grid() -> None:
     small = {f.name: f for f in heuristic_sweeps(4)}
     assert [p for p, _ in small["best-of-N"].points] == ["N=1", "N=2", "N=4"]
     assert "best-of-N-probe" not in fams  # the probe rules need hidden states
+    assert "verify-stop" not in fams  # it needs a verifier worth trusting: execution
+    code = {f.name: f for f in heuristic_sweeps(16, execution=True)}
+    stops = code["verify-stop"].points
+    assert [p for p, _ in stops] == ["max=2", "max=4", "max=8", "max=16"]
+    assert [p.name for _, p in stops] == [
+        "verify-stop-1-max2", "verify-stop-1-max4", "verify-stop-1-max8", "verify-stop-1"
+    ]  # fmt: skip
+    assert all(p.aggregate == "verifier" and not p.uses_probes for _, p in stops)
     hidden = {f.name: f for f in heuristic_sweeps(16, hidden=True)}
     for name, agg in (("best-of-N-probe", "probe"), ("best-of-N-probe-best", "probe-best")):
         assert [p for p, _ in hidden[name].points] == ["N=1", "N=2", "N=4", "N=8", "N=16"]
