@@ -15,7 +15,9 @@ chain could still buy costs more than its tokens. A running chain is always read
 a model fitted on the training questions, from everything the observation holds: the votes,
 the chains' confidence and, for a ``hidden`` policy, what the model's own state says of each
 chain (the probe-weighted vote share, the best chain's P(right), the question's predicted pass
-rate: :mod:`env.episode.hidden`).
+rate: :mod:`env.episode.hidden`). With the ``verifier`` aggregate (code banks, where the
+verifier runs the visible tests) each chain is verified as it ends, so the votes and the
+features hold every chain's score when it decides.
 
 Why this target rather than "correct if stopped now". Whether the current answer is right
 depends mostly on the question, which a fitted value must learn from few training questions;
@@ -48,7 +50,7 @@ import numpy as np
 from env.bank.store import TraceBank
 from env.episode.observation import FEATURE_NAMES
 from features.errors import ConfigError, PolicyError
-from policies.base import BRANCH, CONTINUE, STOP
+from policies.base import BRANCH, CONTINUE, STOP, VERIFY
 from policies.learned.base import (
     DEFAULT_LAMS,
     EXTRA_FEATURES,
@@ -170,8 +172,11 @@ class StopPolicy(LearnedPolicy):
     def _act(self, obs: np.ndarray) -> np.ndarray:
         m = decision_mask(obs, self.decide)
         running = ~m[:, STOP]  # a running chain: continue is its one choice
+        check = ~running & verify_first(m, self.aggregate)
         go = m[:, BRANCH] & (self._gain(obs) > 0)
-        return np.where(running, CONTINUE, np.where(go, BRANCH, STOP)).astype(np.int64)
+        return np.where(
+            running, CONTINUE, np.where(check, VERIFY, np.where(go, BRANCH, STOP))
+        ).astype(np.int64)
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -205,6 +210,16 @@ class StopPolicy(LearnedPolicy):
         )
 
 
+def verify_first(mask: np.ndarray, aggregate: str) -> np.ndarray:
+    """``bool[B]``: where a chain that ended is verified before the stop decision: with the
+    ``verifier`` aggregate (a code bank's: its verifier runs the visible tests, at the price of
+    one token), every chain is scored as it ends, so the vote and the policy's features hold each
+    chain's score when it decides. Elsewhere nowhere: the vote does not read the verifier."""
+    if aggregate != "verifier":
+        return np.zeros(len(mask), bool)
+    return mask[:, VERIFY].copy()
+
+
 # -- training -------------------------------------------------------------------------------
 
 
@@ -230,7 +245,9 @@ class SettledRows:
 def settled_rows(env: Any, episodes: int, *, seed: int, progress: bool = False) -> SettledRows:
     """Replay ``episodes`` episodes of ``env`` (a
     :class:`~env.episode.vector.BatchedReplayEnv`) to the end, drawing every chain it allows,
-    and label each decision state by whether its answer is the final one."""
+    and label each decision state by whether its answer is the final one. With the
+    ``verifier`` aggregate each chain is verified as it ends (:func:`verify_first`), before its
+    state is read."""
     if episodes < 1:
         raise ConfigError(f"episodes must be >= 1, got {episodes}")
     b = env.num_envs
@@ -245,14 +262,15 @@ def settled_rows(env: Any, episodes: int, *, seed: int, progress: bool = False) 
     while finished < episodes:
         m = decision_mask(obs, "chain")
         running = ~m[:, STOP]  # a running chain: continue is its one choice
-        deciding = ~running & m[:, BRANCH]
+        check = ~running & verify_first(m, env.config.aggregate)
+        deciding = ~running & ~check & m[:, BRANCH]
         keep = deciding & (ep < episodes)
         if keep.any():
             parts["obs"].append(obs[keep])
             parts["answer"].append(np.asarray(info["answer_now"])[keep])
             parts["ep"].append(ep[keep])
             parts["q"].append(np.asarray(env.episode_questions)[keep])
-        a = np.where(running, CONTINUE, np.where(deciding, BRANCH, STOP))
+        a = np.where(running, CONTINUE, np.where(check, VERIFY, np.where(deciding, BRANCH, STOP)))
         obs, _, term, trunc, info = env.step(a)
         done = np.flatnonzero(term | trunc)
         if done.size:

@@ -302,3 +302,32 @@ def test_the_main_jobs_aggregate_follows_the_bank(code_bank: Path) -> None:
     assert resolved_aggregate(RunArgs(), gsm8k).aggregate == "confidence"
     given = dataclasses.replace(RunArgs(), aggregate="majority")
     assert resolved_aggregate(given, code_bank).aggregate == "majority"
+
+
+def test_the_stop_policy_verifies_each_chain_on_a_code_bank(code_bank: Path) -> None:
+    """With the verifier's vote the learned stop policy scores every chain as it ends: its
+    training states all hold every chain's score, it verifies an ended chain before deciding,
+    and it answers as best-of-N by execution does. With confidence it never verifies."""
+    from env.episode.observation import FEATURE_NAMES
+    from policies.base import VERIFY
+    from policies.evaluation.runner import evaluate
+    from policies.learned.replay import replay_env
+    from policies.learned.stop import StopArgs, settled_rows, train_stop_policy
+    from policies.registry import load_policy
+
+    verified, can_verify = FEATURE_NAMES.index("verified"), FEATURE_NAMES.index("can_verify")
+    kw: dict[str, object] = {"orders": 2, "num_envs": 8, "eval_seeds": 0, "progress": False}
+    for aggregate in ("verifier", "confidence"):
+        config = {"aggregate": aggregate}
+        env = replay_env(TraceBank(code_bank), StopArgs(num_envs=8, config=config), None)
+        rows = settled_rows(env, 8, seed=0)
+        assert (rows.obs[:, verified] == (1.0 if aggregate == "verifier" else 0.0)).all()
+        stop = train_stop_policy(code_bank, config=config, **kw)
+        obs = rows.obs[:1].copy()
+        obs[:, can_verify] = 1.0  # a chain that just ended, not yet scored
+        stop.reset(1)
+        assert bool(stop.act(obs)[0] == VERIFY) == (aggregate == "verifier")
+    full = evaluate(load_policy("best-of-4-verifier"), code_bank, split="test", seeds=2)
+    stop = train_stop_policy(code_bank, config={"aggregate": "verifier"}, **kw)
+    r = evaluate(stop.with_lam(1e-9), code_bank, split="test", seeds=2, difficulty=None)
+    assert [e.correct for e in r.episodes] == [e.correct for e in full.episodes]
