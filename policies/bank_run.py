@@ -134,16 +134,16 @@ def run_bank(path: Path, args: RunArgs, console: Console) -> BankRun:
     # numpy's BLAS threads fixed for the whole job (the learned policies act through matrix
     # products): the same seed gives the same numbers on every run of one machine.
     with threadpool_limits(max(1, args.threads)):
-        return _run_bank_fixed(path, resolved_aggregate(args, path), console)
+        return _run_bank_fixed(path, args, console)
 
 
-def resolved_aggregate(args: RunArgs, path: Path) -> RunArgs:
+def resolved_aggregate(args: RunArgs, bank: TraceBank) -> RunArgs:
     """``args`` with ``--aggregate auto`` made the bank's: ``verifier`` on a code bank, where
     the verifier runs the visible tests (see the README's "Policies"), ``confidence``
     elsewhere (chosen on the GSM8K dev questions, see :class:`RunArgs`)."""
     if args.aggregate != "auto":
         return args
-    code = TraceBank(path).manifest.dataset in CODE_DATASETS
+    code = bank.manifest.dataset in CODE_DATASETS
     return dataclasses.replace(args, aggregate="verifier" if code else "confidence")
 
 
@@ -209,6 +209,7 @@ class _Written:
 def _run_bank_fixed(path: Path, args: RunArgs, console: Console) -> BankRun:
     """:func:`run_bank`'s steps, with numpy's threads fixed."""
     job = _prepare(path, args, console)
+    args = resolved_aggregate(args, job.bank)  # _prepare does not read --aggregate
     with _parent_run(job, args) as parent:
         if job.tracker is not None:
             import mlflow

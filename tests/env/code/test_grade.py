@@ -296,12 +296,13 @@ def test_the_main_jobs_aggregate_follows_the_bank(code_bank: Path) -> None:
     from policies.bank_run import resolved_aggregate
     from policies.main import RunArgs
 
-    gsm8k = Path(__file__).parents[3] / "data" / "banks" / "gsm8k-qwen2.5-coder-1.5b"
+    code = TraceBank(code_bank)
+    gsm8k = TraceBank(Path(__file__).parents[3] / "data" / "banks" / "gsm8k-qwen2.5-coder-1.5b")
     assert RunArgs().aggregate == "auto"
-    assert resolved_aggregate(RunArgs(), code_bank).aggregate == "verifier"
+    assert resolved_aggregate(RunArgs(), code).aggregate == "verifier"
     assert resolved_aggregate(RunArgs(), gsm8k).aggregate == "confidence"
     given = dataclasses.replace(RunArgs(), aggregate="majority")
-    assert resolved_aggregate(given, code_bank).aggregate == "majority"
+    assert resolved_aggregate(given, code).aggregate == "majority"
 
 
 def test_the_stop_policy_verifies_each_chain_on_a_code_bank(code_bank: Path) -> None:
