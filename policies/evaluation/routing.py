@@ -15,30 +15,45 @@ questions exactly as the router's is), some router point with no more tokens has
 at most :data:`~policies.evaluation.runner.MATCH_TOLERANCE` below it. A stricter comparison is
 printed beside it: against every candidate's own test point, which picks the single policy
 with hindsight of the test questions.
+
+A trained policy is a candidate too (a saved policy's folder that runs on every bank): it acts
+for a price, so it enters as several candidates, one per λ of :data:`LEARNED_LAMS` (``PATH@LAM``
+names one). Choosing on the training questions it was trained on flatters it, so route such
+candidates with ``choose_on="dev"`` after training them on ``fit`` (``ponder train ... --split
+fit``); otherwise the result carries a warning naming them.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from env.bank.store import TraceBank
 from features.errors import ConfigError
+from policies.evaluation.results import num
 from policies.evaluation.runner import MATCH_TOLERANCE
 from policies.routing import QueryClassifier, kind_of_dataset, training_questions
 
 __all__ = [
     "DEFAULT_CANDIDATES",
+    "LEARNED_LAMS",
     "RouteArgs",
     "RoutePoint",
     "RoutingResult",
     "evaluate_routing",
     "main",
+    "plot_routing",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Strategies the router chooses among by default: one chain, votes of 2-16, execution or
 #: self-verification, and the adaptive rules.
@@ -57,6 +72,12 @@ DEFAULT_CANDIDATES = (
 
 #: Prices per token swept (the router's and the single policy's frontier).
 DEFAULT_LAMS = tuple(float(x) for x in np.geomspace(1e-6, 3e-3, 48))
+
+#: The prices a trained policy acts for as a candidate (one candidate each).
+LEARNED_LAMS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+
+#: Which training splits each choice split overlaps (``dev`` and ``fit`` partition ``train``).
+_OVERLAPS = {"train": {"train", "dev", "fit"}, "dev": {"train", "dev"}}
 
 
 @dataclass(frozen=True)
@@ -90,6 +111,9 @@ class RoutingResult:
             no more tokens)`` where the router is more than the tolerance below the single
             policy's frontier (the target).
         hindsight: the same against every candidate's own test point.
+        choose_on: the split the choices were made on (``train`` or ``dev``).
+        banks: each bank's folder name -> its data set.
+        warnings: trained candidates chosen on questions they were trained on.
     """
 
     router: list[RoutePoint]
@@ -99,25 +123,121 @@ class RoutingResult:
     questions: dict[str, int]
     shortfalls: list[tuple[str, float, float, float]] = field(default_factory=list)
     hindsight: list[tuple[str, float, float, float]] = field(default_factory=list)
+    choose_on: str = "train"
+    banks: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def met(self) -> bool:
         return not self.shortfalls
 
+    def to_json(self) -> dict[str, Any]:
+        """Every number as JSON holds it (:func:`~policies.evaluation.results.num`)."""
+
+        def point(p: RoutePoint) -> dict[str, Any]:
+            return {
+                "lam": num(p.lam),
+                "accuracy": num(p.accuracy),
+                "tokens": num(p.tokens),
+                "choice": dict(p.choice),
+            }
+
+        def miss(m: tuple[str, float, float, float]) -> dict[str, Any]:
+            return {
+                "policy": m[0],
+                "tokens": num(m[1]),
+                "accuracy": num(m[2]),
+                "router_accuracy": num(m[3]),
+            }
+
+        return {
+            "schema": 1,
+            "banks": dict(self.banks),
+            "choose_on": self.choose_on,
+            "questions": dict(self.questions),
+            "classifier": {k: num(v) for k, v in self.classifier.items()},
+            "router": [point(p) for p in self.router],
+            "single": [point(p) for p in self.single],
+            "candidates": {
+                k: {"tokens": num(t), "accuracy": num(a)} for k, (t, a) in self.candidates.items()
+            },
+            "met": self.met,
+            "shortfalls": [miss(m) for m in self.shortfalls],
+            "hindsight": [miss(m) for m in self.hindsight],
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """One strategy the router may choose: its name, how to build it for a bank's settings,
+    and, for a trained policy, the data set and split it was trained on."""
+
+    name: str
+    make: Callable[[Any], Any]
+    trained: tuple[str, str] | None = None
+
+
+def _named(spec: str, config: Any) -> Any:
+    from policies.registry import load_policy
+
+    return load_policy(spec, config=config)
+
+
+def _priced(policy: Any, lam: float, config: Any) -> Any:
+    return policy.with_lam(lam)
+
+
+def _candidates(specs: Sequence[str]) -> list[_Candidate]:
+    """Heuristic names as they are; a trained policy once per λ of :data:`LEARNED_LAMS` (or the
+    one ``PATH@LAM`` names)."""
+    from policies.registry import load_policy
+
+    out: list[_Candidate] = []
+    for spec in specs:
+        path, at, lam_text = spec.rpartition("@") if "@" in spec else (spec, "", "")
+        policy = load_policy(path)
+        if not hasattr(policy, "with_lam"):
+            if at:
+                raise ConfigError(
+                    f"candidate {spec!r}: {path} does not act for a price; drop '@{lam_text}'"
+                )
+            out.append(_Candidate(spec, functools.partial(_named, spec)))
+            continue
+        try:
+            lams = (float(lam_text),) if at else LEARNED_LAMS
+        except ValueError:
+            raise ConfigError(
+                f"candidate {spec!r}: {lam_text!r} is not a price; write PATH@0.0001"
+            ) from None
+        meta = getattr(policy, "meta", {}) or {}
+        trained = (
+            str(meta.get("bank", {}).get("dataset", "")),
+            str(meta.get("training", {}).get("split", "train")),
+        )
+        label = Path(path).name or path
+        for lam in lams:
+            out.append(
+                _Candidate(f"{label}@{lam:g}", functools.partial(_priced, policy, lam), trained)
+            )
+    names = [c.name for c in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"candidates must have distinct names, got {names}")
+    return out
+
 
 def _per_question(
-    bank: TraceBank, split: str, specs: Sequence[str], seeds: int
+    bank: TraceBank, split: str, candidates: Sequence[_Candidate], seeds: int
 ) -> dict[str, dict[str, tuple[float, float]]]:
-    """spec -> qid -> (mean correctness, mean tokens) on ``split``."""
+    """name -> qid -> (mean correctness, mean tokens) on ``split``."""
     from policies.evaluation.runner import Evaluator
-    from policies.registry import load_policy
 
     ev = Evaluator(bank, split=split, seeds=seeds)
     out: dict[str, dict[str, tuple[float, float]]] = {}
-    for spec in specs:
-        res = ev(load_policy(spec, config=ev.config))
+    for cand in candidates:
+        res = ev(cand.make(ev.config))
         qids, acc, tok = res.per_question()
-        out[spec] = {q: (float(a), float(t)) for q, a, t in zip(qids, acc, tok, strict=True)}
+        out[cand.name] = {q: (float(a), float(t)) for q, a, t in zip(qids, acc, tok, strict=True)}
     return out
 
 
@@ -141,6 +261,17 @@ def _score(
     return float(np.mean(acc)), float(np.mean(tok))
 
 
+def _in_sample(cands: Sequence[_Candidate], datasets: set[str], choose_on: str) -> list[str]:
+    """A warning for each trained candidate chosen on questions it was trained on."""
+    return [
+        f"{c.name} was trained on {c.trained[0]}'s {c.trained[1]} questions and is chosen on "
+        f"{choose_on} ones: its choice is in-sample (train it with --split fit and route with "
+        "--choose-on dev)"
+        for c in cands
+        if c.trained and c.trained[0] in datasets and c.trained[1] in _OVERLAPS[choose_on]
+    ]
+
+
 def evaluate_routing(
     banks: Sequence[TraceBank | str | Path],
     candidates: Sequence[str] = DEFAULT_CANDIDATES,
@@ -148,31 +279,45 @@ def evaluate_routing(
     seeds: int = 3,
     lams: Sequence[float] = DEFAULT_LAMS,
     classifier: QueryClassifier | None = None,
+    choose_on: str = "train",
+    progress: Callable[[str], None] | None = None,
 ) -> RoutingResult:
     """Evaluate the router and the single-policy baseline on the banks' mixed test questions
-    (module docstring). ``classifier`` defaults to one fitted on the shipped training questions."""
+    (module docstring). ``classifier`` defaults to one fitted on the shipped training questions;
+    ``choose_on`` is the split the choices are made on (``train``, or ``dev`` for candidates
+    trained on ``fit``); ``progress`` is told each (bank, split) as it starts."""
+    if choose_on not in _OVERLAPS:
+        raise ConfigError(f"choose_on must be 'train' or 'dev', got {choose_on!r}")
     opened = [b if isinstance(b, TraceBank) else TraceBank(b) for b in banks]
     if not opened or not candidates:
         raise ConfigError("routing needs at least one bank and one candidate policy")
+    cands = _candidates(candidates)
+    names = [c.name for c in cands]
+    datasets = {b.path.resolve().name: b.manifest.dataset for b in opened}
+    warnings = _in_sample(cands, set(datasets.values()), choose_on)
+    for w in warnings:
+        log.warning(w)
     if classifier is None:
         qs, kinds = training_questions()
         classifier = QueryClassifier.fit([q.text for q in qs], kinds)
-    train: dict[str, dict[str, tuple[float, float]]] = {s: {} for s in candidates}
-    test: dict[str, dict[str, tuple[float, float]]] = {s: {} for s in candidates}
+    train: dict[str, dict[str, tuple[float, float]]] = {s: {} for s in names}
+    test: dict[str, dict[str, tuple[float, float]]] = {s: {} for s in names}
     predicted: dict[str, dict[str, str]] = {"train": {}, "test": {}}
     truth: dict[str, str] = {}
     for bank in opened:
-        for split, into in (("train", train), ("test", test)):
-            got = _per_question(bank, split, candidates, seeds)
-            for spec in candidates:
-                into[spec].update(got[spec])
-            qs = [q for q in bank.questions if q.qid in got[candidates[0]]]
+        for split, into, key in ((choose_on, train, "train"), ("test", test, "test")):
+            if progress is not None:
+                progress(f"{bank.path.name} {split}")
+            got = _per_question(bank, split, cands, seeds)
+            for name in names:
+                into[name].update(got[name])
+            qs = [q for q in bank.questions if q.qid in got[names[0]]]
             for q, kind in zip(qs, classifier.predict([q.text for q in qs]), strict=True):
-                predicted[split][q.qid] = kind
-                if split == "test":
+                predicted[key][q.qid] = kind
+                if key == "test":
                     truth[q.qid] = kind_of_dataset(q.dataset)
     router, single = [], []
-    specs = list(candidates)
+    specs = names
     train_qids = list(predicted["train"])
     for lam in lams:
         one = _best(train, train_qids, lam, specs)
@@ -207,7 +352,53 @@ def evaluate_routing(
         for k in by_kind
     }
     agree["all"] = float(np.mean([predicted["test"][q] == t for q, t in truth.items()]))
-    return RoutingResult(router, single, cand_points, agree, by_kind, shortfalls, hindsight)
+    return RoutingResult(
+        router,
+        single,
+        cand_points,
+        agree,
+        by_kind,
+        shortfalls,
+        hindsight,
+        choose_on=choose_on,
+        banks=datasets,
+        warnings=warnings,
+    )
+
+
+def plot_routing(res: RoutingResult, path: str | Path) -> Path:
+    """Accuracy against mean tokens on the mixed test questions: the router's points and the
+    single policy's (each through its λ sweep, chosen on ``choose_on`` questions) and every
+    candidate's own point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for pts, label, style in (
+        (res.router, "router (a strategy per predicted kind)", "-o"),
+        (res.single, "one strategy for all", "--s"),
+    ):
+        xy = sorted({(p.tokens, p.accuracy) for p in pts})
+        ax.plot([x for x, _ in xy], [y for _, y in xy], style, ms=4, lw=1.4, label=label)
+    for name, (tok, acc) in res.candidates.items():
+        ax.plot([tok], [acc], "x", color="0.4", ms=6)
+        ax.annotate(name, (tok, acc), fontsize=6, color="0.35", xytext=(3, -8),
+                    textcoords="offset points")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("mean decoded tokens per question (mixed test questions)")
+    ax.set_ylabel("accuracy")
+    kinds = ", ".join(f"{k} {n}" for k, n in res.questions.items())
+    ax.set_title(f"routing by query type ({kinds}; chosen on {res.choose_on})", fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=130)
+    plt.close(fig)
+    return p
 
 
 @dataclass
@@ -217,9 +408,15 @@ class RouteArgs:
     bank: tuple[str, ...] = ()
     """bank folders (at least one; their data sets give the true kinds): e.g. --bank data/banks/gsm8k-qwen2.5-coder-1.5b PATH/TO/humaneval-bank"""
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES
-    """the strategies the router chooses among (heuristic names, or saved policies valid on every bank)"""
+    """the strategies the router chooses among: heuristic names, or saved policies that run on every bank (each at the prices of LEARNED_LAMS; PATH@LAM for one)"""
     seeds: int = 3
     """episodes per question"""
+    choose_on: str = "train"
+    """the split the router and the single policy choose on: train, or dev for trained candidates trained on fit (--split fit)"""
+    json: Path | None = None
+    """write the result here as JSON"""
+    plot: Path | None = None
+    """write the frontier plot here (PNG)"""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,7 +429,16 @@ def main(argv: list[str] | None = None) -> None:
     if not args.bank:
         raise SystemExit("ponder route: give the banks with --bank PATH [PATH ...]")
     console = wide_console()
-    res = evaluate_routing(list(args.bank), args.candidates, seeds=args.seeds)
+    with console.status("evaluating the candidates") as status:
+        res = evaluate_routing(
+            list(args.bank),
+            args.candidates,
+            seeds=args.seeds,
+            choose_on=args.choose_on,
+            progress=lambda what: status.update(f"evaluating the candidates on {what}"),
+        )
+    for w in res.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
     console.print(
         "test questions by kind: "
         + ", ".join(f"{k} {n}" for k, n in res.questions.items())
@@ -283,6 +489,13 @@ def main(argv: list[str] | None = None) -> None:
             for spec, tok, acc, best in res.hindsight
         )
     )
+
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res.to_json(), indent=2, allow_nan=False) + "\n")
+        console.print(f"wrote {args.json}")
+    if args.plot is not None:
+        console.print(f"wrote {plot_routing(res, args.plot)}")
 
 
 if __name__ == "__main__":

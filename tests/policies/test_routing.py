@@ -82,3 +82,66 @@ def test_the_router_gives_each_kind_its_own_strategy(
     assert res.met, res.shortfalls  # at or above the single policy's frontier
     for r, s in zip(res.router, res.single, strict=True):
         assert 0 <= r.accuracy <= 1 and r.tokens > 0 and s.choice["all"] in res.candidates
+
+
+@pytest.fixture(scope="module")
+def stop_on_fit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from policies.learned.stop import train_stop_policy
+
+    out = tmp_path_factory.mktemp("stop") / "stop-fit"
+    train_stop_policy(GSM8K, split="fit", orders=4, num_envs=64, eval_seeds=0, progress=False).save(
+        out
+    )
+    return out
+
+
+def test_a_trained_policy_is_a_candidate_at_several_prices(stop_on_fit: Path) -> None:
+    from policies.evaluation.routing import LEARNED_LAMS, _candidates, _in_sample
+
+    cands = _candidates(["best-of-1", str(stop_on_fit), f"{stop_on_fit}@0.0002"])
+    names = [c.name for c in cands]
+    assert names[0] == "best-of-1" and names[-1] == "stop-fit@0.0002"
+    assert names[1:-1] == [f"stop-fit@{lam:g}" for lam in LEARNED_LAMS]
+    assert cands[-1].trained == ("gsm8k", "fit")
+    # chosen on dev, a policy trained on fit is out of sample; chosen on train it is not
+    assert _in_sample(cands, {"gsm8k", "humaneval"}, "dev") == []
+    warned = _in_sample(cands, {"gsm8k"}, "train")
+    assert len(warned) == len(LEARNED_LAMS) + 1 and "--choose-on dev" in warned[0]
+    assert _in_sample(cands, {"humaneval"}, "train") == []
+    with pytest.raises(ConfigError, match="not a price"):
+        _candidates([f"{stop_on_fit}@cheap"])
+    with pytest.raises(ConfigError, match="does not act for a price"):
+        _candidates(["best-of-4@0.001"])
+
+
+@pytest.mark.timeout(600)
+def test_route_cli_writes_json_and_plot(stop_on_fit: Path, tmp_path: Path) -> None:
+    import json
+
+    from policies.evaluation.routing import main
+
+    code = record_fake_code_bank(tmp_path / "code", n=3)
+    out, png = tmp_path / "route.json", tmp_path / "route.png"
+    main(
+        ["--bank", str(GSM8K), str(code), "--candidates", "best-of-1", "best-of-4",
+         f"{stop_on_fit}@0.0001", "--seeds", "1", "--choose-on", "dev",
+         "--json", str(out), "--plot", str(png)]
+    )  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert doc["choose_on"] == "dev" and doc["warnings"] == []
+    assert doc["banks"] == {"gsm8k-qwen2.5-coder-1.5b": "gsm8k", "code": "humaneval"}
+    assert doc["questions"]["code"] == 3 and doc["questions"]["multistep"] == 200
+    assert set(doc["candidates"]) == {"best-of-1", "best-of-4", "stop-fit@0.0001"}
+    assert len(doc["router"]) == len(doc["single"]) > 10 and isinstance(doc["met"], bool)
+    for p in doc["router"]:
+        assert 0 <= p["accuracy"] <= 1 and p["tokens"] > 0
+        assert set(p["choice"].values()) <= set(doc["candidates"])
+    # at this price the trained policy votes: more chains than one, and more often right
+    one, stop = doc["candidates"]["best-of-1"], doc["candidates"]["stop-fit@0.0001"]
+    assert stop["tokens"] > 2 * one["tokens"] and stop["accuracy"] > one["accuracy"] + 0.05, doc
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_route_refuses_a_bad_choice_split() -> None:
+    with pytest.raises(ConfigError, match="choose_on"):
+        evaluate_routing([GSM8K], ["best-of-1"], choose_on="test")
