@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     console.print(table)
     verdict = "met" if res.met else f"not met at {len(res.shortfalls)} budget(s)"
     console.print(
-        f"target: the router at or above the single policy (chosen on training questions) at "
+        f"target: the router at or above the single policy (chosen on {res.choose_on} questions) at "
         f"every budget of its frontier ({100 * MATCH_TOLERANCE:.1f} pt tolerance): {verdict}"
     )
     for spec, tok, acc, best in res.shortfalls:
