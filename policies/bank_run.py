@@ -23,7 +23,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -194,6 +194,8 @@ class _Compared:
     summaries: list[FamilySummary]
     targets: list[TargetCheck]
     floors: list[VoteFloor]
+    verified: EvalResult | None = None
+    verified_targets: list[TargetCheck] = field(default_factory=list)
 
 
 @dataclass
@@ -472,17 +474,16 @@ def _compare(
     targets = target_check(results, reference=reference, kinds=kinds)
     print_targets(console, targets)
     verified = verified_reference(results) if bank.manifest.dataset in CODE_DATASETS else None
+    verified_targets: list[TargetCheck] = []
     if verified is not None:  # code: execution verification is the reference to beat
-        print_targets(
-            console,
-            target_check(
-                results,
-                reference=verified,
-                kinds=kinds,
-                reference_name=f"best-of-{verified.param.removeprefix('N=')}-verifier",
-                target_share=VERIFIED_TARGET_SHARE,
-            ),
+        verified_targets = target_check(
+            results,
+            reference=verified,
+            kinds=kinds,
+            reference_name=f"best-of-{verified.param.removeprefix('N=')}-verifier",
+            target_share=VERIFIED_TARGET_SHARE,
         )
+        print_targets(console, verified_targets)
     floors = vote_floors(bank, job.split, job.cfg, reference)
     print_floors(console, floors, reference)
     split_section = token_split(summaries)
@@ -491,7 +492,9 @@ def _compare(
     _representatives(job.out, summaries)
     if job.probes is not None:
         fleet_table_of_run(bank, args, job.probes, job.out, console, trained, job.lams)
-    return _Compared(reference, budgets, area_range, summaries, targets, floors)
+    return _Compared(
+        reference, budgets, area_range, summaries, targets, floors, verified, verified_targets
+    )
 
 
 def _write(
@@ -583,6 +586,8 @@ def _document(
             "probes_s": round(trained.probes_s, 1),
             "train_s": {k: [round(x, 1) for x in v.values()] for k, v in trained.seconds.items()},
         },
+        verified=cmp.verified,
+        verified_targets=cmp.verified_targets,
     )
 
 

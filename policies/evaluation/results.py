@@ -14,6 +14,7 @@ README's tables from it (:mod:`policies.evaluation.markdown`). Sections, in this
 | ``headline`` | per family: tokens to match maj@16 with the interval over questions and training seeds and the per-seed values, accuracy at the headline budgets, area, the paired differences to the best heuristic |
 | ``targets``, ``floors`` | the product's target per learned family; the oracle voters' floors |
 | ``token_split`` | per difficulty level, how each family's shown point splits its tokens (deep: past a chain's end; wide: other chains), beside the rule of thumb (``null``: the questions have no levels) |
+| ``verified_reference``, ``verified_targets`` | code banks only: best-of-16 with execution verification and each learned family against it (its accuracy with at most 30% of its tokens), with the interval of the share |
 | ``provenance`` | date, git commit, machine (CPU model, cores), package versions |
 | ``timings`` | wall time, training seconds per family and seed |
 
@@ -229,13 +230,16 @@ def results_document(
     floors: Sequence[VoteFloor],
     timings: Mapping[str, Any],
     prov: Mapping[str, Any] | None = None,
+    verified: EvalResult | None = None,
+    verified_targets: Sequence[TargetCheck] = (),
 ) -> dict[str, Any]:
-    """The results file's document (see the module docstring for its sections)."""
+    """The results file's document (see the module docstring for its sections; the verified
+    ones only with ``verified``, a code bank's best-of-16 with execution verification)."""
     one = next(
         (r for r in results.get("best-of-N", []) if r.param == "N=1"),
         None,
     )
-    return {
+    doc = {
         "schema": SCHEMA,
         "bank": dict(bank),
         "settings": dict(settings),
@@ -258,9 +262,20 @@ def results_document(
             for f in floors
         ],
         "token_split": token_split(summaries),
-        "provenance": dict(prov if prov is not None else provenance()),
-        "timings": dict(timings),
     }
+    if verified is not None:
+        doc["verified_reference"] = _featured(verified, verified.label)
+        doc["verified_targets"] = [
+            {
+                **_target(t),
+                "reference": t.reference,
+                "share_interval": [num(x) for x in t.share_interval],
+            }
+            for t in verified_targets
+        ]
+    doc["provenance"] = dict(prov if prov is not None else provenance())
+    doc["timings"] = dict(timings)
+    return doc
 
 
 def dumps(obj: Any, indent: int = 0, width: int = 160) -> str:

@@ -253,7 +253,20 @@ def test_the_main_job_runs_on_a_code_bank(code_bank: Path, tmp_path: Path) -> No
     assert "matches best-of-4-verifier with" in text and "target <= 30%" in text
     assert "ppo-chain" in text
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results
+    # the execution-verification target is kept in the results file and in the report
+    from policies.evaluation.markdown import render
+
+    ver, targets = results["verified_reference"], results["verified_targets"]
+    assert ver["label"] == "best-of-N-verifier N=4" and 0 < ver["accuracy"][0] <= 1
+    assert {t["family"] for t in targets} >= {"ppo-chain", "stop-chain"}
+    for t in targets:
+        assert t["reference"] == "best-of-4-verifier" and len(t["share_interval"]) == 2
+        if t["share"] is not None:
+            low, high = t["share_interval"]
+            assert low is not None and (high == "inf" or low <= t["share"] <= high)
+    report = render(results)
+    assert "Against execution verification (a code bank): best-of-4-verifier" in report
+    assert "| reaches best-of-4-verifier with [95% interval] |" in report
 
 
 def test_the_shipped_reference_answers_are_what_the_references_give_now() -> None:
