@@ -32,6 +32,7 @@ __all__ = [
     "print_tables",
     "print_differences",
     "plot_frontier",
+    "save_figure",
     "plot_by_difficulty",
     "plot_levels",
     "plot_results",
@@ -388,6 +389,18 @@ class LevelLike(Protocol):
     def accuracy(self) -> Interval: ...
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int = 130) -> Path:
+    """Lay out ``fig``, write it to ``path`` (its folder made if missing), close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=dpi)
+    plt.close(fig)
+    return p
+
+
 def plot_frontier(
     path: str | Path,
     results: Mapping[str, Sequence[PlottedPoint]],
@@ -463,12 +476,7 @@ def plot_frontier(
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=130)
-    plt.close(fig)
-    return p
+    return save_figure(fig, path, dpi=130)
 
 
 def plot_by_difficulty(
@@ -529,12 +537,7 @@ def plot_levels(
     a2.set_yscale("log")
     a2.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    return p
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_results(doc: Mapping[str, Any], folder: str | Path) -> list[Path]:

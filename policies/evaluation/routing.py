@@ -375,6 +375,8 @@ def plot_routing(res: RoutingResult, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from policies.evaluation.report import save_figure
+
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for pts, label, style in (
         (res.router, "router (a strategy per predicted kind)", "-o"),
@@ -393,12 +395,7 @@ def plot_routing(res: RoutingResult, path: str | Path) -> Path:
     ax.set_title(f"routing by query type ({kinds}; chosen on {res.choose_on})", fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=130)
-    plt.close(fig)
-    return p
+    return save_figure(fig, path)
 
 
 @dataclass
