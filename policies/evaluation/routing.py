@@ -56,7 +56,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Strategies the router chooses among by default: one chain, votes of 2-16, execution or
-#: self-verification, and the adaptive rules.
+#: self-verification (best of N, or chains until one passes), and the adaptive rules.
 DEFAULT_CANDIDATES = (
     "best-of-1",
     "best-of-2",
@@ -65,6 +65,8 @@ DEFAULT_CANDIDATES = (
     "best-of-16",
     "best-of-4-verifier",
     "best-of-16-verifier",
+    "verify-stop-1-max4",
+    "verify-stop-1",
     "adaptive-consistency-0.8",
     "adaptive-consistency-0.95",
     "esc-4",
