@@ -170,7 +170,7 @@ def _verified_section(doc: Mapping[str, Any]) -> list[str]:
     if ver is None or not targets:
         return []
     ver_tok = to_float(ver["tokens"][0])
-    name = targets[0]["reference"]
+    name, cap = targets[0]["reference"], f"{100 * to_float(targets[0]['target_share']):.0f}%"
     rows = []
     for t in targets:
         share = to_float(t["share"])
@@ -193,7 +193,7 @@ def _verified_section(doc: Mapping[str, Any]) -> list[str]:
     out = [
         f"Against execution verification (a code bank): {name} "
         f"{_acc_iv(ver['accuracy'], '%')} at {_tok(ver['tokens'][0])} decoded tokens. Target: a "
-        "learned policy reaches its accuracy (within 0.5 pt) with at most 30% of its tokens "
+        f"learned policy reaches its accuracy (within 0.5 pt) with at most {cap} of its tokens "
         "(interval over questions and training seeds; budgets: every heuristic point up to its "
         "tokens):",
         "",
@@ -202,7 +202,7 @@ def _verified_section(doc: Mapping[str, Any]) -> list[str]:
         [
             "learned",
             f"reaches {name} with [95% interval]",
-            "<= 30%",
+            f"<= {cap}",
             "budgets below the best heuristic",
             "of them beyond the paired 95% interval",
         ],

@@ -269,6 +269,7 @@ def results_document(
             {
                 **_target(t),
                 "reference": t.reference,
+                "target_share": num(t.target_share),
                 "share_interval": [num(x) for x in t.share_interval],
             }
             for t in verified_targets
