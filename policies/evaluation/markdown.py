@@ -163,24 +163,21 @@ def token_split_table(section: Mapping[str, Any]) -> list[list[str]]:
 # -- the report --------------------------------------------------------------------------------
 
 
-def _verified_section(doc: Mapping[str, Any]) -> list[str]:
-    """A code bank's second target: each learned family against best-of-16 with execution
-    verification (none for other banks)."""
-    ver, targets = doc.get("verified_reference"), doc.get("verified_targets")
-    if ver is None or not targets:
-        return []
-    ver_tok = to_float(ver["tokens"][0])
-    name, cap = targets[0]["reference"], f"{100 * to_float(targets[0]['target_share']):.0f}%"
+def _target_rows(
+    targets: Sequence[Mapping[str, Any]], ref_tok: float, *, with_interval: bool = False
+) -> list[list[str]]:
+    """A target table's rows: the family, the tokens (and share) at which it matches the
+    reference (with the share's interval), the verdict, the budgets below the best heuristic."""
     rows = []
     for t in targets:
         share = to_float(t["share"])
-        low, high = (to_float(x) for x in t["share_interval"])
-        reach = (
-            "never"
-            if not math.isfinite(share)
-            else f"{share * ver_tok:,.0f} ({100 * share:.0f}%) "
-            f"[{_tok(low * ver_tok)}, {_tok(high * ver_tok)}]"
-        )
+        if not math.isfinite(share):
+            reach = "never"
+        else:
+            reach = f"{share * ref_tok:,.0f} ({100 * share:.0f}%)"
+            if with_interval:
+                low, high = (to_float(x) * ref_tok for x in t["share_interval"])
+                reach += f" [{_tok(low)}, {_tok(high)}]"
         rows.append(
             [
                 t["family"],
@@ -190,6 +187,18 @@ def _verified_section(doc: Mapping[str, Any]) -> list[str]:
                 str(len(t["clear"])),
             ]
         )
+    return rows
+
+
+def _verified_section(doc: Mapping[str, Any]) -> list[str]:
+    """A code bank's second target: each learned family against best-of-16 with execution
+    verification (none for other banks)."""
+    ver, targets = doc.get("verified_reference"), doc.get("verified_targets")
+    if ver is None or not targets:
+        return []
+    ver_tok = to_float(ver["tokens"][0])
+    name, cap = targets[0]["reference"], f"{100 * to_float(targets[0]['target_share']):.0f}%"
+    rows = _target_rows(targets, ver_tok, with_interval=True)
     out = [
         f"Against execution verification (a code bank): {name} "
         f"{_acc_iv(ver['accuracy'], '%')} at {_tok(ver['tokens'][0])} decoded tokens. Target: a "
@@ -324,20 +333,7 @@ def render(doc: Mapping[str, Any]) -> str:
 
     targets = doc.get("targets", [])
     if targets:
-        rows = []
-        for t in targets:
-            share = to_float(t["share"])
-            rows.append(
-                [
-                    t["family"],
-                    "never"
-                    if math.isnan(share)
-                    else f"{share * ref_tok:,.0f} ({100 * share:.0f}%)",
-                    "met" if t["matches"] else "not met",
-                    f"{len(t['shortfalls'])} of {t['budgets']}",
-                    str(len(t["clear"])),
-                ]
-            )
+        rows = _target_rows(targets, ref_tok)
         out += [
             "The product's target (match maj@16 with <= 15% of its tokens, and be at or above the "
             "best heuristic at every budget up to maj@16's tokens; point estimates decide, within "
