@@ -52,6 +52,7 @@ __all__ = [
     "RouteArgs",
     "RoutePoint",
     "RoutingResult",
+    "Shortfall",
     "evaluate_routing",
     "main",
     "plot_routing",
@@ -102,6 +103,38 @@ class RoutePoint:
     train_tokens: float
 
 
+@dataclass(frozen=True)
+class Shortfall:
+    """Where the router is more than the tolerance below a point it is compared with.
+
+    Attributes:
+        policy: the point's candidate.
+        tokens: its mean tokens on the mixed test questions.
+        accuracy: its accuracy there.
+        router_accuracy: the router's best accuracy at no more tokens (NaN: no router point).
+        interval: the router's minus the point's accuracy, paired on the test questions: the
+            95% bootstrap interval over questions (NaNs without a router point). An interval
+            that holds 0 is a miss within the noise of this many questions.
+    """
+
+    policy: str
+    tokens: float
+    accuracy: float
+    router_accuracy: float
+    interval: tuple[float, float]
+
+    def describe(self) -> str:
+        if math.isnan(self.router_accuracy):
+            return f"{self.policy}: {100 * self.accuracy:.1f}% with {self.tokens:,.0f} tokens; the router at no more tokens: none"
+        lo, hi = self.interval
+        diff = self.router_accuracy - self.accuracy
+        return (
+            f"{self.policy}: {100 * self.accuracy:.1f}% with {self.tokens:,.0f} tokens; the router "
+            f"at no more tokens: {100 * self.router_accuracy:.1f}% ({100 * diff:+.1f} pt, 95% "
+            f"interval over questions [{100 * lo:+.1f}, {100 * hi:+.1f}])"
+        )
+
+
 @dataclass
 class RoutingResult:
     """What :func:`evaluate_routing` found.
@@ -112,9 +145,8 @@ class RoutingResult:
         candidates: each candidate's own (tokens, accuracy) on the mixed test questions.
         classifier: the classifier's accuracy by true kind on the test questions.
         questions: test questions per true kind.
-        shortfalls: ``(single policy, its tokens, its accuracy, the router's best accuracy at
-            no more tokens)`` where the router is more than the tolerance below the single
-            policy's frontier (the target).
+        shortfalls: where the router is more than the tolerance below the single policy's
+            frontier (the target), with the paired interval of the difference.
         hindsight: the same against every candidate's own test point.
         choose_on: the split the choices were made on (``train`` or ``dev``).
         banks: each bank's folder name -> its data set.
@@ -126,8 +158,8 @@ class RoutingResult:
     candidates: dict[str, tuple[float, float]]
     classifier: dict[str, float]
     questions: dict[str, int]
-    shortfalls: list[tuple[str, float, float, float]] = field(default_factory=list)
-    hindsight: list[tuple[str, float, float, float]] = field(default_factory=list)
+    shortfalls: list[Shortfall] = field(default_factory=list)
+    hindsight: list[Shortfall] = field(default_factory=list)
     choose_on: str = "train"
     banks: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -148,16 +180,18 @@ class RoutingResult:
                 "train_tokens": num(p.train_tokens),
             }
 
-        def miss(m: tuple[str, float, float, float]) -> dict[str, Any]:
+        def miss(m: Shortfall) -> dict[str, Any]:
             return {
-                "policy": m[0],
-                "tokens": num(m[1]),
-                "accuracy": num(m[2]),
-                "router_accuracy": num(m[3]),
+                "policy": m.policy,
+                "tokens": num(m.tokens),
+                "accuracy": num(m.accuracy),
+                "router_accuracy": num(m.router_accuracy),
+                "difference_interval": [num(x) for x in m.interval],
             }
 
         return {
             "schema": 2,
+            "resamples": _RESAMPLES,
             "banks": dict(self.banks),
             "choose_on": self.choose_on,
             "questions": dict(self.questions),
@@ -284,6 +318,18 @@ def _score(
     return float(np.mean(acc)), float(np.mean(tok))
 
 
+#: Bootstrap resamples of the test questions for a shortfall's interval (seeded: reproducible).
+_RESAMPLES = 2000
+
+
+def _paired_interval(diff: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The percentile bootstrap interval of ``diff``'s mean over its questions."""
+    rng = np.random.default_rng(0)
+    means = diff[rng.integers(0, len(diff), size=(_RESAMPLES, len(diff)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def _in_sample(cands: Sequence[_Candidate], datasets: set[str], choose_on: str) -> list[str]:
     """A warning for each trained candidate chosen on questions it was trained on."""
     return [
@@ -365,12 +411,20 @@ def evaluate_routing(
         acc, tok = _score(test, dict.fromkeys(test_kinds, spec), predicted["test"])
         cand_points[spec] = (tok, acc)
 
-    def below(points: list[tuple[str, float, float]]) -> list[tuple[str, float, float, float]]:
+    def correct(pick: dict[str, str]) -> np.ndarray:
+        return np.array([test[pick[k]][q][0] for q, k in predicted["test"].items()])
+
+    def below(points: list[tuple[str, float, float]]) -> list[Shortfall]:
         out = []
         for name, tok, acc in points:
-            best = max((p.accuracy for p in router if p.tokens <= tok + 1e-9), default=math.nan)
-            if math.isnan(best) or best < acc - MATCH_TOLERANCE:
-                out.append((name, tok, acc, best))
+            cheaper = [p for p in router if p.tokens <= tok + 1e-9]
+            if not cheaper:
+                out.append(Shortfall(name, tok, acc, math.nan, (math.nan, math.nan)))
+                continue
+            best = max(cheaper, key=lambda p: p.accuracy)
+            if best.accuracy < acc - MATCH_TOLERANCE:
+                diff = correct(best.choice) - correct(dict.fromkeys(test_kinds, name))
+                out.append(Shortfall(name, tok, acc, best.accuracy, _paired_interval(diff)))
         return out
 
     single_points = {(p.choice["all"], p.tokens, p.accuracy) for p in single}
@@ -512,20 +566,14 @@ def main(argv: list[str] | None = None) -> None:
         f"target: the router at or above the single policy (chosen on {res.choose_on} questions) at "
         f"every budget of its frontier ({100 * MATCH_TOLERANCE:.1f} pt tolerance): {verdict}"
     )
-    for spec, tok, acc, best in res.shortfalls:
-        console.print(
-            f"  {spec}: {100 * acc:.1f}% with {tok:,.0f} tokens; the router at no more tokens: "
-            + ("none" if math.isnan(best) else f"{100 * best:.1f}%")
-        )
+    for m in res.shortfalls:
+        console.print(f"  {m.describe()}")
     console.print(
         f"with hindsight (every candidate's own test point): the router is below at "
         f"{len(res.hindsight)} of {len(res.candidates)}"
-        + "".join(
-            f"; {spec} {100 * acc:.1f}% with {tok:,.0f} against "
-            + ("none" if math.isnan(best) else f"{100 * best:.1f}%")
-            for spec, tok, acc, best in res.hindsight
-        )
     )
+    for m in res.hindsight:
+        console.print(f"  {m.describe()}")
 
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
