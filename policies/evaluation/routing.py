@@ -452,8 +452,8 @@ def evaluate_routing(
 
 def plot_routing(res: RoutingResult, path: str | Path) -> Path:
     """Accuracy against mean tokens on the mixed test questions: the router's points and the
-    single policy's (each Pareto-optimal on the ``choose_on`` questions) and every candidate's
-    own point."""
+    single policy's (each Pareto-optimal on the ``choose_on`` questions), each with its best
+    accuracy at no more tokens as a step line, and every candidate's own point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -462,12 +462,15 @@ def plot_routing(res: RoutingResult, path: str | Path) -> Path:
     from policies.evaluation.report import save_figure
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for pts, label, style in (
-        (res.router, "router (a strategy per predicted kind)", "-o"),
-        (res.single, "one strategy for all", "--s"),
+    for pts, label, line, mark in (
+        (res.router, "router (a strategy per predicted kind)", "-", "o"),
+        (res.single, "one strategy for all", "--", "s"),
     ):
         xy = sorted({(p.tokens, p.accuracy) for p in pts})
-        ax.plot([x for x, _ in xy], [y for _, y in xy], style, ms=4, lw=1.4, label=label)
+        x, y = [t for t, _ in xy], [a for _, a in xy]
+        # the line: the best accuracy at no more tokens (what the target compares)
+        drawn = ax.step(x, np.maximum.accumulate(y), line, where="post", lw=1.4, label=label)
+        ax.plot(x, y, mark, ms=4, color=drawn[0].get_color(), alpha=0.8)
     for name, (tok, acc) in res.candidates.items():
         ax.plot([tok], [acc], "x", color="0.4", ms=6)
         ax.annotate(name, (tok, acc), fontsize=6, color="0.35", xytext=(3, -8),
