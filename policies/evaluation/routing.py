@@ -94,6 +94,7 @@ class RoutePoint:
         choice: the candidate chosen per predicted kind (the router), or ``{"all": name}``.
         train_accuracy: mean correctness on the questions it was chosen on.
         train_tokens: mean decoded tokens there (the budget a user picks the point by).
+        by_kind: true kind -> (accuracy, mean tokens) on that kind's test questions.
     """
 
     accuracy: float
@@ -101,6 +102,7 @@ class RoutePoint:
     choice: dict[str, str]
     train_accuracy: float
     train_tokens: float
+    by_kind: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,9 @@ class RoutingResult:
                 "choice": dict(p.choice),
                 "train_accuracy": num(p.train_accuracy),
                 "train_tokens": num(p.train_tokens),
+                "by_kind": {
+                    k: {"accuracy": num(a), "tokens": num(t)} for k, (a, t) in p.by_kind.items()
+                },
             }
 
         def miss(m: Shortfall) -> dict[str, Any]:
@@ -394,18 +399,34 @@ def evaluate_routing(
             n: (sum(train[n][q][0] for q in mine), sum(train[n][q][1] for q in mine)) for n in names
         }
     test_kinds = sorted(set(predicted["test"].values()))
+
+    def per_kind(pick: dict[str, str]) -> dict[str, tuple[float, float]]:
+        """(accuracy, tokens) on each true kind's test questions."""
+        out = {}
+        for kind in sorted(set(truth.values())):
+            mine = {q: k for q, k in predicted["test"].items() if truth[q] == kind}
+            out[kind] = _score(test, pick, mine)
+        return out
+
     # a kind no training question was predicted as follows the kind most questions are
     common = max(totals, key=lambda k: sum(1 for v in predicted["train"].values() if v == k))
     router = []
     for tok_sum, acc_sum, pick in _pareto_assignments(totals, names):
         full = {k: pick.get(k, pick[common]) for k in test_kinds}
         acc, tok = _score(test, full, predicted["test"])
-        router.append(RoutePoint(acc, tok, full, acc_sum / n_train, tok_sum / n_train))
+        router.append(
+            RoutePoint(acc, tok, full, acc_sum / n_train, tok_sum / n_train, per_kind(full))
+        )
     every = {n: tuple(map(sum, zip(*(totals[k][n] for k in totals), strict=True))) for n in names}
     single = []
     for tok_sum, acc_sum, name in _frontier([(every[n][1], every[n][0], n) for n in names]):
-        acc, tok = _score(test, dict.fromkeys(test_kinds, name), predicted["test"])
-        single.append(RoutePoint(acc, tok, {"all": name}, acc_sum / n_train, tok_sum / n_train))
+        everyone = dict.fromkeys(test_kinds, name)
+        acc, tok = _score(test, everyone, predicted["test"])
+        single.append(
+            RoutePoint(
+                acc, tok, {"all": name}, acc_sum / n_train, tok_sum / n_train, per_kind(everyone)
+            )
+        )
     cand_points: dict[str, tuple[float, float]] = {}
     for spec in names:
         acc, tok = _score(test, dict.fromkeys(test_kinds, spec), predicted["test"])
@@ -539,7 +560,7 @@ def main(argv: list[str] | None = None) -> None:
         "single",
         "single acc",
         "single tokens",
-        "router choices",
+        "router choices (its accuracy, tokens on the kind's test questions)",
         "router acc",
         "router tokens",
     ):
@@ -554,7 +575,15 @@ def main(argv: list[str] | None = None) -> None:
             s.choice["all"],
             f"{100 * s.accuracy:.1f}",
             f"{s.tokens:,.0f}",
-            " ".join(f"{k}={v}" for k, v in r.choice.items()),
+            " ".join(
+                f"{k}={v}"
+                + (
+                    f" ({100 * r.by_kind[k][0]:.0f}%, {r.by_kind[k][1]:,.0f})"
+                    if k in r.by_kind
+                    else ""
+                )
+                for k, v in r.choice.items()
+            ),
             f"{100 * r.accuracy:.1f}",
             f"{r.tokens:,.0f}",
         )

@@ -163,6 +163,11 @@ def test_route_cli_writes_json_and_plot(stop_on_fit: Path, tmp_path: Path) -> No
     assert doc["banks"] == {"gsm8k-qwen2.5-coder-1.5b": "gsm8k", "code": "humaneval"}
     assert doc["questions"]["code"] == 3 and doc["questions"]["multistep"] == 200
     assert set(doc["candidates"]) == {"best-of-1", "best-of-4", "stop-fit@0.0001"}
+    for p in doc["router"] + doc["single"]:  # each true kind's share, weighted back to the whole
+        kinds = p["by_kind"]
+        assert set(kinds) == {"code", "multistep"}
+        whole = sum(doc["questions"][k] * v["accuracy"] for k, v in kinds.items()) / 203
+        assert whole == pytest.approx(p["accuracy"], abs=1e-6)
     assert len(doc["router"]) >= len(doc["single"]) >= 2 and isinstance(doc["met"], bool)
     for p in doc["router"]:
         assert 0 <= p["accuracy"] <= 1 and p["tokens"] > 0
