@@ -126,14 +126,14 @@ class Shortfall:
     interval: tuple[float, float]
 
     def describe(self) -> str:
+        head = f"{self.policy}: {100 * self.accuracy:.1f}% with {self.tokens:,.0f} tokens; "
         if math.isnan(self.router_accuracy):
-            return f"{self.policy}: {100 * self.accuracy:.1f}% with {self.tokens:,.0f} tokens; the router at no more tokens: none"
+            return head + "the router at no more tokens: none"
         lo, hi = self.interval
         diff = self.router_accuracy - self.accuracy
-        return (
-            f"{self.policy}: {100 * self.accuracy:.1f}% with {self.tokens:,.0f} tokens; the router "
-            f"at no more tokens: {100 * self.router_accuracy:.1f}% ({100 * diff:+.1f} pt, 95% "
-            f"interval over questions [{100 * lo:+.1f}, {100 * hi:+.1f}])"
+        return head + (
+            f"the router at no more tokens: {100 * self.router_accuracy:.1f}% ({100 * diff:+.1f} "
+            f"pt, 95% interval over questions [{100 * lo:+.1f}, {100 * hi:+.1f}])"
         )
 
 
