@@ -315,12 +315,18 @@ def _pareto_assignments(
     return front
 
 
+def _picked(
+    scores: dict[str, dict[str, tuple[float, float]]], pick: dict[str, str], kind_of: dict[str, str]
+) -> np.ndarray:
+    """(correctness, tokens) of each question of ``kind_of`` under ``pick``, a row each."""
+    return np.array([scores[pick[kind_of[q]]][q] for q in kind_of], dtype=float).reshape(-1, 2)
+
+
 def _score(
     scores: dict[str, dict[str, tuple[float, float]]], pick: dict[str, str], kind_of: dict[str, str]
 ) -> tuple[float, float]:
-    acc = [scores[pick[kind_of[q]]][q][0] for q in kind_of]
-    tok = [scores[pick[kind_of[q]]][q][1] for q in kind_of]
-    return float(np.mean(acc)), float(np.mean(tok))
+    acc, tok = _picked(scores, pick, kind_of).mean(axis=0)
+    return float(acc), float(tok)
 
 
 #: Bootstrap resamples of the test questions for a shortfall's interval (seeded: reproducible).
@@ -400,13 +406,15 @@ def evaluate_routing(
         }
     test_kinds = sorted(set(predicted["test"].values()))
 
+    # each true kind's test questions, with their predicted kinds
+    of_truth = {
+        kind: {q: k for q, k in predicted["test"].items() if truth[q] == kind}
+        for kind in sorted(set(truth.values()))
+    }
+
     def per_kind(pick: dict[str, str]) -> dict[str, tuple[float, float]]:
         """(accuracy, tokens) on each true kind's test questions."""
-        out = {}
-        for kind in sorted(set(truth.values())):
-            mine = {q: k for q, k in predicted["test"].items() if truth[q] == kind}
-            out[kind] = _score(test, pick, mine)
-        return out
+        return {kind: _score(test, pick, mine) for kind, mine in of_truth.items()}
 
     # a kind no training question was predicted as follows the kind most questions are
     common = max(totals, key=lambda k: sum(1 for v in predicted["train"].values() if v == k))
@@ -417,23 +425,21 @@ def evaluate_routing(
         router.append(
             RoutePoint(acc, tok, full, acc_sum / n_train, tok_sum / n_train, per_kind(full))
         )
-    every = {n: tuple(map(sum, zip(*(totals[k][n] for k in totals), strict=True))) for n in names}
-    single = []
-    for tok_sum, acc_sum, name in _frontier([(every[n][1], every[n][0], n) for n in names]):
-        everyone = dict.fromkeys(test_kinds, name)
-        acc, tok = _score(test, everyone, predicted["test"])
-        single.append(
-            RoutePoint(
-                acc, tok, {"all": name}, acc_sum / n_train, tok_sum / n_train, per_kind(everyone)
-            )
-        )
     cand_points: dict[str, tuple[float, float]] = {}
     for spec in names:
         acc, tok = _score(test, dict.fromkeys(test_kinds, spec), predicted["test"])
         cand_points[spec] = (tok, acc)
+    every = {n: tuple(map(sum, zip(*(totals[k][n] for k in totals), strict=True))) for n in names}
+    single = []
+    for tok_sum, acc_sum, name in _frontier([(every[n][1], every[n][0], n) for n in names]):
+        tok, acc = cand_points[name]  # every question gets the same candidate
+        everyone = per_kind(dict.fromkeys(test_kinds, name))
+        single.append(
+            RoutePoint(acc, tok, {"all": name}, acc_sum / n_train, tok_sum / n_train, everyone)
+        )
 
     def correct(pick: dict[str, str]) -> np.ndarray:
-        return np.array([test[pick[k]][q][0] for q, k in predicted["test"].items()])
+        return _picked(test, pick, predicted["test"])[:, 0]
 
     def below(points: list[tuple[str, float, float]]) -> list[Shortfall]:
         out = []
