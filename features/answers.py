@@ -29,7 +29,8 @@ functions run in the controller's inner loop.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from fractions import Fraction
 from functools import lru_cache
 
@@ -462,27 +463,74 @@ def symbolic_equal(a: str | None, b: str | None) -> bool:
     order) are equal.
 
     The hand-written rule decides alone where it says yes, and it alone scores GSM8K: on the
-    GSM8K bank the two disagree on 9 of 4,064 chains (``python bench/checkers.py``): 8 chains
-    cut off at the token cap after computing the answer but before stating it (the hand-written
-    rule reads the last result, math-verify reads nothing) and 1 where math-verify matched a
-    number from the middle of a chain whose last result was another; the hand-written rule
-    takes about 10 µs a check, math-verify about 800. On MATH-500's reference solutions both
-    find all 500 right and both call 2 of 465 other problems' answers right. math-verify's own
-    time limits use signals, so they apply on the main thread only.
+    GSM8K bank's 9,600 chains the two disagree 23 times (``python bench/checkers.py``; the
+    README, "Competition math"), mostly chains cut off at the token cap after computing the
+    answer but before stating it (the hand-written rule reads the last result, math-verify
+    reads nothing); the hand-written rule takes about 10 µs a check, math-verify hundreds. On
+    MATH-500's reference solutions both find all 500 right.
+
+    math-verify is given :data:`SYMBOLIC_CPU_SECONDS` of this process's CPU time for the two
+    parses and the comparison together, not its own wall-clock alarm: on a loaded machine a
+    wall-clock limit cut checks that finish here in milliseconds (``\\boxed{angela}`` timed out
+    while a recorder held both cores), so the same chains could be scored differently from run to
+    run. Out of time counts as not shown equal. The limit is a signal, so it applies on the main
+    thread only; elsewhere math-verify runs without one.
     """
     if answers_equal(a, b):
         return True
     if a is None or b is None or not a.strip() or not b.strip():
         return False
+    try:
+        with _cpu_limit(SYMBOLIC_CPU_SECONDS):
+            return _math_verify_equal(a, b)
+    except _OutOfCpuTime:
+        return False
+
+
+#: CPU seconds :func:`symbolic_equal` gives math-verify for one pair of answers.
+SYMBOLIC_CPU_SECONDS = 5.0
+
+
+class _OutOfCpuTime(BaseException):
+    """Raised by the CPU-time signal; a BaseException so that sympy's and math-verify's own
+    ``except Exception`` blocks do not swallow it halfway."""
+
+
+@contextmanager
+def _cpu_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`_OutOfCpuTime` once the block has used ``seconds`` of this process's CPU
+    time (``ITIMER_PROF``); no limit off the main thread, where signals cannot be handled."""
+    import signal
     import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _expire(signum: int, frame: object) -> None:
+        raise _OutOfCpuTime
+
+    previous = signal.signal(signal.SIGPROF, _expire)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
+
+
+def _math_verify_equal(a: str, b: str) -> bool:
+    """math-verify's parse and verify, with its own wall-clock timeouts off (the caller limits
+    CPU time) and its note that they are off silenced; its failures count as not equal."""
+    import logging
 
     from math_verify import parse, verify
 
-    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
     try:
-        pa = parse(f"$\\boxed{{{a}}}$", parsing_timeout=limit)  # type: ignore[arg-type]
-        pb = parse(f"$\\boxed{{{b}}}$", parsing_timeout=limit)  # type: ignore[arg-type]
-        return bool(pa and pb and verify(pa, pb, timeout_seconds=limit))
+        pa = parse(f"$\\boxed{{{a}}}$", parsing_timeout=None)  # type: ignore[arg-type]
+        pb = parse(f"$\\boxed{{{b}}}$", parsing_timeout=None)  # type: ignore[arg-type]
+        return bool(pa and pb and verify(pa, pb, timeout_seconds=None))
     except Exception:  # math-verify's own failures (it logs them): not shown equal
         return False
 
