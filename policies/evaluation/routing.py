@@ -42,6 +42,7 @@ import numpy as np
 
 from env.bank.store import TraceBank
 from features.errors import ConfigError
+from policies.evaluation.metrics import bootstrap_mean
 from policies.evaluation.results import num
 from policies.evaluation.runner import MATCH_TOLERANCE
 from policies.routing import QueryClassifier, kind_of_dataset, training_questions
@@ -333,14 +334,6 @@ def _score(
 _RESAMPLES = 2000
 
 
-def _paired_interval(diff: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """The percentile bootstrap interval of ``diff``'s mean over its questions."""
-    rng = np.random.default_rng(0)
-    means = diff[rng.integers(0, len(diff), size=(_RESAMPLES, len(diff)))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
-
-
 def _in_sample(cands: Sequence[_Candidate], datasets: set[str], choose_on: str) -> list[str]:
     """A warning for each trained candidate chosen on questions it was trained on."""
     return [
@@ -451,7 +444,8 @@ def evaluate_routing(
             best = max(cheaper, key=lambda p: p.accuracy)
             if best.accuracy < acc - MATCH_TOLERANCE:
                 diff = correct(best.choice) - correct(dict.fromkeys(test_kinds, name))
-                out.append(Shortfall(name, tok, acc, best.accuracy, _paired_interval(diff)))
+                paired = bootstrap_mean(diff, n_boot=_RESAMPLES)
+                out.append(Shortfall(name, tok, acc, best.accuracy, (paired.low, paired.high)))
         return out
 
     single_points = {(p.choice["all"], p.tokens, p.accuracy) for p in single}

@@ -185,14 +185,19 @@ def test_route_refuses_a_bad_choice_split() -> None:
 
 
 def test_a_shortfall_carries_its_paired_interval() -> None:
-    from policies.evaluation.routing import Shortfall, _paired_interval
+    from policies.evaluation.metrics import bootstrap_mean
+    from policies.evaluation.routing import _RESAMPLES, Shortfall
+
+    def paired_interval(diff: np.ndarray) -> tuple[float, float]:  # as evaluate_routing's
+        ci = bootstrap_mean(diff, n_boot=_RESAMPLES)
+        return ci.low, ci.high
 
     # the router one question in ten worse, paired on 200 questions: an interval around -10 pt
     diff = np.zeros(200)
     diff[::10] = -1.0
-    lo, hi = _paired_interval(diff)
-    assert lo < -0.1 < hi < 0 and _paired_interval(diff) == (lo, hi)  # seeded
-    assert _paired_interval(np.zeros(50)) == (0.0, 0.0)
+    lo, hi = paired_interval(diff)
+    assert lo < -0.1 < hi < 0 and paired_interval(diff) == (lo, hi)  # seeded
+    assert paired_interval(np.zeros(50)) == (0.0, 0.0)
     text = Shortfall("best-of-4", 1200.0, 0.62, 0.52, (lo, hi)).describe()
     assert "best-of-4: 62.0% with 1,200 tokens" in text and "52.0% (-10.0 pt" in text
     assert f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" in text
