@@ -92,7 +92,6 @@ def test_the_router_gives_each_kind_its_own_strategy(
 
 
 def test_the_pareto_assignments_are_every_undominated_one() -> None:
-
     from policies.evaluation.routing import _frontier, _pareto_assignments
 
     rng = np.random.default_rng(3)
